@@ -1,0 +1,290 @@
+//! [`SseTrackerBuilder`]: every setting of a tracker, validated, with its default.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderName;
+
+use crate::registry::Registry;
+use crate::scan::DEFAULT_MAX_ID_LEN;
+use crate::tracker::{Shared, SseTracker};
+
+/// Default request/response header that carries the session id (MCP Streamable HTTP's).
+pub const DEFAULT_SESSION_HEADER: &str = "mcp-session-id";
+/// Default idle time after which a heartbeat comment is sent: 15 seconds.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Default text of the heartbeat comment; the line sent is `: keep-alive`.
+pub const DEFAULT_HEARTBEAT_COMMENT: &str = "keep-alive";
+/// Default maximum number of tracked streams.
+pub const DEFAULT_MAX_STREAMS: usize = 100_000;
+/// Longest heartbeat comment accepted, in bytes.
+pub const MAX_HEARTBEAT_COMMENT_LEN: usize = 256;
+/// Largest accepted [`SseTrackerBuilder::max_id_len`]: 64 KiB.
+pub const MAX_ID_LEN_LIMIT: usize = 64 * 1024;
+/// Shortest accepted heartbeat interval: 10 ms.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A setting was refused by [`SseTrackerBuilder::build`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `session_header` is not a valid HTTP header name.
+    SessionHeader(String),
+    /// `heartbeat_interval` is below [`MIN_HEARTBEAT_INTERVAL`].
+    HeartbeatInterval(Duration),
+    /// `heartbeat_comment` is longer than [`MAX_HEARTBEAT_COMMENT_LEN`] or holds CR, LF or NUL.
+    HeartbeatComment(String),
+    /// `max_id_len` is 0 or above [`MAX_ID_LEN_LIMIT`].
+    MaxIdLen(usize),
+    /// `max_streams` is 0.
+    MaxStreams,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::SessionHeader(name) => {
+                write!(f, "session_header {name:?} is not a valid HTTP header name")
+            }
+            ConfigError::HeartbeatInterval(d) => write!(
+                f,
+                "heartbeat_interval {d:?} is shorter than the minimum of {MIN_HEARTBEAT_INTERVAL:?}; \
+                 use heartbeat_interval(None) to disable heartbeats"
+            ),
+            ConfigError::HeartbeatComment(text) => write!(
+                f,
+                "heartbeat_comment {text:?} must be at most {MAX_HEARTBEAT_COMMENT_LEN} bytes \
+                 with no CR, LF or NUL"
+            ),
+            ConfigError::MaxIdLen(n) => {
+                write!(f, "max_id_len {n} must be between 1 and {MAX_ID_LEN_LIMIT}")
+            }
+            ConfigError::MaxStreams => f.write_str("max_streams must be at least 1"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The heartbeat settings, with the bytes to send precomputed for each position.
+#[derive(Debug, Clone)]
+pub(crate) struct Heartbeat {
+    pub(crate) interval: Duration,
+    /// A whole comment event, for an event boundary: `: text\n\n`.
+    pub(crate) event: Bytes,
+    /// A comment line, for a line boundary inside an event: `: text\n`.
+    pub(crate) line: Bytes,
+    /// The same two, ending lines with CR, for when the stream's last byte was a CR.
+    pub(crate) event_cr: Bytes,
+    pub(crate) line_cr: Bytes,
+}
+
+impl Heartbeat {
+    fn new(interval: Duration, comment: &str) -> Self {
+        let line = if comment.is_empty() {
+            ":".to_owned()
+        } else {
+            format!(": {comment}")
+        };
+        Self {
+            interval,
+            event: Bytes::from(format!("{line}\n\n")),
+            line: Bytes::from(format!("{line}\n")),
+            event_cr: Bytes::from(format!("{line}\r\r")),
+            line_cr: Bytes::from(format!("{line}\r")),
+        }
+    }
+}
+
+/// Validated settings shared by every layer of a tracker.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) session_header: HeaderName,
+    pub(crate) heartbeat: Option<Heartbeat>,
+    pub(crate) max_id_len: usize,
+    pub(crate) accel_buffering_off: bool,
+}
+
+/// Builds an [`SseTracker`]. Every method takes and returns the builder; [`build`](Self::build)
+/// checks all the settings and names the first one it refuses.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`session_header`](Self::session_header) | [`DEFAULT_SESSION_HEADER`] (`mcp-session-id`) |
+/// | [`heartbeat_interval`](Self::heartbeat_interval) | [`DEFAULT_HEARTBEAT_INTERVAL`] (15 s) |
+/// | [`heartbeat_comment`](Self::heartbeat_comment) | [`DEFAULT_HEARTBEAT_COMMENT`] (`keep-alive`) |
+/// | [`max_id_len`](Self::max_id_len) | [`DEFAULT_MAX_ID_LEN`] (1024 bytes) |
+/// | [`max_streams`](Self::max_streams) | [`DEFAULT_MAX_STREAMS`] (100 000) |
+/// | [`disable_proxy_buffering`](Self::disable_proxy_buffering) | `true` |
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_sse_tracker::SseTracker;
+///
+/// let tracker = SseTracker::builder()
+///     .session_header("x-session")
+///     .heartbeat_interval(Some(Duration::from_secs(20)))
+///     .heartbeat_comment("ping")
+///     .max_streams(10_000)
+///     .build()
+///     .expect("valid settings");
+///
+/// let err = SseTracker::builder().max_streams(0).build().unwrap_err();
+/// assert_eq!(err.to_string(), "max_streams must be at least 1");
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
+pub struct SseTrackerBuilder {
+    session_header: String,
+    heartbeat_interval: Option<Duration>,
+    heartbeat_comment: String,
+    max_id_len: usize,
+    max_streams: usize,
+    accel_buffering_off: bool,
+}
+
+impl Default for SseTrackerBuilder {
+    fn default() -> Self {
+        Self {
+            session_header: DEFAULT_SESSION_HEADER.to_owned(),
+            heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
+            heartbeat_comment: DEFAULT_HEARTBEAT_COMMENT.to_owned(),
+            max_id_len: DEFAULT_MAX_ID_LEN,
+            max_streams: DEFAULT_MAX_STREAMS,
+            accel_buffering_off: true,
+        }
+    }
+}
+
+impl SseTrackerBuilder {
+    /// The header that carries the session id, read from the request and, when the request has
+    /// no valid one, from the response (MCP servers assign the session id there). Header names
+    /// are case-insensitive.
+    pub fn session_header(mut self, name: impl Into<String>) -> Self {
+        self.session_header = name.into();
+        self
+    }
+
+    /// How long the inner body may stay silent before a heartbeat comment is sent; `None`
+    /// disables heartbeats. At least [`MIN_HEARTBEAT_INTERVAL`].
+    pub fn heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    /// The text of the heartbeat comment: the line sent is `: {text}` (just `:` when empty).
+    /// At most [`MAX_HEARTBEAT_COMMENT_LEN`] bytes, without CR, LF or NUL.
+    pub fn heartbeat_comment(mut self, text: impl Into<String>) -> Self {
+        self.heartbeat_comment = text.into();
+        self
+    }
+
+    /// Ids longer than this many bytes are ignored (and counted in
+    /// `sse_tracker_ids_rejected_total`), which bounds the memory each stream can make the
+    /// tracker hold. Also the limit for the `Last-Event-ID` request header.
+    pub fn max_id_len(mut self, bytes: usize) -> Self {
+        self.max_id_len = bytes;
+        self
+    }
+
+    /// The most streams tracked at once. When the registry is full, new streams pass through
+    /// untracked and are counted with reason `registry_full`.
+    pub fn max_streams(mut self, streams: usize) -> Self {
+        self.max_streams = streams;
+        self
+    }
+
+    /// Whether SSE responses get `X-Accel-Buffering: no` (when they do not set it), which stops
+    /// nginx from buffering the stream.
+    pub fn disable_proxy_buffering(mut self, enabled: bool) -> Self {
+        self.accel_buffering_off = enabled;
+        self
+    }
+
+    /// Checks every setting and builds the tracker.
+    pub fn build(self) -> Result<SseTracker, ConfigError> {
+        let session_header = HeaderName::from_bytes(self.session_header.as_bytes())
+            .map_err(|_| ConfigError::SessionHeader(self.session_header.clone()))?;
+        let heartbeat = match self.heartbeat_interval {
+            None => None,
+            Some(interval) if interval < MIN_HEARTBEAT_INTERVAL => {
+                return Err(ConfigError::HeartbeatInterval(interval));
+            }
+            Some(interval) => {
+                let text = &self.heartbeat_comment;
+                if text.len() > MAX_HEARTBEAT_COMMENT_LEN
+                    || text.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
+                {
+                    return Err(ConfigError::HeartbeatComment(text.clone()));
+                }
+                Some(Heartbeat::new(interval, text))
+            }
+        };
+        if self.max_id_len == 0 || self.max_id_len > MAX_ID_LEN_LIMIT {
+            return Err(ConfigError::MaxIdLen(self.max_id_len));
+        }
+        if self.max_streams == 0 {
+            return Err(ConfigError::MaxStreams);
+        }
+        let config = Config {
+            session_header,
+            heartbeat,
+            max_id_len: self.max_id_len,
+            accel_buffering_off: self.accel_buffering_off,
+        };
+        Ok(SseTracker::from_shared(Shared::new(
+            config,
+            Registry::new(self.max_streams),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_setting_is_named() {
+        let b = SseTrackerBuilder::default;
+        assert_eq!(
+            b().session_header("bad header").build().unwrap_err(),
+            ConfigError::SessionHeader("bad header".into())
+        );
+        assert!(matches!(
+            b().heartbeat_interval(Some(Duration::ZERO))
+                .build()
+                .unwrap_err(),
+            ConfigError::HeartbeatInterval(_)
+        ));
+        assert!(matches!(
+            b().heartbeat_comment("a\nb").build().unwrap_err(),
+            ConfigError::HeartbeatComment(_)
+        ));
+        assert_eq!(
+            b().max_id_len(0).build().unwrap_err(),
+            ConfigError::MaxIdLen(0)
+        );
+        assert_eq!(
+            b().max_streams(0).build().unwrap_err(),
+            ConfigError::MaxStreams
+        );
+        // A bad comment does not matter when heartbeats are off.
+        assert!(
+            b().heartbeat_interval(None)
+                .heartbeat_comment("a\nb")
+                .build()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn heartbeat_bytes_for_each_position() {
+        let hb = Heartbeat::new(DEFAULT_HEARTBEAT_INTERVAL, "keep-alive");
+        assert_eq!(&hb.event[..], b": keep-alive\n\n");
+        assert_eq!(&hb.line[..], b": keep-alive\n");
+        assert_eq!(&hb.event_cr[..], b": keep-alive\r\r");
+        assert_eq!(&hb.line_cr[..], b": keep-alive\r");
+        assert_eq!(&Heartbeat::new(DEFAULT_HEARTBEAT_INTERVAL, "").line[..], b":\n");
+    }
+}

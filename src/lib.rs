@@ -1,0 +1,83 @@
+//! Tower middleware that makes Server-Sent Events streams trackable and resumable.
+//!
+//! Add [`SseTracker::layer`] to an axum `Router` or any tower/hyper service. For every response
+//! with `Content-Type: text/event-stream` the layer:
+//!
+//! 1. passes every byte through unchanged, in the same frames;
+//! 2. scans the stream with the WHATWG event-stream rules ([`scan`]) and, when an event with an
+//!    id is dispatched, publishes that id as the latest of the stream's (session, stream) key in
+//!    a `tokio::sync::watch` buffer;
+//! 3. inserts a heartbeat comment when the inner body has been idle for the heartbeat interval,
+//!    only where it cannot change an event;
+//! 4. puts the client's `Last-Event-ID` and session id in the request extensions, so that a
+//!    handler can resume the stream.
+//!
+//! The session id comes from a header (`mcp-session-id` by default, as in MCP Streamable
+//! HTTP), on the request or else on the response. The stream name defaults to
+//! `"{METHOD} {path}"`; a handler can set another with a [`StreamName`] response extension.
+//!
+//! # Quick start
+//!
+//! ```
+//! use std::{convert::Infallible, time::Duration};
+//! use axum::{Extension, Router, response::sse::{Event, Sse}, routing::get};
+//! use futures_util::stream::{self, Stream};
+//! use tower_sse_tracker::{LastEventId, SseTracker};
+//!
+//! async fn events(last: Option<Extension<LastEventId>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+//!     // Resume after the id the client last saw, if any.
+//!     let start = last
+//!         .and_then(|Extension(LastEventId(id))| id.as_str().parse::<u64>().ok())
+//!         .map_or(0, |n| n + 1);
+//!     Sse::new(stream::iter((start..start + 3).map(|n| {
+//!         Ok(Event::default().id(n.to_string()).data(format!("event {n}")))
+//!     })))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let tracker = SseTracker::builder()
+//!     .heartbeat_interval(Some(Duration::from_secs(15)))
+//!     .build()
+//!     .expect("valid settings");
+//! let app: Router = Router::new().route("/mcp", get(events)).layer(tracker.layer());
+//!
+//! // Serve `app` as usual; then, for a client with `mcp-session-id: s1`:
+//! let latest = tracker.last_event_id("s1", "GET /mcp"); // Option<EventId>
+//! # let _ = (app, latest);
+//! # }
+//! ```
+//!
+//! # What "latest id" means
+//!
+//! The latest id of a stream is the id of the newest event that the layer has handed to the
+//! HTTP stack on that stream: it may still be in a socket buffer, and no client acknowledges
+//! it. An event cut off by the end of the stream never counts.
+
+#![deny(unsafe_code, unreachable_pub, missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod builder;
+mod future;
+pub mod key;
+mod layer;
+pub mod metrics;
+mod registry;
+pub mod scan;
+mod service;
+mod tracker;
+
+pub use body::TrackedBody;
+pub use builder::{
+    ConfigError, DEFAULT_HEARTBEAT_COMMENT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_STREAMS,
+    DEFAULT_SESSION_HEADER, MAX_HEARTBEAT_COMMENT_LEN, MAX_ID_LEN_LIMIT, MIN_HEARTBEAT_INTERVAL,
+    SseTrackerBuilder,
+};
+pub use future::ResponseFuture;
+pub use key::{EventId, InvalidKey, LastEventId, SessionId, StreamKey, StreamName};
+pub use layer::SseTrackerLayer;
+pub use registry::RegistryFull;
+pub use scan::DEFAULT_MAX_ID_LEN;
+pub use service::SseTrackerService;
+pub use tracker::{SseTracker, SubscribeError};

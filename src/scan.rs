@@ -1,0 +1,407 @@
+//! An incremental Server-Sent Events scanner that finds dispatched event ids.
+//!
+//! [`Scanner`] is fed the bytes of a `text/event-stream` body one frame at a time, in whatever
+//! pieces the network or the application produced, and follows the WHATWG rules for
+//! [interpreting an event stream](https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation)
+//! as far as ids are concerned:
+//!
+//! - lines end with CRLF, LF or a lone CR, and any line end may be split across frames (a CR at
+//!   the end of one frame and a LF at the start of the next are one line end);
+//! - one leading byte order mark is dropped, even when it is split across frames;
+//! - a line starting with `:` is a comment; a line without a colon is a field with an empty
+//!   value; one space after the colon is dropped;
+//! - an `id` field whose value contains NUL is ignored; an `id` field with an empty value resets
+//!   the id to empty;
+//! - the id is *committed* when its event is dispatched by a blank line, also for an event that
+//!   has an id and no data; an event cut off by the end of the stream is never committed.
+//!
+//! A commit happens at each blank line that follows at least one accepted `id` field since the
+//! previous blank line; its value is the last accepted id. Values of all other fields are skipped
+//! with `memchr`, never copied, so the scanner's memory is bounded by the id limit whatever the
+//! input: an id longer than the limit (1 KiB by default) is ignored and counted in
+//! [`Feed::ids_rejected`]. Feeding a frame never allocates once the id buffers have grown to the
+//! size of the ids in use.
+//!
+//! ```
+//! use tower_sse_tracker::scan::Scanner;
+//!
+//! let mut scanner = Scanner::new();
+//! let feed = scanner.feed(b"id: 7\ndata: hel");
+//! assert_eq!(feed.ids, 0); // the event has not been dispatched yet
+//! let feed = scanner.feed(b"lo\n\n");
+//! assert_eq!((feed.events, feed.ids), (1, 1));
+//! assert_eq!(scanner.last_committed(), Some(&b"7"[..]));
+//! ```
+
+use std::mem;
+
+/// Default limit on the length of an event id, in bytes.
+pub const DEFAULT_MAX_ID_LEN: usize = 1024;
+
+const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+/// `bom` value once the byte order mark window is closed (matched, refused or never possible).
+const BOM_CLOSED: u8 = 3;
+
+/// What one call to [`Scanner::feed`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Feed {
+    /// Events dispatched: blank lines that ended a block with at least one field line.
+    pub events: usize,
+    /// Ids committed (see the [module docs](self)).
+    pub ids: usize,
+    /// `id` fields ignored because they hold NUL or are longer than the limit.
+    pub ids_rejected: usize,
+}
+
+/// Where the scanner stands between two frames: what can be inserted there without changing
+/// the meaning of the stream for a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    /// Between events: no field line since the last blank line. A whole comment event
+    /// (`: text\n\n`) can be inserted.
+    Event,
+    /// At the start of a line inside an event. Only a comment line (`: text\n`) can be
+    /// inserted; a blank line would dispatch the event early.
+    Line,
+    /// In the middle of a line (or of a byte order mark): nothing can be inserted.
+    Inside,
+}
+
+/// The state of the line being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Line {
+    /// Nothing of the line seen yet.
+    Start,
+    /// The field name so far is `i`.
+    NameI,
+    /// The field name so far is `id`.
+    NameId,
+    /// The rest of the line does not matter (a comment, another field, a longer name).
+    Skip,
+    /// Right after `id:`; a single space here is dropped.
+    IdValueStart,
+    /// Reading the value of an `id` field.
+    IdValue,
+}
+
+/// Incremental SSE scanner: bytes in, dispatched events and committed ids out.
+///
+/// See the [module documentation](self) for the rules it follows.
+#[derive(Clone, Debug)]
+pub struct Scanner {
+    max_id_len: usize,
+    /// Bytes of the leading byte order mark matched so far, or `BOM_CLOSED`.
+    bom: u8,
+    line: Line,
+    /// The previous byte was a CR: a LF right after it belongs to the same line end.
+    after_cr: bool,
+    /// A field line has been seen since the last blank line.
+    in_event: bool,
+    /// An `id` field was accepted since the last blank line.
+    id_dirty: bool,
+    /// The value of the `id` line being read exceeded `max_id_len`.
+    id_overflow: bool,
+    /// The value of the `id` line being read.
+    value: Vec<u8>,
+    /// The last accepted id (the "last event ID buffer" of the spec).
+    pending: Vec<u8>,
+    /// The last committed id.
+    committed: Vec<u8>,
+    has_committed: bool,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scanner {
+    /// A scanner with the default id limit ([`DEFAULT_MAX_ID_LEN`]).
+    pub fn new() -> Self {
+        Self::with_max_id_len(DEFAULT_MAX_ID_LEN)
+    }
+
+    /// A scanner that ignores ids longer than `max_id_len` bytes.
+    pub fn with_max_id_len(max_id_len: usize) -> Self {
+        Self {
+            max_id_len,
+            bom: 0,
+            line: Line::Start,
+            after_cr: false,
+            in_event: false,
+            id_dirty: false,
+            id_overflow: false,
+            value: Vec::new(),
+            pending: Vec::new(),
+            committed: Vec::new(),
+            has_committed: false,
+        }
+    }
+
+    /// Scans the next piece of the stream.
+    pub fn feed(&mut self, chunk: &[u8]) -> Feed {
+        self.feed_with(chunk, |_| {})
+    }
+
+    /// Scans the next piece of the stream, calling `on_commit` with every id committed in it,
+    /// in order. [`feed`](Self::feed) keeps only the last one.
+    pub fn feed_with(&mut self, mut chunk: &[u8], mut on_commit: impl FnMut(&[u8])) -> Feed {
+        let mut out = Feed::default();
+        if self.bom < BOM_CLOSED {
+            while let Some((&b, rest)) = chunk.split_first() {
+                if b == BOM[usize::from(self.bom)] {
+                    chunk = rest;
+                    self.bom += 1;
+                    if self.bom == BOM_CLOSED {
+                        break;
+                    }
+                } else {
+                    // Not a byte order mark: what matched of it is ordinary content.
+                    let matched = usize::from(self.bom);
+                    self.bom = BOM_CLOSED;
+                    self.scan(&BOM[..matched], &mut out, &mut on_commit);
+                    break;
+                }
+            }
+            if self.bom < BOM_CLOSED {
+                return out;
+            }
+        }
+        self.scan(chunk, &mut out, &mut on_commit);
+        out
+    }
+
+    /// The last committed id, if any id has been committed.
+    pub fn last_committed(&self) -> Option<&[u8]> {
+        self.has_committed.then_some(&self.committed[..])
+    }
+
+    /// Where the stream stands now; see [`Boundary`].
+    pub fn boundary(&self) -> Boundary {
+        if self.bom > 0 && self.bom < BOM_CLOSED || self.line != Line::Start {
+            Boundary::Inside
+        } else if self.in_event {
+            Boundary::Line
+        } else {
+            Boundary::Event
+        }
+    }
+
+    /// Whether the last byte seen was a CR. A LF coming next would end the same line, so text
+    /// inserted here must end its own lines with CR to keep that LF swallowed.
+    pub fn after_cr(&self) -> bool {
+        self.after_cr
+    }
+
+    /// Tells the scanner that a comment was inserted at the current [`Boundary`] by someone
+    /// else. Only the byte order mark window can change: it closes, because the client has now
+    /// seen bytes before anything the scanner will be fed.
+    pub fn comment_inserted(&mut self) {
+        self.bom = BOM_CLOSED;
+    }
+
+    fn scan(&mut self, mut buf: &[u8], out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
+        while let Some(&b) = buf.first() {
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    buf = &buf[1..];
+                    continue;
+                }
+            }
+            match self.line {
+                Line::Start => {
+                    match b {
+                        b'\r' | b'\n' => self.line_end(b, out, on_commit),
+                        b':' => self.line = Line::Skip,
+                        b'i' => {
+                            self.in_event = true;
+                            self.line = Line::NameI;
+                        }
+                        _ => {
+                            self.in_event = true;
+                            self.line = Line::Skip;
+                        }
+                    }
+                    buf = &buf[1..];
+                }
+                Line::NameI => {
+                    match b {
+                        b'd' => self.line = Line::NameId,
+                        b'\r' | b'\n' => self.line_end(b, out, on_commit),
+                        _ => self.line = Line::Skip,
+                    }
+                    buf = &buf[1..];
+                }
+                Line::NameId => {
+                    match b {
+                        b':' => self.line = Line::IdValueStart,
+                        b'\r' | b'\n' => self.line_end(b, out, on_commit),
+                        _ => self.line = Line::Skip,
+                    }
+                    buf = &buf[1..];
+                }
+                Line::IdValueStart => {
+                    self.line = Line::IdValue;
+                    if b == b' ' {
+                        buf = &buf[1..];
+                    }
+                }
+                Line::Skip => match memchr::memchr2(b'\r', b'\n', buf) {
+                    Some(i) => {
+                        self.line_end(buf[i], out, on_commit);
+                        buf = &buf[i + 1..];
+                    }
+                    None => return,
+                },
+                Line::IdValue => {
+                    let end = memchr::memchr2(b'\r', b'\n', buf);
+                    let part = &buf[..end.unwrap_or(buf.len())];
+                    if !self.id_overflow {
+                        if self.value.len() + part.len() > self.max_id_len {
+                            self.id_overflow = true;
+                        } else {
+                            self.value.extend_from_slice(part);
+                        }
+                    }
+                    match end {
+                        Some(i) => {
+                            self.line_end(buf[i], out, on_commit);
+                            buf = &buf[i + 1..];
+                        }
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the current line at the line-end byte `b` (CR or LF).
+    fn line_end(&mut self, b: u8, out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
+        match self.line {
+            Line::Start => self.dispatch(out, on_commit),
+            // `id` with no colon, or `id:` with nothing after it: the id becomes empty.
+            Line::NameId | Line::IdValueStart => {
+                self.pending.clear();
+                self.id_dirty = true;
+            }
+            Line::IdValue => {
+                if self.id_overflow || memchr::memchr(0, &self.value).is_some() {
+                    out.ids_rejected += 1;
+                } else {
+                    mem::swap(&mut self.value, &mut self.pending);
+                    self.id_dirty = true;
+                }
+                self.value.clear();
+                self.id_overflow = false;
+            }
+            Line::NameI | Line::Skip => {}
+        }
+        self.line = Line::Start;
+        self.after_cr = b == b'\r';
+    }
+
+    fn dispatch(&mut self, out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
+        if self.in_event {
+            out.events += 1;
+            self.in_event = false;
+        }
+        if self.id_dirty {
+            self.id_dirty = false;
+            self.committed.clear();
+            self.committed.extend_from_slice(&self.pending);
+            self.has_committed = true;
+            out.ids += 1;
+            on_commit(&self.committed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commits(frames: &[&[u8]]) -> (Vec<String>, Feed) {
+        let mut scanner = Scanner::with_max_id_len(8);
+        let mut ids = Vec::new();
+        let mut total = Feed::default();
+        for frame in frames {
+            let feed = scanner.feed_with(frame, |id| {
+                ids.push(String::from_utf8_lossy(id).into_owned())
+            });
+            total.events += feed.events;
+            total.ids += feed.ids;
+            total.ids_rejected += feed.ids_rejected;
+        }
+        (ids, total)
+    }
+
+    #[test]
+    fn crlf_split_between_frames_is_one_line_end() {
+        // "id: 1\r" + "\n" + "\r\n": if the split CRLF counted twice the event would be
+        // dispatched one line early, and the final blank line would dispatch nothing.
+        let (ids, feed) = commits(&[b"id: 1\r", b"\n", b"data: x\r", b"\n\r\n"]);
+        assert_eq!(ids, ["1"]);
+        assert_eq!(feed.events, 1);
+    }
+
+    #[test]
+    fn lone_cr_ends_lines() {
+        let (ids, _) = commits(&[b"id: a\r\rid: b\rdata\r\r"]);
+        assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn split_bom_is_dropped_once() {
+        let (ids, _) = commits(&[b"\xEF", b"\xBB", b"\xBFid: 1\n\n"]);
+        assert_eq!(ids, ["1"]);
+        // A second BOM is part of the field name, which is then not `id`.
+        let (ids, _) = commits(&[b"\xEF\xBB\xBF\xEF\xBB\xBFid: 1\n\n"]);
+        assert!(ids.is_empty());
+    }
+
+    #[test]
+    fn partial_bom_is_content() {
+        // EF BB then 'x': not a BOM; the line "\xEF\xBBx" is an unknown field, so the block
+        // is an event.
+        let (ids, feed) = commits(&[b"\xEF\xBB", b"x\nid: 2\n\n"]);
+        assert_eq!(ids, ["2"]);
+        assert_eq!(feed.events, 1);
+    }
+
+    #[test]
+    fn boundary_tracks_line_and_event_positions() {
+        let mut s = Scanner::new();
+        assert_eq!(s.boundary(), Boundary::Event);
+        s.feed(b"\xEF");
+        assert_eq!(s.boundary(), Boundary::Inside);
+        s.feed(b"\xBB\xBF: hi\n");
+        assert_eq!(s.boundary(), Boundary::Event);
+        s.feed(b"data: x");
+        assert_eq!(s.boundary(), Boundary::Inside);
+        s.feed(b"\r");
+        assert_eq!(s.boundary(), Boundary::Line);
+        assert!(s.after_cr());
+        s.feed(b"\n\n");
+        assert_eq!(s.boundary(), Boundary::Event);
+        assert!(!s.after_cr());
+    }
+
+    #[test]
+    fn overlong_and_nul_ids_are_rejected_and_keep_the_previous_id() {
+        let (ids, feed) = commits(&[b"id: ok\n\nid: 123456789\n\nid: a\0b\n\n"]);
+        assert_eq!(ids, ["ok"]);
+        assert_eq!(feed.ids_rejected, 2);
+        assert_eq!(feed.events, 3);
+    }
+
+    #[test]
+    fn overlong_id_split_across_frames_is_rejected() {
+        let (ids, feed) = commits(&[b"id: 1234", b"5678", b"9\n\n"]);
+        assert!(ids.is_empty());
+        assert_eq!(feed.ids_rejected, 1);
+        let (ids, _) = commits(&[b"id: 1234", b"5678", b"\n\n"]);
+        assert_eq!(ids, ["12345678"]);
+    }
+}

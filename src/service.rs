@@ -1,0 +1,103 @@
+//! [`SseTrackerService`]: reads the session and `Last-Event-ID` of a request.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::Service;
+
+use crate::body::TrackedBody;
+use crate::future::{RequestInfo, ResponseFuture};
+use crate::key::{EventId, LastEventId, SessionId};
+use crate::tracker::Shared;
+
+/// The `Last-Event-ID` request header.
+pub(crate) const LAST_EVENT_ID: &str = "last-event-id";
+
+/// The tower [`Service`] made by [`SseTrackerLayer`](crate::SseTrackerLayer).
+///
+/// For each request it reads the session header (validated; an invalid value counts as absent)
+/// and the `Last-Event-ID` header, and puts them in the request extensions as [`SessionId`] and
+/// [`LastEventId`]. The response is checked for `Content-Type: text/event-stream`: other
+/// responses pass through untouched; SSE responses get their body wrapped in a
+/// [`TrackedBody`] that records ids and sends heartbeats, and the headers `Cache-Control:
+/// no-cache` and `X-Accel-Buffering: no` when they do not set them.
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_sse_tracker::SseTracker;
+///
+/// let tracker = SseTracker::builder().build().unwrap();
+/// let service = ServiceBuilder::new()
+///     .layer(tracker.layer())
+///     .service_fn(|_req: http::Request<String>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hi")))
+///     });
+/// # let _ = service;
+/// ```
+#[derive(Debug, Clone)]
+pub struct SseTrackerService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> SseTrackerService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SseTrackerService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: http_body::Body,
+{
+    type Response = Response<TrackedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let config = &self.shared.config;
+        let session = req
+            .headers()
+            .get(&config.session_header)
+            .and_then(|v| SessionId::from_bytes(v.as_bytes()).ok());
+        let last_event_id = req
+            .headers()
+            .get(LAST_EVENT_ID)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .filter(|v| v.len() <= config.max_id_len)
+            .and_then(|v| EventId::new(v).ok());
+        if let Some(id) = last_event_id {
+            req.extensions_mut().insert(LastEventId(id));
+        }
+        if let Some(session) = &session {
+            req.extensions_mut().insert(session.clone());
+        }
+        let info = RequestInfo {
+            session,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        };
+        ResponseFuture::new(self.inner.call(req), info, self.shared.clone())
+    }
+}

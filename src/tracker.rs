@@ -1,0 +1,152 @@
+//! [`SseTracker`]: the handle an application keeps to build layers and read latest ids.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::builder::{Config, SseTrackerBuilder};
+use crate::key::{EventId, SessionId, StreamName};
+use crate::layer::SseTrackerLayer;
+use crate::metrics::Handles;
+use crate::registry::{Registry, RegistryFull};
+
+/// What every layer, service and body of one tracker shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Handles,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, registry: Registry) -> Self {
+        Self {
+            config,
+            registry,
+            metrics: Handles::register(),
+        }
+    }
+}
+
+/// Tracks the SSE streams of every layer built from it and tells the latest event id of each.
+///
+/// Cheap to clone: clones share one registry. Build one with [`SseTracker::builder`], add
+/// [`layer`](Self::layer) to as many routers or services as you like, and ask it for the latest
+/// id of a (session, stream) when a client reconnects.
+///
+/// "Latest id" means the id of the newest event the layer has *handed to the HTTP stack* on
+/// that stream: the client may not have received it yet, and nothing acknowledges it.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_sse_tracker::SseTracker;
+///
+/// let tracker = SseTracker::builder().build().unwrap();
+/// let app: Router = Router::new()
+///     .route("/mcp", get(|| async { "..." }))
+///     .layer(tracker.layer());
+///
+/// // Later, e.g. in a handler:
+/// assert_eq!(tracker.last_event_id("session-1", "GET /mcp"), None);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SseTracker {
+    shared: Arc<Shared>,
+}
+
+impl SseTracker {
+    /// A builder with every setting at its default.
+    pub fn builder() -> SseTrackerBuilder {
+        SseTrackerBuilder::default()
+    }
+
+    pub(crate) fn from_shared(shared: Shared) -> Self {
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// A layer that tracks the SSE responses of the service it wraps into this tracker.
+    pub fn layer(&self) -> SseTrackerLayer {
+        SseTrackerLayer::new(self.shared.clone())
+    }
+
+    /// The latest id committed on `stream` of `session`, from memory. `None` when the stream is
+    /// not tracked or has committed no id. `Some` of an empty id means the server reset the id.
+    pub fn last_event_id(&self, session: &str, stream: &str) -> Option<EventId> {
+        self.shared.registry.get(session, stream)?.latest()
+    }
+
+    /// A receiver that sees every new latest id of `stream` of `session` (latest only: a slow
+    /// reader skips intermediate ids). The stream is registered if it is not yet, so that a
+    /// subscriber can wait for a stream that has not started.
+    ///
+    /// Fails with [`RegistryFull`] when the stream is unknown and the tracker already tracks
+    /// its maximum number of streams.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_sse_tracker::SseTracker;
+    ///
+    /// let tracker = SseTracker::builder().build().unwrap();
+    /// let mut rx = tracker.subscribe("session-1", "GET /mcp").unwrap();
+    /// assert_eq!(*rx.borrow_and_update(), None);
+    /// // rx.changed().await resolves when the layer commits the next id of that stream.
+    /// # }
+    /// ```
+    pub fn subscribe(
+        &self,
+        session: &str,
+        stream: &str,
+    ) -> Result<watch::Receiver<Option<EventId>>, SubscribeError> {
+        let session = SessionId::new(session).map_err(SubscribeError::Session)?;
+        let stream = StreamName::new(stream).map_err(SubscribeError::Stream)?;
+        let slot = self
+            .shared
+            .registry
+            .get_or_insert(&session, &stream)
+            .map_err(SubscribeError::Full)?;
+        Ok(slot.subscribe())
+    }
+
+    /// Every stream of `session` that the tracker knows, with its latest id.
+    pub fn session_streams(&self, session: &str) -> Vec<(StreamName, Option<EventId>)> {
+        self.shared.registry.session_streams(session)
+    }
+
+    /// How many streams are tracked now.
+    pub fn tracked_streams(&self) -> usize {
+        self.shared.registry.len()
+    }
+}
+
+/// Why [`SseTracker::subscribe`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// The session id is not valid.
+    Session(crate::key::InvalidKey),
+    /// The stream name is not valid.
+    Stream(crate::key::InvalidKey),
+    /// The stream is unknown and the registry is full.
+    Full(RegistryFull),
+}
+
+impl std::fmt::Display for SubscribeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubscribeError::Session(_) => f.write_str("invalid session id"),
+            SubscribeError::Stream(_) => f.write_str("invalid stream name"),
+            SubscribeError::Full(_) => f.write_str("cannot track another stream"),
+        }
+    }
+}
+
+impl std::error::Error for SubscribeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SubscribeError::Session(e) | SubscribeError::Stream(e) => Some(e),
+            SubscribeError::Full(e) => Some(e),
+        }
+    }
+}
