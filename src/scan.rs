@@ -389,6 +389,15 @@ mod tests {
     }
 
     #[test]
+    fn after_an_inserted_comment_a_bom_is_content() {
+        // The client saw the comment first, so it will not drop a BOM that comes later.
+        let mut s = Scanner::new();
+        s.comment_inserted();
+        let feed = s.feed(b"\xEF\xBB\xBFid: 1\n\n");
+        assert_eq!((feed.events, feed.ids), (1, 0));
+    }
+
+    #[test]
     fn overlong_and_nul_ids_are_rejected_and_keep_the_previous_id() {
         let (ids, feed) = commits(&[b"id: ok\n\nid: 123456789\n\nid: a\0b\n\n"]);
         assert_eq!(ids, ["ok"]);

@@ -1,0 +1,288 @@
+//! Test harness: an axum server on 127.0.0.1 whose SSE bodies are fed frame by frame by the
+//! test, and a real HTTP client (reqwest) reading them.
+#![allow(dead_code)]
+
+pub mod reference;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Response, header};
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tower_sse_tracker::{LastEventId, SessionId, SseTracker, StreamName};
+
+pub const SESSION_HEADER: &str = "mcp-session-id";
+
+type Feeds = Arc<Mutex<HashMap<String, mpsc::UnboundedReceiver<Bytes>>>>;
+
+/// What the handler saw of the request extensions, by feed name.
+type Seen = Arc<Mutex<HashMap<String, (Option<SessionId>, Option<LastEventId>)>>>;
+
+#[derive(Clone, Default)]
+struct AppState {
+    feeds: Feeds,
+    seen: Seen,
+}
+
+pub struct Harness {
+    pub addr: SocketAddr,
+    pub tracker: SseTracker,
+    pub client: reqwest::Client,
+    state: AppState,
+}
+
+/// Query options of the test endpoints.
+#[derive(Debug, Default)]
+struct Opts {
+    stream_name: Option<String>,
+    assign_session: Option<String>,
+    content_type: Option<String>,
+}
+
+fn opts(q: &HashMap<String, String>) -> Opts {
+    Opts {
+        stream_name: q.get("stream").cloned(),
+        assign_session: q.get("assign").cloned(),
+        content_type: q.get("ct").cloned(),
+    }
+}
+
+async fn feed_handler(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    req: axum::extract::Request,
+) -> Response<Body> {
+    let ext = req.extensions();
+    state.seen.lock().unwrap().insert(
+        name.clone(),
+        (
+            ext.get::<SessionId>().cloned(),
+            ext.get::<LastEventId>().cloned(),
+        ),
+    );
+    let o = opts(&q);
+    let rx = state
+        .feeds
+        .lock()
+        .unwrap()
+        .remove(&name)
+        .unwrap_or_else(|| panic!("no feed registered for {name}"));
+    let body = Body::from_stream(UnboundedReceiverStream::new(rx).map(Ok::<_, std::io::Error>));
+    let mut response = Response::new(body);
+    let ct = o.content_type.as_deref().unwrap_or("text/event-stream");
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+    if let Some(s) = o.assign_session {
+        response
+            .headers_mut()
+            .insert(SESSION_HEADER, HeaderValue::from_str(&s).unwrap());
+    }
+    if let Some(name) = o.stream_name {
+        response
+            .extensions_mut()
+            .insert(StreamName::new(&name).unwrap());
+    }
+    response
+}
+
+/// A fixed, non-streaming body with a content length.
+async fn plain_handler() -> Response<Body> {
+    let mut response = Response::new(Body::from("id: 1\n\nnot an event stream"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+impl Harness {
+    pub async fn start(tracker: SseTracker) -> Self {
+        let state = AppState::default();
+        let app = Router::new()
+            .route("/sse/{name}", get(feed_handler))
+            .route("/plain", get(plain_handler))
+            .with_state(state.clone())
+            .layer(tracker.layer());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        Self {
+            addr,
+            tracker,
+            client,
+            state,
+        }
+    }
+
+    /// Registers the frames of `/sse/{name}`; each send is one body frame.
+    pub fn feed(&self, name: &str) -> mpsc::UnboundedSender<Bytes> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.state
+            .feeds
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), rx);
+        tx
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// GET with an optional session header and extra headers.
+    pub async fn get(&self, path: &str, session: Option<&str>, headers: HeaderMap) -> Client {
+        let mut req = self.client.get(self.url(path)).headers(headers);
+        if let Some(s) = session {
+            req = req.header(SESSION_HEADER, s);
+        }
+        let response = req.send().await.expect("request failed");
+        Client::new(response)
+    }
+
+    /// The session and Last-Event-ID the handler of feed `name` found in its extensions.
+    pub fn seen(&self, name: &str) -> (Option<SessionId>, Option<LastEventId>) {
+        self.state.seen.lock().unwrap().get(name).cloned().unwrap()
+    }
+}
+
+/// The client side of one response.
+pub struct Client {
+    pub headers: HeaderMap,
+    pub status: u16,
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    pub received: Vec<u8>,
+    pub ended: bool,
+}
+
+impl Client {
+    fn new(response: reqwest::Response) -> Self {
+        let headers = response.headers().clone();
+        let status = response.status().as_u16();
+        Self {
+            headers,
+            status,
+            stream: response.bytes_stream().boxed(),
+            received: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// Reads one chunk; `false` at the end of the body.
+    pub async fn read_chunk(&mut self) -> bool {
+        match self.stream.next().await {
+            Some(chunk) => {
+                self.received
+                    .extend_from_slice(&chunk.expect("body read failed"));
+                true
+            }
+            None => {
+                self.ended = true;
+                false
+            }
+        }
+    }
+
+    /// Reads until at least `n` bytes in total have been received.
+    pub async fn read_until_len(&mut self, n: usize) {
+        while self.received.len() < n {
+            assert!(
+                self.read_chunk().await,
+                "body ended after {} bytes, wanted {n}",
+                self.received.len()
+            );
+        }
+    }
+
+    /// Reads until the received bytes end with `suffix`.
+    pub async fn read_until_suffix(&mut self, suffix: &[u8]) {
+        while !self.received.ends_with(suffix) {
+            assert!(
+                self.read_chunk().await,
+                "body ended before {:?}; got {:?}",
+                String::from_utf8_lossy(suffix),
+                String::from_utf8_lossy(&self.received)
+            );
+        }
+    }
+
+    /// Reads to the end of the body.
+    pub async fn read_to_end(&mut self) -> &[u8] {
+        while self.read_chunk().await {}
+        &self.received
+    }
+}
+
+/// Metrics captured by a debugging recorder local to one tracker.
+///
+/// The debugging recorder resets every value it reports, so this keeps running totals; that is
+/// exact for counters and for gauges that only move by increments and decrements.
+pub struct Recorded {
+    snapshotter: metrics_util::debugging::Snapshotter,
+    totals: Mutex<HashMap<String, f64>>,
+}
+
+fn metric_key(name: &str, labels: &[(&str, &str)]) -> String {
+    let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
+impl Recorded {
+    /// The current total of metric `name` with exactly these labels.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        use metrics_util::debugging::DebugValue;
+        let mut totals = self.totals.lock().unwrap();
+        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
+            let k = key.key();
+            let labels: Vec<(&str, &str)> = k.labels().map(|l| (l.key(), l.value())).collect();
+            let delta = match value {
+                DebugValue::Counter(n) => n as f64,
+                DebugValue::Gauge(g) => g.into_inner(),
+                DebugValue::Histogram(v) => v.len() as f64,
+            };
+            *totals.entry(metric_key(k.name(), &labels)).or_default() += delta;
+        }
+        totals
+            .get(&metric_key(name, labels))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// Builds a tracker whose metrics go to a recorder of its own.
+pub fn build_recorded(builder: tower_sse_tracker::SseTrackerBuilder) -> (SseTracker, Recorded) {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let tracker = metrics::with_local_recorder(&recorder, || builder.build().unwrap());
+    (
+        tracker,
+        Recorded {
+            snapshotter,
+            totals: Mutex::default(),
+        },
+    )
+}
+
+/// Sends `frames` as the body of `/sse/{name}` for `session`, and reads the whole response.
+pub async fn run_frames(h: &Harness, name: &str, session: Option<&str>, frames: &[&[u8]]) -> Client {
+    let tx = h.feed(name);
+    let mut client = h
+        .get(&format!("/sse/{name}"), session, HeaderMap::new())
+        .await;
+    for frame in frames {
+        tx.send(Bytes::copy_from_slice(frame)).unwrap();
+    }
+    drop(tx);
+    client.read_to_end().await;
+    client
+}

@@ -1,0 +1,271 @@
+//! The layer end to end over 127.0.0.1: what it passes through, what it tracks, what it adds.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use common::{Harness, build_recorded, run_frames};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_sse_tracker::SseTracker;
+use tower_sse_tracker::metrics::{
+    EVENTS_TOTAL, REASON_NO_SESSION, REASON_REGISTRY_FULL, STREAMS_ACTIVE, UNTRACKED_STREAMS_TOTAL,
+};
+
+fn no_heartbeat() -> SseTracker {
+    SseTracker::builder().heartbeat_interval(None).build().unwrap()
+}
+
+#[tokio::test]
+async fn sse_bytes_pass_through_unchanged_and_in_order() {
+    let h = Harness::start(no_heartbeat()).await;
+    // Frames that cut every kind of line end, a BOM, multi-byte UTF-8 and large data.
+    let big = "é".repeat(40_000);
+    let frames: Vec<Vec<u8>> = vec![
+        b"\xEF\xBB".to_vec(),
+        b"\xBFid: 1\r".to_vec(),
+        b"\ndata: caf\xC3".to_vec(),
+        b"\xA9\r\n\r".to_vec(),
+        b"\n: comment\rid: 2\rdata: ".to_vec(),
+        big.clone().into_bytes(),
+        b"\r\r".to_vec(),
+        vec![0, 1, 2, 255, b'\n', b'\n'],
+    ];
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    let client = run_frames(&h, "exact", Some("s1"), &refs).await;
+    assert_eq!(client.received, frames.concat());
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/exact").unwrap(), "2");
+}
+
+#[tokio::test]
+async fn non_sse_response_passes_through_untouched() {
+    let h = Harness::start(SseTracker::builder().build().unwrap()).await;
+    let response = h
+        .client
+        .get(h.url("/plain"))
+        .header("mcp-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(&body[..], b"id: 1\n\nnot an event stream");
+    // The length survives (no wrapper hides it), and no SSE header is added.
+    assert_eq!(headers["content-length"], "26");
+    assert!(headers.get("transfer-encoding").is_none());
+    assert!(headers.get("cache-control").is_none());
+    assert!(headers.get("x-accel-buffering").is_none());
+    assert_eq!(h.tracker.tracked_streams(), 0);
+}
+
+#[tokio::test]
+async fn non_sse_body_is_not_wrapped() {
+    let tracker = SseTracker::builder().build().unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(tracker.layer())
+        .service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello"))))
+        });
+    let response = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap();
+    let body = response.into_body();
+    assert!(!body.is_scanned());
+    assert_eq!(http_body::Body::size_hint(&body).exact(), Some(5));
+    assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"hello");
+}
+
+#[tokio::test]
+async fn sse_response_gets_no_cache_and_no_proxy_buffering_headers() {
+    let h = Harness::start(SseTracker::builder().build().unwrap()).await;
+    let client = run_frames(&h, "h", Some("s1"), &[b"data: x\n\n"]).await;
+    assert_eq!(client.headers["cache-control"], "no-cache");
+    assert_eq!(client.headers["x-accel-buffering"], "no");
+
+    let h = Harness::start(
+        SseTracker::builder()
+            .disable_proxy_buffering(false)
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let client = run_frames(&h, "h", Some("s1"), &[b"data: x\n\n"]).await;
+    assert!(client.headers.get("x-accel-buffering").is_none());
+}
+
+#[tokio::test]
+async fn two_streams_of_one_session_are_kept_apart() {
+    let h = Harness::start(no_heartbeat()).await;
+    let a = h.feed("a");
+    let b = h.feed("b");
+    let mut ca = h.get("/sse/a", Some("s1"), HeaderMap::new()).await;
+    let mut cb = h.get("/sse/b", Some("s1"), HeaderMap::new()).await;
+    a.send(Bytes::from_static(b"id: a1\n\n")).unwrap();
+    ca.read_until_suffix(b"a1\n\n").await;
+    b.send(Bytes::from_static(b"id: b1\n\n")).unwrap();
+    cb.read_until_suffix(b"b1\n\n").await;
+    a.send(Bytes::from_static(b"id: a2\n\n")).unwrap();
+    ca.read_until_suffix(b"a2\n\n").await;
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/a").unwrap(), "a2");
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/b").unwrap(), "b1");
+    let mut streams = h.tracker.session_streams("s1");
+    streams.sort();
+    let streams: Vec<(String, String)> = streams
+        .into_iter()
+        .map(|(n, id)| (n.to_string(), id.unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        streams,
+        [
+            ("GET /sse/a".to_owned(), "a2".to_owned()),
+            ("GET /sse/b".to_owned(), "b1".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn streams_of_two_sessions_on_one_path_are_kept_apart() {
+    let h = Harness::start(no_heartbeat()).await;
+    run_frames(&h, "p1", Some("s1"), &[b"id: one\n\n"]).await;
+    run_frames(&h, "p2", Some("s2"), &[b"id: two\n\n"]).await;
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/p1").unwrap(), "one");
+    assert_eq!(h.tracker.last_event_id("s2", "GET /sse/p2").unwrap(), "two");
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/p2"), None);
+}
+
+#[tokio::test]
+async fn a_bad_session_header_leaves_the_stream_untracked() {
+    let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None));
+    let h = Harness::start(tracker).await;
+    let too_long = "x".repeat(129);
+    for (name, session) in [
+        ("space", Some("has space")),
+        ("long", Some(too_long.as_str())),
+        ("nonascii", None),
+        ("absent", None),
+    ] {
+        let tx = h.feed(name);
+        let mut headers = HeaderMap::new();
+        if name == "nonascii" {
+            headers.insert("mcp-session-id", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        }
+        let mut client = h.get(&format!("/sse/{name}"), session, headers).await;
+        tx.send(Bytes::from_static(b"id: 1\ndata: x\n\n")).unwrap();
+        drop(tx);
+        assert_eq!(client.read_to_end().await, b"id: 1\ndata: x\n\n");
+        // The handler did not get a session extension either.
+        assert_eq!(h.seen(name).0, None, "{name}");
+    }
+    assert_eq!(h.tracker.tracked_streams(), 0);
+    assert_eq!(
+        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_NO_SESSION)]),
+        4.0
+    );
+    assert_eq!(recorded.value(EVENTS_TOTAL, &[]), 0.0);
+}
+
+#[tokio::test]
+async fn the_session_assigned_on_the_response_is_tracked() {
+    let h = Harness::start(no_heartbeat()).await;
+    let tx = h.feed("init");
+    let mut client = h.get("/sse/init?assign=server-made", None, HeaderMap::new()).await;
+    tx.send(Bytes::from_static(b"id: 1\n\n")).unwrap();
+    drop(tx);
+    client.read_to_end().await;
+    assert_eq!(client.headers["mcp-session-id"], "server-made");
+    assert_eq!(h.tracker.last_event_id("server-made", "GET /sse/init").unwrap(), "1");
+}
+
+#[tokio::test]
+async fn a_stream_name_extension_overrides_the_default_name() {
+    let h = Harness::start(no_heartbeat()).await;
+    let tx = h.feed("n");
+    let mut client = h.get("/sse/n?stream=notifications", Some("s1"), HeaderMap::new()).await;
+    tx.send(Bytes::from_static(b"id: 9\n\n")).unwrap();
+    drop(tx);
+    client.read_to_end().await;
+    assert_eq!(h.tracker.last_event_id("s1", "notifications").unwrap(), "9");
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/n"), None);
+}
+
+#[tokio::test]
+async fn the_handler_gets_the_validated_last_event_id_and_session() {
+    let h = Harness::start(no_heartbeat()).await;
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("41"));
+    let tx = h.feed("r");
+    drop(tx);
+    h.get("/sse/r", Some("s1"), headers).await.read_to_end().await;
+    let (session, last) = h.seen("r");
+    assert_eq!(session.unwrap(), "s1");
+    assert_eq!(last.unwrap().0, "41");
+
+    // Longer than max_id_len: not passed on.
+    let h = Harness::start(SseTracker::builder().max_id_len(4).build().unwrap()).await;
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("12345"));
+    drop(h.feed("r"));
+    h.get("/sse/r", Some("s1"), headers).await.read_to_end().await;
+    assert_eq!(h.seen("r").1, None);
+}
+
+#[tokio::test]
+async fn subscribers_see_each_new_latest_id() {
+    let h = Harness::start(no_heartbeat()).await;
+    let mut rx = h.tracker.subscribe("s1", "GET /sse/w").unwrap();
+    let tx = h.feed("w");
+    let mut client = h.get("/sse/w", Some("s1"), HeaderMap::new()).await;
+    for n in 1..=3 {
+        tx.send(Bytes::from(format!("id: {n}\ndata: x\n\n"))).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("no new id within 5 s")
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap(), &*n.to_string());
+    }
+    drop(tx);
+    client.read_to_end().await;
+}
+
+#[tokio::test]
+async fn the_active_gauge_follows_open_tracked_streams() {
+    let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None));
+    let h = Harness::start(tracker).await;
+    let tx = h.feed("g");
+    let mut client = h.get("/sse/g", Some("s1"), HeaderMap::new()).await;
+    tx.send(Bytes::from_static(b"id: 1\n\n")).unwrap();
+    client.read_until_suffix(b"1\n\n").await;
+    assert_eq!(recorded.value(STREAMS_ACTIVE, &[]), 1.0);
+    assert_eq!(recorded.value(EVENTS_TOTAL, &[]), 1.0);
+    // The client goes away mid-event: the body is dropped, the cut event is not committed.
+    tx.send(Bytes::from_static(b"id: 2\ndata: half")).unwrap();
+    client.read_until_suffix(b"half").await;
+    drop(client);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while recorded.value(STREAMS_ACTIVE, &[]) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "gauge did not return to 0");
+        // The server notices the closed connection on its next write.
+        let _ = tx.send(Bytes::from_static(b"x"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/g").unwrap(), "1");
+}
+
+#[tokio::test]
+async fn a_full_registry_passes_new_streams_through_untracked() {
+    let (tracker, recorded) =
+        build_recorded(SseTracker::builder().heartbeat_interval(None).max_streams(1));
+    let h = Harness::start(tracker).await;
+    run_frames(&h, "first", Some("s1"), &[b"id: 1\n\n"]).await;
+    let client = run_frames(&h, "second", Some("s2"), &[b"id: 2\n\n"]).await;
+    assert_eq!(client.received, b"id: 2\n\n");
+    assert_eq!(h.tracker.last_event_id("s2", "GET /sse/second"), None);
+    assert_eq!(
+        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_REGISTRY_FULL)]),
+        1.0
+    );
+    // A known stream is still tracked.
+    run_frames(&h, "first", Some("s1"), &[b"id: 3\n\n"]).await;
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/first").unwrap(), "3");
+}
