@@ -285,6 +285,9 @@ mod tests {
         assert_eq!(&hb.line[..], b": keep-alive\n");
         assert_eq!(&hb.event_cr[..], b": keep-alive\r\r");
         assert_eq!(&hb.line_cr[..], b": keep-alive\r");
-        assert_eq!(&Heartbeat::new(DEFAULT_HEARTBEAT_INTERVAL, "").line[..], b":\n");
+        assert_eq!(
+            &Heartbeat::new(DEFAULT_HEARTBEAT_INTERVAL, "").line[..],
+            b":\n"
+        );
     }
 }

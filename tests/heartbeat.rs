@@ -19,7 +19,9 @@ const INTERVAL: Duration = Duration::from_secs(15);
 
 async fn open(h: &Harness, name: &str) -> (UnboundedSender<Bytes>, Client) {
     let tx = h.feed(name);
-    let client = h.get(&format!("/sse/{name}"), Some("s1"), HeaderMap::new()).await;
+    let client = h
+        .get(&format!("/sse/{name}"), Some("s1"), HeaderMap::new())
+        .await;
     (tx, client)
 }
 
@@ -48,10 +50,16 @@ async fn test_sse_heartbeat_after_each_idle_interval() {
     let (_tx, mut client) = open(&h, "idle").await;
     client.read_until_suffix(EVENT_HB).await;
     let first = t0.elapsed();
-    assert!(first >= INTERVAL && first < INTERVAL + Duration::from_secs(1), "{first:?}");
+    assert!(
+        first >= INTERVAL && first < INTERVAL + Duration::from_secs(1),
+        "{first:?}"
+    );
     client.read_until_len(2 * EVENT_HB.len()).await;
     let second = t0.elapsed();
-    assert!(second >= 2 * INTERVAL && second < 2 * INTERVAL + Duration::from_secs(1), "{second:?}");
+    assert!(
+        second >= 2 * INTERVAL && second < 2 * INTERVAL + Duration::from_secs(1),
+        "{second:?}"
+    );
     assert_eq!(client.received, [EVENT_HB, EVENT_HB].concat());
     assert_eq!(recorded.value(HEARTBEATS_TOTAL, &[]), 2.0);
 }
@@ -95,7 +103,10 @@ async fn test_sse_heartbeat_after_a_trailing_cr_keeps_the_crlf_pair() {
     // The LF that completes the inner CRLF now pairs with the heartbeat's CR.
     send(&tx, &mut client, b"\n\r\n").await;
     let inner: &[u8] = b"id: 1\r\ndata: x\r\n\r\n";
-    assert_eq!(reference::parse(&client.received, 1024), reference::parse(inner, 1024));
+    assert_eq!(
+        reference::parse(&client.received, 1024),
+        reference::parse(inner, 1024)
+    );
     assert_eq!(reference::parse(&client.received, 1024).events.len(), 1);
 }
 
@@ -133,7 +144,13 @@ async fn test_sse_heartbeat_uses_the_configured_interval_and_text_or_none() {
     client.read_until_suffix(b": ping\n\n").await;
     assert!(t.elapsed() < Duration::from_secs(3));
 
-    let h = Harness::start(SseTracker::builder().heartbeat_interval(None).build().unwrap()).await;
+    let h = Harness::start(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .build()
+            .unwrap(),
+    )
+    .await;
     let (_tx, mut client) = open(&h, "off").await;
     quiet_for(&mut client, 10 * INTERVAL).await;
     assert!(client.received.is_empty());

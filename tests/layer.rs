@@ -16,7 +16,10 @@ use tower_sse_tracker::metrics::{
 };
 
 fn no_heartbeat() -> SseTracker {
-    SseTracker::builder().heartbeat_interval(None).build().unwrap()
+    SseTracker::builder()
+        .heartbeat_interval(None)
+        .build()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -37,7 +40,10 @@ async fn sse_bytes_pass_through_unchanged_and_in_order() {
     let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
     let client = run_frames(&h, "exact", Some("s1"), &refs).await;
     assert_eq!(client.received, frames.concat());
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/exact").unwrap(), "2");
+    assert_eq!(
+        h.tracker.last_event_id("s1", "GET /sse/exact").unwrap(),
+        "2"
+    );
 }
 
 #[tokio::test]
@@ -64,12 +70,19 @@ async fn non_sse_response_passes_through_untouched() {
 #[tokio::test]
 async fn non_sse_body_is_not_wrapped() {
     let tracker = SseTracker::builder().build().unwrap();
-    let mut svc = ServiceBuilder::new()
-        .layer(tracker.layer())
-        .service_fn(|_req: http::Request<()>| async {
-            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello"))))
-        });
-    let response = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap();
+    let mut svc =
+        ServiceBuilder::new()
+            .layer(tracker.layer())
+            .service_fn(|_req: http::Request<()>| async {
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello"))))
+            });
+    let response = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(()))
+        .await
+        .unwrap();
     let body = response.into_body();
     assert!(!body.is_scanned());
     assert_eq!(http_body::Body::size_hint(&body).exact(), Some(5));
@@ -148,7 +161,10 @@ async fn a_bad_session_header_leaves_the_stream_untracked() {
         let tx = h.feed(name);
         let mut headers = HeaderMap::new();
         if name == "nonascii" {
-            headers.insert("mcp-session-id", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+            headers.insert(
+                "mcp-session-id",
+                HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+            );
         }
         let mut client = h.get(&format!("/sse/{name}"), session, headers).await;
         tx.send(Bytes::from_static(b"id: 1\ndata: x\n\n")).unwrap();
@@ -169,19 +185,28 @@ async fn a_bad_session_header_leaves_the_stream_untracked() {
 async fn the_session_assigned_on_the_response_is_tracked() {
     let h = Harness::start(no_heartbeat()).await;
     let tx = h.feed("init");
-    let mut client = h.get("/sse/init?assign=server-made", None, HeaderMap::new()).await;
+    let mut client = h
+        .get("/sse/init?assign=server-made", None, HeaderMap::new())
+        .await;
     tx.send(Bytes::from_static(b"id: 1\n\n")).unwrap();
     drop(tx);
     client.read_to_end().await;
     assert_eq!(client.headers["mcp-session-id"], "server-made");
-    assert_eq!(h.tracker.last_event_id("server-made", "GET /sse/init").unwrap(), "1");
+    assert_eq!(
+        h.tracker
+            .last_event_id("server-made", "GET /sse/init")
+            .unwrap(),
+        "1"
+    );
 }
 
 #[tokio::test]
 async fn a_stream_name_extension_overrides_the_default_name() {
     let h = Harness::start(no_heartbeat()).await;
     let tx = h.feed("n");
-    let mut client = h.get("/sse/n?stream=notifications", Some("s1"), HeaderMap::new()).await;
+    let mut client = h
+        .get("/sse/n?stream=notifications", Some("s1"), HeaderMap::new())
+        .await;
     tx.send(Bytes::from_static(b"id: 9\n\n")).unwrap();
     drop(tx);
     client.read_to_end().await;
@@ -196,7 +221,10 @@ async fn the_handler_gets_the_validated_last_event_id_and_session() {
     headers.insert("last-event-id", HeaderValue::from_static("41"));
     let tx = h.feed("r");
     drop(tx);
-    h.get("/sse/r", Some("s1"), headers).await.read_to_end().await;
+    h.get("/sse/r", Some("s1"), headers)
+        .await
+        .read_to_end()
+        .await;
     let (session, last) = h.seen("r");
     assert_eq!(session.unwrap(), "s1");
     assert_eq!(last.unwrap().0, "41");
@@ -206,7 +234,10 @@ async fn the_handler_gets_the_validated_last_event_id_and_session() {
     let mut headers = HeaderMap::new();
     headers.insert("last-event-id", HeaderValue::from_static("12345"));
     drop(h.feed("r"));
-    h.get("/sse/r", Some("s1"), headers).await.read_to_end().await;
+    h.get("/sse/r", Some("s1"), headers)
+        .await
+        .read_to_end()
+        .await;
     assert_eq!(h.seen("r").1, None);
 }
 
@@ -217,7 +248,8 @@ async fn subscribers_see_each_new_latest_id() {
     let tx = h.feed("w");
     let mut client = h.get("/sse/w", Some("s1"), HeaderMap::new()).await;
     for n in 1..=3 {
-        tx.send(Bytes::from(format!("id: {n}\ndata: x\n\n"))).unwrap();
+        tx.send(Bytes::from(format!("id: {n}\ndata: x\n\n")))
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(5), rx.changed())
             .await
             .expect("no new id within 5 s")
@@ -244,7 +276,10 @@ async fn the_active_gauge_follows_open_tracked_streams() {
     drop(client);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while recorded.value(STREAMS_ACTIVE, &[]) != 0.0 {
-        assert!(tokio::time::Instant::now() < deadline, "gauge did not return to 0");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gauge did not return to 0"
+        );
         // The server notices the closed connection on its next write.
         let _ = tx.send(Bytes::from_static(b"x"));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -254,8 +289,11 @@ async fn the_active_gauge_follows_open_tracked_streams() {
 
 #[tokio::test]
 async fn a_full_registry_passes_new_streams_through_untracked() {
-    let (tracker, recorded) =
-        build_recorded(SseTracker::builder().heartbeat_interval(None).max_streams(1));
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .max_streams(1),
+    );
     let h = Harness::start(tracker).await;
     run_frames(&h, "first", Some("s1"), &[b"id: 1\n\n"]).await;
     let client = run_frames(&h, "second", Some("s2"), &[b"id: 2\n\n"]).await;
@@ -267,5 +305,8 @@ async fn a_full_registry_passes_new_streams_through_untracked() {
     );
     // A known stream is still tracked.
     run_frames(&h, "first", Some("s1"), &[b"id: 3\n\n"]).await;
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/first").unwrap(), "3");
+    assert_eq!(
+        h.tracker.last_event_id("s1", "GET /sse/first").unwrap(),
+        "3"
+    );
 }

@@ -127,11 +127,7 @@ impl Harness {
     /// Registers the frames of `/sse/{name}`; each send is one body frame.
     pub fn feed(&self, name: &str) -> mpsc::UnboundedSender<Bytes> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.state
-            .feeds
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), rx);
+        self.state.feeds.lock().unwrap().insert(name.to_owned(), rx);
         tx
     }
 
@@ -274,7 +270,12 @@ pub fn build_recorded(builder: tower_sse_tracker::SseTrackerBuilder) -> (SseTrac
 }
 
 /// Sends `frames` as the body of `/sse/{name}` for `session`, and reads the whole response.
-pub async fn run_frames(h: &Harness, name: &str, session: Option<&str>, frames: &[&[u8]]) -> Client {
+pub async fn run_frames(
+    h: &Harness,
+    name: &str,
+    session: Option<&str>,
+    frames: &[&[u8]],
+) -> Client {
     let tx = h.feed(name);
     let mut client = h
         .get(&format!("/sse/{name}"), session, HeaderMap::new())
