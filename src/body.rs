@@ -45,7 +45,7 @@ pin_project! {
         tracked: Option<Tracked>,
         // Start of the current quiet period: the last frame, heartbeat or boundary check.
         quiet_since: Instant,
-        // Created the first time the inner body is idle, then reset; never re-created.
+        // Created the first time the inner body is idle, then only reset.
         #[pin]
         sleep: Option<Sleep>,
     }
@@ -150,11 +150,11 @@ impl SseState {
                 "ignored SSE id fields holding NUL or longer than max_id_len"
             );
         }
-        if feed.ids > 0 {
-            if let Some(id) = this.scanner.last_committed() {
-                // Latest only: of the ids committed in one frame, only the last is published.
-                tracked.slot.publish(EventId::from_scanned(id));
-            }
+        // Latest only: of the ids committed in one frame, only the last is published.
+        if feed.ids > 0
+            && let Some(id) = this.scanner.last_committed()
+        {
+            tracked.slot.publish(EventId::from_scanned(id));
         }
     }
 
@@ -166,21 +166,26 @@ impl SseState {
             return Poll::Pending;
         };
         loop {
-            let due = *this.quiet_since + heartbeat.interval;
+            // The timer is never reset on the frame path: it may fire early (frames moved the
+            // quiet period on), and is then pushed to the real due time here. That keeps the
+            // per-frame cost to one clock read.
             let mut sleep = match this.sleep.as_mut().as_pin_mut() {
                 Some(sleep) => sleep,
                 None => {
-                    this.sleep.set(Some(sleep_until(due)));
+                    this.sleep
+                        .set(Some(sleep_until(*this.quiet_since + heartbeat.interval)));
                     this.sleep.as_mut().as_pin_mut().expect("just set")
                 }
             };
-            if sleep.deadline() != due {
-                sleep.as_mut().reset(due);
-            }
-            if sleep.poll(cx).is_pending() {
+            if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
+            let due = *this.quiet_since + heartbeat.interval;
+            if now < due {
+                sleep.reset(due);
+                continue;
+            }
             *this.quiet_since = now;
             let bytes = match (this.scanner.boundary(), this.scanner.after_cr()) {
                 // Mid-line: inserting anything would corrupt the line. Wait another interval.

@@ -121,10 +121,10 @@ impl Registry {
     ) -> Result<Arc<Slot>, RegistryFull> {
         let mut map = self.lock();
         let map = &mut *map;
-        if let Some(slots) = map.sessions.get(session.as_str()) {
-            if let Some(slot) = slots.iter().find(|slot| slot.key.stream == *stream) {
-                return Ok(slot.clone());
-            }
+        if let Some(slots) = map.sessions.get(session.as_str())
+            && let Some(slot) = slots.iter().find(|slot| slot.key.stream == *stream)
+        {
+            return Ok(slot.clone());
         }
         if map.streams >= self.max_streams {
             return Err(RegistryFull {

@@ -67,19 +67,6 @@ pub enum Boundary {
     Inside,
 }
 
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// The high bit of each CR or LF byte of `word` (little-endian byte order). Bytes above the
-/// first match may be flagged falsely; the lowest flagged byte is always exact, and only it is
-/// used.
-#[inline(always)]
-fn line_end_bits(word: u64) -> u64 {
-    let lf = word ^ (ONES * u64::from(b'\n'));
-    let cr = word ^ (ONES * u64::from(b'\r'));
-    ((lf.wrapping_sub(ONES) & !lf) | (cr.wrapping_sub(ONES) & !cr)) & HIGHS
-}
-
 /// The position of the first CR or LF of `buf` at or after `from`.
 ///
 /// On x86-64 this calls memchr's SSE2 searcher directly: SSE2 is always there, and most SSE
@@ -236,10 +223,11 @@ impl Scanner {
         // at only at its start (is it `id`?), so the cost per line is a few branches whatever
         // its length.
         let mut start = 0;
-        if let Some(&first) = buf.first() {
-            if mem::take(&mut self.after_cr) && first == b'\n' {
-                start = 1;
-            }
+        if let Some(&first) = buf.first()
+            && mem::take(&mut self.after_cr)
+            && first == b'\n'
+        {
+            start = 1;
         }
         while let Some(end) = next_line_end(buf, start) {
             let line = &buf[start..end];

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{HeaderName, Request, Response};
 use tower::Service;
 
 use crate::body::TrackedBody;
@@ -12,7 +12,7 @@ use crate::key::{EventId, LastEventId, SessionId};
 use crate::tracker::Shared;
 
 /// The `Last-Event-ID` request header.
-pub(crate) const LAST_EVENT_ID: &str = "last-event-id";
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// The tower [`Service`] made by [`SseTrackerLayer`](crate::SseTrackerLayer).
 ///
@@ -83,7 +83,7 @@ where
             .and_then(|v| SessionId::from_bytes(v.as_bytes()).ok());
         let last_event_id = req
             .headers()
-            .get(LAST_EVENT_ID)
+            .get(&LAST_EVENT_ID)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .filter(|v| v.len() <= config.max_id_len)
             .and_then(|v| EventId::new(v).ok());

@@ -1,0 +1,166 @@
+//! The demo: an axum server with the tracker layer, on 127.0.0.1:3000 by default.
+//!
+//! ```text
+//! cargo run --example axum_server            # or: cargo run --example axum_server -- 127.0.0.1:4000
+//! ```
+//!
+//! Endpoints:
+//! - `GET /events`: an SSE stream of numbered events with ids (`?interval_ms=`, default 1000),
+//!   for the session in the `mcp-session-id` header; a request without one gets a new session
+//!   id in the response header, as an MCP server would assign it. A client that reconnects with
+//!   `Last-Event-ID: N` resumes at N + 1.
+//! - `GET /sessions/{session}`: the latest id of each of the session's streams, as JSON.
+//! - `GET /metrics`: the tracker's metrics in the Prometheus text format.
+//!
+//! Heartbeats are sent after 5 s of silence here (15 s is the default) so that they show up
+//! quickly: try `?interval_ms=12000`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use futures_util::stream::{self, Stream};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use tower_sse_tracker::{DEFAULT_SESSION_HEADER, LastEventId, SessionId, SseTracker};
+
+#[derive(Clone)]
+struct AppState {
+    tracker: SseTracker,
+    prometheus: PrometheusHandle,
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    interval_ms: Option<u64>,
+}
+
+fn new_session_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    format!(
+        "demo-{:x}-{}",
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn numbered_events(start: u64, every: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(
+        (start, tokio::time::interval(every)),
+        |(n, mut ticks)| async move {
+            ticks.tick().await;
+            let event = Event::default()
+                .id(n.to_string())
+                .event("tick")
+                .data(json!({ "n": n }).to_string());
+            Some((Ok(event), (n + 1, ticks)))
+        },
+    )
+}
+
+/// `GET /events`: numbered events, resumed after the client's `Last-Event-ID`.
+async fn events(
+    session: Option<Extension<SessionId>>,
+    last: Option<Extension<LastEventId>>,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    let start = last
+        .and_then(|Extension(LastEventId(id))| id.as_str().parse::<u64>().ok())
+        .map_or(1, |n| n + 1);
+    let every = Duration::from_millis(q.interval_ms.unwrap_or(1000).max(1));
+    let mut response = Sse::new(numbered_events(start, every)).into_response();
+    if session.is_none() {
+        // Like an MCP server, assign a session on the response; the layer tracks it from there.
+        let id = HeaderValue::from_str(&new_session_id()).expect("visible ASCII");
+        response.headers_mut().insert(DEFAULT_SESSION_HEADER, id);
+    }
+    response
+}
+
+/// `GET /sessions/{session}`: the latest id of each stream of the session.
+async fn session(
+    State(state): State<AppState>,
+    Path(session): Path<String>,
+) -> Json<serde_json::Value> {
+    let streams: Vec<_> = state
+        .tracker
+        .session_streams(&session)
+        .into_iter()
+        .map(|(stream, latest)| {
+            json!({ "stream": stream.as_str(), "latest_id": latest.as_ref().map(|id| id.as_str()) })
+        })
+        .collect();
+    Json(json!({ "session": session, "streams": streams }))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    (headers, state.prometheus.render())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_sse_tracker=debug".into()),
+        )
+        .init();
+    let addr: SocketAddr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:3000".to_owned())
+        .parse()?;
+
+    // Install the recorder before building the tracker: it takes its metric handles at build.
+    let prometheus = PrometheusBuilder::new().install_recorder()?;
+    tower_sse_tracker::metrics::describe();
+    let tracker = SseTracker::builder()
+        .heartbeat_interval(Some(Duration::from_secs(5)))
+        .build()?;
+
+    let app = Router::new()
+        .route("/events", get(events))
+        .route("/sessions/{session}", get(session))
+        .route("/metrics", get(metrics))
+        .layer(tracker.layer())
+        .with_state(AppState {
+            tracker,
+            prometheus,
+        });
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    println!("tower-sse-tracker demo listening on http://{addr}");
+    println!();
+    println!("Stream events for a session (Ctrl-C to stop):");
+    println!("  curl -N -H 'mcp-session-id: demo-1' http://{addr}/events");
+    println!("Resume after event 5 (what a reconnecting EventSource sends):");
+    println!("  curl -N -H 'mcp-session-id: demo-1' -H 'Last-Event-ID: 5' http://{addr}/events");
+    println!("See heartbeats (an event every 12 s, a heartbeat after 5 s of silence):");
+    println!("  curl -N -H 'mcp-session-id: demo-2' 'http://{addr}/events?interval_ms=12000'");
+    println!("Latest ids of a session's streams:");
+    println!("  curl http://{addr}/sessions/demo-1");
+    println!("Metrics:");
+    println!("  curl http://{addr}/metrics");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
