@@ -3,18 +3,21 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use metrics::Gauge;
 use pin_project_lite::pin_project;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_util::sync::PollSender;
 
 use crate::key::EventId;
 use crate::registry::Slot;
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
+use crate::worker::Record;
 
 pin_project! {
     /// The response body of [`SseTrackerService`](crate::SseTrackerService).
@@ -45,7 +48,13 @@ pin_project! {
         tracked: Option<Tracked>,
         // Start of the current quiet period: the last frame, heartbeat or boundary check.
         quiet_since: Instant,
-        // Created the first time the inner body is idle, then only reset.
+        // A record the worker's channel had no room for: the body waits (at most the send
+        // timeout) for room before it pulls the next frame.
+        handoff: Option<Record>,
+        // Made the first time the channel is full.
+        poll_sender: Option<PollSender<Record>>,
+        // The one timer of the stream: heartbeats and the hand-off deadline. Created the first
+        // time it is needed, then only reset.
         #[pin]
         sleep: Option<Sleep>,
     }
@@ -84,6 +93,8 @@ impl<B> TrackedBody<B> {
             shared,
             tracked,
             quiet_since: Instant::now(),
+            handoff: None,
+            poll_sender: None,
             sleep: None,
         };
         Self {
@@ -128,7 +139,7 @@ impl SseState {
         if data.is_empty() {
             return;
         }
-        let this = self.project();
+        let mut this = self.project();
         let feed = this.scanner.feed(data);
         if this.shared.config.heartbeat.is_some() {
             *this.quiet_since = Instant::now();
@@ -151,11 +162,81 @@ impl SseState {
             );
         }
         // Latest only: of the ids committed in one frame, only the last is published.
-        if feed.ids > 0
-            && let Some(id) = this.scanner.last_committed()
-        {
-            tracked.slot.publish(EventId::from_scanned(id));
+        let Some(bytes) = this.scanner.last_committed().filter(|_| feed.ids > 0) else {
+            return;
+        };
+        let id = EventId::from_scanned(bytes);
+        let sequence = tracked
+            .slot
+            .publish(id.clone(), &this.shared.registry.sequence);
+        if tracked.slot.is_dirty() {
+            // The worker will write this stream's latest id from the registry anyway; the
+            // stream is not made to wait again until the worker has caught up with it.
+            return;
         }
+        let record = Record {
+            slot: tracked.slot.clone(),
+            id,
+            sequence,
+        };
+        match this.shared.worker.sender.try_send(record) {
+            Ok(()) => metrics.records_enqueued.increment(1),
+            Err(TrySendError::Full(record)) => {
+                // The frame is delivered now; the next one waits for room, at most the send
+                // timeout.
+                *this.handoff = Some(record);
+                let deadline = Instant::now() + this.shared.config.send_timeout;
+                match this.sleep.as_mut().as_pin_mut() {
+                    Some(sleep) => sleep.reset(deadline),
+                    None => this.sleep.set(Some(sleep_until(deadline))),
+                }
+            }
+            // Shut down: later ids stay in memory only.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Ready once the pending record is handed over, or its wait timed out (then the key is
+    /// marked dirty: the worker persists its latest id from the registry later).
+    fn poll_handoff(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let shared = &*this.shared;
+        let sender = this
+            .poll_sender
+            .get_or_insert_with(|| PollSender::new(shared.worker.sender.clone()));
+        match sender.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {
+                if let Some(record) = this.handoff.take()
+                    && sender.send_item(record).is_ok()
+                {
+                    shared.metrics.records_enqueued.increment(1);
+                }
+            }
+            Poll::Ready(Err(_closed)) => *this.handoff = None,
+            Poll::Pending => {
+                let sleep = this
+                    .sleep
+                    .as_mut()
+                    .as_pin_mut()
+                    .expect("the hand-off armed the timer");
+                if sleep.poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                sender.abort_send();
+                if let Some(record) = this.handoff.take() {
+                    shared.registry.mark_dirty(&record.slot);
+                    shared.metrics.backpressure_timeouts.increment(1);
+                    let key = record.slot.key();
+                    tracing::warn!(
+                        session = %key.session,
+                        stream = %key.stream,
+                        timeout = ?shared.config.send_timeout,
+                        "persistence worker's channel full: the stream's latest id will be written from memory"
+                    );
+                }
+            }
+        }
+        Poll::Ready(())
     }
 
     /// Ready with a heartbeat when the inner body has been quiet for the interval and the
@@ -211,6 +292,11 @@ impl<B: Body> Body for TrackedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if let Some(sse) = this.sse.as_mut()
+            && sse.handoff.is_some()
+        {
+            ready!(sse.as_mut().poll_handoff(cx));
+        }
         let polled = this.inner.poll_frame(cx);
         let Some(sse) = this.sse.as_mut() else {
             return polled.map(|frame| frame.map(|r| r.map(into_bytes)));

@@ -6,9 +6,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderName;
 
+use std::sync::Arc;
+
 use crate::registry::Registry;
 use crate::scan::DEFAULT_MAX_ID_LEN;
+use crate::store::{DynStore, InMemoryStore, Store};
 use crate::tracker::{Shared, SseTracker};
+use crate::worker::WorkerConfig;
+use crate::worker::retry::{DEFAULT_RETRY, RetryPolicy};
 
 /// Default request/response header that carries the session id (MCP Streamable HTTP's).
 pub const DEFAULT_SESSION_HEADER: &str = "mcp-session-id";
@@ -24,6 +29,14 @@ pub const MAX_HEARTBEAT_COMMENT_LEN: usize = 256;
 pub const MAX_ID_LEN_LIMIT: usize = 64 * 1024;
 /// Shortest accepted heartbeat interval: 10 ms.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// Default capacity of the worker's channel, in records.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
+/// Default longest wait of a body for room in the worker's channel: 100 ms.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default most streams per store write.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+/// Default time between two flushes of the worker: 100 ms.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A setting was refused by [`SseTrackerBuilder::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +52,18 @@ pub enum ConfigError {
     MaxIdLen(usize),
     /// `max_streams` is 0.
     MaxStreams,
+    /// `channel_capacity` is 0.
+    ChannelCapacity,
+    /// `send_timeout` is zero.
+    SendTimeout,
+    /// `max_batch` is 0.
+    MaxBatch,
+    /// `flush_interval` is zero.
+    FlushInterval,
+    /// The retry policy has a zero base delay or a maximum below its base.
+    Retry(RetryPolicy),
+    /// `build()` was called outside a Tokio runtime, where the worker cannot be spawned.
+    NoRuntime,
 }
 
 impl fmt::Display for ConfigError {
@@ -61,6 +86,19 @@ impl fmt::Display for ConfigError {
                 write!(f, "max_id_len {n} must be between 1 and {MAX_ID_LEN_LIMIT}")
             }
             ConfigError::MaxStreams => f.write_str("max_streams must be at least 1"),
+            ConfigError::ChannelCapacity => f.write_str("channel_capacity must be at least 1"),
+            ConfigError::SendTimeout => f.write_str("send_timeout must be longer than zero"),
+            ConfigError::MaxBatch => f.write_str("max_batch must be at least 1"),
+            ConfigError::FlushInterval => f.write_str("flush_interval must be longer than zero"),
+            ConfigError::Retry(p) => write!(
+                f,
+                "retry policy base {:?} must be longer than zero and at most its max {:?}",
+                p.base(),
+                p.max()
+            ),
+            ConfigError::NoRuntime => f.write_str(
+                "build() must be called within a Tokio runtime: it spawns the persistence worker",
+            ),
         }
     }
 }
@@ -104,6 +142,17 @@ pub(crate) struct Config {
     pub(crate) heartbeat: Option<Heartbeat>,
     pub(crate) max_id_len: usize,
     pub(crate) accel_buffering_off: bool,
+    pub(crate) send_timeout: Duration,
+}
+
+/// The store given to the builder.
+#[derive(Clone)]
+struct StoreChoice(Arc<dyn DynStore>);
+
+impl fmt::Debug for StoreChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Store")
+    }
 }
 
 /// Builds an [`SseTracker`]. Every method takes and returns the builder; [`build`](Self::build)
@@ -117,12 +166,25 @@ pub(crate) struct Config {
 /// | [`max_id_len`](Self::max_id_len) | [`DEFAULT_MAX_ID_LEN`] (1024 bytes) |
 /// | [`max_streams`](Self::max_streams) | [`DEFAULT_MAX_STREAMS`] (100 000) |
 /// | [`disable_proxy_buffering`](Self::disable_proxy_buffering) | `true` |
+/// | [`store`](Self::store) | [`InMemoryStore::new`] |
+/// | [`channel_capacity`](Self::channel_capacity) | [`DEFAULT_CHANNEL_CAPACITY`] (1024) |
+/// | [`send_timeout`](Self::send_timeout) | [`DEFAULT_SEND_TIMEOUT`] (100 ms) |
+/// | [`max_batch`](Self::max_batch) | [`DEFAULT_MAX_BATCH`] (256) |
+/// | [`flush_interval`](Self::flush_interval) | [`DEFAULT_FLUSH_INTERVAL`] (100 ms) |
+/// | [`retry`](Self::retry) | 100 ms doubling to 10 s, 5 retries |
+///
+/// `build()` spawns the tracker's one background worker, so it must run within a Tokio
+/// runtime.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_sse_tracker::SseTracker;
+/// use tower_sse_tracker::{RetryPolicy, SseTracker, store::InMemoryStore};
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let tracker = SseTracker::builder()
+///     .store(InMemoryStore::new())
+///     .retry(RetryPolicy::exponential(Duration::from_millis(50), Duration::from_secs(5), 8))
 ///     .session_header("x-session")
 ///     .heartbeat_interval(Some(Duration::from_secs(20)))
 ///     .heartbeat_comment("ping")
@@ -132,6 +194,7 @@ pub(crate) struct Config {
 ///
 /// let err = SseTracker::builder().max_streams(0).build().unwrap_err();
 /// assert_eq!(err.to_string(), "max_streams must be at least 1");
+/// # }
 /// ```
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until build() is called"]
@@ -142,6 +205,12 @@ pub struct SseTrackerBuilder {
     max_id_len: usize,
     max_streams: usize,
     accel_buffering_off: bool,
+    store: Option<StoreChoice>,
+    channel_capacity: usize,
+    send_timeout: Duration,
+    max_batch: usize,
+    flush_interval: Duration,
+    retry: RetryPolicy,
 }
 
 impl Default for SseTrackerBuilder {
@@ -153,6 +222,12 @@ impl Default for SseTrackerBuilder {
             max_id_len: DEFAULT_MAX_ID_LEN,
             max_streams: DEFAULT_MAX_STREAMS,
             accel_buffering_off: true,
+            store: None,
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            max_batch: DEFAULT_MAX_BATCH,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            retry: DEFAULT_RETRY,
         }
     }
 }
@@ -202,7 +277,46 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// Checks every setting and builds the tracker.
+    /// Where the worker persists latest ids. Pass an `Arc` to keep a handle on the store.
+    pub fn store<S: Store>(mut self, store: S) -> Self {
+        self.store = Some(StoreChoice(Arc::new(store)));
+        self
+    }
+
+    /// Capacity of the bounded channel from the bodies to the worker, in records.
+    pub fn channel_capacity(mut self, records: usize) -> Self {
+        self.channel_capacity = records;
+        self
+    }
+
+    /// The longest a body waits for room in a full channel before it pulls its next frame.
+    /// After that the stream's key is marked dirty (the worker persists its latest id from
+    /// memory later) and the stream is not made to wait again until the worker catches up.
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
+        self
+    }
+
+    /// The most streams per store write, and per receive from the channel.
+    pub fn max_batch(mut self, streams: usize) -> Self {
+        self.max_batch = streams;
+        self
+    }
+
+    /// How often the worker writes what it has gathered.
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.flush_interval = interval;
+        self
+    }
+
+    /// How failed store writes are retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Checks every setting, spawns the worker on the current Tokio runtime and builds the
+    /// tracker.
     pub fn build(self) -> Result<SseTracker, ConfigError> {
         let session_header = HeaderName::from_bytes(self.session_header.as_bytes())
             .map_err(|_| ConfigError::SessionHeader(self.session_header.clone()))?;
@@ -227,15 +341,45 @@ impl SseTrackerBuilder {
         if self.max_streams == 0 {
             return Err(ConfigError::MaxStreams);
         }
+        if self.channel_capacity == 0 {
+            return Err(ConfigError::ChannelCapacity);
+        }
+        if self.send_timeout.is_zero() {
+            return Err(ConfigError::SendTimeout);
+        }
+        if self.max_batch == 0 {
+            return Err(ConfigError::MaxBatch);
+        }
+        if self.flush_interval.is_zero() {
+            return Err(ConfigError::FlushInterval);
+        }
+        if !self.retry.is_valid() {
+            return Err(ConfigError::Retry(self.retry));
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let config = Config {
             session_header,
             heartbeat,
             max_id_len: self.max_id_len,
             accel_buffering_off: self.accel_buffering_off,
+            send_timeout: self.send_timeout,
+        };
+        let store = match self.store {
+            Some(StoreChoice(store)) => store,
+            None => Arc::new(InMemoryStore::new()),
+        };
+        let worker = WorkerConfig {
+            max_batch: self.max_batch,
+            flush_interval: self.flush_interval,
+            retry: self.retry,
         };
         Ok(SseTracker::from_shared(Shared::new(
+            &runtime,
             config,
             Registry::new(self.max_streams),
+            store,
+            self.channel_capacity,
+            worker,
         )))
     }
 }
@@ -244,8 +388,8 @@ impl SseTrackerBuilder {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_bad_setting_is_named() {
+    #[tokio::test]
+    async fn every_bad_setting_is_named() {
         let b = SseTrackerBuilder::default;
         assert_eq!(
             b().session_header("bad header").build().unwrap_err(),
@@ -269,6 +413,24 @@ mod tests {
             b().max_streams(0).build().unwrap_err(),
             ConfigError::MaxStreams
         );
+        assert_eq!(
+            b().channel_capacity(0).build().unwrap_err(),
+            ConfigError::ChannelCapacity
+        );
+        assert_eq!(
+            b().send_timeout(Duration::ZERO).build().unwrap_err(),
+            ConfigError::SendTimeout
+        );
+        assert_eq!(b().max_batch(0).build().unwrap_err(), ConfigError::MaxBatch);
+        assert_eq!(
+            b().flush_interval(Duration::ZERO).build().unwrap_err(),
+            ConfigError::FlushInterval
+        );
+        let backwards = RetryPolicy::exponential(Duration::from_secs(2), Duration::from_secs(1), 3);
+        assert_eq!(
+            b().retry(backwards).build().unwrap_err(),
+            ConfigError::Retry(backwards)
+        );
         // A bad comment does not matter when heartbeats are off.
         assert!(
             b().heartbeat_interval(None)
@@ -276,6 +438,13 @@ mod tests {
                 .build()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_a_clear_error() {
+        let err = SseTrackerBuilder::default().build().unwrap_err();
+        assert_eq!(err, ConfigError::NoRuntime);
+        assert!(err.to_string().contains("Tokio runtime"));
     }
 
     #[test]

@@ -16,11 +16,14 @@ use crate::tracker::Shared;
 /// use axum::{Router, routing::get};
 /// use tower_sse_tracker::SseTracker;
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let tracker = SseTracker::builder().build().unwrap();
 /// let api: Router = Router::new().route("/a", get(|| async { "a" })).layer(tracker.layer());
 /// let mcp: Router = Router::new().route("/mcp", get(|| async { "b" })).layer(tracker.layer());
 /// let app = api.merge(mcp);
 /// # let _ = app;
+/// # }
 /// ```
 #[derive(Debug, Clone)]
 pub struct SseTrackerLayer {

@@ -66,11 +66,14 @@ pub mod metrics;
 mod registry;
 pub mod scan;
 mod service;
+pub mod store;
 mod tracker;
+mod worker;
 
 pub use body::TrackedBody;
 pub use builder::{
-    ConfigError, DEFAULT_HEARTBEAT_COMMENT, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_STREAMS,
+    ConfigError, DEFAULT_CHANNEL_CAPACITY, DEFAULT_FLUSH_INTERVAL, DEFAULT_HEARTBEAT_COMMENT,
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_BATCH, DEFAULT_MAX_STREAMS, DEFAULT_SEND_TIMEOUT,
     DEFAULT_SESSION_HEADER, MAX_HEARTBEAT_COMMENT_LEN, MAX_ID_LEN_LIMIT, MIN_HEARTBEAT_INTERVAL,
     SseTrackerBuilder,
 };
@@ -81,3 +84,5 @@ pub use registry::RegistryFull;
 pub use scan::DEFAULT_MAX_ID_LEN;
 pub use service::SseTrackerService;
 pub use tracker::{SseTracker, SubscribeError};
+pub use worker::ShutdownReport;
+pub use worker::retry::{DEFAULT_RETRY, RetryPolicy};

@@ -13,6 +13,18 @@
 //! | `sse_tracker_streams_active` | gauge | tracked SSE response bodies open now |
 //! | `sse_tracker_untracked_streams_total` | counter | SSE responses passed through untracked, by `reason` |
 //! | `sse_tracker_ids_rejected_total` | counter | `id` fields ignored (NUL, or longer than the limit) |
+//! | `sse_tracker_records_enqueued_total` | counter | records handed to the worker |
+//! | `sse_tracker_backpressure_timeouts_total` | counter | hand-offs that waited the whole send timeout (the key was marked dirty) |
+//! | `sse_tracker_records_coalesced_total` | counter | records merged into a newer one of the same stream before a write |
+//! | `sse_tracker_duplicates_skipped_total` | counter | records left out because the store already had them |
+//! | `sse_tracker_store_writes_total` | counter | stream ids written to the store (one per stream per batch) |
+//! | `sse_tracker_store_errors_total` | counter | failed store writes (batches) |
+//! | `sse_tracker_retries_total` | counter | retries scheduled |
+//! | `sse_tracker_retries_exhausted_total` | counter | stream ids given up after the last retry |
+//! | `sse_tracker_queue_depth` | gauge | records waiting in the worker's channel |
+//! | `sse_tracker_retry_queue_depth` | gauge | streams waiting for a retry |
+//! | `sse_tracker_batch_size` | histogram | streams per store write |
+//! | `sse_tracker_store_write_seconds` | histogram | duration of store writes |
 //!
 //! The `reason` label of `sse_tracker_untracked_streams_total` is one of
 //! [`REASON_NO_SESSION`], [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`].
@@ -22,7 +34,10 @@
 //! tower_sse_tracker::metrics::describe();
 //! ```
 
-use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 
 /// Counter: events dispatched on tracked streams.
 pub const EVENTS_TOTAL: &str = "sse_tracker_events_total";
@@ -35,6 +50,31 @@ pub const UNTRACKED_STREAMS_TOTAL: &str = "sse_tracker_untracked_streams_total";
 /// Counter: `id` fields ignored because they hold NUL or exceed the id length limit.
 pub const IDS_REJECTED_TOTAL: &str = "sse_tracker_ids_rejected_total";
 
+/// Counter: records handed to the worker.
+pub const RECORDS_ENQUEUED_TOTAL: &str = "sse_tracker_records_enqueued_total";
+/// Counter: hand-offs that waited the whole send timeout; the key was marked dirty instead.
+pub const BACKPRESSURE_TIMEOUTS_TOTAL: &str = "sse_tracker_backpressure_timeouts_total";
+/// Counter: records merged into a newer record of the same stream before a write.
+pub const RECORDS_COALESCED_TOTAL: &str = "sse_tracker_records_coalesced_total";
+/// Counter: records left out because the store already held their id or a newer one.
+pub const DUPLICATES_SKIPPED_TOTAL: &str = "sse_tracker_duplicates_skipped_total";
+/// Counter: stream ids written to the store (one per stream per batch).
+pub const STORE_WRITES_TOTAL: &str = "sse_tracker_store_writes_total";
+/// Counter: failed store writes (one per failed batch).
+pub const STORE_ERRORS_TOTAL: &str = "sse_tracker_store_errors_total";
+/// Counter: retries scheduled.
+pub const RETRIES_TOTAL: &str = "sse_tracker_retries_total";
+/// Counter: stream ids given up after the last retry.
+pub const RETRIES_EXHAUSTED_TOTAL: &str = "sse_tracker_retries_exhausted_total";
+/// Gauge: records waiting in the worker's channel.
+pub const QUEUE_DEPTH: &str = "sse_tracker_queue_depth";
+/// Gauge: streams waiting for a retry.
+pub const RETRY_QUEUE_DEPTH: &str = "sse_tracker_retry_queue_depth";
+/// Histogram: streams per store write.
+pub const BATCH_SIZE: &str = "sse_tracker_batch_size";
+/// Histogram: duration of store writes, in seconds.
+pub const STORE_WRITE_SECONDS: &str = "sse_tracker_store_write_seconds";
+
 /// Every metric name, for checking exporters and dashboards.
 pub const ALL: &[&str] = &[
     EVENTS_TOTAL,
@@ -42,6 +82,18 @@ pub const ALL: &[&str] = &[
     STREAMS_ACTIVE,
     UNTRACKED_STREAMS_TOTAL,
     IDS_REJECTED_TOTAL,
+    RECORDS_ENQUEUED_TOTAL,
+    BACKPRESSURE_TIMEOUTS_TOTAL,
+    RECORDS_COALESCED_TOTAL,
+    DUPLICATES_SKIPPED_TOTAL,
+    STORE_WRITES_TOTAL,
+    STORE_ERRORS_TOTAL,
+    RETRIES_TOTAL,
+    RETRIES_EXHAUSTED_TOTAL,
+    QUEUE_DEPTH,
+    RETRY_QUEUE_DEPTH,
+    BATCH_SIZE,
+    STORE_WRITE_SECONDS,
 ];
 
 /// `reason` label: no valid session id in the request or response header.
@@ -78,6 +130,58 @@ pub fn describe() {
         Unit::Count,
         "SSE id fields ignored (NUL or longer than the limit)"
     );
+    describe_counter!(
+        RECORDS_ENQUEUED_TOTAL,
+        Unit::Count,
+        "Latest-id records handed to the persistence worker"
+    );
+    describe_counter!(
+        BACKPRESSURE_TIMEOUTS_TOTAL,
+        Unit::Count,
+        "Hand-offs to the worker that hit the send timeout (key marked dirty)"
+    );
+    describe_counter!(
+        RECORDS_COALESCED_TOTAL,
+        Unit::Count,
+        "Records merged into a newer record of the same stream before a write"
+    );
+    describe_counter!(
+        DUPLICATES_SKIPPED_TOTAL,
+        Unit::Count,
+        "Records left out because the store already held them"
+    );
+    describe_counter!(
+        STORE_WRITES_TOTAL,
+        Unit::Count,
+        "Stream ids written to the store"
+    );
+    describe_counter!(
+        STORE_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed store writes (batches)"
+    );
+    describe_counter!(RETRIES_TOTAL, Unit::Count, "Store write retries scheduled");
+    describe_counter!(
+        RETRIES_EXHAUSTED_TOTAL,
+        Unit::Count,
+        "Stream ids given up after the last retry"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Records waiting in the worker's channel"
+    );
+    describe_gauge!(
+        RETRY_QUEUE_DEPTH,
+        Unit::Count,
+        "Streams waiting for a store write retry"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Streams per store write");
+    describe_histogram!(
+        STORE_WRITE_SECONDS,
+        Unit::Seconds,
+        "Duration of store writes"
+    );
 }
 
 /// Handles taken once at build time, so the frame path does no recorder look-up.
@@ -90,6 +194,18 @@ pub(crate) struct Handles {
     pub(crate) untracked_bad_stream_name: Counter,
     pub(crate) untracked_registry_full: Counter,
     pub(crate) ids_rejected: Counter,
+    pub(crate) records_enqueued: Counter,
+    pub(crate) backpressure_timeouts: Counter,
+    pub(crate) records_coalesced: Counter,
+    pub(crate) duplicates_skipped: Counter,
+    pub(crate) store_writes: Counter,
+    pub(crate) store_errors: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) retries_exhausted: Counter,
+    pub(crate) queue_depth: Gauge,
+    pub(crate) retry_queue_depth: Gauge,
+    pub(crate) batch_size: Histogram,
+    pub(crate) store_write_seconds: Histogram,
 }
 
 impl Handles {
@@ -104,6 +220,18 @@ impl Handles {
             untracked_bad_stream_name: untracked(REASON_BAD_STREAM_NAME),
             untracked_registry_full: untracked(REASON_REGISTRY_FULL),
             ids_rejected: counter!(IDS_REJECTED_TOTAL),
+            records_enqueued: counter!(RECORDS_ENQUEUED_TOTAL),
+            backpressure_timeouts: counter!(BACKPRESSURE_TIMEOUTS_TOTAL),
+            records_coalesced: counter!(RECORDS_COALESCED_TOTAL),
+            duplicates_skipped: counter!(DUPLICATES_SKIPPED_TOTAL),
+            store_writes: counter!(STORE_WRITES_TOTAL),
+            store_errors: counter!(STORE_ERRORS_TOTAL),
+            retries: counter!(RETRIES_TOTAL),
+            retries_exhausted: counter!(RETRIES_EXHAUSTED_TOTAL),
+            queue_depth: gauge!(QUEUE_DEPTH),
+            retry_queue_depth: gauge!(RETRY_QUEUE_DEPTH),
+            batch_size: histogram!(BATCH_SIZE),
+            store_write_seconds: histogram!(STORE_WRITE_SECONDS),
         }
     }
 }

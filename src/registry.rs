@@ -9,7 +9,7 @@
 //! ask for all the streams of one session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -21,7 +21,14 @@ use crate::key::{EventId, SessionId, StreamKey, StreamName};
 pub(crate) struct Slot {
     key: StreamKey,
     latest: watch::Sender<Option<EventId>>,
+    /// Sequence number of the id in `latest`; written only under the watch's write lock.
     sequence: AtomicU64,
+    /// Highest sequence known to be in the store.
+    persisted: AtomicU64,
+    /// The worker owes this slot a write of its latest id (see `Registry::mark_dirty`).
+    dirty: AtomicBool,
+    /// The slot has an entry in the worker's retry queue.
+    in_retry: AtomicBool,
 }
 
 impl Slot {
@@ -30,6 +37,9 @@ impl Slot {
             key,
             latest: watch::Sender::new(None),
             sequence: AtomicU64::new(0),
+            persisted: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            in_retry: AtomicBool::new(false),
         }
     }
 
@@ -37,14 +47,16 @@ impl Slot {
         &self.key
     }
 
-    /// Makes `id` the latest id of this stream and returns its sequence number (1 for the first
-    /// id of the key, then increasing by one per published id).
-    pub(crate) fn publish(&self, id: EventId) -> u64 {
+    /// Makes `id` the latest id of this stream and returns its sequence number, taken from the
+    /// tracker-wide `counter`: it increases with every id of the key and never repeats, even
+    /// for a key whose slot was dropped and created again.
+    pub(crate) fn publish(&self, id: EventId, counter: &AtomicU64) -> u64 {
         let mut sequence = 0;
-        // The sequence is bumped while the watch's write lock is held, so that id order and
+        // The sequence is taken while the watch's write lock is held, so that id order and
         // sequence order agree when several bodies publish to one key at once.
         self.latest.send_modify(|latest| {
-            sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+            sequence = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            self.sequence.store(sequence, Ordering::Relaxed);
             *latest = Some(id);
         });
         sequence
@@ -54,8 +66,45 @@ impl Slot {
         self.latest.borrow().clone()
     }
 
+    /// The latest id with its sequence number, read together.
+    pub(crate) fn latest_entry(&self) -> Option<(EventId, u64)> {
+        let latest = self.latest.borrow();
+        let id = latest.clone()?;
+        Some((id, self.sequence.load(Ordering::Relaxed)))
+    }
+
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
         self.latest.subscribe()
+    }
+
+    pub(crate) fn persisted(&self) -> u64 {
+        self.persisted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_persisted(&self, sequence: u64) {
+        self.persisted.fetch_max(sequence, Ordering::AcqRel);
+    }
+
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// Sets the dirty flag; true when it was not set.
+    pub(crate) fn set_dirty(&self) -> bool {
+        !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn clear_dirty(&self) {
+        self.dirty.store(false, Ordering::Release);
+    }
+
+    /// Marks the slot as queued for a retry; true when it was not.
+    pub(crate) fn enter_retry(&self) -> bool {
+        !self.in_retry.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn leave_retry(&self) {
+        self.in_retry.store(false, Ordering::Release);
     }
 }
 
@@ -88,6 +137,12 @@ struct Map {
 pub(crate) struct Registry {
     max_streams: usize,
     map: Mutex<Map>,
+    /// Source of sequence numbers for every slot.
+    pub(crate) sequence: AtomicU64,
+    /// Slots whose latest id the worker must persist from here (their record was not handed
+    /// over). A slot is in it at most once (its dirty flag guards it), so it is bounded by the
+    /// number of slots.
+    dirty: Mutex<Vec<Arc<Slot>>>,
 }
 
 impl Registry {
@@ -95,7 +150,36 @@ impl Registry {
         Self {
             max_streams,
             map: Mutex::new(Map::default()),
+            sequence: AtomicU64::new(0),
+            dirty: Mutex::default(),
         }
+    }
+
+    /// Queues `slot` for the worker, which will persist its latest id at the next flush.
+    pub(crate) fn mark_dirty(&self, slot: &Arc<Slot>) {
+        if slot.set_dirty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(slot.clone());
+        }
+    }
+
+    pub(crate) fn has_dirty(&self) -> bool {
+        !self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Takes the dirty slots, clearing their flags.
+    pub(crate) fn take_dirty(&self) -> Vec<Arc<Slot>> {
+        let slots = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        for slot in &slots {
+            slot.clear_dirty();
+        }
+        slots
     }
 
     fn lock(&self) -> MutexGuard<'_, Map> {
@@ -177,22 +261,46 @@ mod tests {
         let (_, b) = key("s", "GET /b");
         let slot_a = registry.get_or_insert(&s, &a).unwrap();
         let slot_b = registry.get_or_insert(&s, &b).unwrap();
-        slot_a.publish(EventId::new("1").unwrap());
+        slot_a.publish(EventId::new("1").unwrap(), &registry.sequence);
         assert_eq!(registry.get("s", "GET /a").unwrap().latest().unwrap(), "1");
         assert_eq!(registry.get("s", "GET /b").unwrap().latest(), None);
-        assert_eq!(slot_b.publish(EventId::new("x").unwrap()), 1);
+        assert_eq!(
+            slot_b.publish(EventId::new("x").unwrap(), &registry.sequence),
+            2
+        );
         assert_eq!(registry.session_streams("s").len(), 2);
     }
 
     #[test]
-    fn sequence_numbers_increase_per_key() {
+    fn sequence_numbers_increase_per_key_and_never_repeat() {
+        let registry = Registry::new(10);
+        let (s, a) = key("s", "GET /a");
+        let (_, b) = key("s", "GET /b");
+        let slot = registry.get_or_insert(&s, &a).unwrap();
+        let other = registry.get_or_insert(&s, &b).unwrap();
+        let mut seqs: Vec<u64> = (0..3)
+            .map(|i| slot.publish(EventId::new(&i.to_string()).unwrap(), &registry.sequence))
+            .collect();
+        seqs.push(other.publish(EventId::new("x").unwrap(), &registry.sequence));
+        seqs.push(slot.publish(EventId::new("y").unwrap(), &registry.sequence));
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            slot.latest_entry().unwrap(),
+            (EventId::new("y").unwrap(), 5)
+        );
+    }
+
+    #[test]
+    fn a_slot_is_queued_dirty_once_until_taken() {
         let registry = Registry::new(10);
         let (s, a) = key("s", "GET /a");
         let slot = registry.get_or_insert(&s, &a).unwrap();
-        let seqs: Vec<u64> = (0..3)
-            .map(|i| slot.publish(EventId::new(&i.to_string()).unwrap()))
-            .collect();
-        assert_eq!(seqs, [1, 2, 3]);
+        registry.mark_dirty(&slot);
+        registry.mark_dirty(&slot);
+        assert!(slot.is_dirty());
+        assert_eq!(registry.take_dirty().len(), 1);
+        assert!(!slot.is_dirty());
+        assert!(registry.take_dirty().is_empty());
     }
 
     #[test]

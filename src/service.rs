@@ -27,6 +27,8 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 /// use tower::ServiceBuilder;
 /// use tower_sse_tracker::SseTracker;
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let tracker = SseTracker::builder().build().unwrap();
 /// let service = ServiceBuilder::new()
 ///     .layer(tracker.layer())
@@ -34,6 +36,7 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hi")))
 ///     });
 /// # let _ = service;
+/// # }
 /// ```
 #[derive(Debug, Clone)]
 pub struct SseTrackerService<S> {

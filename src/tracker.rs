@@ -4,26 +4,61 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use std::time::Duration;
+
 use crate::builder::{Config, SseTrackerBuilder};
-use crate::key::{EventId, SessionId, StreamName};
+use crate::key::{EventId, SessionId, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::Handles;
 use crate::registry::{Registry, RegistryFull};
+use crate::store::{DynStore, StoreError};
+use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle};
 
 /// What every layer, service and body of one tracker shares.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) registry: Registry,
+    pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Handles,
+    pub(crate) worker: WorkerHandle,
+    store: Arc<dyn DynStore>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, registry: Registry) -> Self {
+    pub(crate) fn new(
+        runtime: &tokio::runtime::Handle,
+        config: Config,
+        registry: Registry,
+        store: Arc<dyn DynStore>,
+        channel_capacity: usize,
+        worker: WorkerConfig,
+    ) -> Self {
+        let registry = Arc::new(registry);
+        let metrics = Handles::register();
+        // The worker holds the registry, the store and the metrics, never `Shared`: when the
+        // last tracker, layer and body are gone, its channel closes and it finishes.
+        let worker = WorkerHandle::spawn(
+            runtime,
+            channel_capacity,
+            worker,
+            registry.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
         Self {
             config,
             registry,
-            metrics: Handles::register(),
+            metrics,
+            worker,
+            store,
         }
     }
 }
@@ -41,6 +76,8 @@ impl Shared {
 /// use axum::{Router, routing::get};
 /// use tower_sse_tracker::SseTracker;
 ///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
 /// let tracker = SseTracker::builder().build().unwrap();
 /// let app: Router = Router::new()
 ///     .route("/mcp", get(|| async { "..." }))
@@ -48,6 +85,8 @@ impl Shared {
 ///
 /// // Later, e.g. in a handler:
 /// assert_eq!(tracker.last_event_id("session-1", "GET /mcp"), None);
+/// # let _ = app;
+/// # }
 /// ```
 #[derive(Debug, Clone)]
 pub struct SseTracker {
@@ -118,6 +157,64 @@ impl SseTracker {
     /// How many streams are tracked now.
     pub fn tracked_streams(&self) -> usize {
         self.shared.registry.len()
+    }
+
+    /// The latest id of `stream` of `session`: from memory when the stream is tracked, else
+    /// from the store (e.g. after a restart, or from another instance sharing the store).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_sse_tracker::SseTracker;
+    ///
+    /// let tracker = SseTracker::builder().build()?;
+    /// assert_eq!(tracker.resolve("session-1", "GET /mcp").await?, None);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn resolve(
+        &self,
+        session: &str,
+        stream: &str,
+    ) -> Result<Option<EventId>, StoreError> {
+        if let Some(id) = self.last_event_id(session, stream) {
+            return Ok(Some(id));
+        }
+        self.stored_event_id(session, stream).await
+    }
+
+    /// The id the store holds for `stream` of `session`, not looking at memory. `Ok(None)`
+    /// for an invalid session id or stream name.
+    pub async fn stored_event_id(
+        &self,
+        session: &str,
+        stream: &str,
+    ) -> Result<Option<EventId>, StoreError> {
+        let (Ok(session), Ok(stream)) = (SessionId::new(session), StreamName::new(stream)) else {
+            return Ok(None);
+        };
+        let key = StreamKey { session, stream };
+        Ok(self.shared.store.load(&key).await?.map(|stored| stored.id))
+    }
+
+    /// Stops the worker: it takes no more records (open streams keep flowing; their later
+    /// ids stay in memory), drains its channel, writes everything pending and retries until
+    /// `timeout`, then reports what reached the store and what did not. A second call returns
+    /// an empty report.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use tower_sse_tracker::SseTracker;
+    ///
+    /// let tracker = SseTracker::builder().build().unwrap();
+    /// let report = tracker.shutdown(Duration::from_secs(5)).await;
+    /// assert!(report.is_complete());
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        self.shared.worker.shutdown(timeout).await
     }
 }
 

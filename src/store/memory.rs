@@ -1,0 +1,192 @@
+//! [`InMemoryStore`]: the default store, for a single server instance.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use super::{SaveEntry, Store, StoreError, StoredId};
+use crate::key::StreamKey;
+
+/// Default limit of [`InMemoryStore::new`]: one million keys.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+
+#[derive(Debug)]
+struct Entry {
+    stored: StoredId,
+    /// When the entry was last written, in write order; the least recently written key is the
+    /// first to go when the store is full.
+    stamp: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<StreamKey, Entry>,
+    by_stamp: BTreeMap<u64, StreamKey>,
+    next_stamp: u64,
+    evicted: u64,
+}
+
+/// The default [`Store`]: a map in memory, safe for concurrent use, bounded by a number of keys
+/// (the least recently written key is dropped first).
+///
+/// It keeps ids across reconnects for as long as the process lives; use a shared store (Redis)
+/// when several server instances must resume each other's streams.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use tower_sse_tracker::store::{InMemoryStore, SaveEntry, Store};
+/// use tower_sse_tracker::{EventId, SessionId, StreamKey, StreamName};
+///
+/// let store = InMemoryStore::new();
+/// let key = StreamKey {
+///     session: SessionId::new("s1").unwrap(),
+///     stream: StreamName::new("GET /mcp").unwrap(),
+/// };
+/// let entry = |id: &str, sequence| SaveEntry { key: key.clone(), id: EventId::new(id).unwrap(), sequence };
+/// store.save(&[entry("7", 2)]).await.unwrap();
+/// store.save(&[entry("6", 1)]).await.unwrap(); // older: refused
+/// assert_eq!(store.load(&key).await.unwrap().unwrap().id, "7");
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct InMemoryStore {
+    max_keys: usize,
+    inner: Mutex<Inner>,
+}
+
+impl Default for InMemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryStore {
+    /// A store of at most [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new() -> Self {
+        Self::with_max_keys(DEFAULT_MAX_KEYS)
+    }
+
+    /// A store of at most `max_keys` keys (at least 1).
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        Self {
+            max_keys: max_keys.max(1),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every change below leaves the maps consistent before anything can panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stored entry of `key`, without going through the async trait.
+    pub fn get(&self, key: &StreamKey) -> Option<StoredId> {
+        self.lock().entries.get(key).map(|e| e.stored.clone())
+    }
+
+    /// How many keys the store holds.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether the store holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many keys were dropped because the store was full.
+    pub fn evicted(&self) -> u64 {
+        self.lock().evicted
+    }
+
+    fn save_now(&self, batch: &[SaveEntry]) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for entry in batch {
+            let stamp = inner.next_stamp;
+            match inner.entries.get_mut(&entry.key) {
+                Some(old) if old.stored.sequence >= entry.sequence => continue,
+                Some(old) => {
+                    inner.by_stamp.remove(&old.stamp);
+                    old.stored = StoredId {
+                        id: entry.id.clone(),
+                        sequence: entry.sequence,
+                    };
+                    old.stamp = stamp;
+                }
+                None => {
+                    inner.entries.insert(
+                        entry.key.clone(),
+                        Entry {
+                            stored: StoredId {
+                                id: entry.id.clone(),
+                                sequence: entry.sequence,
+                            },
+                            stamp,
+                        },
+                    );
+                }
+            }
+            inner.by_stamp.insert(stamp, entry.key.clone());
+            inner.next_stamp += 1;
+            while inner.entries.len() > self.max_keys {
+                let Some((_, oldest)) = inner.by_stamp.pop_first() else {
+                    break;
+                };
+                inner.entries.remove(&oldest);
+                inner.evicted += 1;
+            }
+        }
+    }
+}
+
+impl Store for InMemoryStore {
+    async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
+        self.save_now(batch);
+        Ok(())
+    }
+
+    async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
+        Ok(self.get(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{EventId, SessionId, StreamName};
+
+    fn entry(session: &str, id: &str, sequence: u64) -> SaveEntry {
+        SaveEntry {
+            key: StreamKey {
+                session: SessionId::new(session).unwrap(),
+                stream: StreamName::new("GET /s").unwrap(),
+            },
+            id: EventId::new(id).unwrap(),
+            sequence,
+        }
+    }
+
+    #[test]
+    fn an_older_sequence_never_replaces_a_newer_one() {
+        let store = InMemoryStore::new();
+        store.save_now(&[entry("a", "2", 2)]);
+        store.save_now(&[entry("a", "1", 1), entry("b", "9", 9)]);
+        assert_eq!(store.get(&entry("a", "", 0).key).unwrap().id, "2");
+        assert_eq!(store.get(&entry("b", "", 0).key).unwrap().id, "9");
+        store.save_now(&[entry("a", "3", 3)]);
+        assert_eq!(store.get(&entry("a", "", 0).key).unwrap().sequence, 3);
+    }
+
+    #[test]
+    fn a_full_store_drops_the_least_recently_written_key() {
+        let store = InMemoryStore::with_max_keys(2);
+        store.save_now(&[entry("a", "1", 1), entry("b", "2", 2)]);
+        store.save_now(&[entry("a", "3", 3)]); // a is now newer than b
+        store.save_now(&[entry("c", "4", 4)]);
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.evicted(), 1);
+        assert!(store.get(&entry("b", "", 0).key).is_none());
+        assert!(store.get(&entry("a", "", 0).key).is_some());
+    }
+}
