@@ -9,7 +9,8 @@
 //!   for the session in the `mcp-session-id` header; a request without one gets a new session
 //!   id in the response header, as an MCP server would assign it. A client that reconnects with
 //!   `Last-Event-ID: N` resumes at N + 1.
-//! - `GET /sessions/{session}`: the latest id of each of the session's streams, as JSON.
+//! - `GET /sessions/{session}`: each stream of the session with its live latest id and the id
+//!   persisted to the store (the in-memory store here), as JSON.
 //! - `GET /metrics`: the tracker's metrics in the Prometheus text format.
 //!
 //! Heartbeats are sent after 5 s of silence here (15 s is the default) so that they show up
@@ -88,20 +89,29 @@ async fn events(
     response
 }
 
-/// `GET /sessions/{session}`: the latest id of each stream of the session.
-async fn session(
-    State(state): State<AppState>,
-    Path(session): Path<String>,
-) -> Json<serde_json::Value> {
-    let streams: Vec<_> = state
-        .tracker
-        .session_streams(&session)
-        .into_iter()
-        .map(|(stream, latest)| {
-            json!({ "stream": stream.as_str(), "latest_id": latest.as_ref().map(|id| id.as_str()) })
-        })
-        .collect();
-    Json(json!({ "session": session, "streams": streams }))
+/// `GET /sessions/{session}`: each stream of the session with its live latest id (memory) and
+/// the id the worker has persisted to the store.
+async fn session(State(state): State<AppState>, Path(session): Path<String>) -> Response {
+    let mut streams = Vec::new();
+    for (stream, latest) in state.tracker.session_streams(&session) {
+        let persisted = match state
+            .tracker
+            .stored_event_id(&session, stream.as_str())
+            .await
+        {
+            Ok(id) => id,
+            Err(error) => {
+                let body = Json(json!({ "error": error.to_string() }));
+                return (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+            }
+        };
+        streams.push(json!({
+            "stream": stream.as_str(),
+            "latest_id": latest.as_ref().map(|id| id.as_str()),
+            "persisted_id": persisted.as_ref().map(|id| id.as_str()),
+        }));
+    }
+    Json(json!({ "session": session, "streams": streams })).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -133,6 +143,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .heartbeat_interval(Some(Duration::from_secs(5)))
         .build()?;
 
+    let shutdown_tracker = tracker.clone();
     let app = Router::new()
         .route("/events", get(events))
         .route("/sessions/{session}", get(session))
@@ -162,5 +173,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    let report = shutdown_tracker.shutdown(Duration::from_secs(5)).await;
+    println!(
+        "shut down: {} streams persisted at exit, {} given up, {} pending",
+        report.persisted,
+        report.given_up.len(),
+        report.pending.len()
+    );
     Ok(())
 }

@@ -10,7 +10,11 @@
 //! 3. inserts a heartbeat comment when the inner body has been idle for the heartbeat interval,
 //!    only where it cannot change an event;
 //! 4. puts the client's `Last-Event-ID` and session id in the request extensions, so that a
-//!    handler can resume the stream.
+//!    handler can resume the stream;
+//! 5. hands the ids to the tracker's one background worker, which batches, coalesces,
+//!    de-duplicates and retries them in time order on their way to a [`store::Store`]
+//!    ([`store::InMemoryStore`] by default). See [`SseTracker::resolve`] and
+//!    [`SseTracker::shutdown`].
 //!
 //! The session id comes from a header (`mcp-session-id` by default, as in MCP Streamable
 //! HTTP), on the request or else on the response. The stream name defaults to

@@ -123,8 +123,9 @@ impl Error for StoreError {
 /// }
 /// ```
 pub trait Store: Send + Sync + 'static {
-    /// Saves every entry of `batch` whose sequence is higher than the stored one. `batch` holds
-    /// at most one entry per key. An error means the whole batch may be retried.
+    /// Saves every entry of `batch` whose sequence is higher than the stored one. A batch
+    /// usually holds one entry per key; should it hold several, the highest sequence must win.
+    /// An error means the whole batch may be retried.
     fn save(&self, batch: &[SaveEntry]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The stored entry of `key`, if any.
@@ -132,6 +133,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &StreamKey,
     ) -> impl Future<Output = Result<Option<StoredId>, StoreError>> + Send;
+}
+
+/// A shared store is a store: pass `Arc<S>` to the builder to keep a handle on `S`.
+impl<S: Store> Store for std::sync::Arc<S> {
+    fn save(&self, batch: &[SaveEntry]) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::save(self, batch)
+    }
+
+    fn load(
+        &self,
+        key: &StreamKey,
+    ) -> impl Future<Output = Result<Option<StoredId>, StoreError>> + Send {
+        S::load(self, key)
+    }
 }
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod stores;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +22,10 @@ use tower_sse_tracker::{LastEventId, SessionId, SseTracker, StreamName};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
-type Feeds = Arc<Mutex<HashMap<String, mpsc::UnboundedReceiver<Bytes>>>>;
+/// When the server's body pulled each frame of a feed.
+pub type PullLog = Arc<Mutex<Vec<tokio::time::Instant>>>;
+
+type Feeds = Arc<Mutex<HashMap<String, (mpsc::UnboundedReceiver<Bytes>, PullLog)>>>;
 
 /// What the handler saw of the request extensions, by feed name.
 type Seen = Arc<Mutex<HashMap<String, (Option<SessionId>, Option<LastEventId>)>>>;
@@ -70,13 +74,17 @@ async fn feed_handler(
         ),
     );
     let o = opts(&q);
-    let rx = state
+    let (rx, log) = state
         .feeds
         .lock()
         .unwrap()
         .remove(&name)
         .unwrap_or_else(|| panic!("no feed registered for {name}"));
-    let body = Body::from_stream(UnboundedReceiverStream::new(rx).map(Ok::<_, std::io::Error>));
+    let frames = UnboundedReceiverStream::new(rx).map(move |frame| {
+        log.lock().unwrap().push(tokio::time::Instant::now());
+        Ok::<_, std::io::Error>(frame)
+    });
+    let body = Body::from_stream(frames);
     let mut response = Response::new(body);
     let ct = o.content_type.as_deref().unwrap_or("text/event-stream");
     response
@@ -126,9 +134,19 @@ impl Harness {
 
     /// Registers the frames of `/sse/{name}`; each send is one body frame.
     pub fn feed(&self, name: &str) -> mpsc::UnboundedSender<Bytes> {
+        self.feed_logged(name).0
+    }
+
+    /// Like [`feed`](Self::feed), with the times at which the server pulled each frame.
+    pub fn feed_logged(&self, name: &str) -> (mpsc::UnboundedSender<Bytes>, PullLog) {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.state.feeds.lock().unwrap().insert(name.to_owned(), rx);
-        tx
+        let log = PullLog::default();
+        self.state
+            .feeds
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), (rx, log.clone()));
+        (tx, log)
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
