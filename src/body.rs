@@ -69,6 +69,7 @@ struct Tracked {
 impl Tracked {
     fn new(slot: Arc<Slot>, active: Gauge) -> Self {
         active.increment(1.0);
+        slot.body_opened();
         Self { slot, active }
     }
 }
@@ -76,6 +77,7 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.active.decrement(1.0);
+        self.slot.body_closed();
         let key = self.slot.key();
         tracing::debug!(session = %key.session, stream = %key.stream, "SSE stream closed");
     }
@@ -147,6 +149,8 @@ impl SseState {
         let Some(tracked) = this.tracked else {
             return;
         };
+        // Activity: atomic writes on the session's state; no message, no task.
+        this.shared.registry.mark_active(tracked.slot.session());
         let metrics = &this.shared.metrics;
         if feed.events > 0 {
             metrics.events.increment(feed.events as u64);

@@ -37,6 +37,10 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 pub const DEFAULT_MAX_BATCH: usize = 256;
 /// Default time between two flushes of the worker: 100 ms.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Default idle time after which a stream leaves the registry: 5 minutes.
+pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(300);
+/// Default size of the stream-name intern table.
+pub const DEFAULT_MAX_STREAM_NAMES: usize = 10_000;
 
 /// A setting was refused by [`SseTrackerBuilder::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +68,10 @@ pub enum ConfigError {
     Retry(RetryPolicy),
     /// `build()` was called outside a Tokio runtime, where the worker cannot be spawned.
     NoRuntime,
+    /// `idle_ttl` is zero.
+    IdleTtl,
+    /// `max_stream_names` is 0.
+    MaxStreamNames,
 }
 
 impl fmt::Display for ConfigError {
@@ -96,6 +104,10 @@ impl fmt::Display for ConfigError {
                 p.base(),
                 p.max()
             ),
+            ConfigError::IdleTtl => {
+                f.write_str("idle_ttl must be longer than zero; use idle_ttl(None) to keep streams")
+            }
+            ConfigError::MaxStreamNames => f.write_str("max_stream_names must be at least 1"),
             ConfigError::NoRuntime => f.write_str(
                 "build() must be called within a Tokio runtime: it spawns the persistence worker",
             ),
@@ -172,6 +184,8 @@ impl fmt::Debug for StoreChoice {
 /// | [`max_batch`](Self::max_batch) | [`DEFAULT_MAX_BATCH`] (256) |
 /// | [`flush_interval`](Self::flush_interval) | [`DEFAULT_FLUSH_INTERVAL`] (100 ms) |
 /// | [`retry`](Self::retry) | 100 ms doubling to 10 s, 5 retries |
+/// | [`idle_ttl`](Self::idle_ttl) | [`DEFAULT_IDLE_TTL`] (5 minutes) |
+/// | [`max_stream_names`](Self::max_stream_names) | [`DEFAULT_MAX_STREAM_NAMES`] (10 000) |
 ///
 /// `build()` spawns the tracker's one background worker, so it must run within a Tokio
 /// runtime.
@@ -211,6 +225,8 @@ pub struct SseTrackerBuilder {
     max_batch: usize,
     flush_interval: Duration,
     retry: RetryPolicy,
+    idle_ttl: Option<Duration>,
+    max_stream_names: usize,
 }
 
 impl Default for SseTrackerBuilder {
@@ -228,6 +244,8 @@ impl Default for SseTrackerBuilder {
             max_batch: DEFAULT_MAX_BATCH,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             retry: DEFAULT_RETRY,
+            idle_ttl: Some(DEFAULT_IDLE_TTL),
+            max_stream_names: DEFAULT_MAX_STREAM_NAMES,
         }
     }
 }
@@ -263,8 +281,9 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// The most streams tracked at once. When the registry is full, new streams pass through
-    /// untracked and are counted with reason `registry_full`.
+    /// The most streams tracked at once. A new stream in a full registry evicts the least
+    /// recently used one (counted in `sse_tracker_streams_evicted_total{reason="lru"}`); an
+    /// evicted stream's latest id still reaches the store.
     pub fn max_streams(mut self, streams: usize) -> Self {
         self.max_streams = streams;
         self
@@ -306,6 +325,20 @@ impl SseTrackerBuilder {
     /// How often the worker writes what it has gathered.
     pub fn flush_interval(mut self, interval: Duration) -> Self {
         self.flush_interval = interval;
+        self
+    }
+
+    /// How long a stream with no open body and no activity stays in the registry; `None`
+    /// keeps streams until the registry is full. The worker sweeps idle streams on its ticks.
+    pub fn idle_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.idle_ttl = ttl;
+        self
+    }
+
+    /// Size of the table that interns stream names (least recently used names leave first):
+    /// streams with one name share one allocation.
+    pub fn max_stream_names(mut self, names: usize) -> Self {
+        self.max_stream_names = names;
         self
     }
 
@@ -356,6 +389,12 @@ impl SseTrackerBuilder {
         if !self.retry.is_valid() {
             return Err(ConfigError::Retry(self.retry));
         }
+        if self.idle_ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err(ConfigError::IdleTtl);
+        }
+        if self.max_stream_names == 0 {
+            return Err(ConfigError::MaxStreamNames);
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let config = Config {
             session_header,
@@ -376,7 +415,7 @@ impl SseTrackerBuilder {
         Ok(SseTracker::from_shared(Shared::new(
             &runtime,
             config,
-            Registry::new(self.max_streams),
+            Registry::new(self.max_streams, self.idle_ttl, self.max_stream_names),
             store,
             self.channel_capacity,
             worker,

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 
 use crate::body::TrackedBody;
 use crate::key::{SessionId, StreamName};
-use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_NO_SESSION, REASON_REGISTRY_FULL};
+use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_NO_SESSION};
 use crate::registry::Slot;
 use crate::tracker::Shared;
 
@@ -141,23 +141,18 @@ fn find_slot(
             }
         },
     };
-    match shared.registry.get_or_insert(&session, &stream) {
-        Ok(slot) => {
-            tracing::debug!(session = %session, stream = %stream, "tracking SSE stream");
-            Some(slot)
-        }
-        Err(full) => {
-            metrics.untracked_registry_full.increment(1);
-            tracing::warn!(
-                reason = REASON_REGISTRY_FULL,
-                session = %session,
-                stream = %stream,
-                max_streams = full.max_streams,
-                "SSE stream not tracked: the registry is full"
-            );
-            None
-        }
+    let (slot, evicted) = shared.registry.get_or_insert(&session, &stream);
+    if let Some(evicted) = evicted {
+        metrics.evicted_lru.increment(1);
+        let key = evicted.key();
+        tracing::debug!(
+            session = %key.session,
+            stream = %key.stream,
+            "registry full: evicted the least recently used stream"
+        );
     }
+    tracing::debug!(session = %session, stream = %stream, "tracking SSE stream");
+    Some(slot)
 }
 
 #[cfg(test)]

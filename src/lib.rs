@@ -77,14 +77,13 @@ mod worker;
 pub use body::TrackedBody;
 pub use builder::{
     ConfigError, DEFAULT_CHANNEL_CAPACITY, DEFAULT_FLUSH_INTERVAL, DEFAULT_HEARTBEAT_COMMENT,
-    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_BATCH, DEFAULT_MAX_STREAMS, DEFAULT_SEND_TIMEOUT,
-    DEFAULT_SESSION_HEADER, MAX_HEARTBEAT_COMMENT_LEN, MAX_ID_LEN_LIMIT, MIN_HEARTBEAT_INTERVAL,
-    SseTrackerBuilder,
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TTL, DEFAULT_MAX_BATCH, DEFAULT_MAX_STREAM_NAMES,
+    DEFAULT_MAX_STREAMS, DEFAULT_SEND_TIMEOUT, DEFAULT_SESSION_HEADER, MAX_HEARTBEAT_COMMENT_LEN,
+    MAX_ID_LEN_LIMIT, MIN_HEARTBEAT_INTERVAL, SseTrackerBuilder,
 };
 pub use future::ResponseFuture;
 pub use key::{EventId, InvalidKey, LastEventId, SessionId, StreamKey, StreamName};
 pub use layer::SseTrackerLayer;
-pub use registry::RegistryFull;
 pub use scan::DEFAULT_MAX_ID_LEN;
 pub use service::SseTrackerService;
 pub use tracker::{SseTracker, SubscribeError};

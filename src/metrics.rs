@@ -25,9 +25,15 @@
 //! | `sse_tracker_retry_queue_depth` | gauge | streams waiting for a retry |
 //! | `sse_tracker_batch_size` | histogram | streams per store write |
 //! | `sse_tracker_store_write_seconds` | histogram | duration of store writes |
+//! | `sse_tracker_activity_updates_total` | counter | session activity times written to the store |
+//! | `sse_tracker_activity_batch_size` | histogram | sessions per activity write |
+//! | `sse_tracker_streams_tracked` | gauge | streams in the registry |
+//! | `sse_tracker_streams_evicted_total` | counter | streams evicted from the registry, by `reason` |
+//! | `sse_tracker_memory_bytes` | gauge | estimated heap bytes of the registry |
 //!
-//! The `reason` label of `sse_tracker_untracked_streams_total` is one of
-//! [`REASON_NO_SESSION`], [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`].
+//! The `reason` label of `sse_tracker_untracked_streams_total` is [`REASON_NO_SESSION`] or
+//! [`REASON_BAD_STREAM_NAME`]; that of `sse_tracker_streams_evicted_total` is
+//! [`REASON_LRU`] or [`REASON_IDLE`].
 //!
 //! ```
 //! // With the Prometheus exporter installed first:
@@ -75,6 +81,18 @@ pub const BATCH_SIZE: &str = "sse_tracker_batch_size";
 /// Histogram: duration of store writes, in seconds.
 pub const STORE_WRITE_SECONDS: &str = "sse_tracker_store_write_seconds";
 
+/// Counter: session activity times written to the store.
+pub const ACTIVITY_UPDATES_TOTAL: &str = "sse_tracker_activity_updates_total";
+/// Histogram: sessions per activity write.
+pub const ACTIVITY_BATCH_SIZE: &str = "sse_tracker_activity_batch_size";
+/// Gauge: streams in the registry.
+pub const STREAMS_TRACKED: &str = "sse_tracker_streams_tracked";
+/// Counter: streams evicted from the registry, labelled by `reason`.
+pub const STREAMS_EVICTED_TOTAL: &str = "sse_tracker_streams_evicted_total";
+/// Gauge: estimated heap bytes of the registry (from its counts; see
+/// [`SseTracker::estimated_memory_bytes`](crate::SseTracker::estimated_memory_bytes)).
+pub const MEMORY_BYTES: &str = "sse_tracker_memory_bytes";
+
 /// Every metric name, for checking exporters and dashboards.
 pub const ALL: &[&str] = &[
     EVENTS_TOTAL,
@@ -94,14 +112,21 @@ pub const ALL: &[&str] = &[
     RETRY_QUEUE_DEPTH,
     BATCH_SIZE,
     STORE_WRITE_SECONDS,
+    ACTIVITY_UPDATES_TOTAL,
+    ACTIVITY_BATCH_SIZE,
+    STREAMS_TRACKED,
+    STREAMS_EVICTED_TOTAL,
+    MEMORY_BYTES,
 ];
 
 /// `reason` label: no valid session id in the request or response header.
 pub const REASON_NO_SESSION: &str = "no_session";
 /// `reason` label: the stream name (default or from the handler) is invalid.
 pub const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
-/// `reason` label: the registry already tracks `max_streams` streams.
-pub const REASON_REGISTRY_FULL: &str = "registry_full";
+/// `reason` label of evictions: the registry was full and the stream was the least recently used.
+pub const REASON_LRU: &str = "lru";
+/// `reason` label of evictions: no open body and no activity for the idle TTL.
+pub const REASON_IDLE: &str = "idle";
 
 /// Registers the description and unit of every metric with the installed recorder.
 pub fn describe() {
@@ -177,6 +202,27 @@ pub fn describe() {
         "Streams waiting for a store write retry"
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Streams per store write");
+    describe_counter!(
+        ACTIVITY_UPDATES_TOTAL,
+        Unit::Count,
+        "Session activity times written to the store"
+    );
+    describe_histogram!(
+        ACTIVITY_BATCH_SIZE,
+        Unit::Count,
+        "Sessions per activity write"
+    );
+    describe_gauge!(STREAMS_TRACKED, Unit::Count, "Streams in the registry");
+    describe_counter!(
+        STREAMS_EVICTED_TOTAL,
+        Unit::Count,
+        "Streams evicted from the registry, by reason"
+    );
+    describe_gauge!(
+        MEMORY_BYTES,
+        Unit::Bytes,
+        "Estimated heap bytes of the registry"
+    );
     describe_histogram!(
         STORE_WRITE_SECONDS,
         Unit::Seconds,
@@ -192,7 +238,6 @@ pub(crate) struct Handles {
     pub(crate) streams_active: Gauge,
     pub(crate) untracked_no_session: Counter,
     pub(crate) untracked_bad_stream_name: Counter,
-    pub(crate) untracked_registry_full: Counter,
     pub(crate) ids_rejected: Counter,
     pub(crate) records_enqueued: Counter,
     pub(crate) backpressure_timeouts: Counter,
@@ -206,6 +251,12 @@ pub(crate) struct Handles {
     pub(crate) retry_queue_depth: Gauge,
     pub(crate) batch_size: Histogram,
     pub(crate) store_write_seconds: Histogram,
+    pub(crate) activity_updates: Counter,
+    pub(crate) activity_batch_size: Histogram,
+    pub(crate) streams_tracked: Gauge,
+    pub(crate) evicted_lru: Counter,
+    pub(crate) evicted_idle: Counter,
+    pub(crate) memory_bytes: Gauge,
 }
 
 impl Handles {
@@ -218,7 +269,6 @@ impl Handles {
             streams_active: gauge!(STREAMS_ACTIVE),
             untracked_no_session: untracked(REASON_NO_SESSION),
             untracked_bad_stream_name: untracked(REASON_BAD_STREAM_NAME),
-            untracked_registry_full: untracked(REASON_REGISTRY_FULL),
             ids_rejected: counter!(IDS_REJECTED_TOTAL),
             records_enqueued: counter!(RECORDS_ENQUEUED_TOTAL),
             backpressure_timeouts: counter!(BACKPRESSURE_TIMEOUTS_TOTAL),
@@ -232,6 +282,12 @@ impl Handles {
             retry_queue_depth: gauge!(RETRY_QUEUE_DEPTH),
             batch_size: histogram!(BATCH_SIZE),
             store_write_seconds: histogram!(STORE_WRITE_SECONDS),
+            activity_updates: counter!(ACTIVITY_UPDATES_TOTAL),
+            activity_batch_size: histogram!(ACTIVITY_BATCH_SIZE),
+            streams_tracked: gauge!(STREAMS_TRACKED),
+            evicted_lru: counter!(STREAMS_EVICTED_TOTAL, "reason" => REASON_LRU),
+            evicted_idle: counter!(STREAMS_EVICTED_TOTAL, "reason" => REASON_IDLE),
+            memory_bytes: gauge!(MEMORY_BYTES),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::builder::{Config, SseTrackerBuilder};
 use crate::key::{EventId, SessionId, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::Handles;
-use crate::registry::{Registry, RegistryFull};
+use crate::registry::Registry;
 use crate::store::{DynStore, StoreError};
 use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle};
 
@@ -120,8 +120,8 @@ impl SseTracker {
     /// reader skips intermediate ids). The stream is registered if it is not yet, so that a
     /// subscriber can wait for a stream that has not started.
     ///
-    /// Fails with [`RegistryFull`] when the stream is unknown and the tracker already tracks
-    /// its maximum number of streams.
+    /// Registering a stream in a full registry evicts the least recently used one, as a new
+    /// response would. Fails only for an invalid session id or stream name.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -141,11 +141,10 @@ impl SseTracker {
     ) -> Result<watch::Receiver<Option<EventId>>, SubscribeError> {
         let session = SessionId::new(session).map_err(SubscribeError::Session)?;
         let stream = StreamName::new(stream).map_err(SubscribeError::Stream)?;
-        let slot = self
-            .shared
-            .registry
-            .get_or_insert(&session, &stream)
-            .map_err(SubscribeError::Full)?;
+        let (slot, evicted) = self.shared.registry.get_or_insert(&session, &stream);
+        if evicted.is_some() {
+            self.shared.metrics.evicted_lru.increment(1);
+        }
         Ok(slot.subscribe())
     }
 
@@ -225,8 +224,6 @@ pub enum SubscribeError {
     Session(crate::key::InvalidKey),
     /// The stream name is not valid.
     Stream(crate::key::InvalidKey),
-    /// The stream is unknown and the registry is full.
-    Full(RegistryFull),
 }
 
 impl std::fmt::Display for SubscribeError {
@@ -234,7 +231,6 @@ impl std::fmt::Display for SubscribeError {
         match self {
             SubscribeError::Session(_) => f.write_str("invalid session id"),
             SubscribeError::Stream(_) => f.write_str("invalid stream name"),
-            SubscribeError::Full(_) => f.write_str("cannot track another stream"),
         }
     }
 }
@@ -243,7 +239,6 @@ impl std::error::Error for SubscribeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SubscribeError::Session(e) | SubscribeError::Stream(e) => Some(e),
-            SubscribeError::Full(e) => Some(e),
         }
     }
 }

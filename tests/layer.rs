@@ -12,7 +12,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::SseTracker;
 use tower_sse_tracker::metrics::{
-    EVENTS_TOTAL, REASON_NO_SESSION, REASON_REGISTRY_FULL, STREAMS_ACTIVE, UNTRACKED_STREAMS_TOTAL,
+    EVENTS_TOTAL, REASON_LRU, REASON_NO_SESSION, STREAMS_ACTIVE, STREAMS_EVICTED_TOTAL,
+    UNTRACKED_STREAMS_TOTAL,
 };
 
 fn no_heartbeat() -> SseTracker {
@@ -288,25 +289,37 @@ async fn the_active_gauge_follows_open_tracked_streams() {
 }
 
 #[tokio::test]
-async fn a_full_registry_passes_new_streams_through_untracked() {
+async fn a_full_registry_evicts_the_least_recently_used_stream_and_counts_it() {
+    let store = std::sync::Arc::new(tower_sse_tracker::store::InMemoryStore::new());
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
             .heartbeat_interval(None)
-            .max_streams(1),
+            .max_streams(2)
+            .store(store.clone()),
     );
     let h = Harness::start(tracker).await;
     run_frames(&h, "first", Some("s1"), &[b"id: 1\n\n"]).await;
-    let client = run_frames(&h, "second", Some("s2"), &[b"id: 2\n\n"]).await;
-    assert_eq!(client.received, b"id: 2\n\n");
-    assert_eq!(h.tracker.last_event_id("s2", "GET /sse/second"), None);
+    run_frames(&h, "second", Some("s2"), &[b"id: 2\n\n"]).await;
+    run_frames(&h, "third", Some("s3"), &[b"id: 3\n\n"]).await;
+    assert_eq!(h.tracker.tracked_streams(), 2);
+    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/first"), None);
     assert_eq!(
-        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_REGISTRY_FULL)]),
+        h.tracker.last_event_id("s3", "GET /sse/third").unwrap(),
+        "3"
+    );
+    assert_eq!(
+        recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_LRU)]),
         1.0
     );
-    // A known stream is still tracked.
-    run_frames(&h, "first", Some("s1"), &[b"id: 3\n\n"]).await;
+    // The evicted stream's latest id still reaches the store, and resolve finds it there.
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
     assert_eq!(
-        h.tracker.last_event_id("s1", "GET /sse/first").unwrap(),
-        "3"
+        h.tracker
+            .resolve("s1", "GET /sse/first")
+            .await
+            .unwrap()
+            .unwrap(),
+        "1"
     );
 }

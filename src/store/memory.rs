@@ -3,8 +3,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{SaveEntry, Store, StoreError, StoredId};
-use crate::key::StreamKey;
+use std::time::SystemTime;
+
+use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
+use crate::key::{SessionId, StreamKey};
 
 /// Default limit of [`InMemoryStore::new`]: one million keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -23,6 +25,9 @@ struct Inner {
     by_stamp: BTreeMap<u64, StreamKey>,
     next_stamp: u64,
     evicted: u64,
+    /// Last activity of each session, bounded like the keys (oldest touch goes first).
+    sessions: HashMap<SessionId, (SystemTime, u64)>,
+    sessions_by_stamp: BTreeMap<u64, SessionId>,
 }
 
 /// The default [`Store`]: a map in memory, safe for concurrent use, bounded by a number of keys
@@ -94,6 +99,40 @@ impl InMemoryStore {
         self.len() == 0
     }
 
+    /// When `session` was last active, as last written by the worker.
+    pub fn last_active(&self, session: &str) -> Option<SystemTime> {
+        self.lock().sessions.get(session).map(|(t, _)| *t)
+    }
+
+    /// How many sessions have an activity time.
+    pub fn sessions(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    fn touch_now(&self, sessions: &[SessionActivity]) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for activity in sessions {
+            let stamp = inner.next_stamp;
+            inner.next_stamp += 1;
+            if let Some((_, old)) = inner
+                .sessions
+                .insert(activity.session.clone(), (activity.last_active, stamp))
+            {
+                inner.sessions_by_stamp.remove(&old);
+            }
+            inner
+                .sessions_by_stamp
+                .insert(stamp, activity.session.clone());
+            while inner.sessions.len() > self.max_keys {
+                let Some((_, oldest)) = inner.sessions_by_stamp.pop_first() else {
+                    break;
+                };
+                inner.sessions.remove(&oldest);
+            }
+        }
+    }
+
     /// How many keys were dropped because the store was full.
     pub fn evicted(&self) -> u64 {
         self.lock().evicted
@@ -148,6 +187,11 @@ impl Store for InMemoryStore {
 
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
         Ok(self.get(key))
+    }
+
+    async fn touch_sessions(&self, sessions: &[SessionActivity]) -> Result<(), StoreError> {
+        self.touch_now(sessions);
+        Ok(())
     }
 }
 

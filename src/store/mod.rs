@@ -9,7 +9,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::key::{EventId, StreamKey};
+use std::time::SystemTime;
+
+use crate::key::{EventId, SessionId, StreamKey};
 
 mod memory;
 
@@ -28,6 +30,15 @@ pub struct SaveEntry {
     pub id: EventId,
     /// The id's sequence number; higher is newer.
     pub sequence: u64,
+}
+
+/// When a session was last active: its last request or frame on a tracked stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionActivity {
+    /// The session.
+    pub session: SessionId,
+    /// Its last activity (to the worker's clock resolution, about one flush interval).
+    pub last_active: SystemTime,
 }
 
 /// What a store holds for one stream.
@@ -133,6 +144,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &StreamKey,
     ) -> impl Future<Output = Result<Option<StoredId>, StoreError>> + Send;
+
+    /// Records when each session of `sessions` was last active (one batch per flush, each
+    /// session at most once). A store that keeps no activity can leave the default, which does
+    /// nothing.
+    fn touch_sessions(
+        &self,
+        sessions: &[SessionActivity],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = sessions;
+        async { Ok(()) }
+    }
 }
 
 /// A shared store is a store: pass `Arc<S>` to the builder to keep a handle on `S`.
@@ -147,6 +169,13 @@ impl<S: Store> Store for std::sync::Arc<S> {
     ) -> impl Future<Output = Result<Option<StoredId>, StoreError>> + Send {
         S::load(self, key)
     }
+
+    fn touch_sessions(
+        &self,
+        sessions: &[SessionActivity],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::touch_sessions(self, sessions)
+    }
 }
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -159,6 +188,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         &'a self,
         key: &'a StreamKey,
     ) -> BoxFuture<'a, Result<Option<StoredId>, StoreError>>;
+    fn touch_sessions<'a>(
+        &'a self,
+        sessions: &'a [SessionActivity],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -171,5 +204,12 @@ impl<S: Store> DynStore for S {
         key: &'a StreamKey,
     ) -> BoxFuture<'a, Result<Option<StoredId>, StoreError>> {
         Box::pin(Store::load(self, key))
+    }
+
+    fn touch_sessions<'a>(
+        &'a self,
+        sessions: &'a [SessionActivity],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::touch_sessions(self, sessions))
     }
 }

@@ -100,14 +100,10 @@ mod tests {
 
     #[test]
     fn test_event_coalescing() {
-        let registry = Registry::new(10);
+        let registry = Registry::new(10, None, 100);
         let s = SessionId::new("s").unwrap();
-        let a = registry
-            .get_or_insert(&s, &StreamName::new("A").unwrap())
-            .unwrap();
-        let b = registry
-            .get_or_insert(&s, &StreamName::new("B").unwrap())
-            .unwrap();
+        let a = registry.get_or_insert(&s, &StreamName::new("A").unwrap()).0;
+        let b = registry.get_or_insert(&s, &StreamName::new("B").unwrap()).0;
         let mut batch = Batch::default();
         let mut coalesced = 0;
         for (slot, id, sequence) in [(&a, "1", 1), (&a, "2", 2), (&a, "3", 3), (&b, "4", 4)] {
@@ -137,14 +133,10 @@ mod tests {
 
     #[test]
     fn an_older_record_never_replaces_a_newer_one_and_persisted_ones_are_skipped() {
-        let registry = Registry::new(10);
+        let registry = Registry::new(10, None, 100);
         let s = SessionId::new("s").unwrap();
-        let a = registry
-            .get_or_insert(&s, &StreamName::new("A").unwrap())
-            .unwrap();
-        let b = registry
-            .get_or_insert(&s, &StreamName::new("B").unwrap())
-            .unwrap();
+        let a = registry.get_or_insert(&s, &StreamName::new("A").unwrap()).0;
+        let b = registry.get_or_insert(&s, &StreamName::new("B").unwrap()).0;
         let mut batch = Batch::default();
         let rec = |slot: &Arc<Slot>, id: &str, sequence| Pending {
             slot: slot.clone(),

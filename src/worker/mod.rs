@@ -22,8 +22,8 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 
 use crate::key::{EventId, StreamKey};
 use crate::metrics::Handles;
-use crate::registry::{Registry, Slot};
-use crate::store::{BoxFuture, DynStore, SaveEntry, StoreError};
+use crate::registry::{Registry, SessionState, Slot, unix_ms};
+use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity, StoreError};
 use batch::{Batch, Pending};
 use retry::{Jitter, RetryPolicy, RetryQueue};
 
@@ -142,10 +142,15 @@ impl WorkerHandle {
     }
 }
 
+/// Slots the idle sweep looks at per tick, at most.
+const SWEEP_BUDGET: usize = 1024;
+
 struct WriteDone {
     entries: Vec<Pending>,
     result: Result<(), StoreError>,
     took: Duration,
+    sessions: Vec<Arc<SessionState>>,
+    touched: Result<(), StoreError>,
 }
 
 struct Worker {
@@ -187,7 +192,8 @@ impl Worker {
             let idle = writing.is_none()
                 && self.batch.is_empty()
                 && self.retries.len() == 0
-                && !self.registry.has_dirty();
+                && !self.registry.has_dirty()
+                && !self.registry.has_active();
             if !open && idle {
                 break;
             }
@@ -230,7 +236,9 @@ impl Worker {
                     if shutdown.is_some() {
                         persisted_in_shutdown += written;
                     }
-                    flush_due |= !self.batch.is_empty() || self.registry.has_dirty();
+                    flush_due |= !self.batch.is_empty()
+                        || self.registry.has_dirty()
+                        || self.registry.has_active();
                 }
                 received = self.rx.recv_many(&mut buf, room), if receiving => {
                     if received == 0 {
@@ -239,7 +247,10 @@ impl Worker {
                         self.accept(&mut buf);
                     }
                 }
-                _ = tick.tick() => flush_due = true,
+                _ = tick.tick() => {
+                    flush_due = true;
+                    self.on_tick();
+                }
                 _ = sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
                     self.take_due_retries();
                     flush_due = true;
@@ -260,6 +271,22 @@ impl Worker {
             }
             let _ = request.reply.send(report);
         }
+    }
+
+    /// Advances the activity clock, sweeps idle streams and updates the registry gauges.
+    fn on_tick(&mut self) {
+        let now = unix_ms();
+        self.registry.advance_clock(now);
+        let evicted = self.registry.sweep_idle(now, SWEEP_BUDGET);
+        if evicted > 0 {
+            self.metrics.evicted_idle.increment(evicted as u64);
+            tracing::debug!(evicted, "evicted idle SSE streams from the registry");
+        }
+        let counts = self.registry.counts();
+        self.metrics.streams_tracked.set(counts.streams as f64);
+        self.metrics
+            .memory_bytes
+            .set(counts.estimated_bytes() as f64);
     }
 
     /// Coalesces received records into the batch.
@@ -305,20 +332,45 @@ impl Worker {
                 .duplicates_skipped
                 .increment(taken.skipped as u64);
         }
-        if taken.write.is_empty() {
+        // Sessions active since the last flush: each once, however many frames it sent.
+        let sessions = self.registry.take_active();
+        for session in &sessions {
+            session.unmark();
+        }
+        if taken.write.is_empty() && sessions.is_empty() {
             return None;
         }
         self.writing_keys = taken.write.iter().map(|p| p.slot.key().clone()).collect();
         let store = self.store.clone();
         let entries = taken.write;
         Some(Box::pin(async move {
-            let batch: Vec<SaveEntry> = entries.iter().map(Pending::to_save).collect();
             let started = Instant::now();
-            let result = store.save(&batch).await;
+            let result = if entries.is_empty() {
+                Ok(())
+            } else {
+                let batch: Vec<SaveEntry> = entries.iter().map(Pending::to_save).collect();
+                store.save(&batch).await
+            };
+            let took = started.elapsed();
+            let touched = if sessions.is_empty() {
+                Ok(())
+            } else {
+                let activity: Vec<SessionActivity> = sessions
+                    .iter()
+                    .map(|s| SessionActivity {
+                        session: s.id().clone(),
+                        last_active: std::time::UNIX_EPOCH
+                            + Duration::from_millis(s.last_active_ms()),
+                    })
+                    .collect();
+                store.touch_sessions(&activity).await
+            };
             WriteDone {
                 entries,
                 result,
-                took: started.elapsed(),
+                took,
+                sessions,
+                touched,
             }
         }))
     }
@@ -326,7 +378,23 @@ impl Worker {
     /// Handles a finished write; returns how many streams it persisted.
     fn finish_write(&mut self, done: WriteDone) -> usize {
         self.writing_keys.clear();
+        match done.touched {
+            Ok(()) if !done.sessions.is_empty() => {
+                let n = done.sessions.len();
+                self.metrics.activity_updates.increment(n as u64);
+                self.metrics.activity_batch_size.record(n as f64);
+            }
+            Ok(()) => {}
+            Err(error) => {
+                self.metrics.store_errors.increment(1);
+                tracing::warn!(%error, sessions = done.sessions.len(), "SSE tracker activity write failed; retrying at the next flush");
+                self.registry.requeue_active(done.sessions);
+            }
+        }
         let n = done.entries.len();
+        if n == 0 {
+            return 0;
+        }
         self.metrics.batch_size.record(n as f64);
         self.metrics
             .store_write_seconds
