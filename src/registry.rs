@@ -25,26 +25,19 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
 use tokio::sync::watch;
 
 use crate::key::{EventId, SessionId, StreamKey, StreamName};
 
-/// Milliseconds since the Unix epoch, now.
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
 /// A tracked session: its id, shared by all its slots, and when it was last active.
 #[derive(Debug)]
 pub(crate) struct SessionState {
     id: SessionId,
-    /// Unix milliseconds of the last request or frame, from the registry's coarse clock.
+    /// Registry milliseconds (see `Registry::now_ms`) of the last request or frame, from the
+    /// registry's coarse clock.
     last_active: AtomicU64,
     /// In the registry's list of sessions active since the last flush.
     marked: AtomicBool,
@@ -220,11 +213,12 @@ pub(crate) struct Counts {
 }
 
 /// Heap bytes of one tracked stream (its slot, `watch`, LRU and session-list entries), of one
-/// session (its map entry and state) and of one interned name, measured by the counting
-/// allocator of `tests/memory.rs` (`cargo test session::memory_usage -- --nocapture`) and
-/// rounded up. Session ids and names are counted at 32 bytes; longer ones take more.
-pub(crate) const STREAM_BYTES: usize = 640;
-pub(crate) const SESSION_BYTES: usize = 160;
+/// session (its map entry, state and id) and of one interned name. Calibrated on the counting
+/// allocator of `tests/memory.rs` (`cargo test session::memory_usage -- --nocapture`): a stream
+/// with a session of its own measures 670-720 bytes in 6 allocations, about 800 with the
+/// allocator's own overhead per block, which `STREAM_BYTES + SESSION_BYTES` gives.
+pub(crate) const STREAM_BYTES: usize = 576;
+pub(crate) const SESSION_BYTES: usize = 224;
 pub(crate) const NAME_BYTES: usize = 96;
 
 impl Counts {
@@ -241,9 +235,13 @@ pub(crate) struct Registry {
     map: Mutex<Map>,
     /// Source of sequence numbers for every slot.
     pub(crate) sequence: AtomicU64,
-    /// Coarse clock for activity marks (Unix ms), advanced by the worker's tick and by every
-    /// new request, so a frame reads it instead of the system clock.
+    /// Coarse clock for activity marks (registry ms), advanced by the worker's tick and by
+    /// every new request, so a frame reads it instead of the system clock.
     clock: AtomicU64,
+    /// Start of the registry's clock: a Tokio instant (so tests can pause time) and the wall
+    /// time it stands for (for the activity written to stores).
+    epoch: tokio::time::Instant,
+    epoch_wall: SystemTime,
     /// Slots whose latest id the worker must persist from here (their record was not handed
     /// over, or they were evicted unpersisted). A slot is in it at most once (its dirty flag
     /// guards it), so it is bounded by the number of slots.
@@ -269,10 +267,22 @@ impl Registry {
                 names: LruCache::new(max_names),
             }),
             sequence: AtomicU64::new(0),
-            clock: AtomicU64::new(unix_ms()),
+            clock: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            epoch_wall: SystemTime::now(),
             dirty: Mutex::default(),
             active: Mutex::default(),
         }
+    }
+
+    /// Milliseconds since the registry was made, on Tokio's clock.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The wall time of a registry time.
+    pub(crate) fn wall_time(&self, ms: u64) -> SystemTime {
+        self.epoch_wall + Duration::from_millis(ms)
     }
 
     /// Moves the coarse clock to `now_ms` (never backwards).
@@ -348,7 +358,7 @@ impl Registry {
         session: &SessionId,
         stream: &StreamName,
     ) -> (Arc<Slot>, Option<Arc<Slot>>) {
-        self.advance_clock(unix_ms());
+        self.advance_clock(self.now_ms());
         let mut guard = lock(&self.map);
         let map = &mut *guard;
         if let Some(entry) = map.sessions.get(session.as_str())
@@ -559,7 +569,7 @@ mod tests {
         let busy = registry.get_or_insert(&s, &a).0;
         busy.body_opened();
         registry.get_or_insert(&t, &b);
-        let now = unix_ms();
+        let now = registry.now_ms();
         assert_eq!(
             registry.sweep_idle(now, 10),
             0,

@@ -158,6 +158,13 @@ impl SseTracker {
         self.shared.registry.len()
     }
 
+    /// The registry's estimated heap size in bytes, from its counts of streams, sessions and
+    /// interned names and their measured sizes (see the README's memory table). Also exported
+    /// as the `sse_tracker_memory_bytes` gauge.
+    pub fn estimated_memory_bytes(&self) -> usize {
+        self.shared.registry.counts().estimated_bytes()
+    }
+
     /// The latest id of `stream` of `session`: from memory when the stream is tracked, else
     /// from the store (e.g. after a restart, or from another instance sharing the store).
     ///

@@ -22,7 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 
 use crate::key::{EventId, StreamKey};
 use crate::metrics::Handles;
-use crate::registry::{Registry, SessionState, Slot, unix_ms};
+use crate::registry::{Registry, SessionState, Slot};
 use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity, StoreError};
 use batch::{Batch, Pending};
 use retry::{Jitter, RetryPolicy, RetryQueue};
@@ -275,7 +275,7 @@ impl Worker {
 
     /// Advances the activity clock, sweeps idle streams and updates the registry gauges.
     fn on_tick(&mut self) {
-        let now = unix_ms();
+        let now = self.registry.now_ms();
         self.registry.advance_clock(now);
         let evicted = self.registry.sweep_idle(now, SWEEP_BUDGET);
         if evicted > 0 {
@@ -341,6 +341,13 @@ impl Worker {
             return None;
         }
         self.writing_keys = taken.write.iter().map(|p| p.slot.key().clone()).collect();
+        let activity: Vec<SessionActivity> = sessions
+            .iter()
+            .map(|s| SessionActivity {
+                session: s.id().clone(),
+                last_active: self.registry.wall_time(s.last_active_ms()),
+            })
+            .collect();
         let store = self.store.clone();
         let entries = taken.write;
         Some(Box::pin(async move {
@@ -355,14 +362,6 @@ impl Worker {
             let touched = if sessions.is_empty() {
                 Ok(())
             } else {
-                let activity: Vec<SessionActivity> = sessions
-                    .iter()
-                    .map(|s| SessionActivity {
-                        session: s.id().clone(),
-                        last_active: std::time::UNIX_EPOCH
-                            + Duration::from_millis(s.last_active_ms()),
-                    })
-                    .collect();
                 store.touch_sessions(&activity).await
             };
             WriteDone {

@@ -243,6 +243,7 @@ impl Client {
 pub struct Recorded {
     snapshotter: metrics_util::debugging::Snapshotter,
     totals: Mutex<HashMap<String, f64>>,
+    histograms: Mutex<HashMap<String, Vec<f64>>>,
 }
 
 fn metric_key(name: &str, labels: &[(&str, &str)]) -> String {
@@ -254,22 +255,46 @@ fn metric_key(name: &str, labels: &[(&str, &str)]) -> String {
 impl Recorded {
     /// The current total of metric `name` with exactly these labels.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        use metrics_util::debugging::DebugValue;
-        let mut totals = self.totals.lock().unwrap();
-        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
-            let k = key.key();
-            let labels: Vec<(&str, &str)> = k.labels().map(|l| (l.key(), l.value())).collect();
-            let delta = match value {
-                DebugValue::Counter(n) => n as f64,
-                DebugValue::Gauge(g) => g.into_inner(),
-                DebugValue::Histogram(v) => v.len() as f64,
-            };
-            *totals.entry(metric_key(k.name(), &labels)).or_default() += delta;
-        }
+        self.refresh();
+        let totals = self.totals.lock().unwrap();
         totals
             .get(&metric_key(name, labels))
             .copied()
             .unwrap_or(0.0)
+    }
+
+    /// Every value recorded so far in histogram `name` (no labels).
+    pub fn histogram(&self, name: &str) -> Vec<f64> {
+        self.refresh();
+        let histograms = self.histograms.lock().unwrap();
+        histograms
+            .get(&metric_key(name, &[]))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn refresh(&self) {
+        use metrics_util::debugging::DebugValue;
+        let mut totals = self.totals.lock().unwrap();
+        let mut histograms = self.histograms.lock().unwrap();
+        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
+            let k = key.key();
+            let labels: Vec<(&str, &str)> = k.labels().map(|l| (l.key(), l.value())).collect();
+            let name = metric_key(k.name(), &labels);
+            let delta = match value {
+                DebugValue::Counter(n) => n as f64,
+                DebugValue::Gauge(g) => g.into_inner(),
+                DebugValue::Histogram(v) => {
+                    let len = v.len() as f64;
+                    histograms
+                        .entry(name.clone())
+                        .or_default()
+                        .extend(v.into_iter().map(|x| x.into_inner()));
+                    len
+                }
+            };
+            *totals.entry(name).or_default() += delta;
+        }
     }
 }
 
@@ -283,6 +308,7 @@ pub fn build_recorded(builder: tower_sse_tracker::SseTrackerBuilder) -> (SseTrac
         Recorded {
             snapshotter,
             totals: Mutex::default(),
+            histograms: Mutex::default(),
         },
     )
 }

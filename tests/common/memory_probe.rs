@@ -1,0 +1,58 @@
+//! Measures the registry's heap bytes per tracked stream with the counting allocator. Shared by
+//! `tests/memory.rs` and `benches/memory_overhead.rs`; the including crate declares
+//! `counting_alloc` (the `#[global_allocator]`) next to this module.
+
+use std::time::Duration;
+
+use tower_sse_tracker::store::{SaveEntry, Store, StoreError, StoredId};
+use tower_sse_tracker::{SseTracker, StreamKey};
+
+use crate::counting_alloc;
+
+/// A store that keeps nothing, so that a measurement sees the registry alone.
+pub struct NullStore;
+
+impl Store for NullStore {
+    async fn save(&self, _: &[SaveEntry]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn load(&self, _: &StreamKey) -> Result<Option<StoredId>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// Heap bytes and allocations per tracked stream for `n` streams of distinct sessions on one
+/// path, measured on this thread (a current-thread runtime runs the worker here too).
+pub fn bytes_per_stream(n: usize) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let flush = Duration::from_millis(10);
+        let tracker = SseTracker::builder()
+            .store(NullStore)
+            .heartbeat_interval(None)
+            .flush_interval(flush)
+            .max_streams(n)
+            .build()
+            .unwrap();
+        // Let the worker start and allocate what it keeps.
+        tokio::time::sleep(flush * 3).await;
+        let (bytes0, blocks0) = counting_alloc::live();
+        for i in 0..n {
+            tracker
+                .subscribe(&format!("session-{i:08}"), "GET /mcp")
+                .unwrap();
+        }
+        // Let the worker take the activity marks (a transient list).
+        tokio::time::sleep(flush * 3).await;
+        let (bytes1, blocks1) = counting_alloc::live();
+        assert_eq!(tracker.tracked_streams(), n);
+        let per_stream = (bytes1 - bytes0) as f64 / n as f64;
+        let blocks = (blocks1 - blocks0) as f64 / n as f64;
+        drop(tracker);
+        (per_stream, blocks)
+    })
+}

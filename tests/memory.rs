@@ -1,0 +1,303 @@
+//! Activity tracking and memory: `cargo test session::activity_batching` and
+//! `cargo test session::memory_usage -- --nocapture` (which prints its figures).
+
+mod common;
+
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+#[path = "common/memory_probe.rs"]
+mod memory_probe;
+
+#[global_allocator]
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use memory_probe::{NullStore, bytes_per_stream};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_sse_tracker::SseTracker;
+
+type Frames = Vec<Bytes>;
+
+/// The layer over a service whose SSE body yields the frames found in the request extensions,
+/// always ready: driving it involves no I/O and no timer.
+fn frames_service(
+    tracker: &SseTracker,
+) -> impl Service<
+    Request<()>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin + use<>>,
+    Error = Infallible,
+> + Clone
++ use<> {
+    ServiceBuilder::new()
+        .layer(tracker.layer())
+        .service_fn(|mut req: Request<()>| async move {
+            let frames: Frames = req.extensions_mut().remove().unwrap_or_default();
+            let body = StreamBody::new(futures_util::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|f| Ok::<_, Infallible>(Frame::data(f))),
+            ));
+            let mut response = Response::new(body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/event-stream"),
+            );
+            Ok::<_, Infallible>(response)
+        })
+}
+
+fn request(session: &str, frames: Frames) -> Request<()> {
+    let mut req = Request::builder()
+        .uri("/mcp")
+        .header("mcp-session-id", session)
+        .body(())
+        .unwrap();
+    req.extensions_mut().insert(frames);
+    req
+}
+
+fn id_frames(n: usize) -> Frames {
+    (1..=n)
+        .map(|i| Bytes::from(format!("id: {i}\n\n")))
+        .collect()
+}
+
+mod session {
+    use super::*;
+    use crate::common::{Harness, build_recorded};
+    use axum::http::HeaderMap;
+    use tower_sse_tracker::metrics::{
+        ACTIVITY_BATCH_SIZE, ACTIVITY_UPDATES_TOTAL, REASON_IDLE, STREAMS_EVICTED_TOTAL,
+    };
+    use tower_sse_tracker::store::InMemoryStore;
+
+    async fn drive(
+        svc: &mut (
+                 impl Service<
+            Request<()>,
+            Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin>,
+            Error = Infallible,
+        > + Clone
+             ),
+        session: &str,
+        frames: Frames,
+    ) {
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(session, frames))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_batching_writes_a_session_once_per_flush_however_many_frames() {
+        let store = std::sync::Arc::new(InMemoryStore::new());
+        let flush = Duration::from_millis(100);
+        let (tracker, recorded) = build_recorded(
+            SseTracker::builder()
+                .store(store.clone())
+                .heartbeat_interval(None)
+                .flush_interval(flush),
+        );
+        let mut svc = frames_service(&tracker);
+        // Let the worker's first (immediate) tick pass.
+        tokio::time::sleep(flush / 2).await;
+
+        // 1,000 frames from one session within one flush: one activity write.
+        drive(&mut svc, "one", id_frames(1_000)).await;
+        tokio::time::sleep(flush).await;
+        assert_eq!(recorded.value(ACTIVITY_UPDATES_TOTAL, &[]), 1.0);
+        assert_eq!(recorded.histogram(ACTIVITY_BATCH_SIZE), [1.0]);
+        assert!(store.last_active("one").is_some());
+
+        // 100 sessions, 10 frames each, within one flush: one batch of 100.
+        for s in 0..100 {
+            drive(&mut svc, &format!("many-{s}"), id_frames(10)).await;
+        }
+        tokio::time::sleep(flush).await;
+        assert_eq!(recorded.histogram(ACTIVITY_BATCH_SIZE), [1.0, 100.0]);
+        assert_eq!(recorded.value(ACTIVITY_UPDATES_TOTAL, &[]), 101.0);
+        assert_eq!(store.sessions(), 101);
+
+        // Nothing active, nothing written.
+        tokio::time::sleep(flush * 5).await;
+        assert_eq!(recorded.value(ACTIVITY_UPDATES_TOTAL, &[]), 101.0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn activity_batching_spawns_no_task_while_10000_frames_flow() {
+        let h = Harness::start(
+            SseTracker::builder()
+                .heartbeat_interval(None)
+                .build()
+                .unwrap(),
+        )
+        .await;
+        let tx = h.feed("tasks");
+        let mut client = h.get("/sse/tasks", Some("s1"), HeaderMap::new()).await;
+        tx.send(Bytes::from_static(b"id: 0\n\n")).unwrap();
+        client.read_until_len(7).await;
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let baseline = metrics.num_alive_tasks();
+        let mut samples = Vec::new();
+        let mut expected = 7;
+        for chunk in 0..10 {
+            for i in 0..1_000 {
+                let frame = format!("id: {}\ndata: x\n\n", chunk * 1_000 + i + 1);
+                expected += frame.len();
+                tx.send(Bytes::from(frame)).unwrap();
+            }
+            client.read_until_len(expected).await;
+            samples.push(metrics.num_alive_tasks());
+        }
+        println!("alive tasks: baseline {baseline}, while streaming {samples:?}");
+        assert!(
+            samples.iter().all(|&n| n <= baseline),
+            "{samples:?} > {baseline}"
+        );
+        assert_eq!(
+            h.tracker.last_event_id("s1", "GET /sse/tasks").unwrap(),
+            "10000"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_streams_leave_the_registry_after_the_ttl_and_keep_their_id_in_the_store() {
+        let store = std::sync::Arc::new(InMemoryStore::new());
+        let (tracker, recorded) = build_recorded(
+            SseTracker::builder()
+                .store(store.clone())
+                .heartbeat_interval(None)
+                .idle_ttl(Some(Duration::from_secs(300))),
+        );
+        let mut svc = frames_service(&tracker);
+        drive(&mut svc, "idle", id_frames(3)).await;
+        drive(&mut svc, "busy", id_frames(1)).await;
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        drive(&mut svc, "busy", id_frames(2)).await;
+        assert_eq!(tracker.tracked_streams(), 2, "4 minutes is not idle enough");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(tracker.tracked_streams(), 1);
+        assert_eq!(tracker.last_event_id("idle", "GET /mcp"), None);
+        assert_eq!(tracker.last_event_id("busy", "GET /mcp").unwrap(), "2");
+        assert_eq!(
+            recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_IDLE)]),
+            1.0
+        );
+        assert_eq!(
+            tracker.resolve("idle", "GET /mcp").await.unwrap().unwrap(),
+            "3"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_with_an_open_body_is_never_idle() {
+        let (tracker, recorded) = build_recorded(
+            SseTracker::builder()
+                .heartbeat_interval(None)
+                .idle_ttl(Some(Duration::from_secs(60))),
+        );
+        let mut svc = frames_service(&tracker);
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request("open", id_frames(1)))
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(tracker.tracked_streams(), 1);
+        drop(body);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(tracker.tracked_streams(), 0);
+        assert_eq!(
+            recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_IDLE)]),
+            1.0
+        );
+    }
+
+    #[test]
+    fn memory_usage() {
+        for n in [10_000, 100_000] {
+            let (bytes, blocks) = bytes_per_stream(n);
+            println!(
+                "{n} tracked streams: {bytes:.0} bytes and {blocks:.1} allocations per stream"
+            );
+            assert!(bytes < 5.0 * 1024.0, "{bytes} bytes per stream");
+        }
+
+        // The extra heap of one open tracked body over the bare body (one stream shared).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            const BODIES: usize = 1_000;
+            let tracker = SseTracker::builder().store(NullStore).build().unwrap();
+            let mut layered = frames_service(&tracker);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut bare = ServiceBuilder::new().service_fn(|_req: Request<()>| async {
+                let body = StreamBody::new(futures_util::stream::pending::<
+                    Result<Frame<Bytes>, Infallible>,
+                >());
+                Ok::<_, Infallible>(Response::new(body))
+            });
+            // One stream first, so that the slot is not counted per body.
+            let _first = layered
+                .ready()
+                .await
+                .unwrap()
+                .call(request("one", Vec::new()))
+                .await
+                .unwrap();
+            let (b0, _) = counting_alloc::live();
+            let mut bare_bodies = Vec::with_capacity(BODIES);
+            for _ in 0..BODIES {
+                let r = bare
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(Request::new(()))
+                    .await
+                    .unwrap();
+                bare_bodies.push(r.into_body());
+            }
+            let (b1, _) = counting_alloc::live();
+            let mut tracked = Vec::with_capacity(BODIES);
+            for _ in 0..BODIES {
+                let r = layered
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(request("one", Vec::new()))
+                    .await
+                    .unwrap();
+                tracked.push(r.into_body());
+            }
+            let (b2, _) = counting_alloc::live();
+            let bare_each = (b1 - b0) as f64 / BODIES as f64;
+            let tracked_each = (b2 - b1) as f64 / BODIES as f64;
+            println!(
+                "one open body: bare {bare_each:.0} bytes, tracked {tracked_each:.0} bytes, \
+                 extra {:.0} bytes (plus {} bytes inline in the body value vs {})",
+                tracked_each - bare_each,
+                std::mem::size_of_val(&tracked[0]),
+                std::mem::size_of_val(&bare_bodies[0]),
+            );
+        });
+    }
+}
