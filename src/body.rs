@@ -170,9 +170,7 @@ impl SseState {
             return;
         };
         let id = EventId::from_scanned(bytes);
-        let sequence = tracked
-            .slot
-            .publish(id.clone(), &this.shared.registry.sequence);
+        let version = tracked.slot.publish(id.clone(), &this.shared.registry);
         if tracked.slot.is_dirty() {
             // The worker will write this stream's latest id from the registry anyway; the
             // stream is not made to wait again until the worker has caught up with it.
@@ -181,7 +179,7 @@ impl SseState {
         let record = Record {
             slot: tracked.slot.clone(),
             id,
-            sequence,
+            version,
         };
         match this.shared.worker.sender.try_send(record) {
             Ok(()) => metrics.records_enqueued.increment(1),

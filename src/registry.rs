@@ -57,6 +57,15 @@ impl SessionState {
     }
 }
 
+/// The version of a published id: its sequence number and when it was published (registry
+/// ms). Within a tracker both grow together; across instances sharing a store, the time
+/// orders first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub(crate) sequence: u64,
+    pub(crate) at_ms: u64,
+}
+
 /// One tracked stream.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -67,6 +76,8 @@ pub(crate) struct Slot {
     latest: watch::Sender<Option<EventId>>,
     /// Sequence number of the id in `latest`; written only under the watch's write lock.
     sequence: AtomicU64,
+    /// When the id in `latest` was published (registry ms); written with `sequence`.
+    published: AtomicU64,
     /// Highest sequence known to be in the store.
     persisted: AtomicU64,
     /// The worker owes this slot a write of its latest id (see `Registry::mark_dirty`).
@@ -83,6 +94,7 @@ impl Slot {
             open: AtomicU32::new(0),
             latest: watch::Sender::new(None),
             sequence: AtomicU64::new(0),
+            published: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             in_retry: AtomicBool::new(false),
@@ -114,30 +126,40 @@ impl Slot {
         self.sequence.load(Ordering::Relaxed) > self.persisted()
     }
 
-    /// Makes `id` the latest id of this stream and returns its sequence number, taken from the
-    /// tracker-wide `counter`: it increases with every id of the key and never repeats, even
-    /// for a key whose slot was dropped and created again.
-    pub(crate) fn publish(&self, id: EventId, counter: &AtomicU64) -> u64 {
-        let mut sequence = 0;
-        // The sequence is taken while the watch's write lock is held, so that id order and
-        // sequence order agree when several bodies publish to one key at once.
+    /// Makes `id` the latest id of this stream and returns its version: a sequence number
+    /// from the registry's counter (it increases with every id of the key and never repeats,
+    /// even for a key whose slot was dropped and created again) and the registry's coarse time.
+    pub(crate) fn publish(&self, id: EventId, registry: &Registry) -> Version {
+        let mut version = Version::default();
+        // The version is taken while the watch's write lock is held, so that id order and
+        // version order agree when several bodies publish to one key at once.
         self.latest.send_modify(|latest| {
-            sequence = counter.fetch_add(1, Ordering::Relaxed) + 1;
-            self.sequence.store(sequence, Ordering::Relaxed);
+            version = Version {
+                sequence: registry.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+                at_ms: registry.clock.load(Ordering::Relaxed),
+            };
+            self.sequence.store(version.sequence, Ordering::Relaxed);
+            self.published.store(version.at_ms, Ordering::Relaxed);
             *latest = Some(id);
         });
-        sequence
+        version
     }
 
     pub(crate) fn latest(&self) -> Option<EventId> {
         self.latest.borrow().clone()
     }
 
-    /// The latest id with its sequence number, read together.
-    pub(crate) fn latest_entry(&self) -> Option<(EventId, u64)> {
+    /// The latest id with its version, read together.
+    pub(crate) fn latest_entry(&self) -> Option<(EventId, Version)> {
         let latest = self.latest.borrow();
         let id = latest.clone()?;
-        Some((id, self.sequence.load(Ordering::Relaxed)))
+        Some((
+            id,
+            Version {
+                sequence: self.sequence.load(Ordering::Relaxed),
+                at_ms: self.published.load(Ordering::Relaxed),
+            },
+        ))
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
@@ -497,11 +519,13 @@ mod tests {
         let (_, b) = key("s", "GET /b");
         let slot_a = registry.get_or_insert(&s, &a).0;
         let slot_b = registry.get_or_insert(&s, &b).0;
-        slot_a.publish(EventId::new("1").unwrap(), &registry.sequence);
+        slot_a.publish(EventId::new("1").unwrap(), &registry);
         assert_eq!(registry.get("s", "GET /a").unwrap().latest().unwrap(), "1");
         assert_eq!(registry.get("s", "GET /b").unwrap().latest(), None);
         assert_eq!(
-            slot_b.publish(EventId::new("x").unwrap(), &registry.sequence),
+            slot_b
+                .publish(EventId::new("x").unwrap(), &registry)
+                .sequence,
             2
         );
         assert_eq!(registry.session_streams("s").len(), 2);
@@ -515,15 +539,20 @@ mod tests {
         let slot = registry.get_or_insert(&s, &a).0;
         let other = registry.get_or_insert(&s, &b).0;
         let mut seqs: Vec<u64> = (0..3)
-            .map(|i| slot.publish(EventId::new(&i.to_string()).unwrap(), &registry.sequence))
+            .map(|i| {
+                slot.publish(EventId::new(&i.to_string()).unwrap(), &registry)
+                    .sequence
+            })
             .collect();
-        seqs.push(other.publish(EventId::new("x").unwrap(), &registry.sequence));
-        seqs.push(slot.publish(EventId::new("y").unwrap(), &registry.sequence));
-        assert_eq!(seqs, [1, 2, 3, 4, 5]);
-        assert_eq!(
-            slot.latest_entry().unwrap(),
-            (EventId::new("y").unwrap(), 5)
+        seqs.push(
+            other
+                .publish(EventId::new("x").unwrap(), &registry)
+                .sequence,
         );
+        seqs.push(slot.publish(EventId::new("y").unwrap(), &registry).sequence);
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        let (id, version) = slot.latest_entry().unwrap();
+        assert_eq!((id.as_str(), version.sequence), ("y", 5));
     }
 
     #[test]
@@ -549,7 +578,7 @@ mod tests {
         registry.get_or_insert(&t, &b);
         // Using A again makes B the least recently used.
         registry.get_or_insert(&s, &a);
-        slot_a.publish(EventId::new("1").unwrap(), &registry.sequence);
+        slot_a.publish(EventId::new("1").unwrap(), &registry);
         let (_, evicted) = registry.get_or_insert(&u, &c);
         assert_eq!(evicted.unwrap().key().stream, "GET /b");
         assert_eq!(registry.len(), 2);

@@ -47,7 +47,12 @@ struct Inner {
 ///     session: SessionId::new("s1").unwrap(),
 ///     stream: StreamName::new("GET /mcp").unwrap(),
 /// };
-/// let entry = |id: &str, sequence| SaveEntry { key: key.clone(), id: EventId::new(id).unwrap(), sequence };
+/// let entry = |id: &str, sequence| SaveEntry {
+///     key: key.clone(),
+///     id: EventId::new(id).unwrap(),
+///     sequence,
+///     published_at: std::time::SystemTime::now(),
+/// };
 /// store.save(&[entry("7", 2)]).await.unwrap();
 /// store.save(&[entry("6", 1)]).await.unwrap(); // older: refused
 /// assert_eq!(store.load(&key).await.unwrap().unwrap().id, "7");
@@ -208,6 +213,7 @@ mod tests {
             },
             id: EventId::new(id).unwrap(),
             sequence,
+            published_at: SystemTime::UNIX_EPOCH,
         }
     }
 

@@ -28,8 +28,12 @@ pub struct SaveEntry {
     pub key: StreamKey,
     /// Its latest id.
     pub id: EventId,
-    /// The id's sequence number; higher is newer.
+    /// The id's sequence number; higher is newer within one tracker.
     pub sequence: u64,
+    /// When the tracker published the id (to its worker's clock resolution, about one flush
+    /// interval). Stores shared by several trackers order entries by `(published_at,
+    /// sequence)`, since each tracker counts its own sequence.
+    pub published_at: SystemTime,
 }
 
 /// When a session was last active: its last request or frame on a tracked stream.

@@ -5,7 +5,7 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use crate::key::EventId;
-use crate::registry::Slot;
+use crate::registry::{Registry, Slot, Version};
 use crate::store::SaveEntry;
 
 /// The latest id of one stream, waiting to be written.
@@ -13,17 +13,18 @@ use crate::store::SaveEntry;
 pub(crate) struct Pending {
     pub(crate) slot: Arc<Slot>,
     pub(crate) id: EventId,
-    pub(crate) sequence: u64,
+    pub(crate) version: Version,
     /// Failed writes so far of this key's entry.
     pub(crate) retries: u32,
 }
 
 impl Pending {
-    pub(crate) fn to_save(&self) -> SaveEntry {
+    pub(crate) fn to_save(&self, registry: &Registry) -> SaveEntry {
         SaveEntry {
             key: self.slot.key().clone(),
             id: self.id.clone(),
-            sequence: self.sequence,
+            sequence: self.version.sequence,
+            published_at: registry.wall_time(self.version.at_ms),
         }
     }
 }
@@ -49,9 +50,9 @@ impl Batch {
         match self.entries.entry(Arc::as_ptr(&pending.slot) as usize) {
             Entry::Occupied(mut here) => {
                 let here = here.get_mut();
-                if pending.sequence > here.sequence {
+                if pending.version.sequence > here.version.sequence {
                     here.id = pending.id;
-                    here.sequence = pending.sequence;
+                    here.version = pending.version;
                 }
                 here.retries = here.retries.max(pending.retries);
                 true
@@ -78,7 +79,7 @@ impl Batch {
         let keys: Vec<usize> = self.entries.keys().take(limit).copied().collect();
         for key in keys {
             let pending = self.entries.remove(&key).expect("key just listed");
-            if pending.sequence <= pending.slot.persisted() {
+            if pending.version.sequence <= pending.slot.persisted() {
                 taken.skipped += 1;
             } else {
                 taken.write.push(pending);
@@ -110,7 +111,7 @@ mod tests {
             coalesced += usize::from(batch.add(Pending {
                 slot: slot.clone(),
                 id: EventId::new(id).unwrap(),
-                sequence,
+                version: Version { sequence, at_ms: 0 },
                 retries: 0,
             }));
         }
@@ -141,7 +142,7 @@ mod tests {
         let rec = |slot: &Arc<Slot>, id: &str, sequence| Pending {
             slot: slot.clone(),
             id: EventId::new(id).unwrap(),
-            sequence,
+            version: Version { sequence, at_ms: 0 },
             retries: 1,
         };
         batch.add(rec(&a, "new", 9));

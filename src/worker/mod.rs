@@ -22,7 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 
 use crate::key::{EventId, StreamKey};
 use crate::metrics::Handles;
-use crate::registry::{Registry, SessionState, Slot};
+use crate::registry::{Registry, SessionState, Slot, Version};
 use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity, StoreError};
 use batch::{Batch, Pending};
 use retry::{Jitter, RetryPolicy, RetryQueue};
@@ -32,7 +32,7 @@ use retry::{Jitter, RetryPolicy, RetryQueue};
 pub(crate) struct Record {
     pub(crate) slot: Arc<Slot>,
     pub(crate) id: EventId,
-    pub(crate) sequence: u64,
+    pub(crate) version: Version,
 }
 
 /// The worker's settings.
@@ -296,7 +296,7 @@ impl Worker {
             coalesced += u64::from(self.batch.add(Pending {
                 slot: record.slot,
                 id: record.id,
-                sequence: record.sequence,
+                version: record.version,
                 retries: 0,
             }));
         }
@@ -308,11 +308,11 @@ impl Worker {
     /// Adds the latest id of `slot` to the batch, if the store does not have it yet.
     fn add_latest(&mut self, slot: Arc<Slot>, retries: u32) {
         match slot.latest_entry() {
-            Some((id, sequence)) if sequence > slot.persisted() => {
+            Some((id, version)) if version.sequence > slot.persisted() => {
                 if self.batch.add(Pending {
                     slot,
                     id,
-                    sequence,
+                    version,
                     retries,
                 }) {
                     self.metrics.records_coalesced.increment(1);
@@ -350,12 +350,12 @@ impl Worker {
             .collect();
         let store = self.store.clone();
         let entries = taken.write;
+        let batch: Vec<SaveEntry> = entries.iter().map(|p| p.to_save(&self.registry)).collect();
         Some(Box::pin(async move {
             let started = Instant::now();
             let result = if entries.is_empty() {
                 Ok(())
             } else {
-                let batch: Vec<SaveEntry> = entries.iter().map(Pending::to_save).collect();
                 store.save(&batch).await
             };
             let took = started.elapsed();
@@ -401,7 +401,7 @@ impl Worker {
         match done.result {
             Ok(()) => {
                 for pending in &done.entries {
-                    pending.slot.set_persisted(pending.sequence);
+                    pending.slot.set_persisted(pending.version.sequence);
                 }
                 self.metrics.store_writes.increment(n as u64);
                 // The store works again: catch up the keys given up on earlier.
