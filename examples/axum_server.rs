@@ -30,7 +30,7 @@ use axum::{Extension, Json, Router};
 use futures_util::stream::{self, Stream};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use tower_sse_tracker::{DEFAULT_SESSION_HEADER, LastEventId, SessionId, SseTracker};
+use tower_sse_tracker::{DEFAULT_SESSION_HEADER, LastEventId, Resume, SessionId, SseTracker};
 
 #[derive(Clone)]
 struct AppState {
@@ -71,14 +71,44 @@ fn numbered_events(start: u64, every: Duration) -> impl Stream<Item = Result<Eve
 }
 
 /// `GET /events`: numbered events, resumed after the client's `Last-Event-ID`.
+///
+/// The resumption recipe: the layer hands the handler the client's validated `Last-Event-ID`
+/// and session; `tracker.resume` compares it with the stream's latest id (memory, then store).
 async fn events(
+    State(state): State<AppState>,
     session: Option<Extension<SessionId>>,
     last: Option<Extension<LastEventId>>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let start = last
-        .and_then(|Extension(LastEventId(id))| id.as_str().parse::<u64>().ok())
-        .map_or(1, |n| n + 1);
+    let client = last.map(|Extension(LastEventId(id))| id);
+    let after = |id: Option<&tower_sse_tracker::EventId>| {
+        id.and_then(|id| id.as_str().parse::<u64>().ok())
+            .map_or(1, |n| n + 1)
+    };
+    let start = match &session {
+        Some(Extension(session)) => {
+            match state
+                .tracker
+                .resume(session.as_str(), "GET /events", client.as_ref())
+                .await
+            {
+                Ok(Resume::Current(id)) => {
+                    tracing::info!(%session, %id, "client is current: continuing after its id");
+                    after(Some(&id))
+                }
+                Ok(Resume::Behind { client, latest }) => {
+                    tracing::info!(%session, ?client, %latest, "client is behind: replaying after its id");
+                    after(client.as_ref())
+                }
+                Ok(Resume::Unknown) => after(client.as_ref()),
+                Err(error) => {
+                    tracing::warn!(%error, "store unavailable: trusting the client's id");
+                    after(client.as_ref())
+                }
+            }
+        }
+        None => after(client.as_ref()),
+    };
     let every = Duration::from_millis(q.interval_ms.unwrap_or(1000).max(1));
     let mut response = Sse::new(numbered_events(start, every)).into_response();
     if session.is_none() {

@@ -86,6 +86,6 @@ pub use key::{EventId, InvalidKey, LastEventId, SessionId, StreamKey, StreamName
 pub use layer::SseTrackerLayer;
 pub use scan::DEFAULT_MAX_ID_LEN;
 pub use service::SseTrackerService;
-pub use tracker::{SseTracker, SubscribeError};
+pub use tracker::{Resume, SseTracker, SubscribeError};
 pub use worker::ShutdownReport;
 pub use worker::retry::{DEFAULT_RETRY, RetryPolicy};

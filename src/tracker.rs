@@ -189,6 +189,54 @@ impl SseTracker {
         self.stored_event_id(session, stream).await
     }
 
+    /// Where a reconnecting client stands on `stream` of `session`, given the `Last-Event-ID`
+    /// it sent (the layer puts it in the request extensions as
+    /// [`LastEventId`](crate::LastEventId)). The latest id comes from memory, else from the
+    /// store, so another instance sharing the store (Redis) knows the stream too.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_sse_tracker::{LastEventId, Resume, SessionId, SseTracker};
+    ///
+    /// async fn decide(
+    ///     tracker: &SseTracker,
+    ///     session: &SessionId,
+    ///     last: Option<&LastEventId>,
+    /// ) -> String {
+    ///     let client = last.map(|LastEventId(id)| id);
+    ///     match tracker.resume(session.as_str(), "GET /mcp", client).await {
+    ///         Ok(Resume::Current(id)) => format!("client has everything up to {id}"),
+    ///         Ok(Resume::Behind { client, latest }) => {
+    ///             format!("replay after {client:?} up to {latest}")
+    ///         }
+    ///         Ok(Resume::Unknown) => "no such stream: start a new one".to_owned(),
+    ///         Err(error) => format!("store unavailable: {error}"),
+    ///     }
+    /// }
+    ///
+    /// let tracker = SseTracker::builder().build()?;
+    /// let session = SessionId::new("s1")?;
+    /// assert_eq!(decide(&tracker, &session, None).await, "no such stream: start a new one");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn resume(
+        &self,
+        session: &str,
+        stream: &str,
+        client: Option<&EventId>,
+    ) -> Result<Resume, StoreError> {
+        Ok(match (self.resolve(session, stream).await?, client) {
+            (None, _) => Resume::Unknown,
+            (Some(latest), Some(client)) if latest == *client => Resume::Current(latest),
+            (Some(latest), client) => Resume::Behind {
+                client: client.cloned(),
+                latest,
+            },
+        })
+    }
+
     /// The id the store holds for `stream` of `session`, not looking at memory. `Ok(None)`
     /// for an invalid session id or stream name.
     pub async fn stored_event_id(
@@ -222,6 +270,25 @@ impl SseTracker {
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.shared.worker.shutdown(timeout).await
     }
+}
+
+/// Where a reconnecting client stands, from [`SseTracker::resume`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Neither memory nor the store knows the stream (never seen, evicted and expired, or
+    /// another instance has not flushed it yet).
+    Unknown,
+    /// The client's `Last-Event-ID` is the stream's latest id: it missed nothing.
+    Current(EventId),
+    /// The client sent no id, or one other than the latest: it missed the events after its
+    /// id, up to `latest`. (When another instance has not flushed yet, the store may also lag
+    /// behind the client.)
+    Behind {
+        /// The client's `Last-Event-ID`, if it sent one.
+        client: Option<EventId>,
+        /// The stream's latest id.
+        latest: EventId,
+    },
 }
 
 /// Why [`SseTracker::subscribe`] failed.

@@ -14,8 +14,13 @@ use std::time::SystemTime;
 use crate::key::{EventId, SessionId, StreamKey};
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 pub use memory::{DEFAULT_MAX_KEYS, InMemoryStore};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{DEFAULT_PREFIX, DEFAULT_TTL, RedisStore};
 
 /// One entry of a batch: the latest id of a stream and its sequence number.
 ///

@@ -1,0 +1,147 @@
+//! A `redis-server` for the tests: the one at `REDIS_URL` when that is set, else one started
+//! here on a free port on 127.0.0.1 (with an append-only file, so it can be killed and
+//! restarted with its data), stopped when dropped.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub url: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn require_binary() {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "the Redis tests need a Redis server: `redis-server` is not on PATH and REDIS_URL is \
+         not set. Install it with `apt-get install -y redis-server` (Debian/Ubuntu), or set \
+         REDIS_URL=redis://host:port to use a running one."
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The URL of the shared server from `REDIS_URL`, if set.
+pub fn shared_url() -> Option<String> {
+    std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// A unique key prefix, so that tests sharing one server never see each other's keys.
+pub fn unique_prefix(test: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "sse-test-{}-{}-{test}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+impl RedisServer {
+    /// `REDIS_URL`'s server if set (never stopped here), else a new one.
+    pub fn shared_or_new() -> Self {
+        match shared_url() {
+            Some(url) => Self {
+                url,
+                port: 0,
+                dir: PathBuf::new(),
+                child: None,
+            },
+            None => Self::new(),
+        }
+    }
+
+    /// A server of the test's own, whatever `REDIS_URL` says (for tests that kill it).
+    pub fn new() -> Self {
+        require_binary();
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("sse-tracker-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self {
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            dir,
+            child: None,
+        };
+        server.start();
+        server
+    }
+
+    fn start(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = redis::Client::open(self.url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok();
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn restart(&mut self) {
+        assert!(self.port != 0, "cannot restart the REDIS_URL server");
+        self.start();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        if self.port != 0 {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

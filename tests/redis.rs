@@ -1,0 +1,335 @@
+//! The Redis store against a real `redis-server` (feature `redis`): run with
+//! `cargo test --features redis`. Uses `REDIS_URL` when set, else starts its own server on a
+//! free port on 127.0.0.1 (which needs `redis-server` on PATH: `apt-get install redis-server`).
+#![cfg(feature = "redis")]
+
+mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use common::{Harness, build_recorded, run_frames};
+use redis_server::{RedisServer, unique_prefix};
+use tokio::time::{sleep, timeout};
+use tower_sse_tracker::metrics::STORE_ERRORS_TOTAL;
+use tower_sse_tracker::store::{RedisStore, SaveEntry, SessionActivity, Store};
+use tower_sse_tracker::{
+    EventId, Resume, RetryPolicy, SessionId, SseTracker, StreamKey, StreamName,
+};
+
+fn key(session: &str, stream: &str) -> StreamKey {
+    StreamKey {
+        session: SessionId::new(session).unwrap(),
+        stream: StreamName::new(stream).unwrap(),
+    }
+}
+
+fn entry(k: &StreamKey, id: &str, sequence: u64, at_ms: u64) -> SaveEntry {
+    SaveEntry {
+        key: k.clone(),
+        id: EventId::new(id).unwrap(),
+        sequence,
+        published_at: UNIX_EPOCH + Duration::from_millis(at_ms),
+    }
+}
+
+async fn store(server: &RedisServer, prefix: &str) -> RedisStore {
+    RedisStore::connect(&server.url)
+        .await
+        .unwrap()
+        .with_prefix(prefix)
+}
+
+async fn loaded(store: &RedisStore, k: &StreamKey) -> Option<String> {
+    store.load(k).await.unwrap().map(|s| s.id.to_string())
+}
+
+#[tokio::test]
+async fn a_batch_round_trips() {
+    let server = RedisServer::shared_or_new();
+    let store = store(&server, &unique_prefix("round-trip")).await;
+    let keys = [
+        key("s1", "GET /a"),
+        key("s1", "GET /b"),
+        key("s2", "GET /a"),
+    ];
+    let batch: Vec<SaveEntry> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| entry(k, &format!("id-{i}"), i as u64 + 1, 1_000))
+        .collect();
+    store.save(&batch).await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let stored = store.load(k).await.unwrap().unwrap();
+        assert_eq!(stored.id, format!("id-{i}").as_str());
+        assert_eq!(stored.sequence, i as u64 + 1);
+    }
+    assert_eq!(loaded(&store, &key("s3", "GET /a")).await, None);
+}
+
+#[tokio::test]
+async fn a_stale_write_is_refused_across_two_stores() {
+    let server = RedisServer::shared_or_new();
+    let prefix = unique_prefix("stale");
+    let a = store(&server, &prefix).await;
+    let b = store(&server, &prefix).await;
+    let k = key("s1", "GET /mcp");
+    // Instance A publishes later than instance B, whatever their sequence counters say.
+    a.save(&[entry(&k, "from-a", 1, 2_000)]).await.unwrap();
+    b.save(&[entry(&k, "from-b-older", 99, 1_000)])
+        .await
+        .unwrap();
+    assert_eq!(loaded(&b, &k).await.as_deref(), Some("from-a"));
+    // Same time: the sequence decides; equal is not newer.
+    a.save(&[entry(&k, "same-time-lower", 0, 2_000)])
+        .await
+        .unwrap();
+    a.save(&[entry(&k, "same-version", 1, 2_000)])
+        .await
+        .unwrap();
+    assert_eq!(loaded(&a, &k).await.as_deref(), Some("from-a"));
+    b.save(&[entry(&k, "from-b-newer", 1, 3_000)])
+        .await
+        .unwrap();
+    assert_eq!(loaded(&a, &k).await.as_deref(), Some("from-b-newer"));
+}
+
+#[tokio::test]
+async fn keys_cannot_escape_their_namespace() {
+    let server = RedisServer::shared_or_new();
+    let prefix = unique_prefix("inject");
+    let store = store(&server, &prefix).await;
+    // Pairs that would collide if `:` were not escaped, and glob characters.
+    let tricky = [
+        key("a:b", "c"),
+        key("a", "b:c"),
+        key("*", "*"),
+        key("x?[y]", "GET /with space"),
+        key("%3A", "c"),
+        key("s", "line\u{2028}sep and ünïcode"),
+    ];
+    let batch: Vec<SaveEntry> = tricky
+        .iter()
+        .enumerate()
+        .map(|(i, k)| entry(k, &i.to_string(), 1, 1_000))
+        .collect();
+    store.save(&batch).await.unwrap();
+    for (i, k) in tricky.iter().enumerate() {
+        assert_eq!(loaded(&store, k).await, Some(i.to_string()), "{k}");
+    }
+    let client = redis::Client::open(server.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), tricky.len(), "{all:?}");
+    for k in &all {
+        let rest = k.strip_prefix(&format!("{prefix}:id:")).unwrap();
+        assert_eq!(rest.matches(':').count(), 1, "{k}");
+        assert!(!rest.contains(['*', '?', '[', ' ', '\n']), "{k}");
+    }
+}
+
+#[tokio::test]
+async fn keys_and_activity_expire_after_the_ttl() {
+    let server = RedisServer::shared_or_new();
+    let store = store(&server, &unique_prefix("ttl"))
+        .await
+        .with_ttl(Duration::from_millis(300));
+    let k = key("s1", "GET /mcp");
+    store.save(&[entry(&k, "1", 1, 1_000)]).await.unwrap();
+    let now = SystemTime::now();
+    store
+        .touch_sessions(&[
+            SessionActivity {
+                session: SessionId::new("s1").unwrap(),
+                last_active: now,
+            },
+            SessionActivity {
+                session: SessionId::new("s2").unwrap(),
+                last_active: now - Duration::from_millis(200),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(loaded(&store, &k).await.as_deref(), Some("1"));
+    let idle = store
+        .idle_sessions(Duration::from_millis(100), 10)
+        .await
+        .unwrap();
+    assert_eq!(idle, [SessionId::new("s2").unwrap()]);
+    assert!(store.last_active("s1").await.unwrap().is_some());
+    sleep(Duration::from_millis(600)).await;
+    assert_eq!(loaded(&store, &k).await, None);
+    assert_eq!(store.last_active("s1").await.unwrap(), None);
+}
+
+/// Instance A streams to a client; the client reconnects to instance B with `Last-Event-ID`;
+/// B finds the stream in Redis and tells "current" from "behind" from "unknown".
+#[tokio::test]
+async fn a_client_resumes_on_a_second_instance() {
+    let server = RedisServer::shared_or_new();
+    let prefix = unique_prefix("two");
+    let tracker_a = SseTracker::builder()
+        .store(store(&server, &prefix).await)
+        .heartbeat_interval(None)
+        .build()
+        .unwrap();
+    let tracker_b = SseTracker::builder()
+        .store(store(&server, &prefix).await)
+        .heartbeat_interval(None)
+        .build()
+        .unwrap();
+    let a = Harness::start(tracker_a).await;
+    let b = Harness::start(tracker_b).await;
+    let frames: Vec<String> = (1..=5).map(|n| format!("id: {n}\ndata: {n}\n\n")).collect();
+    let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes()).collect();
+    run_frames(&a, "events", Some("s1"), &refs).await;
+    // A's worker writes within a flush interval.
+    timeout(Duration::from_secs(10), async {
+        while b
+            .tracker
+            .resolve("s1", "GET /sse/events")
+            .await
+            .unwrap()
+            .is_none()
+        {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("instance A never persisted the stream");
+
+    // The client reconnects to B with the last id it saw.
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("5"));
+    let tx = b.feed("events");
+    drop(tx);
+    b.get("/sse/events", Some("s1"), headers)
+        .await
+        .read_to_end()
+        .await;
+    let (_, last) = b.seen("events");
+    let client = last.unwrap().0;
+    assert_eq!(
+        b.tracker
+            .resume("s1", "GET /sse/events", Some(&client))
+            .await
+            .unwrap(),
+        Resume::Current(EventId::new("5").unwrap())
+    );
+    let behind = EventId::new("3").unwrap();
+    assert_eq!(
+        b.tracker
+            .resume("s1", "GET /sse/events", Some(&behind))
+            .await
+            .unwrap(),
+        Resume::Behind {
+            client: Some(behind.clone()),
+            latest: EventId::new("5").unwrap()
+        }
+    );
+    assert_eq!(
+        b.tracker
+            .resume("s9", "GET /sse/events", None)
+            .await
+            .unwrap(),
+        Resume::Unknown
+    );
+}
+
+/// Redis is killed and restarted while streams flow: the worker's retries carry the ids
+/// through, and afterwards the store holds every stream's latest id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_stream_loses_no_latest_id() {
+    let mut server = RedisServer::new();
+    let prefix = unique_prefix("restart");
+    let store = store(&server, &prefix).await;
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .heartbeat_interval(None)
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(50),
+                Duration::from_millis(400),
+                50,
+            )),
+    );
+    let h = Harness::start(tracker).await;
+    const STREAMS: usize = 5;
+    let mut streams = Vec::new();
+    for s in 0..STREAMS {
+        let name = format!("r{s}");
+        let tx = h.feed(&name);
+        let client = h
+            .get(&format!("/sse/{name}"), Some(&name), HeaderMap::new())
+            .await;
+        streams.push((name, tx, client));
+    }
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut n = 0;
+    let mut tick = |streams: &mut Vec<(String, _, common::Client)>| {
+        n += 1;
+        for (_, tx, _) in streams.iter() {
+            let tx: &tokio::sync::mpsc::UnboundedSender<Bytes> = tx;
+            tx.send(Bytes::from(format!("id: {n}\n\n"))).unwrap();
+        }
+        sent.fetch_add(STREAMS, std::sync::atomic::Ordering::Relaxed);
+        n
+    };
+    for _ in 0..10 {
+        tick(&mut streams);
+        sleep(Duration::from_millis(20)).await;
+    }
+    server.kill();
+    for _ in 0..50 {
+        tick(&mut streams);
+        sleep(Duration::from_millis(20)).await;
+    }
+    server.restart();
+    let mut last = 0;
+    for _ in 0..10 {
+        last = tick(&mut streams);
+        sleep(Duration::from_millis(20)).await;
+    }
+    // Every client got every frame.
+    let expected: String = (1..=last).map(|i| format!("id: {i}\n\n")).collect();
+    for (name, _, client) in &mut streams {
+        client.read_until_len(expected.len()).await;
+        assert_eq!(client.received, expected.as_bytes(), "{name}");
+    }
+    assert!(
+        recorded.value(STORE_ERRORS_TOTAL, &[]) >= 1.0,
+        "the outage was never noticed"
+    );
+    let check = RedisStore::connect(&server.url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    timeout(Duration::from_secs(30), async {
+        loop {
+            let mut all = true;
+            for (name, _, _) in &streams {
+                let k = key(name, &format!("GET /sse/{name}"));
+                all &= loaded(&check, &k).await.as_deref() == Some(last.to_string().as_str());
+            }
+            if all {
+                break;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the store never caught up with every stream's latest id");
+    println!(
+        "{} ids sent across a Redis restart; store errors seen: {}",
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        recorded.value(STORE_ERRORS_TOTAL, &[])
+    );
+}
