@@ -111,6 +111,7 @@ impl WorkerHandle {
             retries: RetryQueue::default(),
             given_up: Vec::new(),
             writing_keys: Vec::new(),
+            probe_at: None,
         };
         runtime.spawn(worker.run(control_rx));
         Self {
@@ -167,6 +168,8 @@ struct Worker {
     given_up: Vec<Arc<Slot>>,
     /// Keys of the write in flight, for the shutdown report.
     writing_keys: Vec<StreamKey>,
+    /// When to try the given-up streams again if no write succeeds before.
+    probe_at: Option<Instant>,
 }
 
 /// Waits for `f` when there is one; never completes otherwise.
@@ -193,7 +196,9 @@ impl Worker {
                 && self.batch.is_empty()
                 && self.retries.len() == 0
                 && !self.registry.has_dirty()
-                && !self.registry.has_active();
+                && !self.registry.has_active()
+                // A shutdown keeps trying given-up streams until its deadline.
+                && (shutdown.is_none() || self.given_up.is_empty());
             if !open && idle {
                 break;
             }
@@ -226,6 +231,8 @@ impl Worker {
                     if let Ok(request) = request {
                         // Stop intake now, even though bodies still hold senders.
                         self.rx.close();
+                        // Shutdown retries until its deadline, given-up streams included.
+                        self.requeue_given_up();
                         flush_due = true;
                         shutdown = Some(request);
                     }
@@ -253,6 +260,10 @@ impl Worker {
                 }
                 _ = sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
                     self.take_due_retries();
+                    flush_due = true;
+                }
+                _ = sleep_until(self.probe_at.unwrap_or_else(Instant::now)), if self.probe_at.is_some() => {
+                    self.requeue_given_up();
                     flush_due = true;
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
@@ -405,46 +416,65 @@ impl Worker {
                 }
                 self.metrics.store_writes.increment(n as u64);
                 // The store works again: catch up the keys given up on earlier.
-                for slot in std::mem::take(&mut self.given_up) {
-                    slot.clear_dirty();
-                    self.add_latest(slot, 0);
-                }
+                self.requeue_given_up();
                 n
             }
             Err(error) => {
                 self.metrics.store_errors.increment(1);
                 tracing::warn!(%error, streams = n, "SSE tracker store write failed; retrying");
                 let now = Instant::now();
+                let mut given_up = 0;
                 for pending in done.entries {
-                    self.retry_or_give_up(pending, &error, now);
+                    given_up += usize::from(self.retry_or_give_up(pending, now));
+                }
+                if given_up > 0 {
+                    tracing::error!(
+                        streams = given_up,
+                        %error,
+                        "giving up writing the latest id of streams after the last retry; they stay dirty and are tried again after the next successful write"
+                    );
                 }
                 0
             }
         }
     }
 
-    fn retry_or_give_up(&mut self, pending: Pending, error: &StoreError, now: Instant) {
+    /// Schedules a retry of `pending`'s stream, or gives it up; true when given up.
+    fn retry_or_give_up(&mut self, pending: Pending, now: Instant) -> bool {
         let retries = pending.retries + 1;
         let slot = pending.slot;
         if retries > self.config.retry.max_retries() {
             self.metrics.retries_exhausted.increment(1);
             let key = slot.key();
-            tracing::error!(
+            tracing::debug!(
                 session = %key.session,
                 stream = %key.stream,
                 retries = pending.retries,
-                %error,
-                "giving up writing the latest id of a stream; it stays dirty until a later write succeeds"
+                "gave up writing the latest id of a stream"
             );
             if slot.set_dirty() {
                 self.given_up.push(slot);
             }
+            // Given-up streams are tried again after the next successful write, or, if the
+            // store stays down, once per longest retry delay: progress without hammering.
+            self.probe_at.get_or_insert(now + self.config.retry.max());
+            return true;
         } else if slot.enter_retry() {
             // One queue entry per slot: when due it writes the slot's latest id, so a retry is
             // coalesced with anything newer and never writes an old id over a new one.
             self.metrics.retries.increment(1);
             let delay = self.config.retry.delay(retries, self.jitter.next());
             self.retries.push(now + delay, (slot, retries));
+        }
+        false
+    }
+
+    /// Puts the given-up streams back in the batch for a fresh round of retries.
+    fn requeue_given_up(&mut self) {
+        self.probe_at = None;
+        for slot in std::mem::take(&mut self.given_up) {
+            slot.clear_dirty();
+            self.add_latest(slot, 0);
         }
     }
 

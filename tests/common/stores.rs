@@ -1,7 +1,7 @@
 //! Stores that misbehave on purpose: fail, stall or crawl, recording every save attempt.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -19,6 +19,9 @@ pub struct ScriptedStore {
     gate: watch::Sender<bool>,
     /// When each save was called, and whether it succeeded.
     pub attempts: Mutex<Vec<(Instant, bool)>>,
+    /// Share of saves that fail at random, in thousandths.
+    random_per_mille: AtomicU32,
+    rng: AtomicU64,
 }
 
 impl ScriptedStore {
@@ -29,7 +32,29 @@ impl ScriptedStore {
             delay,
             gate: watch::Sender::new(open),
             attempts: Mutex::default(),
+            random_per_mille: AtomicU32::new(0),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         }
+    }
+
+    /// Also fails this share of saves at random (0.0 to 1.0).
+    pub fn with_random_failures(self, share: f64) -> Self {
+        self.random_per_mille
+            .store((share * 1000.0) as u32, Ordering::SeqCst);
+        self
+    }
+
+    fn random_failure(&self) -> bool {
+        let per_mille = self.random_per_mille.load(Ordering::SeqCst);
+        if per_mille == 0 {
+            return false;
+        }
+        let mut x = self.rng.load(Ordering::SeqCst);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::SeqCst);
+        (x % 1000) < u64::from(per_mille)
     }
 
     /// Fails the first `n` saves, then works.
@@ -90,7 +115,8 @@ impl Store for ScriptedStore {
                 usize::MAX => Some(usize::MAX),
                 n => Some(n - 1),
             })
-            .is_ok();
+            .is_ok()
+            || self.random_failure();
         self.attempts.lock().unwrap().push((called, !fail));
         if fail {
             return Err(StoreError::with_source(

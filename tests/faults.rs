@@ -1,0 +1,279 @@
+//! Faults under load: a store that fails at random and goes down for a while, a flood of
+//! distinct session ids, shutdown while streams flow, clients that leave mid-event.
+//! `FAULT_OUTAGE_SECS` (default 5) and `FLOOD_SESSIONS` (default 1 000 000) size the long ones.
+//! (A store taking 1 s per write is `a_slow_store_never_delays_frames_more_than_the_send_timeout`
+//! in `tests/persistence.rs`.)
+
+mod common;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
+#[global_allocator]
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use common::load::{client, serve_load};
+use common::stores::ScriptedStore;
+use common::{Harness, build_recorded};
+use http::{Request, Response, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_sse_tracker::metrics::{
+    EVENTS_TOTAL, REASON_LRU, RETRIES_EXHAUSTED_TOTAL, STORE_ERRORS_TOTAL, STREAMS_ACTIVE,
+    STREAMS_EVICTED_TOTAL,
+};
+use tower_sse_tracker::store::InMemoryStore;
+use tower_sse_tracker::{SessionId, SseTracker, StreamKey, StreamName};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn key(session: &str, stream: &str) -> StreamKey {
+    StreamKey {
+        session: SessionId::new(session).unwrap(),
+        stream: StreamName::new(stream).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failing_30_percent_with_an_outage_under_load_loses_no_latest_id() {
+    let outage = Duration::from_secs(env_or("FAULT_OUTAGE_SECS", 5));
+    let store = Arc::new(ScriptedStore::failing_first(0).with_random_failures(0.3));
+    let (tracker, recorded) = build_recorded(SseTracker::builder().store(store.clone()));
+    let addr = serve_load(&tracker).await;
+    const CLIENTS: u64 = 50;
+    const RATE: u64 = 20;
+    // Streams run through a second of normal (flaky) service, the outage, and a second after.
+    let events_each = RATE * (outage.as_secs() + 2);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/load?events={events_each}&per_second={RATE}");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| tokio::spawn(client(http.clone(), url.clone(), format!("fault-{c:02}"))))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.set_failing(true);
+    tokio::time::sleep(outage).await;
+    store.set_failing(false);
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(c.await.unwrap());
+    }
+    let report = tracker.shutdown(Duration::from_secs(30)).await;
+    println!(
+        "{} events, {} store errors, {} keys given up during the outage; shutdown: {report:?}",
+        recorded.value(EVENTS_TOTAL, &[]),
+        recorded.value(STORE_ERRORS_TOTAL, &[]),
+        recorded.value(RETRIES_EXHAUSTED_TOTAL, &[]),
+    );
+    assert!(report.is_complete(), "{report:?}");
+    for r in &results {
+        assert_eq!(r.received as u64, events_each, "{}", r.session);
+        let persisted = store
+            .get(&key(&r.session, "GET /load"))
+            .map(|s| s.id.to_string());
+        assert_eq!(persisted, r.last_id, "{}", r.session);
+    }
+    assert!(recorded.value(STORE_ERRORS_TOTAL, &[]) > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_accounts_for_every_stream() {
+    let store = Arc::new(ScriptedStore::slow(Duration::from_millis(50)).with_random_failures(0.3));
+    let tracker = SseTracker::builder().store(store.clone()).build().unwrap();
+    let addr = serve_load(&tracker).await;
+    const CLIENTS: u64 = 50;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/load?events=60&per_second=20");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| tokio::spawn(client(http.clone(), url.clone(), format!("shut-{c:02}"))))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // What each stream had published when shutdown began.
+    let at_shutdown: Vec<(String, u64)> = (0..CLIENTS)
+        .map(|c| {
+            let s = format!("shut-{c:02}");
+            let id = tracker
+                .last_event_id(&s, "GET /load")
+                .map_or(0, |id| id.as_str().parse().unwrap());
+            (s, id)
+        })
+        .collect();
+    let report = tracker.shutdown(Duration::from_secs(20)).await;
+    println!("shutdown under load: {report:?}");
+    assert!(report.is_complete(), "{report:?}");
+    assert!(report.persisted > 0);
+    for (session, published) in &at_shutdown {
+        let stored = store
+            .get(&key(session, "GET /load"))
+            .map_or(0, |s| s.id.as_str().parse::<u64>().unwrap());
+        assert!(
+            stored >= *published,
+            "{session}: stored {stored} < {published}"
+        );
+    }
+    // The streams go on after shutdown.
+    for c in clients {
+        assert_eq!(c.await.unwrap().received, 60);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_mid_event_commit_nothing_and_the_gauge_returns_to_zero() {
+    let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None));
+    let h = Harness::start(tracker).await;
+    const CLIENTS: usize = 20;
+    const SENT: &[u8] = b"id: 1\ndata: whole\n\nid: 2\ndata: ha";
+    let mut open = Vec::new();
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let name = format!("cut{c}");
+        let tx = h.feed(&name);
+        let mut client = h
+            .get(&format!("/sse/{name}"), Some(&name), HeaderMap::new())
+            .await;
+        tx.send(Bytes::from_static(SENT)).unwrap();
+        client.read_until_len(SENT.len()).await;
+        open.push((name, tx));
+        clients.push(client);
+    }
+    assert_eq!(recorded.value(STREAMS_ACTIVE, &[]), CLIENTS as f64);
+    // Every client leaves in the middle of event 2.
+    drop(clients);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while recorded.value(STREAMS_ACTIVE, &[]) != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "gauge stuck");
+        for (_, tx) in &open {
+            // The server notices a closed connection when it next writes.
+            let _ = tx.send(Bytes::from_static(b"x"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, _) in &open {
+        assert_eq!(
+            h.tracker
+                .last_event_id(name, &format!("GET /sse/{name}"))
+                .unwrap(),
+            "1",
+            "{name}: the cut event must not count"
+        );
+    }
+}
+
+/// The layer over an always-ready SSE body of `frames`, driven without sockets.
+async fn drive_one(
+    svc: &mut (
+             impl Service<
+        Request<()>,
+        Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin>,
+        Error = Infallible,
+    > + Clone
+         ),
+    session: &str,
+) {
+    let req = Request::builder()
+        .uri("/flood")
+        .header("mcp-session-id", session)
+        .body(())
+        .unwrap();
+    let mut body = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req)
+        .await
+        .unwrap()
+        .into_body();
+    while let Some(frame) = body.frame().await {
+        frame.unwrap();
+    }
+}
+
+#[test]
+fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
+    let sessions = env_or("FLOOD_SESSIONS", 1_000_000) as usize;
+    const MAX_STREAMS: usize = 10_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = Arc::new(InMemoryStore::with_max_keys(MAX_STREAMS));
+        let (tracker, recorded) = build_recorded(
+            SseTracker::builder()
+                .store(store.clone())
+                .heartbeat_interval(None)
+                .max_streams(MAX_STREAMS),
+        );
+        let mut svc =
+            ServiceBuilder::new()
+                .layer(tracker.layer())
+                .service_fn(|_req: Request<()>| async {
+                    let frames = [Ok::<_, Infallible>(Frame::data(Bytes::from_static(
+                        b"id: 1\ndata: x\n\n",
+                    )))];
+                    let mut response =
+                        Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("text/event-stream"),
+                    );
+                    Ok::<_, Infallible>(response)
+                });
+        // Fill to the bound, then measure while the rest of the flood passes.
+        let mut name = String::new();
+        for i in 0..MAX_STREAMS {
+            name.clear();
+            std::fmt::Write::write_fmt(&mut name, format_args!("flood-{i:08}")).unwrap();
+            drive_one(&mut svc, &name).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (bytes_full, _) = counting_alloc::live();
+        let mut peak = bytes_full;
+        for i in MAX_STREAMS..sessions {
+            name.clear();
+            std::fmt::Write::write_fmt(&mut name, format_args!("flood-{i:08}")).unwrap();
+            drive_one(&mut svc, &name).await;
+            if i % 10_000 == 0 {
+                // Let the worker drain, as it would between requests on a real server.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                peak = peak.max(counting_alloc::live().0);
+                assert!(tracker.tracked_streams() <= MAX_STREAMS);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (bytes_end, _) = counting_alloc::live();
+        println!(
+            "flood of {sessions} sessions: registry {} streams (max {MAX_STREAMS}), {} evicted; \
+             heap at the bound {} KiB, peak {} KiB, end {} KiB",
+            tracker.tracked_streams(),
+            recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_LRU)]),
+            bytes_full / 1024,
+            peak / 1024,
+            bytes_end / 1024
+        );
+        assert_eq!(tracker.tracked_streams(), MAX_STREAMS);
+        assert_eq!(
+            recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_LRU)]),
+            (sessions - MAX_STREAMS) as f64
+        );
+        // Memory is bounded: the flood after the bound adds little (a few KiB of churn), not
+        // ~700 bytes per session.
+        let growth = (peak - bytes_full).max(0) as usize;
+        assert!(
+            growth < 8 * 1024 * 1024,
+            "heap grew by {growth} bytes over {} sessions",
+            sessions - MAX_STREAMS
+        );
+        assert!(store.len() <= MAX_STREAMS);
+    });
+}
