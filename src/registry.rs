@@ -1,10 +1,11 @@
 //! Per-stream slots: the latest committed id of every tracked (session, stream), and the
 //! activity of every tracked session.
 //!
-//! Each slot owns a `tokio::sync::watch` channel holding the newest committed [`EventId`]
-//! (latest only: a reader never sees a backlog) and the id's sequence number. A response body
-//! looks its slot up once, when the response starts, and then publishes into it and marks its
-//! session active with atomic operations only: the map is never touched per frame.
+//! Each slot holds the newest committed [`EventId`] and its version (latest only: a reader
+//! never sees a backlog), and a `tokio::sync::watch` channel for subscribers, made when the
+//! first one subscribes. A response body looks its slot up once, when the response starts,
+//! then publishes into it (one uncontended lock) and marks its session active with atomic
+//! operations: the map is never touched per frame.
 //!
 //! Memory is bounded three ways:
 //! - at most `max_streams` slots: a new stream evicts the least recently used one (O(1), an LRU
@@ -24,7 +25,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
@@ -66,6 +67,12 @@ pub(crate) struct Version {
     pub(crate) at_ms: u64,
 }
 
+#[derive(Debug, Default)]
+struct Latest {
+    id: Option<EventId>,
+    version: Version,
+}
+
 /// One tracked stream.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -73,11 +80,14 @@ pub(crate) struct Slot {
     session: Arc<SessionState>,
     /// Bodies streaming into this slot now; a slot with open bodies is never idle.
     open: AtomicU32,
-    latest: watch::Sender<Option<EventId>>,
-    /// Sequence number of the id in `latest`; written only under the watch's write lock.
+    /// The latest id and its version.
+    latest: Mutex<Latest>,
+    /// The latest-only `watch` channel of subscribers, made on the first `subscribe`: a
+    /// `watch::Sender` costs about 300 bytes and its send locks eight wait lists, which most
+    /// streams (nobody subscribed) do not need on every frame.
+    watch: OnceLock<watch::Sender<Option<EventId>>>,
+    /// Copy of `latest.version.sequence`, for lock-free checks.
     sequence: AtomicU64,
-    /// When the id in `latest` was published (registry ms); written with `sequence`.
-    published: AtomicU64,
     /// Highest sequence known to be in the store.
     persisted: AtomicU64,
     /// The worker owes this slot a write of its latest id (see `Registry::mark_dirty`).
@@ -92,9 +102,9 @@ impl Slot {
             key,
             session,
             open: AtomicU32::new(0),
-            latest: watch::Sender::new(None),
+            latest: Mutex::default(),
+            watch: OnceLock::new(),
             sequence: AtomicU64::new(0),
-            published: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             in_retry: AtomicBool::new(false),
@@ -130,40 +140,49 @@ impl Slot {
     /// from the registry's counter (it increases with every id of the key and never repeats,
     /// even for a key whose slot was dropped and created again) and the registry's coarse time.
     pub(crate) fn publish(&self, id: EventId, registry: &Registry) -> Version {
-        let mut version = Version::default();
-        // The version is taken while the watch's write lock is held, so that id order and
-        // version order agree when several bodies publish to one key at once.
-        self.latest.send_modify(|latest| {
-            version = Version {
-                sequence: registry.sequence.fetch_add(1, Ordering::Relaxed) + 1,
-                at_ms: registry.clock.load(Ordering::Relaxed),
-            };
-            self.sequence.store(version.sequence, Ordering::Relaxed);
-            self.published.store(version.at_ms, Ordering::Relaxed);
-            *latest = Some(id);
-        });
+        // The version is taken under the slot's lock, so that id order and version order
+        // agree when several bodies publish to one key at once; subscribers are told under it
+        // too, so they can never be left with an older id than the slot's.
+        let mut latest = lock(&self.latest);
+        let version = Version {
+            sequence: registry.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            at_ms: registry.clock.load(Ordering::Relaxed),
+        };
+        self.sequence.store(version.sequence, Ordering::Relaxed);
+        if let Some(watch) = self.watch.get()
+            && watch.receiver_count() > 0
+        {
+            watch.send_replace(Some(id.clone()));
+        }
+        *latest = Latest {
+            id: Some(id),
+            version,
+        };
         version
     }
 
     pub(crate) fn latest(&self) -> Option<EventId> {
-        self.latest.borrow().clone()
+        lock(&self.latest).id.clone()
     }
 
     /// The latest id with its version, read together.
     pub(crate) fn latest_entry(&self) -> Option<(EventId, Version)> {
-        let latest = self.latest.borrow();
-        let id = latest.clone()?;
-        Some((
-            id,
-            Version {
-                sequence: self.sequence.load(Ordering::Relaxed),
-                at_ms: self.published.load(Ordering::Relaxed),
-            },
-        ))
+        let latest = lock(&self.latest);
+        Some((latest.id.clone()?, latest.version))
     }
 
+    /// A receiver of this stream's latest ids, starting at the current one (marked seen).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
-        self.latest.subscribe()
+        let watch = self.watch.get_or_init(|| watch::Sender::new(None));
+        let latest = lock(&self.latest);
+        watch.send_if_modified(|value| {
+            let changed = *value != latest.id;
+            if changed {
+                value.clone_from(&latest.id);
+            }
+            changed
+        });
+        watch.subscribe()
     }
 
     pub(crate) fn persisted(&self) -> u64 {
@@ -234,13 +253,14 @@ pub(crate) struct Counts {
     pub(crate) names: usize,
 }
 
-/// Heap bytes of one tracked stream (its slot, `watch`, LRU and session-list entries), of one
-/// session (its map entry, state and id) and of one interned name. Calibrated on the counting
+/// Heap bytes of one tracked stream (its slot, LRU and session-list entries), of one session
+/// (its map entry, state and id) and of one interned name. Calibrated on the counting
 /// allocator of `tests/memory.rs` (`cargo test session::memory_usage -- --nocapture`): a stream
-/// with a session of its own measures 670-720 bytes in 6 allocations, about 800 with the
-/// allocator's own overhead per block, which `STREAM_BYTES + SESSION_BYTES` gives.
-pub(crate) const STREAM_BYTES: usize = 576;
-pub(crate) const SESSION_BYTES: usize = 224;
+/// with a session of its own measures 370-390 bytes in 5 allocations, about 460 with the
+/// allocator's own overhead per block, which `STREAM_BYTES + SESSION_BYTES` gives. A stream
+/// that has subscribers also has a `watch` channel, about 300 bytes more.
+pub(crate) const STREAM_BYTES: usize = 288;
+pub(crate) const SESSION_BYTES: usize = 176;
 pub(crate) const NAME_BYTES: usize = 96;
 
 impl Counts {

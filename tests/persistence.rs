@@ -193,10 +193,14 @@ async fn an_always_failing_store_is_given_up_counted_and_caught_up_after_recover
         recorded.value(RETRIES_EXHAUSTED_TOTAL, &[]) == 1.0
     })
     .await;
-    sleep(Duration::from_secs(5)).await;
-    // One first attempt and three retries, then nothing more while the store is down.
+    // One first attempt and three retries, growing from 10 ms.
     assert_eq!(store.calls(), 4);
-    assert_eq!(recorded.value(STORE_ERRORS_TOTAL, &[]), 4.0);
+    sleep(Duration::from_secs(5)).await;
+    // While the store stays down: a single probe per longest retry delay (100 ms), no more.
+    let probes = store.calls() - 4;
+    println!("probes in 5 s of outage: {probes}");
+    assert!((45..=50).contains(&probes), "{probes} probes");
+    assert_eq!(recorded.value(STORE_ERRORS_TOTAL, &[]), (4 + probes) as f64);
     assert!(store.get(&key("s1", "GET /sse/x")).is_none());
 
     // The store recovers; the next successful write catches the given-up key up.

@@ -99,6 +99,7 @@ impl WorkerHandle {
         metrics: Handles,
     ) -> Self {
         let (sender, rx) = mpsc::channel(capacity);
+        let linger = (config.flush_interval / 20).clamp(Duration::from_micros(100), MAX_LINGER);
         let (control, control_rx) = oneshot::channel();
         let worker = Worker {
             rx,
@@ -112,6 +113,7 @@ impl WorkerHandle {
             given_up: Vec::new(),
             writing_keys: Vec::new(),
             probe_at: None,
+            linger,
         };
         runtime.spawn(worker.run(control_rx));
         Self {
@@ -143,6 +145,11 @@ impl WorkerHandle {
     }
 }
 
+/// Longest pause between two receives while records trickle in (a twentieth of the flush
+/// interval, at most this): the worker wakes up a few hundred times a second at most, not
+/// once per record, and a full channel (1024 records) still takes 200 000 records a second.
+const MAX_LINGER: Duration = Duration::from_millis(5);
+
 /// Slots the idle sweep looks at per tick, at most.
 const SWEEP_BUDGET: usize = 1024;
 
@@ -170,6 +177,8 @@ struct Worker {
     writing_keys: Vec<StreamKey>,
     /// When to try the given-up streams again if no write succeeds before.
     probe_at: Option<Instant>,
+    /// How long records may gather in the channel after a partial receive.
+    linger: Duration,
 }
 
 /// Waits for `f` when there is one; never completes otherwise.
@@ -191,6 +200,7 @@ impl Worker {
         let mut control_live = true;
         let mut shutdown: Option<ShutdownRequest> = None;
         let mut persisted_in_shutdown = 0;
+        let mut resume_at: Option<Instant> = None;
         loop {
             let idle = writing.is_none()
                 && self.batch.is_empty()
@@ -221,7 +231,8 @@ impl Worker {
                 .set(self.retries.len() as f64);
 
             let room = self.config.max_batch.saturating_sub(self.batch.len());
-            let receiving = open && room > 0;
+            let lingering = resume_at.is_some_and(|t| Instant::now() < t);
+            let receiving = open && room > 0 && !lingering;
             let next_retry = self.retries.next_due();
             let deadline = shutdown.as_ref().map(|s| s.deadline);
             tokio::select! {
@@ -232,7 +243,7 @@ impl Worker {
                         // Stop intake now, even though bodies still hold senders.
                         self.rx.close();
                         // Shutdown retries until its deadline, given-up streams included.
-                        self.requeue_given_up();
+                        self.requeue_given_up(0);
                         flush_due = true;
                         shutdown = Some(request);
                     }
@@ -251,8 +262,16 @@ impl Worker {
                     if received == 0 {
                         open = false;
                     } else {
+                        // A partial receive means records trickle in: let them gather for a
+                        // moment instead of waking up for each one.
+                        if received < room && shutdown.is_none() {
+                            resume_at = Some(Instant::now() + self.linger);
+                        }
                         self.accept(&mut buf);
                     }
+                }
+                _ = sleep_until(resume_at.unwrap_or_else(Instant::now)), if lingering => {
+                    resume_at = None;
                 }
                 _ = tick.tick() => {
                     flush_due = true;
@@ -263,7 +282,8 @@ impl Worker {
                     flush_due = true;
                 }
                 _ = sleep_until(self.probe_at.unwrap_or_else(Instant::now)), if self.probe_at.is_some() => {
-                    self.requeue_given_up();
+                    // One attempt; if it fails the streams are given up again until the next.
+                    self.requeue_given_up(self.config.retry.max_retries());
                     flush_due = true;
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
@@ -416,7 +436,7 @@ impl Worker {
                 }
                 self.metrics.store_writes.increment(n as u64);
                 // The store works again: catch up the keys given up on earlier.
-                self.requeue_given_up();
+                self.requeue_given_up(0);
                 n
             }
             Err(error) => {
@@ -455,8 +475,9 @@ impl Worker {
             if slot.set_dirty() {
                 self.given_up.push(slot);
             }
-            // Given-up streams are tried again after the next successful write, or, if the
-            // store stays down, once per longest retry delay: progress without hammering.
+            // Given-up streams are tried again after the next successful write, or, while the
+            // store stays down, with one attempt per longest retry delay: progress without
+            // hammering.
             self.probe_at.get_or_insert(now + self.config.retry.max());
             return true;
         } else if slot.enter_retry() {
@@ -469,12 +490,13 @@ impl Worker {
         false
     }
 
-    /// Puts the given-up streams back in the batch for a fresh round of retries.
-    fn requeue_given_up(&mut self) {
+    /// Puts the given-up streams back in the batch, with `retries` already spent: 0 for a
+    /// fresh round (the store works again, or shutdown), the maximum for a single probe.
+    fn requeue_given_up(&mut self, retries: u32) {
         self.probe_at = None;
         for slot in std::mem::take(&mut self.given_up) {
             slot.clear_dirty();
-            self.add_latest(slot, 0);
+            self.add_latest(slot, retries);
         }
     }
 

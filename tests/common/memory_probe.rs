@@ -2,8 +2,13 @@
 //! `tests/memory.rs` and `benches/memory_overhead.rs`; the including crate declares
 //! `counting_alloc` (the `#[global_allocator]`) next to this module.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body_util::Empty;
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::store::{SaveEntry, Store, StoreError, StoredId};
 use tower_sse_tracker::{SseTracker, StreamKey};
 
@@ -23,7 +28,8 @@ impl Store for NullStore {
 }
 
 /// Heap bytes and allocations per tracked stream for `n` streams of distinct sessions on one
-/// path, measured on this thread (a current-thread runtime runs the worker here too).
+/// path, each registered by a real request through the layer (an SSE response with an empty
+/// body), measured on this thread (a current-thread runtime runs the worker here too).
 pub fn bytes_per_stream(n: usize) -> (f64, f64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -40,11 +46,29 @@ pub fn bytes_per_stream(n: usize) -> (f64, f64) {
             .unwrap();
         // Let the worker start and allocate what it keeps.
         tokio::time::sleep(flush * 3).await;
+        let mut svc =
+            ServiceBuilder::new()
+                .layer(tracker.layer())
+                .service_fn(|_req: Request<()>| async {
+                    let mut response = Response::new(Empty::<Bytes>::new());
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("text/event-stream"),
+                    );
+                    Ok::<_, Infallible>(response)
+                });
+        let mut session = String::new();
         let (bytes0, blocks0) = counting_alloc::live();
         for i in 0..n {
-            tracker
-                .subscribe(&format!("session-{i:08}"), "GET /mcp")
+            session.clear();
+            std::fmt::Write::write_fmt(&mut session, format_args!("session-{i:08}")).unwrap();
+            let req = Request::builder()
+                .uri("/mcp")
+                .header("mcp-session-id", session.as_str())
+                .body(())
                 .unwrap();
+            // The response and its body are dropped at once, as when a stream ends.
+            let _ = svc.ready().await.unwrap().call(req).await.unwrap();
         }
         // Let the worker take the activity marks (a transient list).
         tokio::time::sleep(flush * 3).await;
