@@ -14,7 +14,8 @@
 //! - `GET /metrics`: the tracker's metrics in the Prometheus text format.
 //!
 //! Heartbeats are sent after 5 s of silence here (15 s is the default) so that they show up
-//! quickly: try `?interval_ms=12000`.
+//! quickly: try `?interval_ms=12000`. `SSE_TRACKER=off` serves the same routes without the
+//! layer (to measure its overhead with `examples/loadgen.rs`); `RUST_LOG` sets the log level.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,10 +62,15 @@ fn numbered_events(start: u64, every: Duration) -> impl Stream<Item = Result<Eve
         (start, tokio::time::interval(every)),
         |(n, mut ticks)| async move {
             ticks.tick().await;
+            // `ts` (server time in µs) lets the load generator measure delivery latency.
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros() as u64;
             let event = Event::default()
                 .id(n.to_string())
                 .event("tick")
-                .data(json!({ "n": n }).to_string());
+                .data(json!({ "n": n, "ts": ts }).to_string());
             Some((Ok(event), (n + 1, ticks)))
         },
     )
@@ -177,12 +183,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new()
         .route("/events", get(events))
         .route("/sessions/{session}", get(session))
-        .route("/metrics", get(metrics))
-        .layer(tracker.layer())
-        .with_state(AppState {
-            tracker,
-            prometheus,
-        });
+        .route("/metrics", get(metrics));
+    // `SSE_TRACKER=off` serves the same routes without the layer, to measure its overhead.
+    let app = if std::env::var("SSE_TRACKER").is_ok_and(|v| v == "off") {
+        println!("SSE_TRACKER=off: serving without the tracker layer");
+        app
+    } else {
+        app.layer(tracker.layer())
+    };
+    let app = app.with_state(AppState {
+        tracker,
+        prometheus,
+    });
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;

@@ -127,10 +127,8 @@ async fn run_client(
                         totals.heartbeats.fetch_add(1, Ordering::Relaxed);
                     } else if let Some(v) = line.strip_prefix("id:") {
                         id = v.trim().parse::<u64>().ok();
-                    } else if let Some(data) = line.strip_prefix("data:") {
-                        if let Some(ts) = timestamp(data) {
-                            latencies.push(now_micros().saturating_sub(ts));
-                        }
+                    } else if let Some(ts) = line.strip_prefix("data:").and_then(timestamp) {
+                        latencies.push(now_micros().saturating_sub(ts));
                     }
                 }
                 if let Some(id) = id {
