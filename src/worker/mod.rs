@@ -99,7 +99,6 @@ impl WorkerHandle {
         metrics: Handles,
     ) -> Self {
         let (sender, rx) = mpsc::channel(capacity);
-        let linger = (config.flush_interval / 20).clamp(Duration::from_micros(100), MAX_LINGER);
         let (control, control_rx) = oneshot::channel();
         let worker = Worker {
             rx,
@@ -113,7 +112,6 @@ impl WorkerHandle {
             given_up: Vec::new(),
             writing_keys: Vec::new(),
             probe_at: None,
-            linger,
         };
         runtime.spawn(worker.run(control_rx));
         Self {
@@ -145,11 +143,6 @@ impl WorkerHandle {
     }
 }
 
-/// Longest pause between two receives while records trickle in (a twentieth of the flush
-/// interval, at most this): the worker wakes up a few hundred times a second at most, not
-/// once per record, and a full channel (1024 records) still takes 200 000 records a second.
-const MAX_LINGER: Duration = Duration::from_millis(5);
-
 /// Slots the idle sweep looks at per tick, at most.
 const SWEEP_BUDGET: usize = 1024;
 
@@ -177,8 +170,6 @@ struct Worker {
     writing_keys: Vec<StreamKey>,
     /// When to try the given-up streams again if no write succeeds before.
     probe_at: Option<Instant>,
-    /// How long records may gather in the channel after a partial receive.
-    linger: Duration,
 }
 
 /// Waits for `f` when there is one; never completes otherwise.
@@ -200,7 +191,6 @@ impl Worker {
         let mut control_live = true;
         let mut shutdown: Option<ShutdownRequest> = None;
         let mut persisted_in_shutdown = 0;
-        let mut resume_at: Option<Instant> = None;
         loop {
             let idle = writing.is_none()
                 && self.batch.is_empty()
@@ -231,8 +221,7 @@ impl Worker {
                 .set(self.retries.len() as f64);
 
             let room = self.config.max_batch.saturating_sub(self.batch.len());
-            let lingering = resume_at.is_some_and(|t| Instant::now() < t);
-            let receiving = open && room > 0 && !lingering;
+            let receiving = open && room > 0;
             let next_retry = self.retries.next_due();
             let deadline = shutdown.as_ref().map(|s| s.deadline);
             tokio::select! {
@@ -262,16 +251,8 @@ impl Worker {
                     if received == 0 {
                         open = false;
                     } else {
-                        // A partial receive means records trickle in: let them gather for a
-                        // moment instead of waking up for each one.
-                        if received < room && shutdown.is_none() {
-                            resume_at = Some(Instant::now() + self.linger);
-                        }
                         self.accept(&mut buf);
                     }
-                }
-                _ = sleep_until(resume_at.unwrap_or_else(Instant::now)), if lingering => {
-                    resume_at = None;
                 }
                 _ = tick.tick() => {
                     flush_due = true;
