@@ -11,19 +11,15 @@ mod counting_alloc;
 #[global_allocator]
 static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
+use common::direct::{drive, frames_service};
 use common::load::{client, serve_load};
 use common::stores::ScriptedStore;
 use common::{Harness, build_recorded};
-use http::{Request, Response, header};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::metrics::{
     EVENTS_TOTAL, REASON_LRU, RETRIES_EXHAUSTED_TOTAL, STORE_ERRORS_TOTAL, STREAMS_ACTIVE,
     STREAMS_EVICTED_TOTAL,
@@ -169,35 +165,6 @@ async fn clients_leaving_mid_event_commit_nothing_and_the_gauge_returns_to_zero(
     }
 }
 
-/// The layer over an always-ready SSE body of `frames`, driven without sockets.
-async fn drive_one(
-    svc: &mut (
-             impl Service<
-        Request<()>,
-        Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin>,
-        Error = Infallible,
-    > + Clone
-         ),
-    session: &str,
-) {
-    let req = Request::builder()
-        .uri("/flood")
-        .header("mcp-session-id", session)
-        .body(())
-        .unwrap();
-    let mut body = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(req)
-        .await
-        .unwrap()
-        .into_body();
-    while let Some(frame) = body.frame().await {
-        frame.unwrap();
-    }
-}
-
 #[test]
 fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
     let sessions = env_or("FLOOD_SESSIONS", 1_000_000) as usize;
@@ -214,27 +181,14 @@ fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
                 .heartbeat_interval(None)
                 .max_streams(MAX_STREAMS),
         );
-        let mut svc =
-            ServiceBuilder::new()
-                .layer(tracker.layer())
-                .service_fn(|_req: Request<()>| async {
-                    let frames = [Ok::<_, Infallible>(Frame::data(Bytes::from_static(
-                        b"id: 1\ndata: x\n\n",
-                    )))];
-                    let mut response =
-                        Response::new(StreamBody::new(futures_util::stream::iter(frames)));
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static("text/event-stream"),
-                    );
-                    Ok::<_, Infallible>(response)
-                });
+        let mut svc = frames_service(&tracker);
+        let frame = Bytes::from_static(b"id: 1\ndata: x\n\n");
         // Fill to the bound, then measure while the rest of the flood passes.
         let mut name = String::new();
         for i in 0..MAX_STREAMS {
             name.clear();
             std::fmt::Write::write_fmt(&mut name, format_args!("flood-{i:08}")).unwrap();
-            drive_one(&mut svc, &name).await;
+            drive(&mut svc, &name, vec![frame.clone()]).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (bytes_full, _) = counting_alloc::live();
@@ -242,7 +196,7 @@ fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
         for i in MAX_STREAMS..sessions {
             name.clear();
             std::fmt::Write::write_fmt(&mut name, format_args!("flood-{i:08}")).unwrap();
-            drive_one(&mut svc, &name).await;
+            drive(&mut svc, &name, vec![frame.clone()]).await;
             if i % 10_000 == 0 {
                 // Let the worker drain, as it would between requests on a real server.
                 tokio::time::sleep(Duration::from_millis(1)).await;

@@ -15,91 +15,23 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use memory_probe::{NullStore, bytes_per_stream};
 use tower::{Service, ServiceBuilder, ServiceExt};
+
+use memory_probe::{NullStore, bytes_per_stream};
 use tower_sse_tracker::SseTracker;
-
-type Frames = Vec<Bytes>;
-
-/// The layer over a service whose SSE body yields the frames found in the request extensions,
-/// always ready: driving it involves no I/O and no timer.
-fn frames_service(
-    tracker: &SseTracker,
-) -> impl Service<
-    Request<()>,
-    Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin + use<>>,
-    Error = Infallible,
-> + Clone
-+ use<> {
-    ServiceBuilder::new()
-        .layer(tracker.layer())
-        .service_fn(|mut req: Request<()>| async move {
-            let frames: Frames = req.extensions_mut().remove().unwrap_or_default();
-            let body = StreamBody::new(futures_util::stream::iter(
-                frames
-                    .into_iter()
-                    .map(|f| Ok::<_, Infallible>(Frame::data(f))),
-            ));
-            let mut response = Response::new(body);
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/event-stream"),
-            );
-            Ok::<_, Infallible>(response)
-        })
-}
-
-fn request(session: &str, frames: Frames) -> Request<()> {
-    let mut req = Request::builder()
-        .uri("/mcp")
-        .header("mcp-session-id", session)
-        .body(())
-        .unwrap();
-    req.extensions_mut().insert(frames);
-    req
-}
-
-fn id_frames(n: usize) -> Frames {
-    (1..=n)
-        .map(|i| Bytes::from(format!("id: {i}\n\n")))
-        .collect()
-}
 
 mod session {
     use super::*;
+    use crate::common::direct::{drive, frames_service, id_frames, request};
     use crate::common::{Harness, build_recorded};
     use axum::http::HeaderMap;
     use tower_sse_tracker::metrics::{
         ACTIVITY_BATCH_SIZE, ACTIVITY_UPDATES_TOTAL, REASON_IDLE, STREAMS_EVICTED_TOTAL,
     };
     use tower_sse_tracker::store::InMemoryStore;
-
-    async fn drive(
-        svc: &mut (
-                 impl Service<
-            Request<()>,
-            Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin>,
-            Error = Infallible,
-        > + Clone
-             ),
-        session: &str,
-        frames: Frames,
-    ) {
-        let response = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(request(session, frames))
-            .await
-            .unwrap();
-        let mut body = response.into_body();
-        while let Some(frame) = body.frame().await {
-            frame.unwrap();
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn activity_batching_writes_a_session_once_per_flush_however_many_frames() {
