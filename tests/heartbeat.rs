@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use common::{Client, Harness, build_recorded, reference};
+use common::{Client, Harness, build_recorded, no_heartbeat, reference};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{Instant, timeout};
 use tower_sse_tracker::SseTracker;
@@ -144,13 +144,7 @@ async fn test_sse_heartbeat_uses_the_configured_interval_and_text_or_none() {
     client.read_until_suffix(b": ping\n\n").await;
     assert!(t.elapsed() < Duration::from_secs(3));
 
-    let h = Harness::start(
-        SseTracker::builder()
-            .heartbeat_interval(None)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let h = Harness::start(no_heartbeat()).await;
     let (_tx, mut client) = open(&h, "off").await;
     quiet_for(&mut client, 10 * INTERVAL).await;
     assert!(client.received.is_empty());

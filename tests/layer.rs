@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
-use common::{Harness, build_recorded, run_frames};
+use common::{Harness, build_recorded, no_heartbeat, run_frames};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::SseTracker;
@@ -15,13 +15,6 @@ use tower_sse_tracker::metrics::{
     EVENTS_TOTAL, REASON_LRU, REASON_NO_SESSION, STREAMS_ACTIVE, STREAMS_EVICTED_TOTAL,
     UNTRACKED_STREAMS_TOTAL,
 };
-
-fn no_heartbeat() -> SseTracker {
-    SseTracker::builder()
-        .heartbeat_interval(None)
-        .build()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn sse_bytes_pass_through_unchanged_and_in_order() {

@@ -18,15 +18,15 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 
 use memory_probe::{NullStore, bytes_per_stream};
 use tower_sse_tracker::SseTracker;
 
 mod session {
     use super::*;
-    use crate::common::direct::{drive, frames_service, id_frames, request};
-    use crate::common::{Harness, build_recorded};
+    use crate::common::direct::{drive, frames_service, id_frames, request, respond};
+    use crate::common::{Harness, build_recorded, no_heartbeat};
     use axum::http::HeaderMap;
     use tower_sse_tracker::metrics::{
         ACTIVITY_BATCH_SIZE, ACTIVITY_UPDATES_TOTAL, REASON_IDLE, STREAMS_EVICTED_TOTAL,
@@ -70,13 +70,7 @@ mod session {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn activity_batching_spawns_no_task_while_10000_frames_flow() {
-        let h = Harness::start(
-            SseTracker::builder()
-                .heartbeat_interval(None)
-                .build()
-                .unwrap(),
-        )
-        .await;
+        let h = Harness::start(no_heartbeat()).await;
         let tx = h.feed("tasks");
         let mut client = h.get("/sse/tasks", Some("s1"), HeaderMap::new()).await;
         tx.send(Bytes::from_static(b"id: 0\n\n")).unwrap();
@@ -142,14 +136,9 @@ mod session {
                 .idle_ttl(Some(Duration::from_secs(60))),
         );
         let mut svc = frames_service(&tracker);
-        let response = svc
-            .ready()
+        let mut body = respond(&mut svc, request("open", id_frames(1)))
             .await
-            .unwrap()
-            .call(request("open", id_frames(1)))
-            .await
-            .unwrap();
-        let mut body = response.into_body();
+            .into_body();
         body.frame().await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert_eq!(tracker.tracked_streams(), 1);
@@ -189,36 +178,20 @@ mod session {
                 Ok::<_, Infallible>(Response::new(body))
             });
             // One stream first, so that the slot is not counted per body.
-            let _first = layered
-                .ready()
-                .await
-                .unwrap()
-                .call(request("one", Vec::new()))
-                .await
-                .unwrap();
+            let _first = respond(&mut layered, request("one", Vec::new())).await;
             let (b0, _) = counting_alloc::live();
             let mut bare_bodies = Vec::with_capacity(BODIES);
             for _ in 0..BODIES {
-                let r = bare
-                    .ready()
-                    .await
-                    .unwrap()
-                    .call(Request::new(()))
-                    .await
-                    .unwrap();
-                bare_bodies.push(r.into_body());
+                bare_bodies.push(respond(&mut bare, Request::new(())).await.into_body());
             }
             let (b1, _) = counting_alloc::live();
             let mut tracked = Vec::with_capacity(BODIES);
             for _ in 0..BODIES {
-                let r = layered
-                    .ready()
-                    .await
-                    .unwrap()
-                    .call(request("one", Vec::new()))
-                    .await
-                    .unwrap();
-                tracked.push(r.into_body());
+                tracked.push(
+                    respond(&mut layered, request("one", Vec::new()))
+                        .await
+                        .into_body(),
+                );
             }
             let (b2, _) = counting_alloc::live();
             let bare_each = (b1 - b0) as f64 / BODIES as f64;

@@ -57,6 +57,15 @@ pub fn id_frames(n: usize) -> Frames {
         .collect()
 }
 
+/// Sends one request through `svc` and returns its response.
+pub async fn respond<S>(svc: &mut S, req: Request<()>) -> S::Response
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready().await.unwrap().call(req).await.unwrap()
+}
+
 /// Sends one request and reads its body to the end.
 pub async fn drive(
     svc: &mut (
@@ -69,14 +78,7 @@ pub async fn drive(
     session: &str,
     frames: Frames,
 ) {
-    let response = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(session, frames))
-        .await
-        .unwrap();
-    let mut body = response.into_body();
+    let mut body = respond(svc, request(session, frames)).await.into_body();
     while let Some(frame) = body.frame().await {
         frame.unwrap();
     }

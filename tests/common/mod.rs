@@ -300,6 +300,14 @@ impl Recorded {
     }
 }
 
+/// A tracker with heartbeats off, for tests where a heartbeat would only be noise.
+pub fn no_heartbeat() -> SseTracker {
+    SseTracker::builder()
+        .heartbeat_interval(None)
+        .build()
+        .unwrap()
+}
+
 /// Builds a tracker whose metrics go to a recorder of its own.
 pub fn build_recorded(builder: tower_sse_tracker::SseTrackerBuilder) -> (SseTracker, Recorded) {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
