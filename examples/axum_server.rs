@@ -106,7 +106,7 @@ async fn events(
                     tracing::info!(%session, ?client, %latest, "client is behind: replaying after its id");
                     after(client.as_ref())
                 }
-                Ok(Resume::Unknown) => after(client.as_ref()),
+                Ok(_) => after(client.as_ref()),
                 Err(error) => {
                     tracing::warn!(%error, "store unavailable: trusting the client's id");
                     after(client.as_ref())

@@ -82,6 +82,10 @@ async fn events(
             println!("[{}] unknown stream: starting at 1", instance.name);
             1
         }
+        Ok(other) => {
+            println!("[{}] {other:?}: starting at 1", instance.name);
+            1
+        }
         Err(error) => {
             println!(
                 "[{}] store unavailable ({error}): trusting the client",
@@ -99,9 +103,7 @@ async fn start_instance(
     name: &'static str,
     url: &str,
 ) -> Result<(Instance, String), Box<dyn std::error::Error>> {
-    let store = RedisStore::connect(url)
-        .await?
-        .with_prefix("two-instances-demo");
+    let store = RedisStore::new(url)?.with_prefix("two-instances-demo");
     let tracker = SseTracker::builder().store(store).build()?;
     let instance = Instance { name, tracker };
     let app = Router::new()

@@ -7,17 +7,14 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
-use metrics::Gauge;
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::PollSender;
 
-use crate::key::EventId;
 use crate::registry::Slot;
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
-use crate::worker::Record;
 
 pin_project! {
     /// The response body of [`SseTrackerService`](crate::SseTrackerService).
@@ -46,13 +43,13 @@ pin_project! {
         scanner: Scanner,
         shared: Arc<Shared>,
         tracked: Option<Tracked>,
-        // Start of the current quiet period: the last frame, heartbeat or boundary check.
+        // Start of the current quiet period: when the inner body was last found idle after a
+        // frame, or the last heartbeat. The clock is read once per idle transition, not per
+        // frame: `fresh` says a frame came since.
         quiet_since: Instant,
-        // A record the worker's channel had no room for: the body waits (at most the send
-        // timeout) for room before it pulls the next frame.
-        handoff: Option<Record>,
+        fresh: bool,
         // Made the first time the channel is full.
-        poll_sender: Option<PollSender<Record>>,
+        poll_sender: Option<PollSender<Arc<Slot>>>,
         // The one timer of the stream: heartbeats and the hand-off deadline. Created the first
         // time it is needed, then only reset.
         #[pin]
@@ -63,21 +60,57 @@ pin_project! {
 /// The registry slot of a tracked stream; counts the stream as active while it lives.
 struct Tracked {
     slot: Arc<Slot>,
-    active: Gauge,
+    shared: Arc<Shared>,
+    /// The slot waits for room in the worker's channel (the body holds its queued flag).
+    handoff: bool,
+    /// Events not yet added to `sse_tracker_events_total`, and committed ids not yet added to
+    /// `sse_tracker_records_coalesced_total` (ids that a newer id of the stream replaced before
+    /// the worker read the slot): the counters are shared by every stream, so they are updated
+    /// once per [`EVENTS_BATCH`] events and when the body ends.
+    events: u64,
+    coalesced: u64,
 }
 
+/// Events a body counts before it adds them to the shared counter.
+const EVENTS_BATCH: u64 = 64;
+
 impl Tracked {
-    fn new(slot: Arc<Slot>, active: Gauge) -> Self {
-        active.increment(1.0);
-        slot.body_opened();
-        Self { slot, active }
+    fn new(slot: Arc<Slot>, shared: Arc<Shared>) -> Self {
+        shared.metrics.streams_active.increment(1.0);
+        Self {
+            slot,
+            shared,
+            handoff: false,
+            events: 0,
+            coalesced: 0,
+        }
+    }
+
+    fn report_counts(&mut self) {
+        let metrics = &self.shared.metrics;
+        if self.events > 0 {
+            metrics.events.increment(std::mem::take(&mut self.events));
+        }
+        if self.coalesced > 0 {
+            metrics
+                .records_coalesced
+                .increment(std::mem::take(&mut self.coalesced));
+        }
     }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.active.decrement(1.0);
-        self.slot.body_closed();
+        let shared = &self.shared;
+        if self.handoff {
+            // The body goes while its slot waits for room in the channel: the registry's dirty
+            // list takes the slot instead, so the worker still writes its latest id.
+            shared.registry.push_dirty(self.slot.clone());
+        }
+        self.report_counts();
+        let shared = &self.shared;
+        shared.metrics.streams_active.decrement(1.0);
+        shared.registry.body_closed(&self.slot);
         let key = self.slot.key();
         tracing::debug!(session = %key.session, stream = %key.stream, "SSE stream closed");
     }
@@ -88,14 +121,16 @@ impl<B> TrackedBody<B> {
         Self { inner, sse: None }
     }
 
+    /// An SSE body; `slot` is the registry slot it tracks, already counted as live by the
+    /// registry (the body ends that when it goes).
     pub(crate) fn sse(inner: B, shared: Arc<Shared>, slot: Option<Arc<Slot>>) -> Self {
-        let tracked = slot.map(|slot| Tracked::new(slot, shared.metrics.streams_active.clone()));
+        let tracked = slot.map(|slot| Tracked::new(slot, shared.clone()));
         let state = SseState {
             scanner: Scanner::with_max_id_len(shared.config.max_id_len),
             shared,
             tracked,
             quiet_since: Instant::now(),
-            handoff: None,
+            fresh: false,
             poll_sender: None,
             sleep: None,
         };
@@ -143,20 +178,24 @@ impl SseState {
         }
         let mut this = self.project();
         let feed = this.scanner.feed(data);
-        if this.shared.config.heartbeat.is_some() {
-            *this.quiet_since = Instant::now();
-        }
+        *this.fresh = true;
         let Some(tracked) = this.tracked else {
             return;
         };
-        // Activity: atomic writes on the session's state; no message, no task.
-        this.shared.registry.mark_active(tracked.slot.session());
-        let metrics = &this.shared.metrics;
+        let shared = &**this.shared;
+        // Activity: atomic operations on the session's state; no message, no task.
+        shared.registry.mark_active(tracked.slot.session());
         if feed.events > 0 {
-            metrics.events.increment(feed.events as u64);
+            tracked.events += feed.events as u64;
+            if tracked.events >= EVENTS_BATCH {
+                tracked.report_counts();
+            }
         }
         if feed.ids_rejected > 0 {
-            metrics.ids_rejected.increment(feed.ids_rejected as u64);
+            shared
+                .metrics
+                .ids_rejected
+                .increment(feed.ids_rejected as u64);
             let key = tracked.slot.key();
             tracing::debug!(
                 session = %key.session,
@@ -165,56 +204,54 @@ impl SseState {
                 "ignored SSE id fields holding NUL or longer than max_id_len"
             );
         }
-        // Latest only: of the ids committed in one frame, only the last is published.
+        // Latest only: of the ids committed in one frame, only the last is published. Its bytes
+        // are copied into the slot's buffer: no allocation, no tracker-wide counter.
         let Some(bytes) = this.scanner.last_committed().filter(|_| feed.ids > 0) else {
             return;
         };
-        let id = EventId::from_scanned(bytes);
-        let version = tracked.slot.publish(id.clone(), &this.shared.registry);
-        if tracked.slot.is_dirty() {
-            // The worker will write this stream's latest id from the registry anyway; the
-            // stream is not made to wait again until the worker has caught up with it.
+        let (_version, hand_over) = tracked.slot.publish(bytes, shared.registry.coarse_us());
+        tracked.coalesced += feed.ids as u64 - u64::from(hand_over);
+        if !hand_over {
+            // The worker already owes this stream a look (once per flush at most): it reads the
+            // latest id from the slot then.
             return;
         }
-        let record = Record {
-            slot: tracked.slot.clone(),
-            id,
-            version,
-        };
-        match this.shared.worker.sender.try_send(record) {
-            Ok(()) => metrics.records_enqueued.increment(1),
-            Err(TrySendError::Full(record)) => {
+        match shared.worker.sender.try_send(tracked.slot.clone()) {
+            Ok(()) => shared.metrics.records_enqueued.increment(1),
+            Err(TrySendError::Full(_)) => {
                 // The frame is delivered now; the next one waits for room, at most the send
                 // timeout.
-                *this.handoff = Some(record);
-                let deadline = Instant::now() + this.shared.config.send_timeout;
+                tracked.handoff = true;
+                let deadline = Instant::now() + shared.config.send_timeout;
                 match this.sleep.as_mut().as_pin_mut() {
                     Some(sleep) => sleep.reset(deadline),
                     None => this.sleep.set(Some(sleep_until(deadline))),
                 }
             }
-            // Shut down: later ids stay in memory only.
+            // Shut down: later ids stay in memory only (the shutdown report lists them).
             Err(TrySendError::Closed(_)) => {}
         }
     }
 
-    /// Ready once the pending record is handed over, or its wait timed out (then the key is
-    /// marked dirty: the worker persists its latest id from the registry later).
+    /// Ready once the slot is handed over, or its wait timed out (then the slot goes to the
+    /// registry's dirty list: the worker persists its latest id at the next flush).
     fn poll_handoff(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let shared = &*this.shared;
+        let Some(tracked) = this.tracked.as_mut() else {
+            return Poll::Ready(());
+        };
         let sender = this
             .poll_sender
             .get_or_insert_with(|| PollSender::new(shared.worker.sender.clone()));
         match sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
-                if let Some(record) = this.handoff.take()
-                    && sender.send_item(record).is_ok()
-                {
+                tracked.handoff = false;
+                if sender.send_item(tracked.slot.clone()).is_ok() {
                     shared.metrics.records_enqueued.increment(1);
                 }
             }
-            Poll::Ready(Err(_closed)) => *this.handoff = None,
+            Poll::Ready(Err(_closed)) => tracked.handoff = false,
             Poll::Pending => {
                 let sleep = this
                     .sleep
@@ -225,20 +262,31 @@ impl SseState {
                     return Poll::Pending;
                 }
                 sender.abort_send();
-                if let Some(record) = this.handoff.take() {
-                    shared.registry.mark_dirty(&record.slot);
-                    shared.metrics.backpressure_timeouts.increment(1);
-                    let key = record.slot.key();
-                    tracing::warn!(
-                        session = %key.session,
-                        stream = %key.stream,
-                        timeout = ?shared.config.send_timeout,
-                        "persistence worker's channel full: the stream's latest id will be written from memory"
-                    );
-                }
+                tracked.handoff = false;
+                shared.registry.push_dirty(tracked.slot.clone());
+                shared.metrics.backpressure_timeouts.increment(1);
+                let key = tracked.slot.key();
+                tracing::warn!(
+                    session = %key.session,
+                    stream = %key.stream,
+                    timeout = ?shared.config.send_timeout,
+                    "persistence worker's channel full: the stream's latest id will be written from memory"
+                );
             }
         }
         Poll::Ready(())
+    }
+
+    /// The inner body has nothing now: a quiet period starts, unless one already runs.
+    fn went_quiet(self: Pin<&mut Self>) {
+        let this = self.project();
+        if std::mem::take(this.fresh) {
+            *this.quiet_since = Instant::now();
+        }
+    }
+
+    fn handoff_pending(&self) -> bool {
+        self.tracked.as_ref().is_some_and(|t| t.handoff)
     }
 
     /// Ready with a heartbeat when the inner body has been quiet for the interval and the
@@ -295,7 +343,7 @@ impl<B: Body> Body for TrackedBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         if let Some(sse) = this.sse.as_mut()
-            && sse.handoff.is_some()
+            && sse.handoff_pending()
         {
             ready!(sse.as_mut().poll_handoff(cx));
         }
@@ -313,10 +361,12 @@ impl<B: Body> Body for TrackedBody<B> {
             }
             // End of stream or error: an event cut off here is never committed.
             Poll::Ready(other) => Poll::Ready(other.map(|r| r.map(into_bytes))),
-            Poll::Pending => sse
-                .as_mut()
-                .poll_heartbeat(cx)
-                .map(|bytes| Some(Ok(Frame::data(bytes)))),
+            Poll::Pending => {
+                sse.as_mut().went_quiet();
+                sse.as_mut()
+                    .poll_heartbeat(cx)
+                    .map(|bytes| Some(Ok(Frame::data(bytes))))
+            }
         }
     }
 

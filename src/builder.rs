@@ -8,7 +8,7 @@ use http::HeaderName;
 
 use std::sync::Arc;
 
-use crate::registry::Registry;
+use crate::registry::Limits;
 use crate::scan::DEFAULT_MAX_ID_LEN;
 use crate::store::{DynStore, InMemoryStore, Store};
 use crate::tracker::{Shared, SseTracker};
@@ -41,6 +41,10 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(300);
 /// Default size of the stream-name intern table.
 pub const DEFAULT_MAX_STREAM_NAMES: usize = 10_000;
+/// Default deadline of one store call: 5 seconds.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default most evicted streams whose latest id waits for a write.
+pub const DEFAULT_MAX_PENDING_EVICTED: usize = 10_000;
 
 /// A setting was refused by [`SseTrackerBuilder::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +76,8 @@ pub enum ConfigError {
     IdleTtl,
     /// `max_stream_names` is 0.
     MaxStreamNames,
+    /// `store_timeout` is zero.
+    StoreTimeout,
 }
 
 impl fmt::Display for ConfigError {
@@ -108,6 +114,7 @@ impl fmt::Display for ConfigError {
                 f.write_str("idle_ttl must be longer than zero; use idle_ttl(None) to keep streams")
             }
             ConfigError::MaxStreamNames => f.write_str("max_stream_names must be at least 1"),
+            ConfigError::StoreTimeout => f.write_str("store_timeout must be longer than zero"),
             ConfigError::NoRuntime => f.write_str(
                 "build() must be called within a Tokio runtime: it spawns the persistence worker",
             ),
@@ -186,6 +193,8 @@ impl fmt::Debug for StoreChoice {
 /// | [`retry`](Self::retry) | 100 ms doubling to 10 s, 5 retries |
 /// | [`idle_ttl`](Self::idle_ttl) | [`DEFAULT_IDLE_TTL`] (5 minutes) |
 /// | [`max_stream_names`](Self::max_stream_names) | [`DEFAULT_MAX_STREAM_NAMES`] (10 000) |
+/// | [`store_timeout`](Self::store_timeout) | [`DEFAULT_STORE_TIMEOUT`] (5 s) |
+/// | [`max_pending_evicted`](Self::max_pending_evicted) | [`DEFAULT_MAX_PENDING_EVICTED`] (10 000) |
 ///
 /// `build()` spawns the tracker's one background worker, so it must run within a Tokio
 /// runtime.
@@ -227,6 +236,8 @@ pub struct SseTrackerBuilder {
     retry: RetryPolicy,
     idle_ttl: Option<Duration>,
     max_stream_names: usize,
+    store_timeout: Duration,
+    max_pending_evicted: usize,
 }
 
 impl Default for SseTrackerBuilder {
@@ -246,6 +257,8 @@ impl Default for SseTrackerBuilder {
             retry: DEFAULT_RETRY,
             idle_ttl: Some(DEFAULT_IDLE_TTL),
             max_stream_names: DEFAULT_MAX_STREAM_NAMES,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            max_pending_evicted: DEFAULT_MAX_PENDING_EVICTED,
         }
     }
 }
@@ -281,9 +294,14 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// The most streams tracked at once. A new stream in a full registry evicts the least
-    /// recently used one (counted in `sse_tracker_streams_evicted_total{reason="lru"}`); an
-    /// evicted stream's latest id still reaches the store.
+    /// The most streams tracked at once, with or without an open body. A stream with an open
+    /// body (live) is never evicted. A new stream in a full registry evicts the least recently
+    /// used stream without one (counted in `sse_tracker_streams_evicted_total{reason="lru"}`);
+    /// an evicted stream's latest id still reaches the store (see
+    /// [`max_pending_evicted`](Self::max_pending_evicted)). When every tracked stream is live, a
+    /// new stream is served untracked (the bytes pass through and heartbeats are sent, but its
+    /// ids are not recorded) and counted in
+    /// `sse_tracker_untracked_streams_total{reason="registry_full"}`.
     pub fn max_streams(mut self, streams: usize) -> Self {
         self.max_streams = streams;
         self
@@ -316,13 +334,16 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// The most streams per store write, and per receive from the channel.
+    /// The most streams per store call. A flush writes every stream that changed since the
+    /// last one, in as many calls as it needs: this bounds the size of one call, not how much
+    /// a flush coalesces.
     pub fn max_batch(mut self, streams: usize) -> Self {
         self.max_batch = streams;
         self
     }
 
-    /// How often the worker writes what it has gathered.
+    /// How often the worker writes what it has gathered: the coalescing window. A stream that
+    /// commits many ids within one interval is written once, with its latest id.
     pub fn flush_interval(mut self, interval: Duration) -> Self {
         self.flush_interval = interval;
         self
@@ -342,9 +363,29 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// How failed store writes are retried.
+    /// How failed store writes are retried, and how long the worker waits before it calls a
+    /// store again after a failed call (the policy's delay, doubling with each failure in a
+    /// row, up to its maximum).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// The deadline of one store call (`save`, `touch_sessions`, and the `load` of
+    /// [`SseTracker::resolve`]). A call past it is dropped and counts as a failed call:
+    /// `sse_tracker_store_errors_total{reason="timeout"}`, a log, a retry.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// The most evicted streams whose latest id is not in the store yet that the tracker keeps
+    /// for a later write (while the store is failing or slow and new streams keep evicting old
+    /// ones). When more are evicted, the oldest is dropped: counted in
+    /// `sse_tracker_ids_dropped_total{reason="evicted_overflow"}`, logged with the count, and
+    /// listed in the [`ShutdownReport`](crate::ShutdownReport). About 300 bytes each.
+    pub fn max_pending_evicted(mut self, streams: usize) -> Self {
+        self.max_pending_evicted = streams;
         self
     }
 
@@ -395,6 +436,9 @@ impl SseTrackerBuilder {
         if self.max_stream_names == 0 {
             return Err(ConfigError::MaxStreamNames);
         }
+        if self.store_timeout.is_zero() {
+            return Err(ConfigError::StoreTimeout);
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let config = Config {
             session_header,
@@ -411,11 +455,18 @@ impl SseTrackerBuilder {
             max_batch: self.max_batch,
             flush_interval: self.flush_interval,
             retry: self.retry,
+            store_timeout: self.store_timeout,
+        };
+        let limits = Limits {
+            max_streams: self.max_streams,
+            idle_ttl: self.idle_ttl,
+            max_names: self.max_stream_names,
+            max_pending_evicted: self.max_pending_evicted,
         };
         Ok(SseTracker::from_shared(Shared::new(
             &runtime,
             config,
-            Registry::new(self.max_streams, self.idle_ttl, self.max_stream_names),
+            limits,
             store,
             self.channel_capacity,
             worker,
@@ -461,6 +512,10 @@ mod tests {
             ConfigError::SendTimeout
         );
         assert_eq!(b().max_batch(0).build().unwrap_err(), ConfigError::MaxBatch);
+        assert_eq!(
+            b().store_timeout(Duration::ZERO).build().unwrap_err(),
+            ConfigError::StoreTimeout
+        );
         assert_eq!(
             b().flush_interval(Duration::ZERO).build().unwrap_err(),
             ConfigError::FlushInterval

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 
 use crate::body::TrackedBody;
 use crate::key::{SessionId, StreamName};
-use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_NO_SESSION};
+use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_NO_SESSION, REASON_REGISTRY_FULL};
 use crate::registry::Slot;
 use crate::tracker::Shared;
 
@@ -141,7 +141,16 @@ fn find_slot(
             }
         },
     };
-    let (slot, evicted) = shared.registry.get_or_insert(&session, &stream);
+    let Ok((slot, evicted)) = shared.registry.get_or_insert(&session, &stream, true) else {
+        metrics.untracked_registry_full.increment(1);
+        tracing::debug!(
+            reason = REASON_REGISTRY_FULL,
+            session = %session,
+            stream = %stream,
+            "SSE stream not tracked: every tracked stream has an open body (max_streams)"
+        );
+        return None;
+    };
     if let Some(evicted) = evicted {
         metrics.evicted_lru.increment(1);
         let key = evicted.key();

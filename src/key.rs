@@ -190,6 +190,13 @@ pub struct StreamKey {
     pub stream: StreamName,
 }
 
+impl StreamKey {
+    /// The key of `stream` of `session`.
+    pub fn new(session: SessionId, stream: StreamName) -> Self {
+        Self { session, stream }
+    }
+}
+
 impl fmt::Display for StreamKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} / {}", self.session, self.stream)

@@ -13,12 +13,12 @@
 //! | `sse_tracker_streams_active` | gauge | tracked SSE response bodies open now |
 //! | `sse_tracker_untracked_streams_total` | counter | SSE responses passed through untracked, by `reason` |
 //! | `sse_tracker_ids_rejected_total` | counter | `id` fields ignored (NUL, or longer than the limit) |
-//! | `sse_tracker_records_enqueued_total` | counter | records handed to the worker |
+//! | `sse_tracker_records_enqueued_total` | counter | records handed to the worker: "this stream changed", at most one per stream per flush |
 //! | `sse_tracker_backpressure_timeouts_total` | counter | hand-offs that waited the whole send timeout (the key was marked dirty) |
-//! | `sse_tracker_records_coalesced_total` | counter | records merged into a newer one of the same stream before a write |
+//! | `sse_tracker_records_coalesced_total` | counter | committed ids that needed no record of their own: the stream was already queued for the next flush, which writes its latest id |
 //! | `sse_tracker_duplicates_skipped_total` | counter | records left out because the store already had them |
 //! | `sse_tracker_store_writes_total` | counter | stream ids written to the store (one per stream per batch) |
-//! | `sse_tracker_store_errors_total` | counter | failed store writes (batches) |
+//! | `sse_tracker_store_errors_total` | counter | failed store calls, by `op` (`save`, `touch`, `load`) and `reason` (`error`, `timeout`, `panic`) |
 //! | `sse_tracker_retries_total` | counter | retries scheduled |
 //! | `sse_tracker_retries_exhausted_total` | counter | stream ids given up after the last retry |
 //! | `sse_tracker_queue_depth` | gauge | records waiting in the worker's channel |
@@ -30,10 +30,24 @@
 //! | `sse_tracker_streams_tracked` | gauge | streams in the registry |
 //! | `sse_tracker_streams_evicted_total` | counter | streams evicted from the registry, by `reason` |
 //! | `sse_tracker_memory_bytes` | gauge | estimated heap bytes of the registry |
+//! | `sse_tracker_evicted_pending` | gauge | evicted streams whose latest id waits for a write |
+//! | `sse_tracker_ids_dropped_total` | counter | latest ids dropped before reaching the store, by `reason` |
+//! | `sse_tracker_activity_dropped_total` | counter | session activity marks dropped before reaching the store |
+//! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
 //!
-//! The `reason` label of `sse_tracker_untracked_streams_total` is [`REASON_NO_SESSION`] or
-//! [`REASON_BAD_STREAM_NAME`]; that of `sse_tracker_streams_evicted_total` is
-//! [`REASON_LRU`] or [`REASON_IDLE`].
+//! Labels:
+//! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`],
+//!   [`REASON_BAD_STREAM_NAME`] or [`REASON_REGISTRY_FULL`];
+//! - `sse_tracker_streams_evicted_total{reason}`: [`REASON_LRU`] or [`REASON_IDLE`];
+//! - `sse_tracker_store_errors_total{op, reason}`: [`OP_SAVE`], [`OP_TOUCH`] or [`OP_LOAD`], and
+//!   [`REASON_ERROR`], [`REASON_TIMEOUT`] or [`REASON_PANIC`];
+//! - `sse_tracker_ids_dropped_total{reason}`: [`REASON_EVICTED_OVERFLOW`] (the bound on evicted
+//!   streams waiting for a write was full) or [`REASON_STOPPED`] (the worker no longer runs);
+//! - `sse_tracker_worker_failures_total{reason}`: [`REASON_PANIC`] or [`REASON_LOST`].
+//!
+//! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
+//! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a
+//! `sse_tracker_store_errors_total` rate that stays above zero.
 //!
 //! ```
 //! // With the Prometheus exporter installed first:
@@ -60,13 +74,14 @@ pub const IDS_REJECTED_TOTAL: &str = "sse_tracker_ids_rejected_total";
 pub const RECORDS_ENQUEUED_TOTAL: &str = "sse_tracker_records_enqueued_total";
 /// Counter: hand-offs that waited the whole send timeout; the key was marked dirty instead.
 pub const BACKPRESSURE_TIMEOUTS_TOTAL: &str = "sse_tracker_backpressure_timeouts_total";
-/// Counter: records merged into a newer record of the same stream before a write.
+/// Counter: committed ids that needed no record of their own (the stream was already queued
+/// for the next flush, which writes its latest id).
 pub const RECORDS_COALESCED_TOTAL: &str = "sse_tracker_records_coalesced_total";
 /// Counter: records left out because the store already held their id or a newer one.
 pub const DUPLICATES_SKIPPED_TOTAL: &str = "sse_tracker_duplicates_skipped_total";
 /// Counter: stream ids written to the store (one per stream per batch).
 pub const STORE_WRITES_TOTAL: &str = "sse_tracker_store_writes_total";
-/// Counter: failed store writes (one per failed batch).
+/// Counter: failed store calls (one per failed batch), labelled by `op` and `reason`.
 pub const STORE_ERRORS_TOTAL: &str = "sse_tracker_store_errors_total";
 /// Counter: retries scheduled.
 pub const RETRIES_TOTAL: &str = "sse_tracker_retries_total";
@@ -92,6 +107,14 @@ pub const STREAMS_EVICTED_TOTAL: &str = "sse_tracker_streams_evicted_total";
 /// Gauge: estimated heap bytes of the registry (from its counts; see
 /// [`SseTracker::estimated_memory_bytes`](crate::SseTracker::estimated_memory_bytes)).
 pub const MEMORY_BYTES: &str = "sse_tracker_memory_bytes";
+/// Gauge: evicted streams whose latest id waits for a write.
+pub const EVICTED_PENDING: &str = "sse_tracker_evicted_pending";
+/// Counter: latest ids dropped before reaching the store, labelled by `reason`.
+pub const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
+/// Counter: session activity marks dropped before reaching the store.
+pub const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
+/// Counter: panics inside the worker (it restarts) and worker tasks lost, labelled by `reason`.
+pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
 
 /// Every metric name, for checking exporters and dashboards.
 pub const ALL: &[&str] = &[
@@ -117,12 +140,36 @@ pub const ALL: &[&str] = &[
     STREAMS_TRACKED,
     STREAMS_EVICTED_TOTAL,
     MEMORY_BYTES,
+    EVICTED_PENDING,
+    IDS_DROPPED_TOTAL,
+    ACTIVITY_DROPPED_TOTAL,
+    WORKER_FAILURES_TOTAL,
 ];
 
 /// `reason` label: no valid session id in the request or response header.
 pub const REASON_NO_SESSION: &str = "no_session";
 /// `reason` label: the stream name (default or from the handler) is invalid.
 pub const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
+/// `reason` label: every tracked stream has an open body, so none could be evicted for this one.
+pub const REASON_REGISTRY_FULL: &str = "registry_full";
+/// `op` label of store errors: [`Store::save`](crate::store::Store::save).
+pub const OP_SAVE: &str = "save";
+/// `op` label of store errors: [`Store::touch_sessions`](crate::store::Store::touch_sessions).
+pub const OP_TOUCH: &str = "touch";
+/// `op` label of store errors: [`Store::load`](crate::store::Store::load).
+pub const OP_LOAD: &str = "load";
+/// `reason` label: the store returned an error.
+pub const REASON_ERROR: &str = "error";
+/// `reason` label: the store call did not finish within the store timeout.
+pub const REASON_TIMEOUT: &str = "timeout";
+/// `reason` label: the store call (or the worker) panicked.
+pub const REASON_PANIC: &str = "panic";
+/// `reason` label: the worker task ended without finishing (its runtime shut down).
+pub const REASON_LOST: &str = "lost";
+/// `reason` label of dropped ids: the bound on evicted streams waiting for a write was full.
+pub const REASON_EVICTED_OVERFLOW: &str = "evicted_overflow";
+/// `reason` label of dropped ids: the worker no longer runs (after shutdown).
+pub const REASON_STOPPED: &str = "stopped";
 /// `reason` label of evictions: the registry was full and the stream was the least recently used.
 pub const REASON_LRU: &str = "lru";
 /// `reason` label of evictions: no open body and no activity for the idle TTL.
@@ -183,7 +230,27 @@ pub fn describe() {
     describe_counter!(
         STORE_ERRORS_TOTAL,
         Unit::Count,
-        "Failed store writes (batches)"
+        "Failed store calls, by op and reason"
+    );
+    describe_gauge!(
+        EVICTED_PENDING,
+        Unit::Count,
+        "Evicted streams whose latest id waits for a write"
+    );
+    describe_counter!(
+        IDS_DROPPED_TOTAL,
+        Unit::Count,
+        "Latest ids dropped before reaching the store, by reason"
+    );
+    describe_counter!(
+        ACTIVITY_DROPPED_TOTAL,
+        Unit::Count,
+        "Session activity marks dropped before reaching the store"
+    );
+    describe_counter!(
+        WORKER_FAILURES_TOTAL,
+        Unit::Count,
+        "Worker panics (restarted) and worker tasks lost, by reason"
     );
     describe_counter!(RETRIES_TOTAL, Unit::Count, "Store write retries scheduled");
     describe_counter!(
@@ -238,13 +305,14 @@ pub(crate) struct Handles {
     pub(crate) streams_active: Gauge,
     pub(crate) untracked_no_session: Counter,
     pub(crate) untracked_bad_stream_name: Counter,
+    pub(crate) untracked_registry_full: Counter,
     pub(crate) ids_rejected: Counter,
     pub(crate) records_enqueued: Counter,
     pub(crate) backpressure_timeouts: Counter,
     pub(crate) records_coalesced: Counter,
     pub(crate) duplicates_skipped: Counter,
     pub(crate) store_writes: Counter,
-    pub(crate) store_errors: Counter,
+    pub(crate) store_errors: StoreErrors,
     pub(crate) retries: Counter,
     pub(crate) retries_exhausted: Counter,
     pub(crate) queue_depth: Gauge,
@@ -257,6 +325,33 @@ pub(crate) struct Handles {
     pub(crate) evicted_lru: Counter,
     pub(crate) evicted_idle: Counter,
     pub(crate) memory_bytes: Gauge,
+    pub(crate) evicted_pending: Gauge,
+    pub(crate) worker_panics: Counter,
+    pub(crate) worker_lost: Counter,
+}
+
+/// `sse_tracker_store_errors_total` for each operation and reason.
+#[derive(Clone)]
+pub(crate) struct StoreErrors {
+    by: [[Counter; 3]; 3],
+}
+
+impl StoreErrors {
+    fn register() -> Self {
+        let reasons = |op: &'static str| {
+            [REASON_ERROR, REASON_TIMEOUT, REASON_PANIC]
+                .map(|reason| counter!(STORE_ERRORS_TOTAL, "op" => op, "reason" => reason))
+        };
+        Self {
+            by: [reasons(OP_SAVE), reasons(OP_TOUCH), reasons(OP_LOAD)],
+        }
+    }
+
+    /// The counter of `op` (`0` save, `1` touch, `2` load) and `reason` (`0` error, `1`
+    /// timeout, `2` panic).
+    pub(crate) fn get(&self, op: usize, reason: usize) -> &Counter {
+        &self.by[op][reason]
+    }
 }
 
 impl Handles {
@@ -269,13 +364,14 @@ impl Handles {
             streams_active: gauge!(STREAMS_ACTIVE),
             untracked_no_session: untracked(REASON_NO_SESSION),
             untracked_bad_stream_name: untracked(REASON_BAD_STREAM_NAME),
+            untracked_registry_full: untracked(REASON_REGISTRY_FULL),
             ids_rejected: counter!(IDS_REJECTED_TOTAL),
             records_enqueued: counter!(RECORDS_ENQUEUED_TOTAL),
             backpressure_timeouts: counter!(BACKPRESSURE_TIMEOUTS_TOTAL),
             records_coalesced: counter!(RECORDS_COALESCED_TOTAL),
             duplicates_skipped: counter!(DUPLICATES_SKIPPED_TOTAL),
             store_writes: counter!(STORE_WRITES_TOTAL),
-            store_errors: counter!(STORE_ERRORS_TOTAL),
+            store_errors: StoreErrors::register(),
             retries: counter!(RETRIES_TOTAL),
             retries_exhausted: counter!(RETRIES_EXHAUSTED_TOTAL),
             queue_depth: gauge!(QUEUE_DEPTH),
@@ -288,6 +384,18 @@ impl Handles {
             evicted_lru: counter!(STREAMS_EVICTED_TOTAL, "reason" => REASON_LRU),
             evicted_idle: counter!(STREAMS_EVICTED_TOTAL, "reason" => REASON_IDLE),
             memory_bytes: gauge!(MEMORY_BYTES),
+            evicted_pending: gauge!(EVICTED_PENDING),
+            worker_panics: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_PANIC),
+            worker_lost: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_LOST),
+        }
+    }
+
+    /// The registry's counters.
+    pub(crate) fn registry(&self) -> crate::registry::RegistryMetrics {
+        crate::registry::RegistryMetrics {
+            dropped_overflow: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_EVICTED_OVERFLOW),
+            dropped_stopped: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_STOPPED),
+            activity_dropped: counter!(ACTIVITY_DROPPED_TOTAL),
         }
     }
 }

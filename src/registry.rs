@@ -1,34 +1,38 @@
-//! Per-stream slots: the latest committed id of every tracked (session, stream), and the
-//! activity of every tracked session.
+//! Per-stream slots: the latest committed id of every tracked stream, and the activity of every
+//! tracked session.
 //!
-//! Each slot holds the newest committed [`EventId`] and its version (latest only: a reader
-//! never sees a backlog), and a `tokio::sync::watch` channel for subscribers, made when the
-//! first one subscribes. A response body looks its slot up once, when the response starts,
-//! then publishes into it (one uncontended lock) and marks its session active with atomic
-//! operations: the map is never touched per frame.
+//! Each slot holds the bytes of its newest committed id in a buffer that is reused from one id
+//! to the next (an [`EventId`] is built only when someone reads it), the id's version, and a
+//! `tokio::sync::watch` channel for subscribers, made when the first one subscribes. A response
+//! body looks its slot up once, when the response starts, then publishes into it (one
+//! uncontended lock, no allocation once the buffer has grown to the ids' size) and marks its
+//! session active with atomic operations: the map is never touched per frame.
 //!
-//! Memory is bounded three ways:
-//! - at most `max_streams` slots: a new stream evicts the least recently used one (O(1), an LRU
-//!   list);
+//! Memory is bounded:
+//! - at most `max_streams` slots. Slots with an open body ("live") are never evicted; the others
+//!   sit in an LRU list, and a new stream in a full registry evicts the least recently used of
+//!   them. When every slot is live, a new stream is refused (served untracked, and counted);
 //! - slots idle for `idle_ttl` (no open body, no activity) are evicted by the worker's sweep,
 //!   which looks at a bounded number of the least recently used slots per tick, never the whole
 //!   map;
 //! - strings are shared: all slots of a session share its id, and stream names are interned
-//!   through a bounded LRU table, so thousands of streams on one path share one name.
-//!
-//! An evicted slot whose latest id is not in the store yet is handed to the worker (marked
-//! dirty), so its id still reaches the store.
+//!   through a bounded LRU table, so thousands of streams on one path share one name;
+//! - an evicted slot whose latest id is not in the store yet waits for the worker in a bounded
+//!   FIFO (`max_pending_evicted`); when it is full the oldest is dropped and counted;
+//! - the lists the worker drains (dirty slots, active sessions) hold each slot or session at most
+//!   once, and are purged of evicted entries when they grow past the registry's bound.
 //!
 //! The map is two-level, session then stream, because a session has few streams, callers ask
 //! for all the streams of one session, and look-ups by `&str` need no allocation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
+use metrics::Counter;
 use tokio::sync::watch;
 
 use crate::key::{EventId, SessionId, StreamKey, StreamName};
@@ -37,11 +41,13 @@ use crate::key::{EventId, SessionId, StreamKey, StreamName};
 #[derive(Debug)]
 pub(crate) struct SessionState {
     id: SessionId,
-    /// Registry milliseconds (see `Registry::now_ms`) of the last request or frame, from the
+    /// Registry microseconds (see `Registry::now_us`) of the last request or frame, from the
     /// registry's coarse clock.
     last_active: AtomicU64,
     /// In the registry's list of sessions active since the last flush.
     marked: AtomicBool,
+    /// Still in the registry's map (false once its last stream is evicted).
+    resident: AtomicBool,
 }
 
 impl SessionState {
@@ -49,28 +55,41 @@ impl SessionState {
         &self.id
     }
 
-    pub(crate) fn last_active_ms(&self) -> u64 {
+    pub(crate) fn last_active_us(&self) -> u64 {
         self.last_active.load(Ordering::Relaxed)
     }
 
     pub(crate) fn unmark(&self) {
         self.marked.store(false, Ordering::Release);
     }
+
+    pub(crate) fn is_resident(&self) -> bool {
+        self.resident.load(Ordering::Relaxed)
+    }
 }
 
 /// The version of a published id: its sequence number and when it was published (registry
-/// ms). Within a tracker both grow together; across instances sharing a store, the time
-/// orders first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// µs). Within a slot both grow together; a slot made again for an evicted key starts above the
+/// evicted slot's sequence, so the sequence never goes back for a key within one tracker. Across
+/// instances sharing a store, the time orders first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Version {
+    pub(crate) at_us: u64,
     pub(crate) sequence: u64,
-    pub(crate) at_ms: u64,
 }
 
 #[derive(Debug, Default)]
 struct Latest {
-    id: Option<EventId>,
+    /// The bytes of the latest id; the buffer is reused from one id to the next.
+    id: Vec<u8>,
+    has_id: bool,
     version: Version,
+    /// The worker owes this slot a look: a message is in the channel or on its way, or the slot
+    /// is in the worker's pending list, the registry's dirty list, the retry queue or the
+    /// given-up list. While it is set, bodies send nothing more for this slot. Kept under the
+    /// same lock as the id, so that a body's publish and the worker's read can never both miss
+    /// each other's update.
+    queued: bool,
 }
 
 /// One tracked stream.
@@ -78,7 +97,8 @@ struct Latest {
 pub(crate) struct Slot {
     key: StreamKey,
     session: Arc<SessionState>,
-    /// Bodies streaming into this slot now; a slot with open bodies is never idle.
+    /// Bodies streaming into this slot now; changed only under the registry's map lock. A slot
+    /// with open bodies is live: it is not in the LRU list and is never evicted.
     open: AtomicU32,
     /// The latest id and its version.
     latest: Mutex<Latest>,
@@ -88,26 +108,42 @@ pub(crate) struct Slot {
     watch: OnceLock<watch::Sender<Option<EventId>>>,
     /// Copy of `latest.version.sequence`, for lock-free checks.
     sequence: AtomicU64,
+    // The worker's state, kept next to the slot so that the frame path can read it without a
+    // look-up. Only the worker writes it.
     /// Highest sequence known to be in the store.
     persisted: AtomicU64,
-    /// The worker owes this slot a write of its latest id (see `Registry::mark_dirty`).
-    dirty: AtomicBool,
     /// The slot has an entry in the worker's retry queue.
     in_retry: AtomicBool,
+    /// The worker gave up retrying this slot's write (it is caught up later).
+    given_up: AtomicBool,
+    /// Failed writes of this slot's id in a row.
+    retries: AtomicU32,
+    /// Removed from the registry (its unpersisted id, if any, is in the evicted FIFO).
+    evicted: AtomicBool,
+    /// The worker's round that last took this slot, so that one round writes a slot once.
+    round: AtomicU64,
 }
 
 impl Slot {
-    fn new(key: StreamKey, session: Arc<SessionState>) -> Self {
+    fn new(key: StreamKey, session: Arc<SessionState>, sequence: u64) -> Self {
         Self {
             key,
             session,
             open: AtomicU32::new(0),
-            latest: Mutex::default(),
+            latest: Mutex::new(Latest {
+                id: Vec::new(),
+                has_id: false,
+                version: Version { at_us: 0, sequence },
+                queued: false,
+            }),
             watch: OnceLock::new(),
-            sequence: AtomicU64::new(0),
-            persisted: AtomicU64::new(0),
-            dirty: AtomicBool::new(false),
+            sequence: AtomicU64::new(sequence),
+            persisted: AtomicU64::new(sequence),
             in_retry: AtomicBool::new(false),
+            given_up: AtomicBool::new(false),
+            retries: AtomicU32::new(0),
+            evicted: AtomicBool::new(false),
+            round: AtomicU64::new(0),
         }
     }
 
@@ -119,66 +155,78 @@ impl Slot {
         &self.session
     }
 
-    pub(crate) fn body_opened(&self) {
-        self.open.fetch_add(1, Ordering::Relaxed);
+    fn is_live(&self) -> bool {
+        self.open.load(Ordering::Relaxed) > 0
     }
 
-    pub(crate) fn body_closed(&self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+    fn is_idle(&self, now_us: u64, ttl_us: u64) -> bool {
+        !self.is_live() && now_us.saturating_sub(self.session.last_active_us()) >= ttl_us
     }
 
-    fn is_idle(&self, now_ms: u64, ttl_ms: u64) -> bool {
-        self.open.load(Ordering::Relaxed) == 0
-            && now_ms.saturating_sub(self.session.last_active_ms()) >= ttl_ms
+    /// Whether the slot's latest id is newer than what the store is known to hold.
+    pub(crate) fn unpersisted(&self) -> bool {
+        self.sequence.load(Ordering::Acquire) > self.persisted()
     }
 
-    fn unpersisted(&self) -> bool {
-        self.sequence.load(Ordering::Relaxed) > self.persisted()
-    }
-
-    /// Makes `id` the latest id of this stream and returns its version: a sequence number
-    /// from the registry's counter (it increases with every id of the key and never repeats,
-    /// even for a key whose slot was dropped and created again) and the registry's coarse time.
-    pub(crate) fn publish(&self, id: EventId, registry: &Registry) -> Version {
+    /// Makes `id` (bytes the scanner accepted) the latest id of this stream, published at
+    /// `at_us`. No allocation once the slot's buffer has grown to the ids' size; subscribers, if
+    /// any, get a new [`EventId`]. Returns the id's version and whether the caller must hand the
+    /// slot to the worker (it was not queued; it is now).
+    pub(crate) fn publish(&self, id: &[u8], at_us: u64) -> (Version, bool) {
         // The version is taken under the slot's lock, so that id order and version order
         // agree when several bodies publish to one key at once; subscribers are told under it
         // too, so they can never be left with an older id than the slot's.
         let mut latest = lock(&self.latest);
         let version = Version {
-            sequence: registry.sequence.fetch_add(1, Ordering::Relaxed) + 1,
-            at_ms: registry.clock.load(Ordering::Relaxed),
+            at_us: at_us.max(latest.version.at_us),
+            sequence: latest.version.sequence + 1,
         };
-        self.sequence.store(version.sequence, Ordering::Relaxed);
+        latest.id.clear();
+        latest.id.extend_from_slice(id);
+        latest.has_id = true;
+        latest.version = version;
+        let hand_over = !std::mem::replace(&mut latest.queued, true);
+        self.sequence.store(version.sequence, Ordering::Release);
         if let Some(watch) = self.watch.get()
             && watch.receiver_count() > 0
         {
-            watch.send_replace(Some(id.clone()));
+            watch.send_replace(Some(EventId::from_scanned(id)));
         }
-        *latest = Latest {
-            id: Some(id),
-            version,
-        };
-        version
+        (version, hand_over)
     }
 
     pub(crate) fn latest(&self) -> Option<EventId> {
-        lock(&self.latest).id.clone()
+        let latest = lock(&self.latest);
+        latest.has_id.then(|| EventId::from_scanned(&latest.id))
+    }
+
+    /// For the worker: clears the queued flag and reads the latest id with its version, under
+    /// one lock. A body that publishes after this hands the slot over again, so no id is missed.
+    pub(crate) fn take_latest(&self) -> Option<(EventId, Version)> {
+        let mut latest = lock(&self.latest);
+        latest.queued = false;
+        latest
+            .has_id
+            .then(|| (EventId::from_scanned(&latest.id), latest.version))
     }
 
     /// The latest id with its version, read together.
     pub(crate) fn latest_entry(&self) -> Option<(EventId, Version)> {
         let latest = lock(&self.latest);
-        Some((latest.id.clone()?, latest.version))
+        latest
+            .has_id
+            .then(|| (EventId::from_scanned(&latest.id), latest.version))
     }
 
     /// A receiver of this stream's latest ids, starting at the current one (marked seen).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
         let watch = self.watch.get_or_init(|| watch::Sender::new(None));
         let latest = lock(&self.latest);
+        let current = latest.has_id.then(|| EventId::from_scanned(&latest.id));
         watch.send_if_modified(|value| {
-            let changed = *value != latest.id;
+            let changed = *value != current;
             if changed {
-                value.clone_from(&latest.id);
+                *value = current;
             }
             changed
         });
@@ -193,17 +241,14 @@ impl Slot {
         self.persisted.fetch_max(sequence, Ordering::AcqRel);
     }
 
-    pub(crate) fn is_dirty(&self) -> bool {
-        self.dirty.load(Ordering::Acquire)
+    /// Sets the queued flag; true when it was not set (the caller must then get the slot to
+    /// the worker).
+    pub(crate) fn mark_queued(&self) -> bool {
+        !std::mem::replace(&mut lock(&self.latest).queued, true)
     }
 
-    /// Sets the dirty flag; true when it was not set.
-    pub(crate) fn set_dirty(&self) -> bool {
-        !self.dirty.swap(true, Ordering::AcqRel)
-    }
-
-    pub(crate) fn clear_dirty(&self) {
-        self.dirty.store(false, Ordering::Release);
+    pub(crate) fn is_in_retry(&self) -> bool {
+        self.in_retry.load(Ordering::Acquire)
     }
 
     /// Marks the slot as queued for a retry; true when it was not.
@@ -213,6 +258,31 @@ impl Slot {
 
     pub(crate) fn leave_retry(&self) {
         self.in_retry.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn is_given_up(&self) -> bool {
+        self.given_up.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_given_up(&self, given_up: bool) -> bool {
+        self.given_up.swap(given_up, Ordering::AcqRel) != given_up
+    }
+
+    pub(crate) fn retries(&self) -> u32 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_retries(&self, retries: u32) {
+        self.retries.store(retries, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    /// Marks the slot as taken by `round`; false when that round already took it.
+    pub(crate) fn take_for_round(&self, round: u64) -> bool {
+        self.round.swap(round, Ordering::Relaxed) != round
     }
 }
 
@@ -225,23 +295,40 @@ struct SessionEntry {
 #[derive(Debug)]
 struct Map {
     sessions: HashMap<SessionId, SessionEntry>,
-    /// Every slot, least recently used first; keyed by the slot's address (unique while the
-    /// LRU holds the slot).
+    /// Every slot without an open body, least recently used first; keyed by the slot's address
+    /// (unique while the list holds the slot). Live slots are counted in `live` instead.
     lru: LruCache<usize, Arc<Slot>>,
+    live: usize,
     /// Interned stream names.
     names: LruCache<StreamName, ()>,
+    /// The highest sequence of any evicted slot: a slot made after it starts above it.
+    sequence_floor: u64,
 }
 
 impl Map {
+    fn streams(&self) -> usize {
+        self.lru.len() + self.live
+    }
+
     /// Removes `slot` from its session's entry (and the entry when it was the last stream).
     fn unlink(&mut self, slot: &Arc<Slot>) {
         let session = slot.key.session.as_str();
         if let Some(entry) = self.sessions.get_mut(session) {
             entry.streams.retain(|s| !Arc::ptr_eq(s, slot));
             if entry.streams.is_empty() {
+                entry.state.resident.store(false, Ordering::Relaxed);
                 self.sessions.remove(session);
             }
         }
+    }
+
+    /// Takes `slot` out of the map for good.
+    fn evict(&mut self, slot: &Arc<Slot>) {
+        self.unlink(slot);
+        slot.evicted.store(true, Ordering::Release);
+        self.sequence_floor = self
+            .sequence_floor
+            .max(slot.sequence.load(Ordering::Acquire));
     }
 }
 
@@ -249,47 +336,90 @@ impl Map {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
     pub(crate) streams: usize,
+    pub(crate) live: usize,
     pub(crate) sessions: usize,
     pub(crate) names: usize,
+    pub(crate) evicted_pending: usize,
 }
 
-/// Heap bytes of one tracked stream (its slot, LRU and session-list entries), of one session
-/// (its map entry, state and id) and of one interned name. Calibrated on the counting
-/// allocator of `tests/memory.rs` (`cargo test session::memory_usage -- --nocapture`): a stream
-/// with a session of its own measures 370-390 bytes in 5 allocations, about 460 with the
-/// allocator's own overhead per block, which `STREAM_BYTES + SESSION_BYTES` gives. A stream
-/// that has subscribers also has a `watch` channel, about 300 bytes more.
-pub(crate) const STREAM_BYTES: usize = 288;
+/// Heap bytes of one tracked stream (its slot, id buffer, LRU and session-list entries), of one
+/// session (its map entry, state and id) and of one interned name. Calibrated on the counting
+/// allocator of `tests/memory.rs` (`cargo test session::memory_usage -- --nocapture`), with the
+/// allocator's own overhead per block. A stream that has subscribers also has a `watch`
+/// channel, about 300 bytes more.
+pub(crate) const STREAM_BYTES: usize = 304;
 pub(crate) const SESSION_BYTES: usize = 176;
 pub(crate) const NAME_BYTES: usize = 96;
 
 impl Counts {
     /// The registry's estimated heap size.
     pub(crate) fn estimated_bytes(&self) -> usize {
-        self.streams * STREAM_BYTES + self.sessions * SESSION_BYTES + self.names * NAME_BYTES
+        (self.streams + self.evicted_pending) * STREAM_BYTES
+            + self.sessions * SESSION_BYTES
+            + self.names * NAME_BYTES
     }
+}
+
+/// Why a stream could not get a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RegistryFull;
+
+/// The registry's counters that the worker does not own.
+#[derive(Debug, Clone)]
+pub(crate) struct RegistryMetrics {
+    /// Unpersisted ids of evicted streams dropped because the evicted FIFO was full.
+    pub(crate) dropped_overflow: Counter,
+    /// Unpersisted ids of evicted streams dropped because the worker no longer runs.
+    pub(crate) dropped_stopped: Counter,
+    /// Activity marks dropped (sessions evicted while their write was failing, or after the
+    /// worker stopped).
+    pub(crate) activity_dropped: Counter,
+}
+
+impl RegistryMetrics {
+    #[cfg(test)]
+    pub(crate) fn noop() -> Self {
+        Self {
+            dropped_overflow: Counter::noop(),
+            dropped_stopped: Counter::noop(),
+            activity_dropped: Counter::noop(),
+        }
+    }
+}
+
+/// The registry's bounds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_streams: usize,
+    pub(crate) idle_ttl: Option<Duration>,
+    pub(crate) max_names: usize,
+    pub(crate) max_pending_evicted: usize,
 }
 
 #[derive(Debug)]
 pub(crate) struct Registry {
-    max_streams: usize,
-    idle_ttl: Option<Duration>,
+    limits: Limits,
+    metrics: RegistryMetrics,
     map: Mutex<Map>,
-    /// Source of sequence numbers for every slot.
-    pub(crate) sequence: AtomicU64,
-    /// Coarse clock for activity marks (registry ms), advanced by the worker's tick and by
-    /// every new request, so a frame reads it instead of the system clock.
+    /// Coarse clock for activity marks and versions (registry µs), advanced by the worker's
+    /// tick and by every new request, so a frame reads it instead of the system clock.
     clock: AtomicU64,
     /// Start of the registry's clock: a Tokio instant (so tests can pause time) and the wall
-    /// time it stands for (for the activity written to stores).
+    /// time it stands for (for the times written to stores).
     epoch: tokio::time::Instant,
     epoch_wall: SystemTime,
-    /// Slots whose latest id the worker must persist from here (their record was not handed
-    /// over, or they were evicted unpersisted). A slot is in it at most once (its dirty flag
-    /// guards it), so it is bounded by the number of slots.
+    /// Slots whose hand-off to the worker timed out or whose body went away while it waited.
+    /// A slot is in it at most once (its queued flag guards it).
     dirty: Mutex<Vec<Arc<Slot>>>,
+    /// Evicted slots whose latest id is not in the store yet, oldest first; at most
+    /// `max_pending_evicted`.
+    evicted: Mutex<VecDeque<Arc<Slot>>>,
+    /// Ids dropped unpersisted, for the shutdown report.
+    dropped: AtomicU64,
     /// Sessions active since the last flush, each at most once (its mark guards it).
     active: Mutex<Vec<Arc<SessionState>>>,
+    /// Set when the worker has stopped: nothing is queued for it any more.
+    closed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -298,48 +428,93 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    pub(crate) fn new(max_streams: usize, idle_ttl: Option<Duration>, max_names: usize) -> Self {
-        let max_names = NonZeroUsize::new(max_names).unwrap_or(NonZeroUsize::MIN);
+    pub(crate) fn new(limits: Limits, metrics: RegistryMetrics) -> Self {
+        let max_names = NonZeroUsize::new(limits.max_names).unwrap_or(NonZeroUsize::MIN);
         Self {
-            max_streams,
-            idle_ttl,
+            limits,
+            metrics,
             map: Mutex::new(Map {
                 sessions: HashMap::new(),
                 lru: LruCache::unbounded(),
+                live: 0,
                 names: LruCache::new(max_names),
+                sequence_floor: 0,
             }),
-            sequence: AtomicU64::new(0),
             clock: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             epoch_wall: SystemTime::now(),
             dirty: Mutex::default(),
+            evicted: Mutex::default(),
+            dropped: AtomicU64::new(0),
             active: Mutex::default(),
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// Milliseconds since the registry was made, on Tokio's clock.
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Microseconds since the registry was made, on Tokio's clock.
+    pub(crate) fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// The coarse clock: the last `now_us` the worker or a request saw.
+    pub(crate) fn coarse_us(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
     }
 
     /// The wall time of a registry time.
-    pub(crate) fn wall_time(&self, ms: u64) -> SystemTime {
-        self.epoch_wall + Duration::from_millis(ms)
+    pub(crate) fn wall_time(&self, us: u64) -> SystemTime {
+        self.epoch_wall + Duration::from_micros(us)
     }
 
-    /// Moves the coarse clock to `now_ms` (never backwards).
-    pub(crate) fn advance_clock(&self, now_ms: u64) {
-        self.clock.fetch_max(now_ms, Ordering::Relaxed);
+    /// Moves the coarse clock to `now_us` (never backwards).
+    pub(crate) fn advance_clock(&self, now_us: u64) {
+        self.clock.fetch_max(now_us, Ordering::Relaxed);
     }
 
-    /// Marks `session` active now: two atomic writes, and a push to the active list only the
-    /// first time after a flush.
+    /// Marks `session` active now: an atomic load and store, and a push to the active list
+    /// only the first time after a flush.
     pub(crate) fn mark_active(&self, session: &Arc<SessionState>) {
-        session
-            .last_active
-            .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        let now = self.clock.load(Ordering::Relaxed);
+        if session.last_active.load(Ordering::Relaxed) != now {
+            session.last_active.store(now, Ordering::Relaxed);
+        }
         if !session.marked.load(Ordering::Relaxed) && !session.marked.swap(true, Ordering::AcqRel) {
-            lock(&self.active).push(session.clone());
+            self.push_active(session.clone());
+        }
+    }
+
+    fn push_active(&self, session: Arc<SessionState>) {
+        if self.is_closed() {
+            self.metrics.activity_dropped.increment(1);
+            return;
+        }
+        let mut active = lock(&self.active);
+        active.push(session);
+        self.purge_if_grown(
+            &mut active,
+            |s| s.is_resident(),
+            |dropped| {
+                self.metrics.activity_dropped.increment(dropped as u64);
+            },
+        );
+    }
+
+    /// Keeps a list the worker drains within the registry's bound: once it is longer than
+    /// the registry could make it with resident entries, the evicted ones go (amortized O(1)).
+    fn purge_if_grown<T>(
+        &self,
+        list: &mut Vec<T>,
+        resident: impl Fn(&T) -> bool,
+        on_dropped: impl FnOnce(usize),
+    ) {
+        if list.len() > self.limits.max_streams + self.limits.max_pending_evicted {
+            let before = list.len();
+            list.retain(resident);
+            on_dropped(before - list.len());
         }
     }
 
@@ -348,13 +523,21 @@ impl Registry {
         std::mem::take(&mut *lock(&self.active))
     }
 
-    /// Puts sessions whose activity write failed back in the active list.
+    /// Puts sessions whose activity write failed or was not tried back in the active list.
+    /// Sessions no longer in the registry are dropped (counted): their activity no longer
+    /// matters to anyone but the store, and keeping them would let a flood grow the list.
     pub(crate) fn requeue_active(&self, sessions: Vec<Arc<SessionState>>) {
+        let mut dropped = 0;
         let mut active = lock(&self.active);
         for session in sessions {
-            if !session.marked.swap(true, Ordering::AcqRel) {
+            if !session.is_resident() || self.is_closed() {
+                dropped += 1;
+            } else if !session.marked.swap(true, Ordering::AcqRel) {
                 active.push(session);
             }
+        }
+        if dropped > 0 {
+            self.metrics.activity_dropped.increment(dropped);
         }
     }
 
@@ -362,24 +545,85 @@ impl Registry {
         !lock(&self.active).is_empty()
     }
 
-    /// Queues `slot` for the worker, which will persist its latest id at the next flush.
-    pub(crate) fn mark_dirty(&self, slot: &Arc<Slot>) {
-        if slot.set_dirty() {
-            lock(&self.dirty).push(slot.clone());
+    /// Queues `slot` (whose queued flag the caller holds) for the worker, which will persist
+    /// its latest id at the next flush.
+    pub(crate) fn push_dirty(&self, slot: Arc<Slot>) {
+        if self.is_closed() {
+            return;
         }
+        let mut dirty = lock(&self.dirty);
+        dirty.push(slot);
+        self.purge_if_grown(&mut dirty, |s| !s.is_evicted(), |_| {});
+    }
+
+    /// Takes the dirty slots (their queued flags stay set: the worker now holds them).
+    pub(crate) fn take_dirty(&self) -> Vec<Arc<Slot>> {
+        std::mem::take(&mut *lock(&self.dirty))
     }
 
     pub(crate) fn has_dirty(&self) -> bool {
         !lock(&self.dirty).is_empty()
     }
 
-    /// Takes the dirty slots, clearing their flags.
-    pub(crate) fn take_dirty(&self) -> Vec<Arc<Slot>> {
-        let slots = std::mem::take(&mut *lock(&self.dirty));
-        for slot in &slots {
-            slot.clear_dirty();
+    /// The evicted slots still waiting for a write, dropping those the store now has.
+    pub(crate) fn evicted_pending(&self) -> Vec<Arc<Slot>> {
+        let mut evicted = lock(&self.evicted);
+        evicted.retain(|s| s.unpersisted());
+        evicted.iter().cloned().collect()
+    }
+
+    pub(crate) fn evicted_pending_len(&self) -> usize {
+        lock(&self.evicted).len()
+    }
+
+    /// Latest ids dropped unpersisted so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Hands an evicted slot's unpersisted id to the worker through the bounded FIFO.
+    fn evicted(&self, slot: Arc<Slot>) {
+        if !slot.unpersisted() {
+            return;
         }
-        slots
+        if self.is_closed() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.dropped_stopped.increment(1);
+            return;
+        }
+        let mut fifo = lock(&self.evicted);
+        fifo.push_back(slot);
+        while fifo.len() > self.limits.max_pending_evicted {
+            let Some(oldest) = fifo.pop_front() else {
+                break;
+            };
+            if oldest.unpersisted() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dropped_overflow.increment(1);
+            }
+        }
+    }
+
+    /// Stops queueing anything for the worker (it has stopped).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let evicted = std::mem::take(&mut *lock(&self.evicted));
+        // What is still unpersisted stays visible to the shutdown report through the map; the
+        // evicted ones are no longer anywhere, so they count as dropped.
+        let lost = evicted.iter().filter(|s| s.unpersisted()).count() as u64;
+        if lost > 0 {
+            self.dropped.fetch_add(lost, Ordering::Relaxed);
+            self.metrics.dropped_stopped.increment(lost);
+        }
+        lock(&self.dirty).clear();
+        let active = std::mem::take(&mut *lock(&self.active));
+        if !active.is_empty() {
+            self.metrics.activity_dropped.increment(active.len() as u64);
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     pub(crate) fn get(&self, session: &str, stream: &str) -> Option<Arc<Slot>> {
@@ -392,31 +636,43 @@ impl Registry {
             .cloned()
     }
 
-    /// The slot of (`session`, `stream`), created when absent; marks the session active.
-    /// Creating a slot in a full registry evicts the least recently used one, which is
-    /// returned so the caller can count it.
+    /// The slot of (`session`, `stream`), created when absent; marks the session active. With
+    /// `open_body` the slot becomes live (the caller must call [`body_closed`](Self::body_closed)
+    /// when the body goes). Creating a slot in a full registry evicts the least recently used
+    /// slot that is not live, which is returned so the caller can count it; when every slot is
+    /// live, nothing is created.
     pub(crate) fn get_or_insert(
         &self,
         session: &SessionId,
         stream: &StreamName,
-    ) -> (Arc<Slot>, Option<Arc<Slot>>) {
-        self.advance_clock(self.now_ms());
+        open_body: bool,
+    ) -> Result<(Arc<Slot>, Option<Arc<Slot>>), RegistryFull> {
+        self.advance_clock(self.now_us());
         let mut guard = lock(&self.map);
         let map = &mut *guard;
         if let Some(entry) = map.sessions.get(session.as_str())
             && let Some(slot) = entry.streams.iter().find(|s| s.key.stream == *stream)
         {
             let slot = slot.clone();
-            map.lru.promote(&(Arc::as_ptr(&slot) as usize));
+            let addr = Arc::as_ptr(&slot) as usize;
+            if open_body {
+                if slot.open.fetch_add(1, Ordering::Relaxed) == 0 {
+                    map.lru.pop(&addr);
+                    map.live += 1;
+                }
+            } else {
+                map.lru.promote(&addr);
+            }
             drop(guard);
             self.mark_active(slot.session());
-            return (slot, None);
+            return Ok((slot, None));
         }
-        let evicted = if map.lru.len() >= self.max_streams {
-            map.lru.pop_lru().map(|(_, old)| {
-                map.unlink(&old);
-                old
-            })
+        let evicted = if map.streams() >= self.limits.max_streams {
+            let Some((_, old)) = map.lru.pop_lru() else {
+                return Err(RegistryFull);
+            };
+            map.evict(&old);
+            Some(old)
         } else {
             None
         };
@@ -436,6 +692,7 @@ impl Registry {
                     id: session.clone(),
                     last_active: AtomicU64::new(0),
                     marked: AtomicBool::new(false),
+                    resident: AtomicBool::new(true),
                 }),
                 streams: Vec::new(),
             });
@@ -446,31 +703,40 @@ impl Registry {
                 stream,
             },
             state,
+            map.sequence_floor,
         ));
         entry.streams.push(slot.clone());
-        map.lru.put(Arc::as_ptr(&slot) as usize, slot.clone());
+        if open_body {
+            slot.open.store(1, Ordering::Relaxed);
+            map.live += 1;
+        } else {
+            map.lru.put(Arc::as_ptr(&slot) as usize, slot.clone());
+        }
         drop(guard);
         if let Some(old) = &evicted {
-            self.evicted(old);
+            self.evicted(old.clone());
         }
         self.mark_active(slot.session());
-        (slot, evicted)
+        Ok((slot, evicted))
     }
 
-    /// Hands an evicted slot's unpersisted id to the worker.
-    fn evicted(&self, slot: &Arc<Slot>) {
-        if slot.unpersisted() {
-            self.mark_dirty(slot);
+    /// A body of `slot` went away; the last one makes the slot evictable again (most recently
+    /// used).
+    pub(crate) fn body_closed(&self, slot: &Arc<Slot>) {
+        let mut map = lock(&self.map);
+        if slot.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            map.live -= 1;
+            map.lru.put(Arc::as_ptr(slot) as usize, slot.clone());
         }
     }
 
     /// Evicts up to `budget` idle slots, looking at no more than `budget` of the least recently
     /// used ones (those found busy move to the front). Returns how many were evicted.
-    pub(crate) fn sweep_idle(&self, now_ms: u64, budget: usize) -> usize {
-        let Some(ttl) = self.idle_ttl else {
+    pub(crate) fn sweep_idle(&self, now_us: u64, budget: usize) -> usize {
+        let Some(ttl) = self.limits.idle_ttl else {
             return 0;
         };
-        let ttl_ms = ttl.as_millis() as u64;
+        let ttl_us = ttl.as_micros() as u64;
         let mut evicted = Vec::new();
         {
             let mut guard = lock(&self.map);
@@ -479,9 +745,9 @@ impl Registry {
                 let Some((&addr, slot)) = map.lru.peek_lru() else {
                     break;
                 };
-                if slot.is_idle(now_ms, ttl_ms) {
+                if slot.is_idle(now_us, ttl_us) {
                     if let Some((_, slot)) = map.lru.pop_lru() {
-                        map.unlink(&slot);
+                        map.evict(&slot);
                         evicted.push(slot);
                     }
                 } else {
@@ -489,10 +755,11 @@ impl Registry {
                 }
             }
         }
-        for slot in &evicted {
+        let n = evicted.len();
+        for slot in evicted {
             self.evicted(slot);
         }
-        evicted.len()
+        n
     }
 
     /// Every stream of `session` with its latest id, in the order they were first seen.
@@ -510,16 +777,32 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Every slot in the registry, then every evicted slot still waiting for a write.
+    pub(crate) fn all_slots(&self) -> Vec<Arc<Slot>> {
+        let mut slots: Vec<Arc<Slot>> = {
+            let map = lock(&self.map);
+            map.sessions
+                .values()
+                .flat_map(|entry| entry.streams.iter().cloned())
+                .collect()
+        };
+        slots.extend(lock(&self.evicted).iter().cloned());
+        slots
+    }
+
     pub(crate) fn len(&self) -> usize {
-        lock(&self.map).lru.len()
+        lock(&self.map).streams()
     }
 
     pub(crate) fn counts(&self) -> Counts {
+        let evicted_pending = self.evicted_pending_len();
         let map = lock(&self.map);
         Counts {
-            streams: map.lru.len(),
+            streams: map.streams(),
+            live: map.live,
             sessions: map.sessions.len(),
             names: map.names.len(),
+            evicted_pending,
         }
     }
 }
@@ -532,108 +815,146 @@ mod tests {
         (SessionId::new(s).unwrap(), StreamName::new(n).unwrap())
     }
 
+    fn registry(max_streams: usize, idle_ttl: Option<Duration>) -> Registry {
+        Registry::new(
+            Limits {
+                max_streams,
+                idle_ttl,
+                max_names: 100,
+                max_pending_evicted: 2,
+            },
+            RegistryMetrics::noop(),
+        )
+    }
+
+    fn insert(r: &Registry, s: &str, n: &str, open: bool) -> Arc<Slot> {
+        let (s, n) = key(s, n);
+        r.get_or_insert(&s, &n, open).unwrap().0
+    }
+
     #[test]
     fn streams_of_one_session_have_separate_slots() {
-        let registry = Registry::new(10, None, 100);
-        let (s, a) = key("s", "GET /a");
-        let (_, b) = key("s", "GET /b");
-        let slot_a = registry.get_or_insert(&s, &a).0;
-        let slot_b = registry.get_or_insert(&s, &b).0;
-        slot_a.publish(EventId::new("1").unwrap(), &registry);
+        let registry = registry(10, None);
+        let slot_a = insert(&registry, "s", "GET /a", false);
+        let slot_b = insert(&registry, "s", "GET /b", false);
+        slot_a.publish(b"1", 0);
         assert_eq!(registry.get("s", "GET /a").unwrap().latest().unwrap(), "1");
         assert_eq!(registry.get("s", "GET /b").unwrap().latest(), None);
-        assert_eq!(
-            slot_b
-                .publish(EventId::new("x").unwrap(), &registry)
-                .sequence,
-            2
-        );
+        assert_eq!(slot_b.publish(b"x", 0).0.sequence, 1);
         assert_eq!(registry.session_streams("s").len(), 2);
     }
 
     #[test]
-    fn sequence_numbers_increase_per_key_and_never_repeat() {
-        let registry = Registry::new(10, None, 100);
-        let (s, a) = key("s", "GET /a");
-        let (_, b) = key("s", "GET /b");
-        let slot = registry.get_or_insert(&s, &a).0;
-        let other = registry.get_or_insert(&s, &b).0;
-        let mut seqs: Vec<u64> = (0..3)
-            .map(|i| {
-                slot.publish(EventId::new(&i.to_string()).unwrap(), &registry)
-                    .sequence
-            })
+    fn sequence_numbers_grow_per_key_and_a_remade_slot_starts_above_the_evicted_one() {
+        let registry = registry(1, None);
+        let slot = insert(&registry, "s", "GET /a", false);
+        let seqs: Vec<u64> = [b"1", b"2", b"3"]
+            .iter()
+            .map(|id| slot.publish(*id, 0).0.sequence)
             .collect();
-        seqs.push(
-            other
-                .publish(EventId::new("x").unwrap(), &registry)
-                .sequence,
-        );
-        seqs.push(slot.publish(EventId::new("y").unwrap(), &registry).sequence);
-        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert_eq!(seqs, [1, 2, 3]);
         let (id, version) = slot.latest_entry().unwrap();
-        assert_eq!((id.as_str(), version.sequence), ("y", 5));
+        assert_eq!((id.as_str(), version.sequence), ("3", 3));
+        // Evict it (registry of one), then make the key again: its sequence continues above.
+        insert(&registry, "t", "GET /b", false);
+        assert!(slot.is_evicted());
+        let again = insert(&registry, "s", "GET /a", false);
+        assert_eq!(again.publish(b"4", 0).0.sequence, 4);
     }
 
     #[test]
-    fn a_slot_is_queued_dirty_once_until_taken() {
-        let registry = Registry::new(10, None, 100);
-        let (s, a) = key("s", "GET /a");
-        let slot = registry.get_or_insert(&s, &a).0;
-        registry.mark_dirty(&slot);
-        registry.mark_dirty(&slot);
-        assert!(slot.is_dirty());
-        assert_eq!(registry.take_dirty().len(), 1);
-        assert!(!slot.is_dirty());
-        assert!(registry.take_dirty().is_empty());
+    fn publishing_reuses_the_slot_buffer() {
+        let registry = registry(10, None);
+        let slot = insert(&registry, "s", "GET /a", false);
+        slot.publish(b"a-long-first-id", 5);
+        let ptr = lock(&slot.latest).id.as_ptr();
+        slot.publish(b"short", 3);
+        assert_eq!(lock(&slot.latest).id.as_ptr(), ptr);
+        let (id, version) = slot.latest_entry().unwrap();
+        assert_eq!(id, "short");
+        assert_eq!(version.at_us, 5, "time never goes back within a slot");
     }
 
     #[test]
-    fn a_full_registry_evicts_the_least_recently_used_stream() {
-        let registry = Registry::new(2, None, 100);
-        let (s, a) = key("s", "GET /a");
-        let (t, b) = key("t", "GET /b");
-        let (u, c) = key("u", "GET /c");
-        let slot_a = registry.get_or_insert(&s, &a).0;
-        registry.get_or_insert(&t, &b);
+    fn a_full_registry_evicts_the_least_recently_used_idle_stream() {
+        let registry = registry(2, None);
+        let slot_a = insert(&registry, "s", "GET /a", false);
+        insert(&registry, "t", "GET /b", false);
         // Using A again makes B the least recently used.
-        registry.get_or_insert(&s, &a);
-        slot_a.publish(EventId::new("1").unwrap(), &registry);
-        let (_, evicted) = registry.get_or_insert(&u, &c);
+        insert(&registry, "s", "GET /a", false);
+        slot_a.publish(b"1", 0);
+        let (u, c) = key("u", "GET /c");
+        let (_, evicted) = registry.get_or_insert(&u, &c, false).unwrap();
         assert_eq!(evicted.unwrap().key().stream, "GET /b");
         assert_eq!(registry.len(), 2);
         assert!(registry.get("t", "GET /b").is_none());
         assert_eq!(registry.counts().sessions, 2, "t had no other stream");
-        // A's unpersisted id goes to the worker when A is evicted in turn.
-        let (_, evicted) = registry.get_or_insert(&t, &b);
+        // A's unpersisted id waits in the evicted FIFO when A is evicted in turn.
+        let (t, b) = key("t", "GET /b");
+        let (_, evicted) = registry.get_or_insert(&t, &b, false).unwrap();
         assert!(Arc::ptr_eq(&evicted.unwrap(), &slot_a));
-        assert_eq!(registry.take_dirty().len(), 1);
+        assert_eq!(registry.evicted_pending().len(), 1);
+    }
+
+    #[test]
+    fn live_streams_are_never_evicted_and_a_registry_full_of_them_refuses() {
+        let registry = registry(2, None);
+        let a = insert(&registry, "s", "GET /a", true);
+        let b = insert(&registry, "t", "GET /b", true);
+        let (u, c) = key("u", "GET /c");
+        assert_eq!(
+            registry.get_or_insert(&u, &c, true).unwrap_err(),
+            RegistryFull
+        );
+        assert_eq!(registry.len(), 2);
+        // A second body on a live slot shares it; closing one keeps it live.
+        let (s, n) = key("s", "GET /a");
+        let (again, _) = registry.get_or_insert(&s, &n, true).unwrap();
+        assert!(Arc::ptr_eq(&again, &a));
+        registry.body_closed(&a);
+        assert!(registry.get_or_insert(&u, &c, true).is_err());
+        registry.body_closed(&a);
+        // A is evictable now; B is still live.
+        let (slot, evicted) = registry.get_or_insert(&u, &c, false).unwrap();
+        assert!(Arc::ptr_eq(&evicted.unwrap(), &a));
+        assert!(!b.is_evicted());
+        assert_eq!(registry.counts().live, 1);
+        assert!(!slot.is_evicted());
+    }
+
+    #[test]
+    fn the_evicted_fifo_is_bounded_and_counts_what_it_drops() {
+        let registry = registry(1, None);
+        for i in 0..5 {
+            let slot = insert(&registry, &format!("s{i}"), "GET /a", false);
+            slot.publish(b"1", 0);
+        }
+        // Four evicted, unpersisted; the FIFO keeps two.
+        assert_eq!(registry.evicted_pending().len(), 2);
+        assert_eq!(registry.dropped(), 2);
+        // Persisted ones leave it.
+        for slot in registry.evicted_pending() {
+            slot.set_persisted(u64::MAX);
+        }
+        assert!(registry.evicted_pending().is_empty());
     }
 
     #[test]
     fn the_sweep_evicts_idle_slots_only_and_looks_at_a_bounded_number() {
-        let registry = Registry::new(100, Some(Duration::from_secs(300)), 100);
-        let (s, a) = key("s", "GET /a");
-        let (t, b) = key("t", "GET /b");
-        let busy = registry.get_or_insert(&s, &a).0;
-        busy.body_opened();
-        registry.get_or_insert(&t, &b);
-        let now = registry.now_ms();
+        let registry = registry(100, Some(Duration::from_secs(300)));
+        let busy = insert(&registry, "s", "GET /a", true);
+        insert(&registry, "t", "GET /b", false);
+        let now = registry.now_us();
         assert_eq!(
             registry.sweep_idle(now, 10),
             0,
             "nothing is 5 minutes old yet"
         );
-        let later = now + 300_000;
-        assert_eq!(
-            registry.sweep_idle(later, 1),
-            0,
-            "the first looked at is busy"
-        );
+        let later = now + 300_000_000;
         assert_eq!(registry.sweep_idle(later, 10), 1);
         assert!(registry.get("t", "GET /b").is_none());
-        assert!(registry.get("s", "GET /a").is_some());
-        busy.body_closed();
+        assert!(registry.get("s", "GET /a").is_some(), "a live slot stays");
+        registry.body_closed(&busy);
         assert_eq!(registry.sweep_idle(later, 10), 1);
         let counts = registry.counts();
         assert_eq!((counts.streams, counts.sessions), (0, 0));
@@ -643,17 +964,13 @@ mod tests {
 
     #[test]
     fn stream_names_are_interned_and_session_ids_shared() {
-        let registry = Registry::new(100, None, 100);
+        let registry = registry(100, None);
         let slots: Vec<Arc<Slot>> = (0..3)
-            .map(|i| {
-                let (s, n) = key(&format!("s{i}"), "GET /mcp");
-                registry.get_or_insert(&s, &n).0
-            })
+            .map(|i| insert(&registry, &format!("s{i}"), "GET /mcp", false))
             .collect();
         let name = |slot: &Arc<Slot>| slot.key().stream.as_str().as_ptr();
         assert!(slots.iter().all(|s| name(s) == name(&slots[0])));
-        let (s0, other) = key("s0", "GET /other");
-        let more = registry.get_or_insert(&s0, &other).0;
+        let more = insert(&registry, "s0", "GET /other", false);
         assert_eq!(
             more.key().session.as_str().as_ptr(),
             slots[0].key().session.as_str().as_ptr()
@@ -663,9 +980,10 @@ mod tests {
 
     #[test]
     fn activity_is_marked_once_per_flush() {
-        let registry = Registry::new(10, None, 100);
-        let (s, a) = key("s", "GET /a");
-        let slot = registry.get_or_insert(&s, &a).0;
+        let registry = registry(10, None);
+        let slot = insert(&registry, "s", "GET /a", false);
+        registry.take_active();
+        slot.session().unmark();
         for _ in 0..1000 {
             registry.mark_active(slot.session());
         }
@@ -674,5 +992,36 @@ mod tests {
         active[0].unmark();
         registry.mark_active(slot.session());
         assert_eq!(registry.take_active().len(), 1);
+    }
+
+    #[test]
+    fn a_slot_is_handed_to_the_worker_once_until_the_worker_takes_it() {
+        let registry = registry(10, None);
+        let slot = insert(&registry, "s", "GET /a", false);
+        assert!(slot.publish(b"1", 0).1, "the first id hands the slot over");
+        assert!(
+            !slot.publish(b"2", 0).1,
+            "later ones do not, until the worker reads"
+        );
+        assert!(!slot.mark_queued());
+        assert_eq!(slot.take_latest().unwrap().0, "2");
+        assert!(slot.publish(b"3", 0).1);
+    }
+
+    #[test]
+    fn after_close_nothing_is_queued_and_evicted_ids_count_as_dropped() {
+        let registry = registry(1, None);
+        let slot = insert(&registry, "s", "GET /a", false);
+        slot.publish(b"1", 0);
+        registry.close();
+        registry.push_dirty(slot.clone());
+        assert!(!registry.has_dirty());
+        registry.take_active();
+        slot.session().unmark();
+        registry.mark_active(slot.session());
+        assert!(!registry.has_active());
+        insert(&registry, "t", "GET /b", false);
+        assert_eq!(registry.dropped(), 1);
+        assert_eq!(registry.evicted_pending_len(), 0);
     }
 }

@@ -10,8 +10,9 @@ use crate::builder::{Config, SseTrackerBuilder};
 use crate::key::{EventId, SessionId, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::Handles;
-use crate::registry::Registry;
-use crate::store::{DynStore, StoreError};
+use crate::registry::{Limits, Registry};
+use crate::store::{DynStore, StoreError, StoredId};
+use crate::worker::guard::guarded;
 use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle};
 
 /// What every layer, service and body of one tracker shares.
@@ -21,6 +22,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Handles,
     pub(crate) worker: WorkerHandle,
     store: Arc<dyn DynStore>,
+    store_timeout: Duration,
 }
 
 impl std::fmt::Debug for Shared {
@@ -36,15 +38,16 @@ impl Shared {
     pub(crate) fn new(
         runtime: &tokio::runtime::Handle,
         config: Config,
-        registry: Registry,
+        limits: Limits,
         store: Arc<dyn DynStore>,
         channel_capacity: usize,
         worker: WorkerConfig,
     ) -> Self {
-        let registry = Arc::new(registry);
         let metrics = Handles::register();
+        let registry = Arc::new(Registry::new(limits, metrics.registry()));
         // The worker holds the registry, the store and the metrics, never `Shared`: when the
         // last tracker, layer and body are gone, its channel closes and it finishes.
+        let store_timeout = worker.store_timeout;
         let worker = WorkerHandle::spawn(
             runtime,
             channel_capacity,
@@ -59,6 +62,7 @@ impl Shared {
             metrics,
             worker,
             store,
+            store_timeout,
         }
     }
 }
@@ -120,8 +124,10 @@ impl SseTracker {
     /// reader skips intermediate ids). The stream is registered if it is not yet, so that a
     /// subscriber can wait for a stream that has not started.
     ///
-    /// Registering a stream in a full registry evicts the least recently used one, as a new
-    /// response would. Fails only for an invalid session id or stream name.
+    /// Registering a stream in a full registry evicts the least recently used stream without
+    /// an open body, as a new response would; a stream without an open body can itself be
+    /// evicted later, and then its receiver sees no more ids. Fails for an invalid session id
+    /// or stream name, and when every tracked stream has an open body.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -141,7 +147,11 @@ impl SseTracker {
     ) -> Result<watch::Receiver<Option<EventId>>, SubscribeError> {
         let session = SessionId::new(session).map_err(SubscribeError::Session)?;
         let stream = StreamName::new(stream).map_err(SubscribeError::Stream)?;
-        let (slot, evicted) = self.shared.registry.get_or_insert(&session, &stream);
+        let (slot, evicted) = self
+            .shared
+            .registry
+            .get_or_insert(&session, &stream, false)
+            .map_err(|_| SubscribeError::RegistryFull)?;
         if evicted.is_some() {
             self.shared.metrics.evicted_lru.increment(1);
         }
@@ -165,8 +175,13 @@ impl SseTracker {
         self.shared.registry.counts().estimated_bytes()
     }
 
-    /// The latest id of `stream` of `session`: from memory when the stream is tracked, else
-    /// from the store (e.g. after a restart, or from another instance sharing the store).
+    /// The latest id of `stream` of `session`, from memory and from the store, whichever is
+    /// newer by `(published_at, sequence)`: after a restart, or when another instance sharing
+    /// the store (Redis) has served the stream since, the store's is the newer one.
+    ///
+    /// The store is asked under the store timeout. When it fails and memory has an id, that id
+    /// is returned (the failure is counted in `sse_tracker_store_errors_total{op="load"}` and
+    /// logged); when memory has none, the error is returned.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -183,16 +198,45 @@ impl SseTracker {
         session: &str,
         stream: &str,
     ) -> Result<Option<EventId>, StoreError> {
-        if let Some(id) = self.last_event_id(session, stream) {
-            return Ok(Some(id));
-        }
-        self.stored_event_id(session, stream).await
+        let memory = self
+            .shared
+            .registry
+            .get(session, stream)
+            .and_then(|slot| slot.latest_entry());
+        let stored = match self.load(session, stream).await {
+            Ok(stored) => stored,
+            Err(error) => match memory {
+                Some((id, _)) => {
+                    tracing::warn!(
+                        %error,
+                        session,
+                        stream,
+                        "SSE tracker store load failed; answering from memory only"
+                    );
+                    return Ok(Some(id));
+                }
+                None => return Err(error),
+            },
+        };
+        Ok(match (memory, stored) {
+            (None, None) => None,
+            (Some((id, _)), None) => Some(id),
+            (None, Some(stored)) => Some(stored.id),
+            (Some((id, version)), Some(stored)) => {
+                let published_at = self.shared.registry.wall_time(version.at_us);
+                if (published_at, version.sequence) >= (stored.published_at, stored.sequence) {
+                    Some(id)
+                } else {
+                    Some(stored.id)
+                }
+            }
+        })
     }
 
     /// Where a reconnecting client stands on `stream` of `session`, given the `Last-Event-ID`
     /// it sent (the layer puts it in the request extensions as
-    /// [`LastEventId`](crate::LastEventId)). The latest id comes from memory, else from the
-    /// store, so another instance sharing the store (Redis) knows the stream too.
+    /// [`LastEventId`](crate::LastEventId)). The latest id is [`resolve`](Self::resolve)'s:
+    /// the newer of memory and the store, so instances sharing the store agree.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -211,6 +255,7 @@ impl SseTracker {
     ///             format!("replay after {client:?} up to {latest}")
     ///         }
     ///         Ok(Resume::Unknown) => "no such stream: start a new one".to_owned(),
+    ///         Ok(other) => format!("{other:?}"),
     ///         Err(error) => format!("store unavailable: {error}"),
     ///     }
     /// }
@@ -238,23 +283,44 @@ impl SseTracker {
     }
 
     /// The id the store holds for `stream` of `session`, not looking at memory. `Ok(None)`
-    /// for an invalid session id or stream name.
+    /// for an invalid session id or stream name. Asked under the store timeout.
     pub async fn stored_event_id(
         &self,
         session: &str,
         stream: &str,
     ) -> Result<Option<EventId>, StoreError> {
+        Ok(self.load(session, stream).await?.map(|stored| stored.id))
+    }
+
+    /// Loads a key from the store under the store timeout, with panics caught and failures
+    /// counted.
+    async fn load(&self, session: &str, stream: &str) -> Result<Option<StoredId>, StoreError> {
         let (Ok(session), Ok(stream)) = (SessionId::new(session), StreamName::new(stream)) else {
             return Ok(None);
         };
-        let key = StreamKey { session, stream };
-        Ok(self.shared.store.load(&key).await?.map(|stored| stored.id))
+        let key = StreamKey::new(session, stream);
+        let store = &self.shared.store;
+        guarded(self.shared.store_timeout, async { store.load(&key).await })
+            .await
+            .map_err(|failure| {
+                self.shared
+                    .metrics
+                    .store_errors
+                    .get(2, failure.reason_index())
+                    .increment(1);
+                failure.into_error()
+            })
     }
 
-    /// Stops the worker: it takes no more records (open streams keep flowing; their later
-    /// ids stay in memory), drains its channel, writes everything pending and retries until
-    /// `timeout`, then reports what reached the store and what did not. A second call returns
-    /// an empty report.
+    /// Stops the worker: it takes no more ids (open streams keep flowing; ids they commit from
+    /// now on stay in memory), drains its channel, writes everything pending and retries until
+    /// `timeout`, then reports, stream by stream, which latest ids are not in the store (see
+    /// [`ShutdownReport`]). Call it after the server has stopped serving, or after
+    /// draining open streams, so that no id comes after it.
+    ///
+    /// A second call writes nothing and reports what the store still lacks; so does a call
+    /// after the worker task was lost (its runtime shut down), with
+    /// [`worker_lost`](ShutdownReport::worker_lost) set.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -274,6 +340,7 @@ impl SseTracker {
 
 /// Where a reconnecting client stands, from [`SseTracker::resume`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Resume {
     /// Neither memory nor the store knows the stream (never seen, evicted and expired, or
     /// another instance has not flushed it yet).
@@ -293,11 +360,14 @@ pub enum Resume {
 
 /// Why [`SseTracker::subscribe`] failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubscribeError {
     /// The session id is not valid.
     Session(crate::key::InvalidKey),
     /// The stream name is not valid.
     Stream(crate::key::InvalidKey),
+    /// The registry holds `max_streams` streams and every one has an open body.
+    RegistryFull,
 }
 
 impl std::fmt::Display for SubscribeError {
@@ -305,6 +375,9 @@ impl std::fmt::Display for SubscribeError {
         match self {
             SubscribeError::Session(_) => f.write_str("invalid session id"),
             SubscribeError::Stream(_) => f.write_str("invalid stream name"),
+            SubscribeError::RegistryFull => {
+                f.write_str("the registry is full of streams with open bodies")
+            }
         }
     }
 }
@@ -313,6 +386,7 @@ impl std::error::Error for SubscribeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SubscribeError::Session(e) | SubscribeError::Stream(e) => Some(e),
+            SubscribeError::RegistryFull => None,
         }
     }
 }

@@ -43,15 +43,13 @@ struct Inner {
 /// use tower_sse_tracker::{EventId, SessionId, StreamKey, StreamName};
 ///
 /// let store = InMemoryStore::new();
-/// let key = StreamKey {
-///     session: SessionId::new("s1").unwrap(),
-///     stream: StreamName::new("GET /mcp").unwrap(),
-/// };
+/// let key = StreamKey::new(SessionId::new("s1").unwrap(), StreamName::new("GET /mcp").unwrap());
+/// let now = std::time::SystemTime::now();
 /// let entry = |id: &str, sequence| SaveEntry {
 ///     key: key.clone(),
 ///     id: EventId::new(id).unwrap(),
 ///     sequence,
-///     published_at: std::time::SystemTime::now(),
+///     published_at: now,
 /// };
 /// store.save(&[entry("7", 2)]).await.unwrap();
 /// store.save(&[entry("6", 1)]).await.unwrap(); // older: refused
@@ -149,23 +147,17 @@ impl InMemoryStore {
         for entry in batch {
             let stamp = inner.next_stamp;
             match inner.entries.get_mut(&entry.key) {
-                Some(old) if old.stored.sequence >= entry.sequence => continue,
+                Some(old) if !entry.supersedes(&old.stored) => continue,
                 Some(old) => {
                     inner.by_stamp.remove(&old.stamp);
-                    old.stored = StoredId {
-                        id: entry.id.clone(),
-                        sequence: entry.sequence,
-                    };
+                    old.stored = entry.to_stored();
                     old.stamp = stamp;
                 }
                 None => {
                     inner.entries.insert(
                         entry.key.clone(),
                         Entry {
-                            stored: StoredId {
-                                id: entry.id.clone(),
-                                sequence: entry.sequence,
-                            },
+                            stored: entry.to_stored(),
                             stamp,
                         },
                     );
@@ -215,6 +207,18 @@ mod tests {
             sequence,
             published_at: SystemTime::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn a_later_publish_time_wins_over_a_higher_sequence() {
+        let store = InMemoryStore::new();
+        let mut older = entry("a", "from-b", 50);
+        older.published_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1);
+        let mut newer = entry("a", "from-a", 3);
+        newer.published_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2);
+        store.save_now(&[newer]);
+        store.save_now(&[older]);
+        assert_eq!(store.get(&entry("a", "", 0).key).unwrap().id, "from-a");
     }
 
     #[test]

@@ -22,11 +22,13 @@ pub use memory::{DEFAULT_MAX_KEYS, InMemoryStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{DEFAULT_PREFIX, DEFAULT_TTL, RedisStore};
 
-/// One entry of a batch: the latest id of a stream and its sequence number.
+/// One entry of a batch: the latest id of a stream, its sequence number and when it was
+/// published.
 ///
-/// Sequence numbers grow with every id a tracker publishes (they come from one counter per
-/// tracker), so a store keeps, for each key, the entry with the highest sequence and refuses an
-/// older one: a late retry can never overwrite a newer id.
+/// Within one tracker, a key's sequence numbers only grow. Trackers (server instances) sharing a
+/// store count their own sequences, so a store orders the entries of a key by
+/// `(published_at, sequence)` and keeps the newest ([`SaveEntry::supersedes`]): neither a late
+/// retry nor another instance's older id can overwrite a newer one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaveEntry {
     /// The stream.
@@ -35,10 +37,45 @@ pub struct SaveEntry {
     pub id: EventId,
     /// The id's sequence number; higher is newer within one tracker.
     pub sequence: u64,
-    /// When the tracker published the id (to its worker's clock resolution, about one flush
-    /// interval). Stores shared by several trackers order entries by `(published_at,
-    /// sequence)`, since each tracker counts its own sequence.
+    /// When the tracker published the id: the time of the request that opened the stream or
+    /// later, to the resolution of the tracker's clock (its flush interval at worst). Stores
+    /// shared by several trackers order entries by `(published_at, sequence)`, since each
+    /// tracker counts its own sequence.
     pub published_at: SystemTime,
+}
+
+impl SaveEntry {
+    /// Whether this entry is newer than `stored` by `(published_at, sequence)`, and so must
+    /// replace it.
+    ///
+    /// ```
+    /// use std::time::{Duration, UNIX_EPOCH};
+    /// use tower_sse_tracker::store::{SaveEntry, StoredId};
+    /// use tower_sse_tracker::{EventId, SessionId, StreamKey, StreamName};
+    ///
+    /// let key = StreamKey::new(SessionId::new("s").unwrap(), StreamName::new("GET /mcp").unwrap());
+    /// let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let stored = StoredId { id: EventId::new("7").unwrap(), sequence: 9, published_at: t };
+    /// let entry = |sequence, published_at| SaveEntry {
+    ///     key: key.clone(), id: EventId::new("8").unwrap(), sequence, published_at,
+    /// };
+    /// assert!(entry(10, t).supersedes(&stored));
+    /// assert!(!entry(9, t).supersedes(&stored));
+    /// // Another instance, later, with a lower sequence of its own: newer.
+    /// assert!(entry(1, t + Duration::from_millis(1)).supersedes(&stored));
+    /// ```
+    pub fn supersedes(&self, stored: &StoredId) -> bool {
+        (self.published_at, self.sequence) > (stored.published_at, stored.sequence)
+    }
+
+    /// What a store holds once it has saved this entry.
+    pub fn to_stored(&self) -> StoredId {
+        StoredId {
+            id: self.id.clone(),
+            sequence: self.sequence,
+            published_at: self.published_at,
+        }
+    }
 }
 
 /// When a session was last active: its last request or frame on a tracked stream.
@@ -57,6 +94,8 @@ pub struct StoredId {
     pub id: EventId,
     /// Its sequence number.
     pub sequence: u64,
+    /// When it was published (see [`SaveEntry::published_at`]).
+    pub published_at: SystemTime,
 }
 
 /// A store operation failed. The worker retries failed saves (see
@@ -112,8 +151,17 @@ impl Error for StoreError {
 /// Persists the latest id of each stream. Batch-oriented and async; called only by the
 /// tracker's background worker (and by [`SseTracker::resolve`](crate::SseTracker::resolve)).
 ///
-/// Implementations must be safe for concurrent use and must never replace a key's entry with one
-/// of a lower `sequence`.
+/// Implementations must be safe for concurrent use and must never replace a key's entry with an
+/// older one: compare with [`SaveEntry::supersedes`].
+///
+/// The tracker calls a store only from its worker (and from [`SseTracker::resolve`]), each call
+/// under a deadline ([`SseTrackerBuilder::store_timeout`]): a call that errs, panics or does not
+/// finish in time is one failed write, counted, logged and retried with back-off. A store does
+/// not need its own timeout to keep streams flowing, but one that cancels its work when its
+/// future is dropped is kinder to its backend.
+///
+/// [`SseTracker::resolve`]: crate::SseTracker::resolve
+/// [`SseTrackerBuilder::store_timeout`]: crate::SseTrackerBuilder::store_timeout
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -129,9 +177,8 @@ impl Error for StoreError {
 ///     async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
 ///         let mut map = self.0.lock().unwrap();
 ///         for e in batch {
-///             let newer = map.get(&e.key).is_none_or(|old| old.sequence < e.sequence);
-///             if newer {
-///                 map.insert(e.key.clone(), StoredId { id: e.id.clone(), sequence: e.sequence });
+///             if map.get(&e.key).is_none_or(|old| e.supersedes(old)) {
+///                 map.insert(e.key.clone(), e.to_stored());
 ///             }
 ///         }
 ///         Ok(())
@@ -143,9 +190,10 @@ impl Error for StoreError {
 /// }
 /// ```
 pub trait Store: Send + Sync + 'static {
-    /// Saves every entry of `batch` whose sequence is higher than the stored one. A batch
-    /// usually holds one entry per key; should it hold several, the highest sequence must win.
-    /// An error means the whole batch may be retried.
+    /// Saves every entry of `batch` that [supersedes](SaveEntry::supersedes) the stored one. A
+    /// batch holds one entry per key and at most
+    /// [`max_batch`](crate::SseTrackerBuilder::max_batch) entries. An error means the whole
+    /// batch may be retried.
     fn save(&self, batch: &[SaveEntry]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The stored entry of `key`, if any.

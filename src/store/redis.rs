@@ -1,10 +1,12 @@
 //! [`RedisStore`]: a store shared by several server instances (feature `redis`).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
 use crate::key::{EventId, SessionId, StreamKey};
@@ -14,10 +16,11 @@ pub const DEFAULT_PREFIX: &str = "sse-tracker";
 /// Default time to live of the keys written by [`RedisStore`]: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Saves a batch in one round trip, atomically. A key's value is `time:sequence:id`; an entry
-/// replaces it only when its `(time, sequence)` is higher, so neither a late retry nor another
-/// instance's older id can overwrite a newer one. Numbers are compared with `tonumber` but
-/// written back as the strings they came as (Lua would print large numbers in exponent form).
+/// Saves a batch in one round trip, atomically. A key's value is `time:sequence:id` (time in
+/// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
+/// neither a late retry nor another instance's older id can overwrite a newer one. Numbers are
+/// compared with `tonumber` (exact below 2^53) but written back as the strings they came as
+/// (Lua would print large numbers in exponent form).
 const SAVE_SCRIPT: &str = r#"
 local ttl = ARGV[1]
 local written = 0
@@ -51,24 +54,29 @@ return written
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
 ///   entry's and writes only newer ones, so two instances writing one key, or a late retry,
 ///   never replace a newer id with an older one.
-/// - **Key layout.** `{prefix}:id:{session}:{stream}` holds `time:sequence:id`;
+/// - **Key layout.** `{prefix}:id:{session}:{stream}` holds `time:sequence:id` (time in Unix
+///   microseconds);
 ///   `{prefix}:activity` is a sorted set of session ids scored by last activity (Unix ms).
 ///   Session ids and stream names are percent-encoded (every byte but `A-Z a-z 0-9 - _ .`), so
 ///   no value can reach outside its place in the key or form another key.
 /// - **Expiry.** Id keys expire `ttl` after their last write; activity older than `ttl` is
 ///   removed from the sorted set at each activity write, and the set itself expires `ttl`
 ///   after the last one.
-/// - **Reconnects.** The connection is a redis-rs `ConnectionManager`, which reconnects by
-///   itself; while Redis is down, writes fail and the tracker's worker retries them.
+/// - **Start-up and reconnects.** [`RedisStore::new`] does not connect: the first call does,
+///   so an application starts and serves while Redis is down (its writes fail and the
+///   tracker's worker retries them with back-off until Redis is up). The connection is a
+///   redis-rs `ConnectionManager`, which reconnects by itself. [`RedisStore::connect`] waits
+///   for a first connection instead, for applications that would rather not start without
+///   Redis.
 ///
-/// ```no_run
+/// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
 /// use tower_sse_tracker::{SseTracker, store::RedisStore};
 ///
-/// let store = RedisStore::connect("redis://127.0.0.1:6379")
-///     .await?
+/// // No connection yet: this works whether or not Redis is up.
+/// let store = RedisStore::new("redis://127.0.0.1:6379")?
 ///     .with_prefix("my-app")
 ///     .with_ttl(Duration::from_secs(3600));
 /// let tracker = SseTracker::builder().store(store).build()?;
@@ -78,7 +86,8 @@ return written
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    client: Option<redis::Client>,
+    conn: Arc<OnceCell<ConnectionManager>>,
     prefix: String,
     ttl: Duration,
     save: Script,
@@ -113,31 +122,65 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1))
+}
+
 impl RedisStore {
-    /// Connects to the Redis at `url` (e.g. `redis://127.0.0.1:6379`) with prefix
-    /// [`DEFAULT_PREFIX`] and time to live [`DEFAULT_TTL`]. Requests time out after 2 s, so a
-    /// Redis that stops answering shows up as failed writes that the worker retries.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// A store for the Redis at `url` (e.g. `redis://127.0.0.1:6379`), with prefix
+    /// [`DEFAULT_PREFIX`] and time to live [`DEFAULT_TTL`]. It does not connect (only a URL that
+    /// cannot be parsed is an error): the first store call does, and calls fail until Redis
+    /// answers. Connecting and requests time out after 2 s.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|e| redis_error("invalid Redis URL", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| redis_error("connecting to Redis", e))?;
-        Ok(Self::from_manager(conn))
+        Ok(Self {
+            client: Some(client),
+            conn: Arc::new(OnceCell::new()),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            ttl: DEFAULT_TTL,
+            save: Script::new(SAVE_SCRIPT),
+        })
+    }
+
+    /// Like [`new`](Self::new), then waits for a first connection: an error when Redis cannot
+    /// be reached now.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::new(url)?;
+        store.connection().await?;
+        Ok(store)
     }
 
     /// A store on an existing connection manager.
     pub fn from_manager(conn: ConnectionManager) -> Self {
         Self {
-            conn,
+            client: None,
+            conn: Arc::new(OnceCell::new_with(Some(conn))),
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
             save: Script::new(SAVE_SCRIPT),
         }
+    }
+
+    /// The connection, made on first use. A failed attempt is an error; the next call tries
+    /// again.
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let client = self
+                    .client
+                    .clone()
+                    .ok_or_else(|| StoreError::new("no Redis client"))?;
+                ConnectionManager::new_with_config(client, manager_config())
+                    .await
+                    .map_err(|e| redis_error("connecting to Redis", e))
+            })
+            .await?;
+        Ok(conn.clone())
     }
 
     /// Namespaces every key under `prefix` (instances that share ids must share the prefix).
@@ -175,7 +218,7 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Vec<SessionId>, StoreError> {
         let before = unix_ms(SystemTime::now()).saturating_sub(idle_for.as_millis() as u64);
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let members: Vec<String> = redis::cmd("ZRANGE")
             .arg(self.activity_key())
             .arg("-inf")
@@ -195,7 +238,7 @@ impl RedisStore {
 
     /// When `session` was last active, if the activity set still has it.
     pub async fn last_active(&self, session: &str) -> Result<Option<SystemTime>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let score: Option<f64> = redis::cmd("ZSCORE")
             .arg(self.activity_key())
             .arg(session)
@@ -206,12 +249,17 @@ impl RedisStore {
     }
 }
 
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+}
+
 fn parse_stored(value: &str) -> Option<StoredId> {
-    let (_time, rest) = value.split_once(':')?;
+    let (time, rest) = value.split_once(':')?;
     let (sequence, id) = rest.split_once(':')?;
     Some(StoredId {
         id: EventId::new(id).ok()?,
         sequence: sequence.parse().ok()?,
+        published_at: UNIX_EPOCH + Duration::from_micros(time.parse().ok()?),
     })
 }
 
@@ -225,11 +273,11 @@ impl Store for RedisStore {
         for entry in batch {
             invocation
                 .key(self.key_of(&entry.key))
-                .arg(unix_ms(entry.published_at))
+                .arg(unix_us(entry.published_at))
                 .arg(entry.sequence)
                 .arg(entry.id.as_str());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let _written: u64 = invocation
             .invoke_async(&mut conn)
             .await
@@ -238,7 +286,7 @@ impl Store for RedisStore {
     }
 
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let value: Option<String> = redis::cmd("GET")
             .arg(self.key_of(key))
             .query_async(&mut conn)
@@ -267,7 +315,7 @@ impl Store for RedisStore {
             .arg(format!("({expired_before}"))
             .ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(|e| redis_error("writing session activity", e))
@@ -290,9 +338,10 @@ mod tests {
 
     #[test]
     fn stored_values_parse_back() {
-        let stored = parse_stored("1732790000000:42:id:with:colons").unwrap();
+        let stored = parse_stored("1732790000000123:42:id:with:colons").unwrap();
         assert_eq!(stored.sequence, 42);
         assert_eq!(stored.id, "id:with:colons");
+        assert_eq!(unix_us(stored.published_at), 1_732_790_000_000_123);
         assert!(parse_stored("garbage").is_none());
     }
 }

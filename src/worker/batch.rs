@@ -1,21 +1,23 @@
-//! Coalescing: the records of one flush, at most one per stream, the newest winning.
+//! Coalescing: what one round of the worker writes, at most one entry per stream, its latest.
+//!
+//! Bodies never send ids to the worker, only "this stream changed" (its slot), at most once
+//! until the worker reads the slot again. However many ids a stream commits between two
+//! flushes, the round reads the latest of them from the slot, once, and leaves it out when the
+//! store already holds it.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::key::EventId;
 use crate::registry::{Registry, Slot, Version};
 use crate::store::SaveEntry;
 
-/// The latest id of one stream, waiting to be written.
+/// The latest id of one stream, on its way to the store.
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub(crate) slot: Arc<Slot>,
     pub(crate) id: EventId,
     pub(crate) version: Version,
-    /// Failed writes so far of this key's entry.
-    pub(crate) retries: u32,
 }
 
 impl Pending {
@@ -24,101 +26,121 @@ impl Pending {
             key: self.slot.key().clone(),
             id: self.id.clone(),
             sequence: self.version.sequence,
-            published_at: registry.wall_time(self.version.at_ms),
+            published_at: registry.wall_time(self.version.at_us),
         }
     }
 }
 
-/// Records keyed by their slot (an O(1) pointer-keyed look-up, no string hashing).
+/// What a round takes of one slot.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Its latest id goes into the round.
+    Write,
+    /// The store already has its latest id.
+    Duplicate,
+    /// The round already took it, or another list owns it (retry, given up, evicted).
+    Skip,
+}
+
+/// The entries of one round.
 #[derive(Debug, Default)]
-pub(crate) struct Batch {
-    entries: HashMap<usize, Pending>,
+pub(crate) struct RoundEntries {
+    pub(crate) entries: Vec<Pending>,
+    pub(crate) duplicates: u64,
 }
 
-/// What [`Batch::take`] hands over.
-#[derive(Debug, Default)]
-pub(crate) struct Taken {
-    /// Entries newer than what the store holds.
-    pub(crate) write: Vec<Pending>,
-    /// Entries already persisted (a duplicate, or older than the persisted id).
-    pub(crate) skipped: usize,
-}
-
-impl Batch {
-    /// Adds a record; true when it was merged into one already here (coalesced).
-    pub(crate) fn add(&mut self, pending: Pending) -> bool {
-        match self.entries.entry(Arc::as_ptr(&pending.slot) as usize) {
-            Entry::Occupied(mut here) => {
-                let here = here.get_mut();
-                if pending.version.sequence > here.version.sequence {
-                    here.id = pending.id;
-                    here.version = pending.version;
-                }
-                here.retries = here.retries.max(pending.retries);
-                true
+impl RoundEntries {
+    /// Takes the latest id of `slot` into the round (see [`Take`]). A slot from a list that
+    /// holds its queued flag (pending, dirty, retry) has the flag cleared as its id is read; a
+    /// slot from the evicted FIFO (`evicted_fifo`) is the FIFO's whatever the flag.
+    pub(crate) fn take(&mut self, slot: Arc<Slot>, round: u64, evicted_fifo: bool) -> Take {
+        if !evicted_fifo && (slot.is_evicted() || slot.is_in_retry() || slot.is_given_up()) {
+            return Take::Skip;
+        }
+        if !slot.take_for_round(round) {
+            return Take::Skip;
+        }
+        let latest = if evicted_fifo {
+            slot.latest_entry()
+        } else {
+            slot.take_latest()
+        };
+        match latest {
+            Some((id, version)) if version.sequence > slot.persisted() => {
+                self.entries.push(Pending { slot, id, version });
+                Take::Write
             }
-            Entry::Vacant(slot) => {
-                slot.insert(pending);
-                false
+            _ => {
+                self.duplicates += 1;
+                Take::Duplicate
             }
         }
     }
+}
 
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Takes up to `limit` entries, leaving out those the store already has: an O(1) check per
-    /// entry against the slot's persisted sequence.
-    pub(crate) fn take(&mut self, limit: usize) -> Taken {
-        let mut taken = Taken::default();
-        let keys: Vec<usize> = self.entries.keys().take(limit).copied().collect();
-        for key in keys {
-            let pending = self.entries.remove(&key).expect("key just listed");
-            if pending.version.sequence <= pending.slot.persisted() {
-                taken.skipped += 1;
-            } else {
-                taken.write.push(pending);
-            }
+/// Splits `entries` into writes of at most `max` entries, in order.
+pub(crate) fn chunks<T>(entries: Vec<T>, max: usize) -> VecDeque<Vec<T>> {
+    let mut out = VecDeque::with_capacity(entries.len().div_ceil(max.max(1)));
+    let mut chunk = Vec::with_capacity(max.min(entries.len()));
+    for entry in entries {
+        chunk.push(entry);
+        if chunk.len() == max {
+            out.push_back(std::mem::replace(
+                &mut chunk,
+                Vec::with_capacity(max.min(1024)),
+            ));
         }
-        taken
     }
-
-    pub(crate) fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
-        self.entries.values().map(|p| &p.slot)
+    if !chunk.is_empty() {
+        out.push_back(chunk);
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::key::{SessionId, StreamName};
-    use crate::registry::Registry;
+    use crate::registry::{Limits, RegistryMetrics};
+
+    fn registry() -> Registry {
+        Registry::new(
+            Limits {
+                max_streams: 10,
+                idle_ttl: None,
+                max_names: 10,
+                max_pending_evicted: 10,
+            },
+            RegistryMetrics::noop(),
+        )
+    }
+
+    fn slot(r: &Registry, name: &str) -> Arc<Slot> {
+        let s = SessionId::new("s").unwrap();
+        r.get_or_insert(&s, &StreamName::new(name).unwrap(), false)
+            .unwrap()
+            .0
+    }
 
     #[test]
     fn test_event_coalescing() {
-        let registry = Registry::new(10, None, 100);
-        let s = SessionId::new("s").unwrap();
-        let a = registry.get_or_insert(&s, &StreamName::new("A").unwrap()).0;
-        let b = registry.get_or_insert(&s, &StreamName::new("B").unwrap()).0;
-        let mut batch = Batch::default();
-        let mut coalesced = 0;
-        for (slot, id, sequence) in [(&a, "1", 1), (&a, "2", 2), (&a, "3", 3), (&b, "4", 4)] {
-            coalesced += usize::from(batch.add(Pending {
-                slot: slot.clone(),
-                id: EventId::new(id).unwrap(),
-                version: Version { sequence, at_ms: 0 },
-                retries: 0,
-            }));
+        let registry = registry();
+        let a = slot(&registry, "A");
+        let b = slot(&registry, "B");
+        // A:1, A:2, A:3, B:4: the worker is told of A once and of B once.
+        let mut told = Vec::new();
+        for (slot, id) in [(&a, "1"), (&a, "2"), (&a, "3"), (&b, "4")] {
+            if slot.publish(id.as_bytes(), 0).1 {
+                told.push(slot.clone());
+            }
         }
-        assert_eq!(coalesced, 2);
-        let mut writes: Vec<(String, String)> = batch
-            .take(10)
-            .write
+        assert_eq!(told.len(), 2);
+        let mut round = RoundEntries::default();
+        for slot in told {
+            assert_eq!(round.take(slot, 1, false), Take::Write);
+        }
+        let mut writes: Vec<(String, String)> = round
+            .entries
             .iter()
             .map(|p| (p.slot.key().stream.to_string(), p.id.to_string()))
             .collect();
@@ -133,26 +155,30 @@ mod tests {
     }
 
     #[test]
-    fn an_older_record_never_replaces_a_newer_one_and_persisted_ones_are_skipped() {
-        let registry = Registry::new(10, None, 100);
-        let s = SessionId::new("s").unwrap();
-        let a = registry.get_or_insert(&s, &StreamName::new("A").unwrap()).0;
-        let b = registry.get_or_insert(&s, &StreamName::new("B").unwrap()).0;
-        let mut batch = Batch::default();
-        let rec = |slot: &Arc<Slot>, id: &str, sequence| Pending {
-            slot: slot.clone(),
-            id: EventId::new(id).unwrap(),
-            version: Version { sequence, at_ms: 0 },
-            retries: 1,
-        };
-        batch.add(rec(&a, "new", 9));
-        batch.add(rec(&a, "old", 3)); // a late retry of an older id
-        b.set_persisted(5);
-        batch.add(rec(&b, "dup", 5));
-        let taken = batch.take(10);
-        assert_eq!(taken.skipped, 1);
-        assert_eq!(taken.write.len(), 1);
-        assert_eq!(taken.write[0].id, "new");
-        assert!(batch.is_empty());
+    fn a_round_takes_a_slot_once_and_skips_what_the_store_has() {
+        let registry = registry();
+        let a = slot(&registry, "A");
+        let b = slot(&registry, "B");
+        a.publish(b"new", 0);
+        b.publish(b"dup", 0);
+        b.set_persisted(1);
+        let mut round = RoundEntries::default();
+        assert_eq!(round.take(a.clone(), 7, false), Take::Write);
+        assert_eq!(round.take(a.clone(), 7, false), Take::Skip);
+        assert_eq!(round.take(b, 7, false), Take::Duplicate);
+        assert_eq!(round.entries.len(), 1);
+        assert_eq!(round.entries[0].id, "new");
+        assert_eq!(round.duplicates, 1);
+        // A slot waiting for its retry is the retry queue's.
+        a.publish(b"newer", 0);
+        a.enter_retry();
+        assert_eq!(round.take(a, 8, false), Take::Skip);
+    }
+
+    #[test]
+    fn chunks_are_at_most_max_and_keep_order() {
+        let c = chunks((0..7).collect(), 3);
+        assert_eq!(c, [vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        assert!(chunks(Vec::<u8>::new(), 3).is_empty());
     }
 }

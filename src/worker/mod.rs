@@ -1,39 +1,49 @@
 //! The one background worker of a tracker: batches, coalesces, de-duplicates and retries the
 //! latest ids on their way to the [`Store`](crate::store::Store).
 //!
-//! Bodies hand it [`Record`]s through a bounded channel. The loop receives up to `max_batch`
-//! records at a time, coalesces them per stream (the highest sequence wins), and on every flush
-//! tick (or when the batch is full) writes one batch, leaving out what the store already holds.
-//! At most one write is in flight, and records keep being received and coalesced while it is,
-//! up to `max_batch` streams: the worker's memory is bounded, and a slow store shows up as
-//! backpressure on the channel, never as a wait on the frame path. Failed writes go to a
-//! time-ordered retry queue.
+//! Bodies tell it which streams changed (a stream's slot, at most once until the worker has
+//! read it) through a bounded channel, which the worker drains continuously into its pending
+//! list; the slot itself holds the latest id. On every flush tick the worker starts a *round*:
+//! it reads the latest id of every pending stream (however many ids the stream committed since
+//! the last round), leaves out what the store already has, adds the retries that are due and
+//! the evicted streams still owed a write, and writes all of it in calls of at most `max_batch`
+//! entries, one call at a time; then it writes the activity of the sessions active since the
+//! last round the same way.
+//!
+//! Every store call runs under the store timeout with its panics caught: an error, a hang and a
+//! panic are each one failed call, counted (`sse_tracker_store_errors_total{op,reason}`),
+//! logged, and followed by back-off. After a failed call the rest of the round's calls of that
+//! kind wait, and no call of that kind starts again before the retry policy's delay (doubling
+//! with each failure in a row): a store that fails at once for ever costs a few calls per
+//! second, never a loop. The failed entries go to a time-ordered retry queue; a due retry
+//! writes the stream's latest id at that moment, so it never overwrites a newer one.
+//!
+//! Everything the worker holds is bounded by the registry: each slot is at most once in its
+//! pending list, its retry queue and its given-up list, and evicted slots are owned by the
+//! registry's bounded FIFO. The worker runs under a supervisor that catches its panics and
+//! restarts it from the registry's state, and notices when its task is dropped.
 
 pub(crate) mod batch;
+pub(crate) mod guard;
 pub(crate) mod retry;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, MissedTickBehavior, sleep_until};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until};
 
-use crate::key::{EventId, StreamKey};
+use crate::key::StreamKey;
 use crate::metrics::Handles;
-use crate::registry::{Registry, SessionState, Slot, Version};
-use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity, StoreError};
-use batch::{Batch, Pending};
+use crate::registry::{Registry, SessionState, Slot};
+use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity};
+use batch::{Pending, RoundEntries, chunks};
+use guard::{CatchUnwind, StoreFailure, guarded, panic_message};
 use retry::{Jitter, RetryPolicy, RetryQueue};
-
-/// The latest id of a stream, handed from a body to the worker.
-#[derive(Debug)]
-pub(crate) struct Record {
-    pub(crate) slot: Arc<Slot>,
-    pub(crate) id: EventId,
-    pub(crate) version: Version,
-}
 
 /// The worker's settings.
 #[derive(Debug, Clone)]
@@ -41,30 +51,96 @@ pub(crate) struct WorkerConfig {
     pub(crate) max_batch: usize,
     pub(crate) flush_interval: Duration,
     pub(crate) retry: RetryPolicy,
+    pub(crate) store_timeout: Duration,
 }
 
-/// What [`SseTracker::shutdown`](crate::SseTracker::shutdown) reports.
+/// What [`SseTracker::shutdown`](crate::SseTracker::shutdown) reports: which streams' latest
+/// ids are in the store, checked stream by stream when the shutdown ends.
 ///
-/// Every stream whose latest id was not in the store when shutdown began ends up in exactly one
-/// of the three: written (`persisted` counts them), `given_up` or `pending`.
+/// Every stream whose latest id is not in the store at that moment is listed, in `given_up` or
+/// in `pending`: ids waiting for a flush, a retry, a write in flight, a hand-off to the worker,
+/// and those of evicted streams still waiting for a write. Ids committed after the shutdown
+/// began are not written (the worker stops taking new ones), so a stream still publishing then
+/// is listed too: drain open streams first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
-    /// Streams whose latest id was written during the shutdown.
+    /// Streams whose latest id this shutdown wrote (each stream counted once).
     pub persisted: usize,
     /// Streams whose write failed more often than the retry policy allows and was not caught up
     /// before the deadline.
     pub given_up: Vec<StreamKey>,
-    /// Streams with an id still unwritten at the deadline (waiting, retrying or in flight).
+    /// Streams whose latest id is not in the store for another reason (not written before the
+    /// deadline, or committed after the shutdown began).
     pub pending: Vec<StreamKey>,
+    /// Latest ids dropped before they reached the store since the tracker was built (evicted
+    /// streams beyond the `max_pending_evicted` bound, or evicted after the worker stopped);
+    /// each was counted in `sse_tracker_ids_dropped_total` and logged.
+    pub dropped: u64,
     /// Whether the deadline cut the shutdown short.
     pub deadline_reached: bool,
+    /// Whether the worker task ended without finishing (its runtime shut down under it): then
+    /// nothing was written during this shutdown.
+    pub worker_lost: bool,
 }
 
 impl ShutdownReport {
-    /// Whether every latest id reached the store.
+    /// Whether every latest id reached the store, none was dropped, and the worker ran to the
+    /// end.
     pub fn is_complete(&self) -> bool {
-        self.given_up.is_empty() && self.pending.is_empty()
+        self.given_up.is_empty()
+            && self.pending.is_empty()
+            && self.dropped == 0
+            && !self.worker_lost
+    }
+}
+
+/// Lists every stream whose latest id the store does not have (an evicted slot only when no
+/// newer slot of its key is persisted beyond it).
+fn report(
+    registry: &Registry,
+    persisted: usize,
+    deadline_reached: bool,
+    worker_lost: bool,
+) -> ShutdownReport {
+    let mut persisted_seq: BTreeMap<StreamKey, u64> = BTreeMap::new();
+    let mut owed: Vec<Arc<Slot>> = Vec::new();
+    for slot in registry.all_slots() {
+        if slot.is_evicted() {
+            owed.push(slot);
+            continue;
+        }
+        let seq = persisted_seq.entry(slot.key().clone()).or_default();
+        *seq = (*seq).max(slot.persisted());
+        if slot.unpersisted() {
+            owed.push(slot);
+        }
+    }
+    let mut pending = BTreeSet::new();
+    let mut given_up = BTreeSet::new();
+    for slot in owed {
+        let version = slot.latest_entry().map(|(_, v)| v).unwrap_or_default();
+        let newer_persisted = slot.is_evicted()
+            && persisted_seq
+                .get(slot.key())
+                .is_some_and(|&seq| seq >= version.sequence);
+        if !slot.unpersisted() || newer_persisted {
+            continue;
+        }
+        if slot.is_given_up() {
+            given_up.insert(slot.key().clone());
+        } else {
+            pending.insert(slot.key().clone());
+        }
+    }
+    pending.retain(|key| !given_up.contains(key));
+    ShutdownReport {
+        persisted,
+        given_up: given_up.into_iter().collect(),
+        pending: pending.into_iter().collect(),
+        dropped: registry.dropped(),
+        deadline_reached,
+        worker_lost,
     }
 }
 
@@ -73,11 +149,22 @@ struct ShutdownRequest {
     reply: oneshot::Sender<ShutdownReport>,
 }
 
+/// What the tracker knows of its worker task.
+#[derive(Debug)]
+struct Status {
+    /// True once the worker has stopped (normally or not).
+    finished: watch::Sender<bool>,
+    /// The task ended without finishing.
+    lost: AtomicBool,
+}
+
 /// The bodies' and the tracker's side of the worker.
 #[derive(Debug)]
 pub(crate) struct WorkerHandle {
-    pub(crate) sender: mpsc::Sender<Record>,
+    pub(crate) sender: mpsc::Sender<Arc<Slot>>,
     control: Mutex<Option<oneshot::Sender<ShutdownRequest>>>,
+    status: Arc<Status>,
+    registry: Arc<Registry>,
 }
 
 impl std::fmt::Debug for ShutdownRequest {
@@ -89,7 +176,7 @@ impl std::fmt::Debug for ShutdownRequest {
 }
 
 impl WorkerHandle {
-    /// Spawns the worker on `runtime`.
+    /// Spawns the worker, under its supervisor, on `runtime`.
     pub(crate) fn spawn(
         runtime: &tokio::runtime::Handle,
         capacity: usize,
@@ -100,77 +187,167 @@ impl WorkerHandle {
     ) -> Self {
         let (sender, rx) = mpsc::channel(capacity);
         let (control, control_rx) = oneshot::channel();
-        let worker = Worker {
+        let status = Arc::new(Status {
+            finished: watch::Sender::new(false),
+            lost: AtomicBool::new(false),
+        });
+        let io = Io {
             rx,
-            registry,
+            control: Some(control_rx),
+            in_flight: None,
+            open: true,
+        };
+        let state = State {
+            registry: registry.clone(),
             store,
             metrics,
-            config,
             jitter: Jitter::new(),
-            batch: Batch::default(),
+            pending: Vec::new(),
             retries: RetryQueue::default(),
             given_up: Vec::new(),
-            writing_keys: Vec::new(),
             probe_at: None,
+            save_gate: Gate::default(),
+            touch_gate: Gate::default(),
+            round_no: 0,
+            round: Round::default(),
+            flush_due: false,
+            retry_round_due: false,
+            shutdown: None,
+            dropped_reported: 0,
+            config,
         };
-        runtime.spawn(worker.run(control_rx));
+        runtime.spawn(supervise(io, state, status.clone()));
         Self {
             sender,
             control: Mutex::new(Some(control)),
+            status,
+            registry,
         }
     }
 
-    /// Stops intake, drains, flushes and retries until `timeout`; a second call returns an
-    /// empty report at once.
+    /// Stops intake, flushes and retries until `timeout`, then reports. A second call (or a
+    /// call after the worker was lost) writes nothing and reports what the store still lacks.
     pub(crate) async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        let deadline = Instant::now() + timeout;
         let control = self
             .control
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let Some(control) = control else {
-            return ShutdownReport::default();
-        };
-        let (reply, report) = oneshot::channel();
-        let request = ShutdownRequest {
-            deadline: Instant::now() + timeout,
-            reply,
-        };
-        if control.send(request).is_err() {
-            return ShutdownReport::default();
+        if let Some(control) = control {
+            let (reply, report) = oneshot::channel();
+            if control.send(ShutdownRequest { deadline, reply }).is_ok()
+                && let Ok(report) = report.await
+            {
+                return report;
+            }
+        } else {
+            // Another shutdown is running or done: wait for it (up to our own deadline).
+            let mut finished = self.status.finished.subscribe();
+            let _ = tokio::time::timeout_at(deadline, finished.wait_for(|done| *done)).await;
         }
-        report.await.unwrap_or_default()
+        report(
+            &self.registry,
+            0,
+            Instant::now() >= deadline,
+            self.status.lost.load(Ordering::Acquire),
+        )
     }
 }
 
-/// Slots the idle sweep looks at per tick, at most.
-const SWEEP_BUDGET: usize = 1024;
-
-struct WriteDone {
-    entries: Vec<Pending>,
-    result: Result<(), StoreError>,
-    took: Duration,
-    sessions: Vec<Arc<SessionState>>,
-    touched: Result<(), StoreError>,
+/// Closes a call kind (save or touch) for a back-off delay after a failure.
+#[derive(Debug, Default)]
+struct Gate {
+    failures: u32,
+    open_at: Option<Instant>,
 }
 
-struct Worker {
-    rx: mpsc::Receiver<Record>,
+impl Gate {
+    fn is_open(&self, now: Instant) -> bool {
+        self.open_at.is_none_or(|at| now >= at)
+    }
+
+    fn failed(&mut self, now: Instant, policy: &RetryPolicy, jitter: f64) {
+        self.failures = self.failures.saturating_add(1);
+        self.open_at = Some(now + policy.delay(self.failures, jitter));
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.open_at = None;
+    }
+}
+
+/// The calls of a round not started yet.
+#[derive(Default)]
+struct Round {
+    saves: VecDeque<Vec<Pending>>,
+    touches: VecDeque<Vec<Arc<SessionState>>>,
+}
+
+impl Round {
+    fn is_empty(&self) -> bool {
+        self.saves.is_empty() && self.touches.is_empty()
+    }
+}
+
+/// A finished store call, with what it carried.
+enum CallDone {
+    Save {
+        entries: Vec<Pending>,
+        result: Result<(), StoreFailure>,
+        took: Duration,
+    },
+    Touch {
+        sessions: Vec<Arc<SessionState>>,
+        result: Result<(), StoreFailure>,
+    },
+}
+
+/// What the worker's loop waits on; survives a restart of the loop.
+struct Io {
+    rx: mpsc::Receiver<Arc<Slot>>,
+    control: Option<oneshot::Receiver<ShutdownRequest>>,
+    in_flight: Option<BoxFuture<'static, CallDone>>,
+    /// The channel is open (not closed by shutdown, and senders remain).
+    open: bool,
+}
+
+struct ShutdownState {
+    request: ShutdownRequest,
+    /// Slots written during the shutdown, by address.
+    written: HashSet<usize>,
+}
+
+struct State {
     registry: Arc<Registry>,
     store: Arc<dyn DynStore>,
     metrics: Handles,
     config: WorkerConfig,
     jitter: Jitter,
-    batch: Batch,
-    retries: RetryQueue<(Arc<Slot>, u32)>,
-    /// Slots whose retries ran out; caught up after the next successful write. Each is here at
-    /// most once (its dirty flag guards it).
+    /// Slots that told the worker they changed, each once (their queued flag guards it).
+    pending: Vec<Arc<Slot>>,
+    /// Failed slots, by due time; each once (their `in_retry` flag guards it).
+    retries: RetryQueue<Arc<Slot>>,
+    /// Slots whose retries ran out; caught up after the next successful write, or probed once
+    /// per longest retry delay. Each once (their `given_up` flag guards it).
     given_up: Vec<Arc<Slot>>,
-    /// Keys of the write in flight, for the shutdown report.
-    writing_keys: Vec<StreamKey>,
-    /// When to try the given-up streams again if no write succeeds before.
     probe_at: Option<Instant>,
+    save_gate: Gate,
+    touch_gate: Gate,
+    round_no: u64,
+    round: Round,
+    flush_due: bool,
+    retry_round_due: bool,
+    shutdown: Option<ShutdownState>,
+    /// `registry.dropped()` when the last warning was logged.
+    dropped_reported: u64,
 }
+
+/// Records taken from the channel per receive, at most; the loop goes round between two.
+const RECEIVE_LIMIT: usize = 1024;
+/// Slots the idle sweep looks at per tick, at most.
+const SWEEP_BUDGET: usize = 1024;
 
 /// Waits for `f` when there is one; never completes otherwise.
 async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
@@ -180,338 +357,553 @@ async fn maybe<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
     }
 }
 
-impl Worker {
-    async fn run(mut self, mut control: oneshot::Receiver<ShutdownRequest>) {
-        let mut tick = tokio::time::interval(self.config.flush_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut buf = Vec::with_capacity(self.config.max_batch);
-        let mut writing: Option<BoxFuture<'static, WriteDone>> = None;
-        let mut flush_due = false;
-        let mut open = true;
-        let mut control_live = true;
-        let mut shutdown: Option<ShutdownRequest> = None;
-        let mut persisted_in_shutdown = 0;
-        loop {
-            let idle = writing.is_none()
-                && self.batch.is_empty()
-                && self.retries.len() == 0
-                && !self.registry.has_dirty()
-                && !self.registry.has_active()
-                // A shutdown keeps trying given-up streams until its deadline.
-                && (shutdown.is_none() || self.given_up.is_empty());
-            if !open && idle {
-                break;
-            }
-            if shutdown
-                .as_ref()
-                .is_some_and(|s| Instant::now() >= s.deadline)
-            {
-                break;
-            }
-            if writing.is_none()
-                && (flush_due || !open || self.batch.len() >= self.config.max_batch)
-            {
-                writing = self.start_write();
-                // More than one batch waiting: write the next as soon as this one is done.
-                flush_due = !self.batch.is_empty();
-            }
-            self.metrics.queue_depth.set(self.rx.len() as f64);
-            self.metrics
-                .retry_queue_depth
-                .set(self.retries.len() as f64);
+/// Marks the worker lost when its task is dropped before it finished.
+struct LostGuard {
+    status: Arc<Status>,
+    registry: Arc<Registry>,
+    metrics: Handles,
+    armed: bool,
+}
 
-            let room = self.config.max_batch.saturating_sub(self.batch.len());
-            let receiving = open && room > 0;
-            let next_retry = self.retries.next_due();
-            let deadline = shutdown.as_ref().map(|s| s.deadline);
-            tokio::select! {
-                biased;
-                request = &mut control, if control_live => {
-                    control_live = false;
-                    if let Ok(request) = request {
-                        // Stop intake now, even though bodies still hold senders.
-                        self.rx.close();
-                        // Shutdown retries until its deadline, given-up streams included.
-                        self.requeue_given_up(0);
-                        flush_due = true;
-                        shutdown = Some(request);
-                    }
-                }
-                done = maybe(&mut writing) => {
-                    writing = None;
-                    let written = self.finish_write(done);
-                    if shutdown.is_some() {
-                        persisted_in_shutdown += written;
-                    }
-                    flush_due |= !self.batch.is_empty()
-                        || self.registry.has_dirty()
-                        || self.registry.has_active();
-                }
-                received = self.rx.recv_many(&mut buf, room), if receiving => {
-                    if received == 0 {
-                        open = false;
-                    } else {
-                        self.accept(&mut buf);
-                    }
-                }
-                _ = tick.tick() => {
-                    flush_due = true;
-                    self.on_tick();
-                }
-                _ = sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
-                    self.take_due_retries();
-                    flush_due = true;
-                }
-                _ = sleep_until(self.probe_at.unwrap_or_else(Instant::now)), if self.probe_at.is_some() => {
-                    // One attempt; if it fails the streams are given up again until the next.
-                    self.requeue_given_up(self.config.retry.max_retries());
-                    flush_due = true;
-                }
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+impl Drop for LostGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.status.lost.store(true, Ordering::Release);
+            self.metrics.worker_lost.increment(1);
+            tracing::error!(
+                "SSE tracker worker task ended before it finished (its runtime shut down?): \
+                 latest ids are no longer persisted"
+            );
+            self.registry.close();
+            self.status.finished.send_replace(true);
+        }
+    }
+}
+
+/// Runs the worker, restarting it after a panic (with back-off, so that a panic on every
+/// round costs bounded CPU), until it finishes.
+async fn supervise(mut io: Io, mut state: State, status: Arc<Status>) {
+    let mut guard = LostGuard {
+        status: status.clone(),
+        registry: state.registry.clone(),
+        metrics: state.metrics.clone(),
+        armed: true,
+    };
+    let mut panics = 0;
+    loop {
+        match CatchUnwind::new(AssertUnwindSafe(run(&mut io, &mut state))).await {
+            Ok(()) => break,
+            Err(payload) => {
+                panics += 1;
+                state.metrics.worker_panics.increment(1);
+                tracing::error!(
+                    panic = %panic_message(&*payload),
+                    restarts = panics,
+                    "SSE tracker worker panicked; restarting it from the registry's state"
+                );
+                io.in_flight = None;
+                state.recover();
+                let pause = state.config.retry.delay(panics, state.jitter.next());
+                tokio::time::sleep(pause).await;
             }
         }
-        if let Some(request) = shutdown {
-            let deadline_reached = Instant::now() >= request.deadline;
-            let report = self.report(persisted_in_shutdown, deadline_reached, writing.is_some());
-            if !report.is_complete() {
-                tracing::warn!(
-                    persisted = report.persisted,
-                    given_up = report.given_up.len(),
-                    pending = report.pending.len(),
-                    "SSE tracker shut down with latest ids not in the store"
-                );
+    }
+    let report = state.shutdown.take().map(|shutdown| {
+        let deadline_reached = Instant::now() >= shutdown.request.deadline;
+        let report = report(
+            &state.registry,
+            shutdown.written.len(),
+            deadline_reached,
+            false,
+        );
+        (shutdown.request.reply, report)
+    });
+    state.registry.close();
+    guard.armed = false;
+    status.finished.send_replace(true);
+    if let Some((reply, report)) = report {
+        if !report.is_complete() {
+            tracing::warn!(
+                persisted = report.persisted,
+                given_up = report.given_up.len(),
+                pending = report.pending.len(),
+                dropped = report.dropped,
+                "SSE tracker shut down with latest ids not in the store"
+            );
+        }
+        let _ = reply.send(report);
+    }
+}
+
+async fn run(io: &mut Io, state: &mut State) {
+    let mut tick: Interval = tokio::time::interval(state.config.flush_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut buf = Vec::with_capacity(RECEIVE_LIMIT);
+    loop {
+        let now = Instant::now();
+        if state.finished(io, now) {
+            return;
+        }
+        if io.in_flight.is_none() && state.round.is_empty() {
+            if state.flush_due || !io.open {
+                state.flush_due = false;
+                state.retry_round_due = false;
+                state.assemble(now, true);
+            } else if state.retry_round_due {
+                state.retry_round_due = false;
+                state.assemble(now, false);
             }
-            let _ = request.reply.send(report);
+        }
+        if io.in_flight.is_none() {
+            io.in_flight = state.next_call(now);
+        }
+        state.metrics.queue_depth.set(io.rx.len() as f64);
+        state
+            .metrics
+            .retry_queue_depth
+            .set(state.retries.len() as f64);
+
+        let wake = if io.in_flight.is_none() && state.round.is_empty() {
+            state.next_wake()
+        } else {
+            // Nothing can start before the call in flight ends; its end wakes the loop.
+            None
+        };
+        let deadline = state.shutdown.as_ref().map(|s| s.request.deadline);
+        tokio::select! {
+            biased;
+            request = maybe_control(&mut io.control) => {
+                io.control = None;
+                if let Ok(request) = request {
+                    state.begin_shutdown(request);
+                    // Stop intake now, even though bodies still hold senders; what is already
+                    // in the channel is still received.
+                    io.rx.close();
+                }
+            }
+            done = maybe(&mut io.in_flight) => {
+                io.in_flight = None;
+                state.finish_call(done);
+                // A store that answers at once must not keep this task from yielding.
+                tokio::task::yield_now().await;
+            }
+            received = io.rx.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
+                if received == 0 {
+                    io.open = false;
+                } else {
+                    state.accept(&mut buf);
+                }
+            }
+            _ = tick.tick() => {
+                state.flush_due = true;
+                state.on_tick();
+            }
+            _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {
+                state.on_wake(Instant::now());
+            }
+            _ = sleep_until(deadline.unwrap_or(now)), if deadline.is_some() => {}
+        }
+    }
+}
+
+async fn maybe_control(
+    control: &mut Option<oneshot::Receiver<ShutdownRequest>>,
+) -> Result<ShutdownRequest, oneshot::error::RecvError> {
+    match control {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl State {
+    /// Whether the loop is done: the shutdown deadline passed, or intake is closed and nothing
+    /// is owed (a shutdown also waits for given-up streams until its deadline).
+    fn finished(&self, io: &Io, now: Instant) -> bool {
+        if let Some(shutdown) = &self.shutdown
+            && now >= shutdown.request.deadline
+        {
+            return true;
+        }
+        !io.open
+            && io.in_flight.is_none()
+            && self.round.is_empty()
+            && self.pending.is_empty()
+            && self.retries.len() == 0
+            && (self.shutdown.is_none() || self.given_up.is_empty())
+            && !self.registry.has_dirty()
+            && !self.registry.has_active()
+            && self.registry.evicted_pending_len() == 0
+    }
+
+    fn begin_shutdown(&mut self, request: ShutdownRequest) {
+        // Shutdown retries until its deadline, given-up streams included, and does not wait
+        // for the back-off of earlier failures.
+        self.requeue_given_up(0, Instant::now());
+        self.save_gate.open_at = None;
+        self.touch_gate.open_at = None;
+        self.flush_due = true;
+        self.shutdown = Some(ShutdownState {
+            request,
+            written: HashSet::new(),
+        });
+    }
+
+    /// When the worker must wake for retries or probes (not before the save gate opens).
+    fn next_wake(&self) -> Option<Instant> {
+        if self.retry_round_due || self.flush_due {
+            // A round starts at the top of the loop.
+            return None;
+        }
+        let due = [self.retries.next_due(), self.probe_at]
+            .into_iter()
+            .flatten()
+            .min()?;
+        Some(match self.save_gate.open_at {
+            Some(open) => due.max(open),
+            None => due,
+        })
+    }
+
+    fn on_wake(&mut self, now: Instant) {
+        if self.probe_at.is_some_and(|at| now >= at) {
+            // One attempt; if it fails the streams are given up again until the next probe.
+            self.requeue_given_up(self.config.retry.max_retries(), now);
+        }
+        if self.retries.next_due().is_some_and(|due| now >= due) {
+            self.retry_round_due = true;
         }
     }
 
-    /// Advances the activity clock, sweeps idle streams and updates the registry gauges.
+    /// Advances the clock, sweeps idle streams, reports drops and updates the gauges.
     fn on_tick(&mut self) {
-        let now = self.registry.now_ms();
+        let now = self.registry.now_us();
         self.registry.advance_clock(now);
         let evicted = self.registry.sweep_idle(now, SWEEP_BUDGET);
         if evicted > 0 {
             self.metrics.evicted_idle.increment(evicted as u64);
             tracing::debug!(evicted, "evicted idle SSE streams from the registry");
         }
+        let dropped = self.registry.dropped();
+        if dropped > self.dropped_reported {
+            tracing::warn!(
+                dropped = dropped - self.dropped_reported,
+                total = dropped,
+                bound = self.registry.limits().max_pending_evicted,
+                "dropped the unpersisted latest ids of evicted SSE streams: the store is not keeping up and the bound on evicted streams waiting for a write is full"
+            );
+            self.dropped_reported = dropped;
+        }
         let counts = self.registry.counts();
         self.metrics.streams_tracked.set(counts.streams as f64);
         self.metrics
             .memory_bytes
             .set(counts.estimated_bytes() as f64);
+        self.metrics
+            .evicted_pending
+            .set(counts.evicted_pending as f64);
     }
 
-    /// Coalesces received records into the batch.
-    fn accept(&mut self, buf: &mut Vec<Record>) {
-        let mut coalesced = 0;
-        for record in buf.drain(..) {
-            coalesced += u64::from(self.batch.add(Pending {
-                slot: record.slot,
-                id: record.id,
-                version: record.version,
-                retries: 0,
-            }));
-        }
-        if coalesced > 0 {
-            self.metrics.records_coalesced.increment(coalesced);
+    /// The most entries any list of the worker holds before it is purged of evicted slots.
+    fn list_bound(&self) -> usize {
+        let limits = self.registry.limits();
+        limits.max_streams + limits.max_pending_evicted
+    }
+
+    /// Takes received slots into the pending list.
+    fn accept(&mut self, buf: &mut Vec<Arc<Slot>>) {
+        self.pending.append(buf);
+        if self.pending.len() > self.list_bound() {
+            // Evicted slots are the registry's FIFO's; dropping them here keeps this list
+            // within the registry's bound (amortized O(1) per slot).
+            self.pending.retain(|s| !s.is_evicted());
         }
     }
 
-    /// Adds the latest id of `slot` to the batch, if the store does not have it yet.
-    fn add_latest(&mut self, slot: Arc<Slot>, retries: u32) {
-        match slot.latest_entry() {
-            Some((id, version)) if version.sequence > slot.persisted() => {
-                if self.batch.add(Pending {
-                    slot,
-                    id,
-                    version,
-                    retries,
-                }) {
-                    self.metrics.records_coalesced.increment(1);
+    /// Starts a round: the latest ids of the pending streams (with `fresh`), the due retries
+    /// and the evicted streams owed a write, and the activity of the sessions active since the
+    /// last round. A kind whose gate is closed after a failure waits (its entries coalesce).
+    fn assemble(&mut self, now: Instant, fresh: bool) {
+        self.round_no += 1;
+        let round = self.round_no;
+        let mut taken = RoundEntries::default();
+        if self.save_gate.is_open(now) {
+            if self.retries.len() > self.list_bound() {
+                self.retries.retain(|s| !s.is_evicted());
+            }
+            if self.given_up.len() > self.list_bound() {
+                self.given_up.retain(|s| !s.is_evicted());
+            }
+            while let Some(slot) = self.retries.pop_due(now) {
+                slot.leave_retry();
+                taken.take(slot, round, false);
+            }
+            if fresh {
+                let dirty = self.registry.take_dirty();
+                for slot in std::mem::take(&mut self.pending).into_iter().chain(dirty) {
+                    taken.take(slot, round, false);
                 }
             }
-            _ => self.metrics.duplicates_skipped.increment(1),
+            for slot in self.registry.evicted_pending() {
+                taken.take(slot, round, true);
+            }
+        }
+        if taken.duplicates > 0 {
+            self.metrics.duplicates_skipped.increment(taken.duplicates);
+        }
+        self.round.saves = chunks(taken.entries, self.config.max_batch);
+        if fresh && self.touch_gate.is_open(now) {
+            let sessions = self.registry.take_active();
+            for session in &sessions {
+                session.unmark();
+            }
+            self.round.touches = chunks(sessions, self.config.max_batch);
         }
     }
 
-    fn start_write(&mut self) -> Option<BoxFuture<'static, WriteDone>> {
-        for slot in self.registry.take_dirty() {
-            self.add_latest(slot, 0);
+    /// The next call of the round, if its kind's gate is open.
+    fn next_call(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
+        let timeout = self.config.store_timeout;
+        if !self.round.saves.is_empty() && self.save_gate.is_open(now) {
+            let entries = self.round.saves.pop_front()?;
+            let batch: Vec<SaveEntry> = entries.iter().map(|p| p.to_save(&self.registry)).collect();
+            let store = self.store.clone();
+            return Some(Box::pin(async move {
+                let started = Instant::now();
+                let result = guarded(timeout, async { store.save(&batch).await }).await;
+                CallDone::Save {
+                    entries,
+                    result,
+                    took: started.elapsed(),
+                }
+            }));
         }
-        let taken = self.batch.take(self.config.max_batch);
-        if taken.skipped > 0 {
-            self.metrics
-                .duplicates_skipped
-                .increment(taken.skipped as u64);
+        if !self.round.touches.is_empty() && self.touch_gate.is_open(now) {
+            let sessions = self.round.touches.pop_front()?;
+            let activity: Vec<SessionActivity> = sessions
+                .iter()
+                .map(|s| SessionActivity {
+                    session: s.id().clone(),
+                    last_active: self.registry.wall_time(s.last_active_us()),
+                })
+                .collect();
+            let store = self.store.clone();
+            return Some(Box::pin(async move {
+                let result =
+                    guarded(timeout, async { store.touch_sessions(&activity).await }).await;
+                CallDone::Touch { sessions, result }
+            }));
         }
-        // Sessions active since the last flush: each once, however many frames it sent.
-        let sessions = self.registry.take_active();
-        for session in &sessions {
-            session.unmark();
-        }
-        if taken.write.is_empty() && sessions.is_empty() {
-            return None;
-        }
-        self.writing_keys = taken.write.iter().map(|p| p.slot.key().clone()).collect();
-        let activity: Vec<SessionActivity> = sessions
-            .iter()
-            .map(|s| SessionActivity {
-                session: s.id().clone(),
-                last_active: self.registry.wall_time(s.last_active_ms()),
-            })
-            .collect();
-        let store = self.store.clone();
-        let entries = taken.write;
-        let batch: Vec<SaveEntry> = entries.iter().map(|p| p.to_save(&self.registry)).collect();
-        Some(Box::pin(async move {
-            let started = Instant::now();
-            let result = if entries.is_empty() {
-                Ok(())
-            } else {
-                store.save(&batch).await
-            };
-            let took = started.elapsed();
-            let touched = if sessions.is_empty() {
-                Ok(())
-            } else {
-                store.touch_sessions(&activity).await
-            };
-            WriteDone {
+        None
+    }
+
+    fn finish_call(&mut self, done: CallDone) {
+        let now = Instant::now();
+        match done {
+            CallDone::Save {
                 entries,
                 result,
                 took,
-                sessions,
-                touched,
-            }
-        }))
-    }
-
-    /// Handles a finished write; returns how many streams it persisted.
-    fn finish_write(&mut self, done: WriteDone) -> usize {
-        self.writing_keys.clear();
-        match done.touched {
-            Ok(()) if !done.sessions.is_empty() => {
-                let n = done.sessions.len();
-                self.metrics.activity_updates.increment(n as u64);
-                self.metrics.activity_batch_size.record(n as f64);
-            }
-            Ok(()) => {}
-            Err(error) => {
-                self.metrics.store_errors.increment(1);
-                tracing::warn!(%error, sessions = done.sessions.len(), "SSE tracker activity write failed; retrying at the next flush");
-                self.registry.requeue_active(done.sessions);
-            }
-        }
-        let n = done.entries.len();
-        if n == 0 {
-            return 0;
-        }
-        self.metrics.batch_size.record(n as f64);
-        self.metrics
-            .store_write_seconds
-            .record(done.took.as_secs_f64());
-        match done.result {
-            Ok(()) => {
-                for pending in &done.entries {
-                    pending.slot.set_persisted(pending.version.sequence);
+            } => {
+                let n = entries.len();
+                self.metrics.batch_size.record(n as f64);
+                self.metrics.store_write_seconds.record(took.as_secs_f64());
+                match result {
+                    Ok(()) => {
+                        for pending in &entries {
+                            pending.slot.set_persisted(pending.version.sequence);
+                            pending.slot.set_retries(0);
+                        }
+                        if let Some(shutdown) = &mut self.shutdown {
+                            shutdown
+                                .written
+                                .extend(entries.iter().map(|p| Arc::as_ptr(&p.slot) as usize));
+                        }
+                        self.metrics.store_writes.increment(n as u64);
+                        self.save_gate.succeeded();
+                        // The store works again: catch up the streams given up on earlier.
+                        self.requeue_given_up(0, now);
+                    }
+                    Err(failure) => self.save_failed(entries, failure, now),
                 }
-                self.metrics.store_writes.increment(n as u64);
-                // The store works again: catch up the keys given up on earlier.
-                self.requeue_given_up(0);
-                n
             }
-            Err(error) => {
-                self.metrics.store_errors.increment(1);
-                tracing::warn!(%error, streams = n, "SSE tracker store write failed; retrying");
-                let now = Instant::now();
-                let mut given_up = 0;
-                for pending in done.entries {
-                    given_up += usize::from(self.retry_or_give_up(pending, now));
+            CallDone::Touch { sessions, result } => match result {
+                Ok(()) => {
+                    let n = sessions.len();
+                    self.metrics.activity_updates.increment(n as u64);
+                    self.metrics.activity_batch_size.record(n as f64);
+                    self.touch_gate.succeeded();
                 }
-                if given_up > 0 {
-                    tracing::error!(
-                        streams = given_up,
-                        %error,
-                        "giving up writing the latest id of streams after the last retry; they stay dirty and are tried again after the next successful write"
+                Err(failure) => {
+                    self.metrics
+                        .store_errors
+                        .get(1, failure.reason_index())
+                        .increment(1);
+                    let jitter = self.jitter.next();
+                    self.touch_gate.failed(now, &self.config.retry, jitter);
+                    // The rest of the round's activity waits for the gate too.
+                    let mut back = sessions;
+                    back.extend(
+                        std::mem::take(&mut self.round.touches)
+                            .into_iter()
+                            .flatten(),
                     );
+                    tracing::warn!(
+                        error = %failure,
+                        sessions = back.len(),
+                        retry_in = ?self.touch_gate.open_at.map(|at| at - now),
+                        "SSE tracker session activity write failed; retrying after back-off"
+                    );
+                    self.registry.requeue_active(back);
                 }
-                0
-            }
+            },
         }
     }
 
-    /// Schedules a retry of `pending`'s stream, or gives it up; true when given up.
-    fn retry_or_give_up(&mut self, pending: Pending, now: Instant) -> bool {
-        let retries = pending.retries + 1;
-        let slot = pending.slot;
+    fn save_failed(&mut self, entries: Vec<Pending>, failure: StoreFailure, now: Instant) {
+        self.metrics
+            .store_errors
+            .get(0, failure.reason_index())
+            .increment(1);
+        let jitter = self.jitter.next();
+        self.save_gate.failed(now, &self.config.retry, jitter);
+        let n = entries.len();
+        let mut given_up = 0;
+        for pending in entries {
+            given_up += usize::from(self.retry_or_give_up(pending.slot, now));
+        }
+        // The round's other writes were not tried: their streams wait for the next round.
+        let untried: Vec<Pending> = std::mem::take(&mut self.round.saves)
+            .into_iter()
+            .flatten()
+            .collect();
+        let untried_n = untried.len();
+        for pending in untried {
+            if !pending.slot.is_evicted() && pending.slot.mark_queued() {
+                self.pending.push(pending.slot);
+            }
+        }
+        tracing::warn!(
+            error = %failure,
+            streams = n,
+            waiting = untried_n,
+            retry_in = ?self.save_gate.open_at.map(|at| at - now),
+            "SSE tracker store write failed; retrying after back-off"
+        );
+        if given_up > 0 {
+            tracing::error!(
+                streams = given_up,
+                error = %failure,
+                "giving up writing the latest id of streams after the last retry; they are written again after the next successful write, or probed once per longest retry delay"
+            );
+        }
+    }
+
+    /// Schedules a retry of `slot`'s write, or gives it up; true when given up.
+    fn retry_or_give_up(&mut self, slot: Arc<Slot>, now: Instant) -> bool {
+        if slot.is_evicted() {
+            // The registry's evicted FIFO owns it now (when its id is unpersisted).
+            return false;
+        }
+        let retries = slot.retries().saturating_add(1);
+        slot.set_retries(retries);
+        // Keep the slot queued while the retry queue or the given-up list holds it, so bodies
+        // send nothing more for it: its latest id is read again when it is retried.
+        slot.mark_queued();
         if retries > self.config.retry.max_retries() {
             self.metrics.retries_exhausted.increment(1);
             let key = slot.key();
             tracing::debug!(
                 session = %key.session,
                 stream = %key.stream,
-                retries = pending.retries,
+                retries = retries - 1,
                 "gave up writing the latest id of a stream"
             );
-            if slot.set_dirty() {
+            if slot.set_given_up(true) {
                 self.given_up.push(slot);
             }
-            // Given-up streams are tried again after the next successful write, or, while the
-            // store stays down, with one attempt per longest retry delay: progress without
-            // hammering.
             self.probe_at.get_or_insert(now + self.config.retry.max());
-            return true;
-        } else if slot.enter_retry() {
-            // One queue entry per slot: when due it writes the slot's latest id, so a retry is
-            // coalesced with anything newer and never writes an old id over a new one.
-            self.metrics.retries.increment(1);
-            let delay = self.config.retry.delay(retries, self.jitter.next());
-            self.retries.push(now + delay, (slot, retries));
+            true
+        } else {
+            if slot.enter_retry() {
+                self.metrics.retries.increment(1);
+                let delay = self.config.retry.delay(retries, self.jitter.next());
+                self.retries.push(now + delay, slot);
+            }
+            false
         }
-        false
     }
 
-    /// Puts the given-up streams back in the batch, with `retries` already spent: 0 for a
-    /// fresh round (the store works again, or shutdown), the maximum for a single probe.
-    fn requeue_given_up(&mut self, retries: u32) {
+    /// Moves the given-up streams to the retry queue, due now, with `retries` already spent: 0
+    /// for a fresh round (the store works again, or shutdown), the maximum for a single probe.
+    fn requeue_given_up(&mut self, retries: u32, now: Instant) {
         self.probe_at = None;
         for slot in std::mem::take(&mut self.given_up) {
-            slot.clear_dirty();
-            self.add_latest(slot, retries);
+            slot.set_given_up(false);
+            if slot.is_evicted() {
+                continue;
+            }
+            slot.set_retries(retries);
+            if slot.enter_retry() {
+                self.retries.push(now, slot);
+            }
+        }
+        if self.retries.next_due().is_some_and(|due| due <= now) {
+            self.retry_round_due = true;
         }
     }
 
-    fn take_due_retries(&mut self) {
-        let now = Instant::now();
-        while let Some((slot, retries)) = self.retries.pop_due(now) {
+    /// After a panic of the loop: nothing the worker held can be trusted, so every list is
+    /// rebuilt from the registry, where the state that matters lives (each slot's latest id and
+    /// persisted sequence).
+    fn recover(&mut self) {
+        self.round = Round::default();
+        self.pending.clear();
+        self.retries = RetryQueue::default();
+        self.given_up.clear();
+        self.probe_at = None;
+        for slot in self.registry.all_slots() {
+            if slot.is_evicted() {
+                continue;
+            }
             slot.leave_retry();
-            self.add_latest(slot, retries);
+            slot.set_given_up(false);
+            slot.session().unmark();
+            if slot.unpersisted() {
+                slot.mark_queued();
+                self.pending.push(slot);
+            } else {
+                // Let bodies hand it over again on their next id.
+                slot.take_latest();
+            }
         }
+        for session in self.registry.take_active() {
+            session.unmark();
+        }
+        self.flush_due = true;
     }
+}
 
-    fn report(
-        &mut self,
-        persisted: usize,
-        deadline_reached: bool,
-        writing: bool,
-    ) -> ShutdownReport {
-        let mut pending = BTreeSet::new();
-        if writing {
-            pending.extend(self.writing_keys.drain(..));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gate_stays_closed_for_the_policys_delay_doubling_per_failure() {
+        let policy =
+            RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1), 3);
+        let mut gate = Gate::default();
+        let now = Instant::now();
+        assert!(gate.is_open(now));
+        gate.failed(now, &policy, 0.999);
+        assert!(!gate.is_open(now + Duration::from_millis(49)));
+        assert!(gate.is_open(now + Duration::from_millis(100)));
+        gate.failed(now, &policy, 0.999);
+        assert!(!gate.is_open(now + Duration::from_millis(99)));
+        for _ in 0..10 {
+            gate.failed(now, &policy, 0.999);
         }
-        pending.extend(self.batch.slots().map(|s| s.key().clone()));
-        pending.extend(self.retries.drain().map(|(s, _)| s.key().clone()));
-        pending.extend(self.registry.take_dirty().iter().map(|s| s.key().clone()));
-        while let Ok(record) = self.rx.try_recv() {
-            pending.insert(record.slot.key().clone());
-        }
-        let given_up: BTreeSet<StreamKey> = self.given_up.iter().map(|s| s.key().clone()).collect();
-        pending.retain(|key| !given_up.contains(key));
-        ShutdownReport {
-            persisted,
-            given_up: given_up.into_iter().collect(),
-            pending: pending.into_iter().collect(),
-            deadline_reached,
-        }
+        assert!(gate.is_open(now + Duration::from_secs(1)), "capped at max");
+        gate.succeeded();
+        assert!(gate.is_open(now));
     }
 }

@@ -185,8 +185,9 @@ impl<T> RetryQueue<T> {
         self.heap.len()
     }
 
-    pub(crate) fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.heap.drain().map(|Reverse(d)| d.item)
+    /// Keeps only the entries for which `keep` holds (O(n)).
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.heap.retain(|Reverse(d)| keep(&d.item));
     }
 }
 

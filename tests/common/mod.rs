@@ -265,6 +265,18 @@ impl Recorded {
             .unwrap_or(0.0)
     }
 
+    /// The total of metric `name` over all its label sets.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.refresh();
+        let prefix = format!("{name}{{");
+        let totals = self.totals.lock().unwrap();
+        totals
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// Every value recorded so far in histogram `name` (no labels).
     pub fn histogram(&self, name: &str) -> Vec<f64> {
         self.refresh();

@@ -131,3 +131,166 @@ impl Store for ScriptedStore {
         self.inner.load(key).await
     }
 }
+
+/// What a [`FaultStore`] call does while a fault is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// Works.
+    Ok,
+    /// Fails at once (Redis at `maxmemory`, `READONLY` after a failover).
+    FailAtOnce,
+    /// Fails after a delay (a timeout inside the store's own client).
+    FailAfter(Duration),
+    /// Never returns.
+    Hang,
+    /// The first call never returns; later ones work.
+    HangOnce,
+    /// The first call panics; later ones work.
+    PanicOnce,
+    /// Every call panics.
+    PanicAlways,
+    /// Down for one period, up for the next, and so on.
+    Flapping(Duration),
+    /// Blocks the calling thread (a store doing blocking I/O inside its future), then works.
+    BlockThread(Duration),
+}
+
+/// Which calls a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calls {
+    Save,
+    Touch,
+    Both,
+}
+
+#[derive(Debug)]
+struct KindState {
+    fault: Mutex<Fault>,
+    /// The one call of a `*Once` fault has happened.
+    once_used: std::sync::atomic::AtomicBool,
+    calls: AtomicU64,
+    ok: AtomicU64,
+}
+
+impl KindState {
+    fn new() -> Self {
+        Self {
+            fault: Mutex::new(Fault::Ok),
+            once_used: std::sync::atomic::AtomicBool::new(false),
+            calls: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A store whose `save` and `touch_sessions` misbehave on demand, each on its own, in front of
+/// an [`InMemoryStore`].
+#[derive(Debug)]
+pub struct FaultStore {
+    pub inner: InMemoryStore,
+    save: KindState,
+    touch: KindState,
+    epoch: Instant,
+}
+
+impl Default for FaultStore {
+    fn default() -> Self {
+        Self {
+            inner: InMemoryStore::new(),
+            save: KindState::new(),
+            touch: KindState::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl FaultStore {
+    /// Sets the fault of the given calls (a `*Once` fault starts afresh).
+    pub fn set(&self, calls: Calls, fault: Fault) {
+        let kinds: &[&KindState] = match calls {
+            Calls::Save => &[&self.save],
+            Calls::Touch => &[&self.touch],
+            Calls::Both => &[&self.save, &self.touch],
+        };
+        for kind in kinds {
+            *kind.fault.lock().unwrap() = fault;
+            kind.once_used.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Calls made so far: (save, touch).
+    pub fn calls(&self) -> (u64, u64) {
+        (
+            self.save.calls.load(Ordering::SeqCst),
+            self.touch.calls.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Calls that succeeded so far: (save, touch).
+    pub fn successes(&self) -> (u64, u64) {
+        (
+            self.save.ok.load(Ordering::SeqCst),
+            self.touch.ok.load(Ordering::SeqCst),
+        )
+    }
+
+    pub fn get(&self, key: &StreamKey) -> Option<StoredId> {
+        self.inner.get(key)
+    }
+
+    async fn apply(&self, kind: &KindState) -> Result<(), StoreError> {
+        // The fault is read before the call is counted, so that a test that waits for the
+        // count and then changes the fault cannot change this call's.
+        let fault = *kind.fault.lock().unwrap();
+        kind.calls.fetch_add(1, Ordering::SeqCst);
+        let injected = || StoreError::with_source("injected fault", std::io::Error::other("down"));
+        match fault {
+            Fault::Ok => {}
+            Fault::FailAtOnce => return Err(injected()),
+            Fault::FailAfter(delay) => {
+                tokio::time::sleep(delay).await;
+                return Err(injected());
+            }
+            Fault::Hang => std::future::pending::<()>().await,
+            Fault::HangOnce => {
+                if !kind.once_used.swap(true, Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+            }
+            Fault::PanicOnce => {
+                if !kind.once_used.swap(true, Ordering::SeqCst) {
+                    panic!("injected store panic (once)");
+                }
+            }
+            Fault::PanicAlways => panic!("injected store panic"),
+            Fault::Flapping(period) => {
+                let phase = self.epoch.elapsed().as_millis() / period.as_millis().max(1);
+                if phase.is_multiple_of(2) {
+                    return Err(injected());
+                }
+            }
+            Fault::BlockThread(d) => std::thread::sleep(d),
+        }
+        kind.ok.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Store for FaultStore {
+    async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
+        self.apply(&self.save).await?;
+        self.inner.save(batch).await
+    }
+
+    async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
+        self.inner.load(key).await
+    }
+
+    async fn touch_sessions(
+        &self,
+        sessions: &[tower_sse_tracker::store::SessionActivity],
+    ) -> Result<(), StoreError> {
+        self.apply(&self.touch).await?;
+        self.inner.touch_sessions(sessions).await
+    }
+}
