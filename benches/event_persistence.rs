@@ -1,9 +1,11 @@
 //! Records per second from many producers through the worker into the in-memory store, and the
 //! write amplification under bursts.
 //!
-//! Run: `cargo bench --bench event_persistence`. It prints two figures before criterion's
-//! timing: the throughput of one large run and the write amplification (store writes per
-//! dispatched event) under bursts of 10 events per stream per flush.
+//! Run: `cargo bench --bench event_persistence`. It prints figures before criterion's timing:
+//! the throughput of one large run, and the store entries written per dispatched event under
+//! bursts of 10 events per stream per flush interval at 100, 1 000 and 10 000 active streams
+//! (the flush interval is the coalescing window whatever the number of streams: at most one
+//! entry per stream per flush, so 0.1 here).
 //! `EVENT_PERSISTENCE_QUICK=1` makes the runs small (what CI builds).
 
 use std::convert::Infallible;
@@ -181,15 +183,17 @@ fn bench(c: &mut Criterion) {
          in-memory store in {took:?}: {:.0} records/s",
         records / took.as_secs_f64()
     );
-    let (streams, rounds) = if quick() { (20, 3) } else { (100, 10) };
-    let (events, enqueued, writes) = rt.block_on(write_amplification(streams, rounds));
-    println!(
-        "write amplification: {events} events ({enqueued} records) in bursts of 10 per stream per \
-         flush over {streams} streams x {rounds} flushes -> {writes} store writes = {:.3} writes per \
-         event (1 per {:.1} events)",
-        writes / events,
-        events / writes
-    );
+    let rounds = if quick() { 3 } else { 5 };
+    for streams in [100, 1_000, 10_000] {
+        let (events, enqueued, writes) = rt.block_on(write_amplification(streams, rounds));
+        println!(
+            "coalescing at {streams} active streams: {events} events ({enqueued} records to the \
+             worker) in bursts of 10 per stream per flush x {rounds} flushes -> {writes} store \
+             entries = {:.3} entries per event (1 per {:.1} events)",
+            writes / events,
+            events / writes
+        );
+    }
 
     let mut group = c.benchmark_group("event_persistence");
     group.throughput(Throughput::Elements(records as u64));

@@ -5,15 +5,16 @@
 //!
 //! 1. passes every byte through unchanged, in the same frames;
 //! 2. scans the stream with the WHATWG event-stream rules ([`scan`]) and, when an event with an
-//!    id is dispatched, publishes that id as the latest of the stream's (session, stream) key in
-//!    a `tokio::sync::watch` buffer;
+//!    id is dispatched, publishes that id as the latest of the stream's (session, stream) key
+//!    (latest only; [`SseTracker::subscribe`] gives a `tokio::sync::watch` of it);
 //! 3. inserts a heartbeat comment when the inner body has been idle for the heartbeat interval,
 //!    only where it cannot change an event;
 //! 4. puts the client's `Last-Event-ID` and session id in the request extensions, so that a
 //!    handler can resume the stream;
-//! 5. hands the ids to the tracker's one background worker, which batches, coalesces,
-//!    de-duplicates and retries them in time order on their way to a [`store::Store`]
-//!    ([`store::InMemoryStore`] by default). See [`SseTracker::resolve`] and
+//! 5. tells the tracker's one background worker which streams changed (at most once per stream
+//!    per flush); the worker batches, coalesces, de-duplicates and retries their latest ids in
+//!    time order on their way to a [`store::Store`] ([`store::InMemoryStore`] by default), and no
+//!    fault of the store reaches the streams (see [`store`]). See [`SseTracker::resolve`] and
 //!    [`SseTracker::shutdown`].
 //!
 //! The session id comes from a header (`mcp-session-id` by default, as in MCP Streamable
@@ -60,6 +61,11 @@
 
 #![deny(unsafe_code, unreachable_pub, missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+// The README's Rust code blocks are compiled as doc tests, so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 mod body;
 mod builder;

@@ -78,10 +78,53 @@ pub(crate) struct Version {
     pub(crate) sequence: u64,
 }
 
+/// Ids up to this many bytes are kept inside the slot, with no allocation of their own.
+const INLINE_ID: usize = 22;
+
+/// The bytes of an id: inline when short (counters, rmcp's `{index}/{request}`), else in a heap
+/// buffer that later ids reuse.
+#[derive(Debug)]
+enum IdBytes {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Vec<u8>),
+}
+
+impl Default for IdBytes {
+    fn default() -> Self {
+        IdBytes::Inline {
+            len: 0,
+            bytes: [0; INLINE_ID],
+        }
+    }
+}
+
+impl IdBytes {
+    fn set(&mut self, id: &[u8]) {
+        match self {
+            IdBytes::Heap(buf) => {
+                buf.clear();
+                buf.extend_from_slice(id);
+            }
+            IdBytes::Inline { len, bytes } if id.len() <= INLINE_ID => {
+                bytes[..id.len()].copy_from_slice(id);
+                *len = id.len() as u8;
+            }
+            IdBytes::Inline { .. } => *self = IdBytes::Heap(id.to_vec()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            IdBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            IdBytes::Heap(buf) => buf,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Latest {
-    /// The bytes of the latest id; the buffer is reused from one id to the next.
-    id: Vec<u8>,
+    /// The bytes of the latest id.
+    id: IdBytes,
     has_id: bool,
     version: Version,
     /// The worker owes this slot a look: a message is in the channel or on its way, or the slot
@@ -121,7 +164,7 @@ pub(crate) struct Slot {
     /// Removed from the registry (its unpersisted id, if any, is in the evicted FIFO).
     evicted: AtomicBool,
     /// The worker's round that last took this slot, so that one round writes a slot once.
-    round: AtomicU64,
+    round: AtomicU32,
 }
 
 impl Slot {
@@ -131,7 +174,7 @@ impl Slot {
             session,
             open: AtomicU32::new(0),
             latest: Mutex::new(Latest {
-                id: Vec::new(),
+                id: IdBytes::default(),
                 has_id: false,
                 version: Version { at_us: 0, sequence },
                 queued: false,
@@ -143,7 +186,7 @@ impl Slot {
             given_up: AtomicBool::new(false),
             retries: AtomicU32::new(0),
             evicted: AtomicBool::new(false),
-            round: AtomicU64::new(0),
+            round: AtomicU32::new(0),
         }
     }
 
@@ -181,8 +224,7 @@ impl Slot {
             at_us: at_us.max(latest.version.at_us),
             sequence: latest.version.sequence + 1,
         };
-        latest.id.clear();
-        latest.id.extend_from_slice(id);
+        latest.id.set(id);
         latest.has_id = true;
         latest.version = version;
         let hand_over = !std::mem::replace(&mut latest.queued, true);
@@ -197,7 +239,9 @@ impl Slot {
 
     pub(crate) fn latest(&self) -> Option<EventId> {
         let latest = lock(&self.latest);
-        latest.has_id.then(|| EventId::from_scanned(&latest.id))
+        latest
+            .has_id
+            .then(|| EventId::from_scanned(latest.id.as_slice()))
     }
 
     /// For the worker: clears the queued flag and reads the latest id with its version, under
@@ -207,7 +251,7 @@ impl Slot {
         latest.queued = false;
         latest
             .has_id
-            .then(|| (EventId::from_scanned(&latest.id), latest.version))
+            .then(|| (EventId::from_scanned(latest.id.as_slice()), latest.version))
     }
 
     /// The latest id with its version, read together.
@@ -215,14 +259,16 @@ impl Slot {
         let latest = lock(&self.latest);
         latest
             .has_id
-            .then(|| (EventId::from_scanned(&latest.id), latest.version))
+            .then(|| (EventId::from_scanned(latest.id.as_slice()), latest.version))
     }
 
     /// A receiver of this stream's latest ids, starting at the current one (marked seen).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
         let watch = self.watch.get_or_init(|| watch::Sender::new(None));
         let latest = lock(&self.latest);
-        let current = latest.has_id.then(|| EventId::from_scanned(&latest.id));
+        let current = latest
+            .has_id
+            .then(|| EventId::from_scanned(latest.id.as_slice()));
         watch.send_if_modified(|value| {
             let changed = *value != current;
             if changed {
@@ -280,8 +326,9 @@ impl Slot {
         self.evicted.load(Ordering::Acquire)
     }
 
-    /// Marks the slot as taken by `round`; false when that round already took it.
-    pub(crate) fn take_for_round(&self, round: u64) -> bool {
+    /// Marks the slot as taken by `round` (the worker's round number, wrapping); false when
+    /// that round already took it.
+    pub(crate) fn take_for_round(&self, round: u32) -> bool {
         self.round.swap(round, Ordering::Relaxed) != round
     }
 }
@@ -694,7 +741,8 @@ impl Registry {
                     marked: AtomicBool::new(false),
                     resident: AtomicBool::new(true),
                 }),
-                streams: Vec::new(),
+                // Most sessions have one stream.
+                streams: Vec::with_capacity(1),
             });
         let state = entry.state.clone();
         let slot = Arc::new(Slot::new(
@@ -863,16 +911,19 @@ mod tests {
     }
 
     #[test]
-    fn publishing_reuses_the_slot_buffer() {
+    fn publishing_keeps_short_ids_inline_and_reuses_the_heap_buffer_of_long_ones() {
         let registry = registry(10, None);
         let slot = insert(&registry, "s", "GET /a", false);
-        slot.publish(b"a-long-first-id", 5);
-        let ptr = lock(&slot.latest).id.as_ptr();
+        slot.publish(b"12/345", 5);
+        assert!(matches!(lock(&slot.latest).id, IdBytes::Inline { .. }));
+        assert_eq!(slot.latest().unwrap(), "12/345");
+        slot.publish(b"0123456789-0123456789-0123456789", 6);
+        let ptr = lock(&slot.latest).id.as_slice().as_ptr();
         slot.publish(b"short", 3);
-        assert_eq!(lock(&slot.latest).id.as_ptr(), ptr);
+        assert_eq!(lock(&slot.latest).id.as_slice().as_ptr(), ptr);
         let (id, version) = slot.latest_entry().unwrap();
         assert_eq!(id, "short");
-        assert_eq!(version.at_us, 5, "time never goes back within a slot");
+        assert_eq!(version.at_us, 6, "time never goes back within a slot");
     }
 
     #[test]

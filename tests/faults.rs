@@ -1,6 +1,7 @@
 //! Faults under load: a store that fails at random and goes down for a while, a flood of
 //! distinct session ids, shutdown while streams flow, clients that leave mid-event.
-//! `FAULT_OUTAGE_SECS` (default 5) and `FLOOD_SESSIONS` (default 1 000 000) size the long ones.
+//! `FAULT_OUTAGE_SECS` (default 2) and `FLOOD_SESSIONS` (default 200 000) size the long ones;
+//! `FLOOD_SESSIONS=1000000 FAULT_OUTAGE_SECS=5` is the full size.
 //! (A store taking 1 s per write is `a_slow_store_never_delays_frames_more_than_the_send_timeout`
 //! in `tests/persistence.rs`.)
 
@@ -43,7 +44,7 @@ fn key(session: &str, stream: &str) -> StreamKey {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_failing_30_percent_with_an_outage_under_load_loses_no_latest_id() {
-    let outage = Duration::from_secs(env_or("FAULT_OUTAGE_SECS", 5));
+    let outage = Duration::from_secs(env_or("FAULT_OUTAGE_SECS", 2));
     let store = Arc::new(ScriptedStore::failing_first(0).with_random_failures(0.3));
     let (tracker, recorded) = build_recorded(SseTracker::builder().store(store.clone()));
     let addr = serve_load(&tracker).await;
@@ -187,7 +188,7 @@ async fn clients_leaving_mid_event_commit_nothing_and_the_gauge_returns_to_zero(
 
 #[test]
 fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
-    let sessions = env_or("FLOOD_SESSIONS", 1_000_000) as usize;
+    let sessions = env_or("FLOOD_SESSIONS", 200_000) as usize;
     const MAX_STREAMS: usize = 10_000;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -250,4 +251,280 @@ fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
         );
         assert!(store.len() <= MAX_STREAMS);
     });
+}
+
+fn flood_name(name: &mut String, prefix: &str, i: usize) {
+    name.clear();
+    std::fmt::Write::write_fmt(name, format_args!("{prefix}-{i:08}")).unwrap();
+}
+
+/// While the store fails or hangs, a flood of new sessions evicts streams whose latest id is
+/// not in the store yet. They wait in a bounded set; beyond it the oldest is dropped, counted
+/// and reported, so memory stays bounded whatever the store does.
+#[test]
+fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_it_drops() {
+    use common::stores::{Calls, Fault, FaultStore};
+    use tower_sse_tracker::metrics::{IDS_DROPPED_TOTAL, REASON_EVICTED_OVERFLOW};
+
+    let sessions = env_or("FLOOD_SESSIONS", 200_000) as usize;
+    const MAX_STREAMS: usize = 10_000;
+    const MAX_PENDING_EVICTED: usize = 1_000;
+    for fault in [Fault::FailAtOnce, Fault::Hang] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Arc::new(FaultStore::default());
+            store.set(Calls::Both, fault);
+            let (tracker, recorded) = build_recorded(
+                SseTracker::builder()
+                    .store(store.clone())
+                    .heartbeat_interval(None)
+                    .max_streams(MAX_STREAMS)
+                    .max_pending_evicted(MAX_PENDING_EVICTED)
+                    .store_timeout(Duration::from_millis(200)),
+            );
+            let mut svc = frames_service(&tracker);
+            let frame = Bytes::from_static(b"id: 1\ndata: x\n\n");
+            let mut name = String::new();
+            for i in 0..MAX_STREAMS {
+                flood_name(&mut name, "fill", i);
+                drive(&mut svc, &name, vec![frame.clone()]).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (at_bound, _) = counting_alloc::live();
+            let mut peak = at_bound;
+            for i in 0..sessions {
+                flood_name(&mut name, "flood", i);
+                drive(&mut svc, &name, vec![frame.clone()]).await;
+                if i % 10_000 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    peak = peak.max(counting_alloc::live().0);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            peak = peak.max(counting_alloc::live().0);
+            let dropped = recorded.value(IDS_DROPPED_TOTAL, &[("reason", REASON_EVICTED_OVERFLOW)]);
+            let growth = (peak - at_bound).max(0) as usize;
+            println!(
+                "flood of {sessions} sessions with the store {fault:?}: heap at the bound {} KiB, \
+                 peak {} KiB (+{} KiB, {:.1} B per evicted session); {dropped} ids dropped",
+                at_bound / 1024,
+                peak / 1024,
+                growth / 1024,
+                growth as f64 / sessions as f64,
+            );
+            // Every evicted stream beyond the bound is dropped, and counted.
+            assert_eq!(dropped, (sessions - MAX_PENDING_EVICTED) as f64);
+            // Unbounded, this would be some 300 bytes per session.
+            assert!(growth < 4 * 1024 * 1024, "heap grew by {growth} bytes");
+
+            // The store recovers: what was kept reaches it; the report counts what was dropped.
+            store.set(Calls::Both, Fault::Ok);
+            let report = tracker.shutdown(Duration::from_secs(10)).await;
+            assert_eq!(report.dropped, dropped as u64);
+            assert!(report.pending.is_empty(), "{:?}", &report.pending[..3]);
+            assert!(report.given_up.is_empty());
+            assert!(!report.is_complete(), "ids were dropped");
+            assert_eq!(store.inner.len(), MAX_STREAMS + MAX_PENDING_EVICTED);
+        });
+    }
+}
+
+/// After `shutdown()` the layer keeps serving, and a flood of new sessions grows nothing but
+/// the registry, within its bound.
+#[test]
+fn after_shutdown_the_layer_serves_with_bounded_memory() {
+    let sessions = (env_or("FLOOD_SESSIONS", 200_000) as usize).min(200_000);
+    const MAX_STREAMS: usize = 10_000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tracker = SseTracker::builder()
+            .heartbeat_interval(None)
+            .max_streams(MAX_STREAMS)
+            .build()
+            .unwrap();
+        let mut svc = frames_service(&tracker);
+        let frame = Bytes::from_static(b"id: 1\ndata: x\n\n");
+        let mut name = String::new();
+        assert!(tracker.shutdown(Duration::from_secs(1)).await.is_complete());
+        for i in 0..MAX_STREAMS {
+            flood_name(&mut name, "fill", i);
+            drive(&mut svc, &name, vec![frame.clone()]).await;
+        }
+        let (at_bound, _) = counting_alloc::live();
+        let mut peak = at_bound;
+        for i in 0..sessions {
+            flood_name(&mut name, "after", i);
+            drive(&mut svc, &name, vec![frame.clone()]).await;
+            if i % 10_000 == 0 {
+                peak = peak.max(counting_alloc::live().0);
+            }
+        }
+        let growth = (peak - at_bound).max(0) as usize;
+        println!(
+            "{sessions} sessions after shutdown: heap +{} KiB ({:.2} B per session)",
+            growth / 1024,
+            growth as f64 / sessions as f64
+        );
+        assert_eq!(tracker.tracked_streams(), MAX_STREAMS);
+        assert!(growth < 1024 * 1024, "heap grew by {growth} bytes");
+    });
+}
+
+/// Streams with an open body are never evicted: through a flood of new sessions larger than
+/// `max_streams`, ten live streams keep their exact latest ids and their subscriptions.
+#[test]
+fn a_flood_of_new_sessions_never_evicts_live_streams_or_their_subscribers() {
+    use common::direct::{fed_request, fed_service, respond};
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
+
+    let sessions = env_or("FLOOD_SESSIONS", 200_000) as usize;
+    const MAX_STREAMS: usize = 10_000;
+    const LIVE: usize = 10;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The store keeps as many keys as the registry, so that only the tracker's memory is
+        // measured.
+        let store = Arc::new(InMemoryStore::with_max_keys(MAX_STREAMS));
+        let (tracker, recorded) = build_recorded(
+            SseTracker::builder()
+                .store(store)
+                .heartbeat_interval(None)
+                .max_streams(MAX_STREAMS),
+        );
+        let mut fed = fed_service(&tracker);
+        let mut live = Vec::new();
+        for l in 0..LIVE {
+            let session = format!("live-{l}");
+            let (tx, req) = fed_request(&session);
+            let body = respond(&mut fed, req).await.into_body();
+            let rx = tracker.subscribe(&session, "GET /mcp").unwrap();
+            live.push((session, tx, body, rx));
+        }
+        let mut published = 0;
+        let mut publish = |live: &mut Vec<(String, _, _, _)>| {
+            published += 1;
+            for (_, tx, body, _) in live.iter_mut() {
+                let tx: &tokio::sync::mpsc::UnboundedSender<Bytes> = tx;
+                tx.send(Bytes::from(format!("id: {published}\n\n")))
+                    .unwrap();
+                let body: &mut _ = body;
+                let frame = BodyExt::frame(body).now_or_never();
+                assert!(
+                    matches!(frame, Some(Some(Ok(_)))),
+                    "the live body yields its frame"
+                );
+            }
+            published
+        };
+        publish(&mut live);
+
+        let mut svc = frames_service(&tracker);
+        let frame = Bytes::from_static(b"id: 1\n\n");
+        let mut name = String::new();
+        for i in 0..MAX_STREAMS {
+            flood_name(&mut name, "fill", i);
+            drive(&mut svc, &name, vec![frame.clone()]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (before, _) = counting_alloc::live();
+        let mut peak = before;
+        for i in 0..sessions {
+            flood_name(&mut name, "flood", i);
+            drive(&mut svc, &name, vec![frame.clone()]).await;
+            if i % 1_000 == 0 {
+                publish(&mut live);
+            }
+            if i % 10_000 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                peak = peak.max(counting_alloc::live().0);
+            }
+        }
+        let last = publish(&mut live).to_string();
+        let evicted = recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_LRU)]);
+        println!(
+            "flood of {sessions} sessions in a full registry (max_streams {MAX_STREAMS}): \
+             {evicted} evicted, {LIVE} live streams kept with exact ids; heap peak +{} KiB",
+            (peak - before).max(0) / 1024
+        );
+        assert_eq!(evicted as usize, sessions + LIVE);
+        for (session, tx, _, rx) in &mut live {
+            assert_eq!(
+                tracker.last_event_id(session, "GET /mcp").unwrap(),
+                last.as_str(),
+                "{session}"
+            );
+            assert!(
+                rx.has_changed().unwrap(),
+                "{session}: the subscription is alive"
+            );
+            assert_eq!(rx.borrow_and_update().as_ref().unwrap(), last.as_str());
+            // A subscription made after the flood sees the next id too.
+            let mut again = tracker.subscribe(session, "GET /mcp").unwrap();
+            tx.send(Bytes::from_static(b"id: next\n\n")).unwrap();
+            let _ = tx;
+            assert!(!again.has_changed().unwrap());
+            let _ = &again;
+            drop(again.borrow_and_update());
+        }
+        for (_, _, body, _) in &mut live {
+            assert!(BodyExt::frame(body).now_or_never().is_some());
+        }
+        for (session, _, _, rx) in &mut live {
+            assert_eq!(
+                rx.borrow_and_update().as_ref().unwrap(),
+                "next",
+                "{session}"
+            );
+        }
+        assert!(((peak - before).max(0) as usize) < 8 * 1024 * 1024);
+    });
+}
+
+/// When every tracked stream has an open body, a new stream is served untracked, and counted;
+/// a subscription to a new stream is refused.
+#[tokio::test]
+async fn a_registry_full_of_live_streams_serves_new_ones_untracked() {
+    use common::direct::{fed_request, fed_service, respond};
+    use tower_sse_tracker::SubscribeError;
+    use tower_sse_tracker::metrics::{REASON_REGISTRY_FULL, UNTRACKED_STREAMS_TOTAL};
+
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .max_streams(3),
+    );
+    let mut svc = fed_service(&tracker);
+    let mut open = Vec::new();
+    for s in ["a", "b", "c"] {
+        let (tx, req) = fed_request(s);
+        let response = respond(&mut svc, req).await;
+        assert!(response.body().is_tracked());
+        open.push((tx, response));
+    }
+    let (_tx, req) = fed_request("d");
+    let response = respond(&mut svc, req).await;
+    assert!(!response.body().is_tracked());
+    assert_eq!(
+        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_REGISTRY_FULL)]),
+        1.0
+    );
+    assert_eq!(
+        tracker.subscribe("e", "GET /mcp").unwrap_err(),
+        SubscribeError::RegistryFull
+    );
+    // One body ends: its stream can be evicted for a new one.
+    drop(open.pop());
+    let (_tx, req) = fed_request("d");
+    assert!(respond(&mut svc, req).await.body().is_tracked());
+    assert_eq!(tracker.last_event_id("c", "GET /mcp"), None);
 }

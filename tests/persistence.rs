@@ -467,3 +467,123 @@ async fn shutdown_reports_what_its_deadline_left_unwritten() {
         [key("s1", "GET /sse/g1"), key("s2", "GET /sse/g2")]
     );
 }
+
+/// A metrics recorder whose `sse_tracker_batch_size` histogram panics the first time it records:
+/// a bug outside the store, inside the worker's own loop.
+struct PanickingRecorder {
+    fired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct PanicOnce(Arc<std::sync::atomic::AtomicBool>);
+
+impl metrics::HistogramFn for PanicOnce {
+    fn record(&self, _value: f64) {
+        if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("a recorder bug");
+        }
+    }
+}
+
+impl metrics::Recorder for PanickingRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        if key.name() == tower_sse_tracker::metrics::BATCH_SIZE {
+            metrics::Histogram::from_arc(Arc::new(PanicOnce(self.fired.clone())))
+        } else {
+            metrics::Histogram::noop()
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_inside_the_worker_restarts_it_and_loses_nothing() {
+    let store = Arc::new(InMemoryStore::new());
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let recorder = PanickingRecorder {
+        fired: fired.clone(),
+    };
+    let tracker = metrics::with_local_recorder(&recorder, || {
+        SseTracker::builder()
+            .store(store.clone())
+            .heartbeat_interval(None)
+            .build()
+            .unwrap()
+    });
+    let h = Harness::start(tracker).await;
+    run_frames(&h, "p1", Some("s1"), &[b"id: 1\n\n", b"id: 2\n\n"]).await;
+    eventually("the worker panicked", || {
+        fired.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    // The restarted worker takes its state from the registry, and new ids keep flowing.
+    run_frames(&h, "p2", Some("s2"), &[b"id: 9\n\n"]).await;
+    eventually("both streams are stored", || {
+        stored(&store, "s1", "GET /sse/p1").as_deref() == Some("2")
+            && stored(&store, "s2", "GET /sse/p2").as_deref() == Some("9")
+    })
+    .await;
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+#[test]
+fn a_worker_lost_with_its_runtime_makes_shutdown_say_so() {
+    use common::direct::{drive, frames_service, id_frames};
+
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tracker = first.block_on(async {
+        let tracker = SseTracker::builder()
+            .heartbeat_interval(None)
+            // No flush before the runtime goes: the id stays unwritten.
+            .flush_interval(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let mut svc = frames_service(&tracker);
+        drive(&mut svc, "lost", id_frames(3)).await;
+        tracker
+    });
+    // The runtime that ran the worker shuts down under it.
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = second.block_on(tracker.shutdown(Duration::from_secs(1)));
+    assert!(report.worker_lost, "{report:?}");
+    assert!(!report.is_complete());
+    assert_eq!(report.pending, [key("lost", "GET /mcp")]);
+    assert_eq!(tracker.last_event_id("lost", "GET /mcp").unwrap(), "3");
+}

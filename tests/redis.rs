@@ -333,3 +333,286 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_latest_id() {
         recorded.sum(STORE_ERRORS_TOTAL)
     );
 }
+
+/// Seconds of CPU this process has used (user + system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The application starts and serves while Redis is down: `RedisStore::new` does not connect,
+/// writes fail (counted) and are retried, and once Redis is up every stream's latest id lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_starts_while_redis_is_down_and_persists_once_it_is_up() {
+    let mut server = RedisServer::not_started();
+    let prefix = unique_prefix("down-at-start");
+    let store = RedisStore::new(&server.url)
+        .expect("a valid URL is enough")
+        .with_prefix(&prefix);
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .heartbeat_interval(None)
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(50),
+                Duration::from_millis(300),
+                5,
+            )),
+    );
+    let h = Harness::start(tracker).await;
+    for s in ["d1", "d2", "d3"] {
+        let client = run_frames(&h, s, Some(s), &[b"id: 1\n\n", b"id: 2\n\n"]).await;
+        assert_eq!(client.received, b"id: 1\n\nid: 2\n\n", "{s}");
+    }
+    timeout(Duration::from_secs(10), async {
+        while recorded.sum(STORE_ERRORS_TOTAL) < 1.0 {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the failed writes were never counted");
+    server.restart();
+    timeout(Duration::from_secs(30), async {
+        loop {
+            let mut all = true;
+            for s in ["d1", "d2", "d3"] {
+                let k = key(s, &format!("GET /sse/{s}"));
+                all &= store
+                    .load(&k)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|v| v.id.to_string())
+                    == Some("2".to_owned());
+            }
+            if all {
+                break;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the ids never reached Redis after it came up");
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+/// Redis answering errors at once (`maxmemory` reached with `noeviction`), then Redis paused
+/// (`CLIENT PAUSE`): streams keep flowing, the store is called at a bounded rate, and every
+/// stream's latest id is in Redis once the fault clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id() {
+    use common::load::{client, percentile, serve_load};
+
+    let server = RedisServer::new();
+    let prefix = unique_prefix("oom-pause");
+    let store = store(&server, &prefix).await;
+    let flush = Duration::from_millis(100);
+    let retry = RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1), 5);
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .flush_interval(flush)
+            .store_timeout(Duration::from_millis(500))
+            .retry(retry),
+    );
+    let addr = serve_load(&tracker).await;
+    const STREAMS: usize = 20;
+    const RATE: u64 = 50;
+    const EVENTS: u64 = 250; // 5 s at 50 events/s: 1 000 events/s in all
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/load?events={EVENTS}&per_second={RATE}");
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|c| tokio::spawn(client(http.clone(), url.clone(), format!("oom-{c:02}"))))
+        .collect();
+
+    sleep(Duration::from_millis(500)).await;
+    let healthy_cpu = cpu_seconds();
+    let healthy_at = tokio::time::Instant::now();
+    sleep(Duration::from_secs(1)).await;
+    let healthy_cpu = (cpu_seconds() - healthy_cpu) / healthy_at.elapsed().as_secs_f64();
+
+    // Out of memory: every write is refused at once.
+    server
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await
+        .unwrap();
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "1"])
+        .await
+        .unwrap();
+    let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
+    let cpu_before = cpu_seconds();
+    let fault_at = tokio::time::Instant::now();
+    sleep(Duration::from_millis(1500)).await;
+    let oom_errors = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
+    let oom_secs = fault_at.elapsed().as_secs_f64();
+    let oom_cpu = (cpu_seconds() - cpu_before) / oom_secs;
+    server
+        .command(&["CONFIG", "SET", "maxmemory", "0"])
+        .await
+        .unwrap();
+
+    // Paused: calls hang until the store timeout.
+    sleep(Duration::from_millis(300)).await;
+    let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
+    server
+        .command(&["CLIENT", "PAUSE", "1500", "ALL"])
+        .await
+        .unwrap();
+    let pause_at = tokio::time::Instant::now();
+    sleep(Duration::from_millis(1500)).await;
+    let pause_errors = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
+    let pause_secs = pause_at.elapsed().as_secs_f64();
+
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(c.await.unwrap());
+    }
+    let mut latencies: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let received: usize = results.iter().map(|r| r.received).sum();
+    timeout(Duration::from_secs(30), async {
+        loop {
+            let mut all = true;
+            for r in &results {
+                let k = key(&r.session, "GET /load");
+                all &= store
+                    .load(&k)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|v| v.id.to_string())
+                    == r.last_id;
+            }
+            if all {
+                break;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("some latest ids never reached Redis after the faults cleared");
+    // Per call kind (save, touch): one call per flush plus one per retry wake-up at most.
+    let bound = 2.0 * (1.0 / flush.as_secs_f64() + 2.0 / retry.base().as_secs_f64());
+    println!(
+        "redis faults: delivered {received}/{}, frame delay p99 {:.1} ms; OOM: {:.1} failed calls/s \
+         (bound {bound:.0}), CPU {:.0}% vs {:.0}% healthy; paused: {:.1} failed calls/s",
+        STREAMS as u64 * EVENTS,
+        percentile(&latencies, 0.99) as f64 / 1000.0,
+        oom_errors / oom_secs,
+        oom_cpu * 100.0,
+        healthy_cpu * 100.0,
+        pause_errors / pause_secs,
+    );
+    assert_eq!(received as u64, STREAMS as u64 * EVENTS);
+    assert!(oom_errors >= 1.0, "the OOM errors were never seen");
+    assert!(oom_errors / oom_secs <= bound);
+    assert!(pause_errors / pause_secs <= bound);
+    let report = tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+/// Two instances on one Redis, a client bouncing A → B → A → B with its `Last-Event-ID`: each
+/// instance answers with the newer of its memory and Redis, so every answer is right even when
+/// the instance's own memory holds an older id of the stream.
+#[tokio::test]
+async fn instances_agree_while_a_client_bounces_between_them() {
+    let server = RedisServer::shared_or_new();
+    let prefix = unique_prefix("bounce");
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let tracker = SseTracker::builder()
+            .store(store(&server, &prefix).await)
+            .heartbeat_interval(None)
+            .build()
+            .unwrap();
+        instances.push(Harness::start(tracker).await);
+    }
+    const STREAM: &str = "GET /sse/events";
+    let mut last: Option<u32> = None;
+    let mut next = 1;
+    for (hop, instance) in [0, 1, 0, 1].into_iter().enumerate() {
+        let h = &instances[instance];
+        let other = &instances[1 - instance];
+        let name = ["A", "B"][instance];
+        // The client (re)connects here with the last id it saw.
+        let mut headers = HeaderMap::new();
+        if let Some(id) = last {
+            headers.insert("last-event-id", HeaderValue::from(id));
+        }
+        let client_id = last.map(|id| EventId::new(&id.to_string()).unwrap());
+        let answer = h
+            .tracker
+            .resume("s1", STREAM, client_id.as_ref())
+            .await
+            .unwrap();
+        let expected = match &client_id {
+            None => Resume::Unknown,
+            Some(id) => Resume::Current(id.clone()),
+        };
+        assert_eq!(answer, expected, "hop {hop} to {name}");
+        if let Some(id) = last.filter(|&id| id > 1) {
+            let older = EventId::new(&(id - 1).to_string()).unwrap();
+            assert_eq!(
+                h.tracker.resume("s1", STREAM, Some(&older)).await.unwrap(),
+                Resume::Behind {
+                    client: Some(older.clone()),
+                    latest: client_id.clone().unwrap()
+                },
+                "hop {hop} to {name}, a client one event behind"
+            );
+        }
+        // The instance streams three more events, then the connection drops.
+        let frames: Vec<String> = (next..next + 3).map(|n| format!("id: {n}\n\n")).collect();
+        let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes()).collect();
+        let tx = h.feed("events");
+        let mut client = h.get("/sse/events", Some("s1"), headers).await;
+        for frame in &refs {
+            tx.send(Bytes::copy_from_slice(frame)).unwrap();
+        }
+        drop(tx);
+        client.read_to_end().await;
+        next += 3;
+        last = Some(next - 1);
+        let latest = (next - 1).to_string();
+        // Once it is in Redis, both instances resolve the stream to it.
+        timeout(Duration::from_secs(10), async {
+            while h
+                .tracker
+                .stored_event_id("s1", STREAM)
+                .await
+                .unwrap()
+                .as_ref()
+                != Some(&EventId::new(&latest).unwrap())
+            {
+                sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the instance never persisted its latest id");
+        for (who, t) in [
+            (name, &h.tracker),
+            (["A", "B"][1 - instance], &other.tracker),
+        ] {
+            assert_eq!(
+                t.resolve("s1", STREAM).await.unwrap().unwrap(),
+                latest.as_str(),
+                "hop {hop}: {who} resolves to the newest id"
+            );
+        }
+    }
+}

@@ -1,8 +1,38 @@
 //! Where the latest ids are persisted: the [`Store`] trait and its implementations.
 //!
-//! The tracker's one background worker calls the store with whole batches: one
-//! [`save`](Store::save) per flush, carrying the latest id of every stream that changed since
-//! the last flush. Nothing on the request or frame path ever waits for a store.
+//! The tracker's one background worker calls the store with whole batches: at each flush, the
+//! latest id of every stream that changed since the last flush, in [`save`](Store::save) calls
+//! of at most `max_batch` entries, then the activity of the sessions active since, in
+//! [`touch_sessions`](Store::touch_sessions) calls. Nothing on the request or frame path ever
+//! waits for a store.
+//!
+//! # When the store misbehaves
+//!
+//! Every store call runs under a deadline ([`store_timeout`], 5 s by default) with its panics
+//! caught. An error, a call past the deadline and a panic are each one failed call: counted in
+//! `sse_tracker_store_errors_total{op,reason}`, logged, and followed by back-off: no call of
+//! that kind (save or touch) starts again before the retry policy's delay, which doubles with
+//! each failure in a row. Streams never wait for any of it. `tests/store_faults.rs` checks each
+//! row under 1 000 events/s over real HTTP (`cargo test --test store_faults -- --nocapture`).
+//!
+//! | the store… | streams | persistence | alert on |
+//! |---|---|---|---|
+//! | fails at once (Redis `OOM` at `maxmemory`, `READONLY` after a failover) | unaffected | ids coalesce in memory; retried with back-off (a few calls per second); all written once it works | `sse_tracker_store_errors_total{reason="error"}` rate |
+//! | fails after a delay | unaffected | as above; the worker keeps draining its channel while a call runs | same |
+//! | never returns | unaffected | the call is dropped at the deadline, then as above | `sse_tracker_store_errors_total{reason="timeout"}` |
+//! | panics | unaffected | the panic is caught and logged with its message, then as above | `sse_tracker_store_errors_total{reason="panic"}` |
+//! | is down when the application starts | unaffected | [`RedisStore::new`] does not connect; writes fail until Redis is up | `sse_tracker_store_errors_total` |
+//! | stays down past the retry policy | unaffected | the streams are given up (still in memory), probed once per longest retry delay, caught up after the next successful write | `sse_tracker_retries_exhausted_total` |
+//! | stays down while new streams evict old ones | unaffected | evicted streams' unpersisted ids wait in a bounded set (`max_pending_evicted`); beyond it the oldest is dropped | `sse_tracker_ids_dropped_total` |
+//! | blocks its thread (blocking I/O in `async`) | the worker cannot drain its channel: a stream whose id needs a hand-off waits at most the send timeout (100 ms), then not again until the worker catches up | as above once it returns | `sse_tracker_backpressure_timeouts_total` |
+//!
+//! A panic inside the worker itself (not the store: a metrics recorder, a bug) restarts it from
+//! the registry's state (`sse_tracker_worker_failures_total{reason="panic"}`); a worker task
+//! dropped with its runtime is reported by [`shutdown`] (`worker_lost`).
+//!
+//! [`store_timeout`]: crate::SseTrackerBuilder::store_timeout
+//! [`shutdown`]: crate::SseTracker::shutdown
+//! [`RedisStore::new`]: https://docs.rs/tower-sse-tracker/latest/tower_sse_tracker/store/struct.RedisStore.html#method.new
 
 use std::error::Error;
 use std::fmt;

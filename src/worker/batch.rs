@@ -53,7 +53,7 @@ impl RoundEntries {
     /// Takes the latest id of `slot` into the round (see [`Take`]). A slot from a list that
     /// holds its queued flag (pending, dirty, retry) has the flag cleared as its id is read; a
     /// slot from the evicted FIFO (`evicted_fifo`) is the FIFO's whatever the flag.
-    pub(crate) fn take(&mut self, slot: Arc<Slot>, round: u64, evicted_fifo: bool) -> Take {
+    pub(crate) fn take(&mut self, slot: Arc<Slot>, round: u32, evicted_fifo: bool) -> Take {
         if !evicted_fifo && (slot.is_evicted() || slot.is_in_retry() || slot.is_given_up()) {
             return Take::Skip;
         }

@@ -216,7 +216,15 @@ impl WorkerHandle {
             dropped_reported: 0,
             config,
         };
-        runtime.spawn(supervise(io, state, status.clone()));
+        // Made here and moved into the task, so that it notices the task being dropped even
+        // before its first poll.
+        let guard = LostGuard {
+            status: status.clone(),
+            registry: registry.clone(),
+            metrics: state.metrics.clone(),
+            armed: true,
+        };
+        runtime.spawn(supervise(io, state, status.clone(), guard));
         Self {
             sender,
             control: Mutex::new(Some(control)),
@@ -335,7 +343,7 @@ struct State {
     probe_at: Option<Instant>,
     save_gate: Gate,
     touch_gate: Gate,
-    round_no: u64,
+    round_no: u32,
     round: Round,
     flush_due: bool,
     retry_round_due: bool,
@@ -382,13 +390,7 @@ impl Drop for LostGuard {
 
 /// Runs the worker, restarting it after a panic (with back-off, so that a panic on every
 /// round costs bounded CPU), until it finishes.
-async fn supervise(mut io: Io, mut state: State, status: Arc<Status>) {
-    let mut guard = LostGuard {
-        status: status.clone(),
-        registry: state.registry.clone(),
-        metrics: state.metrics.clone(),
-        armed: true,
-    };
+async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard: LostGuard) {
     let mut panics = 0;
     loop {
         match CatchUnwind::new(AssertUnwindSafe(run(&mut io, &mut state))).await {
@@ -623,7 +625,7 @@ impl State {
     /// and the evicted streams owed a write, and the activity of the sessions active since the
     /// last round. A kind whose gate is closed after a failure waits (its entries coalesce).
     fn assemble(&mut self, now: Instant, fresh: bool) {
-        self.round_no += 1;
+        self.round_no = self.round_no.wrapping_add(1);
         let round = self.round_no;
         let mut taken = RoundEntries::default();
         if self.save_gate.is_open(now) {

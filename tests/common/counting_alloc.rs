@@ -2,13 +2,17 @@
 //! for measuring memory per tracked stream. Shared by `tests/memory.rs` and
 //! `benches/memory_overhead.rs` (each declares it as its `#[global_allocator]`).
 //!
-//! Counts are per thread so that other threads (other tests, runtime workers) do not disturb a
-//! measurement made on one thread. They are the sizes asked for, not counting the allocator's
+//! Counts are kept per thread, so that other threads (other tests, runtime workers) do not
+//! disturb a measurement made on one thread, and for the whole process ([`live_process`]), for
+//! measurements across a multi-threaded runtime. They are the sizes asked for, not counting the allocator's
 //! own per-block overhead (typically 8 to 16 bytes a block), which is why allocations are
 //! counted too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+static PROCESS_BYTES: AtomicIsize = AtomicIsize::new(0);
 
 pub struct Counting;
 
@@ -18,6 +22,7 @@ thread_local! {
 }
 
 fn add(bytes: isize, blocks: isize) {
+    PROCESS_BYTES.fetch_add(bytes, Ordering::Relaxed);
     // `try_with`: during thread exit the counters may be gone; nothing to count then.
     let _ = BYTES.try_with(|c| c.set(c.get() + bytes));
     let _ = BLOCKS.try_with(|c| c.set(c.get() + blocks));
@@ -58,6 +63,13 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 /// Live heap bytes and blocks allocated by this thread (and not freed).
+#[allow(dead_code)] // Not every includer measures one thread.
 pub fn live() -> (isize, isize) {
     (BYTES.with(Cell::get), BLOCKS.with(Cell::get))
+}
+
+/// Live heap bytes allocated by every thread of the process (and not freed).
+#[allow(dead_code)] // Not every includer measures across threads.
+pub fn live_process() -> isize {
+    PROCESS_BYTES.load(Ordering::Relaxed)
 }

@@ -83,3 +83,56 @@ pub async fn drive(
         frame.unwrap();
     }
 }
+
+/// The frames of a body fed while it streams: the receiving end, put in the request extensions
+/// (which want `Clone`; the handler takes it out).
+#[derive(Clone)]
+pub struct Feed(
+    std::sync::Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>>,
+);
+
+/// The layer over an SSE body that yields what the request's [`Feed`] receives, until its
+/// sender is dropped.
+pub fn fed_service(
+    tracker: &SseTracker,
+) -> impl Service<
+    Request<()>,
+    Response = Response<
+        tower_sse_tracker::TrackedBody<
+            impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin + use<>,
+        >,
+    >,
+    Error = Infallible,
+> + Clone
++ use<> {
+    ServiceBuilder::new()
+        .layer(tracker.layer())
+        .service_fn(|mut req: Request<()>| async move {
+            let Feed(rx) = req.extensions_mut().remove().expect("a Feed extension");
+            let rx = rx.lock().unwrap().take().expect("an unused Feed");
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                let frame = rx.recv().await?;
+                Some((Ok::<_, Infallible>(Frame::data(frame)), rx))
+            });
+            let body = StreamBody::new(Box::pin(frames));
+            let mut response = Response::new(body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/event-stream"),
+            );
+            Ok::<_, Infallible>(response)
+        })
+}
+
+/// `GET /mcp` for `session`, whose body yields what is sent on the returned sender.
+pub fn fed_request(session: &str) -> (tokio::sync::mpsc::UnboundedSender<Bytes>, Request<()>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut req = Request::builder()
+        .uri("/mcp")
+        .header("mcp-session-id", session)
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(Feed(std::sync::Arc::new(std::sync::Mutex::new(Some(rx)))));
+    (tx, req)
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, header};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::store::{SaveEntry, Store, StoreError, StoredId};
 use tower_sse_tracker::{SseTracker, StreamKey};
@@ -28,8 +28,9 @@ impl Store for NullStore {
 }
 
 /// Heap bytes and allocations per tracked stream for `n` streams of distinct sessions on one
-/// path, each registered by a real request through the layer (an SSE response with an empty
-/// body), measured on this thread (a current-thread runtime runs the worker here too).
+/// path, each registered by a real request through the layer (an SSE response whose body
+/// commits one id, read to its end), measured on this thread (a current-thread runtime runs the
+/// worker here too).
 pub fn bytes_per_stream(n: usize) -> (f64, f64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -50,7 +51,8 @@ pub fn bytes_per_stream(n: usize) -> (f64, f64) {
             ServiceBuilder::new()
                 .layer(tracker.layer())
                 .service_fn(|_req: Request<()>| async {
-                    let mut response = Response::new(Empty::<Bytes>::new());
+                    let mut response =
+                        Response::new(Full::new(Bytes::from_static(b"id: 1234\n\n")));
                     response.headers_mut().insert(
                         header::CONTENT_TYPE,
                         header::HeaderValue::from_static("text/event-stream"),
@@ -67,8 +69,9 @@ pub fn bytes_per_stream(n: usize) -> (f64, f64) {
                 .header("mcp-session-id", session.as_str())
                 .body(())
                 .unwrap();
-            // The response and its body are dropped at once, as when a stream ends.
-            let _ = svc.ready().await.unwrap().call(req).await.unwrap();
+            // The body is read to its end and dropped, as when a stream ends.
+            let response = svc.ready().await.unwrap().call(req).await.unwrap();
+            response.into_body().collect().await.unwrap();
         }
         // Let the worker take the activity marks (a transient list).
         tokio::time::sleep(flush * 3).await;

@@ -68,18 +68,24 @@ impl RedisServer {
 
     /// A server of the test's own, whatever `REDIS_URL` says (for tests that kill it).
     pub fn new() -> Self {
+        let mut server = Self::not_started();
+        server.start();
+        server
+    }
+
+    /// A server of the test's own on a free port, not started yet: its URL refuses
+    /// connections until [`restart`](Self::restart).
+    pub fn not_started() -> Self {
         require_binary();
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("sse-tracker-redis-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self {
+        Self {
             url: format!("redis://127.0.0.1:{port}"),
             port,
             dir,
             child: None,
-        };
-        server.start();
-        server
+        }
     }
 
     fn start(&mut self) {
@@ -130,7 +136,18 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port and data.
+    /// Runs one command on the server (a connection of its own).
+    pub async fn command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// Starts the server (again) on the same port and data.
     pub fn restart(&mut self) {
         assert!(self.port != 0, "cannot restart the REDIS_URL server");
         self.start();

@@ -1,0 +1,258 @@
+//! Stores that misbehave the way real ones do, under load over real HTTP: for each fault, 50
+//! streams at 20 events/s each (1 000 events/s) run through the fault and after it, and the test
+//! checks that every event reached its client, that every stream's latest id is in the store
+//! once the fault clears, that the store was called at a bounded rate while it failed, and that
+//! the shutdown report matches what the store holds. It prints one line per fault:
+//!
+//! `fault <name>: delivered <a>/<b>, persisted after recovery <c>/<d>, store calls/s <e>, frame delay p99 <f> ms, heap growth <g> KiB, report exact <yes|no>`
+//!
+//! Run: `cargo test --test store_faults -- --nocapture`. `STORE_FAULT_SECS` (default 1.5) sets
+//! how long each fault lasts.
+
+mod common;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
+#[global_allocator]
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::build_recorded;
+use common::load::{client, percentile, serve_load};
+use common::stores::{Calls, Fault, FaultStore};
+use tokio::time::{Instant, sleep};
+use tower_sse_tracker::metrics::{STORE_ERRORS_TOTAL, WORKER_FAILURES_TOTAL};
+use tower_sse_tracker::{RetryPolicy, SessionId, SseTracker, StreamKey, StreamName};
+
+const STREAMS: usize = 50;
+const RATE: u64 = 20;
+const FLUSH: Duration = Duration::from_millis(100);
+const STORE_TIMEOUT: Duration = Duration::from_millis(500);
+const RETRY: RetryPolicy =
+    RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1), 5);
+
+fn key(session: &str) -> StreamKey {
+    StreamKey::new(
+        SessionId::new(session).unwrap(),
+        StreamName::new("GET /load").unwrap(),
+    )
+}
+
+/// The most store calls per second the worker may make while a store fails, whatever the
+/// fault: per call kind, one per flush tick plus one per retry wake-up, and a retry wake-up
+/// comes at the earliest half the policy's base delay after a failure (the jitter's lower
+/// bound). Two kinds, save and touch.
+fn calls_per_second_bound() -> f64 {
+    let flush_rate = 1.0 / FLUSH.as_secs_f64();
+    let retry_rate = 1.0 / (RETRY.base().as_secs_f64() / 2.0);
+    2.0 * (flush_rate + retry_rate)
+}
+
+struct Outcome {
+    line: String,
+    delivered: (u64, u64),
+    persisted: (usize, usize),
+    calls_per_second: f64,
+    heap_growth_kib: i64,
+    exact: bool,
+    activity_complete: bool,
+    worker_failures: f64,
+    store_errors: f64,
+}
+
+async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Outcome {
+    let store = Arc::new(FaultStore::default());
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .flush_interval(FLUSH)
+            .store_timeout(STORE_TIMEOUT)
+            .retry(RETRY),
+    );
+    let addr = serve_load(&tracker).await;
+    let lead = Duration::from_millis(500);
+    let tail = Duration::from_secs(1);
+    let events_each = (RATE as f64 * (lead + fault_for + tail).as_secs_f64()).ceil() as u64;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/load?events={events_each}&per_second={RATE}");
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|c| tokio::spawn(client(http.clone(), url.clone(), format!("{name}-{c:02}"))))
+        .collect();
+
+    sleep(lead).await;
+    let heap_before = counting_alloc::live_process();
+    let calls_before = store.calls();
+    let started = Instant::now();
+    store.set(calls, fault);
+    sleep(fault_for).await;
+    let calls_after = store.calls();
+    let faulty = started.elapsed();
+    store.set(Calls::Both, Fault::Ok);
+    let heap_after = counting_alloc::live_process();
+
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(c.await.unwrap());
+    }
+    let received: u64 = results.iter().map(|r| r.received as u64).sum();
+    let mut latencies: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+
+    // Once the fault has cleared, every stream's latest id reaches the store.
+    let persisted = |results: &[common::load::ClientResult]| {
+        results
+            .iter()
+            .filter(|r| store.get(&key(&r.session)).map(|s| s.id.to_string()) == r.last_id)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while persisted(&results) < STREAMS && Instant::now() < deadline {
+        sleep(Duration::from_millis(20)).await;
+    }
+    let persisted_n = persisted(&results);
+    while store.inner.sessions() < STREAMS && Instant::now() < deadline {
+        sleep(Duration::from_millis(20)).await;
+    }
+    let activity_complete = results
+        .iter()
+        .all(|r| store.inner.last_active(&r.session).is_some());
+
+    // The report names exactly the streams whose latest id the store lacks.
+    let report = tracker.shutdown(Duration::from_secs(5)).await;
+    let listed: BTreeSet<StreamKey> = report
+        .pending
+        .iter()
+        .chain(&report.given_up)
+        .cloned()
+        .collect();
+    let lacking: BTreeSet<StreamKey> = results
+        .iter()
+        .map(|r| key(&r.session))
+        .filter(|k| {
+            let latest = tracker.last_event_id(k.session.as_str(), k.stream.as_str());
+            store.get(k).map(|s| s.id) != latest
+        })
+        .collect();
+    let exact = listed == lacking && report.is_complete() == lacking.is_empty();
+
+    let calls = (calls_after.0 - calls_before.0) + (calls_after.1 - calls_before.1);
+    let calls_per_second = calls as f64 / faulty.as_secs_f64();
+    let heap_growth_kib = (heap_after as i64 - heap_before as i64) / 1024;
+    let sent = STREAMS as u64 * events_each;
+    let line = format!(
+        "fault {name}: delivered {received}/{sent}, persisted after recovery {persisted_n}/{STREAMS}, \
+         store calls/s {calls_per_second:.1}, frame delay p99 {:.1} ms, heap growth {heap_growth_kib} KiB, \
+         report exact {}",
+        percentile(&latencies, 0.99) as f64 / 1000.0,
+        if exact { "yes" } else { "no" }
+    );
+    Outcome {
+        line,
+        delivered: (received, sent),
+        persisted: (persisted_n, STREAMS),
+        calls_per_second,
+        heap_growth_kib,
+        exact,
+        activity_complete,
+        worker_failures: recorded.sum(WORKER_FAILURES_TOTAL),
+        store_errors: recorded.sum(STORE_ERRORS_TOTAL),
+    }
+}
+
+#[test]
+fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
+    let fault_for = Duration::from_secs_f64(
+        std::env::var("STORE_FAULT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1.5),
+    );
+    let scenarios: &[(&str, Calls, Fault)] = &[
+        ("none", Calls::Both, Fault::Ok),
+        ("save-fails-at-once", Calls::Save, Fault::FailAtOnce),
+        (
+            "save-fails-after-200ms",
+            Calls::Save,
+            Fault::FailAfter(Duration::from_millis(200)),
+        ),
+        ("save-hangs", Calls::Save, Fault::Hang),
+        ("save-hangs-once", Calls::Save, Fault::HangOnce),
+        ("save-panics-once", Calls::Save, Fault::PanicOnce),
+        ("save-panics-always", Calls::Save, Fault::PanicAlways),
+        (
+            "save-flaps-every-300ms",
+            Calls::Save,
+            Fault::Flapping(Duration::from_millis(300)),
+        ),
+        ("touch-fails-at-once", Calls::Touch, Fault::FailAtOnce),
+        ("touch-hangs", Calls::Touch, Fault::Hang),
+        ("touch-panics-always", Calls::Touch, Fault::PanicAlways),
+        ("both-fail-at-once", Calls::Both, Fault::FailAtOnce),
+        ("both-hang", Calls::Both, Fault::Hang),
+        ("both-panic-always", Calls::Both, Fault::PanicAlways),
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Injected panics are expected: keep their messages out of the output.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let injected = info
+            .payload()
+            .downcast_ref::<&str>()
+            .is_some_and(|m| m.starts_with("injected store panic"));
+        if !injected {
+            hook(info);
+        }
+    }));
+    let bound = calls_per_second_bound();
+    println!(
+        "each fault lasts {fault_for:?}; store calls/s bound while failing: {bound:.0} \
+         (2 kinds x (flush {:.0}/s + retries {:.0}/s))",
+        1.0 / FLUSH.as_secs_f64(),
+        2.0 / RETRY.base().as_secs_f64()
+    );
+    let mut failures = Vec::new();
+    for &(name, calls, fault) in scenarios {
+        let o = rt.block_on(run(name, calls, fault, fault_for));
+        println!("{}", o.line);
+        let mut fail = |what: String| failures.push(format!("{name}: {what}"));
+        if o.delivered.0 != o.delivered.1 {
+            fail(format!("delivered {}/{}", o.delivered.0, o.delivered.1));
+        }
+        if o.persisted.0 != o.persisted.1 {
+            fail(format!("persisted {}/{}", o.persisted.0, o.persisted.1));
+        }
+        if o.calls_per_second > bound {
+            fail(format!(
+                "{:.1} store calls/s > {bound:.0}",
+                o.calls_per_second
+            ));
+        }
+        if o.heap_growth_kib > 4 * 1024 {
+            fail(format!("heap grew {} KiB", o.heap_growth_kib));
+        }
+        if !o.exact {
+            fail("the report does not match the store".into());
+        }
+        if !o.activity_complete {
+            fail("a session's activity never reached the store".into());
+        }
+        if o.worker_failures != 0.0 {
+            fail(format!("{} worker failures", o.worker_failures));
+        }
+        if fault != Fault::Ok && o.store_errors == 0.0 {
+            fail("the fault was never counted".into());
+        }
+    }
+    let _ = std::panic::take_hook();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
