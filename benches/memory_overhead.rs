@@ -17,7 +17,11 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use memory_probe::{NullStore, bytes_per_stream};
-use tower_sse_tracker::SseTracker;
+use tower_sse_tracker::{SseTracker, StreamKey};
+
+fn key(owner: &str, stream: &str) -> StreamKey {
+    StreamKey::try_new(owner, stream).unwrap()
+}
 
 fn bench(c: &mut Criterion) {
     println!("| tracked streams | heap bytes per stream | allocations per stream |");
@@ -41,7 +45,7 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         for i in 0..STREAMS {
             tracker
-                .subscribe(&format!("session-{i:08}"), "GET /mcp")
+                .subscribe(&key(&format!("session-{i:08}"), "GET /mcp"))
                 .unwrap();
         }
         tracker
@@ -53,7 +57,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("lookup_known_stream_of_100k", |b| {
         b.iter(|| {
             i = (i + 7919) % STREAMS;
-            tracker.last_event_id(&sessions[i], "GET /mcp")
+            tracker.last_event_id(&key(&sessions[i], "GET /mcp"))
         })
     });
     let _guard = rt.enter();
@@ -64,7 +68,7 @@ fn bench(c: &mut Criterion) {
                 next += 1;
                 format!("session-{next:08}")
             },
-            |session| tracker.subscribe(&session, "GET /mcp").unwrap(),
+            |session| tracker.subscribe(&key(&session, "GET /mcp")).unwrap(),
             criterion::BatchSize::SmallInput,
         )
     });

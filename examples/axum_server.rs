@@ -31,7 +31,9 @@ use axum::{Extension, Json, Router};
 use futures_util::stream::{self, Stream};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use tower_sse_tracker::{DEFAULT_SESSION_HEADER, LastEventId, Resume, SessionId, SseTracker};
+use tower_sse_tracker::{
+    DEFAULT_SESSION_HEADER, LastEventId, Owner, Resume, SessionId, SseTracker, StreamKey,
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -79,10 +81,12 @@ fn numbered_events(start: u64, every: Duration) -> impl Stream<Item = Result<Eve
 /// `GET /events`: numbered events, resumed after the client's `Last-Event-ID`.
 ///
 /// The resumption recipe: the layer hands the handler the client's validated `Last-Event-ID`
-/// and session; `tracker.resume` compares it with the stream's latest id (memory, then store).
+/// and the key of the stream the request addresses; `tracker.resume` compares the id with the
+/// stream's latest (the newer of memory and the store).
 async fn events(
     State(state): State<AppState>,
     session: Option<Extension<SessionId>>,
+    key: Option<Extension<StreamKey>>,
     last: Option<Extension<LastEventId>>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
@@ -91,28 +95,22 @@ async fn events(
         id.and_then(|id| id.as_str().parse::<u64>().ok())
             .map_or(1, |n| n + 1)
     };
-    let start = match &session {
-        Some(Extension(session)) => {
-            match state
-                .tracker
-                .resume(session.as_str(), "GET /events", client.as_ref())
-                .await
-            {
-                Ok(Resume::Current(id)) => {
-                    tracing::info!(%session, %id, "client is current: continuing after its id");
-                    after(Some(&id))
-                }
-                Ok(Resume::Behind { client, latest }) => {
-                    tracing::info!(%session, ?client, %latest, "client is behind: replaying after its id");
-                    after(client.as_ref())
-                }
-                Ok(_) => after(client.as_ref()),
-                Err(error) => {
-                    tracing::warn!(%error, "store unavailable: trusting the client's id");
-                    after(client.as_ref())
-                }
+    let start = match &key {
+        Some(Extension(key)) => match state.tracker.resume(key, client.as_ref()).await {
+            Ok(Resume::Current(id)) => {
+                tracing::info!(%key, %id, "client is current: continuing after its id");
+                after(Some(&id))
             }
-        }
+            Ok(Resume::Behind { client, latest }) => {
+                tracing::info!(%key, ?client, %latest, "client is behind: replaying after its id");
+                after(client.as_ref())
+            }
+            Ok(_) => after(client.as_ref()),
+            Err(error) => {
+                tracing::warn!(%error, "store unavailable: trusting the client's id");
+                after(client.as_ref())
+            }
+        },
         None => after(client.as_ref()),
     };
     let every = Duration::from_millis(q.interval_ms.unwrap_or(1000).max(1));
@@ -128,13 +126,13 @@ async fn events(
 /// `GET /sessions/{session}`: each stream of the session with its live latest id (memory) and
 /// the id the worker has persisted to the store.
 async fn session(State(state): State<AppState>, Path(session): Path<String>) -> Response {
+    let Ok(owner) = Owner::new(&session) else {
+        return (axum::http::StatusCode::BAD_REQUEST, "invalid session id").into_response();
+    };
     let mut streams = Vec::new();
-    for (stream, latest) in state.tracker.session_streams(&session) {
-        let persisted = match state
-            .tracker
-            .stored_event_id(&session, stream.as_str())
-            .await
-        {
+    for (stream, latest) in state.tracker.owner_streams(&owner) {
+        let key = StreamKey::new(owner.clone(), stream.clone());
+        let persisted = match state.tracker.stored_event_id(&key).await {
             Ok(id) => id,
             Err(error) => {
                 let body = Json(json!({ "error": error.to_string() }));

@@ -19,7 +19,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
-use tower_sse_tracker::{LastEventId, SseTracker};
+use tower_sse_tracker::{LastEventId, SseTracker, StreamKey};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -65,9 +65,12 @@ fn latest(tracker: &SseTracker, req: &Request<Incoming>) -> Response<Body> {
             .map(|(_, v)| v.replace("%20", " "))
     };
     match (param("session"), param("stream")) {
-        (Some(session), Some(stream)) => match tracker.last_event_id(&session, &stream) {
-            Some(id) => text(StatusCode::OK, format!("{id}\n")),
-            None => text(StatusCode::NOT_FOUND, "no id yet\n".to_owned()),
+        (Some(session), Some(stream)) => match StreamKey::try_new(&session, &stream) {
+            Ok(key) => match tracker.last_event_id(&key) {
+                Some(id) => text(StatusCode::OK, format!("{id}\n")),
+                None => text(StatusCode::NOT_FOUND, "no id yet\n".to_owned()),
+            },
+            Err(error) => text(StatusCode::BAD_REQUEST, format!("{error}\n")),
         },
         _ => text(
             StatusCode::BAD_REQUEST,

@@ -18,7 +18,7 @@ use axum::{Extension, Router};
 use futures_util::StreamExt;
 use futures_util::stream::{self, Stream};
 use tower_sse_tracker::store::RedisStore;
-use tower_sse_tracker::{LastEventId, Resume, SessionId, SseTracker};
+use tower_sse_tracker::{LastEventId, Resume, SseTracker, StreamKey};
 
 const STREAM: &str = "GET /events";
 
@@ -45,10 +45,10 @@ fn numbered(start: u64) -> impl Stream<Item = Result<Event, Infallible>> {
 /// instances have stored.
 async fn events(
     State(instance): State<Instance>,
-    session: Option<Extension<SessionId>>,
+    key: Option<Extension<StreamKey>>,
     last: Option<Extension<LastEventId>>,
 ) -> Response {
-    let Some(Extension(session)) = session else {
+    let Some(Extension(key)) = key else {
         return (
             axum::http::StatusCode::BAD_REQUEST,
             "mcp-session-id required",
@@ -56,10 +56,7 @@ async fn events(
             .into_response();
     };
     let client = last.map(|Extension(LastEventId(id))| id);
-    let decision = instance
-        .tracker
-        .resume(session.as_str(), STREAM, client.as_ref())
-        .await;
+    let decision = instance.tracker.resume(&key, client.as_ref()).await;
     let start = match &decision {
         Ok(Resume::Current(id)) => {
             println!(
@@ -170,7 +167,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while b
         .tracker
-        .resolve(&session, STREAM)
+        .resolve(&StreamKey::try_new(&session, STREAM)?)
         .await?
         .and_then(|id| id.as_str().parse::<u64>().ok())
         .is_none_or(|n| n < last_n)
@@ -183,7 +180,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "B reads from Redis: latest id of ({session}, {STREAM}) = {:?}",
         b.tracker
-            .resolve(&session, STREAM)
+            .resolve(&StreamKey::try_new(&session, STREAM)?)
             .await?
             .map(|id| id.to_string())
     );

@@ -12,7 +12,10 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::PollSender;
 
-use crate::registry::Slot;
+use crate::identity::IdStream;
+use crate::key::{Owner, StreamName};
+use crate::metrics::REASON_REGISTRY_FULL;
+use crate::registry::{Open, Slot};
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
 
@@ -57,9 +60,53 @@ pin_project! {
     }
 }
 
-/// The registry slot of a tracked stream; counts the stream as active while it lives.
+/// How an SSE response is tracked, decided when it starts.
+pub(crate) struct Tracking {
+    /// The slot ids go to, once known (from the start with a fixed stream; from the first id
+    /// with a stream per id). Already counted as live by the registry.
+    slot: Option<Arc<Slot>>,
+    per_id: Option<PerId>,
+    span: tracing::Span,
+}
+
+/// The stream of each committed id comes from the id.
+struct PerId {
+    owner: Option<Owner>,
+    format: IdStream,
+    /// The stream of ids that name none: the route's.
+    fallback: StreamName,
+}
+
+impl Tracking {
+    pub(crate) fn fixed(slot: Arc<Slot>, span: tracing::Span) -> Self {
+        Self {
+            slot: Some(slot),
+            per_id: None,
+            span,
+        }
+    }
+
+    pub(crate) fn per_id(
+        owner: Option<Owner>,
+        format: IdStream,
+        fallback: StreamName,
+        span: tracing::Span,
+    ) -> Self {
+        Self {
+            slot: None,
+            per_id: Some(PerId {
+                owner,
+                format,
+                fallback,
+            }),
+            span,
+        }
+    }
+}
+
+/// A tracked stream's state in its body; counts the stream as active while it lives.
 struct Tracked {
-    slot: Arc<Slot>,
+    tracking: Tracking,
     shared: Arc<Shared>,
     /// The slot waits for room in the worker's channel (the body holds its queued flag).
     handoff: bool,
@@ -75,10 +122,10 @@ struct Tracked {
 const EVENTS_BATCH: u64 = 64;
 
 impl Tracked {
-    fn new(slot: Arc<Slot>, shared: Arc<Shared>) -> Self {
+    fn new(tracking: Tracking, shared: Arc<Shared>) -> Self {
         shared.metrics.streams_active.increment(1.0);
         Self {
-            slot,
+            tracking,
             shared,
             handoff: false,
             events: 0,
@@ -97,22 +144,75 @@ impl Tracked {
                 .increment(std::mem::take(&mut self.coalesced));
         }
     }
+
+    /// Makes `tracking.slot` the slot of the stream `id` goes to: with a stream per id, the
+    /// one it names (opened, and the previous one closed, when it changes). False when the id
+    /// cannot be tracked.
+    fn select_slot(&mut self, id: &[u8]) -> bool {
+        let Some(per_id) = &self.tracking.per_id else {
+            return self.tracking.slot.is_some();
+        };
+        let named = std::str::from_utf8(id)
+            .ok()
+            .and_then(|id| per_id.format.stream_of(id));
+        let name = named.unwrap_or(per_id.fallback.as_str());
+        if self
+            .tracking
+            .slot
+            .as_ref()
+            .is_some_and(|slot| slot.key().stream == name)
+        {
+            return true;
+        }
+        // The stream changed (or this is the first id): a look-up, once per stream.
+        let stream = match named.map(StreamName::new) {
+            Some(Ok(stream)) => stream,
+            Some(Err(_)) | None => per_id.fallback.clone(),
+        };
+        let shared = &*self.shared;
+        match shared
+            .registry
+            .get_or_insert(per_id.owner.as_ref(), &stream, Open::Shared)
+        {
+            Ok((slot, evicted)) => {
+                if evicted.is_some() {
+                    shared.metrics.evicted_lru.increment(1);
+                }
+                if let Some(old) = self.tracking.slot.replace(slot) {
+                    shared.registry.body_closed(&old);
+                }
+                self.tracking.span.record("stream", stream.as_str());
+                tracing::debug!(parent: &self.tracking.span, "tracking SSE stream");
+                true
+            }
+            Err(_) => {
+                shared.metrics.untracked_registry_full.increment(1);
+                tracing::debug!(
+                    parent: &self.tracking.span,
+                    reason = REASON_REGISTRY_FULL,
+                    stream = %stream,
+                    "SSE id not tracked: every tracked stream has an open body (max_streams)"
+                );
+                false
+            }
+        }
+    }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        let shared = &self.shared;
-        if self.handoff {
-            // The body goes while its slot waits for room in the channel: the registry's dirty
-            // list takes the slot instead, so the worker still writes its latest id.
-            shared.registry.push_dirty(self.slot.clone());
-        }
         self.report_counts();
         let shared = &self.shared;
         shared.metrics.streams_active.decrement(1.0);
-        shared.registry.body_closed(&self.slot);
-        let key = self.slot.key();
-        tracing::debug!(session = %key.session, stream = %key.stream, "SSE stream closed");
+        if let Some(slot) = &self.tracking.slot {
+            if self.handoff {
+                // The body goes while its slot waits for room in the channel: the registry's
+                // dirty list takes the slot instead, so the worker still writes its latest id.
+                shared.registry.push_dirty(slot.clone());
+            }
+            shared.registry.body_closed(slot);
+        }
+        tracing::debug!(parent: &self.tracking.span, "SSE stream closed");
     }
 }
 
@@ -121,10 +221,9 @@ impl<B> TrackedBody<B> {
         Self { inner, sse: None }
     }
 
-    /// An SSE body; `slot` is the registry slot it tracks, already counted as live by the
-    /// registry (the body ends that when it goes).
-    pub(crate) fn sse(inner: B, shared: Arc<Shared>, slot: Option<Arc<Slot>>) -> Self {
-        let tracked = slot.map(|slot| Tracked::new(slot, shared.clone()));
+    /// An SSE body, tracked as `tracking` says (or scanned for heartbeats only).
+    pub(crate) fn sse(inner: B, shared: Arc<Shared>, tracking: Option<Tracking>) -> Self {
+        let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
         let state = SseState {
             scanner: Scanner::with_max_id_len(shared.config.max_id_len),
             shared,
@@ -183,8 +282,6 @@ impl SseState {
             return;
         };
         let shared = &**this.shared;
-        // Activity: atomic operations on the session's state; no message, no task.
-        shared.registry.mark_active(tracked.slot.session());
         if feed.events > 0 {
             tracked.events += feed.events as u64;
             if tracked.events >= EVENTS_BATCH {
@@ -196,10 +293,8 @@ impl SseState {
                 .metrics
                 .ids_rejected
                 .increment(feed.ids_rejected as u64);
-            let key = tracked.slot.key();
             tracing::debug!(
-                session = %key.session,
-                stream = %key.stream,
+                parent: &tracked.tracking.span,
                 count = feed.ids_rejected,
                 "ignored SSE id fields holding NUL or longer than max_id_len"
             );
@@ -207,16 +302,25 @@ impl SseState {
         // Latest only: of the ids committed in one frame, only the last is published. Its bytes
         // are copied into the slot's buffer: no allocation, no tracker-wide counter.
         let Some(bytes) = this.scanner.last_committed().filter(|_| feed.ids > 0) else {
+            if let Some(slot) = &tracked.tracking.slot {
+                shared.registry.mark_active(slot.session());
+            }
             return;
         };
-        let (_version, hand_over) = tracked.slot.publish(bytes, shared.registry.coarse_us());
+        if !tracked.select_slot(bytes) {
+            return;
+        }
+        let slot = tracked.tracking.slot.as_ref().expect("a slot was selected");
+        // Activity: atomic operations on the owner's state; no message, no task.
+        shared.registry.mark_active(slot.session());
+        let (_version, hand_over) = slot.publish(bytes, shared.registry.coarse_us());
         tracked.coalesced += feed.ids as u64 - u64::from(hand_over);
         if !hand_over {
             // The worker already owes this stream a look (once per flush at most): it reads the
             // latest id from the slot then.
             return;
         }
-        match shared.worker.sender.try_send(tracked.slot.clone()) {
+        match shared.worker.sender.try_send(slot.clone()) {
             Ok(()) => shared.metrics.records_enqueued.increment(1),
             Err(TrySendError::Full(_)) => {
                 // The frame is delivered now; the next one waits for room, at most the send
@@ -241,13 +345,17 @@ impl SseState {
         let Some(tracked) = this.tracked.as_mut() else {
             return Poll::Ready(());
         };
+        let Some(slot) = tracked.tracking.slot.clone() else {
+            tracked.handoff = false;
+            return Poll::Ready(());
+        };
         let sender = this
             .poll_sender
             .get_or_insert_with(|| PollSender::new(shared.worker.sender.clone()));
         match sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
                 tracked.handoff = false;
-                if sender.send_item(tracked.slot.clone()).is_ok() {
+                if sender.send_item(slot).is_ok() {
                     shared.metrics.records_enqueued.increment(1);
                 }
             }
@@ -263,12 +371,10 @@ impl SseState {
                 }
                 sender.abort_send();
                 tracked.handoff = false;
-                shared.registry.push_dirty(tracked.slot.clone());
+                shared.registry.push_dirty(slot);
                 shared.metrics.backpressure_timeouts.increment(1);
-                let key = tracked.slot.key();
                 tracing::warn!(
-                    session = %key.session,
-                    stream = %key.stream,
+                    parent: &tracked.tracking.span,
                     timeout = ?shared.config.send_timeout,
                     "persistence worker's channel full: the stream's latest id will be written from memory"
                 );

@@ -8,6 +8,7 @@ use http::HeaderName;
 
 use std::sync::Arc;
 
+use crate::identity::{OwnerKind, OwnerRule, OwnerSource, StreamKind, StreamSource};
 use crate::registry::Limits;
 use crate::scan::DEFAULT_MAX_ID_LEN;
 use crate::store::{DynStore, InMemoryStore, Store};
@@ -50,7 +51,8 @@ pub const DEFAULT_MAX_PENDING_EVICTED: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// `session_header` is not a valid HTTP header name.
+    /// The owner's header (`session_header`, or [`OwnerSource::header`]) is not a valid HTTP
+    /// header name.
     SessionHeader(String),
     /// `heartbeat_interval` is below [`MIN_HEARTBEAT_INTERVAL`].
     HeartbeatInterval(Duration),
@@ -84,7 +86,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::SessionHeader(name) => {
-                write!(f, "session_header {name:?} is not a valid HTTP header name")
+                write!(f, "owner header {name:?} is not a valid HTTP header name")
             }
             ConfigError::HeartbeatInterval(d) => write!(
                 f,
@@ -157,7 +159,8 @@ impl Heartbeat {
 /// Validated settings shared by every layer of a tracker.
 #[derive(Debug)]
 pub(crate) struct Config {
-    pub(crate) session_header: HeaderName,
+    pub(crate) owner: OwnerRule,
+    pub(crate) stream: StreamKind,
     pub(crate) heartbeat: Option<Heartbeat>,
     pub(crate) max_id_len: usize,
     pub(crate) accel_buffering_off: bool,
@@ -179,7 +182,8 @@ impl fmt::Debug for StoreChoice {
 ///
 /// | setting | default |
 /// |---|---|
-/// | [`session_header`](Self::session_header) | [`DEFAULT_SESSION_HEADER`] (`mcp-session-id`) |
+/// | [`owner`](Self::owner) | [`OwnerSource::session_header`]`(`[`DEFAULT_SESSION_HEADER`]`)` (`mcp-session-id`) |
+/// | [`stream`](Self::stream) | [`StreamSource::route`] |
 /// | [`heartbeat_interval`](Self::heartbeat_interval) | [`DEFAULT_HEARTBEAT_INTERVAL`] (15 s) |
 /// | [`heartbeat_comment`](Self::heartbeat_comment) | [`DEFAULT_HEARTBEAT_COMMENT`] (`keep-alive`) |
 /// | [`max_id_len`](Self::max_id_len) | [`DEFAULT_MAX_ID_LEN`] (1024 bytes) |
@@ -222,7 +226,8 @@ impl fmt::Debug for StoreChoice {
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until build() is called"]
 pub struct SseTrackerBuilder {
-    session_header: String,
+    owner: OwnerSource,
+    stream: StreamSource,
     heartbeat_interval: Option<Duration>,
     heartbeat_comment: String,
     max_id_len: usize,
@@ -243,7 +248,8 @@ pub struct SseTrackerBuilder {
 impl Default for SseTrackerBuilder {
     fn default() -> Self {
         Self {
-            session_header: DEFAULT_SESSION_HEADER.to_owned(),
+            owner: OwnerSource::default(),
+            stream: StreamSource::default(),
             heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
             heartbeat_comment: DEFAULT_HEARTBEAT_COMMENT.to_owned(),
             max_id_len: DEFAULT_MAX_ID_LEN,
@@ -264,11 +270,25 @@ impl Default for SseTrackerBuilder {
 }
 
 impl SseTrackerBuilder {
-    /// The header that carries the session id, read from the request and, when the request has
-    /// no valid one, from the response (MCP servers assign the session id there). Header names
-    /// are case-insensitive.
+    /// Shorthand for [`owner`](Self::owner)`(`[`OwnerSource::session_header`]`(name))`: the
+    /// header that carries the session id, read on the request and, when the request has no
+    /// valid one, on the response (MCP servers assign the session id there). Header names are
+    /// case-insensitive.
     pub fn session_header(mut self, name: impl Into<String>) -> Self {
-        self.session_header = name.into();
+        self.owner = OwnerSource::session_header(name);
+        self
+    }
+
+    /// Who a stream belongs to: the first half of its key (see [`crate::identity`]).
+    pub fn owner(mut self, source: OwnerSource) -> Self {
+        self.owner = source;
+        self
+    }
+
+    /// Which stream of its owner a response is: the second half of its key (see
+    /// [`crate::identity`]).
+    pub fn stream(mut self, source: StreamSource) -> Self {
+        self.stream = source;
         self
     }
 
@@ -392,8 +412,16 @@ impl SseTrackerBuilder {
     /// Checks every setting, spawns the worker on the current Tokio runtime and builds the
     /// tracker.
     pub fn build(self) -> Result<SseTracker, ConfigError> {
-        let session_header = HeaderName::from_bytes(self.session_header.as_bytes())
-            .map_err(|_| ConfigError::SessionHeader(self.session_header.clone()))?;
+        let header = |name: &str| {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ConfigError::SessionHeader(name.to_owned()))
+        };
+        let owner = match &self.owner.0 {
+            OwnerKind::SessionHeader(name) => OwnerRule::SessionHeader(header(name)?),
+            OwnerKind::Header(name) => OwnerRule::Header(header(name)?),
+            OwnerKind::Extension(f) => OwnerRule::Extension(f.clone()),
+            OwnerKind::None => OwnerRule::None,
+        };
         let heartbeat = match self.heartbeat_interval {
             None => None,
             Some(interval) if interval < MIN_HEARTBEAT_INTERVAL => {
@@ -441,7 +469,8 @@ impl SseTrackerBuilder {
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let config = Config {
-            session_header,
+            owner,
+            stream: self.stream.0,
             heartbeat,
             max_id_len: self.max_id_len,
             accel_buffering_off: self.accel_buffering_off,

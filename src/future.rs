@@ -5,24 +5,33 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri};
 use pin_project_lite::pin_project;
 
-use crate::body::TrackedBody;
-use crate::key::{SessionId, StreamName};
-use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_NO_SESSION, REASON_REGISTRY_FULL};
-use crate::registry::Slot;
+use crate::body::{TrackedBody, Tracking};
+use crate::identity::{RequestOwner, StreamKind};
+use crate::key::{Owner, StreamName};
+use crate::metrics::{
+    REASON_BAD_STREAM_NAME, REASON_CONCURRENT, REASON_ENCODED, REASON_NO_SESSION,
+    REASON_REGISTRY_FULL,
+};
+use crate::registry::{Open, Refused, Slot};
 use crate::tracker::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
+/// Most responses of one owner on one route that get streams of their own at once.
+const MAX_CONCURRENT: usize = 64;
+
 /// What the service keeps of a request until its response arrives.
 #[derive(Debug)]
 pub(crate) struct RequestInfo {
-    pub(crate) session: Option<SessionId>,
+    pub(crate) owner: RequestOwner,
     pub(crate) method: Method,
     pub(crate) uri: Uri,
+    /// The span current when the request came in: each tracked stream's span is its child.
+    pub(crate) span: tracing::Span,
 }
 
 pin_project! {
@@ -81,6 +90,29 @@ fn track_response<B: http_body::Body>(
     if !is_event_stream(response.headers()) {
         return response.map(TrackedBody::pass_through);
     }
+    if let Some(encoding) = response
+        .headers()
+        .get(CONTENT_ENCODING)
+        .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        // Compressed bytes can be neither scanned nor given heartbeats: pass them through.
+        shared.metrics.untracked_encoded.increment(1);
+        if !shared
+            .encoded_warned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                parent: &info.span,
+                reason = REASON_ENCODED,
+                encoding = ?encoding,
+                path = info.uri.path(),
+                "SSE response with a Content-Encoding: not tracked and no heartbeats; put the \
+                 tracker's layer outside (after) the compression layer, or leave \
+                 text/event-stream uncompressed (logged once)"
+            );
+        }
+        return response.map(TrackedBody::pass_through);
+    }
     let (mut parts, body) = response.into_parts();
     let config = &shared.config;
     let headers = &mut parts.headers;
@@ -94,46 +126,34 @@ fn track_response<B: http_body::Body>(
         // Heartbeats add bytes, so a declared length would be wrong.
         headers.remove(CONTENT_LENGTH);
     }
-    let slot = find_slot(shared, info, &parts);
-    if slot.is_none() && config.heartbeat.is_none() {
+    let tracking = tracking(shared, info, &parts);
+    if tracking.is_none() && config.heartbeat.is_none() {
         return Response::from_parts(parts, TrackedBody::pass_through(body));
     }
-    Response::from_parts(parts, TrackedBody::sse(body, shared.clone(), slot))
+    Response::from_parts(parts, TrackedBody::sse(body, shared.clone(), tracking))
 }
 
-/// The registry slot of an SSE response, or `None` (counted, with the reason) when it cannot be
-/// tracked.
-fn find_slot(
-    shared: &Shared,
-    info: RequestInfo,
-    parts: &http::response::Parts,
-) -> Option<Arc<Slot>> {
+/// How an SSE response is tracked, or `None` (counted, with the reason) when it cannot be.
+fn tracking(shared: &Shared, info: RequestInfo, parts: &http::response::Parts) -> Option<Tracking> {
     let metrics = &shared.metrics;
-    let session = info.session.or_else(|| {
-        parts
-            .headers
-            .get(&shared.config.session_header)
-            .and_then(|v| SessionId::from_bytes(v.as_bytes()).ok())
-    });
-    let Some(session) = session else {
-        metrics.untracked_no_session.increment(1);
-        tracing::debug!(
-            reason = REASON_NO_SESSION,
-            method = %info.method,
-            path = info.uri.path(),
-            "SSE stream not tracked: no valid session id"
-        );
-        return None;
+    let owner: Option<Owner> = match &info.owner {
+        RequestOwner::Known(owner) => owner.clone(),
+        RequestOwner::FromResponse => match shared.config.owner.of_response(&parts.headers) {
+            Some(owner) => Some(owner),
+            None => return untracked_no_owner(shared, &info),
+        },
+        RequestOwner::Missing => return untracked_no_owner(shared, &info),
     };
-    let stream = match parts.extensions.get::<StreamName>() {
-        Some(name) => name.clone(),
+    let explicit = parts.extensions.get::<StreamName>().cloned();
+    let route = match explicit.clone() {
+        Some(name) => name,
         None => match StreamName::for_request(&info.method, info.uri.path()) {
             Ok(name) => name,
             Err(error) => {
                 metrics.untracked_bad_stream_name.increment(1);
                 tracing::debug!(
+                    parent: &info.span,
                     reason = REASON_BAD_STREAM_NAME,
-                    session = %session,
                     %error,
                     "SSE stream not tracked: the default stream name is invalid"
                 );
@@ -141,27 +161,93 @@ fn find_slot(
             }
         },
     };
-    let Ok((slot, evicted)) = shared.registry.get_or_insert(&session, &stream, true) else {
-        metrics.untracked_registry_full.increment(1);
-        tracing::debug!(
-            reason = REASON_REGISTRY_FULL,
-            session = %session,
-            stream = %stream,
-            "SSE stream not tracked: every tracked stream has an open body (max_streams)"
-        );
-        return None;
-    };
-    if let Some(evicted) = evicted {
-        metrics.evicted_lru.increment(1);
-        let key = evicted.key();
-        tracing::debug!(
-            session = %key.session,
-            stream = %key.stream,
-            "registry full: evicted the least recently used stream"
-        );
+    match shared.config.stream {
+        StreamKind::EventId(format) => {
+            // The stream of each id is found as ids come; the route's is the fallback.
+            let span = tracing::debug_span!(
+                parent: &info.span,
+                "sse_stream",
+                owner = %owner.as_ref().map_or("-", Owner::as_str),
+                stream = tracing::field::Empty
+            );
+            Some(Tracking::per_id(owner, format, route, span))
+        }
+        StreamKind::Route { shared: share } => {
+            let share = share || explicit.is_some();
+            let slot = open_route(shared, owner.as_ref(), &route, share, &info)?;
+            let span = tracing::debug_span!(
+                parent: &info.span,
+                "sse_stream",
+                owner = %owner.as_ref().map_or("-", Owner::as_str),
+                stream = %slot.key().stream
+            );
+            span.in_scope(|| tracing::debug!("tracking SSE stream"));
+            Some(Tracking::fixed(slot, span))
+        }
     }
-    tracing::debug!(session = %session, stream = %stream, "tracking SSE stream");
-    Some(slot)
+}
+
+fn untracked_no_owner(shared: &Shared, info: &RequestInfo) -> Option<Tracking> {
+    shared.metrics.untracked_no_session.increment(1);
+    tracing::debug!(
+        parent: &info.span,
+        reason = REASON_NO_SESSION,
+        method = %info.method,
+        path = info.uri.path(),
+        "SSE stream not tracked: no valid owner (session id) on the request or response"
+    );
+    None
+}
+
+/// The slot of a route's stream: `route` itself, or, when another body streams into it and
+/// the stream is not shared, the first free of `"{route} #2"`, `"{route} #3"`…
+fn open_route(
+    shared: &Shared,
+    owner: Option<&Owner>,
+    route: &StreamName,
+    share: bool,
+    info: &RequestInfo,
+) -> Option<Arc<Slot>> {
+    let metrics = &shared.metrics;
+    let open = if share { Open::Shared } else { Open::Exclusive };
+    let mut name = route.clone();
+    for n in 2..=MAX_CONCURRENT + 1 {
+        match shared.registry.get_or_insert(owner, &name, open) {
+            Ok((slot, evicted)) => {
+                if let Some(evicted) = evicted {
+                    metrics.evicted_lru.increment(1);
+                    tracing::debug!(
+                        parent: &info.span,
+                        evicted = %evicted.key(),
+                        "registry full: evicted the least recently used stream"
+                    );
+                }
+                return Some(slot);
+            }
+            Err(Refused::Full) => {
+                metrics.untracked_registry_full.increment(1);
+                tracing::debug!(
+                    parent: &info.span,
+                    reason = REASON_REGISTRY_FULL,
+                    stream = %name,
+                    "SSE stream not tracked: every tracked stream has an open body (max_streams)"
+                );
+                return None;
+            }
+            Err(Refused::Busy) => match StreamName::new(&format!("{route} #{n}")) {
+                Ok(next) => name = next,
+                Err(_) => break,
+            },
+        }
+    }
+    metrics.untracked_concurrent.increment(1);
+    tracing::debug!(
+        parent: &info.span,
+        reason = REASON_CONCURRENT,
+        stream = %route,
+        "SSE stream not tracked: too many concurrent responses on this route for one owner"
+    );
+    None
 }
 
 #[cfg(test)]

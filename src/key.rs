@@ -1,4 +1,4 @@
-//! Identifiers: sessions, stream names, stream keys and event ids.
+//! Identifiers: sessions, owners, stream names, stream keys and event ids.
 //!
 //! All of them are cheap to clone (`Arc<str>` inside) and are validated when they come from
 //! outside the process, so that a client cannot make the tracker hold arbitrary bytes.
@@ -13,8 +13,12 @@ pub const MAX_SESSION_ID_LEN: usize = 128;
 /// Longest stream name accepted, in bytes.
 pub const MAX_STREAM_NAME_LEN: usize = 512;
 
-/// Why a session id or a stream name was refused.
+/// Longest owner accepted, in bytes.
+pub const MAX_OWNER_LEN: usize = 256;
+
+/// Why a session id, an owner or a stream name was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InvalidKey {
     /// The value is empty.
     Empty,
@@ -179,27 +183,97 @@ impl StreamName {
     }
 }
 
-/// The key of one tracked stream: a session and one of its streams.
+str_newtype!(
+    /// Who a stream belongs to: the first half of a [`StreamKey`]. By default the session id of
+    /// MCP's `mcp-session-id` header; or another header, or a value an authentication layer put
+    /// in the request extensions (see [`OwnerSource`](crate::OwnerSource)).
+    ///
+    /// 1 to [`MAX_OWNER_LEN`] bytes of UTF-8 with no control characters.
+    ///
+    /// ```
+    /// use tower_sse_tracker::{Owner, SessionId};
+    ///
+    /// let owner = Owner::new("alice@example.com").unwrap();
+    /// assert_eq!(owner.as_str(), "alice@example.com");
+    /// assert!(Owner::new("a\nb").is_err());
+    /// let from_session: Owner = SessionId::new("4f1c").unwrap().into();
+    /// assert_eq!(from_session, "4f1c");
+    /// ```
+    Owner
+);
+
+impl Owner {
+    /// Validates `value` as an owner.
+    pub fn new(value: &str) -> Result<Self, InvalidKey> {
+        check(value.as_bytes(), MAX_OWNER_LEN, |b| !b.is_ascii_control())?;
+        Ok(Self(Arc::from(value)))
+    }
+}
+
+impl From<SessionId> for Owner {
+    fn from(session: SessionId) -> Self {
+        // Visible ASCII of at most 128 bytes is a valid owner.
+        Self(session.0)
+    }
+}
+
+/// The key of one tracked stream: its owner (none for sessionless streams) and its name.
 ///
-/// Two streams of one session have different keys, so their ids are never mixed.
+/// Two streams have the same key only when the configuration says they are one stream: by
+/// default, two concurrent responses on one route of one owner get different names (see
+/// [`StreamSource`](crate::StreamSource)).
+///
+/// ```
+/// use tower_sse_tracker::StreamKey;
+///
+/// let key = StreamKey::try_new("session-1", "GET /mcp").unwrap();
+/// assert_eq!(key.to_string(), "session-1 / GET /mcp");
+/// let sessionless = StreamKey::try_unowned("3f2a-stream").unwrap();
+/// assert_eq!(sessionless.owner, None);
+/// assert_eq!(sessionless.to_string(), "- / 3f2a-stream");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
-    /// The session the stream belongs to.
-    pub session: SessionId,
-    /// The stream's name within the session.
+    /// Who the stream belongs to; `None` for sessionless streams.
+    pub owner: Option<Owner>,
+    /// The stream's name.
     pub stream: StreamName,
 }
 
 impl StreamKey {
-    /// The key of `stream` of `session`.
-    pub fn new(session: SessionId, stream: StreamName) -> Self {
-        Self { session, stream }
+    /// The key of `stream` of `owner`.
+    pub fn new(owner: impl Into<Owner>, stream: StreamName) -> Self {
+        Self {
+            owner: Some(owner.into()),
+            stream,
+        }
+    }
+
+    /// The key of a stream that belongs to no one (sessionless).
+    pub fn unowned(stream: StreamName) -> Self {
+        Self {
+            owner: None,
+            stream,
+        }
+    }
+
+    /// Validates both parts and makes the key.
+    pub fn try_new(owner: &str, stream: &str) -> Result<Self, InvalidKey> {
+        Ok(Self::new(Owner::new(owner)?, StreamName::new(stream)?))
+    }
+
+    /// Validates the name and makes the key of a stream that belongs to no one.
+    pub fn try_unowned(stream: &str) -> Result<Self, InvalidKey> {
+        Ok(Self::unowned(StreamName::new(stream)?))
     }
 }
 
 impl fmt::Display for StreamKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} / {}", self.session, self.stream)
+        match &self.owner {
+            Some(owner) => write!(f, "{owner} / {}", self.stream),
+            None => write!(f, "- / {}", self.stream),
+        }
     }
 }
 

@@ -17,9 +17,13 @@
 //!    fault of the store reaches the streams (see [`store`]). See [`SseTracker::resolve`] and
 //!    [`SseTracker::shutdown`].
 //!
-//! The session id comes from a header (`mcp-session-id` by default, as in MCP Streamable
-//! HTTP), on the request or else on the response. The stream name defaults to
-//! `"{METHOD} {path}"`; a handler can set another with a [`StreamName`] response extension.
+//! Each stream has a key, [`StreamKey`]: its owner and its name (see [`identity`]). By default
+//! the owner is the session id of the `mcp-session-id` header (MCP Streamable HTTP), on the
+//! request or else on the response, and the name is `"{METHOD} {path}"` (or a [`StreamName`]
+//! the handler puts in the response extensions), concurrent responses on one route getting
+//! names of their own. Sessionless servers, owners taken from an authenticated principal, and
+//! streams named by their event ids (MCP SDKs) are one builder setting away. The layer puts the
+//! key of the stream a request addresses in its extensions.
 //!
 //! # Quick start
 //!
@@ -27,7 +31,7 @@
 //! use std::{convert::Infallible, time::Duration};
 //! use axum::{Extension, Router, response::sse::{Event, Sse}, routing::get};
 //! use futures_util::stream::{self, Stream};
-//! use tower_sse_tracker::{LastEventId, SseTracker};
+//! use tower_sse_tracker::{LastEventId, SseTracker, StreamKey};
 //!
 //! async fn events(last: Option<Extension<LastEventId>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
 //!     // Resume after the id the client last saw, if any.
@@ -47,8 +51,10 @@
 //!     .expect("valid settings");
 //! let app: Router = Router::new().route("/mcp", get(events)).layer(tracker.layer());
 //!
-//! // Serve `app` as usual; then, for a client with `mcp-session-id: s1`:
-//! let latest = tracker.last_event_id("s1", "GET /mcp"); // Option<EventId>
+//! // Serve `app` as usual; then, for a client with `mcp-session-id: s1` (a handler finds this
+//! // key in its request extensions):
+//! let key = StreamKey::try_new("s1", "GET /mcp").unwrap();
+//! let latest = tracker.last_event_id(&key); // Option<EventId>
 //! # let _ = (app, latest);
 //! # }
 //! ```
@@ -70,6 +76,7 @@ struct ReadmeDoctests;
 mod body;
 mod builder;
 mod future;
+pub mod identity;
 pub mod key;
 mod layer;
 pub mod metrics;
@@ -89,7 +96,8 @@ pub use builder::{
     SseTrackerBuilder,
 };
 pub use future::ResponseFuture;
-pub use key::{EventId, InvalidKey, LastEventId, SessionId, StreamKey, StreamName};
+pub use identity::{IdStream, OwnerSource, StreamSource};
+pub use key::{EventId, InvalidKey, LastEventId, Owner, SessionId, StreamKey, StreamName};
 pub use layer::SseTrackerLayer;
 pub use scan::DEFAULT_MAX_ID_LEN;
 pub use service::SseTrackerService;

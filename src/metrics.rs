@@ -36,8 +36,9 @@
 //! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
 //!
 //! Labels:
-//! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`],
-//!   [`REASON_BAD_STREAM_NAME`] or [`REASON_REGISTRY_FULL`];
+//! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`] (no valid owner),
+//!   [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`], [`REASON_ENCODED`] or
+//!   [`REASON_CONCURRENT`];
 //! - `sse_tracker_streams_evicted_total{reason}`: [`REASON_LRU`] or [`REASON_IDLE`];
 //! - `sse_tracker_store_errors_total{op, reason}`: [`OP_SAVE`], [`OP_TOUCH`] or [`OP_LOAD`], and
 //!   [`REASON_ERROR`], [`REASON_TIMEOUT`] or [`REASON_PANIC`];
@@ -146,12 +147,18 @@ pub const ALL: &[&str] = &[
     WORKER_FAILURES_TOTAL,
 ];
 
-/// `reason` label: no valid session id in the request or response header.
+/// `reason` label: no valid owner: no valid session id in the request or response header, or
+/// no value from the configured owner source.
 pub const REASON_NO_SESSION: &str = "no_session";
 /// `reason` label: the stream name (default or from the handler) is invalid.
 pub const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
 /// `reason` label: every tracked stream has an open body, so none could be evicted for this one.
 pub const REASON_REGISTRY_FULL: &str = "registry_full";
+/// `reason` label: the SSE response has a `Content-Encoding`; compressed bytes cannot be scanned.
+pub const REASON_ENCODED: &str = "encoded";
+/// `reason` label: more concurrent responses on one route of one owner than streams of their
+/// own can be made for (64).
+pub const REASON_CONCURRENT: &str = "concurrent";
 /// `op` label of store errors: [`Store::save`](crate::store::Store::save).
 pub const OP_SAVE: &str = "save";
 /// `op` label of store errors: [`Store::touch_sessions`](crate::store::Store::touch_sessions).
@@ -306,6 +313,8 @@ pub(crate) struct Handles {
     pub(crate) untracked_no_session: Counter,
     pub(crate) untracked_bad_stream_name: Counter,
     pub(crate) untracked_registry_full: Counter,
+    pub(crate) untracked_encoded: Counter,
+    pub(crate) untracked_concurrent: Counter,
     pub(crate) ids_rejected: Counter,
     pub(crate) records_enqueued: Counter,
     pub(crate) backpressure_timeouts: Counter,
@@ -365,6 +374,8 @@ impl Handles {
             untracked_no_session: untracked(REASON_NO_SESSION),
             untracked_bad_stream_name: untracked(REASON_BAD_STREAM_NAME),
             untracked_registry_full: untracked(REASON_REGISTRY_FULL),
+            untracked_encoded: untracked(REASON_ENCODED),
+            untracked_concurrent: untracked(REASON_CONCURRENT),
             ids_rejected: counter!(IDS_REJECTED_TOTAL),
             records_enqueued: counter!(RECORDS_ENQUEUED_TOTAL),
             backpressure_timeouts: counter!(BACKPRESSURE_TIMEOUTS_TOTAL),

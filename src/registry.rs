@@ -35,12 +35,13 @@ use lru::LruCache;
 use metrics::Counter;
 use tokio::sync::watch;
 
-use crate::key::{EventId, SessionId, StreamKey, StreamName};
+use crate::key::{EventId, Owner, StreamKey, StreamName};
 
-/// A tracked session: its id, shared by all its slots, and when it was last active.
+/// A tracked owner: its id, shared by all its slots, and when it was last active. A sessionless
+/// stream has a state of its own, with no owner, whose activity is never written to the store.
 #[derive(Debug)]
 pub(crate) struct SessionState {
-    id: SessionId,
+    id: Option<Owner>,
     /// Registry microseconds (see `Registry::now_us`) of the last request or frame, from the
     /// registry's coarse clock.
     last_active: AtomicU64,
@@ -51,8 +52,18 @@ pub(crate) struct SessionState {
 }
 
 impl SessionState {
-    pub(crate) fn id(&self) -> &SessionId {
-        &self.id
+    fn new(id: Option<Owner>) -> Self {
+        Self {
+            id,
+            last_active: AtomicU64::new(0),
+            marked: AtomicBool::new(false),
+            resident: AtomicBool::new(true),
+        }
+    }
+
+    /// The owner; `None` for a sessionless stream.
+    pub(crate) fn id(&self) -> Option<&Owner> {
+        self.id.as_ref()
     }
 
     pub(crate) fn last_active_us(&self) -> u64 {
@@ -341,7 +352,10 @@ struct SessionEntry {
 
 #[derive(Debug)]
 struct Map {
-    sessions: HashMap<SessionId, SessionEntry>,
+    /// Streams with an owner: an owner has few streams, and callers list them.
+    sessions: HashMap<Owner, SessionEntry>,
+    /// Sessionless streams, which can be many: by name.
+    unowned: HashMap<StreamName, Arc<Slot>>,
     /// Every slot without an open body, least recently used first; keyed by the slot's address
     /// (unique while the list holds the slot). Live slots are counted in `live` instead.
     lru: LruCache<usize, Arc<Slot>>,
@@ -357,15 +371,37 @@ impl Map {
         self.lru.len() + self.live
     }
 
-    /// Removes `slot` from its session's entry (and the entry when it was the last stream).
+    /// Removes `slot` from its owner's entry (and the entry when it was the last stream).
     fn unlink(&mut self, slot: &Arc<Slot>) {
-        let session = slot.key.session.as_str();
-        if let Some(entry) = self.sessions.get_mut(session) {
+        let Some(owner) = &slot.key.owner else {
+            if self
+                .unowned
+                .get(slot.key.stream.as_str())
+                .is_some_and(|s| Arc::ptr_eq(s, slot))
+            {
+                self.unowned.remove(slot.key.stream.as_str());
+            }
+            slot.session.resident.store(false, Ordering::Relaxed);
+            return;
+        };
+        if let Some(entry) = self.sessions.get_mut(owner.as_str()) {
             entry.streams.retain(|s| !Arc::ptr_eq(s, slot));
             if entry.streams.is_empty() {
                 entry.state.resident.store(false, Ordering::Relaxed);
-                self.sessions.remove(session);
+                self.sessions.remove(owner.as_str());
             }
+        }
+    }
+
+    fn find(&self, owner: Option<&str>, stream: &str) -> Option<&Arc<Slot>> {
+        match owner {
+            None => self.unowned.get(stream),
+            Some(owner) => self
+                .sessions
+                .get(owner)?
+                .streams
+                .iter()
+                .find(|slot| slot.key.stream == stream),
         }
     }
 
@@ -409,7 +445,23 @@ impl Counts {
 
 /// Why a stream could not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RegistryFull;
+pub(crate) enum Refused {
+    /// `max_streams` streams, every one with an open body.
+    Full,
+    /// Asked for with [`Open::Exclusive`], and a body streams into it already.
+    Busy,
+}
+
+/// How [`Registry::get_or_insert`] opens a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Open {
+    /// No body (a subscription).
+    No,
+    /// For a body, sharing the slot with bodies already open on it.
+    Shared,
+    /// For a body, only when no other body streams into the slot.
+    Exclusive,
+}
 
 /// The registry's counters that the worker does not own.
 #[derive(Debug, Clone)]
@@ -469,6 +521,11 @@ pub(crate) struct Registry {
     closed: AtomicBool,
 }
 
+/// The owner of a state made for an owner (shares its allocation).
+fn owner_of(state: &SessionState) -> Owner {
+    state.id.clone().expect("an owner's state has an owner")
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every change under these locks leaves the data consistent before anything can panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -482,6 +539,7 @@ impl Registry {
             metrics,
             map: Mutex::new(Map {
                 sessions: HashMap::new(),
+                unowned: HashMap::new(),
                 lru: LruCache::unbounded(),
                 live: 0,
                 names: LruCache::new(max_names),
@@ -523,13 +581,17 @@ impl Registry {
     }
 
     /// Marks `session` active now: an atomic load and store, and a push to the active list
-    /// only the first time after a flush.
+    /// only the first time after a flush (never for a sessionless stream, whose activity is
+    /// not written).
     pub(crate) fn mark_active(&self, session: &Arc<SessionState>) {
         let now = self.clock.load(Ordering::Relaxed);
         if session.last_active.load(Ordering::Relaxed) != now {
             session.last_active.store(now, Ordering::Relaxed);
         }
-        if !session.marked.load(Ordering::Relaxed) && !session.marked.swap(true, Ordering::AcqRel) {
+        if session.id.is_some()
+            && !session.marked.load(Ordering::Relaxed)
+            && !session.marked.swap(true, Ordering::AcqRel)
+        {
             self.push_active(session.clone());
         }
     }
@@ -673,42 +735,38 @@ impl Registry {
         self.closed.load(Ordering::Acquire)
     }
 
-    pub(crate) fn get(&self, session: &str, stream: &str) -> Option<Arc<Slot>> {
-        let map = lock(&self.map);
-        map.sessions
-            .get(session)?
-            .streams
-            .iter()
-            .find(|slot| slot.key.stream == stream)
-            .cloned()
+    pub(crate) fn get(&self, owner: Option<&str>, stream: &str) -> Option<Arc<Slot>> {
+        lock(&self.map).find(owner, stream).cloned()
     }
 
-    /// The slot of (`session`, `stream`), created when absent; marks the session active. With
-    /// `open_body` the slot becomes live (the caller must call [`body_closed`](Self::body_closed)
-    /// when the body goes). Creating a slot in a full registry evicts the least recently used
-    /// slot that is not live, which is returned so the caller can count it; when every slot is
-    /// live, nothing is created.
+    /// The slot of (`owner`, `stream`), created when absent; marks its owner active. With a
+    /// body ([`Open::Shared`], [`Open::Exclusive`]) the slot becomes live (the caller must call
+    /// [`body_closed`](Self::body_closed) when the body goes). Creating a slot in a full
+    /// registry evicts the least recently used slot that is not live, which is returned so the
+    /// caller can count it; when every slot is live, nothing is created.
     pub(crate) fn get_or_insert(
         &self,
-        session: &SessionId,
+        owner: Option<&Owner>,
         stream: &StreamName,
-        open_body: bool,
-    ) -> Result<(Arc<Slot>, Option<Arc<Slot>>), RegistryFull> {
+        open: Open,
+    ) -> Result<(Arc<Slot>, Option<Arc<Slot>>), Refused> {
         self.advance_clock(self.now_us());
         let mut guard = lock(&self.map);
         let map = &mut *guard;
-        if let Some(entry) = map.sessions.get(session.as_str())
-            && let Some(slot) = entry.streams.iter().find(|s| s.key.stream == *stream)
-        {
+        if let Some(slot) = map.find(owner.map(Owner::as_str), stream.as_str()) {
             let slot = slot.clone();
             let addr = Arc::as_ptr(&slot) as usize;
-            if open_body {
-                if slot.open.fetch_add(1, Ordering::Relaxed) == 0 {
-                    map.lru.pop(&addr);
-                    map.live += 1;
+            match open {
+                Open::No => {
+                    map.lru.promote(&addr);
                 }
-            } else {
-                map.lru.promote(&addr);
+                Open::Exclusive if slot.is_live() => return Err(Refused::Busy),
+                Open::Shared | Open::Exclusive => {
+                    if slot.open.fetch_add(1, Ordering::Relaxed) == 0 {
+                        map.lru.pop(&addr);
+                        map.live += 1;
+                    }
+                }
             }
             drop(guard);
             self.mark_active(slot.session());
@@ -716,7 +774,7 @@ impl Registry {
         }
         let evicted = if map.streams() >= self.limits.max_streams {
             let Some((_, old)) = map.lru.pop_lru() else {
-                return Err(RegistryFull);
+                return Err(Refused::Full);
             };
             map.evict(&old);
             Some(old)
@@ -731,30 +789,34 @@ impl Registry {
                 stream.clone()
             }
         };
-        let entry = map
-            .sessions
-            .entry(session.clone())
-            .or_insert_with(|| SessionEntry {
-                state: Arc::new(SessionState {
-                    id: session.clone(),
-                    last_active: AtomicU64::new(0),
-                    marked: AtomicBool::new(false),
-                    resident: AtomicBool::new(true),
-                }),
-                // Most sessions have one stream.
-                streams: Vec::with_capacity(1),
-            });
-        let state = entry.state.clone();
-        let slot = Arc::new(Slot::new(
-            StreamKey {
-                session: state.id.clone(),
-                stream,
-            },
-            state,
-            map.sequence_floor,
-        ));
-        entry.streams.push(slot.clone());
-        if open_body {
+        let floor = map.sequence_floor;
+        let slot = match owner {
+            None => {
+                let slot = Arc::new(Slot::new(
+                    StreamKey::unowned(stream.clone()),
+                    Arc::new(SessionState::new(None)),
+                    floor,
+                ));
+                map.unowned.insert(stream, slot.clone());
+                slot
+            }
+            Some(owner) => {
+                let entry = map
+                    .sessions
+                    .entry(owner.clone())
+                    .or_insert_with(|| SessionEntry {
+                        state: Arc::new(SessionState::new(Some(owner.clone()))),
+                        // Most owners have one stream.
+                        streams: Vec::with_capacity(1),
+                    });
+                let state = entry.state.clone();
+                let key = StreamKey::new(owner_of(&state), stream);
+                let slot = Arc::new(Slot::new(key, state, floor));
+                entry.streams.push(slot.clone());
+                slot
+            }
+        };
+        if open != Open::No {
             slot.open.store(1, Ordering::Relaxed);
             map.live += 1;
         } else {
@@ -810,11 +872,11 @@ impl Registry {
         n
     }
 
-    /// Every stream of `session` with its latest id, in the order they were first seen.
-    pub(crate) fn session_streams(&self, session: &str) -> Vec<(StreamName, Option<EventId>)> {
+    /// Every stream of `owner` with its latest id, in the order they were first seen.
+    pub(crate) fn owner_streams(&self, owner: &str) -> Vec<(StreamName, Option<EventId>)> {
         let map = lock(&self.map);
         map.sessions
-            .get(session)
+            .get(owner)
             .map(|entry| {
                 entry
                     .streams
@@ -832,6 +894,7 @@ impl Registry {
             map.sessions
                 .values()
                 .flat_map(|entry| entry.streams.iter().cloned())
+                .chain(map.unowned.values().cloned())
                 .collect()
         };
         slots.extend(lock(&self.evicted).iter().cloned());
@@ -848,7 +911,7 @@ impl Registry {
         Counts {
             streams: map.streams(),
             live: map.live,
-            sessions: map.sessions.len(),
+            sessions: map.sessions.len() + map.unowned.len(),
             names: map.names.len(),
             evicted_pending,
         }
@@ -859,8 +922,8 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn key(s: &str, n: &str) -> (SessionId, StreamName) {
-        (SessionId::new(s).unwrap(), StreamName::new(n).unwrap())
+    fn key(s: &str, n: &str) -> (Owner, StreamName) {
+        (Owner::new(s).unwrap(), StreamName::new(n).unwrap())
     }
 
     fn registry(max_streams: usize, idle_ttl: Option<Duration>) -> Registry {
@@ -877,7 +940,8 @@ mod tests {
 
     fn insert(r: &Registry, s: &str, n: &str, open: bool) -> Arc<Slot> {
         let (s, n) = key(s, n);
-        r.get_or_insert(&s, &n, open).unwrap().0
+        let open = if open { Open::Shared } else { Open::No };
+        r.get_or_insert(Some(&s), &n, open).unwrap().0
     }
 
     #[test]
@@ -886,10 +950,13 @@ mod tests {
         let slot_a = insert(&registry, "s", "GET /a", false);
         let slot_b = insert(&registry, "s", "GET /b", false);
         slot_a.publish(b"1", 0);
-        assert_eq!(registry.get("s", "GET /a").unwrap().latest().unwrap(), "1");
-        assert_eq!(registry.get("s", "GET /b").unwrap().latest(), None);
+        assert_eq!(
+            registry.get(Some("s"), "GET /a").unwrap().latest().unwrap(),
+            "1"
+        );
+        assert_eq!(registry.get(Some("s"), "GET /b").unwrap().latest(), None);
         assert_eq!(slot_b.publish(b"x", 0).0.sequence, 1);
-        assert_eq!(registry.session_streams("s").len(), 2);
+        assert_eq!(registry.owner_streams("s").len(), 2);
     }
 
     #[test]
@@ -935,14 +1002,14 @@ mod tests {
         insert(&registry, "s", "GET /a", false);
         slot_a.publish(b"1", 0);
         let (u, c) = key("u", "GET /c");
-        let (_, evicted) = registry.get_or_insert(&u, &c, false).unwrap();
+        let (_, evicted) = registry.get_or_insert(Some(&u), &c, Open::No).unwrap();
         assert_eq!(evicted.unwrap().key().stream, "GET /b");
         assert_eq!(registry.len(), 2);
-        assert!(registry.get("t", "GET /b").is_none());
+        assert!(registry.get(Some("t"), "GET /b").is_none());
         assert_eq!(registry.counts().sessions, 2, "t had no other stream");
         // A's unpersisted id waits in the evicted FIFO when A is evicted in turn.
         let (t, b) = key("t", "GET /b");
-        let (_, evicted) = registry.get_or_insert(&t, &b, false).unwrap();
+        let (_, evicted) = registry.get_or_insert(Some(&t), &b, Open::No).unwrap();
         assert!(Arc::ptr_eq(&evicted.unwrap(), &slot_a));
         assert_eq!(registry.evicted_pending().len(), 1);
     }
@@ -954,19 +1021,28 @@ mod tests {
         let b = insert(&registry, "t", "GET /b", true);
         let (u, c) = key("u", "GET /c");
         assert_eq!(
-            registry.get_or_insert(&u, &c, true).unwrap_err(),
-            RegistryFull
+            registry
+                .get_or_insert(Some(&u), &c, Open::Shared)
+                .unwrap_err(),
+            Refused::Full
         );
         assert_eq!(registry.len(), 2);
         // A second body on a live slot shares it; closing one keeps it live.
         let (s, n) = key("s", "GET /a");
-        let (again, _) = registry.get_or_insert(&s, &n, true).unwrap();
+        assert_eq!(
+            registry
+                .get_or_insert(Some(&s), &n, Open::Exclusive)
+                .unwrap_err(),
+            Refused::Busy,
+            "an exclusive open refuses a live slot"
+        );
+        let (again, _) = registry.get_or_insert(Some(&s), &n, Open::Shared).unwrap();
         assert!(Arc::ptr_eq(&again, &a));
         registry.body_closed(&a);
-        assert!(registry.get_or_insert(&u, &c, true).is_err());
+        assert!(registry.get_or_insert(Some(&u), &c, Open::Shared).is_err());
         registry.body_closed(&a);
         // A is evictable now; B is still live.
-        let (slot, evicted) = registry.get_or_insert(&u, &c, false).unwrap();
+        let (slot, evicted) = registry.get_or_insert(Some(&u), &c, Open::No).unwrap();
         assert!(Arc::ptr_eq(&evicted.unwrap(), &a));
         assert!(!b.is_evicted());
         assert_eq!(registry.counts().live, 1);
@@ -1003,8 +1079,11 @@ mod tests {
         );
         let later = now + 300_000_000;
         assert_eq!(registry.sweep_idle(later, 10), 1);
-        assert!(registry.get("t", "GET /b").is_none());
-        assert!(registry.get("s", "GET /a").is_some(), "a live slot stays");
+        assert!(registry.get(Some("t"), "GET /b").is_none());
+        assert!(
+            registry.get(Some("s"), "GET /a").is_some(),
+            "a live slot stays"
+        );
         registry.body_closed(&busy);
         assert_eq!(registry.sweep_idle(later, 10), 1);
         let counts = registry.counts();
@@ -1023,8 +1102,8 @@ mod tests {
         assert!(slots.iter().all(|s| name(s) == name(&slots[0])));
         let more = insert(&registry, "s0", "GET /other", false);
         assert_eq!(
-            more.key().session.as_str().as_ptr(),
-            slots[0].key().session.as_str().as_ptr()
+            more.key().owner.as_ref().unwrap().as_str().as_ptr(),
+            slots[0].key().owner.as_ref().unwrap().as_str().as_ptr()
         );
         assert_eq!(registry.counts().names, 2);
     }
@@ -1074,5 +1153,39 @@ mod tests {
         insert(&registry, "t", "GET /b", false);
         assert_eq!(registry.dropped(), 1);
         assert_eq!(registry.evicted_pending_len(), 0);
+    }
+}
+
+#[cfg(test)]
+mod unowned_tests {
+    use super::*;
+
+    #[test]
+    fn sessionless_streams_are_kept_apart_by_name_and_write_no_activity() {
+        let registry = Registry::new(
+            Limits {
+                max_streams: 10,
+                idle_ttl: None,
+                max_names: 10,
+                max_pending_evicted: 10,
+            },
+            RegistryMetrics::noop(),
+        );
+        let a = StreamName::new("stream-a").unwrap();
+        let b = StreamName::new("stream-b").unwrap();
+        let slot_a = registry.get_or_insert(None, &a, Open::Shared).unwrap().0;
+        let slot_b = registry.get_or_insert(None, &b, Open::Shared).unwrap().0;
+        slot_a.publish(b"1", 0);
+        assert_eq!(
+            registry.get(None, "stream-a").unwrap().latest().unwrap(),
+            "1"
+        );
+        assert_eq!(registry.get(None, "stream-b").unwrap().latest(), None);
+        assert!(registry.get(Some("stream-a"), "stream-a").is_none());
+        assert!(!registry.has_active(), "no owner, no activity to write");
+        assert_eq!(slot_b.key().owner, None);
+        registry.body_closed(&slot_a);
+        registry.body_closed(&slot_b);
+        assert_eq!(registry.all_slots().len(), 2);
     }
 }

@@ -1,4 +1,4 @@
-//! [`SseTrackerService`]: reads the session and `Last-Event-ID` of a request.
+//! [`SseTrackerService`]: reads the owner, the session and the `Last-Event-ID` of a request.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -8,20 +8,34 @@ use tower::Service;
 
 use crate::body::TrackedBody;
 use crate::future::{RequestInfo, ResponseFuture};
-use crate::key::{EventId, LastEventId, SessionId};
+use crate::identity::{RequestOwner, StreamKind};
+use crate::key::{EventId, LastEventId, StreamKey, StreamName};
 use crate::tracker::Shared;
+
+/// Put in the request extensions by the layer, so that extractors can tell "no value" from
+/// "no layer".
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LayerMarker;
 
 /// The `Last-Event-ID` request header.
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// The tower [`Service`] made by [`SseTrackerLayer`](crate::SseTrackerLayer).
 ///
-/// For each request it reads the session header (validated; an invalid value counts as absent)
-/// and the `Last-Event-ID` header, and puts them in the request extensions as [`SessionId`] and
-/// [`LastEventId`]. The response is checked for `Content-Type: text/event-stream`: other
-/// responses pass through untouched; SSE responses get their body wrapped in a
-/// [`TrackedBody`] that records ids and sends heartbeats, and the headers `Cache-Control:
-/// no-cache` and `X-Accel-Buffering: no` when they do not set them.
+/// For each request it reads the owner (see [`OwnerSource`](crate::OwnerSource); invalid values
+/// count as absent) and the `Last-Event-ID` header, and puts in the request extensions:
+///
+/// - [`SessionId`](crate::SessionId), with the default owner source, when the request carries a
+///   valid session id;
+/// - [`LastEventId`], when the header is valid;
+/// - [`StreamKey`]: the key of the stream the request addresses, when the request names its
+///   owner: `(owner, "{METHOD} {path}")`, or, with [`StreamSource::event_id`](crate::StreamSource::event_id),
+///   the stream its `Last-Event-ID` names. A handler resumes with it instead of writing names.
+///
+/// The response is checked for `Content-Type: text/event-stream`: other responses pass through
+/// untouched; SSE responses get their body wrapped in a [`TrackedBody`] that records ids and
+/// sends heartbeats, and the headers `Cache-Control: no-cache` and `X-Accel-Buffering: no` when
+/// they do not set them.
 ///
 /// ```
 /// use tower::ServiceBuilder;
@@ -80,26 +94,43 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
-        let session = req
-            .headers()
-            .get(&config.session_header)
-            .and_then(|v| SessionId::from_bytes(v.as_bytes()).ok());
+        let (owner, session) = config.owner.of_request(req.headers(), req.extensions());
         let last_event_id = req
             .headers()
             .get(&LAST_EVENT_ID)
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .filter(|v| v.len() <= config.max_id_len)
             .and_then(|v| EventId::new(v).ok());
+        if let RequestOwner::Known(owner) = &owner {
+            // The stream the request addresses: the one its Last-Event-ID names, else the
+            // route's.
+            let named = match (config.stream, &last_event_id) {
+                (StreamKind::EventId(format), Some(id)) => format
+                    .stream_of(id.as_str())
+                    .and_then(|name| StreamName::new(name).ok()),
+                _ => None,
+            };
+            let stream =
+                named.or_else(|| StreamName::for_request(req.method(), req.uri().path()).ok());
+            if let Some(stream) = stream {
+                req.extensions_mut().insert(StreamKey {
+                    owner: owner.clone(),
+                    stream,
+                });
+            }
+        }
         if let Some(id) = last_event_id {
             req.extensions_mut().insert(LastEventId(id));
         }
-        if let Some(session) = &session {
-            req.extensions_mut().insert(session.clone());
+        if let Some(session) = session {
+            req.extensions_mut().insert(session);
         }
+        req.extensions_mut().insert(LayerMarker);
         let info = RequestInfo {
-            session,
+            owner,
             method: req.method().clone(),
             uri: req.uri().clone(),
+            span: tracing::Span::current(),
         };
         ResponseFuture::new(self.inner.call(req), info, self.shared.clone())
     }

@@ -7,10 +7,10 @@ use tokio::sync::watch;
 use std::time::Duration;
 
 use crate::builder::{Config, SseTrackerBuilder};
-use crate::key::{EventId, SessionId, StreamKey, StreamName};
+use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::Handles;
-use crate::registry::{Limits, Registry};
+use crate::registry::{Limits, Open, Registry};
 use crate::store::{DynStore, StoreError, StoredId};
 use crate::worker::guard::guarded;
 use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle};
@@ -23,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) worker: WorkerHandle,
     store: Arc<dyn DynStore>,
     store_timeout: Duration,
+    /// The warning about compressed SSE responses was logged (once per tracker).
+    pub(crate) encoded_warned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -63,6 +65,7 @@ impl Shared {
             worker,
             store,
             store_timeout,
+            encoded_warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -71,14 +74,15 @@ impl Shared {
 ///
 /// Cheap to clone: clones share one registry. Build one with [`SseTracker::builder`], add
 /// [`layer`](Self::layer) to as many routers or services as you like, and ask it for the latest
-/// id of a (session, stream) when a client reconnects.
+/// id of a stream, by its [`StreamKey`], when a client reconnects. The layer puts the key of the
+/// stream a request addresses in the request extensions.
 ///
 /// "Latest id" means the id of the newest event the layer has *handed to the HTTP stack* on
 /// that stream: the client may not have received it yet, and nothing acknowledges it.
 ///
 /// ```
 /// use axum::{Router, routing::get};
-/// use tower_sse_tracker::SseTracker;
+/// use tower_sse_tracker::{SseTracker, StreamKey};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -87,8 +91,9 @@ impl Shared {
 ///     .route("/mcp", get(|| async { "..." }))
 ///     .layer(tracker.layer());
 ///
-/// // Later, e.g. in a handler:
-/// assert_eq!(tracker.last_event_id("session-1", "GET /mcp"), None);
+/// // Later, e.g. in a handler, with the key from the request extensions:
+/// let key = StreamKey::try_new("session-1", "GET /mcp").unwrap();
+/// assert_eq!(tracker.last_event_id(&key), None);
 /// # let _ = app;
 /// # }
 /// ```
@@ -114,43 +119,47 @@ impl SseTracker {
         SseTrackerLayer::new(self.shared.clone())
     }
 
-    /// The latest id committed on `stream` of `session`, from memory. `None` when the stream is
-    /// not tracked or has committed no id. `Some` of an empty id means the server reset the id.
-    pub fn last_event_id(&self, session: &str, stream: &str) -> Option<EventId> {
-        self.shared.registry.get(session, stream)?.latest()
+    fn slot(&self, key: &StreamKey) -> Option<Arc<crate::registry::Slot>> {
+        self.shared
+            .registry
+            .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
     }
 
-    /// A receiver that sees every new latest id of `stream` of `session` (latest only: a slow
+    /// The latest id committed on the stream of `key`, from memory. `None` when the stream is
+    /// not tracked or has committed no id. `Some` of an empty id means the server reset the id.
+    pub fn last_event_id(&self, key: &StreamKey) -> Option<EventId> {
+        self.slot(key)?.latest()
+    }
+
+    /// A receiver that sees every new latest id of the stream of `key` (latest only: a slow
     /// reader skips intermediate ids). The stream is registered if it is not yet, so that a
     /// subscriber can wait for a stream that has not started.
     ///
     /// Registering a stream in a full registry evicts the least recently used stream without
     /// an open body, as a new response would; a stream without an open body can itself be
-    /// evicted later, and then its receiver sees no more ids. Fails for an invalid session id
-    /// or stream name, and when every tracked stream has an open body.
+    /// evicted later, and then its receiver sees no more ids. Fails when every tracked stream
+    /// has an open body.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() {
-    /// use tower_sse_tracker::SseTracker;
+    /// use tower_sse_tracker::{SseTracker, StreamKey};
     ///
     /// let tracker = SseTracker::builder().build().unwrap();
-    /// let mut rx = tracker.subscribe("session-1", "GET /mcp").unwrap();
+    /// let key = StreamKey::try_new("session-1", "GET /mcp").unwrap();
+    /// let mut rx = tracker.subscribe(&key).unwrap();
     /// assert_eq!(*rx.borrow_and_update(), None);
     /// // rx.changed().await resolves when the layer commits the next id of that stream.
     /// # }
     /// ```
     pub fn subscribe(
         &self,
-        session: &str,
-        stream: &str,
+        key: &StreamKey,
     ) -> Result<watch::Receiver<Option<EventId>>, SubscribeError> {
-        let session = SessionId::new(session).map_err(SubscribeError::Session)?;
-        let stream = StreamName::new(stream).map_err(SubscribeError::Stream)?;
         let (slot, evicted) = self
             .shared
             .registry
-            .get_or_insert(&session, &stream, false)
+            .get_or_insert(key.owner.as_ref(), &key.stream, Open::No)
             .map_err(|_| SubscribeError::RegistryFull)?;
         if evicted.is_some() {
             self.shared.metrics.evicted_lru.increment(1);
@@ -158,9 +167,9 @@ impl SseTracker {
         Ok(slot.subscribe())
     }
 
-    /// Every stream of `session` that the tracker knows, with its latest id.
-    pub fn session_streams(&self, session: &str) -> Vec<(StreamName, Option<EventId>)> {
-        self.shared.registry.session_streams(session)
+    /// Every stream of `owner` that the tracker knows, with its latest id.
+    pub fn owner_streams(&self, owner: &Owner) -> Vec<(StreamName, Option<EventId>)> {
+        self.shared.registry.owner_streams(owner.as_str())
     }
 
     /// How many streams are tracked now.
@@ -168,16 +177,16 @@ impl SseTracker {
         self.shared.registry.len()
     }
 
-    /// The registry's estimated heap size in bytes, from its counts of streams, sessions and
-    /// interned names and their measured sizes (see the README's memory table). Also exported
-    /// as the `sse_tracker_memory_bytes` gauge.
+    /// The registry's estimated heap size in bytes, from its counts of streams, owners and
+    /// interned names and their measured sizes. Also exported as the `sse_tracker_memory_bytes`
+    /// gauge.
     pub fn estimated_memory_bytes(&self) -> usize {
         self.shared.registry.counts().estimated_bytes()
     }
 
-    /// The latest id of `stream` of `session`, from memory and from the store, whichever is
-    /// newer by `(published_at, sequence)`: after a restart, or when another instance sharing
-    /// the store (Redis) has served the stream since, the store's is the newer one.
+    /// The latest id of the stream of `key`, from memory and from the store, whichever is newer
+    /// by `(published_at, sequence)`: after a restart, or when another instance sharing the
+    /// store (Redis) has served the stream since, the store's is the newer one.
     ///
     /// The store is asked under the store timeout. When it fails and memory has an id, that id
     /// is returned (the failure is counted in `sse_tracker_store_errors_total{op="load"}` and
@@ -186,31 +195,23 @@ impl SseTracker {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tower_sse_tracker::SseTracker;
+    /// use tower_sse_tracker::{SseTracker, StreamKey};
     ///
     /// let tracker = SseTracker::builder().build()?;
-    /// assert_eq!(tracker.resolve("session-1", "GET /mcp").await?, None);
+    /// let key = StreamKey::try_new("session-1", "GET /mcp")?;
+    /// assert_eq!(tracker.resolve(&key).await?, None);
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn resolve(
-        &self,
-        session: &str,
-        stream: &str,
-    ) -> Result<Option<EventId>, StoreError> {
-        let memory = self
-            .shared
-            .registry
-            .get(session, stream)
-            .and_then(|slot| slot.latest_entry());
-        let stored = match self.load(session, stream).await {
+    pub async fn resolve(&self, key: &StreamKey) -> Result<Option<EventId>, StoreError> {
+        let memory = self.slot(key).and_then(|slot| slot.latest_entry());
+        let stored = match self.load(key).await {
             Ok(stored) => stored,
             Err(error) => match memory {
                 Some((id, _)) => {
                     tracing::warn!(
                         %error,
-                        session,
-                        stream,
+                        %key,
                         "SSE tracker store load failed; answering from memory only"
                     );
                     return Ok(Some(id));
@@ -233,23 +234,19 @@ impl SseTracker {
         })
     }
 
-    /// Where a reconnecting client stands on `stream` of `session`, given the `Last-Event-ID`
-    /// it sent (the layer puts it in the request extensions as
-    /// [`LastEventId`](crate::LastEventId)). The latest id is [`resolve`](Self::resolve)'s:
-    /// the newer of memory and the store, so instances sharing the store agree.
+    /// Where a reconnecting client stands on the stream of `key`, given the `Last-Event-ID` it
+    /// sent (the layer puts it in the request extensions as [`LastEventId`](crate::LastEventId),
+    /// and the key as [`StreamKey`]). The latest id is [`resolve`](Self::resolve)'s: the newer
+    /// of memory and the store, so instances sharing the store agree.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tower_sse_tracker::{LastEventId, Resume, SessionId, SseTracker};
+    /// use tower_sse_tracker::{LastEventId, Resume, SseTracker, StreamKey};
     ///
-    /// async fn decide(
-    ///     tracker: &SseTracker,
-    ///     session: &SessionId,
-    ///     last: Option<&LastEventId>,
-    /// ) -> String {
+    /// async fn decide(tracker: &SseTracker, key: &StreamKey, last: Option<&LastEventId>) -> String {
     ///     let client = last.map(|LastEventId(id)| id);
-    ///     match tracker.resume(session.as_str(), "GET /mcp", client).await {
+    ///     match tracker.resume(key, client).await {
     ///         Ok(Resume::Current(id)) => format!("client has everything up to {id}"),
     ///         Ok(Resume::Behind { client, latest }) => {
     ///             format!("replay after {client:?} up to {latest}")
@@ -261,18 +258,17 @@ impl SseTracker {
     /// }
     ///
     /// let tracker = SseTracker::builder().build()?;
-    /// let session = SessionId::new("s1")?;
-    /// assert_eq!(decide(&tracker, &session, None).await, "no such stream: start a new one");
+    /// let key = StreamKey::try_new("s1", "GET /mcp")?;
+    /// assert_eq!(decide(&tracker, &key, None).await, "no such stream: start a new one");
     /// # Ok(())
     /// # }
     /// ```
     pub async fn resume(
         &self,
-        session: &str,
-        stream: &str,
+        key: &StreamKey,
         client: Option<&EventId>,
     ) -> Result<Resume, StoreError> {
-        Ok(match (self.resolve(session, stream).await?, client) {
+        Ok(match (self.resolve(key).await?, client) {
             (None, _) => Resume::Unknown,
             (Some(latest), Some(client)) if latest == *client => Resume::Current(latest),
             (Some(latest), client) => Resume::Behind {
@@ -282,25 +278,17 @@ impl SseTracker {
         })
     }
 
-    /// The id the store holds for `stream` of `session`, not looking at memory. `Ok(None)`
-    /// for an invalid session id or stream name. Asked under the store timeout.
-    pub async fn stored_event_id(
-        &self,
-        session: &str,
-        stream: &str,
-    ) -> Result<Option<EventId>, StoreError> {
-        Ok(self.load(session, stream).await?.map(|stored| stored.id))
+    /// The id the store holds for the stream of `key`, not looking at memory. Asked under the
+    /// store timeout.
+    pub async fn stored_event_id(&self, key: &StreamKey) -> Result<Option<EventId>, StoreError> {
+        Ok(self.load(key).await?.map(|stored| stored.id))
     }
 
     /// Loads a key from the store under the store timeout, with panics caught and failures
     /// counted.
-    async fn load(&self, session: &str, stream: &str) -> Result<Option<StoredId>, StoreError> {
-        let (Ok(session), Ok(stream)) = (SessionId::new(session), StreamName::new(stream)) else {
-            return Ok(None);
-        };
-        let key = StreamKey::new(session, stream);
+    async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
         let store = &self.shared.store;
-        guarded(self.shared.store_timeout, async { store.load(&key).await })
+        guarded(self.shared.store_timeout, async { store.load(key).await })
             .await
             .map_err(|failure| {
                 self.shared
@@ -362,10 +350,6 @@ pub enum Resume {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SubscribeError {
-    /// The session id is not valid.
-    Session(crate::key::InvalidKey),
-    /// The stream name is not valid.
-    Stream(crate::key::InvalidKey),
     /// The registry holds `max_streams` streams and every one has an open body.
     RegistryFull,
 }
@@ -373,8 +357,6 @@ pub enum SubscribeError {
 impl std::fmt::Display for SubscribeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SubscribeError::Session(_) => f.write_str("invalid session id"),
-            SubscribeError::Stream(_) => f.write_str("invalid stream name"),
             SubscribeError::RegistryFull => {
                 f.write_str("the registry is full of streams with open bodies")
             }
@@ -382,11 +364,4 @@ impl std::fmt::Display for SubscribeError {
     }
 }
 
-impl std::error::Error for SubscribeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SubscribeError::Session(e) | SubscribeError::Stream(e) => Some(e),
-            SubscribeError::RegistryFull => None,
-        }
-    }
-}
+impl std::error::Error for SubscribeError {}

@@ -20,26 +20,19 @@ use bytes::Bytes;
 use common::direct::{drive, frames_service};
 use common::load::{client, serve_load};
 use common::stores::ScriptedStore;
-use common::{Harness, build_recorded};
+use common::{Harness, build_recorded, key};
+use tower_sse_tracker::SseTracker;
 use tower_sse_tracker::metrics::{
     EVENTS_TOTAL, REASON_LRU, RETRIES_EXHAUSTED_TOTAL, STORE_ERRORS_TOTAL, STREAMS_ACTIVE,
     STREAMS_EVICTED_TOTAL,
 };
 use tower_sse_tracker::store::InMemoryStore;
-use tower_sse_tracker::{SessionId, SseTracker, StreamKey, StreamName};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn key(session: &str, stream: &str) -> StreamKey {
-    StreamKey {
-        session: SessionId::new(session).unwrap(),
-        stream: StreamName::new(stream).unwrap(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +93,7 @@ async fn shutdown_under_load_accounts_for_every_stream() {
         .map(|c| {
             let s = format!("shut-{c:02}");
             let id = tracker
-                .last_event_id(&s, "GET /load")
+                .last_event_id(&key(&s, "GET /load"))
                 .map_or(0, |id| id.as_str().parse().unwrap());
             (s, id)
         })
@@ -136,7 +129,7 @@ async fn shutdown_under_load_accounts_for_every_stream() {
     assert!(!again.is_complete());
     for c in 0..CLIENTS {
         let session = format!("shut-{c:02}");
-        let latest = tracker.last_event_id(&session, "GET /load").unwrap();
+        let latest = tracker.last_event_id(&key(&session, "GET /load")).unwrap();
         let stored = store.get(&key(&session, "GET /load")).map(|s| s.id);
         let listed = again.pending.contains(&key(&session, "GET /load"));
         assert_eq!(listed, stored.as_ref() != Some(&latest), "{session}");
@@ -178,7 +171,7 @@ async fn clients_leaving_mid_event_commit_nothing_and_the_gauge_returns_to_zero(
     for (name, _) in &open {
         assert_eq!(
             h.tracker
-                .last_event_id(name, &format!("GET /sse/{name}"))
+                .last_event_id(&key(name, &format!("GET /sse/{name}")))
                 .unwrap(),
             "1",
             "{name}: the cut event must not count"
@@ -407,7 +400,7 @@ fn a_flood_of_new_sessions_never_evicts_live_streams_or_their_subscribers() {
             let session = format!("live-{l}");
             let (tx, req) = fed_request(&session);
             let body = respond(&mut fed, req).await.into_body();
-            let rx = tracker.subscribe(&session, "GET /mcp").unwrap();
+            let rx = tracker.subscribe(&key(&session, "GET /mcp")).unwrap();
             live.push((session, tx, body, rx));
         }
         let mut published = 0;
@@ -459,7 +452,7 @@ fn a_flood_of_new_sessions_never_evicts_live_streams_or_their_subscribers() {
         assert_eq!(evicted as usize, sessions + LIVE);
         for (session, tx, _, rx) in &mut live {
             assert_eq!(
-                tracker.last_event_id(session, "GET /mcp").unwrap(),
+                tracker.last_event_id(&key(session, "GET /mcp")).unwrap(),
                 last.as_str(),
                 "{session}"
             );
@@ -469,7 +462,7 @@ fn a_flood_of_new_sessions_never_evicts_live_streams_or_their_subscribers() {
             );
             assert_eq!(rx.borrow_and_update().as_ref().unwrap(), last.as_str());
             // A subscription made after the flood sees the next id too.
-            let mut again = tracker.subscribe(session, "GET /mcp").unwrap();
+            let mut again = tracker.subscribe(&key(session, "GET /mcp")).unwrap();
             tx.send(Bytes::from_static(b"id: next\n\n")).unwrap();
             let _ = tx;
             assert!(!again.has_changed().unwrap());
@@ -519,12 +512,12 @@ async fn a_registry_full_of_live_streams_serves_new_ones_untracked() {
         1.0
     );
     assert_eq!(
-        tracker.subscribe("e", "GET /mcp").unwrap_err(),
+        tracker.subscribe(&key("e", "GET /mcp")).unwrap_err(),
         SubscribeError::RegistryFull
     );
     // One body ends: its stream can be evicted for a new one.
     drop(open.pop());
     let (_tx, req) = fed_request("d");
     assert!(respond(&mut svc, req).await.body().is_tracked());
-    assert_eq!(tracker.last_event_id("c", "GET /mcp"), None);
+    assert_eq!(tracker.last_event_id(&key("c", "GET /mcp")), None);
 }

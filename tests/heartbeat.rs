@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use common::{Client, Harness, build_recorded, no_heartbeat, reference};
+use common::{Client, Harness, build_recorded, key, no_heartbeat, reference};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{Instant, timeout};
 use tower_sse_tracker::SseTracker;
@@ -75,7 +75,10 @@ async fn test_sse_heartbeat_never_inside_a_half_written_line() {
     assert_eq!(client.received, b"id: 1\ndata: half\n\n");
     // At the boundary the heartbeats resume.
     client.read_until_suffix(EVENT_HB).await;
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/mid").unwrap(), "1");
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/mid")).unwrap(),
+        "1"
+    );
 }
 
 #[tokio::test(start_paused = true)]

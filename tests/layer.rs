@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
-use common::{Harness, build_recorded, no_heartbeat, run_frames};
+use common::{Harness, build_recorded, key, no_heartbeat, run_frames};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::SseTracker;
@@ -35,7 +35,9 @@ async fn sse_bytes_pass_through_unchanged_and_in_order() {
     let client = run_frames(&h, "exact", Some("s1"), &refs).await;
     assert_eq!(client.received, frames.concat());
     assert_eq!(
-        h.tracker.last_event_id("s1", "GET /sse/exact").unwrap(),
+        h.tracker
+            .last_event_id(&key("s1", "GET /sse/exact"))
+            .unwrap(),
         "2"
     );
 }
@@ -114,9 +116,17 @@ async fn two_streams_of_one_session_are_kept_apart() {
     cb.read_until_suffix(b"b1\n\n").await;
     a.send(Bytes::from_static(b"id: a2\n\n")).unwrap();
     ca.read_until_suffix(b"a2\n\n").await;
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/a").unwrap(), "a2");
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/b").unwrap(), "b1");
-    let mut streams = h.tracker.session_streams("s1");
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/a")).unwrap(),
+        "a2"
+    );
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/b")).unwrap(),
+        "b1"
+    );
+    let mut streams = h
+        .tracker
+        .owner_streams(&tower_sse_tracker::Owner::new("s1").unwrap());
     streams.sort();
     let streams: Vec<(String, String)> = streams
         .into_iter()
@@ -136,9 +146,15 @@ async fn streams_of_two_sessions_on_one_path_are_kept_apart() {
     let h = Harness::start(no_heartbeat()).await;
     run_frames(&h, "p1", Some("s1"), &[b"id: one\n\n"]).await;
     run_frames(&h, "p2", Some("s2"), &[b"id: two\n\n"]).await;
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/p1").unwrap(), "one");
-    assert_eq!(h.tracker.last_event_id("s2", "GET /sse/p2").unwrap(), "two");
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/p2"), None);
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/p1")).unwrap(),
+        "one"
+    );
+    assert_eq!(
+        h.tracker.last_event_id(&key("s2", "GET /sse/p2")).unwrap(),
+        "two"
+    );
+    assert_eq!(h.tracker.last_event_id(&key("s1", "GET /sse/p2")), None);
 }
 
 #[tokio::test]
@@ -188,7 +204,7 @@ async fn the_session_assigned_on_the_response_is_tracked() {
     assert_eq!(client.headers["mcp-session-id"], "server-made");
     assert_eq!(
         h.tracker
-            .last_event_id("server-made", "GET /sse/init")
+            .last_event_id(&key("server-made", "GET /sse/init"))
             .unwrap(),
         "1"
     );
@@ -204,8 +220,13 @@ async fn a_stream_name_extension_overrides_the_default_name() {
     tx.send(Bytes::from_static(b"id: 9\n\n")).unwrap();
     drop(tx);
     client.read_to_end().await;
-    assert_eq!(h.tracker.last_event_id("s1", "notifications").unwrap(), "9");
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/n"), None);
+    assert_eq!(
+        h.tracker
+            .last_event_id(&key("s1", "notifications"))
+            .unwrap(),
+        "9"
+    );
+    assert_eq!(h.tracker.last_event_id(&key("s1", "GET /sse/n")), None);
 }
 
 #[tokio::test]
@@ -238,7 +259,7 @@ async fn the_handler_gets_the_validated_last_event_id_and_session() {
 #[tokio::test]
 async fn subscribers_see_each_new_latest_id() {
     let h = Harness::start(no_heartbeat()).await;
-    let mut rx = h.tracker.subscribe("s1", "GET /sse/w").unwrap();
+    let mut rx = h.tracker.subscribe(&key("s1", "GET /sse/w")).unwrap();
     let tx = h.feed("w");
     let mut client = h.get("/sse/w", Some("s1"), HeaderMap::new()).await;
     for n in 1..=3 {
@@ -277,7 +298,10 @@ async fn the_active_gauge_follows_open_tracked_streams() {
         let _ = tx.send(Bytes::from_static(b"x"));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/g").unwrap(), "1");
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/g")).unwrap(),
+        "1"
+    );
     // A body adds its events to the shared counter in batches, and the rest when it ends.
     assert_eq!(recorded.value(EVENTS_TOTAL, &[]), 1.0);
 }
@@ -296,9 +320,11 @@ async fn a_full_registry_evicts_the_least_recently_used_stream_and_counts_it() {
     run_frames(&h, "second", Some("s2"), &[b"id: 2\n\n"]).await;
     run_frames(&h, "third", Some("s3"), &[b"id: 3\n\n"]).await;
     assert_eq!(h.tracker.tracked_streams(), 2);
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/first"), None);
+    assert_eq!(h.tracker.last_event_id(&key("s1", "GET /sse/first")), None);
     assert_eq!(
-        h.tracker.last_event_id("s3", "GET /sse/third").unwrap(),
+        h.tracker
+            .last_event_id(&key("s3", "GET /sse/third"))
+            .unwrap(),
         "3"
     );
     assert_eq!(
@@ -310,7 +336,7 @@ async fn a_full_registry_evicts_the_least_recently_used_stream_and_counts_it() {
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(
         h.tracker
-            .resolve("s1", "GET /sse/first")
+            .resolve(&key("s1", "GET /sse/first"))
             .await
             .unwrap()
             .unwrap(),

@@ -12,7 +12,7 @@ use tower_sse_tracker::metrics::{
     BACKPRESSURE_TIMEOUTS_TOTAL, EVENTS_TOTAL, RECORDS_COALESCED_TOTAL, STORE_WRITES_TOTAL,
 };
 use tower_sse_tracker::store::InMemoryStore;
-use tower_sse_tracker::{SessionId, SseTracker, StreamKey, StreamName};
+use tower_sse_tracker::{SseTracker, StreamKey};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_load_1000_events_per_second() {
@@ -92,10 +92,7 @@ async fn test_load_1000_events_per_second() {
     assert_eq!(received, sent, "every event reached its client");
     assert_eq!(events as usize, sent);
     for r in &results {
-        let key = StreamKey {
-            session: SessionId::new(&r.session).unwrap(),
-            stream: StreamName::new("GET /load").unwrap(),
-        };
+        let key = StreamKey::try_new(&r.session, "GET /load").unwrap();
         let persisted = store.get(&key).map(|s| s.id.to_string());
         assert_eq!(persisted, r.last_id, "{}", r.session);
     }

@@ -26,7 +26,7 @@ use tower_sse_tracker::SseTracker;
 mod session {
     use super::*;
     use crate::common::direct::{drive, frames_service, id_frames, request, respond};
-    use crate::common::{Harness, build_recorded, no_heartbeat};
+    use crate::common::{Harness, build_recorded, key, no_heartbeat};
     use axum::http::HeaderMap;
     use tower_sse_tracker::metrics::{
         ACTIVITY_BATCH_SIZE, ACTIVITY_UPDATES_TOTAL, REASON_IDLE, STREAMS_EVICTED_TOTAL,
@@ -94,7 +94,9 @@ mod session {
             "{samples:?} > {baseline}"
         );
         assert_eq!(
-            h.tracker.last_event_id("s1", "GET /sse/tasks").unwrap(),
+            h.tracker
+                .last_event_id(&key("s1", "GET /sse/tasks"))
+                .unwrap(),
             "10000"
         );
     }
@@ -116,14 +118,21 @@ mod session {
         assert_eq!(tracker.tracked_streams(), 2, "4 minutes is not idle enough");
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert_eq!(tracker.tracked_streams(), 1);
-        assert_eq!(tracker.last_event_id("idle", "GET /mcp"), None);
-        assert_eq!(tracker.last_event_id("busy", "GET /mcp").unwrap(), "2");
+        assert_eq!(tracker.last_event_id(&key("idle", "GET /mcp")), None);
+        assert_eq!(
+            tracker.last_event_id(&key("busy", "GET /mcp")).unwrap(),
+            "2"
+        );
         assert_eq!(
             recorded.value(STREAMS_EVICTED_TOTAL, &[("reason", REASON_IDLE)]),
             1.0
         );
         assert_eq!(
-            tracker.resolve("idle", "GET /mcp").await.unwrap().unwrap(),
+            tracker
+                .resolve(&key("idle", "GET /mcp"))
+                .await
+                .unwrap()
+                .unwrap(),
             "3"
         );
     }

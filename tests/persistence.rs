@@ -10,21 +10,14 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use common::stores::{Calls, Fault, FaultStore, ScriptedStore};
-use common::{Harness, build_recorded, run_frames};
+use common::{Harness, build_recorded, key, run_frames};
 use tokio::time::{Instant, sleep, timeout};
 use tower_sse_tracker::metrics::{
     BACKPRESSURE_TIMEOUTS_TOTAL, RECORDS_ENQUEUED_TOTAL, RETRIES_EXHAUSTED_TOTAL, RETRIES_TOTAL,
     STORE_ERRORS_TOTAL, STORE_WRITES_TOTAL,
 };
 use tower_sse_tracker::store::InMemoryStore;
-use tower_sse_tracker::{RetryPolicy, SessionId, SseTracker, StreamKey, StreamName};
-
-fn key(session: &str, stream: &str) -> StreamKey {
-    StreamKey {
-        session: SessionId::new(session).unwrap(),
-        stream: StreamName::new(stream).unwrap(),
-    }
-}
+use tower_sse_tracker::{RetryPolicy, SseTracker};
 
 /// Waits (up to 60 s of tokio time) until `done` holds.
 async fn eventually(what: &str, done: impl Fn() -> bool) {
@@ -68,12 +61,19 @@ async fn test_persistence_worker_writes_the_latest_id_of_a_real_stream() {
 
     // Another tracker on the same store (a restart, or another instance) resolves from it.
     let other = SseTracker::builder().store(store.clone()).build().unwrap();
-    assert_eq!(other.last_event_id("s1", "GET /sse/p"), None);
+    assert_eq!(other.last_event_id(&key("s1", "GET /sse/p")), None);
     assert_eq!(
-        other.resolve("s1", "GET /sse/p").await.unwrap().unwrap(),
+        other
+            .resolve(&key("s1", "GET /sse/p"))
+            .await
+            .unwrap()
+            .unwrap(),
         "3"
     );
-    assert_eq!(other.resolve("s1", "GET /sse/unknown").await.unwrap(), None);
+    assert_eq!(
+        other.resolve(&key("s1", "GET /sse/unknown")).await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +135,10 @@ async fn test_event_tracker_channel_backpressure() {
     tx.send(Bytes::from_static(b"id: 7\n\n")).unwrap();
     tx.send(Bytes::from_static(b"data: next\n\n")).unwrap();
     client.read_until_len(7 + 12).await;
-    assert_eq!(h.tracker.last_event_id("c", "GET /sse/c").unwrap(), "7");
+    assert_eq!(
+        h.tracker.last_event_id(&key("c", "GET /sse/c")).unwrap(),
+        "7"
+    );
     let waited = {
         let pulls = pulls.lock().unwrap();
         pulls[1] - pulls[0]
@@ -431,7 +434,10 @@ async fn shutdown_drains_everything_pending_and_closes_the_channel() {
     let (tx, client) = &mut open[0];
     tx.send(Bytes::from_static(b"id: 3\n\n")).unwrap();
     client.read_until_len(21).await;
-    assert_eq!(h.tracker.last_event_id("s1", "GET /sse/s1").unwrap(), "3");
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/s1")).unwrap(),
+        "3"
+    );
     sleep(Duration::from_secs(1)).await;
     assert_eq!(stored(&store, "s1", "GET /sse/s1").as_deref(), Some("2"));
     assert_eq!(
@@ -585,5 +591,8 @@ fn a_worker_lost_with_its_runtime_makes_shutdown_say_so() {
     assert!(report.worker_lost, "{report:?}");
     assert!(!report.is_complete());
     assert_eq!(report.pending, [key("lost", "GET /mcp")]);
-    assert_eq!(tracker.last_event_id("lost", "GET /mcp").unwrap(), "3");
+    assert_eq!(
+        tracker.last_event_id(&key("lost", "GET /mcp")).unwrap(),
+        "3"
+    );
 }

@@ -12,21 +12,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
-use common::{Harness, build_recorded, run_frames};
+use common::{Harness, build_recorded, key, run_frames};
 use redis_server::{RedisServer, unique_prefix};
 use tokio::time::{sleep, timeout};
 use tower_sse_tracker::metrics::STORE_ERRORS_TOTAL;
 use tower_sse_tracker::store::{RedisStore, SaveEntry, SessionActivity, Store};
-use tower_sse_tracker::{
-    EventId, Resume, RetryPolicy, SessionId, SseTracker, StreamKey, StreamName,
-};
-
-fn key(session: &str, stream: &str) -> StreamKey {
-    StreamKey {
-        session: SessionId::new(session).unwrap(),
-        stream: StreamName::new(stream).unwrap(),
-    }
-}
+use tower_sse_tracker::{EventId, Owner, Resume, RetryPolicy, SseTracker, StreamKey};
 
 fn entry(k: &StreamKey, id: &str, sequence: u64, at_ms: u64) -> SaveEntry {
     SaveEntry {
@@ -148,11 +139,11 @@ async fn keys_and_activity_expire_after_the_ttl() {
     store
         .touch_sessions(&[
             SessionActivity {
-                session: SessionId::new("s1").unwrap(),
+                owner: Owner::new("s1").unwrap(),
                 last_active: now,
             },
             SessionActivity {
-                session: SessionId::new("s2").unwrap(),
+                owner: Owner::new("s2").unwrap(),
                 last_active: now - Duration::from_millis(200),
             },
         ])
@@ -163,7 +154,7 @@ async fn keys_and_activity_expire_after_the_ttl() {
         .idle_sessions(Duration::from_millis(100), 10)
         .await
         .unwrap();
-    assert_eq!(idle, [SessionId::new("s2").unwrap()]);
+    assert_eq!(idle, [Owner::new("s2").unwrap()]);
     assert!(store.last_active("s1").await.unwrap().is_some());
     sleep(Duration::from_millis(600)).await;
     assert_eq!(loaded(&store, &k).await, None);
@@ -195,7 +186,7 @@ async fn a_client_resumes_on_a_second_instance() {
     timeout(Duration::from_secs(10), async {
         while b
             .tracker
-            .resolve("s1", "GET /sse/events")
+            .resolve(&key("s1", "GET /sse/events"))
             .await
             .unwrap()
             .is_none()
@@ -219,7 +210,7 @@ async fn a_client_resumes_on_a_second_instance() {
     let client = last.unwrap().0;
     assert_eq!(
         b.tracker
-            .resume("s1", "GET /sse/events", Some(&client))
+            .resume(&key("s1", "GET /sse/events"), Some(&client))
             .await
             .unwrap(),
         Resume::Current(EventId::new("5").unwrap())
@@ -227,7 +218,7 @@ async fn a_client_resumes_on_a_second_instance() {
     let behind = EventId::new("3").unwrap();
     assert_eq!(
         b.tracker
-            .resume("s1", "GET /sse/events", Some(&behind))
+            .resume(&key("s1", "GET /sse/events"), Some(&behind))
             .await
             .unwrap(),
         Resume::Behind {
@@ -237,7 +228,7 @@ async fn a_client_resumes_on_a_second_instance() {
     );
     assert_eq!(
         b.tracker
-            .resume("s9", "GET /sse/events", None)
+            .resume(&key("s9", "GET /sse/events"), None)
             .await
             .unwrap(),
         Resume::Unknown
@@ -557,7 +548,7 @@ async fn instances_agree_while_a_client_bounces_between_them() {
         let client_id = last.map(|id| EventId::new(&id.to_string()).unwrap());
         let answer = h
             .tracker
-            .resume("s1", STREAM, client_id.as_ref())
+            .resume(&key("s1", STREAM), client_id.as_ref())
             .await
             .unwrap();
         let expected = match &client_id {
@@ -568,7 +559,10 @@ async fn instances_agree_while_a_client_bounces_between_them() {
         if let Some(id) = last.filter(|&id| id > 1) {
             let older = EventId::new(&(id - 1).to_string()).unwrap();
             assert_eq!(
-                h.tracker.resume("s1", STREAM, Some(&older)).await.unwrap(),
+                h.tracker
+                    .resume(&key("s1", STREAM), Some(&older))
+                    .await
+                    .unwrap(),
                 Resume::Behind {
                     client: Some(older.clone()),
                     latest: client_id.clone().unwrap()
@@ -593,7 +587,7 @@ async fn instances_agree_while_a_client_bounces_between_them() {
         timeout(Duration::from_secs(10), async {
             while h
                 .tracker
-                .stored_event_id("s1", STREAM)
+                .stored_event_id(&key("s1", STREAM))
                 .await
                 .unwrap()
                 .as_ref()
@@ -609,7 +603,7 @@ async fn instances_agree_while_a_client_bounces_between_them() {
             (["A", "B"][1 - instance], &other.tracker),
         ] {
             assert_eq!(
-                t.resolve("s1", STREAM).await.unwrap().unwrap(),
+                t.resolve(&key("s1", STREAM)).await.unwrap().unwrap(),
                 latest.as_str(),
                 "hop {hop}: {who} resolves to the newest id"
             );

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Harness, build_recorded, run_frames};
+use common::{Harness, build_recorded, key, run_frames};
 use tower_sse_tracker::{SseTracker, metrics::IDS_REJECTED_TOTAL};
 
 const SESSION: &str = "rules-session";
@@ -16,7 +16,7 @@ async fn latest_after(frames: &[&[u8]]) -> Option<String> {
     let sent: Vec<u8> = frames.concat();
     assert_eq!(client.received, sent, "bytes must pass through unchanged");
     h.tracker
-        .last_event_id(SESSION, "GET /sse/s")
+        .last_event_id(&key(SESSION, "GET /sse/s"))
         .map(|id| id.as_str().to_owned())
 }
 
@@ -197,7 +197,10 @@ async fn an_id_longer_than_the_limit_is_ignored_and_counted() {
         &[at_limit.as_bytes(), long.as_bytes()],
     )
     .await;
-    let latest = h.tracker.last_event_id(SESSION, "GET /sse/s").unwrap();
+    let latest = h
+        .tracker
+        .last_event_id(&key(SESSION, "GET /sse/s"))
+        .unwrap();
     assert_eq!(latest, "b".repeat(16).as_str());
     assert_eq!(recorded.value(IDS_REJECTED_TOTAL, &[]), 1.0);
 }

@@ -25,7 +25,7 @@ use common::load::{client, percentile, serve_load};
 use common::stores::{Calls, Fault, FaultStore};
 use tokio::time::{Instant, sleep};
 use tower_sse_tracker::metrics::{STORE_ERRORS_TOTAL, WORKER_FAILURES_TOTAL};
-use tower_sse_tracker::{RetryPolicy, SessionId, SseTracker, StreamKey, StreamName};
+use tower_sse_tracker::{RetryPolicy, SseTracker, StreamKey};
 
 const STREAMS: usize = 50;
 const RATE: u64 = 20;
@@ -35,10 +35,7 @@ const RETRY: RetryPolicy =
     RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1), 5);
 
 fn key(session: &str) -> StreamKey {
-    StreamKey::new(
-        SessionId::new(session).unwrap(),
-        StreamName::new("GET /load").unwrap(),
-    )
+    StreamKey::try_new(session, "GET /load").unwrap()
 }
 
 /// The most store calls per second the worker may make while a store fails, whatever the
@@ -135,7 +132,7 @@ async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Out
         .iter()
         .map(|r| key(&r.session))
         .filter(|k| {
-            let latest = tracker.last_event_id(k.session.as_str(), k.stream.as_str());
+            let latest = tracker.last_event_id(k);
             store.get(k).map(|s| s.id) != latest
         })
         .collect();

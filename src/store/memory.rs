@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
-use crate::key::{SessionId, StreamKey};
+use crate::key::{Owner, StreamKey};
 
 /// Default limit of [`InMemoryStore::new`]: one million keys.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -26,8 +26,8 @@ struct Inner {
     next_stamp: u64,
     evicted: u64,
     /// Last activity of each session, bounded like the keys (oldest touch goes first).
-    sessions: HashMap<SessionId, (SystemTime, u64)>,
-    sessions_by_stamp: BTreeMap<u64, SessionId>,
+    sessions: HashMap<Owner, (SystemTime, u64)>,
+    sessions_by_stamp: BTreeMap<u64, Owner>,
 }
 
 /// The default [`Store`]: a map in memory, safe for concurrent use, bounded by a number of keys
@@ -102,12 +102,13 @@ impl InMemoryStore {
         self.len() == 0
     }
 
-    /// When `session` was last active, as last written by the worker.
-    pub fn last_active(&self, session: &str) -> Option<SystemTime> {
-        self.lock().sessions.get(session).map(|(t, _)| *t)
+    /// When `owner` (a session id, with the default owner source) was last active, as last
+    /// written by the worker.
+    pub fn last_active(&self, owner: &str) -> Option<SystemTime> {
+        self.lock().sessions.get(owner).map(|(t, _)| *t)
     }
 
-    /// How many sessions have an activity time.
+    /// How many owners have an activity time.
     pub fn sessions(&self) -> usize {
         self.lock().sessions.len()
     }
@@ -120,13 +121,13 @@ impl InMemoryStore {
             inner.next_stamp += 1;
             if let Some((_, old)) = inner
                 .sessions
-                .insert(activity.session.clone(), (activity.last_active, stamp))
+                .insert(activity.owner.clone(), (activity.last_active, stamp))
             {
                 inner.sessions_by_stamp.remove(&old);
             }
             inner
                 .sessions_by_stamp
-                .insert(stamp, activity.session.clone());
+                .insert(stamp, activity.owner.clone());
             while inner.sessions.len() > self.max_keys {
                 let Some((_, oldest)) = inner.sessions_by_stamp.pop_first() else {
                     break;
@@ -195,14 +196,11 @@ impl Store for InMemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{EventId, SessionId, StreamName};
+    use crate::key::EventId;
 
     fn entry(session: &str, id: &str, sequence: u64) -> SaveEntry {
         SaveEntry {
-            key: StreamKey {
-                session: SessionId::new(session).unwrap(),
-                stream: StreamName::new("GET /s").unwrap(),
-            },
+            key: StreamKey::try_new(session, "GET /s").unwrap(),
             id: EventId::new(id).unwrap(),
             sequence,
             published_at: SystemTime::UNIX_EPOCH,

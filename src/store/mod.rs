@@ -41,7 +41,7 @@ use std::pin::Pin;
 
 use std::time::SystemTime;
 
-use crate::key::{EventId, SessionId, StreamKey};
+use crate::key::{EventId, Owner, StreamKey};
 
 mod memory;
 #[cfg(feature = "redis")]
@@ -108,11 +108,12 @@ impl SaveEntry {
     }
 }
 
-/// When a session was last active: its last request or frame on a tracked stream.
+/// When an owner (a session, with the default owner source) was last active: its last request
+/// or frame on a tracked stream. Sessionless streams have no activity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionActivity {
-    /// The session.
-    pub session: SessionId,
+    /// The owner.
+    pub owner: Owner,
     /// Its last activity (to the worker's clock resolution, about one flush interval).
     pub last_active: SystemTime,
 }

@@ -9,7 +9,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
-use crate::key::{EventId, SessionId, StreamKey};
+use crate::key::{EventId, Owner, StreamKey};
 
 /// Default key prefix of [`RedisStore`].
 pub const DEFAULT_PREFIX: &str = "sse-tracker";
@@ -200,7 +200,11 @@ impl RedisStore {
         let mut out = String::with_capacity(self.prefix.len() + 8 + 64);
         out.push_str(&self.prefix);
         out.push_str(":id:");
-        encode(&mut out, key.session.as_str());
+        match &key.owner {
+            Some(owner) => encode(&mut out, owner.as_str()),
+            // `~` is never left raw by `encode`: no owner's name can make it.
+            None => out.push('~'),
+        }
         out.push(':');
         encode(&mut out, key.stream.as_str());
         out
@@ -211,12 +215,13 @@ impl RedisStore {
         format!("{}:activity", self.prefix)
     }
 
-    /// Sessions whose last activity is older than `idle_for`, oldest first (at most `limit`).
+    /// Owners (sessions, with the default owner source) whose last activity is older than
+    /// `idle_for`, oldest first (at most `limit`).
     pub async fn idle_sessions(
         &self,
         idle_for: Duration,
         limit: usize,
-    ) -> Result<Vec<SessionId>, StoreError> {
+    ) -> Result<Vec<Owner>, StoreError> {
         let before = unix_ms(SystemTime::now()).saturating_sub(idle_for.as_millis() as u64);
         let mut conn = self.connection().await?;
         let members: Vec<String> = redis::cmd("ZRANGE")
@@ -230,18 +235,15 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error("listing idle sessions", e))?;
-        Ok(members
-            .iter()
-            .filter_map(|m| SessionId::new(m).ok())
-            .collect())
+        Ok(members.iter().filter_map(|m| Owner::new(m).ok()).collect())
     }
 
-    /// When `session` was last active, if the activity set still has it.
-    pub async fn last_active(&self, session: &str) -> Result<Option<SystemTime>, StoreError> {
+    /// When `owner` was last active, if the activity set still has it.
+    pub async fn last_active(&self, owner: &str) -> Result<Option<SystemTime>, StoreError> {
         let mut conn = self.connection().await?;
         let score: Option<f64> = redis::cmd("ZSCORE")
             .arg(self.activity_key())
-            .arg(session)
+            .arg(owner)
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error("reading session activity", e))?;
@@ -305,7 +307,7 @@ impl Store for RedisStore {
         let zadd = pipe.cmd("ZADD").arg(&key).arg("GT");
         for activity in sessions {
             zadd.arg(unix_ms(activity.last_active))
-                .arg(activity.session.as_str());
+                .arg(activity.owner.as_str());
         }
         pipe.ignore();
         let expired_before = unix_ms(SystemTime::now()).saturating_sub(ttl_ms);

@@ -100,8 +100,8 @@ pub(crate) fn chunks<T>(entries: Vec<T>, max: usize) -> VecDeque<Vec<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{SessionId, StreamName};
-    use crate::registry::{Limits, RegistryMetrics};
+    use crate::key::{Owner, StreamName};
+    use crate::registry::{Limits, Open, RegistryMetrics};
 
     fn registry() -> Registry {
         Registry::new(
@@ -116,8 +116,8 @@ mod tests {
     }
 
     fn slot(r: &Registry, name: &str) -> Arc<Slot> {
-        let s = SessionId::new("s").unwrap();
-        r.get_or_insert(&s, &StreamName::new(name).unwrap(), false)
+        let s = Owner::new("s").unwrap();
+        r.get_or_insert(Some(&s), &StreamName::new(name).unwrap(), Open::No)
             .unwrap()
             .0
     }

@@ -683,9 +683,11 @@ impl State {
             let sessions = self.round.touches.pop_front()?;
             let activity: Vec<SessionActivity> = sessions
                 .iter()
-                .map(|s| SessionActivity {
-                    session: s.id().clone(),
-                    last_active: self.registry.wall_time(s.last_active_us()),
+                .filter_map(|s| {
+                    Some(SessionActivity {
+                        owner: s.id()?.clone(),
+                        last_active: self.registry.wall_time(s.last_active_us()),
+                    })
                 })
                 .collect();
             let store = self.store.clone();
@@ -813,10 +815,8 @@ impl State {
         slot.mark_queued();
         if retries > self.config.retry.max_retries() {
             self.metrics.retries_exhausted.increment(1);
-            let key = slot.key();
             tracing::debug!(
-                session = %key.session,
-                stream = %key.stream,
+                key = %slot.key(),
                 retries = retries - 1,
                 "gave up writing the latest id of a stream"
             );

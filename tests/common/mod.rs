@@ -24,6 +24,11 @@ use tower_sse_tracker::{LastEventId, SessionId, SseTracker, StreamName};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
+/// The key of `stream` of `owner`.
+pub fn key(owner: &str, stream: &str) -> tower_sse_tracker::StreamKey {
+    tower_sse_tracker::StreamKey::try_new(owner, stream).unwrap()
+}
+
 /// When the server's body pulled each frame of a feed.
 pub type PullLog = Arc<Mutex<Vec<tokio::time::Instant>>>;
 

@@ -1,0 +1,384 @@
+//! Stream identity: how the key of a response's stream is made, as (owner, stream).
+//!
+//! - The **owner** ([`OwnerSource`]) is who the stream belongs to: by default the session id of
+//!   the `mcp-session-id` header (MCP before 2026-07-28), or another header, a value that an
+//!   authentication layer put in the request extensions (the principal), or no one (MCP
+//!   2026-07-28 and other sessionless servers).
+//! - The **stream** ([`StreamSource`]) is which of the owner's streams it is: by default the
+//!   route (`"{METHOD} {path}"`, or a [`StreamName`](crate::StreamName) the handler puts in the
+//!   response extensions), with concurrent responses on one route kept apart; or, for servers
+//!   whose event ids name their stream (MCP servers do), the stream part of each committed id
+//!   ([`IdStream`]), so that a POST response stream and the GET that resumes it with
+//!   `Last-Event-ID` share a key.
+//!
+//! # Trust
+//!
+//! The layer does not authenticate anyone. A key is made of what the request says: with the
+//! default owner, any client that sends another client's session id in `mcp-session-id` writes
+//! into that session's streams. When that matters, take the owner from an authenticated
+//! principal that an authentication layer (outside this one) put in the request extensions,
+//! with [`OwnerSource::extension`]: then a forged header changes nothing.
+//!
+//! ```
+//! use tower_sse_tracker::{IdStream, OwnerSource, SseTracker, StreamSource};
+//!
+//! /// What an authentication layer puts in the request extensions.
+//! #[derive(Clone)]
+//! struct Principal(String);
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let tracker = SseTracker::builder()
+//!     .owner(OwnerSource::extension(|p: &Principal| Some(p.0.as_str())))
+//!     .stream(StreamSource::event_id(IdStream::RMCP))
+//!     .build()
+//!     .unwrap();
+//! # let _ = tracker;
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::{Extensions, HeaderMap, HeaderName};
+
+use crate::key::{Owner, SessionId};
+
+type ExtensionFn = Arc<dyn Fn(&Extensions) -> Option<Owner> + Send + Sync>;
+
+/// Where the owner of a stream comes from. See the [module docs](self).
+#[derive(Clone)]
+pub struct OwnerSource(pub(crate) OwnerKind);
+
+#[derive(Clone)]
+pub(crate) enum OwnerKind {
+    /// A session header, read on the request and, when the request has none, on the response
+    /// (MCP servers assign the session there).
+    SessionHeader(String),
+    /// A request header.
+    Header(String),
+    /// A value of the request extensions.
+    Extension(ExtensionFn),
+    /// No owner: every stream is sessionless.
+    None,
+}
+
+impl fmt::Debug for OwnerSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            OwnerKind::SessionHeader(h) => write!(f, "OwnerSource::session_header({h:?})"),
+            OwnerKind::Header(h) => write!(f, "OwnerSource::header({h:?})"),
+            OwnerKind::Extension(_) => f.write_str("OwnerSource::extension(..)"),
+            OwnerKind::None => f.write_str("OwnerSource::none()"),
+        }
+    }
+}
+
+impl Default for OwnerSource {
+    fn default() -> Self {
+        Self::session_header(crate::builder::DEFAULT_SESSION_HEADER)
+    }
+}
+
+impl OwnerSource {
+    /// A session header (the default: `mcp-session-id`), read on the request and, when the
+    /// request has no valid one, on the response, where MCP servers assign it. A valid value
+    /// (1 to 128 bytes of visible ASCII) is also put in the request extensions as
+    /// [`SessionId`]. A stream with no valid session id is not tracked
+    /// (`sse_tracker_untracked_streams_total{reason="no_session"}`).
+    pub fn session_header(name: impl Into<String>) -> Self {
+        Self(OwnerKind::SessionHeader(name.into()))
+    }
+
+    /// Any request header, for example one an API gateway sets after authenticating the
+    /// client. A stream whose request lacks a valid value is not tracked.
+    pub fn header(name: impl Into<String>) -> Self {
+        Self(OwnerKind::Header(name.into()))
+    }
+
+    /// A value of type `T` in the request extensions, such as the principal an authentication
+    /// layer put there (that layer must run before this one: add it after this layer with
+    /// `Router::layer`, or before it with `ServiceBuilder`). `owner` returns the owner's name
+    /// (1 to 256 bytes, no control characters). A stream whose request lacks the value is not
+    /// tracked.
+    ///
+    /// ```
+    /// use tower_sse_tracker::OwnerSource;
+    ///
+    /// #[derive(Clone)]
+    /// struct Principal {
+    ///     user_id: String,
+    /// }
+    ///
+    /// let source = OwnerSource::extension(|p: &Principal| Some(p.user_id.as_str()));
+    /// # let _ = source;
+    /// ```
+    pub fn extension<T: Send + Sync + 'static>(owner: fn(&T) -> Option<&str>) -> Self {
+        Self(OwnerKind::Extension(Arc::new(
+            move |extensions: &Extensions| {
+                extensions
+                    .get::<T>()
+                    .and_then(owner)
+                    .and_then(|name| Owner::new(name).ok())
+            },
+        )))
+    }
+
+    /// No owner: every stream is sessionless (MCP 2026-07-28, or a public feed). Keys are then
+    /// told apart by their stream alone, so pair this with a stream source that names each
+    /// stream, such as [`StreamSource::event_id`].
+    pub fn none() -> Self {
+        Self(OwnerKind::None)
+    }
+}
+
+/// The owner source with its header name parsed, as the layer uses it.
+#[derive(Clone)]
+pub(crate) enum OwnerRule {
+    SessionHeader(HeaderName),
+    Header(HeaderName),
+    Extension(ExtensionFn),
+    None,
+}
+
+impl fmt::Debug for OwnerRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OwnerRule::SessionHeader(h) => write!(f, "SessionHeader({h})"),
+            OwnerRule::Header(h) => write!(f, "Header({h})"),
+            OwnerRule::Extension(_) => f.write_str("Extension"),
+            OwnerRule::None => f.write_str("None"),
+        }
+    }
+}
+
+/// What the request says of the owner.
+#[derive(Debug, Clone)]
+pub(crate) enum RequestOwner {
+    /// Known: this owner (or none, for a sessionless source).
+    Known(Option<Owner>),
+    /// Not on the request; the response's session header may name it.
+    FromResponse,
+    /// Required, and not there.
+    Missing,
+}
+
+impl OwnerRule {
+    /// The owner a request names, and the session id to put in its extensions.
+    pub(crate) fn of_request(
+        &self,
+        headers: &HeaderMap,
+        extensions: &Extensions,
+    ) -> (RequestOwner, Option<SessionId>) {
+        match self {
+            OwnerRule::SessionHeader(name) => {
+                match headers
+                    .get(name)
+                    .and_then(|v| SessionId::from_bytes(v.as_bytes()).ok())
+                {
+                    Some(session) => (
+                        RequestOwner::Known(Some(session.clone().into())),
+                        Some(session),
+                    ),
+                    None => (RequestOwner::FromResponse, None),
+                }
+            }
+            OwnerRule::Header(name) => {
+                let owner = headers
+                    .get(name)
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                    .and_then(|v| Owner::new(v).ok());
+                (
+                    owner.map_or(RequestOwner::Missing, |o| RequestOwner::Known(Some(o))),
+                    None,
+                )
+            }
+            OwnerRule::Extension(f) => (
+                f(extensions).map_or(RequestOwner::Missing, |o| RequestOwner::Known(Some(o))),
+                None,
+            ),
+            OwnerRule::None => (RequestOwner::Known(None), None),
+        }
+    }
+
+    /// The owner a response names, when the request named none.
+    pub(crate) fn of_response(&self, headers: &HeaderMap) -> Option<Owner> {
+        match self {
+            OwnerRule::SessionHeader(name) => headers
+                .get(name)
+                .and_then(|v| SessionId::from_bytes(v.as_bytes()).ok())
+                .map(Owner::from),
+            _ => None,
+        }
+    }
+}
+
+/// Which stream of its owner a response is. See the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamSource(pub(crate) StreamKind);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamKind {
+    Route { shared: bool },
+    EventId(IdStream),
+}
+
+impl Default for StreamSource {
+    fn default() -> Self {
+        Self::route()
+    }
+}
+
+impl StreamSource {
+    /// The route (the default): the name a handler puts in the response extensions as a
+    /// [`StreamName`](crate::StreamName), else `"{METHOD} {path}"` as the layer sees it. A
+    /// response on a route whose stream already has an open body of the same owner gets a
+    /// stream of its own, named `"{name} #2"`, `"{name} #3"`… (at most 64 at once; beyond, the
+    /// response is not tracked and counted with `reason="concurrent"`), so two concurrent
+    /// responses never share a key. A name the handler chose is its call: responses with the
+    /// same `StreamName` share it.
+    pub fn route() -> Self {
+        Self(StreamKind::Route { shared: false })
+    }
+
+    /// The route, shared: concurrent responses on one route of one owner are one stream, whose
+    /// latest id is the newest of all of them.
+    pub fn shared_route() -> Self {
+        Self(StreamKind::Route { shared: true })
+    }
+
+    /// The stream part of each committed id, through `format`: every id goes to the stream its
+    /// id names, and a `Last-Event-ID` resolves to the stream it names (the layer puts that key
+    /// in the request extensions). Ids that name no stream go to the route's stream, as with
+    /// [`route`](Self::route).
+    pub fn event_id(format: IdStream) -> Self {
+        Self(StreamKind::EventId(format))
+    }
+}
+
+/// How an event id names its stream: a function from an id to the part that names its stream.
+///
+/// ```
+/// use tower_sse_tracker::IdStream;
+///
+/// assert_eq!(IdStream::RMCP.stream_of("3/17"), Some("17"));
+/// assert_eq!(IdStream::RMCP.stream_of("3"), None); // rmcp's standalone GET stream
+/// assert_eq!(IdStream::MCP_TYPESCRIPT.stream_of("a1b2_1700000000_x9"), Some("a1b2"));
+///
+/// let custom = IdStream::new("before-dot", |id| id.split_once('.').map(|(s, _)| s));
+/// assert_eq!(custom.stream_of("orders.42"), Some("orders"));
+/// ```
+#[derive(Clone, Copy)]
+pub struct IdStream {
+    name: &'static str,
+    stream_of: fn(&str) -> Option<&str>,
+}
+
+impl fmt::Debug for IdStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdStream({})", self.name)
+    }
+}
+
+impl PartialEq for IdStream {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for IdStream {}
+
+fn rmcp(id: &str) -> Option<&str> {
+    let (index, request) = id.split_once('/')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(index) && digits(request)).then_some(request)
+}
+
+fn mcp_typescript(id: &str) -> Option<&str> {
+    let (stream, _) = id.split_once('_')?;
+    (!stream.is_empty()).then_some(stream)
+}
+
+impl IdStream {
+    /// rmcp (the official Rust SDK): a POST response stream's ids are
+    /// `"{index}/{http_request_id}"`; the stream is the request id. The ids of the standalone
+    /// GET stream, `"{index}"`, name no stream (they go to the route's stream).
+    pub const RMCP: IdStream = IdStream {
+        name: "rmcp",
+        stream_of: rmcp,
+    };
+
+    /// The MCP TypeScript SDK's event stores: `"{streamId}_{…}"`; the stream is the part
+    /// before the first `_`.
+    pub const MCP_TYPESCRIPT: IdStream = IdStream {
+        name: "mcp-typescript",
+        stream_of: mcp_typescript,
+    };
+
+    /// A format of your own: `stream_of` returns the part of an id that names its stream, or
+    /// `None` when the id names none.
+    pub const fn new(name: &'static str, stream_of: fn(&str) -> Option<&str>) -> Self {
+        Self { name, stream_of }
+    }
+
+    /// The part of `id` that names its stream, if any.
+    pub fn stream_of<'a>(&self, id: &'a str) -> Option<&'a str> {
+        (self.stream_of)(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_presets_take_the_stream_part_and_refuse_other_shapes() {
+        for (id, stream) in [
+            ("0/0", Some("0")),
+            ("12/345", Some("345")),
+            ("12", None),
+            ("/3", None),
+            ("a/3", None),
+            ("3/", None),
+            ("1/2/3", None),
+        ] {
+            assert_eq!(IdStream::RMCP.stream_of(id), stream, "{id}");
+        }
+        assert_eq!(IdStream::MCP_TYPESCRIPT.stream_of("s_1_2"), Some("s"));
+        assert_eq!(IdStream::MCP_TYPESCRIPT.stream_of("_1"), None);
+        assert_eq!(IdStream::MCP_TYPESCRIPT.stream_of("plain"), None);
+    }
+
+    #[test]
+    fn owners_come_from_their_source() {
+        let mut headers = HeaderMap::new();
+        headers.insert("mcp-session-id", "s1".parse().unwrap());
+        headers.insert("x-user", "alice".parse().unwrap());
+        let mut extensions = Extensions::new();
+        #[derive(Clone)]
+        struct Principal(String);
+        extensions.insert(Principal("bob".into()));
+        let rule = |source: OwnerSource| match source.0 {
+            OwnerKind::SessionHeader(h) => OwnerRule::SessionHeader(h.parse().unwrap()),
+            OwnerKind::Header(h) => OwnerRule::Header(h.parse().unwrap()),
+            OwnerKind::Extension(f) => OwnerRule::Extension(f),
+            OwnerKind::None => OwnerRule::None,
+        };
+        let owner = |source| match rule(source).of_request(&headers, &extensions).0 {
+            RequestOwner::Known(owner) => owner.map(|o| o.to_string()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(owner(OwnerSource::default()).as_deref(), Some("s1"));
+        assert_eq!(
+            owner(OwnerSource::header("x-user")).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            owner(OwnerSource::extension(|p: &Principal| Some(p.0.as_str()))).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(owner(OwnerSource::none()), None);
+        let missing = rule(OwnerSource::header("x-other")).of_request(&headers, &extensions);
+        assert!(matches!(missing.0, RequestOwner::Missing));
+    }
+}
