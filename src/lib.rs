@@ -75,6 +75,9 @@ struct ReadmeDoctests;
 
 mod body;
 mod builder;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod extract;
 mod future;
 pub mod identity;
 pub mod key;

@@ -181,7 +181,7 @@ async fn a_bad_session_header_leaves_the_stream_untracked() {
         drop(tx);
         assert_eq!(client.read_to_end().await, b"id: 1\ndata: x\n\n");
         // The handler did not get a session extension either.
-        assert_eq!(h.seen(name).0, None, "{name}");
+        assert_eq!(h.seen(name).session, None, "{name}");
     }
     assert_eq!(h.tracker.tracked_streams(), 0);
     assert_eq!(
@@ -240,7 +240,11 @@ async fn the_handler_gets_the_validated_last_event_id_and_session() {
         .await
         .read_to_end()
         .await;
-    let (session, last) = h.seen("r");
+    let common::Extensions {
+        session,
+        last_event_id: last,
+        ..
+    } = h.seen("r");
     assert_eq!(session.unwrap(), "s1");
     assert_eq!(last.unwrap().0, "41");
 
@@ -253,7 +257,7 @@ async fn the_handler_gets_the_validated_last_event_id_and_session() {
         .await
         .read_to_end()
         .await;
-    assert_eq!(h.seen("r").1, None);
+    assert_eq!(h.seen("r").last_event_id, None);
 }
 
 #[tokio::test]

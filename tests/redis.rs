@@ -206,7 +206,7 @@ async fn a_client_resumes_on_a_second_instance() {
         .await
         .read_to_end()
         .await;
-    let (_, last) = b.seen("events");
+    let last = b.seen("events").last_event_id;
     let client = last.unwrap().0;
     assert_eq!(
         b.tracker

@@ -32,10 +32,21 @@ pub fn key(owner: &str, stream: &str) -> tower_sse_tracker::StreamKey {
 /// When the server's body pulled each frame of a feed.
 pub type PullLog = Arc<Mutex<Vec<tokio::time::Instant>>>;
 
-type Feeds = Arc<Mutex<HashMap<String, (mpsc::UnboundedReceiver<Bytes>, PullLog)>>>;
+/// The feeds of each path, taken by its requests in order.
+type Feeds = Arc<
+    Mutex<HashMap<String, std::collections::VecDeque<(mpsc::UnboundedReceiver<Bytes>, PullLog)>>>,
+>;
 
 /// What the handler saw of the request extensions, by feed name.
-type Seen = Arc<Mutex<HashMap<String, (Option<SessionId>, Option<LastEventId>)>>>;
+type Seen = Arc<Mutex<HashMap<String, Extensions>>>;
+
+/// What the layer put in a request's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct Extensions {
+    pub session: Option<SessionId>,
+    pub last_event_id: Option<LastEventId>,
+    pub key: Option<tower_sse_tracker::StreamKey>,
+}
 
 #[derive(Clone, Default)]
 struct AppState {
@@ -75,17 +86,19 @@ async fn feed_handler(
     let ext = req.extensions();
     state.seen.lock().unwrap().insert(
         name.clone(),
-        (
-            ext.get::<SessionId>().cloned(),
-            ext.get::<LastEventId>().cloned(),
-        ),
+        Extensions {
+            session: ext.get::<SessionId>().cloned(),
+            last_event_id: ext.get::<LastEventId>().cloned(),
+            key: ext.get::<tower_sse_tracker::StreamKey>().cloned(),
+        },
     );
     let o = opts(&q);
     let (rx, log) = state
         .feeds
         .lock()
         .unwrap()
-        .remove(&name)
+        .get_mut(&name)
+        .and_then(|feeds| feeds.pop_front())
         .unwrap_or_else(|| panic!("no feed registered for {name}"));
     let frames = UnboundedReceiverStream::new(rx).map(move |frame| {
         log.lock().unwrap().push(tokio::time::Instant::now());
@@ -121,12 +134,19 @@ async fn plain_handler() -> Response<Body> {
 
 impl Harness {
     pub async fn start(tracker: SseTracker) -> Self {
+        Self::start_with(tracker, |router| router).await
+    }
+
+    /// Like [`start`](Self::start), with `outer` adding layers outside the tracker's (they see
+    /// requests first), such as an authentication layer.
+    pub async fn start_with(tracker: SseTracker, outer: impl FnOnce(Router) -> Router) -> Self {
         let state = AppState::default();
         let app = Router::new()
             .route("/sse/{name}", get(feed_handler))
             .route("/plain", get(plain_handler))
             .with_state(state.clone())
             .layer(tracker.layer());
+        let app = outer(app);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -152,7 +172,9 @@ impl Harness {
             .feeds
             .lock()
             .unwrap()
-            .insert(name.to_owned(), (rx, log.clone()));
+            .entry(name.to_owned())
+            .or_default()
+            .push_back((rx, log.clone()));
         (tx, log)
     }
 
@@ -170,8 +192,8 @@ impl Harness {
         Client::new(response)
     }
 
-    /// The session and Last-Event-ID the handler of feed `name` found in its extensions.
-    pub fn seen(&self, name: &str) -> (Option<SessionId>, Option<LastEventId>) {
+    /// What the handler of feed `name` (its last request) found in its extensions.
+    pub fn seen(&self, name: &str) -> Extensions {
         self.state.seen.lock().unwrap().get(name).cloned().unwrap()
     }
 }
