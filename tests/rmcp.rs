@@ -1,0 +1,284 @@
+//! rmcp 3.x (the official MCP Rust SDK) end to end through the layer, driven by rmcp's own
+//! client over real HTTP, in both protocol modes:
+//!
+//! - legacy sessions (before 2026-07-28): the owner is the `mcp-session-id` rmcp assigns, each
+//!   POST response is a stream named by its ids (`"{index}/{http_request_id}"`);
+//! - 2026-07-28, stateless (SEP-2567): no owner at all, ids from an event store that names
+//!   their stream (`"{stream}_{n}"`).
+//!
+//! In each, two concurrent tool calls stream progress notifications; a TCP proxy cuts the
+//! connections mid-stream; rmcp's client resumes each stream with a GET carrying its
+//! `Last-Event-ID`. The tests check that each stream has its own key with its exact latest id,
+//! that the GET resolves to the key of the stream it resumes, and what `resume` answers. The
+//! server's code knows nothing of the tracker. `cargo test rmcp`.
+
+mod common;
+#[path = "common/mcp.rs"]
+mod mcp;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use mcp::{NamingEventStore, ProgressServer, Proxy, Resumption, record_resumptions, serve};
+use rmcp::model::{CallToolRequestParams, ProtocolVersion};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ClientLifecycleMode, ClientServiceExt, ServiceExt};
+use tower_sse_tracker::{
+    EventId, IdStream, OwnerSource, Resume, SseTracker, StreamKey, StreamSource,
+};
+
+/// Two tool calls with different numbers of steps, so that their streams can be told apart.
+const STEPS: [u64; 2] = [6, 9];
+const DELAY_MS: u64 = 100;
+
+fn call(steps: u64) -> CallToolRequestParams {
+    let args = serde_json::json!({ "steps": steps, "delay_ms": DELAY_MS });
+    CallToolRequestParams::new("progress").with_arguments(args.as_object().unwrap().clone())
+}
+
+fn id(s: &str) -> EventId {
+    EventId::new(s).unwrap()
+}
+
+/// The rmcp server behind the tracker's layer, with rmcp's own keep-alive off: the layer's
+/// heartbeat is the one heartbeat source.
+async fn start(
+    tracker: &SseTracker,
+    config: StreamableHttpServerConfig,
+    stateless_store: Option<NamingEventStore>,
+) -> (Proxy, Arc<Mutex<Vec<Resumption>>>) {
+    let config = config.with_sse_keep_alive(None);
+    let seen: Arc<Mutex<Vec<Resumption>>> = Arc::default();
+    let router = match stateless_store {
+        None => {
+            let service = StreamableHttpService::new(
+                || Ok(ProgressServer),
+                Arc::new(LocalSessionManager::default()),
+                config,
+            );
+            Router::new().nest_service("/mcp", record_resumptions(service, seen.clone()))
+        }
+        Some(store) => {
+            let manager = NeverSessionManager::default().with_event_store(Arc::new(store));
+            let service =
+                StreamableHttpService::new(|| Ok(ProgressServer), Arc::new(manager), config);
+            Router::new().nest_service("/mcp", record_resumptions(service, seen.clone()))
+        }
+    };
+    let addr = serve(router.layer(tracker.layer())).await;
+    (Proxy::start(addr).await, seen)
+}
+
+/// Runs the two calls concurrently through `client`, cutting the connections once both
+/// streams have sent a few events; returns how many connections were cut.
+async fn two_calls_with_a_drop<C>(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, C>,
+    proxy: &Proxy,
+) -> usize
+where
+    C: rmcp::service::Service<rmcp::RoleClient>,
+{
+    let peer = client.peer().clone();
+    let calls = async {
+        tokio::try_join!(
+            peer.call_tool(call(STEPS[0])),
+            peer.call_tool(call(STEPS[1]))
+        )
+    };
+    let cut = async {
+        // About a third of the shorter call.
+        tokio::time::sleep(Duration::from_millis(2 * DELAY_MS + DELAY_MS / 2)).await;
+        proxy.cut()
+    };
+    let (results, cut) = tokio::join!(tokio::time::timeout(Duration::from_secs(30), calls), cut);
+    let (first, second) = results
+        .expect("the calls finished")
+        .expect("the calls succeeded");
+    for (result, steps) in [(first, STEPS[0]), (second, STEPS[1])] {
+        let text = serde_json::to_string(&result.content).unwrap();
+        assert!(text.contains(&format!("done after {steps}")), "{text}");
+    }
+    cut
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_legacy_sessions_two_concurrent_streams_and_a_drop_keep_exact_ids_and_resume() {
+    let tracker = SseTracker::builder()
+        .stream(StreamSource::event_id(IdStream::RMCP))
+        .build()
+        .unwrap();
+    let (proxy, seen) = start(&tracker, StreamableHttpServerConfig::default(), None).await;
+    let url = format!("http://{}/mcp", proxy.addr);
+    // rmcp's client in legacy mode: initialize, then a session.
+    let client =
+        ().serve(StreamableHttpClientTransport::from_uri(url))
+            .await
+            .expect("the client connects");
+    let cut = two_calls_with_a_drop(&client, &proxy).await;
+    assert!(
+        cut >= 2,
+        "the two streams were cut mid-stream ({cut} connections)"
+    );
+
+    // Every resuming GET named a stream of its session by its Last-Event-ID.
+    let resumptions = seen.lock().unwrap().clone();
+    assert!(resumptions.len() >= 2, "{resumptions:?}");
+    let session = resumptions[0]
+        .key
+        .as_ref()
+        .and_then(|k| k.owner.clone())
+        .expect("the GET carried the session");
+    for r in &resumptions {
+        // A POST stream's id names its request; the standalone GET stream's ids ("0", "1"…)
+        // name none, so they resume the route's stream.
+        let stream = match r.last_event_id.split_once('/') {
+            Some((_, request)) => request,
+            None => "GET /mcp",
+        };
+        assert_eq!(
+            r.key,
+            Some(StreamKey::try_new(session.as_str(), stream).unwrap()),
+            "{r:?}"
+        );
+    }
+    let post_resumptions: Vec<&Resumption> = resumptions
+        .iter()
+        .filter(|r| r.last_event_id.contains('/'))
+        .collect();
+    assert!(post_resumptions.len() >= 2, "{resumptions:?}");
+
+    // Each call's stream has its own key and its exact latest id: the final response, after
+    // the priming event 0 and `steps` progress notifications.
+    let streams: BTreeMap<String, String> = tracker
+        .owner_streams(&session)
+        .into_iter()
+        .filter_map(|(name, latest)| Some((name.to_string(), latest?.to_string())))
+        .filter(|(name, _)| name.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    assert_eq!(streams.len(), 2, "{streams:?}");
+    let mut finals: Vec<u64> = Vec::new();
+    for (request, latest) in &streams {
+        let (index, of) = latest.split_once('/').unwrap();
+        assert_eq!(of, request, "{streams:?}");
+        finals.push(index.parse().unwrap());
+    }
+    finals.sort();
+    assert_eq!(finals, [STEPS[0] + 1, STEPS[1] + 1], "{streams:?}");
+
+    // What `resume` answers for a GET that resumed a call's stream: behind (the stream went on
+    // after it), and current at the stream's latest id.
+    for r in post_resumptions {
+        let key = r.key.clone().unwrap();
+        let latest = tracker.last_event_id(&key).unwrap();
+        let answer = tracker
+            .resume(&key, Some(&id(&r.last_event_id)))
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            Resume::Behind {
+                client: Some(id(&r.last_event_id)),
+                latest: latest.clone()
+            }
+        );
+        assert_eq!(
+            tracker.resume(&key, Some(&latest)).await.unwrap(),
+            Resume::Current(latest)
+        );
+    }
+    println!(
+        "legacy: session {session}, streams {streams:?}, {} resuming GETs after cutting {cut} \
+         connections",
+        resumptions.len()
+    );
+    client.cancel().await.unwrap();
+    let report = tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_stateless_2026_07_28_two_concurrent_streams_and_a_drop_keep_exact_ids_and_resume() {
+    let tracker = SseTracker::builder()
+        .owner(OwnerSource::none())
+        .stream(StreamSource::event_id(IdStream::MCP_TYPESCRIPT))
+        .build()
+        .unwrap();
+    let store = NamingEventStore::default();
+    let config = StreamableHttpServerConfig::default()
+        .with_legacy_session_mode(false)
+        // The replay is finite: the client polls again after this long.
+        .with_sse_retry(Some(Duration::from_millis(50)));
+    let (proxy, seen) = start(&tracker, config, Some(store.clone())).await;
+    let url = format!("http://{}/mcp", proxy.addr);
+    let client = ()
+        .serve_with_lifecycle(
+            StreamableHttpClientTransport::from_config(
+                StreamableHttpClientTransportConfig::with_uri(url),
+            ),
+            ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            },
+        )
+        .await
+        .expect("the client connects");
+    let cut = two_calls_with_a_drop(&client, &proxy).await;
+    assert!(
+        cut >= 2,
+        "the two streams were cut mid-stream ({cut} connections)"
+    );
+
+    // No session anywhere; each GET resolved to the stream its Last-Event-ID names.
+    let resumptions = seen.lock().unwrap().clone();
+    assert!(resumptions.len() >= 2, "{resumptions:?}");
+    for r in &resumptions {
+        let (stream, _) = r.last_event_id.split_once('_').expect("a named id");
+        assert_eq!(
+            r.key,
+            Some(StreamKey::try_unowned(stream).unwrap()),
+            "{r:?}"
+        );
+    }
+
+    // Each tool call's stream (those that reached their final event) has its own key, whose
+    // latest id is exactly the last id the server stored on it.
+    let mut tool_streams = 0;
+    for (stream, last) in store.last_ids() {
+        let key = StreamKey::try_unowned(&stream).unwrap();
+        if let Some(latest) = tracker.last_event_id(&key) {
+            assert_eq!(latest, last.as_str(), "{stream}");
+            tool_streams += 1;
+        }
+    }
+    assert!(tool_streams >= 2, "{tool_streams} streams tracked");
+    for r in &resumptions {
+        let key = r.key.clone().unwrap();
+        let latest = tracker.last_event_id(&key).unwrap();
+        if latest != r.last_event_id.as_str() {
+            assert_eq!(
+                tracker
+                    .resume(&key, Some(&id(&r.last_event_id)))
+                    .await
+                    .unwrap(),
+                Resume::Behind {
+                    client: Some(id(&r.last_event_id)),
+                    latest: latest.clone()
+                }
+            );
+        }
+        assert_eq!(
+            tracker.resume(&key, Some(&latest)).await.unwrap(),
+            Resume::Current(latest)
+        );
+    }
+    println!(
+        "stateless: {tool_streams} streams, {} resuming GETs after cutting {cut} connections",
+        resumptions.len()
+    );
+    client.cancel().await.unwrap();
+}
