@@ -31,9 +31,7 @@ use axum::{Extension, Json, Router};
 use futures_util::stream::{self, Stream};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use tower_sse_tracker::{
-    DEFAULT_SESSION_HEADER, LastEventId, Owner, Resume, SessionId, SseTracker, StreamKey,
-};
+use tower_sse_tracker::{LastEventId, Owner, Resume, SessionId, SseTracker, StreamKey};
 
 #[derive(Clone)]
 struct AppState {
@@ -118,7 +116,9 @@ async fn events(
     if session.is_none() {
         // Like an MCP server, assign a session on the response; the layer tracks it from there.
         let id = HeaderValue::from_str(&new_session_id()).expect("visible ASCII");
-        response.headers_mut().insert(DEFAULT_SESSION_HEADER, id);
+        response
+            .headers_mut()
+            .insert(tower_sse_tracker::defaults::SESSION_HEADER, id);
     }
     response
 }

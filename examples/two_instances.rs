@@ -1,10 +1,13 @@
-//! Two server instances sharing one Redis: a client reads some events from the first,
-//! disconnects, reconnects to the second with `Last-Event-ID`, and the second resumes where the
-//! first stopped.
+//! Two server instances sharing one Redis, or one Redis Cluster: a client reads some events
+//! from the first, disconnects, reconnects to the second with `Last-Event-ID`, and the second
+//! resumes where the first stopped.
 //!
 //! ```text
 //! apt-get install -y redis-server && redis-server --daemonize yes   # if none is running
 //! cargo run --example two_instances --features redis                # REDIS_URL overrides
+//! # A Redis Cluster: the URLs of some of its nodes, separated by commas.
+//! REDIS_CLUSTER_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001 \
+//!   cargo run --example two_instances --features redis
 //! ```
 
 use std::convert::Infallible;
@@ -98,9 +101,9 @@ async fn events(
 
 async fn start_instance(
     name: &'static str,
-    url: &str,
+    store: RedisStore,
 ) -> Result<(Instance, String), Box<dyn std::error::Error>> {
-    let store = RedisStore::new(url)?.with_prefix("two-instances-demo");
+    let store = store.with_prefix("two-instances-demo");
     let tracker = SseTracker::builder().store(store).build()?;
     let instance = Instance { name, tracker };
     let app = Router::new()
@@ -146,10 +149,19 @@ async fn read_events(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Each instance has a store (and connection) of its own, as two processes would.
+    let cluster = std::env::var("REDIS_CLUSTER_URLS").ok();
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    println!("Redis: {url}");
-    let (a, url_a) = start_instance("A", &url).await?;
-    let (b, url_b) = start_instance("B", &url).await?;
+    let store = || match &cluster {
+        Some(urls) => RedisStore::cluster(urls.split(',')),
+        None => RedisStore::new(&url),
+    };
+    match &cluster {
+        Some(urls) => println!("Redis Cluster: {urls}"),
+        None => println!("Redis: {url}"),
+    }
+    let (a, url_a) = start_instance("A", store()?).await?;
+    let (b, url_b) = start_instance("B", store()?).await?;
     let session = format!(
         "demo-{}",
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()

@@ -14,8 +14,8 @@ use tokio_util::sync::PollSender;
 
 use crate::identity::IdStream;
 use crate::key::{Owner, StreamName};
-use crate::metrics::REASON_REGISTRY_FULL;
-use crate::registry::{Open, Slot};
+use crate::metrics::{REASON_CONCURRENT, REASON_REGISTRY_FULL};
+use crate::registry::{Open, Refused, Slot};
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
 
@@ -62,8 +62,8 @@ pin_project! {
 
 /// How an SSE response is tracked, decided when it starts.
 pub(crate) struct Tracking {
-    /// The slot ids go to, once known (from the start with a fixed stream; from the first id
-    /// with a stream per id). Already counted as live by the registry.
+    /// The slot ids go to (with a stream per id: the slot of the last id's stream). Already
+    /// counted as live by the registry; closed when replaced or when the body goes.
     slot: Option<Arc<Slot>>,
     per_id: Option<PerId>,
     span: tracing::Span,
@@ -74,7 +74,12 @@ struct PerId {
     owner: Option<Owner>,
     format: IdStream,
     /// The stream of ids that name none: the route's.
-    fallback: StreamName,
+    route: StreamName,
+    /// The slot of those ids, opened for this body alone (`"{route} #2"` when another body
+    /// holds the route's) the first time one comes, and held until the body goes.
+    fallback: Option<Arc<Slot>>,
+    /// An id was left untracked because the registry was full (counted once per body).
+    refused: bool,
 }
 
 impl Tracking {
@@ -89,7 +94,7 @@ impl Tracking {
     pub(crate) fn per_id(
         owner: Option<Owner>,
         format: IdStream,
-        fallback: StreamName,
+        route: StreamName,
         span: tracing::Span,
     ) -> Self {
         Self {
@@ -97,19 +102,134 @@ impl Tracking {
             per_id: Some(PerId {
                 owner,
                 format,
-                fallback,
+                route,
+                fallback: None,
+                refused: false,
             }),
             span,
         }
     }
+
+    /// The slot `id` goes to: the fixed one, or, with a stream per id, the one its id names
+    /// (opened, and the previous one closed, when it changes: a look-up once per stream) or the
+    /// body's own fallback. `None` when it cannot be tracked.
+    fn slot_for(&mut self, id: &[u8], shared: &Shared) -> Option<&Arc<Slot>> {
+        let Some(format) = self.per_id.as_ref().map(|p| p.format) else {
+            return self.slot.as_ref();
+        };
+        let named = std::str::from_utf8(id)
+            .ok()
+            .and_then(|id| format.stream_of(id))
+            .filter(|name| StreamName::is_valid(name));
+        match named {
+            None => {
+                self.open_fallback(shared)?;
+                self.per_id.as_ref()?.fallback.as_ref()
+            }
+            Some(name) => {
+                let current = self.slot.as_ref().is_some_and(|s| s.key().stream == name);
+                if !current {
+                    self.switch_to(name, shared)?;
+                }
+                self.slot.as_ref()
+            }
+        }
+    }
+
+    /// Opens the body's fallback slot, once.
+    fn open_fallback(&mut self, shared: &Shared) -> Option<()> {
+        let per_id = self.per_id.as_mut()?;
+        if per_id.fallback.is_some() {
+            return Some(());
+        }
+        match shared
+            .registry
+            .open_route(per_id.owner.as_ref(), &per_id.route, false)
+        {
+            Ok((slot, evicted)) => {
+                if evicted.is_some() {
+                    shared.metrics.evicted_lru.increment(1);
+                }
+                per_id.fallback = Some(slot);
+                Some(())
+            }
+            Err(refused) => {
+                let route = per_id.route.clone();
+                refuse(per_id, shared, &self.span, refused, &route);
+                None
+            }
+        }
+    }
+
+    /// Makes the slot of stream `name` the current one, closing the previous.
+    fn switch_to(&mut self, name: &str, shared: &Shared) -> Option<()> {
+        let per_id = self.per_id.as_mut()?;
+        let stream = StreamName::new(name).ok()?;
+        match shared
+            .registry
+            .get_or_insert(per_id.owner.as_ref(), &stream, Open::Shared)
+        {
+            Ok((slot, evicted)) => {
+                if evicted.is_some() {
+                    shared.metrics.evicted_lru.increment(1);
+                }
+                if let Some(old) = self.slot.replace(slot) {
+                    shared.registry.body_closed(&old);
+                }
+                self.span.record("stream", stream.as_str());
+                tracing::debug!(parent: &self.span, "tracking SSE stream");
+                Some(())
+            }
+            Err(refused) => {
+                refuse(per_id, shared, &self.span, refused, &stream);
+                None
+            }
+        }
+    }
+
+    /// Every slot this body holds open.
+    fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.slot
+            .iter()
+            .chain(self.per_id.iter().flat_map(|p| p.fallback.iter()))
+    }
+}
+
+/// Counts an id left untracked, once per body.
+fn refuse(
+    per_id: &mut PerId,
+    shared: &Shared,
+    span: &tracing::Span,
+    refused: Refused,
+    stream: &StreamName,
+) {
+    if std::mem::replace(&mut per_id.refused, true) {
+        return;
+    }
+    let reason = match refused {
+        Refused::Full => {
+            shared.metrics.untracked_registry_full.increment(1);
+            REASON_REGISTRY_FULL
+        }
+        Refused::Busy => {
+            shared.metrics.untracked_concurrent.increment(1);
+            REASON_CONCURRENT
+        }
+    };
+    tracing::debug!(
+        parent: span,
+        reason,
+        stream = %stream,
+        "SSE ids not tracked: no slot for their stream"
+    );
 }
 
 /// A tracked stream's state in its body; counts the stream as active while it lives.
 struct Tracked {
     tracking: Tracking,
     shared: Arc<Shared>,
-    /// The slot waits for room in the worker's channel (the body holds its queued flag).
-    handoff: bool,
+    /// A slot waiting for room in the worker's channel (the body holds its queued flag).
+    handoff: Option<Arc<Slot>>,
     /// Events not yet added to `sse_tracker_events_total`, and committed ids not yet added to
     /// `sse_tracker_records_coalesced_total` (ids that a newer id of the stream replaced before
     /// the worker read the slot): the counters are shared by every stream, so they are updated
@@ -127,7 +247,7 @@ impl Tracked {
         Self {
             tracking,
             shared,
-            handoff: false,
+            handoff: None,
             events: 0,
             coalesced: 0,
         }
@@ -145,56 +265,44 @@ impl Tracked {
         }
     }
 
-    /// Makes `tracking.slot` the slot of the stream `id` goes to: with a stream per id, the
-    /// one it names (opened, and the previous one closed, when it changes). False when the id
-    /// cannot be tracked.
-    fn select_slot(&mut self, id: &[u8]) -> bool {
-        let Some(per_id) = &self.tracking.per_id else {
-            return self.tracking.slot.is_some();
-        };
-        let named = std::str::from_utf8(id)
-            .ok()
-            .and_then(|id| per_id.format.stream_of(id));
-        let name = named.unwrap_or(per_id.fallback.as_str());
-        if self
-            .tracking
-            .slot
-            .as_ref()
-            .is_some_and(|slot| slot.key().stream == name)
-        {
-            return true;
-        }
-        // The stream changed (or this is the first id): a look-up, once per stream.
-        let stream = match named.map(StreamName::new) {
-            Some(Ok(stream)) => stream,
-            Some(Err(_)) | None => per_id.fallback.clone(),
-        };
+    /// Publishes a committed id into its stream's slot, and tells the worker the stream
+    /// changed when it does not know yet. When the channel is full, the body will wait for room
+    /// (the timer is armed).
+    fn commit(&mut self, id: &[u8], mut sleep: Pin<&mut Option<Sleep>>) {
         let shared = &*self.shared;
-        match shared
-            .registry
-            .get_or_insert(per_id.owner.as_ref(), &stream, Open::Shared)
-        {
-            Ok((slot, evicted)) => {
-                if evicted.is_some() {
-                    shared.metrics.evicted_lru.increment(1);
+        let Some(slot) = self.tracking.slot_for(id, shared) else {
+            return;
+        };
+        // Activity: atomic operations on the owner's state; no message, no task.
+        shared.registry.mark_active(slot.session());
+        let (_version, hand_over) = slot.publish(id, shared.registry.coarse_us());
+        if !hand_over {
+            // The worker already owes this stream a look (once per flush at most): it reads the
+            // latest id from the slot then.
+            self.coalesced += 1;
+            return;
+        }
+        match shared.worker.sender.try_send(slot.clone()) {
+            Ok(()) => shared.metrics.records_enqueued.increment(1),
+            Err(TrySendError::Full(slot)) => {
+                if self.handoff.is_some() {
+                    // Another stream of this body already waits for room: this one goes to
+                    // the registry's dirty list, which the worker reads at its next flush.
+                    shared.registry.push_dirty(slot);
+                    return;
                 }
-                if let Some(old) = self.tracking.slot.replace(slot) {
-                    shared.registry.body_closed(&old);
+                // The frame is delivered now; the next one waits for room, at most the send
+                // timeout.
+                self.handoff = Some(slot);
+                let deadline = Instant::now() + shared.config.send_timeout;
+                match sleep.as_mut().as_pin_mut() {
+                    Some(sleep) => sleep.reset(deadline),
+                    None => sleep.set(Some(sleep_until(deadline))),
                 }
-                self.tracking.span.record("stream", stream.as_str());
-                tracing::debug!(parent: &self.tracking.span, "tracking SSE stream");
-                true
             }
-            Err(_) => {
-                shared.metrics.untracked_registry_full.increment(1);
-                tracing::debug!(
-                    parent: &self.tracking.span,
-                    reason = REASON_REGISTRY_FULL,
-                    stream = %stream,
-                    "SSE id not tracked: every tracked stream has an open body (max_streams)"
-                );
-                false
-            }
+            // Shut down: ids committed from now on stay in memory (the shutdown report lists
+            // their streams).
+            Err(TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -204,12 +312,12 @@ impl Drop for Tracked {
         self.report_counts();
         let shared = &self.shared;
         shared.metrics.streams_active.decrement(1.0);
-        if let Some(slot) = &self.tracking.slot {
-            if self.handoff {
-                // The body goes while its slot waits for room in the channel: the registry's
-                // dirty list takes the slot instead, so the worker still writes its latest id.
-                shared.registry.push_dirty(slot.clone());
-            }
+        if let Some(slot) = self.handoff.take() {
+            // The body goes while a slot waits for room in the channel: the registry's dirty
+            // list takes the slot instead, so the worker still writes its latest id.
+            shared.registry.push_dirty(slot);
+        }
+        for slot in self.tracking.slots() {
             shared.registry.body_closed(slot);
         }
         tracing::debug!(parent: &self.tracking.span, "SSE stream closed");
@@ -275,13 +383,34 @@ impl SseState {
         if data.is_empty() {
             return;
         }
-        let mut this = self.project();
-        let feed = this.scanner.feed(data);
+        let this = self.project();
         *this.fresh = true;
         let Some(tracked) = this.tracked else {
+            this.scanner.feed(data);
             return;
         };
-        let shared = &**this.shared;
+        let mut sleep = this.sleep;
+        let feed = if tracked.tracking.per_id.is_some() {
+            // Every committed id goes to the stream it names.
+            this.scanner
+                .feed_with(data, |id| tracked.commit(id, sleep.as_mut()))
+        } else {
+            // Latest only: of the ids committed in one frame, only the last is published. Its
+            // bytes are copied into the slot's buffer: no allocation, no tracker-wide counter.
+            let feed = this.scanner.feed(data);
+            match this.scanner.last_committed().filter(|_| feed.ids > 0) {
+                Some(id) => {
+                    tracked.coalesced += feed.ids as u64 - 1;
+                    tracked.commit(id, sleep.as_mut());
+                }
+                None => {
+                    if let Some(slot) = &tracked.tracking.slot {
+                        this.shared.registry.mark_active(slot.session());
+                    }
+                }
+            }
+            feed
+        };
         if feed.events > 0 {
             tracked.events += feed.events as u64;
             if tracked.events >= EVENTS_BATCH {
@@ -289,7 +418,7 @@ impl SseState {
             }
         }
         if feed.ids_rejected > 0 {
-            shared
+            this.shared
                 .metrics
                 .ids_rejected
                 .increment(feed.ids_rejected as u64);
@@ -299,54 +428,17 @@ impl SseState {
                 "ignored SSE id fields holding NUL or longer than max_id_len"
             );
         }
-        // Latest only: of the ids committed in one frame, only the last is published. Its bytes
-        // are copied into the slot's buffer: no allocation, no tracker-wide counter.
-        let Some(bytes) = this.scanner.last_committed().filter(|_| feed.ids > 0) else {
-            if let Some(slot) = &tracked.tracking.slot {
-                shared.registry.mark_active(slot.session());
-            }
-            return;
-        };
-        if !tracked.select_slot(bytes) {
-            return;
-        }
-        let slot = tracked.tracking.slot.as_ref().expect("a slot was selected");
-        // Activity: atomic operations on the owner's state; no message, no task.
-        shared.registry.mark_active(slot.session());
-        let (_version, hand_over) = slot.publish(bytes, shared.registry.coarse_us());
-        tracked.coalesced += feed.ids as u64 - u64::from(hand_over);
-        if !hand_over {
-            // The worker already owes this stream a look (once per flush at most): it reads the
-            // latest id from the slot then.
-            return;
-        }
-        match shared.worker.sender.try_send(slot.clone()) {
-            Ok(()) => shared.metrics.records_enqueued.increment(1),
-            Err(TrySendError::Full(_)) => {
-                // The frame is delivered now; the next one waits for room, at most the send
-                // timeout.
-                tracked.handoff = true;
-                let deadline = Instant::now() + shared.config.send_timeout;
-                match this.sleep.as_mut().as_pin_mut() {
-                    Some(sleep) => sleep.reset(deadline),
-                    None => this.sleep.set(Some(sleep_until(deadline))),
-                }
-            }
-            // Shut down: later ids stay in memory only (the shutdown report lists them).
-            Err(TrySendError::Closed(_)) => {}
-        }
     }
 
-    /// Ready once the slot is handed over, or its wait timed out (then the slot goes to the
-    /// registry's dirty list: the worker persists its latest id at the next flush).
+    /// Ready once the waiting slot is handed over, or its wait timed out (then the slot goes
+    /// to the registry's dirty list: the worker persists its latest id at the next flush).
     fn poll_handoff(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let shared = &*this.shared;
         let Some(tracked) = this.tracked.as_mut() else {
             return Poll::Ready(());
         };
-        let Some(slot) = tracked.tracking.slot.clone() else {
-            tracked.handoff = false;
+        let Some(slot) = tracked.handoff.clone() else {
             return Poll::Ready(());
         };
         let sender = this
@@ -354,12 +446,22 @@ impl SseState {
             .get_or_insert_with(|| PollSender::new(shared.worker.sender.clone()));
         match sender.poll_reserve(cx) {
             Poll::Ready(Ok(())) => {
-                tracked.handoff = false;
-                if sender.send_item(slot).is_ok() {
-                    shared.metrics.records_enqueued.increment(1);
+                tracked.handoff = None;
+                match sender.send_item(slot) {
+                    Ok(()) => shared.metrics.records_enqueued.increment(1),
+                    Err(error) => {
+                        if let Some(slot) = error.into_inner() {
+                            shared.registry.push_dirty(slot);
+                        }
+                    }
                 }
             }
-            Poll::Ready(Err(_closed)) => tracked.handoff = false,
+            // Shut down while waiting: the id was committed before, so it is owed; the worker
+            // still reads the dirty list until it ends.
+            Poll::Ready(Err(_closed)) => {
+                tracked.handoff = None;
+                shared.registry.push_dirty(slot);
+            }
             Poll::Pending => {
                 let sleep = this
                     .sleep
@@ -370,7 +472,7 @@ impl SseState {
                     return Poll::Pending;
                 }
                 sender.abort_send();
-                tracked.handoff = false;
+                tracked.handoff = None;
                 shared.registry.push_dirty(slot);
                 shared.metrics.backpressure_timeouts.increment(1);
                 tracing::warn!(
@@ -392,7 +494,7 @@ impl SseState {
     }
 
     fn handoff_pending(&self) -> bool {
-        self.tracked.as_ref().is_some_and(|t| t.handoff)
+        self.tracked.as_ref().is_some_and(|t| t.handoff.is_some())
     }
 
     /// Ready with a heartbeat when the inner body has been quiet for the interval and the

@@ -10,42 +10,13 @@ use std::sync::Arc;
 
 use crate::identity::{OwnerKind, OwnerRule, OwnerSource, StreamKind, StreamSource};
 use crate::registry::Limits;
-use crate::scan::DEFAULT_MAX_ID_LEN;
 use crate::store::{DynStore, InMemoryStore, Store};
 use crate::tracker::{Shared, SseTracker};
 use crate::worker::WorkerConfig;
-use crate::worker::retry::{DEFAULT_RETRY, RetryPolicy};
+use crate::worker::retry::RetryPolicy;
 
-/// Default request/response header that carries the session id (MCP Streamable HTTP's).
-pub const DEFAULT_SESSION_HEADER: &str = "mcp-session-id";
-/// Default idle time after which a heartbeat comment is sent: 15 seconds.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
-/// Default text of the heartbeat comment; the line sent is `: keep-alive`.
-pub const DEFAULT_HEARTBEAT_COMMENT: &str = "keep-alive";
-/// Default maximum number of tracked streams.
-pub const DEFAULT_MAX_STREAMS: usize = 100_000;
-/// Longest heartbeat comment accepted, in bytes.
-pub const MAX_HEARTBEAT_COMMENT_LEN: usize = 256;
-/// Largest accepted [`SseTrackerBuilder::max_id_len`]: 64 KiB.
-pub const MAX_ID_LEN_LIMIT: usize = 64 * 1024;
-/// Shortest accepted heartbeat interval: 10 ms.
-pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
-/// Default capacity of the worker's channel, in records.
-pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
-/// Default longest wait of a body for room in the worker's channel: 100 ms.
-pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_millis(100);
-/// Default most streams per store write.
-pub const DEFAULT_MAX_BATCH: usize = 256;
-/// Default time between two flushes of the worker: 100 ms.
-pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-/// Default idle time after which a stream leaves the registry: 5 minutes.
-pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(300);
-/// Default size of the stream-name intern table.
-pub const DEFAULT_MAX_STREAM_NAMES: usize = 10_000;
-/// Default deadline of one store call: 5 seconds.
-pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default most evicted streams whose latest id waits for a write.
-pub const DEFAULT_MAX_PENDING_EVICTED: usize = 10_000;
+use crate::defaults::*;
+use crate::limits::*;
 
 /// A setting was refused by [`SseTrackerBuilder::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,11 +25,11 @@ pub enum ConfigError {
     /// The owner's header (`session_header`, or [`OwnerSource::header`]) is not a valid HTTP
     /// header name.
     SessionHeader(String),
-    /// `heartbeat_interval` is below [`MIN_HEARTBEAT_INTERVAL`].
+    /// `heartbeat_interval` is below [`crate::limits::MIN_HEARTBEAT_INTERVAL`].
     HeartbeatInterval(Duration),
-    /// `heartbeat_comment` is longer than [`MAX_HEARTBEAT_COMMENT_LEN`] or holds CR, LF or NUL.
+    /// `heartbeat_comment` is longer than [`crate::limits::MAX_HEARTBEAT_COMMENT_LEN`] or holds CR, LF or NUL.
     HeartbeatComment(String),
-    /// `max_id_len` is 0 or above [`MAX_ID_LEN_LIMIT`].
+    /// `max_id_len` is 0 or above [`crate::limits::MAX_ID_LEN_LIMIT`].
     MaxIdLen(usize),
     /// `max_streams` is 0.
     MaxStreams,
@@ -80,6 +51,9 @@ pub enum ConfigError {
     MaxStreamNames,
     /// `store_timeout` is zero.
     StoreTimeout,
+    /// A duration setting (named) is longer than its limit ([`crate::limits::MAX_DURATION`], or
+    /// [`crate::limits::MAX_IDLE_TTL`] for `idle_ttl`).
+    TooLong(&'static str, Duration),
 }
 
 impl fmt::Display for ConfigError {
@@ -117,6 +91,14 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::MaxStreamNames => f.write_str("max_stream_names must be at least 1"),
             ConfigError::StoreTimeout => f.write_str("store_timeout must be longer than zero"),
+            ConfigError::TooLong(setting, d) => {
+                let limit = if *setting == "idle_ttl" {
+                    MAX_IDLE_TTL
+                } else {
+                    MAX_DURATION
+                };
+                write!(f, "{setting} {d:?} is longer than the limit of {limit:?}")
+            }
             ConfigError::NoRuntime => f.write_str(
                 "build() must be called within a Tokio runtime: it spawns the persistence worker",
             ),
@@ -182,23 +164,23 @@ impl fmt::Debug for StoreChoice {
 ///
 /// | setting | default |
 /// |---|---|
-/// | [`owner`](Self::owner) | [`OwnerSource::session_header`]`(`[`DEFAULT_SESSION_HEADER`]`)` (`mcp-session-id`) |
+/// | [`owner`](Self::owner) | [`OwnerSource::session_header`]`(`[`crate::defaults::SESSION_HEADER`]`)` (`mcp-session-id`) |
 /// | [`stream`](Self::stream) | [`StreamSource::route`] |
-/// | [`heartbeat_interval`](Self::heartbeat_interval) | [`DEFAULT_HEARTBEAT_INTERVAL`] (15 s) |
-/// | [`heartbeat_comment`](Self::heartbeat_comment) | [`DEFAULT_HEARTBEAT_COMMENT`] (`keep-alive`) |
-/// | [`max_id_len`](Self::max_id_len) | [`DEFAULT_MAX_ID_LEN`] (1024 bytes) |
-/// | [`max_streams`](Self::max_streams) | [`DEFAULT_MAX_STREAMS`] (100 000) |
+/// | [`heartbeat_interval`](Self::heartbeat_interval) | [`crate::defaults::HEARTBEAT_INTERVAL`] (15 s) |
+/// | [`heartbeat_comment`](Self::heartbeat_comment) | [`crate::defaults::HEARTBEAT_COMMENT`] (`keep-alive`) |
+/// | [`max_id_len`](Self::max_id_len) | [`crate::defaults::MAX_ID_LEN`] (1024 bytes) |
+/// | [`max_streams`](Self::max_streams) | [`crate::defaults::MAX_STREAMS`] (100 000) |
 /// | [`disable_proxy_buffering`](Self::disable_proxy_buffering) | `true` |
 /// | [`store`](Self::store) | [`InMemoryStore::new`] |
-/// | [`channel_capacity`](Self::channel_capacity) | [`DEFAULT_CHANNEL_CAPACITY`] (1024) |
-/// | [`send_timeout`](Self::send_timeout) | [`DEFAULT_SEND_TIMEOUT`] (100 ms) |
-/// | [`max_batch`](Self::max_batch) | [`DEFAULT_MAX_BATCH`] (256) |
-/// | [`flush_interval`](Self::flush_interval) | [`DEFAULT_FLUSH_INTERVAL`] (100 ms) |
+/// | [`channel_capacity`](Self::channel_capacity) | [`crate::defaults::CHANNEL_CAPACITY`] (1024) |
+/// | [`send_timeout`](Self::send_timeout) | [`crate::defaults::SEND_TIMEOUT`] (100 ms) |
+/// | [`max_batch`](Self::max_batch) | [`crate::defaults::MAX_BATCH`] (256) |
+/// | [`flush_interval`](Self::flush_interval) | [`crate::defaults::FLUSH_INTERVAL`] (100 ms) |
 /// | [`retry`](Self::retry) | 100 ms doubling to 10 s, 5 retries |
-/// | [`idle_ttl`](Self::idle_ttl) | [`DEFAULT_IDLE_TTL`] (5 minutes) |
-/// | [`max_stream_names`](Self::max_stream_names) | [`DEFAULT_MAX_STREAM_NAMES`] (10 000) |
-/// | [`store_timeout`](Self::store_timeout) | [`DEFAULT_STORE_TIMEOUT`] (5 s) |
-/// | [`max_pending_evicted`](Self::max_pending_evicted) | [`DEFAULT_MAX_PENDING_EVICTED`] (10 000) |
+/// | [`idle_ttl`](Self::idle_ttl) | [`crate::defaults::IDLE_TTL`] (5 minutes) |
+/// | [`max_stream_names`](Self::max_stream_names) | [`crate::defaults::MAX_STREAM_NAMES`] (10 000) |
+/// | [`store_timeout`](Self::store_timeout) | [`crate::defaults::STORE_TIMEOUT`] (5 s) |
+/// | [`max_pending_evicted`](Self::max_pending_evicted) | [`crate::defaults::MAX_PENDING_EVICTED`] (10 000) |
 ///
 /// `build()` spawns the tracker's one background worker, so it must run within a Tokio
 /// runtime.
@@ -250,21 +232,21 @@ impl Default for SseTrackerBuilder {
         Self {
             owner: OwnerSource::default(),
             stream: StreamSource::default(),
-            heartbeat_interval: Some(DEFAULT_HEARTBEAT_INTERVAL),
-            heartbeat_comment: DEFAULT_HEARTBEAT_COMMENT.to_owned(),
-            max_id_len: DEFAULT_MAX_ID_LEN,
-            max_streams: DEFAULT_MAX_STREAMS,
+            heartbeat_interval: Some(HEARTBEAT_INTERVAL),
+            heartbeat_comment: HEARTBEAT_COMMENT.to_owned(),
+            max_id_len: MAX_ID_LEN,
+            max_streams: MAX_STREAMS,
             accel_buffering_off: true,
             store: None,
-            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
-            send_timeout: DEFAULT_SEND_TIMEOUT,
-            max_batch: DEFAULT_MAX_BATCH,
-            flush_interval: DEFAULT_FLUSH_INTERVAL,
-            retry: DEFAULT_RETRY,
-            idle_ttl: Some(DEFAULT_IDLE_TTL),
-            max_stream_names: DEFAULT_MAX_STREAM_NAMES,
-            store_timeout: DEFAULT_STORE_TIMEOUT,
-            max_pending_evicted: DEFAULT_MAX_PENDING_EVICTED,
+            channel_capacity: CHANNEL_CAPACITY,
+            send_timeout: SEND_TIMEOUT,
+            max_batch: MAX_BATCH,
+            flush_interval: FLUSH_INTERVAL,
+            retry: RETRY,
+            idle_ttl: Some(IDLE_TTL),
+            max_stream_names: MAX_STREAM_NAMES,
+            store_timeout: STORE_TIMEOUT,
+            max_pending_evicted: MAX_PENDING_EVICTED,
         }
     }
 }
@@ -293,14 +275,14 @@ impl SseTrackerBuilder {
     }
 
     /// How long the inner body may stay silent before a heartbeat comment is sent; `None`
-    /// disables heartbeats. At least [`MIN_HEARTBEAT_INTERVAL`].
+    /// disables heartbeats. At least [`crate::limits::MIN_HEARTBEAT_INTERVAL`].
     pub fn heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
         self.heartbeat_interval = interval;
         self
     }
 
     /// The text of the heartbeat comment: the line sent is `: {text}` (just `:` when empty).
-    /// At most [`MAX_HEARTBEAT_COMMENT_LEN`] bytes, without CR, LF or NUL.
+    /// At most [`crate::limits::MAX_HEARTBEAT_COMMENT_LEN`] bytes, without CR, LF or NUL.
     pub fn heartbeat_comment(mut self, text: impl Into<String>) -> Self {
         self.heartbeat_comment = text.into();
         self
@@ -427,6 +409,9 @@ impl SseTrackerBuilder {
             Some(interval) if interval < MIN_HEARTBEAT_INTERVAL => {
                 return Err(ConfigError::HeartbeatInterval(interval));
             }
+            Some(interval) if interval > MAX_DURATION => {
+                return Err(ConfigError::TooLong("heartbeat_interval", interval));
+            }
             Some(interval) => {
                 let text = &self.heartbeat_comment;
                 if text.len() > MAX_HEARTBEAT_COMMENT_LEN
@@ -466,6 +451,19 @@ impl SseTrackerBuilder {
         }
         if self.store_timeout.is_zero() {
             return Err(ConfigError::StoreTimeout);
+        }
+        for (setting, d) in [
+            ("send_timeout", self.send_timeout),
+            ("flush_interval", self.flush_interval),
+            ("store_timeout", self.store_timeout),
+            ("retry max", self.retry.max()),
+        ] {
+            if d > MAX_DURATION {
+                return Err(ConfigError::TooLong(setting, d));
+            }
+        }
+        if let Some(ttl) = self.idle_ttl.filter(|ttl| *ttl > MAX_IDLE_TTL) {
+            return Err(ConfigError::TooLong("idle_ttl", ttl));
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let config = Config {
@@ -546,6 +544,21 @@ mod tests {
             ConfigError::StoreTimeout
         );
         assert_eq!(
+            b().send_timeout(Duration::MAX).build().unwrap_err(),
+            ConfigError::TooLong("send_timeout", Duration::MAX)
+        );
+        assert!(matches!(
+            b().heartbeat_interval(Some(Duration::MAX))
+                .build()
+                .unwrap_err(),
+            ConfigError::TooLong("heartbeat_interval", _)
+        ));
+        let forever = RetryPolicy::exponential(Duration::from_secs(1), Duration::MAX, 3);
+        assert!(matches!(
+            b().retry(forever).build().unwrap_err(),
+            ConfigError::TooLong("retry max", _)
+        ));
+        assert_eq!(
             b().flush_interval(Duration::ZERO).build().unwrap_err(),
             ConfigError::FlushInterval
         );
@@ -572,14 +585,11 @@ mod tests {
 
     #[test]
     fn heartbeat_bytes_for_each_position() {
-        let hb = Heartbeat::new(DEFAULT_HEARTBEAT_INTERVAL, "keep-alive");
+        let hb = Heartbeat::new(HEARTBEAT_INTERVAL, "keep-alive");
         assert_eq!(&hb.event[..], b": keep-alive\n\n");
         assert_eq!(&hb.line[..], b": keep-alive\n");
         assert_eq!(&hb.event_cr[..], b": keep-alive\r\r");
         assert_eq!(&hb.line_cr[..], b": keep-alive\r");
-        assert_eq!(
-            &Heartbeat::new(DEFAULT_HEARTBEAT_INTERVAL, "").line[..],
-            b":\n"
-        );
+        assert_eq!(&Heartbeat::new(HEARTBEAT_INTERVAL, "").line[..], b":\n");
     }
 }

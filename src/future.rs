@@ -16,13 +16,10 @@ use crate::metrics::{
     REASON_BAD_STREAM_NAME, REASON_CONCURRENT, REASON_ENCODED, REASON_NO_SESSION,
     REASON_REGISTRY_FULL,
 };
-use crate::registry::{Open, Refused, Slot};
+use crate::registry::{Refused, Slot};
 use crate::tracker::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
-
-/// Most responses of one owner on one route that get streams of their own at once.
-const MAX_CONCURRENT: usize = 64;
 
 /// What the service keeps of a request until its response arrives.
 #[derive(Debug)]
@@ -106,9 +103,9 @@ fn track_response<B: http_body::Body>(
                 reason = REASON_ENCODED,
                 encoding = ?encoding,
                 path = info.uri.path(),
-                "SSE response with a Content-Encoding: not tracked and no heartbeats; put the \
-                 tracker's layer outside (after) the compression layer, or leave \
-                 text/event-stream uncompressed (logged once)"
+                "SSE response with a Content-Encoding: not tracked and no heartbeats; add the \
+                 tracker's layer before (inside) the compression layer, so that it sees the \
+                 bytes uncompressed, or leave text/event-stream uncompressed (logged once)"
             );
         }
         return response.map(TrackedBody::pass_through);
@@ -199,8 +196,10 @@ fn untracked_no_owner(shared: &Shared, info: &RequestInfo) -> Option<Tracking> {
     None
 }
 
-/// The slot of a route's stream: `route` itself, or, when another body streams into it and
-/// the stream is not shared, the first free of `"{route} #2"`, `"{route} #3"`…
+/// The slot of a route's stream for this response (see [`Registry::open_route`]), counting
+/// what cannot be tracked.
+///
+/// [`Registry::open_route`]: crate::registry::Registry::open_route
 fn open_route(
     shared: &Shared,
     owner: Option<&Owner>,
@@ -209,45 +208,39 @@ fn open_route(
     info: &RequestInfo,
 ) -> Option<Arc<Slot>> {
     let metrics = &shared.metrics;
-    let open = if share { Open::Shared } else { Open::Exclusive };
-    let mut name = route.clone();
-    for n in 2..=MAX_CONCURRENT + 1 {
-        match shared.registry.get_or_insert(owner, &name, open) {
-            Ok((slot, evicted)) => {
-                if let Some(evicted) = evicted {
-                    metrics.evicted_lru.increment(1);
-                    tracing::debug!(
-                        parent: &info.span,
-                        evicted = %evicted.key(),
-                        "registry full: evicted the least recently used stream"
-                    );
-                }
-                return Some(slot);
-            }
-            Err(Refused::Full) => {
-                metrics.untracked_registry_full.increment(1);
+    match shared.registry.open_route(owner, route, share) {
+        Ok((slot, evicted)) => {
+            if let Some(evicted) = evicted {
+                metrics.evicted_lru.increment(1);
                 tracing::debug!(
                     parent: &info.span,
-                    reason = REASON_REGISTRY_FULL,
-                    stream = %name,
-                    "SSE stream not tracked: every tracked stream has an open body (max_streams)"
+                    evicted = %evicted.key(),
+                    "registry full: evicted the least recently used stream"
                 );
-                return None;
             }
-            Err(Refused::Busy) => match StreamName::new(&format!("{route} #{n}")) {
-                Ok(next) => name = next,
-                Err(_) => break,
-            },
+            Some(slot)
+        }
+        Err(Refused::Full) => {
+            metrics.untracked_registry_full.increment(1);
+            tracing::debug!(
+                parent: &info.span,
+                reason = REASON_REGISTRY_FULL,
+                stream = %route,
+                "SSE stream not tracked: every tracked stream has an open body (max_streams)"
+            );
+            None
+        }
+        Err(Refused::Busy) => {
+            metrics.untracked_concurrent.increment(1);
+            tracing::debug!(
+                parent: &info.span,
+                reason = REASON_CONCURRENT,
+                stream = %route,
+                "SSE stream not tracked: too many concurrent responses on this route for one owner"
+            );
+            None
         }
     }
-    metrics.untracked_concurrent.increment(1);
-    tracing::debug!(
-        parent: &info.span,
-        reason = REASON_CONCURRENT,
-        stream = %route,
-        "SSE stream not tracked: too many concurrent responses on this route for one owner"
-    );
-    None
 }
 
 #[cfg(test)]

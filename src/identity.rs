@@ -76,7 +76,7 @@ impl fmt::Debug for OwnerSource {
 
 impl Default for OwnerSource {
     fn default() -> Self {
-        Self::session_header(crate::builder::DEFAULT_SESSION_HEADER)
+        Self::session_header(crate::defaults::SESSION_HEADER)
     }
 }
 

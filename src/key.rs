@@ -173,6 +173,14 @@ impl StreamName {
         Ok(Self(Arc::from(value)))
     }
 
+    /// Whether `value` is a valid stream name (without making one).
+    pub fn is_valid(value: &str) -> bool {
+        check(value.as_bytes(), MAX_STREAM_NAME_LEN, |b| {
+            !b.is_ascii_control()
+        })
+        .is_ok()
+    }
+
     /// The default name of a request's stream: `"{METHOD} {path}"`.
     pub(crate) fn for_request(method: &http::Method, path: &str) -> Result<Self, InvalidKey> {
         let mut name = String::with_capacity(method.as_str().len() + 1 + path.len());

@@ -75,6 +75,7 @@ struct ReadmeDoctests;
 
 mod body;
 mod builder;
+pub mod defaults;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
@@ -82,6 +83,7 @@ mod future;
 pub mod identity;
 pub mod key;
 mod layer;
+pub mod limits;
 pub mod metrics;
 mod registry;
 pub mod scan;
@@ -91,19 +93,12 @@ mod tracker;
 mod worker;
 
 pub use body::TrackedBody;
-pub use builder::{
-    ConfigError, DEFAULT_CHANNEL_CAPACITY, DEFAULT_FLUSH_INTERVAL, DEFAULT_HEARTBEAT_COMMENT,
-    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_IDLE_TTL, DEFAULT_MAX_BATCH, DEFAULT_MAX_PENDING_EVICTED,
-    DEFAULT_MAX_STREAM_NAMES, DEFAULT_MAX_STREAMS, DEFAULT_SEND_TIMEOUT, DEFAULT_SESSION_HEADER,
-    DEFAULT_STORE_TIMEOUT, MAX_HEARTBEAT_COMMENT_LEN, MAX_ID_LEN_LIMIT, MIN_HEARTBEAT_INTERVAL,
-    SseTrackerBuilder,
-};
+pub use builder::{ConfigError, SseTrackerBuilder};
 pub use future::ResponseFuture;
 pub use identity::{IdStream, OwnerSource, StreamSource};
 pub use key::{EventId, InvalidKey, LastEventId, Owner, SessionId, StreamKey, StreamName};
 pub use layer::SseTrackerLayer;
-pub use scan::DEFAULT_MAX_ID_LEN;
 pub use service::SseTrackerService;
 pub use tracker::{Resume, SseTracker, SubscribeError};
 pub use worker::ShutdownReport;
-pub use worker::retry::{DEFAULT_RETRY, RetryPolicy};
+pub use worker::retry::RetryPolicy;

@@ -443,6 +443,9 @@ impl Counts {
     }
 }
 
+/// Most responses of one owner on one route with streams of their own at once.
+pub(crate) const MAX_CONCURRENT: usize = 64;
+
 /// Why a stream could not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -597,11 +600,11 @@ impl Registry {
     }
 
     fn push_active(&self, session: Arc<SessionState>) {
+        let mut active = lock(&self.active);
         if self.is_closed() {
             self.metrics.activity_dropped.increment(1);
             return;
         }
-        let mut active = lock(&self.active);
         active.push(session);
         self.purge_if_grown(
             &mut active,
@@ -627,6 +630,11 @@ impl Registry {
         }
     }
 
+    /// Counts activity marks the worker dropped.
+    pub(crate) fn count_activity_dropped(&self, n: usize) {
+        self.metrics.activity_dropped.increment(n as u64);
+    }
+
     /// Takes the sessions marked active since the last call; the caller unmarks them.
     pub(crate) fn take_active(&self) -> Vec<Arc<SessionState>> {
         std::mem::take(&mut *lock(&self.active))
@@ -650,17 +658,14 @@ impl Registry {
         }
     }
 
-    pub(crate) fn has_active(&self) -> bool {
-        !lock(&self.active).is_empty()
-    }
-
     /// Queues `slot` (whose queued flag the caller holds) for the worker, which will persist
     /// its latest id at the next flush.
     pub(crate) fn push_dirty(&self, slot: Arc<Slot>) {
+        let mut dirty = lock(&self.dirty);
+        // Checked under the list's lock, which `close` takes too.
         if self.is_closed() {
             return;
         }
-        let mut dirty = lock(&self.dirty);
         dirty.push(slot);
         self.purge_if_grown(&mut dirty, |s| !s.is_evicted(), |_| {});
     }
@@ -674,11 +679,56 @@ impl Registry {
         !lock(&self.dirty).is_empty()
     }
 
-    /// The evicted slots still waiting for a write, dropping those the store now has.
-    pub(crate) fn evicted_pending(&self) -> Vec<Arc<Slot>> {
+    /// Takes the evicted slots still waiting for a write (the worker's round owns them until
+    /// it gives back those it could not write).
+    pub(crate) fn take_evicted(&self) -> Vec<Arc<Slot>> {
         let mut evicted = lock(&self.evicted);
         evicted.retain(|s| s.unpersisted());
-        evicted.iter().cloned().collect()
+        evicted.drain(..).collect()
+    }
+
+    /// Gives back evicted slots a round could not write, ahead of those evicted since (they
+    /// are older); the bound holds, the oldest beyond it being dropped and counted.
+    pub(crate) fn return_evicted(&self, slots: Vec<Arc<Slot>>) {
+        let mut fifo = lock(&self.evicted);
+        let mut lost = 0;
+        for slot in slots.into_iter().rev() {
+            if !slot.unpersisted() {
+                continue;
+            }
+            if self.is_closed() {
+                lost += 1;
+            } else {
+                fifo.push_front(slot);
+            }
+        }
+        if lost > 0 {
+            self.dropped.fetch_add(lost, Ordering::Relaxed);
+            self.metrics.dropped_stopped.increment(lost);
+        }
+        self.trim_evicted(&mut fifo);
+    }
+
+    fn trim_evicted(&self, fifo: &mut VecDeque<Arc<Slot>>) {
+        while fifo.len() > self.limits.max_pending_evicted {
+            let Some(oldest) = fifo.pop_front() else {
+                break;
+            };
+            if oldest.unpersisted() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dropped_overflow.increment(1);
+            }
+        }
+    }
+
+    /// The latest id of an evicted stream still waiting for a write (the newest, should there
+    /// be several slots of the key).
+    fn evicted_entry(&self, owner: Option<&str>, stream: &str) -> Option<Arc<Slot>> {
+        lock(&self.evicted)
+            .iter()
+            .rev()
+            .find(|s| s.key.owner.as_ref().map(Owner::as_str) == owner && s.key.stream == stream)
+            .cloned()
     }
 
     pub(crate) fn evicted_pending_len(&self) -> usize {
@@ -695,39 +745,35 @@ impl Registry {
         if !slot.unpersisted() {
             return;
         }
+        let mut fifo = lock(&self.evicted);
         if self.is_closed() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             self.metrics.dropped_stopped.increment(1);
             return;
         }
-        let mut fifo = lock(&self.evicted);
         fifo.push_back(slot);
-        while fifo.len() > self.limits.max_pending_evicted {
-            let Some(oldest) = fifo.pop_front() else {
-                break;
-            };
-            if oldest.unpersisted() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                self.metrics.dropped_overflow.increment(1);
-            }
-        }
+        self.trim_evicted(&mut fifo);
     }
 
-    /// Stops queueing anything for the worker (it has stopped).
+    /// Stops queueing anything for the worker (it has stopped). The flag is set under each
+    /// list's lock, so that nothing is pushed after the list is emptied.
     pub(crate) fn close(&self) {
+        let mut dirty = lock(&self.dirty);
+        let mut evicted = lock(&self.evicted);
+        let mut active = lock(&self.active);
         self.closed.store(true, Ordering::Release);
-        let evicted = std::mem::take(&mut *lock(&self.evicted));
         // What is still unpersisted stays visible to the shutdown report through the map; the
         // evicted ones are no longer anywhere, so they count as dropped.
         let lost = evicted.iter().filter(|s| s.unpersisted()).count() as u64;
+        evicted.clear();
         if lost > 0 {
             self.dropped.fetch_add(lost, Ordering::Relaxed);
             self.metrics.dropped_stopped.increment(lost);
         }
-        lock(&self.dirty).clear();
-        let active = std::mem::take(&mut *lock(&self.active));
+        dirty.clear();
         if !active.is_empty() {
             self.metrics.activity_dropped.increment(active.len() as u64);
+            active.clear();
         }
     }
 
@@ -737,6 +783,16 @@ impl Registry {
 
     pub(crate) fn get(&self, owner: Option<&str>, stream: &str) -> Option<Arc<Slot>> {
         lock(&self.map).find(owner, stream).cloned()
+    }
+
+    /// The slot of a key in the registry, else an evicted one still waiting for its write:
+    /// the id in memory that the store may not have.
+    pub(crate) fn get_or_evicted(&self, owner: Option<&str>, stream: &str) -> Option<Arc<Slot>> {
+        let resident = self.get(owner, stream);
+        match resident {
+            Some(slot) if slot.latest().is_some() => Some(slot),
+            other => self.evicted_entry(owner, stream).or(other),
+        }
     }
 
     /// The slot of (`owner`, `stream`), created when absent; marks its owner active. With a
@@ -828,6 +884,72 @@ impl Registry {
         }
         self.mark_active(slot.session());
         Ok((slot, evicted))
+    }
+
+    /// The slot of a route's stream for a new response: `route` itself, or, when another body
+    /// streams into it and the stream is not shared, the first free of `"{route} #2"`,
+    /// `"{route} #3"`… up to [`MAX_CONCURRENT`]; `Refused::Busy` when all are taken.
+    pub(crate) fn open_route(
+        &self,
+        owner: Option<&Owner>,
+        route: &StreamName,
+        share: bool,
+    ) -> Result<(Arc<Slot>, Option<Arc<Slot>>), Refused> {
+        if share {
+            return self.get_or_insert(owner, route, Open::Shared);
+        }
+        match self.get_or_insert(owner, route, Open::Exclusive) {
+            Err(Refused::Busy) => {}
+            other => return other,
+        }
+        for n in 2..=MAX_CONCURRENT {
+            let Ok(name) = StreamName::new(&format!("{route} #{n}")) else {
+                break;
+            };
+            match self.get_or_insert(owner, &name, Open::Exclusive) {
+                Err(Refused::Busy) => continue,
+                other => return other,
+            }
+        }
+        Err(Refused::Busy)
+    }
+
+    /// Of a route's streams (`route`, `"{route} #2"`…), the one whose latest id is `id`: the
+    /// stream a client that reconnects with `Last-Event-ID: id` was reading.
+    pub(crate) fn route_stream_at(
+        &self,
+        owner: Option<&str>,
+        route: &StreamName,
+        id: &str,
+    ) -> Option<StreamName> {
+        let is_route = |name: &str| {
+            name == route.as_str()
+                || name
+                    .strip_prefix(route.as_str())
+                    .and_then(|rest| rest.strip_prefix(" #"))
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let at = |slot: &Arc<Slot>| slot.latest().is_some_and(|latest| latest == id);
+        let map = lock(&self.map);
+        match owner {
+            Some(owner) => map
+                .sessions
+                .get(owner)?
+                .streams
+                .iter()
+                .find(|slot| is_route(slot.key.stream.as_str()) && at(slot))
+                .map(|slot| slot.key.stream.clone()),
+            None => {
+                if map.unowned.get(route.as_str()).is_some_and(at) {
+                    return Some(route.clone());
+                }
+                (2..=MAX_CONCURRENT).find_map(|n| {
+                    let name = format!("{route} #{n}");
+                    let slot = map.unowned.get(name.as_str())?;
+                    at(slot).then(|| slot.key.stream.clone())
+                })
+            }
+        }
     }
 
     /// A body of `slot` went away; the last one makes the slot evictable again (most recently
@@ -1011,7 +1133,7 @@ mod tests {
         let (t, b) = key("t", "GET /b");
         let (_, evicted) = registry.get_or_insert(Some(&t), &b, Open::No).unwrap();
         assert!(Arc::ptr_eq(&evicted.unwrap(), &slot_a));
-        assert_eq!(registry.evicted_pending().len(), 1);
+        assert_eq!(registry.evicted_pending_len(), 1);
     }
 
     #[test]
@@ -1057,13 +1179,14 @@ mod tests {
             slot.publish(b"1", 0);
         }
         // Four evicted, unpersisted; the FIFO keeps two.
-        assert_eq!(registry.evicted_pending().len(), 2);
+        assert_eq!(registry.evicted_pending_len(), 2);
         assert_eq!(registry.dropped(), 2);
         // Persisted ones leave it.
-        for slot in registry.evicted_pending() {
-            slot.set_persisted(u64::MAX);
-        }
-        assert!(registry.evicted_pending().is_empty());
+        let taken = registry.take_evicted();
+        assert_eq!(taken.len(), 2);
+        taken[0].set_persisted(u64::MAX);
+        registry.return_evicted(taken);
+        assert_eq!(registry.take_evicted().len(), 1);
     }
 
     #[test]
@@ -1149,7 +1272,7 @@ mod tests {
         registry.take_active();
         slot.session().unmark();
         registry.mark_active(slot.session());
-        assert!(!registry.has_active());
+        assert!(registry.take_active().is_empty());
         insert(&registry, "t", "GET /b", false);
         assert_eq!(registry.dropped(), 1);
         assert_eq!(registry.evicted_pending_len(), 0);
@@ -1182,7 +1305,10 @@ mod unowned_tests {
         );
         assert_eq!(registry.get(None, "stream-b").unwrap().latest(), None);
         assert!(registry.get(Some("stream-a"), "stream-a").is_none());
-        assert!(!registry.has_active(), "no owner, no activity to write");
+        assert!(
+            registry.take_active().is_empty(),
+            "no owner, no activity to write"
+        );
         assert_eq!(slot_b.key().owner, None);
         registry.body_closed(&slot_a);
         registry.body_closed(&slot_b);

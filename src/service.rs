@@ -29,8 +29,10 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 ///   valid session id;
 /// - [`LastEventId`], when the header is valid;
 /// - [`StreamKey`]: the key of the stream the request addresses, when the request names its
-///   owner: `(owner, "{METHOD} {path}")`, or, with [`StreamSource::event_id`](crate::StreamSource::event_id),
-///   the stream its `Last-Event-ID` names. A handler resumes with it instead of writing names.
+///   owner: `(owner, "{METHOD} {path}")`; with a `Last-Event-ID`, the stream it names (with
+///   [`StreamSource::event_id`](crate::StreamSource::event_id)), or the route's stream
+///   (`"{METHOD} {path} #2"`…) whose latest id it is. A handler resumes with it instead of
+///   writing names.
 ///
 /// The response is checked for `Content-Type: text/event-stream`: other responses pass through
 /// untouched; SSE responses get their body wrapped in a [`TrackedBody`] that records ids and
@@ -102,17 +104,21 @@ where
             .filter(|v| v.len() <= config.max_id_len)
             .and_then(|v| EventId::new(v).ok());
         if let RequestOwner::Known(owner) = &owner {
-            // The stream the request addresses: the one its Last-Event-ID names, else the
-            // route's.
-            let named = match (config.stream, &last_event_id) {
-                (StreamKind::EventId(format), Some(id)) => format
+            // The stream the request addresses: the one its Last-Event-ID names (with ids that
+            // name their stream), or the route's stream whose latest id it is (when concurrent
+            // responses gave the route several), else the route's.
+            let route = StreamName::for_request(req.method(), req.uri().path()).ok();
+            let named = match (config.stream, &last_event_id, &route) {
+                (StreamKind::EventId(format), Some(id), _) => format
                     .stream_of(id.as_str())
                     .and_then(|name| StreamName::new(name).ok()),
+                (StreamKind::Route { shared: false }, Some(id), Some(route)) => self
+                    .shared
+                    .registry
+                    .route_stream_at(owner.as_ref().map(|o| o.as_str()), route, id.as_str()),
                 _ => None,
             };
-            let stream =
-                named.or_else(|| StreamName::for_request(req.method(), req.uri().path()).ok());
-            if let Some(stream) = stream {
+            if let Some(stream) = named.or(route) {
                 req.extensions_mut().insert(StreamKey {
                     owner: owner.clone(),
                     stream,

@@ -119,10 +119,11 @@ impl SseTracker {
         SseTrackerLayer::new(self.shared.clone())
     }
 
+    /// The slot of `key` in the registry, else an evicted one whose id waits for its write.
     fn slot(&self, key: &StreamKey) -> Option<Arc<crate::registry::Slot>> {
         self.shared
             .registry
-            .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
+            .get_or_evicted(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
     }
 
     /// The latest id committed on the stream of `key`, from memory. `None` when the stream is

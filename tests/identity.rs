@@ -376,3 +376,82 @@ async fn the_extractors_give_the_key_the_session_and_the_last_event_id_or_a_clea
             .contains("not behind the SSE tracker's layer")
     );
 }
+
+#[tokio::test]
+async fn a_reconnect_finds_its_own_concurrent_stream_by_its_last_event_id() {
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let second = h.feed("events");
+    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    first.send(Bytes::from_static(b"id: a5\n\n")).unwrap();
+    a.read_until_suffix(b"id: a5\n\n").await;
+    second.send(Bytes::from_static(b"id: b9\n\n")).unwrap();
+    b.read_until_suffix(b"id: b9\n\n").await;
+    // Tab B drops and reconnects with its Last-Event-ID: the key names B's stream, not A's.
+    drop(second);
+    b.read_to_end().await;
+    let again = h.feed("events");
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("b9"));
+    let _b = h.get("/sse/events", Some("s1"), headers).await;
+    let addressed = h.seen("events").key.unwrap();
+    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    assert_eq!(
+        h.tracker.resume(&addressed, Some(&id("b9"))).await.unwrap(),
+        Resume::Current(id("b9"))
+    );
+    drop(again);
+}
+
+#[tokio::test]
+async fn with_ids_that_name_streams_concurrent_responses_of_unnamed_ids_keep_separate_keys() {
+    let tracker = SseTracker::builder()
+        .heartbeat_interval(None)
+        .stream(StreamSource::event_id(IdStream::RMCP))
+        .build()
+        .unwrap();
+    let h = Harness::start(tracker).await;
+    let first = h.feed("mcp");
+    let second = h.feed("mcp");
+    let mut a = h.get("/sse/mcp", Some("s1"), HeaderMap::new()).await;
+    let mut b = h.get("/sse/mcp", Some("s1"), HeaderMap::new()).await;
+    // Ids like those of rmcp's standalone stream name no stream.
+    first.send(Bytes::from_static(b"id: 3\n\n")).unwrap();
+    a.read_until_suffix(b"id: 3\n\n").await;
+    second.send(Bytes::from_static(b"id: 40\n\n")).unwrap();
+    b.read_until_suffix(b"id: 40\n\n").await;
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/mcp")).unwrap(),
+        "3"
+    );
+    assert_eq!(
+        h.tracker
+            .last_event_id(&key("s1", "GET /sse/mcp #2"))
+            .unwrap(),
+        "40"
+    );
+}
+
+#[tokio::test]
+async fn one_frame_carrying_ids_of_two_streams_updates_both() {
+    let tracker = SseTracker::builder()
+        .heartbeat_interval(None)
+        .stream(StreamSource::event_id(IdStream::RMCP))
+        .build()
+        .unwrap();
+    let h = Harness::start(tracker).await;
+    // A replay of stream 17's end, then the standalone stream, in one frame.
+    common::run_frames(
+        &h,
+        "mix",
+        Some("s1"),
+        &[b"id: 4/17\n\nid: 5/17\n\nid: 0\n\n"],
+    )
+    .await;
+    assert_eq!(h.tracker.last_event_id(&key("s1", "17")).unwrap(), "5/17");
+    assert_eq!(
+        h.tracker.last_event_id(&key("s1", "GET /sse/mix")).unwrap(),
+        "0"
+    );
+}

@@ -596,3 +596,106 @@ fn a_worker_lost_with_its_runtime_makes_shutdown_say_so() {
         "3"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_hand_off_waiting_when_shutdown_begins_is_still_written() {
+    use common::direct::{frames_service, request, respond};
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
+
+    let store = Arc::new(InMemoryStore::new());
+    let tracker = SseTracker::builder()
+        .store(store.clone())
+        .heartbeat_interval(None)
+        .channel_capacity(1)
+        // No flush before the shutdown.
+        .flush_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut svc = frames_service(&tracker);
+    let frames = |n: &str| {
+        vec![
+            Bytes::from(format!("id: {n}\n\n")),
+            Bytes::from_static(b"data: more\n\n"),
+        ]
+    };
+    let mut a = respond(&mut svc, request("a", frames("1")))
+        .await
+        .into_body();
+    let mut b = respond(&mut svc, request("b", frames("2")))
+        .await
+        .into_body();
+    assert!(a.frame().now_or_never().is_some());
+    assert!(b.frame().now_or_never().is_some());
+    assert!(
+        b.frame().now_or_never().is_none(),
+        "B's hand-off waits for room"
+    );
+    // The shutdown begins while B waits; B's id was committed before, so it is owed.
+    let drain_b = async {
+        while let Some(frame) = b.frame().await {
+            frame.unwrap();
+        }
+    };
+    let (report, ()) = tokio::join!(tracker.shutdown(Duration::from_secs(5)), drain_b);
+    assert!(report.is_complete(), "{report:?}");
+    assert!(!report.deadline_reached);
+    assert_eq!(stored(&store, "a", "GET /mcp").as_deref(), Some("1"));
+    assert_eq!(stored(&store, "b", "GET /mcp").as_deref(), Some("2"));
+    drop(a);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_the_back_off_of_earlier_failures() {
+    let store = Arc::new(ScriptedStore::failing_first(1));
+    let tracker = SseTracker::builder()
+        .store(store.clone())
+        .heartbeat_interval(None)
+        // After the failure the stream's retry is due in 15 to 30 s.
+        .retry(RetryPolicy::exponential(
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            5,
+        ))
+        .build()
+        .unwrap();
+    let h = Harness::start(tracker).await;
+    run_frames(&h, "b", Some("s1"), &[b"id: 1\n\n"]).await;
+    eventually("the first write failed", || store.calls() >= 1).await;
+    // The store works again; the shutdown (5 s) writes at once instead of waiting 30 s.
+    let started = Instant::now();
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        stored_scripted(&store, "s1", "GET /sse/b").as_deref(),
+        Some("1")
+    );
+}
+
+fn stored_scripted(store: &ScriptedStore, session: &str, stream: &str) -> Option<String> {
+    store.get(&key(session, stream)).map(|s| s.id.to_string())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_id_stays_in_the_report_when_its_key_is_made_again() {
+    let store = Arc::new(FaultStore::default());
+    store.set(Calls::Both, Fault::FailAtOnce);
+    let tracker = SseTracker::builder()
+        .store(store.clone())
+        .heartbeat_interval(None)
+        .max_streams(1)
+        .build()
+        .unwrap();
+    let h = Harness::start(tracker).await;
+    run_frames(&h, "a", Some("s1"), &[b"id: 7\n\n"]).await;
+    // Another stream evicts it (the store is down: its id waits), then the key is made again.
+    run_frames(&h, "other", Some("s2"), &[b"id: 1\n\n"]).await;
+    let _rx = h.tracker.subscribe(&key("s1", "GET /sse/a")).unwrap();
+    let report = h.tracker.shutdown(Duration::from_secs(1)).await;
+    assert!(
+        report.pending.contains(&key("s1", "GET /sse/a")),
+        "{report:?}"
+    );
+    assert!(!report.is_complete());
+}

@@ -1,9 +1,15 @@
-//! The Redis store against a real `redis-server` (feature `redis`): run with
-//! `cargo test --features redis`. Uses `REDIS_URL` when set, else starts its own server on a
-//! free port on 127.0.0.1 (which needs `redis-server` on PATH: `apt-get install redis-server`).
+//! The Redis store against real `redis-server`s (feature `redis`), every test twice: on a
+//! standalone Redis (`standalone::*`) and on a Redis Cluster of three primaries and three
+//! replicas (`cluster::*`; `cargo test --all-features cluster`). The standalone tests use
+//! `REDIS_URL` when set, else start their own server on a free port of 127.0.0.1; each cluster
+//! test starts its own six nodes (`redis-server` and `redis-cli` on PATH: `apt-get install
+//! redis-server`). `cluster::a_primary_killed_under_load_loses_no_latest_id` kills a primary
+//! and waits for its replica to take over.
 #![cfg(feature = "redis")]
 
 mod common;
+#[path = "common/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
@@ -13,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use common::{Harness, build_recorded, key, run_frames};
+use redis_cluster::RedisCluster;
 use redis_server::{RedisServer, unique_prefix};
 use tokio::time::{sleep, timeout};
 use tower_sse_tracker::metrics::STORE_ERRORS_TOTAL;
@@ -28,20 +35,111 @@ fn entry(k: &StreamKey, id: &str, sequence: u64, at_ms: u64) -> SaveEntry {
     }
 }
 
-async fn store(server: &RedisServer, prefix: &str) -> RedisStore {
-    RedisStore::connect(&server.url)
-        .await
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Standalone,
+    Cluster,
+}
+
+/// A standalone Redis or a Redis Cluster, behind one interface.
+enum Redis {
+    Standalone(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    /// A server the test may share (`REDIS_URL`), or a cluster of its own.
+    fn shared(topology: Topology) -> Self {
+        match topology {
+            Topology::Standalone => Redis::Standalone(RedisServer::shared_or_new()),
+            Topology::Cluster => Redis::Cluster(RedisCluster::new()),
+        }
+    }
+
+    /// Servers of the test's own (it kills them).
+    fn own(topology: Topology) -> Self {
+        match topology {
+            Topology::Standalone => Redis::Standalone(RedisServer::new()),
+            Topology::Cluster => Redis::Cluster(RedisCluster::new()),
+        }
+    }
+
+    /// Servers of the test's own, down (started by [`restart`](Self::restart)).
+    fn down(topology: Topology) -> Self {
+        match topology {
+            Topology::Standalone => Redis::Standalone(RedisServer::not_started()),
+            Topology::Cluster => {
+                let mut cluster = RedisCluster::new();
+                cluster.kill_all();
+                Redis::Cluster(cluster)
+            }
+        }
+    }
+
+    /// A store that connects on first use.
+    fn lazy_store(&self, prefix: &str) -> RedisStore {
+        match self {
+            Redis::Standalone(server) => RedisStore::new(&server.url),
+            Redis::Cluster(cluster) => RedisStore::cluster(cluster.urls()),
+        }
         .unwrap()
         .with_prefix(prefix)
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Redis::Standalone(server) => server.kill(),
+            Redis::Cluster(cluster) => cluster.kill_all(),
+        }
+    }
+
+    fn restart(&mut self) {
+        match self {
+            Redis::Standalone(server) => server.restart(),
+            Redis::Cluster(cluster) => cluster.restart_all(),
+        }
+    }
+
+    /// Every key matching `pattern`, on every primary.
+    async fn keys(&self, pattern: &str) -> Vec<String> {
+        match self {
+            Redis::Standalone(server) => {
+                let client = redis::Client::open(server.url.as_str()).unwrap();
+                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap()
+            }
+            Redis::Cluster(cluster) => cluster.keys(pattern),
+        }
+    }
+
+    /// Runs a command on the server, or on every primary of the cluster.
+    async fn command(&self, args: &[&str]) {
+        match self {
+            Redis::Standalone(server) => {
+                server.command(args).await.unwrap();
+            }
+            Redis::Cluster(cluster) => cluster.on_primaries(args),
+        }
+    }
+}
+
+async fn store(server: &Redis, prefix: &str) -> RedisStore {
+    let store = server.lazy_store(prefix);
+    // Connect now, so that a test fails here rather than in its first write.
+    store.load(&key("connect", "probe")).await.unwrap();
+    store
 }
 
 async fn loaded(store: &RedisStore, k: &StreamKey) -> Option<String> {
     store.load(k).await.unwrap().map(|s| s.id.to_string())
 }
 
-#[tokio::test]
-async fn a_batch_round_trips() {
-    let server = RedisServer::shared_or_new();
+async fn a_batch_round_trips(topology: Topology) {
+    let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("round-trip")).await;
     let keys = [
         key("s1", "GET /a"),
@@ -62,9 +160,8 @@ async fn a_batch_round_trips() {
     assert_eq!(loaded(&store, &key("s3", "GET /a")).await, None);
 }
 
-#[tokio::test]
-async fn a_stale_write_is_refused_across_two_stores() {
-    let server = RedisServer::shared_or_new();
+async fn a_stale_write_is_refused_across_two_stores(topology: Topology) {
+    let server = Redis::shared(topology);
     let prefix = unique_prefix("stale");
     let a = store(&server, &prefix).await;
     let b = store(&server, &prefix).await;
@@ -89,9 +186,8 @@ async fn a_stale_write_is_refused_across_two_stores() {
     assert_eq!(loaded(&a, &k).await.as_deref(), Some("from-b-newer"));
 }
 
-#[tokio::test]
-async fn keys_cannot_escape_their_namespace() {
-    let server = RedisServer::shared_or_new();
+async fn keys_cannot_escape_their_namespace(topology: Topology) {
+    let server = Redis::shared(topology);
     let prefix = unique_prefix("inject");
     let store = store(&server, &prefix).await;
     // Pairs that would collide if `:` were not escaped, and glob characters.
@@ -112,24 +208,28 @@ async fn keys_cannot_escape_their_namespace() {
     for (i, k) in tricky.iter().enumerate() {
         assert_eq!(loaded(&store, k).await, Some(i.to_string()), "{k}");
     }
-    let client = redis::Client::open(server.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let all: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let all = server.keys(&format!("{prefix}:*")).await;
     assert_eq!(all.len(), tricky.len(), "{all:?}");
     for k in &all {
         let rest = k.strip_prefix(&format!("{prefix}:id:")).unwrap();
         assert_eq!(rest.matches(':').count(), 1, "{k}");
         assert!(!rest.contains(['*', '?', '[', ' ', '\n']), "{k}");
+        // The owner is the hash tag: the first `{...}` of the key, and only braces there.
+        let (owner_tag, stream) = rest.split_once(':').unwrap();
+        assert!(
+            owner_tag.starts_with('{') && owner_tag.ends_with('}'),
+            "{k}"
+        );
+        assert!(
+            !owner_tag[1..owner_tag.len() - 1].contains(['{', '}']),
+            "{k}"
+        );
+        assert!(!stream.contains(['{', '}']), "{k}");
     }
 }
 
-#[tokio::test]
-async fn keys_and_activity_expire_after_the_ttl() {
-    let server = RedisServer::shared_or_new();
+async fn keys_and_activity_expire_after_the_ttl(topology: Topology) {
+    let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("ttl"))
         .await
         .with_ttl(Duration::from_millis(300));
@@ -163,9 +263,8 @@ async fn keys_and_activity_expire_after_the_ttl() {
 
 /// Instance A streams to a client; the client reconnects to instance B with `Last-Event-ID`;
 /// B finds the stream in Redis and tells "current" from "behind" from "unknown".
-#[tokio::test]
-async fn a_client_resumes_on_a_second_instance() {
-    let server = RedisServer::shared_or_new();
+async fn a_client_resumes_on_a_second_instance(topology: Topology) {
+    let server = Redis::shared(topology);
     let prefix = unique_prefix("two");
     let tracker_a = SseTracker::builder()
         .store(store(&server, &prefix).await)
@@ -237,9 +336,8 @@ async fn a_client_resumes_on_a_second_instance() {
 
 /// Redis is killed and restarted while streams flow: the worker's retries carry the ids
 /// through, and afterwards the store holds every stream's latest id.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_and_restarted_mid_stream_loses_no_latest_id() {
-    let mut server = RedisServer::new();
+async fn redis_killed_and_restarted_mid_stream_loses_no_latest_id(topology: Topology) {
+    let mut server = Redis::own(topology);
     let prefix = unique_prefix("restart");
     let store = store(&server, &prefix).await;
     let (tracker, recorded) = build_recorded(
@@ -299,10 +397,7 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_latest_id() {
         recorded.sum(STORE_ERRORS_TOTAL) >= 1.0,
         "the outage was never noticed"
     );
-    let check = RedisStore::connect(&server.url)
-        .await
-        .unwrap()
-        .with_prefix(&prefix);
+    let check = server.lazy_store(&prefix);
     timeout(Duration::from_secs(30), async {
         loop {
             let mut all = true;
@@ -343,13 +438,11 @@ fn cpu_seconds() -> f64 {
 
 /// The application starts and serves while Redis is down: `RedisStore::new` does not connect,
 /// writes fail (counted) and are retried, and once Redis is up every stream's latest id lands.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_app_starts_while_redis_is_down_and_persists_once_it_is_up() {
-    let mut server = RedisServer::not_started();
+async fn the_app_starts_while_redis_is_down_and_persists_once_it_is_up(topology: Topology) {
+    let mut server = Redis::down(topology);
     let prefix = unique_prefix("down-at-start");
-    let store = RedisStore::new(&server.url)
-        .expect("a valid URL is enough")
-        .with_prefix(&prefix);
+    // A valid URL is enough: nothing connects yet.
+    let store = server.lazy_store(&prefix);
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
             .store(store.clone())
@@ -401,11 +494,10 @@ async fn the_app_starts_while_redis_is_down_and_persists_once_it_is_up() {
 /// Redis answering errors at once (`maxmemory` reached with `noeviction`), then Redis paused
 /// (`CLIENT PAUSE`): streams keep flowing, the store is called at a bounded rate, and every
 /// stream's latest id is in Redis once the fault clears.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id() {
+async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id(topology: Topology) {
     use common::load::{client, percentile, serve_load};
 
-    let server = RedisServer::new();
+    let server = Redis::own(topology);
     let prefix = unique_prefix("oom-pause");
     let store = store(&server, &prefix).await;
     let flush = Duration::from_millis(100);
@@ -436,12 +528,8 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id() 
     // Out of memory: every write is refused at once.
     server
         .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
-        .await
-        .unwrap();
-    server
-        .command(&["CONFIG", "SET", "maxmemory", "1"])
-        .await
-        .unwrap();
+        .await;
+    server.command(&["CONFIG", "SET", "maxmemory", "1"]).await;
     let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
     let cpu_before = cpu_seconds();
     let fault_at = tokio::time::Instant::now();
@@ -449,18 +537,12 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id() 
     let oom_errors = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
     let oom_secs = fault_at.elapsed().as_secs_f64();
     let oom_cpu = (cpu_seconds() - cpu_before) / oom_secs;
-    server
-        .command(&["CONFIG", "SET", "maxmemory", "0"])
-        .await
-        .unwrap();
+    server.command(&["CONFIG", "SET", "maxmemory", "0"]).await;
 
     // Paused: calls hang until the store timeout.
     sleep(Duration::from_millis(300)).await;
     let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
-    server
-        .command(&["CLIENT", "PAUSE", "1500", "ALL"])
-        .await
-        .unwrap();
+    server.command(&["CLIENT", "PAUSE", "1500", "ALL"]).await;
     let pause_at = tokio::time::Instant::now();
     sleep(Duration::from_millis(1500)).await;
     let pause_errors = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
@@ -520,9 +602,8 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id() 
 /// Two instances on one Redis, a client bouncing A → B → A → B with its `Last-Event-ID`: each
 /// instance answers with the newer of its memory and Redis, so every answer is right even when
 /// the instance's own memory holds an older id of the stream.
-#[tokio::test]
-async fn instances_agree_while_a_client_bounces_between_them() {
-    let server = RedisServer::shared_or_new();
+async fn instances_agree_while_a_client_bounces_between_them(topology: Topology) {
+    let server = Redis::shared(topology);
     let prefix = unique_prefix("bounce");
     let mut instances = Vec::new();
     for _ in 0..2 {
@@ -610,3 +691,142 @@ async fn instances_agree_while_a_client_bounces_between_them() {
         }
     }
 }
+
+/// Kills a primary of the cluster (SIGKILL) while streams flow, waits for its replica to take
+/// over, and checks that every stream's latest id ends up in the cluster.
+async fn a_primary_killed_under_load_loses_no_latest_id(topology: Topology) {
+    use common::load::{client, serve_load};
+
+    let mut server = Redis::own(topology);
+    let prefix = unique_prefix("failover");
+    let store = store(&server, &prefix).await;
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .store_timeout(Duration::from_millis(500))
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                50,
+            )),
+    );
+    let addr = serve_load(&tracker).await;
+    const STREAMS: usize = 30;
+    const RATE: u64 = 20;
+    const EVENTS: u64 = 120; // 6 s
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/load?events={EVENTS}&per_second={RATE}");
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|c| tokio::spawn(client(http.clone(), url.clone(), format!("fo-{c:02}"))))
+        .collect();
+    sleep(Duration::from_secs(1)).await;
+    let recorded = Arc::new(recorded);
+    let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
+    let killed_at = tokio::time::Instant::now();
+    // When the failed store calls stopped growing: writes fail until then.
+    let last_error_at = Arc::new(std::sync::Mutex::new(None::<Duration>));
+    let watch = {
+        let (recorded, last_error_at) = (recorded.clone(), last_error_at.clone());
+        tokio::spawn(async move {
+            let mut seen = errors_before;
+            loop {
+                let now = recorded.sum(STORE_ERRORS_TOTAL);
+                if now > seen {
+                    seen = now;
+                    *last_error_at.lock().unwrap() = Some(killed_at.elapsed());
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    if let Redis::Cluster(cluster) = &mut server {
+        let primary = cluster.primaries()[0];
+        cluster.kill(primary);
+        tokio::task::block_in_place(|| cluster.wait_failover(primary, Duration::from_secs(30)));
+        println!(
+            "a replica took over {:?} after the kill",
+            killed_at.elapsed()
+        );
+    } else {
+        server.kill();
+        sleep(Duration::from_secs(2)).await;
+        server.restart();
+    }
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(c.await.unwrap());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut all = true;
+        for r in &results {
+            let k = key(&r.session, "GET /load");
+            all &= store
+                .load(&k)
+                .await
+                .ok()
+                .flatten()
+                .map(|v| v.id.to_string())
+                == r.last_id;
+        }
+        if all {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "some latest ids never reached the cluster"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    watch.abort();
+    let failed = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
+    let failing_for = last_error_at.lock().unwrap().unwrap_or_default();
+    let lost = results
+        .iter()
+        .filter(|r| r.received as u64 != EVENTS)
+        .count();
+    println!(
+        "failover ({topology:?}): {} streams, 0 lost latest ids, {lost} streams short of events; \
+         {failed} failed store calls, the last {failing_for:?} after the kill; every latest id in \
+         the store {:?} after the kill",
+        results.len(),
+        killed_at.elapsed()
+    );
+    assert_eq!(lost, 0);
+    let report = tracker.shutdown(Duration::from_secs(10)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+macro_rules! on_both_topologies {
+    ($($test:ident),* $(,)?) => {
+        mod standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Topology::Standalone).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Topology::Cluster).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_topologies!(
+    a_batch_round_trips,
+    a_stale_write_is_refused_across_two_stores,
+    keys_cannot_escape_their_namespace,
+    keys_and_activity_expire_after_the_ttl,
+    a_client_resumes_on_a_second_instance,
+    redis_killed_and_restarted_mid_stream_loses_no_latest_id,
+    the_app_starts_while_redis_is_down_and_persists_once_it_is_up,
+    redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id,
+    instances_agree_while_a_client_bounces_between_them,
+    a_primary_killed_under_load_loses_no_latest_id,
+);

@@ -1,11 +1,17 @@
-//! [`RedisStore`]: a store shared by several server instances (feature `redis`).
+//! [`RedisStore`]: a store shared by several server instances, on a standalone Redis or a
+//! Redis Cluster (feature `redis`).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::{StreamExt, TryStreamExt};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::OnceCell;
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
@@ -15,8 +21,15 @@ use crate::key::{EventId, Owner, StreamKey};
 pub const DEFAULT_PREFIX: &str = "sse-tracker";
 /// Default time to live of the keys written by [`RedisStore`]: 24 hours.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Sorted sets the owners' activity is spread over (each its own hash tag, so on a cluster they
+/// land on different slots).
+pub const ACTIVITY_SHARDS: usize = 16;
+/// Calls a [`RedisStore`] on a cluster has in flight at once for one batch (one per slot).
+const MAX_CONCURRENT_CALLS: usize = 32;
+/// Connecting and each request time out after this long.
+const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Saves a batch in one round trip, atomically. A key's value is `time:sequence:id` (time in
+/// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
 /// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
 /// neither a late retry nor another instance's older id can overwrite a newer one. Numbers are
 /// compared with `tonumber` (exact below 2^53) but written back as the strings they came as
@@ -45,29 +58,44 @@ end
 return written
 "#;
 
-/// A [`Store`] on Redis, for several server instances behind one load balancer: a client that
-/// reconnects to another instance with `Last-Event-ID` can be resumed there, because
-/// [`SseTracker::resolve`](crate::SseTracker::resolve) falls back to this store.
+/// A [`Store`] on Redis, standalone or Redis Cluster, for several server instances behind one
+/// load balancer: a client that reconnects to another instance with `Last-Event-ID` can be
+/// resumed there, because [`SseTracker::resolve`](crate::SseTracker::resolve) asks this store.
 ///
-/// - **Round trips.** A batch is saved in one round trip (a Lua script); a batch of activity
-///   marks in one pipeline.
+/// - **Standalone or cluster.** [`RedisStore::new`] for one Redis (or a primary with
+///   replicas behind Sentinel-style failover), [`RedisStore::cluster`] for a Redis Cluster:
+///   choose a cluster when one Redis is not enough memory or throughput, or must not be a single
+///   point of failure. Both use the same keys and pass the same tests.
+/// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script),
+///   activity in one pipeline. On a cluster a script may only touch keys of one slot, so a
+///   batch is split per slot and the calls are sent concurrently (at most 32 at once); activity
+///   goes in one pipeline per activity shard.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
 ///   entry's and writes only newer ones, so two instances writing one key, or a late retry,
 ///   never replace a newer id with an older one.
-/// - **Key layout.** `{prefix}:id:{session}:{stream}` holds `time:sequence:id` (time in Unix
-///   microseconds);
-///   `{prefix}:activity` is a sorted set of session ids scored by last activity (Unix ms).
-///   Session ids and stream names are percent-encoded (every byte but `A-Z a-z 0-9 - _ .`), so
-///   no value can reach outside its place in the key or form another key.
+/// - **Key layout.** `{prefix}:id:{<owner>}:<stream>` holds `time:sequence:id` (time in Unix
+///   microseconds). The braces make the owner the key's hash tag, so all streams of an owner
+///   share a slot; a sessionless stream is `{prefix}:id:~:{<stream>}`. Owners and stream names
+///   are percent-encoded (every byte but `A-Z a-z 0-9 - _ .`), so no value can reach outside
+///   its place in the key, form another key or another hash tag. Activity is spread over
+///   [`ACTIVITY_SHARDS`] sorted sets, `{prefix}:activity:{<n>}`, owner ids scored by last
+///   activity (Unix ms); an owner's shard is a fixed hash of its name.
 /// - **Expiry.** Id keys expire `ttl` after their last write; activity older than `ttl` is
-///   removed from the sorted set at each activity write, and the set itself expires `ttl`
-///   after the last one.
-/// - **Start-up and reconnects.** [`RedisStore::new`] does not connect: the first call does,
-///   so an application starts and serves while Redis is down (its writes fail and the
-///   tracker's worker retries them with back-off until Redis is up). The connection is a
-///   redis-rs `ConnectionManager`, which reconnects by itself. [`RedisStore::connect`] waits
-///   for a first connection instead, for applications that would rather not start without
-///   Redis.
+///   removed from its set at each activity write, and a set expires `ttl` after the last one.
+/// - **Start-up and reconnects.** [`RedisStore::new`] and [`RedisStore::cluster`] do not
+///   connect: the first call does, so an application starts and serves while Redis is down
+///   (its writes fail and the tracker's worker retries them with back-off until Redis is up).
+///   Connecting and requests time out after 2 s. A standalone connection is a redis-rs
+///   `ConnectionManager`, which reconnects by itself; on a cluster, redis-rs follows `MOVED` and
+///   `ASK` redirections and refreshes the topology. [`RedisStore::connect`] and
+///   [`RedisStore::connect_cluster`] wait for a first connection instead.
+/// - **Failover.** While a cluster promotes a replica, writes to the failed primary's slots
+///   fail (`CLUSTERDOWN`, `TRYAGAIN`, `READONLY`, timeouts): the tracker counts each failed call,
+///   retries with back-off and catches up once the cluster answers; `tests/redis.rs` kills a
+///   primary under load and checks that no latest id is lost. What matters then: the tracker's
+///   `store_timeout` (5 s) and `retry` policy (how long writes keep being retried; given-up
+///   streams are probed once per longest retry delay), and the cluster's `cluster-node-timeout`
+///   (how long the failover takes).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -80,22 +108,73 @@ return written
 ///     .with_prefix("my-app")
 ///     .with_ttl(Duration::from_secs(3600));
 /// let tracker = SseTracker::builder().store(store).build()?;
-/// # let _ = tracker;
+///
+/// // A cluster: any of its nodes will do, the client finds the rest.
+/// let cluster = RedisStore::cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])?;
+/// # let _ = (tracker, cluster);
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    client: Option<redis::Client>,
-    conn: Arc<OnceCell<ConnectionManager>>,
+    connection: Arc<Connection>,
     prefix: String,
     ttl: Duration,
     save: Script,
 }
 
+/// How to reach Redis, and the connection once made.
+struct Connection {
+    client: Client,
+    conn: OnceCell<Conn>,
+}
+
+enum Client {
+    Standalone(redis::Client),
+    Cluster(Box<ClusterClient>),
+    /// A connection given ready-made.
+    Given,
+}
+
+/// A connection to either topology.
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
+            .field("cluster", &self.is_cluster())
             .field("prefix", &self.prefix)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
@@ -106,8 +185,9 @@ fn redis_error(what: &str, error: redis::RedisError) -> StoreError {
     StoreError::with_source(what.to_owned(), error)
 }
 
-/// Percent-encodes every byte but `A-Z a-z 0-9 - _ .`, so that `:` (the separator), `*`, `?`,
-/// `[` (glob characters), spaces and newlines never appear raw in a key.
+/// Percent-encodes every byte but `A-Z a-z 0-9 - _ .`, so that `:` (the separator), `{` and
+/// `}` (hash tags), `*`, `?`, `[` (glob characters), spaces and newlines never appear raw in a
+/// key.
 fn encode(out: &mut String, value: &str) {
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
@@ -124,26 +204,59 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(1))
 }
 
+/// The activity shard of `owner`: FNV-1a, fixed across processes and instances.
+fn activity_shard(owner: &str) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in owner.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % ACTIVITY_SHARDS as u64) as usize
+}
+
 impl RedisStore {
-    /// A store for the Redis at `url` (e.g. `redis://127.0.0.1:6379`), with prefix
-    /// [`DEFAULT_PREFIX`] and time to live [`DEFAULT_TTL`]. It does not connect (only a URL that
-    /// cannot be parsed is an error): the first store call does, and calls fail until Redis
-    /// answers. Connecting and requests time out after 2 s.
-    pub fn new(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| redis_error("invalid Redis URL", e))?;
-        Ok(Self {
-            client: Some(client),
-            conn: Arc::new(OnceCell::new()),
+    fn with_client(client: Client, conn: Option<Conn>) -> Self {
+        Self {
+            connection: Arc::new(Connection {
+                client,
+                conn: OnceCell::new_with(conn),
+            }),
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
             save: Script::new(SAVE_SCRIPT),
-        })
+        }
+    }
+
+    /// A store for the standalone Redis at `url` (e.g. `redis://127.0.0.1:6379`), with prefix
+    /// [`DEFAULT_PREFIX`] and time to live [`DEFAULT_TTL`]. It does not connect (only a URL that
+    /// cannot be parsed is an error): the first store call does, and calls fail until Redis
+    /// answers.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| redis_error("invalid Redis URL", e))?;
+        Ok(Self::with_client(Client::Standalone(client), None))
+    }
+
+    /// A store for the Redis Cluster that `urls` (one or more of its nodes) belong to. It does
+    /// not connect (only URLs that cannot be parsed are an error): the first store call does.
+    pub fn cluster<I, U>(urls: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        let client = redis::cluster::ClusterClientBuilder::new(urls)
+            .connection_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT)
+            .retries(2)
+            .build()
+            .map_err(|e| redis_error("invalid Redis Cluster URLs", e))?;
+        Ok(Self::with_client(Client::Cluster(Box::new(client)), None))
     }
 
     /// Like [`new`](Self::new), then waits for a first connection: an error when Redis cannot
@@ -154,38 +267,58 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// A store on an existing connection manager.
+    /// Like [`cluster`](Self::cluster), then waits for a first connection to the cluster.
+    pub async fn connect_cluster<I, U>(urls: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        let store = Self::cluster(urls)?;
+        store.connection().await?;
+        Ok(store)
+    }
+
+    /// A store on an existing connection manager (standalone Redis).
     pub fn from_manager(conn: ConnectionManager) -> Self {
-        Self {
-            client: None,
-            conn: Arc::new(OnceCell::new_with(Some(conn))),
-            prefix: DEFAULT_PREFIX.to_owned(),
-            ttl: DEFAULT_TTL,
-            save: Script::new(SAVE_SCRIPT),
-        }
+        Self::with_client(Client::Given, Some(Conn::Standalone(conn)))
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.connection.client, Client::Cluster(_))
+            || matches!(self.connection.conn.get(), Some(Conn::Cluster(_)))
     }
 
     /// The connection, made on first use. A failed attempt is an error; the next call tries
     /// again.
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
-        let conn = self
+    async fn connection(&self) -> Result<Conn, StoreError> {
+        let connection = &*self.connection;
+        let conn = connection
             .conn
             .get_or_try_init(|| async {
-                let client = self
-                    .client
-                    .clone()
-                    .ok_or_else(|| StoreError::new("no Redis client"))?;
-                ConnectionManager::new_with_config(client, manager_config())
-                    .await
-                    .map_err(|e| redis_error("connecting to Redis", e))
+                match &connection.client {
+                    Client::Standalone(client) => {
+                        ConnectionManager::new_with_config(client.clone(), manager_config())
+                            .await
+                            .map(Conn::Standalone)
+                            .map_err(|e| redis_error("connecting to Redis", e))
+                    }
+                    Client::Cluster(client) => client
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                        .map_err(|e| redis_error("connecting to the Redis Cluster", e)),
+                    Client::Given => Err(StoreError::new("no Redis client")),
+                }
             })
             .await?;
         Ok(conn.clone())
     }
 
     /// Namespaces every key under `prefix` (instances that share ids must share the prefix).
+    /// `{` and `}` are replaced by `(` and `)`, so that the prefix never holds a hash tag.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.prefix = prefix.into().replace('{', "(").replace('}', ")");
         self
     }
 
@@ -201,54 +334,141 @@ impl RedisStore {
         out.push_str(&self.prefix);
         out.push_str(":id:");
         match &key.owner {
-            Some(owner) => encode(&mut out, owner.as_str()),
+            Some(owner) => {
+                out.push('{');
+                encode(&mut out, owner.as_str());
+                out.push_str("}:");
+                encode(&mut out, key.stream.as_str());
+            }
             // `~` is never left raw by `encode`: no owner's name can make it.
-            None => out.push('~'),
+            None => {
+                out.push_str("~:{");
+                encode(&mut out, key.stream.as_str());
+                out.push('}');
+            }
         }
-        out.push(':');
-        encode(&mut out, key.stream.as_str());
         out
     }
 
-    /// The Redis key of the activity sorted set.
-    pub fn activity_key(&self) -> String {
-        format!("{}:activity", self.prefix)
+    /// The Redis key of an activity shard (`0..ACTIVITY_SHARDS`).
+    pub fn activity_key(&self, shard: usize) -> String {
+        format!("{}:activity:{{{shard}}}", self.prefix)
+    }
+
+    /// The Redis key of the activity shard that holds `owner`.
+    pub fn activity_key_of(&self, owner: &str) -> String {
+        self.activity_key(activity_shard(owner))
     }
 
     /// Owners (sessions, with the default owner source) whose last activity is older than
-    /// `idle_for`, oldest first (at most `limit`).
+    /// `idle_for`, oldest first (at most `limit`), across all activity shards.
     pub async fn idle_sessions(
         &self,
         idle_for: Duration,
         limit: usize,
     ) -> Result<Vec<Owner>, StoreError> {
         let before = unix_ms(SystemTime::now()).saturating_sub(idle_for.as_millis() as u64);
-        let mut conn = self.connection().await?;
-        let members: Vec<String> = redis::cmd("ZRANGE")
-            .arg(self.activity_key())
-            .arg("-inf")
-            .arg(before)
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error("listing idle sessions", e))?;
-        Ok(members.iter().filter_map(|m| Owner::new(m).ok()).collect())
+        let conn = self.connection().await?;
+        let shards: Vec<Vec<(String, f64)>> = futures_util::stream::iter(0..ACTIVITY_SHARDS)
+            .map(|shard| {
+                let mut conn = conn.clone();
+                let key = self.activity_key(shard);
+                async move {
+                    redis::cmd("ZRANGE")
+                        .arg(key)
+                        .arg("-inf")
+                        .arg(before)
+                        .arg("BYSCORE")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit)
+                        .arg("WITHSCORES")
+                        .query_async::<Vec<(String, f64)>>(&mut conn)
+                        .await
+                        .map_err(|e| redis_error("listing idle sessions", e))
+                }
+            })
+            .buffer_unordered(ACTIVITY_SHARDS)
+            .try_collect()
+            .await?;
+        let mut all: Vec<(String, f64)> = shards.into_iter().flatten().collect();
+        all.sort_by(|a, b| a.1.total_cmp(&b.1));
+        Ok(all
+            .into_iter()
+            .take(limit)
+            .filter_map(|(member, _)| Owner::new(&member).ok())
+            .collect())
     }
 
-    /// When `owner` was last active, if the activity set still has it.
+    /// When `owner` was last active, if its activity shard still has it.
     pub async fn last_active(&self, owner: &str) -> Result<Option<SystemTime>, StoreError> {
         let mut conn = self.connection().await?;
         let score: Option<f64> = redis::cmd("ZSCORE")
-            .arg(self.activity_key())
+            .arg(self.activity_key_of(owner))
             .arg(owner)
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error("reading session activity", e))?;
         Ok(score.map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64)))
     }
+
+    /// Saves `batch` (keys of one slot on a cluster) with one script call.
+    async fn save_one(&self, mut conn: Conn, batch: Vec<&SaveEntry>) -> Result<(), StoreError> {
+        let mut invocation = self.save.prepare_invoke();
+        invocation.arg(self.ttl.as_millis() as u64);
+        for entry in batch {
+            invocation
+                .key(self.key_of(&entry.key))
+                .arg(unix_us(entry.published_at))
+                .arg(entry.sequence)
+                .arg(entry.id.as_str());
+        }
+        let _written: u64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error("saving a batch of latest ids", e))?;
+        Ok(())
+    }
+
+    /// Adds the activity commands of one shard to `pipe`.
+    fn activity_commands(&self, pipe: &mut Pipeline, shard: usize, sessions: &[&SessionActivity]) {
+        let key = self.activity_key(shard);
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let zadd = pipe.cmd("ZADD").arg(&key).arg("GT");
+        for activity in sessions {
+            zadd.arg(unix_ms(activity.last_active))
+                .arg(activity.owner.as_str());
+        }
+        pipe.ignore();
+        let expired_before = unix_ms(SystemTime::now()).saturating_sub(ttl_ms);
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({expired_before}"))
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+    }
+}
+
+async fn run_pipeline(mut conn: Conn, pipe: Pipeline) -> Result<(), StoreError> {
+    pipe.query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| redis_error("writing session activity", e))
+}
+
+/// Runs `calls` with at most `limit` in flight; the first error ends it.
+async fn bounded<F>(calls: Vec<F>, limit: usize) -> Result<(), StoreError>
+where
+    F: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let mut calls = calls.into_iter();
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    running.extend(calls.by_ref().take(limit));
+    while let Some(result) = running.next().await {
+        result?;
+        running.extend(calls.next());
+    }
+    Ok(())
 }
 
 fn unix_us(t: SystemTime) -> u64 {
@@ -270,21 +490,24 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.save.prepare_invoke();
-        invocation.arg(self.ttl.as_millis() as u64);
-        for entry in batch {
-            invocation
-                .key(self.key_of(&entry.key))
-                .arg(unix_us(entry.published_at))
-                .arg(entry.sequence)
-                .arg(entry.id.as_str());
+        let conn = self.connection().await?;
+        if let Conn::Standalone(_) = conn {
+            return self.save_one(conn, batch.iter().collect()).await;
         }
-        let mut conn = self.connection().await?;
-        let _written: u64 = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| redis_error("saving a batch of latest ids", e))?;
-        Ok(())
+        // A cluster: one script call per slot, sent concurrently. Should one fail, the whole
+        // batch is retried; the ones that succeeded are then refused as not newer.
+        let mut by_slot: HashMap<Slot, Vec<&SaveEntry>> = HashMap::new();
+        for entry in batch {
+            by_slot
+                .entry(Slot::for_key(self.key_of(&entry.key)))
+                .or_default()
+                .push(entry);
+        }
+        let mut calls = Vec::with_capacity(by_slot.len());
+        for entries in by_slot.into_values() {
+            calls.push(self.save_one(conn.clone(), entries));
+        }
+        bounded(calls, MAX_CONCURRENT_CALLS).await
     }
 
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
@@ -301,26 +524,34 @@ impl Store for RedisStore {
         if sessions.is_empty() {
             return Ok(());
         }
-        let key = self.activity_key();
-        let ttl_ms = self.ttl.as_millis() as u64;
-        let mut pipe = redis::pipe();
-        let zadd = pipe.cmd("ZADD").arg(&key).arg("GT");
+        let mut by_shard: HashMap<usize, Vec<&SessionActivity>> = HashMap::new();
         for activity in sessions {
-            zadd.arg(unix_ms(activity.last_active))
-                .arg(activity.owner.as_str());
+            by_shard
+                .entry(activity_shard(activity.owner.as_str()))
+                .or_default()
+                .push(activity);
         }
-        pipe.ignore();
-        let expired_before = unix_ms(SystemTime::now()).saturating_sub(ttl_ms);
-        pipe.cmd("ZREMRANGEBYSCORE")
-            .arg(&key)
-            .arg("-inf")
-            .arg(format!("({expired_before}"))
-            .ignore();
-        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
-        let mut conn = self.connection().await?;
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| redis_error("writing session activity", e))
+        let conn = self.connection().await?;
+        if let Conn::Standalone(_) = conn {
+            // One pipeline, one round trip.
+            let mut pipe = redis::pipe();
+            for (shard, sessions) in &by_shard {
+                self.activity_commands(&mut pipe, *shard, sessions);
+            }
+            let mut conn = conn;
+            return pipe
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| redis_error("writing session activity", e));
+        }
+        // A cluster: one pipeline per shard (its keys share a slot), sent concurrently.
+        let mut calls = Vec::with_capacity(by_shard.len());
+        for (shard, sessions) in by_shard {
+            let mut pipe = redis::pipe();
+            self.activity_commands(&mut pipe, shard, &sessions);
+            calls.push(run_pipeline(conn.clone(), pipe));
+        }
+        bounded(calls, MAX_CONCURRENT_CALLS).await
     }
 }
 
@@ -331,11 +562,39 @@ mod tests {
     #[test]
     fn keys_escape_everything_that_could_reach_outside_their_place() {
         let mut out = String::new();
-        encode(&mut out, "a:b*c d\né[x]?");
-        assert_eq!(out, "a%3Ab%2Ac%20d%0A%C3%A9%5Bx%5D%3F");
+        encode(&mut out, "a:b*c d\né[x]?{t}");
+        assert_eq!(out, "a%3Ab%2Ac%20d%0A%C3%A9%5Bx%5D%3F%7Bt%7D");
         let mut plain = String::new();
         encode(&mut plain, "Session-1_2.3");
         assert_eq!(plain, "Session-1_2.3");
+    }
+
+    #[test]
+    fn an_owners_streams_share_a_slot_and_sessionless_streams_are_spread() {
+        let store = RedisStore::new("redis://127.0.0.1:1")
+            .unwrap()
+            .with_prefix("p{x}");
+        let k = |o: &str, s: &str| store.key_of(&StreamKey::try_new(o, s).unwrap());
+        assert_eq!(k("s{1}", "GET /a"), "p(x):id:{s%7B1%7D}:GET%20%2Fa");
+        assert_eq!(
+            Slot::for_key(k("s1", "GET /a")),
+            Slot::for_key(k("s1", "POST /b"))
+        );
+        let unowned = |s: &str| store.key_of(&StreamKey::try_unowned(s).unwrap());
+        assert_eq!(unowned("abc"), "p(x):id:~:{abc}");
+        let slots: std::collections::HashSet<Slot> = (0..100)
+            .map(|i| Slot::for_key(unowned(&format!("stream-{i}"))))
+            .collect();
+        assert!(slots.len() > 90, "sessionless streams spread over slots");
+        let shards: std::collections::HashSet<Slot> = (0..ACTIVITY_SHARDS)
+            .map(|n| Slot::for_key(store.activity_key(n)))
+            .collect();
+        assert_eq!(
+            shards.len(),
+            ACTIVITY_SHARDS,
+            "activity shards on distinct slots"
+        );
+        assert_eq!(activity_shard("s1"), activity_shard("s1"));
     }
 
     #[test]

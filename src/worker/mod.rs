@@ -27,7 +27,7 @@ pub(crate) mod batch;
 pub(crate) mod guard;
 pub(crate) mod retry;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,8 +67,9 @@ pub(crate) struct WorkerConfig {
 pub struct ShutdownReport {
     /// Streams whose latest id this shutdown wrote (each stream counted once).
     pub persisted: usize,
-    /// Streams whose write failed more often than the retry policy allows and was not caught up
-    /// before the deadline.
+    /// Streams whose write failed more often than the retry policy allows, during the shutdown
+    /// too (a shutdown tries given-up streams again, so after a short shutdown against a store
+    /// that stays down they are in `pending`).
     pub given_up: Vec<StreamKey>,
     /// Streams whose latest id is not in the store for another reason (not written before the
     /// deadline, or committed after the shutdown began).
@@ -95,36 +96,27 @@ impl ShutdownReport {
     }
 }
 
-/// Lists every stream whose latest id the store does not have (an evicted slot only when no
-/// newer slot of its key is persisted beyond it).
+/// Lists every stream whose latest id the store does not have. An evicted slot of a key whose
+/// slot in the registry has an id of its own in the store is covered by it: that id is newer.
 fn report(
     registry: &Registry,
     persisted: usize,
     deadline_reached: bool,
     worker_lost: bool,
 ) -> ShutdownReport {
-    let mut persisted_seq: BTreeMap<StreamKey, u64> = BTreeMap::new();
+    let mut covered: BTreeSet<StreamKey> = BTreeSet::new();
     let mut owed: Vec<Arc<Slot>> = Vec::new();
     for slot in registry.all_slots() {
-        if slot.is_evicted() {
+        if slot.is_evicted() || slot.unpersisted() {
             owed.push(slot);
-            continue;
-        }
-        let seq = persisted_seq.entry(slot.key().clone()).or_default();
-        *seq = (*seq).max(slot.persisted());
-        if slot.unpersisted() {
-            owed.push(slot);
+        } else if slot.latest().is_some() {
+            covered.insert(slot.key().clone());
         }
     }
     let mut pending = BTreeSet::new();
     let mut given_up = BTreeSet::new();
     for slot in owed {
-        let version = slot.latest_entry().map(|(_, v)| v).unwrap_or_default();
-        let newer_persisted = slot.is_evicted()
-            && persisted_seq
-                .get(slot.key())
-                .is_some_and(|&seq| seq >= version.sequence);
-        if !slot.unpersisted() || newer_persisted {
+        if !slot.unpersisted() || (slot.is_evicted() && covered.contains(slot.key())) {
             continue;
         }
         if slot.is_given_up() {
@@ -146,8 +138,20 @@ fn report(
 
 struct ShutdownRequest {
     deadline: Instant,
-    reply: oneshot::Sender<ShutdownReport>,
+    /// `None` when the worker shuts itself down: every tracker, layer and body is gone.
+    reply: Option<oneshot::Sender<ShutdownReport>>,
 }
+
+/// `timeout` from now, or far in the future when that is beyond what an instant can hold.
+fn far_instant(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// How long the worker keeps trying to write what it holds once every tracker, layer and body
+/// is gone without a `shutdown()`.
+const ABANDONED_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the tracker knows of its worker task.
 #[derive(Debug)]
@@ -210,6 +214,7 @@ impl WorkerHandle {
             touch_gate: Gate::default(),
             round_no: 0,
             round: Round::default(),
+            round_evicted: Vec::new(),
             flush_due: false,
             retry_round_due: false,
             shutdown: None,
@@ -236,7 +241,7 @@ impl WorkerHandle {
     /// Stops intake, flushes and retries until `timeout`, then reports. A second call (or a
     /// call after the worker was lost) writes nothing and reports what the store still lacks.
     pub(crate) async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
-        let deadline = Instant::now() + timeout;
+        let deadline = far_instant(timeout);
         let control = self
             .control
             .lock()
@@ -244,10 +249,21 @@ impl WorkerHandle {
             .take();
         if let Some(control) = control {
             let (reply, report) = oneshot::channel();
-            if control.send(ShutdownRequest { deadline, reply }).is_ok()
-                && let Ok(report) = report.await
+            if control
+                .send(ShutdownRequest {
+                    deadline,
+                    reply: Some(reply),
+                })
+                .is_ok()
             {
-                return report;
+                // The worker answers by its deadline; this one only guards against a worker
+                // that cannot run (its runtime blocked), a little later.
+                let guard = deadline
+                    .checked_add(Duration::from_secs(1))
+                    .unwrap_or(deadline);
+                if let Ok(Ok(report)) = tokio::time::timeout_at(guard, report).await {
+                    return report;
+                }
             }
         } else {
             // Another shutdown is running or done: wait for it (up to our own deadline).
@@ -323,8 +339,10 @@ struct Io {
 
 struct ShutdownState {
     request: ShutdownRequest,
-    /// Slots written during the shutdown, by address.
-    written: HashSet<usize>,
+    /// Streams written during the shutdown.
+    written: HashSet<StreamKey>,
+    /// The shutdown's round of activity writes has been made.
+    touched: bool,
 }
 
 struct State {
@@ -345,6 +363,9 @@ struct State {
     touch_gate: Gate,
     round_no: u32,
     round: Round,
+    /// Evicted slots the current round took from the registry's FIFO: given back, those it
+    /// could not write, when the round ends.
+    round_evicted: Vec<Arc<Slot>>,
     flush_due: bool,
     retry_round_due: bool,
     shutdown: Option<ShutdownState>,
@@ -406,10 +427,16 @@ async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard:
                 io.in_flight = None;
                 state.recover();
                 let pause = state.config.retry.delay(panics, state.jitter.next());
-                tokio::time::sleep(pause).await;
+                let resume = far_instant(pause);
+                let until = match &state.shutdown {
+                    Some(shutdown) => resume.min(shutdown.request.deadline),
+                    None => resume,
+                };
+                tokio::time::sleep_until(until).await;
             }
         }
     }
+    state.end_round();
     let report = state.shutdown.take().map(|shutdown| {
         let deadline_reached = Instant::now() >= shutdown.request.deadline;
         let report = report(
@@ -433,7 +460,9 @@ async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard:
                 "SSE tracker shut down with latest ids not in the store"
             );
         }
-        let _ = reply.send(report);
+        if let Some(reply) = reply {
+            let _ = reply.send(report);
+        }
     }
 }
 
@@ -447,7 +476,12 @@ async fn run(io: &mut Io, state: &mut State) {
             return;
         }
         if io.in_flight.is_none() && state.round.is_empty() {
-            if state.flush_due || !io.open {
+            state.end_round();
+            if state.shutdown.is_some() && state.owes_writes() && state.save_gate.is_open(now) {
+                // A shutdown writes what it owes as soon as it can, not at the next tick.
+                state.flush_due = true;
+            }
+            if state.flush_due {
                 state.flush_due = false;
                 state.retry_round_due = false;
                 state.assemble(now, true);
@@ -492,6 +526,14 @@ async fn run(io: &mut Io, state: &mut State) {
             received = io.rx.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
                 if received == 0 {
                     io.open = false;
+                    if state.shutdown.is_none() {
+                        // Every tracker, layer and body is gone: write what is held, for a
+                        // while, then stop.
+                        state.begin_shutdown(ShutdownRequest {
+                            deadline: far_instant(ABANDONED_DEADLINE),
+                            reply: None,
+                        });
+                    }
                 } else {
                     state.accept(&mut buf);
                 }
@@ -518,8 +560,9 @@ async fn maybe_control(
 }
 
 impl State {
-    /// Whether the loop is done: the shutdown deadline passed, or intake is closed and nothing
-    /// is owed (a shutdown also waits for given-up streams until its deadline).
+    /// Whether the loop is done: the shutdown deadline passed, or intake is closed and no id
+    /// is owed (given-up streams included). Activity marks made after the shutdown began do
+    /// not keep it going: open streams make them all the time.
     fn finished(&self, io: &Io, now: Instant) -> bool {
         if let Some(shutdown) = &self.shutdown
             && now >= shutdown.request.deadline
@@ -531,23 +574,41 @@ impl State {
             && self.round.is_empty()
             && self.pending.is_empty()
             && self.retries.len() == 0
-            && (self.shutdown.is_none() || self.given_up.is_empty())
+            && self.given_up.is_empty()
             && !self.registry.has_dirty()
-            && !self.registry.has_active()
             && self.registry.evicted_pending_len() == 0
     }
 
     fn begin_shutdown(&mut self, request: ShutdownRequest) {
-        // Shutdown retries until its deadline, given-up streams included, and does not wait
-        // for the back-off of earlier failures.
-        self.requeue_given_up(0, Instant::now());
+        // Shutdown retries until its deadline, given-up streams included, and waits for no
+        // back-off of earlier failures: every retry is due now.
+        let now = Instant::now();
+        self.requeue_given_up(0, now);
+        self.retries.reschedule_all(now);
         self.save_gate.open_at = None;
         self.touch_gate.open_at = None;
         self.flush_due = true;
         self.shutdown = Some(ShutdownState {
             request,
             written: HashSet::new(),
+            touched: false,
         });
+    }
+
+    /// Whether ids wait for a round: received, handed over late, or evicted.
+    fn owes_writes(&self) -> bool {
+        !self.pending.is_empty()
+            || self.registry.has_dirty()
+            || self.registry.evicted_pending_len() > 0
+    }
+
+    /// The round is over: the evicted slots it could not write go back to the registry's
+    /// FIFO.
+    fn end_round(&mut self) {
+        if !self.round_evicted.is_empty() {
+            self.registry
+                .return_evicted(std::mem::take(&mut self.round_evicted));
+        }
     }
 
     /// When the worker must wake for retries or probes (not before the save gate opens).
@@ -556,7 +617,9 @@ impl State {
             // A round starts at the top of the loop.
             return None;
         }
-        let due = [self.retries.next_due(), self.probe_at]
+        // A shutdown that owes writes wakes when the save gate opens.
+        let owed = (self.shutdown.is_some() && self.owes_writes()).then(Instant::now);
+        let due = [self.retries.next_due(), self.probe_at, owed]
             .into_iter()
             .flatten()
             .min()?;
@@ -645,15 +708,23 @@ impl State {
                     taken.take(slot, round, false);
                 }
             }
-            for slot in self.registry.evicted_pending() {
-                taken.take(slot, round, true);
+            for slot in self.registry.take_evicted() {
+                if taken.take(slot.clone(), round, true) == batch::Take::Write {
+                    self.round_evicted.push(slot);
+                }
             }
         }
         if taken.duplicates > 0 {
             self.metrics.duplicates_skipped.increment(taken.duplicates);
         }
         self.round.saves = chunks(taken.entries, self.config.max_batch);
-        if fresh && self.touch_gate.is_open(now) {
+        // After the first round of a shutdown, activity is no longer written: open streams make
+        // marks all the time, and they do not decide whether a stream can be resumed.
+        let touch = match &mut self.shutdown {
+            Some(shutdown) => !std::mem::replace(&mut shutdown.touched, true),
+            None => true,
+        };
+        if fresh && touch && self.touch_gate.is_open(now) {
             let sessions = self.registry.take_active();
             for session in &sessions {
                 session.unmark();
@@ -720,7 +791,7 @@ impl State {
                         if let Some(shutdown) = &mut self.shutdown {
                             shutdown
                                 .written
-                                .extend(entries.iter().map(|p| Arc::as_ptr(&p.slot) as usize));
+                                .extend(entries.iter().map(|p| p.slot.key().clone()));
                         }
                         self.metrics.store_writes.increment(n as u64);
                         self.save_gate.succeeded();
@@ -859,6 +930,7 @@ impl State {
     /// persisted sequence).
     fn recover(&mut self) {
         self.round = Round::default();
+        self.end_round();
         self.pending.clear();
         self.retries = RetryQueue::default();
         self.given_up.clear();
@@ -878,10 +950,23 @@ impl State {
                 slot.take_latest();
             }
         }
-        for session in self.registry.take_active() {
+        let active = self.registry.take_active();
+        for session in &active {
             session.unmark();
         }
+        if !active.is_empty() {
+            // Their marks are made again by their next frame; these are not written.
+            self.registry.count_activity_dropped(active.len());
+        }
         self.flush_due = true;
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // A worker task dropped mid-round (its runtime shut down): the evicted slots the round
+        // held go back to the registry, which counts them when it closes.
+        self.end_round();
     }
 }
 

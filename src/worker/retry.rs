@@ -33,7 +33,7 @@ pub struct RetryPolicy {
 }
 
 /// The default: 100 ms doubling up to 10 s, 5 retries.
-pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+pub(crate) const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
     base: Duration::from_millis(100),
     max: Duration::from_secs(10),
     max_retries: 5,
@@ -183,6 +183,15 @@ impl<T> RetryQueue<T> {
 
     pub(crate) fn len(&self) -> usize {
         self.heap.len()
+    }
+
+    /// Makes every entry due at `at`, in the order they were due.
+    pub(crate) fn reschedule_all(&mut self, at: Instant) {
+        let mut entries: Vec<Due<T>> = self.heap.drain().map(|Reverse(d)| d).collect();
+        entries.sort_by_key(|d| (d.at, d.order));
+        for d in entries {
+            self.push(at, d.item);
+        }
     }
 
     /// Keeps only the entries for which `keep` holds (O(n)).

@@ -1,0 +1,124 @@
+//! `RedisStore` batch saves, standalone against Redis Cluster, side by side in one run.
+//!
+//! Batches of 256 latest ids, each of another owner (so a batch is spread over the cluster's
+//! slots), saved by one `RedisStore` into a standalone `redis-server` and into a local cluster
+//! of three primaries and three replicas, both started by the bench on 127.0.0.1. It prints the
+//! records per second of each and the round trips per batch (script calls counted by the
+//! servers' `INFO commandstats`), then criterion's timing of one batch.
+//!
+//! Run: `cargo bench --features redis --bench redis_store` (needs `redis-server` and
+//! `redis-cli` on PATH). `REDIS_STORE_BENCH_QUICK=1` makes it short.
+
+#[path = "../tests/common/redis_cluster.rs"]
+#[allow(dead_code)]
+mod redis_cluster;
+#[path = "../tests/common/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use redis_cluster::RedisCluster;
+use redis_server::RedisServer;
+use tower_sse_tracker::store::{RedisStore, SaveEntry, Store};
+use tower_sse_tracker::{EventId, StreamKey};
+
+const BATCH: usize = 256;
+
+fn batch(round: usize) -> Vec<SaveEntry> {
+    (0..BATCH)
+        .map(|i| SaveEntry {
+            key: StreamKey::try_new(&format!("owner-{round}-{i}"), "POST /mcp").unwrap(),
+            id: EventId::new(&format!("{round}/{i}")).unwrap(),
+            sequence: round as u64 + 1,
+            published_at: SystemTime::now(),
+        })
+        .collect()
+}
+
+/// Script calls the servers at `urls` have run so far.
+fn script_calls(urls: &[String]) -> u64 {
+    urls.iter()
+        .map(|url| {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut conn)
+                .unwrap();
+            info.lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+                .filter_map(|l| l.split("calls=").nth(1))
+                .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+fn bench(c: &mut Criterion) {
+    let quick = std::env::var_os("REDIS_STORE_BENCH_QUICK").is_some();
+    let rounds = if quick { 40 } else { 400 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = RedisServer::new();
+    let cluster = RedisCluster::new();
+    let standalone_urls = vec![server.url.clone()];
+    let cluster_urls = cluster.urls();
+    let stores = [
+        (
+            "standalone",
+            RedisStore::new(&server.url).unwrap(),
+            standalone_urls,
+        ),
+        (
+            "cluster",
+            RedisStore::cluster(cluster.urls()).unwrap(),
+            cluster_urls,
+        ),
+    ];
+    for (name, store, urls) in &stores {
+        let store = store.clone().with_prefix(format!("bench-{name}"));
+        // Connect and load the script first.
+        rt.block_on(store.save(&batch(usize::MAX - 1))).unwrap();
+        let calls_before = script_calls(urls);
+        let started = Instant::now();
+        for round in 0..rounds {
+            rt.block_on(store.save(&batch(round))).unwrap();
+        }
+        let took = started.elapsed();
+        let calls = script_calls(urls) - calls_before;
+        println!(
+            "{name}: {} records in batches of {BATCH} spread over all slots in {took:?}: {:.0} \
+             records/s, {:.1} round trips (script calls) per batch",
+            rounds * BATCH,
+            (rounds * BATCH) as f64 / took.as_secs_f64(),
+            calls as f64 / rounds as f64
+        );
+    }
+
+    let mut group = c.benchmark_group("redis_store/save_batch_of_256");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(10);
+    if quick {
+        group.warm_up_time(Duration::from_millis(200));
+        group.measurement_time(Duration::from_secs(1));
+    }
+    for (name, store, _) in &stores {
+        let store = store.clone().with_prefix(format!("bench-{name}"));
+        let mut round = 0;
+        group.bench_function(*name, |b| {
+            b.iter(|| {
+                round += 1;
+                rt.block_on(store.save(&batch(round))).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

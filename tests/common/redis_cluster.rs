@@ -1,0 +1,283 @@
+//! A Redis Cluster for the tests: six `redis-server` processes in cluster mode on free ports
+//! of 127.0.0.1 (three primaries, three replicas), made a cluster with `redis-cli --cluster
+//! create`, stopped when dropped. Each node keeps an append-only file and its `nodes.conf`, so
+//! it can be killed and restarted with its data and its place in the cluster.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODES: usize = 6;
+
+struct Node {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+}
+
+fn require(binary: &str) {
+    let found = Command::new(binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "the Redis Cluster tests need `{binary}` on PATH: `apt-get install -y redis-server` \
+         (Debian/Ubuntu) installs it with redis-cli"
+    );
+}
+
+/// A free port in 20000..45000 whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut x = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 31;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 29;
+        let port = 20_000 + (x % 25_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+fn ping(port: u16) -> bool {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_ok()
+}
+
+fn query(port: u16, args: &[&str]) -> redis::RedisResult<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_millis(500))?;
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query(&mut conn)
+}
+
+impl RedisCluster {
+    /// Starts six nodes and makes them a cluster of three primaries with a replica each.
+    pub fn new() -> Self {
+        require("redis-server");
+        require("redis-cli");
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < NODES {
+            let port = free_cluster_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let mut cluster = Self {
+            nodes: ports
+                .into_iter()
+                .map(|port| {
+                    let dir = std::env::temp_dir().join(format!("sse-tracker-cluster-{port}"));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(&dir).unwrap();
+                    Node {
+                        port,
+                        dir,
+                        child: None,
+                    }
+                })
+                .collect(),
+        };
+        for i in 0..NODES {
+            cluster.start(i);
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running redis-cli --cluster create");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    fn start(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let child = Command::new("redis-server")
+            .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", "1000"])
+            // A replica takes over however long it was cut off from its primary.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&node.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server");
+        node.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ping(node.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start",
+                node.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every live node says the cluster is ok with all slots served.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                query(n.port, &["CLUSTER", "INFO"]).is_ok_and(|info| {
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                })
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every node's URL (any of them is enough for a client).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The indexes of the nodes that are primaries now, as a live node sees it.
+    pub fn primaries(&self) -> Vec<usize> {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node");
+        let nodes = query(live.port, &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        let mut primaries = Vec::new();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 3 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let port: Option<u16> = fields[1]
+                .split(['@', ','])
+                .next()
+                .and_then(|addr| addr.rsplit(':').next())
+                .and_then(|p| p.parse().ok());
+            if let Some(i) = self.nodes.iter().position(|n| Some(n.port) == port) {
+                primaries.push(i);
+            }
+        }
+        primaries.sort();
+        primaries
+    }
+
+    /// Waits until a replica has taken over from node `killed` (a primary that was killed):
+    /// the live nodes see it failed and serve every slot with three primaries.
+    pub fn wait_failover(&self, killed: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let primaries = self.primaries();
+            if !primaries.contains(&killed) && primaries.len() == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no replica took over");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_ok(within);
+    }
+
+    /// Runs a command on every live primary.
+    pub fn on_primaries(&self, args: &[&str]) {
+        for i in self.primaries() {
+            if self.nodes[i].child.is_some() {
+                query(self.nodes[i].port, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            }
+        }
+    }
+
+    /// Every key of every primary that matches `pattern`.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        for i in self.primaries() {
+            let client =
+                redis::Client::open(format!("redis://127.0.0.1:{}", self.nodes[i].port)).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut conn).unwrap();
+            all.extend(keys);
+        }
+        all
+    }
+
+    /// Kills node `i` (SIGKILL: no goodbye).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills every node.
+    pub fn kill_all(&mut self) {
+        for i in 0..NODES {
+            self.kill(i);
+        }
+    }
+
+    /// Starts every node again and waits for the cluster to be ok.
+    pub fn restart_all(&mut self) {
+        for i in 0..NODES {
+            if self.nodes[i].child.is_none() {
+                self.start(i);
+            }
+        }
+        self.wait_ok(Duration::from_secs(30));
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        for node in &self.nodes {
+            let _ = std::fs::remove_dir_all(&node.dir);
+        }
+    }
+}
