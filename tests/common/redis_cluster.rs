@@ -34,7 +34,10 @@ fn require(binary: &str) {
     );
 }
 
-/// A free port in 20000..45000 whose cluster bus port (port + 10000) is free too.
+/// A free port in 20000..22768 whose cluster bus port (port + 10000) is free too. Both lie
+/// below Linux's ephemeral range (32768..), so the test's own client connections cannot take
+/// them between this check and the server's bind; other processes still can, which
+/// [`RedisCluster::new`] survives by picking again.
 fn free_cluster_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seed = u64::from(std::process::id())
@@ -48,20 +51,13 @@ fn free_cluster_port() -> u16 {
         x ^= x >> 31;
         x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x ^= x >> 29;
-        let port = 20_000 + (x % 25_000) as u16;
+        let port = 20_000 + (x % 2_768) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok()
             && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
         {
             return port;
         }
     }
-}
-
-fn ping(port: u16) -> bool {
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-        .is_ok()
 }
 
 fn query(port: u16, args: &[&str]) -> redis::RedisResult<String> {
@@ -79,30 +75,29 @@ impl RedisCluster {
     pub fn new() -> Self {
         require("redis-server");
         require("redis-cli");
-        let mut ports: Vec<u16> = Vec::new();
-        while ports.len() < NODES {
+        let mut cluster = Self { nodes: Vec::new() };
+        let mut attempts = 0;
+        while cluster.nodes.len() < NODES {
             let port = free_cluster_port();
-            if !ports.contains(&port) {
-                ports.push(port);
+            if cluster.nodes.iter().any(|n| n.port == port) {
+                continue;
             }
-        }
-        let mut cluster = Self {
-            nodes: ports
-                .into_iter()
-                .map(|port| {
-                    let dir = std::env::temp_dir().join(format!("sse-tracker-cluster-{port}"));
-                    let _ = std::fs::remove_dir_all(&dir);
-                    std::fs::create_dir_all(&dir).unwrap();
-                    Node {
-                        port,
-                        dir,
-                        child: None,
-                    }
-                })
-                .collect(),
-        };
-        for i in 0..NODES {
-            cluster.start(i);
+            let dir = std::env::temp_dir().join(format!("sse-tracker-cluster-{port}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            cluster.nodes.push(Node {
+                port,
+                dir,
+                child: None,
+            });
+            let i = cluster.nodes.len() - 1;
+            if !cluster.try_start(i) {
+                // Another process took the port after the check: pick another.
+                attempts += 1;
+                assert!(attempts < 20, "no free ports for a Redis Cluster node");
+                let node = cluster.nodes.pop().unwrap();
+                let _ = std::fs::remove_dir_all(&node.dir);
+            }
         }
         let addresses: Vec<String> = cluster
             .nodes
@@ -123,7 +118,14 @@ impl RedisCluster {
         cluster
     }
 
+    /// Starts node `i` on its port and data (again).
     fn start(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        assert!(self.try_start(i), "redis-server on {port} did not start");
+    }
+
+    /// Starts node `i` and waits until it answers; false if it exited first (its port taken).
+    fn try_start(&mut self, i: usize) -> bool {
         let node = &mut self.nodes[i];
         let child = Command::new("redis-server")
             .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1"])
@@ -146,16 +148,20 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
-        node.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ping(node.port) {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not start",
-                node.port
-            );
+        let child = node.child.insert(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The server answering is this child, not another process that holds the port.
+        let ours = format!("process_id:{}\r\n", child.id());
+        while !query(node.port, &["INFO", "server"]).is_ok_and(|info| info.contains(&ours)) {
+            if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                node.child = None;
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Waits until every live node says the cluster is ok with all slots served.

@@ -68,9 +68,14 @@ impl RedisServer {
 
     /// A server of the test's own, whatever `REDIS_URL` says (for tests that kill it).
     pub fn new() -> Self {
-        let mut server = Self::not_started();
-        server.start();
-        server
+        for _ in 0..20 {
+            let mut server = Self::not_started();
+            if server.try_start() {
+                return server;
+            }
+            // Another process took the port after it was picked: pick another.
+        }
+        panic!("no free port for a redis-server");
     }
 
     /// A server of the test's own on a free port, not started yet: its URL refuses
@@ -89,6 +94,15 @@ impl RedisServer {
     }
 
     fn start(&mut self) {
+        assert!(
+            self.try_start(),
+            "redis-server on port {} did not start",
+            self.port
+        );
+    }
+
+    /// Starts the server and waits until it answers; false if it exited first (its port taken).
+    fn try_start(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args([
@@ -105,25 +119,23 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let child = self.child.insert(child);
+        // The server answering is this child, not another process that holds the port.
+        let ours = format!("process_id:{}\r\n", child.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ready = redis::Client::open(self.url.as_str())
+            let info = redis::Client::open(self.url.as_str())
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                .is_ok();
-            if ready {
-                return;
+                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+            if info.is_ok_and(|info| info.contains(&ours)) {
+                return true;
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start",
-                self.port
-            );
+            if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
