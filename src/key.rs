@@ -313,8 +313,8 @@ impl EventId {
         Ok(Self(Arc::from(value)))
     }
 
-    /// Builds an id from bytes the scanner has already checked; invalid UTF-8 is replaced by
-    /// U+FFFD as a client's decoder would do.
+    /// Builds an id from bytes the scanner has already checked (no NUL, valid UTF-8, which the
+    /// scanner refuses otherwise; should it ever get another, U+FFFD replaces what is invalid).
     pub(crate) fn from_scanned(bytes: &[u8]) -> Self {
         match std::str::from_utf8(bytes) {
             Ok(s) => Self(Arc::from(s)),

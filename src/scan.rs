@@ -12,6 +12,9 @@
 //!   value; one space after the colon is dropped;
 //! - an `id` field whose value contains NUL is ignored; an `id` field with an empty value resets
 //!   the id to empty;
+//! - an `id` field whose value is not valid UTF-8 is ignored too (a departure from browsers,
+//!   which decode such an id lossily: the lossy id could not be matched when a client echoes it
+//!   in `Last-Event-ID`, and it could be three times as long);
 //! - the id is *committed* when its event is dispatched by a blank line, also for an event that
 //!   has an id and no data; an event cut off by the end of the stream is never committed.
 //!
@@ -49,7 +52,8 @@ pub struct Feed {
     pub events: usize,
     /// Ids committed (see the [module docs](self)).
     pub ids: usize,
-    /// `id` fields ignored because they hold NUL or are longer than the limit.
+    /// `id` fields ignored because they hold NUL, are not valid UTF-8, or are longer than the
+    /// limit.
     pub ids_rejected: usize,
 }
 
@@ -82,6 +86,12 @@ fn next_line_end(buf: &[u8], from: usize) -> Option<usize> {
     #[cfg(not(target_arch = "x86_64"))]
     let found = memchr::memchr2(b'\r', b'\n', hay);
     found.map(|p| from + p)
+}
+
+/// Whether an `id` value is kept: no NUL (clients ignore those), and valid UTF-8 (a client
+/// decodes the stream lossily, so such an id could never be echoed back byte for byte).
+fn acceptable_id(value: &[u8]) -> bool {
+    !value.contains(&0) && std::str::from_utf8(value).is_ok()
 }
 
 /// The state of the line being read.
@@ -268,7 +278,7 @@ impl Scanner {
             [b'i', b'd', b':', value @ ..] => {
                 self.in_event = true;
                 let value = value.strip_prefix(b" ").unwrap_or(value);
-                if value.len() > self.max_id_len || value.contains(&0) {
+                if value.len() > self.max_id_len || !acceptable_id(value) {
                     out.ids_rejected += 1;
                 } else {
                     self.pending.clear();
@@ -342,7 +352,7 @@ impl Scanner {
                 self.id_dirty = true;
             }
             Line::IdValue => {
-                if self.id_overflow || self.value.contains(&0) {
+                if self.id_overflow || !acceptable_id(&self.value) {
                     out.ids_rejected += 1;
                 } else {
                     mem::swap(&mut self.value, &mut self.pending);

@@ -121,6 +121,28 @@ async fn one_leading_space_after_the_colon_is_dropped() {
 }
 
 #[tokio::test]
+async fn an_id_that_is_not_valid_utf8_is_ignored_whole_or_split() {
+    assert_eq!(
+        latest_after(&[b"id: 1\n\nid: a\xffb\n\n"]).await.as_deref(),
+        Some("1")
+    );
+    // Split inside a multi-byte sequence: valid once whole.
+    assert_eq!(
+        latest_after(&[b"id: caf\xc3", b"\xa9\n\n"])
+            .await
+            .as_deref(),
+        Some("caf\u{e9}")
+    );
+    // A sequence cut by the line end is invalid.
+    assert_eq!(
+        latest_after(&[b"id: 1\n\nid: caf\xc3", b"\n\n"])
+            .await
+            .as_deref(),
+        Some("1")
+    );
+}
+
+#[tokio::test]
 async fn an_id_containing_nul_is_ignored() {
     assert_eq!(
         latest_after(&[b"id: 1\n\nid: 2\x003\n\n"]).await.as_deref(),

@@ -11,7 +11,7 @@ pub struct Parsed {
     pub dispatches: usize,
     /// Events fired (non-empty data): (last event id, data).
     pub events: Vec<(String, String)>,
-    /// `id` fields ignored (NUL or longer than `max_id_len` bytes).
+    /// `id` fields ignored (NUL, not UTF-8, or longer than `max_id_len` bytes).
     pub rejected: usize,
 }
 
@@ -75,7 +75,10 @@ pub fn parse(input: &[u8], max_id_len: usize) -> Parsed {
         };
         match name {
             b"id" => {
-                if value.contains(&0) || value.len() > max_id_len {
+                if value.contains(&0)
+                    || std::str::from_utf8(value).is_err()
+                    || value.len() > max_id_len
+                {
                     out.rejected += 1;
                 } else {
                     id_buffer = value.to_vec();
