@@ -208,9 +208,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  curl http://{addr}/sessions/demo-1");
     println!("Metrics:");
     println!("  curl http://{addr}/metrics");
+    let draining = shutdown_tracker.clone();
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
+            // Open event streams end at their next event boundary, telling clients to come back
+            // in a second (to another instance, in a rolling deploy); then the server can stop.
+            println!("draining open streams...");
+            draining.drain(Some(Duration::from_secs(1)));
         })
         .await?;
     let report = shutdown_tracker.shutdown(Duration::from_secs(5)).await;

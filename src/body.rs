@@ -8,6 +8,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::PollSender;
@@ -57,8 +58,23 @@ pin_project! {
         // time it is needed, then only reset.
         #[pin]
         sleep: Option<Sleep>,
+        // Wakes an idle body when the tracker starts draining; made the first time the body
+        // is idle.
+        #[pin]
+        drain_wait: Option<OwnedNotified>,
+        // Draining: the `retry` field has been sent; the body has ended.
+        retry_sent: bool,
+        ended: bool,
+        // The inner body has sent a byte.
+        started: bool,
+        // A heartbeat went out before the first byte: a leading byte order mark of the inner
+        // body is dropped (a client drops it only as the very first bytes it reads). `Some(n)`:
+        // watching, `n` bytes of it matched and withheld so far.
+        strip_bom: Option<u8>,
     }
 }
+
+const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 
 /// How an SSE response is tracked, decided when it starts.
 pub(crate) struct Tracking {
@@ -340,6 +356,11 @@ impl<B> TrackedBody<B> {
             fresh: false,
             poll_sender: None,
             sleep: None,
+            drain_wait: None,
+            retry_sent: false,
+            ended: false,
+            started: false,
+            strip_bom: None,
         };
         Self {
             inner,
@@ -385,6 +406,7 @@ impl SseState {
         }
         let this = self.project();
         *this.fresh = true;
+        *this.started = true;
         let Some(tracked) = this.tracked else {
             this.scanner.feed(data);
             return;
@@ -497,6 +519,91 @@ impl SseState {
         self.tracked.as_ref().is_some_and(|t| t.handoff.is_some())
     }
 
+    /// Drops a leading byte order mark of the inner body after a heartbeat went out first
+    /// (see `strip_bom`). `None`: the frame is all withheld BOM bytes so far.
+    fn strip_bom(self: Pin<&mut Self>, data: Bytes) -> Option<Bytes> {
+        let this = self.project();
+        let Some(matched) = *this.strip_bom else {
+            return Some(data);
+        };
+        let want = &BOM[usize::from(matched)..];
+        let common = want.len().min(data.len());
+        if data[..common] != want[..common] {
+            // Not a byte order mark: what was withheld is content.
+            *this.strip_bom = None;
+            if matched == 0 {
+                return Some(data);
+            }
+            let mut joined = Vec::with_capacity(usize::from(matched) + data.len());
+            joined.extend_from_slice(&BOM[..usize::from(matched)]);
+            joined.extend_from_slice(&data);
+            return Some(Bytes::from(joined));
+        }
+        if common == want.len() {
+            // The whole mark: dropped, as a client would have dropped it.
+            *this.strip_bom = None;
+            return Some(data.slice(common..));
+        }
+        *this.strip_bom = Some(matched + common as u8);
+        None
+    }
+
+    /// The BOM bytes withheld when the inner body ends (they were content after all).
+    fn take_withheld_bom(self: Pin<&mut Self>) -> Option<Bytes> {
+        let this = self.project();
+        match this.strip_bom.take() {
+            Some(matched) if matched > 0 => {
+                Some(Bytes::copy_from_slice(&BOM[..usize::from(matched)]))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the tracker is draining; registers the body to be woken when it starts.
+    fn poll_drain(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let mut this = self.project();
+        let drain = &this.shared.drain;
+        if drain.is_draining() {
+            return true;
+        }
+        if this.drain_wait.is_none() {
+            this.drain_wait
+                .set(Some(drain.notify.clone().notified_owned()));
+        }
+        if let Some(wait) = this.drain_wait.as_mut().as_pin_mut()
+            && wait.poll(cx).is_ready()
+        {
+            this.drain_wait.set(None);
+        }
+        // Checked again after registering, so that a drain that started in between is seen.
+        drain.is_draining()
+    }
+
+    /// While draining, at an event boundary: the `retry` frame (once, when configured), then the
+    /// end of the body. `None` otherwise: the body goes on (to the next boundary).
+    fn drain_step(self: Pin<&mut Self>) -> Option<Option<Bytes>> {
+        let this = self.project();
+        let drain = &this.shared.drain;
+        if !drain.is_draining() || this.scanner.boundary() != Boundary::Event {
+            return None;
+        }
+        if !*this.retry_sent {
+            *this.retry_sent = true;
+            if let Some(retry) = drain.retry() {
+                return Some(Some(Bytes::from(format!(
+                    "retry: {}\n\n",
+                    retry.as_millis()
+                ))));
+            }
+        }
+        *this.ended = true;
+        this.shared.metrics.streams_drained.increment(1);
+        if let Some(tracked) = this.tracked {
+            tracing::debug!(parent: &tracked.tracking.span, "SSE stream drained");
+        }
+        Some(None)
+    }
+
     /// Ready with a heartbeat when the inner body has been quiet for the interval and the
     /// stream is at a boundary; pending otherwise (with the timer armed).
     fn poll_heartbeat(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Bytes> {
@@ -535,6 +642,9 @@ impl SseState {
                 (Boundary::Line, true) => heartbeat.line_cr.clone(),
             };
             this.scanner.comment_inserted();
+            if !*this.started && this.strip_bom.is_none() {
+                *this.strip_bom = Some(0);
+            }
             this.shared.metrics.heartbeats.increment(1);
             return Poll::Ready(bytes);
         }
@@ -549,37 +659,64 @@ impl<B: Body> Body for TrackedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if let Some(sse) = this.sse.as_mut()
-            && sse.handoff_pending()
-        {
+        let mut this = self.project();
+        let Some(sse) = this.sse.as_mut() else {
+            return this
+                .inner
+                .poll_frame(cx)
+                .map(|frame| frame.map(|r| r.map(into_bytes)));
+        };
+        if sse.ended {
+            return Poll::Ready(None);
+        }
+        if sse.handoff_pending() {
             ready!(sse.as_mut().poll_handoff(cx));
         }
-        let polled = this.inner.poll_frame(cx);
-        let Some(sse) = this.sse.as_mut() else {
-            return polled.map(|frame| frame.map(|r| r.map(into_bytes)));
-        };
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                let frame = into_bytes(frame);
-                if let Some(data) = frame.data_ref() {
-                    sse.as_mut().on_data(data);
-                }
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if let Some(step) = sse.as_mut().drain_step() {
+                return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
             }
-            // End of stream or error: an event cut off here is never committed.
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map(into_bytes))),
-            Poll::Pending => {
-                sse.as_mut().went_quiet();
-                sse.as_mut()
-                    .poll_heartbeat(cx)
-                    .map(|bytes| Some(Ok(Frame::data(bytes))))
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match into_bytes(frame).into_data() {
+                        Ok(data) => match sse.as_mut().strip_bom(data) {
+                            Some(data) => Frame::data(data),
+                            // All withheld so far: the next frame decides.
+                            None => continue,
+                        },
+                        Err(trailers) => trailers,
+                    };
+                    if let Some(data) = frame.data_ref() {
+                        sse.as_mut().on_data(data);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                // End of stream: an event cut off here is never committed.
+                Poll::Ready(None) => {
+                    return Poll::Ready(
+                        sse.as_mut()
+                            .take_withheld_bom()
+                            .map(|bytes| Ok(Frame::data(bytes))),
+                    );
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Pending => {
+                    sse.as_mut().went_quiet();
+                    if sse.as_mut().poll_drain(cx) && sse.scanner.boundary() == Boundary::Event {
+                        // The drain started while the body was idle between events.
+                        continue;
+                    }
+                    return sse
+                        .as_mut()
+                        .poll_heartbeat(cx)
+                        .map(|bytes| Some(Ok(Frame::data(bytes))));
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.sse.as_ref().is_some_and(|sse| sse.ended) || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

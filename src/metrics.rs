@@ -34,6 +34,7 @@
 //! | `sse_tracker_ids_dropped_total` | counter | latest ids dropped before reaching the store, by `reason` |
 //! | `sse_tracker_activity_dropped_total` | counter | session activity marks dropped before reaching the store |
 //! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
+//! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended by [`SseTracker::drain`](crate::SseTracker::drain) at an event boundary |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`] (no valid owner),
@@ -116,6 +117,8 @@ pub const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
 pub const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
 /// Counter: panics inside the worker (it restarts) and worker tasks lost, labelled by `reason`.
 pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
+/// Counter: SSE bodies ended by a drain at an event boundary.
+pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
 
 /// Every metric name, for checking exporters and dashboards.
 pub const ALL: &[&str] = &[
@@ -145,6 +148,7 @@ pub const ALL: &[&str] = &[
     IDS_DROPPED_TOTAL,
     ACTIVITY_DROPPED_TOTAL,
     WORKER_FAILURES_TOTAL,
+    STREAMS_DRAINED_TOTAL,
 ];
 
 /// `reason` label: no valid owner: no valid session id in the request or response header, or
@@ -255,6 +259,11 @@ pub fn describe() {
         "Session activity marks dropped before reaching the store"
     );
     describe_counter!(
+        STREAMS_DRAINED_TOTAL,
+        Unit::Count,
+        "SSE bodies ended by a drain at an event boundary"
+    );
+    describe_counter!(
         WORKER_FAILURES_TOTAL,
         Unit::Count,
         "Worker panics (restarted) and worker tasks lost, by reason"
@@ -336,6 +345,7 @@ pub(crate) struct Handles {
     pub(crate) memory_bytes: Gauge,
     pub(crate) evicted_pending: Gauge,
     pub(crate) worker_panics: Counter,
+    pub(crate) streams_drained: Counter,
     pub(crate) worker_lost: Counter,
 }
 
@@ -397,6 +407,7 @@ impl Handles {
             memory_bytes: gauge!(MEMORY_BYTES),
             evicted_pending: gauge!(EVICTED_PENDING),
             worker_panics: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_PANIC),
+            streams_drained: counter!(STREAMS_DRAINED_TOTAL),
             worker_lost: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_LOST),
         }
     }

@@ -13,7 +13,7 @@ use crate::metrics::Handles;
 use crate::registry::{Limits, Open, Registry};
 use crate::store::{DynStore, StoreError, StoredId};
 use crate::worker::guard::guarded;
-use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle};
+use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle, WorkerTask};
 
 /// What every layer, service and body of one tracker shares.
 pub(crate) struct Shared {
@@ -25,6 +25,40 @@ pub(crate) struct Shared {
     store_timeout: Duration,
     /// The warning about compressed SSE responses was logged (once per tracker).
     pub(crate) encoded_warned: std::sync::atomic::AtomicBool,
+    pub(crate) drain: Drain,
+}
+
+/// The drain of open SSE bodies (see [`SseTracker::drain`]).
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    pub(crate) notify: Arc<tokio::sync::Notify>,
+    draining: std::sync::atomic::AtomicBool,
+    /// The `retry` to send before ending, in ms; `u64::MAX` for none.
+    retry_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Drain {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn retry(&self) -> Option<Duration> {
+        match self.retry_ms.load(std::sync::atomic::Ordering::Acquire) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    fn start(&self, retry: Option<Duration>) {
+        let ms = retry.map_or(u64::MAX, |r| {
+            r.as_millis().min(u128::from(u64::MAX - 1)) as u64
+        });
+        self.retry_ms
+            .store(ms, std::sync::atomic::Ordering::Release);
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -38,27 +72,25 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     pub(crate) fn new(
-        runtime: &tokio::runtime::Handle,
         config: Config,
         limits: Limits,
         store: Arc<dyn DynStore>,
         channel_capacity: usize,
         worker: WorkerConfig,
-    ) -> Self {
+    ) -> (Self, WorkerTask) {
         let metrics = Handles::register();
         let registry = Arc::new(Registry::new(limits, metrics.registry()));
         // The worker holds the registry, the store and the metrics, never `Shared`: when the
         // last tracker, layer and body are gone, its channel closes and it finishes.
         let store_timeout = worker.store_timeout;
-        let worker = WorkerHandle::spawn(
-            runtime,
+        let (worker, task) = WorkerHandle::new(
             channel_capacity,
             worker,
             registry.clone(),
             store.clone(),
             metrics.clone(),
         );
-        Self {
+        let shared = Self {
             config,
             registry,
             metrics,
@@ -66,7 +98,9 @@ impl Shared {
             store,
             store_timeout,
             encoded_warned: std::sync::atomic::AtomicBool::new(false),
-        }
+            drain: Drain::default(),
+        };
+        (shared, task)
     }
 }
 
@@ -205,6 +239,11 @@ impl SseTracker {
     /// # }
     /// ```
     pub async fn resolve(&self, key: &StreamKey) -> Result<Option<EventId>, StoreError> {
+        Ok(self.resolve_from(key).await?.map(|(id, _)| id))
+    }
+
+    /// [`resolve`](Self::resolve), with where the answer came from.
+    async fn resolve_from(&self, key: &StreamKey) -> Result<Option<(EventId, Source)>, StoreError> {
         let memory = self.slot(key).and_then(|slot| slot.latest_entry());
         let stored = match self.load(key).await {
             Ok(stored) => stored,
@@ -215,21 +254,21 @@ impl SseTracker {
                         %key,
                         "SSE tracker store load failed; answering from memory only"
                     );
-                    return Ok(Some(id));
+                    return Ok(Some((id, Source::Memory)));
                 }
                 None => return Err(error),
             },
         };
         Ok(match (memory, stored) {
             (None, None) => None,
-            (Some((id, _)), None) => Some(id),
-            (None, Some(stored)) => Some(stored.id),
+            (Some((id, _)), None) => Some((id, Source::Memory)),
+            (None, Some(stored)) => Some((stored.id, Source::Store)),
             (Some((id, version)), Some(stored)) => {
                 let published_at = self.shared.registry.wall_time(version.at_us);
                 if (published_at, version.sequence) >= (stored.published_at, stored.sequence) {
-                    Some(id)
+                    Some((id, Source::Memory))
                 } else {
-                    Some(stored.id)
+                    Some((stored.id, Source::Store))
                 }
             }
         })
@@ -252,6 +291,9 @@ impl SseTracker {
     ///         Ok(Resume::Behind { client, latest }) => {
     ///             format!("replay after {client:?} up to {latest}")
     ///         }
+    ///         Ok(Resume::Unconfirmed { client, stored }) => {
+    ///             format!("the store says {stored}, the client {client}: which is newer?")
+    ///         }
     ///         Ok(Resume::Unknown) => "no such stream: start a new one".to_owned(),
     ///         Ok(other) => format!("{other:?}"),
     ///         Err(error) => format!("store unavailable: {error}"),
@@ -269,10 +311,14 @@ impl SseTracker {
         key: &StreamKey,
         client: Option<&EventId>,
     ) -> Result<Resume, StoreError> {
-        Ok(match (self.resolve(key).await?, client) {
+        Ok(match (self.resolve_from(key).await?, client) {
             (None, _) => Resume::Unknown,
-            (Some(latest), Some(client)) if latest == *client => Resume::Current(latest),
-            (Some(latest), client) => Resume::Behind {
+            (Some((latest, _)), Some(client)) if latest == *client => Resume::Current(latest),
+            (Some((latest, Source::Store)), Some(client)) => Resume::Unconfirmed {
+                client: client.clone(),
+                stored: latest,
+            },
+            (Some((latest, _)), client) => Resume::Behind {
                 client: client.cloned(),
                 latest,
             },
@@ -299,6 +345,46 @@ impl SseTracker {
                     .increment(1);
                 failure.into_error()
             })
+    }
+
+    /// Ends every open SSE body of this tracker's layers at its next event boundary (never
+    /// inside an event), after a `retry: <ms>` field when `retry` is given, so that clients
+    /// reconnect after that long; then the body stops pulling its inner body. SSE responses
+    /// that start afterwards end at their first boundary. An idle body ends at once; a body in
+    /// the middle of an event ends when the event is complete (one whose inner body never
+    /// completes it does not end).
+    ///
+    /// Call it when the server starts its graceful shutdown: open event streams otherwise keep
+    /// it waiting for ever. Each body's latest id is the last id its client received, so a client
+    /// that reconnects (to another instance) with `Last-Event-ID` resumes exactly there; call
+    /// [`shutdown`](Self::shutdown) afterwards to persist the final ids. Counted in
+    /// `sse_tracker_streams_drained_total`.
+    ///
+    /// ```no_run
+    /// # async fn run(app: axum::Router, tracker: tower_sse_tracker::SseTracker) -> std::io::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// let draining = tracker.clone();
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(async move {
+    ///         let _ = tokio::signal::ctrl_c().await;
+    ///         draining.drain(Some(Duration::from_secs(1)));
+    ///     })
+    ///     .await?;
+    /// let report = tracker.shutdown(Duration::from_secs(5)).await;
+    /// # let _ = report;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn drain(&self, retry: Option<Duration>) {
+        tracing::info!(?retry, "draining open SSE streams");
+        self.shared.drain.start(retry);
+    }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub fn is_draining(&self) -> bool {
+        self.shared.drain.is_draining()
     }
 
     /// Stops the worker: it takes no more ids (open streams keep flowing; ids they commit from
@@ -336,15 +422,33 @@ pub enum Resume {
     Unknown,
     /// The client's `Last-Event-ID` is the stream's latest id: it missed nothing.
     Current(EventId),
-    /// The client sent no id, or one other than the latest: it missed the events after its
-    /// id, up to `latest`. (When another instance has not flushed yet, the store may also lag
-    /// behind the client.)
+    /// The client missed the events after its id up to `latest`: it sent no id, or the latest
+    /// id comes from this tracker's own memory (it served the stream since the store's entry)
+    /// and is not the client's.
     Behind {
         /// The client's `Last-Event-ID`, if it sent one.
         client: Option<EventId>,
         /// The stream's latest id.
         latest: EventId,
     },
+    /// The latest id comes from the store alone (another instance served the stream last) and
+    /// is not the client's. Either the client missed the events after its id up to `stored`,
+    /// or the store lags behind the client: the instance that served it has not flushed yet
+    /// (within a flush interval), or could not write. Ids that can be ordered (counters) tell
+    /// which; otherwise replaying after the client's id is the safe answer.
+    Unconfirmed {
+        /// The client's `Last-Event-ID`.
+        client: EventId,
+        /// The id the store holds.
+        stored: EventId,
+    },
+}
+
+/// Where [`SseTracker::resolve`]'s answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Memory,
+    Store,
 }
 
 /// Why [`SseTracker::subscribe`] failed.
