@@ -78,6 +78,13 @@ async fn events(
                 .and_then(|id| id.as_str().parse::<u64>().ok())
                 .map_or(1, |n| n + 1)
         }
+        Ok(Resume::Unconfirmed { client, stored }) => {
+            println!(
+                "[{}] client at {client}, the store at {stored} (served elsewhere): replaying after the client's id",
+                instance.name
+            );
+            client.as_str().parse::<u64>().map_or(1, |n| n + 1)
+        }
         Ok(Resume::Unknown) => {
             println!("[{}] unknown stream: starting at 1", instance.name);
             1

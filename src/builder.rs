@@ -12,8 +12,8 @@ use crate::identity::{OwnerKind, OwnerRule, OwnerSource, StreamKind, StreamSourc
 use crate::registry::Limits;
 use crate::store::{DynStore, InMemoryStore, Store};
 use crate::tracker::{Shared, SseTracker};
-use crate::worker::WorkerConfig;
 use crate::worker::retry::RetryPolicy;
+use crate::worker::{WorkerConfig, WorkerTask};
 
 use crate::defaults::*;
 use crate::limits::*;
@@ -43,7 +43,8 @@ pub enum ConfigError {
     FlushInterval,
     /// The retry policy has a zero base delay or a maximum below its base.
     Retry(RetryPolicy),
-    /// `build()` was called outside a Tokio runtime, where the worker cannot be spawned.
+    /// `build()` was called outside a Tokio runtime, where the worker cannot be spawned (use
+    /// [`SseTrackerBuilder::build_with_worker`] there).
     NoRuntime,
     /// `idle_ttl` is zero.
     IdleTtl,
@@ -100,7 +101,8 @@ impl fmt::Display for ConfigError {
                 write!(f, "{setting} {d:?} is longer than the limit of {limit:?}")
             }
             ConfigError::NoRuntime => f.write_str(
-                "build() must be called within a Tokio runtime: it spawns the persistence worker",
+                "build() must be called within a Tokio runtime: it spawns the persistence worker \
+                 (build_with_worker() returns it for you to spawn instead)",
             ),
         }
     }
@@ -391,9 +393,29 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// Checks every setting, spawns the worker on the current Tokio runtime and builds the
-    /// tracker.
+    /// Checks every setting, builds the tracker, and spawns its worker on the current Tokio
+    /// runtime (an error outside one: use [`build_with_worker`](Self::build_with_worker) then).
     pub fn build(self) -> Result<SseTracker, ConfigError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+        let (tracker, worker) = self.build_with_worker()?;
+        runtime.spawn(worker);
+        Ok(tracker)
+    }
+
+    /// Checks every setting and builds the tracker and its worker, for the caller to spawn on
+    /// the runtime of its choice (as tower's `Buffer::pair` does): no runtime is needed to
+    /// build. Nothing is persisted until the worker runs.
+    ///
+    /// ```
+    /// use tower_sse_tracker::SseTracker;
+    ///
+    /// // Outside any runtime.
+    /// let (tracker, worker) = SseTracker::builder().build_with_worker().unwrap();
+    /// let runtime = tokio::runtime::Runtime::new().unwrap();
+    /// runtime.spawn(worker);
+    /// # let _ = tracker;
+    /// ```
+    pub fn build_with_worker(self) -> Result<(SseTracker, WorkerTask), ConfigError> {
         let header = |name: &str| {
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ConfigError::SessionHeader(name.to_owned()))
@@ -465,7 +487,6 @@ impl SseTrackerBuilder {
         if let Some(ttl) = self.idle_ttl.filter(|ttl| *ttl > MAX_IDLE_TTL) {
             return Err(ConfigError::TooLong("idle_ttl", ttl));
         }
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let config = Config {
             owner,
             stream: self.stream.0,
@@ -490,14 +511,8 @@ impl SseTrackerBuilder {
             max_names: self.max_stream_names,
             max_pending_evicted: self.max_pending_evicted,
         };
-        Ok(SseTracker::from_shared(Shared::new(
-            &runtime,
-            config,
-            limits,
-            store,
-            self.channel_capacity,
-            worker,
-        )))
+        let (shared, task) = Shared::new(config, limits, store, self.channel_capacity, worker);
+        Ok((SseTracker::from_shared(shared), task))
     }
 }
 

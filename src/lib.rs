@@ -59,6 +59,13 @@
 //! # }
 //! ```
 //!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `redis` | no | `store::RedisStore`: a store shared by several instances, on a standalone Redis or a Redis Cluster (redis-rs) |
+//! | `axum` | no | `extract`: axum extractors for [`LastEventId`], [`SessionId`] and [`StreamKey`] (axum-core) |
+//!
 //! # What "latest id" means
 //!
 //! The latest id of a stream is the id of the newest event that the layer has handed to the
@@ -100,5 +107,5 @@ pub use key::{EventId, InvalidKey, LastEventId, Owner, SessionId, StreamKey, Str
 pub use layer::SseTrackerLayer;
 pub use service::SseTrackerService;
 pub use tracker::{Resume, SseTracker, SubscribeError};
-pub use worker::ShutdownReport;
 pub use worker::retry::RetryPolicy;
+pub use worker::{ShutdownReport, WorkerTask};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// Longest heartbeat comment accepted, in bytes.
 pub const MAX_HEARTBEAT_COMMENT_LEN: usize = 256;
-/// Largest accepted [`SseTrackerBuilder::max_id_len`]: 64 KiB.
+/// Largest accepted [`max_id_len`](crate::SseTrackerBuilder::max_id_len): 64 KiB.
 pub const MAX_ID_LEN_LIMIT: usize = 64 * 1024;
 /// Shortest accepted heartbeat interval: 10 ms.
 pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);

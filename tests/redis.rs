@@ -320,9 +320,10 @@ async fn a_client_resumes_on_a_second_instance(topology: Topology) {
             .resume(&key("s1", "GET /sse/events"), Some(&behind))
             .await
             .unwrap(),
-        Resume::Behind {
-            client: Some(behind.clone()),
-            latest: EventId::new("5").unwrap()
+        // B never served the stream: the answer comes from the store alone.
+        Resume::Unconfirmed {
+            client: behind.clone(),
+            stored: EventId::new("5").unwrap()
         }
     );
     assert_eq!(
@@ -644,9 +645,10 @@ async fn instances_agree_while_a_client_bounces_between_them(topology: Topology)
                     .resume(&key("s1", STREAM), Some(&older))
                     .await
                     .unwrap(),
-                Resume::Behind {
-                    client: Some(older.clone()),
-                    latest: client_id.clone().unwrap()
+                // The other instance served the stream last: the answer is the store's.
+                Resume::Unconfirmed {
+                    client: older.clone(),
+                    stored: client_id.clone().unwrap()
                 },
                 "hop {hop} to {name}, a client one event behind"
             );

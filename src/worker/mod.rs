@@ -153,6 +153,29 @@ fn far_instant(timeout: Duration) -> Instant {
 /// is gone without a `shutdown()`.
 const ABANDONED_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The tracker's background worker: a future to run on a Tokio runtime (spawn it), made by
+/// [`SseTrackerBuilder::build_with_worker`](crate::SseTrackerBuilder::build_with_worker). It
+/// runs until the tracker is shut down, or every tracker, layer and body is gone.
+#[must_use = "the worker does nothing until it is spawned"]
+pub struct WorkerTask(BoxFuture<'static, ()>);
+
+impl std::fmt::Debug for WorkerTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerTask")
+    }
+}
+
+impl Future for WorkerTask {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
 /// What the tracker knows of its worker task.
 #[derive(Debug)]
 struct Status {
@@ -180,15 +203,14 @@ impl std::fmt::Debug for ShutdownRequest {
 }
 
 impl WorkerHandle {
-    /// Spawns the worker, under its supervisor, on `runtime`.
-    pub(crate) fn spawn(
-        runtime: &tokio::runtime::Handle,
+    /// The handle and the worker's task (its supervisor), for the caller to spawn.
+    pub(crate) fn new(
         capacity: usize,
         config: WorkerConfig,
         registry: Arc<Registry>,
         store: Arc<dyn DynStore>,
         metrics: Handles,
-    ) -> Self {
+    ) -> (Self, WorkerTask) {
         let (sender, rx) = mpsc::channel(capacity);
         let (control, control_rx) = oneshot::channel();
         let status = Arc::new(Status {
@@ -229,13 +251,16 @@ impl WorkerHandle {
             metrics: state.metrics.clone(),
             armed: true,
         };
-        runtime.spawn(supervise(io, state, status.clone(), guard));
-        Self {
-            sender,
-            control: Mutex::new(Some(control)),
-            status,
-            registry,
-        }
+        let task = Box::pin(supervise(io, state, status.clone(), guard));
+        (
+            Self {
+                sender,
+                control: Mutex::new(Some(control)),
+                status,
+                registry,
+            },
+            WorkerTask(task),
+        )
     }
 
     /// Stops intake, flushes and retries until `timeout`, then reports. A second call (or a
