@@ -24,16 +24,23 @@ pin_project! {
     /// The response body of [`SseTrackerService`](crate::SseTrackerService).
     ///
     /// Non-SSE bodies pass through with nothing added: the same frames, size hint and end of
-    /// stream. SSE bodies pass every byte through unchanged and in the same frames; the layer
-    /// only scans them for dispatched ids and, after the heartbeat interval with no frame from
-    /// the inner body, inserts a heartbeat comment where it cannot change an event:
+    /// stream. SSE bodies pass every byte through in the same frames; the layer scans them for
+    /// dispatched ids and adds or removes bytes only where a client reads the same events:
     ///
-    /// - between events, a whole comment event (`: keep-alive\n\n`);
-    /// - at the start of a line inside an event, a comment line only (`: keep-alive\n`);
-    /// - in the middle of a line, nothing, until a later frame reaches a boundary.
+    /// - after the heartbeat interval with no frame from the inner body, a heartbeat comment:
+    ///   between events a whole comment event (`: keep-alive\n\n`), at the start of a line
+    ///   inside an event a comment line only (`: keep-alive\n`), in the middle of a line
+    ///   nothing until a later frame reaches a boundary. When the last byte of the stream was a
+    ///   CR, the heartbeat's lines end with CR instead, so that a LF that comes next still pairs
+    ///   with a CR, as it would have without it;
+    /// - when a heartbeat went out before the inner body's first byte, a leading byte order
+    ///   mark of the inner body is dropped (a client drops one only as the very first bytes it
+    ///   reads); its bytes may be held back until the next frame says whether they are one;
+    /// - while [draining](crate::SseTracker::drain), a `retry` field and the end of the body at
+    ///   the next event boundary (the frame holding it is cut after it), or at the drain
+    ///   timeout.
     ///
-    /// When the last byte of the stream was a CR, the heartbeat's lines end with CR instead,
-    /// so that a LF that comes next still pairs with a CR, as it would have without it.
+    /// An SSE body has no declared length (the layer removes `Content-Length`).
     pub struct TrackedBody<B> {
         #[pin]
         inner: B,
@@ -62,6 +69,10 @@ pin_project! {
         // is idle.
         #[pin]
         drain_wait: Option<OwnedNotified>,
+        // Draining: the timer of the drain deadline, made when a body is idle inside an event.
+        drain_timer: Option<Pin<Box<Sleep>>>,
+        // Trailers of the inner body held back while withheld bytes went out first.
+        trailers: Option<http::HeaderMap>,
         // Draining: the `retry` field has been sent; the body has ended.
         retry_sent: bool,
         ended: bool,
@@ -357,6 +368,8 @@ impl<B> TrackedBody<B> {
             poll_sender: None,
             sleep: None,
             drain_wait: None,
+            drain_timer: None,
+            trailers: None,
             retry_sent: false,
             ended: false,
             started: false,
@@ -368,7 +381,8 @@ impl<B> TrackedBody<B> {
         }
     }
 
-    /// Whether this body is an SSE body that the layer scans (tracked or for heartbeats only).
+    /// Whether this body is an SSE body that the layer scans (tracked, or for heartbeats and
+    /// draining only).
     pub fn is_scanned(&self) -> bool {
         self.sse.is_some()
     }
@@ -447,7 +461,7 @@ impl SseState {
             tracing::debug!(
                 parent: &tracked.tracking.span,
                 count = feed.ids_rejected,
-                "ignored SSE id fields holding NUL or longer than max_id_len"
+                "ignored SSE id fields holding NUL, not valid UTF-8, or longer than max_id_len"
             );
         }
     }
@@ -520,9 +534,16 @@ impl SseState {
     }
 
     /// Drops a leading byte order mark of the inner body after a heartbeat went out first
-    /// (see `strip_bom`). `None`: the frame is all withheld BOM bytes so far.
+    /// (see `strip_bom`). `None`: nothing of the frame goes out now (all withheld so far, or
+    /// exactly the mark).
     fn strip_bom(self: Pin<&mut Self>, data: Bytes) -> Option<Bytes> {
         let this = self.project();
+        if data.is_empty() {
+            return Some(data);
+        }
+        // Any byte of the inner body, withheld or not, ends the time before the first byte: a
+        // later heartbeat must not start watching for a byte order mark again.
+        *this.started = true;
         let Some(matched) = *this.strip_bom else {
             return Some(data);
         };
@@ -542,7 +563,7 @@ impl SseState {
         if common == want.len() {
             // The whole mark: dropped, as a client would have dropped it.
             *this.strip_bom = None;
-            return Some(data.slice(common..));
+            return Some(data.slice(common..)).filter(|rest| !rest.is_empty());
         }
         *this.strip_bom = Some(matched + common as u8);
         None
@@ -577,6 +598,55 @@ impl SseState {
         }
         // Checked again after registering, so that a drain that started in between is seen.
         drain.is_draining()
+    }
+
+    /// While draining, scans `data` up to the end of its first event and returns that length
+    /// (all of it when no event ends in it): the body ends there.
+    fn on_data_to_event_end(mut self: Pin<&mut Self>, data: &[u8]) -> usize {
+        let mut from = 0;
+        while from < data.len() {
+            // An event can only end right after a line end.
+            let end =
+                memchr::memchr2(b'\r', b'\n', &data[from..]).map_or(data.len(), |p| from + p + 1);
+            self.as_mut().on_data(&data[from..end]);
+            from = end;
+            if self.scanner.boundary() == Boundary::Event {
+                break;
+            }
+        }
+        from
+    }
+
+    /// While draining, inside an event: whether the drain timeout has passed. Polls (and makes,
+    /// the first time) the deadline's timer when `cx` is given, so that an idle body is woken.
+    fn drain_overdue(self: Pin<&mut Self>, cx: Option<&mut Context<'_>>) -> bool {
+        let this = self.project();
+        let Some(deadline) = this.shared.drain.deadline() else {
+            return false;
+        };
+        match cx {
+            None => Instant::now() >= deadline,
+            Some(cx) => this
+                .drain_timer
+                .get_or_insert_with(|| Box::pin(sleep_until(deadline)))
+                .as_mut()
+                .poll(cx)
+                .is_ready(),
+        }
+    }
+
+    /// Ends the body inside an event at the drain timeout.
+    fn end_overdue(self: Pin<&mut Self>) {
+        let this = self.project();
+        *this.ended = true;
+        this.shared.metrics.streams_drained_late.increment(1);
+        let span = this.tracked.as_ref().map(|t| &t.tracking.span);
+        tracing::warn!(
+            parent: span.unwrap_or(&tracing::Span::current()),
+            timeout = ?this.shared.config.drain_timeout,
+            "SSE stream still inside an event at the drain timeout: ended there (the client \
+             discards the incomplete event)"
+        );
     }
 
     /// While draining, at an event boundary: the `retry` frame (once, when configured), then the
@@ -669,42 +739,68 @@ impl<B: Body> Body for TrackedBody<B> {
         if sse.ended {
             return Poll::Ready(None);
         }
+        if let Some(trailers) = sse.as_mut().project().trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         if sse.handoff_pending() {
             ready!(sse.as_mut().poll_handoff(cx));
         }
         loop {
-            if let Some(step) = sse.as_mut().drain_step() {
-                return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
+            let draining = sse.shared.drain.is_draining();
+            if draining {
+                if let Some(step) = sse.as_mut().drain_step() {
+                    return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
+                }
+                if sse.as_mut().drain_overdue(None) {
+                    sse.as_mut().end_overdue();
+                    return Poll::Ready(None);
+                }
             }
             match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let frame = match into_bytes(frame).into_data() {
-                        Ok(data) => match sse.as_mut().strip_bom(data) {
-                            Some(data) => Frame::data(data),
-                            // All withheld so far: the next frame decides.
-                            None => continue,
-                        },
-                        Err(trailers) => trailers,
-                    };
-                    if let Some(data) = frame.data_ref() {
-                        sse.as_mut().on_data(data);
+                Poll::Ready(Some(Ok(frame))) => match into_bytes(frame).into_data() {
+                    Ok(data) => {
+                        // `None`: all withheld so far, or exactly a dropped BOM.
+                        let Some(mut data) = sse.as_mut().strip_bom(data) else {
+                            continue;
+                        };
+                        if draining {
+                            // The body ends after this frame's first event: cut it there.
+                            let end = sse.as_mut().on_data_to_event_end(&data);
+                            data.truncate(end);
+                        } else {
+                            sse.as_mut().on_data(&data);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
+                    Err(trailers) => {
+                        let Some(withheld) = sse.as_mut().take_withheld_bom() else {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        };
+                        // The withheld bytes were content: they go before the trailers.
+                        sse.as_mut().on_data(&withheld);
+                        *sse.as_mut().project().trailers = trailers.into_trailers().ok();
+                        return Poll::Ready(Some(Ok(Frame::data(withheld))));
+                    }
+                },
                 // End of stream: an event cut off here is never committed.
                 Poll::Ready(None) => {
-                    return Poll::Ready(
-                        sse.as_mut()
-                            .take_withheld_bom()
-                            .map(|bytes| Ok(Frame::data(bytes))),
-                    );
+                    let withheld = sse.as_mut().take_withheld_bom();
+                    // Whatever goes out now, the inner body is not polled again.
+                    *sse.as_mut().project().ended = true;
+                    return Poll::Ready(withheld.map(|bytes| Ok(Frame::data(bytes))));
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                 Poll::Pending => {
                     sse.as_mut().went_quiet();
-                    if sse.as_mut().poll_drain(cx) && sse.scanner.boundary() == Boundary::Event {
-                        // The drain started while the body was idle between events.
-                        continue;
+                    if sse.as_mut().poll_drain(cx) {
+                        if sse.scanner.boundary() == Boundary::Event {
+                            // The drain started while the body was idle between events.
+                            continue;
+                        }
+                        if sse.as_mut().drain_overdue(Some(cx)) {
+                            sse.as_mut().end_overdue();
+                            return Poll::Ready(None);
+                        }
                     }
                     return sse
                         .as_mut()
@@ -716,19 +812,19 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.sse.as_ref().is_some_and(|sse| sse.ended) || self.inner.is_end_stream()
+        match &self.sse {
+            None => self.inner.is_end_stream(),
+            Some(sse) if sse.trailers.is_some() => false,
+            Some(sse) => sse.ended || self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         let hint = self.inner.size_hint();
-        match &self.sse {
-            Some(sse) if sse.shared.config.heartbeat.is_some() => {
-                // Heartbeats may add bytes: keep the lower bound, drop the upper one.
-                let mut open = SizeHint::new();
-                open.set_lower(hint.lower());
-                open
-            }
-            _ => hint,
+        if self.sse.is_none() {
+            return hint;
         }
+        // Heartbeats may add bytes, a dropped BOM or a drain remove some: no bound is known.
+        SizeHint::new()
     }
 }

@@ -149,6 +149,7 @@ pub(crate) struct Config {
     pub(crate) max_id_len: usize,
     pub(crate) accel_buffering_off: bool,
     pub(crate) send_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 }
 
 /// The store given to the builder.
@@ -183,6 +184,7 @@ impl fmt::Debug for StoreChoice {
 /// | [`max_stream_names`](Self::max_stream_names) | [`crate::defaults::MAX_STREAM_NAMES`] (10 000) |
 /// | [`store_timeout`](Self::store_timeout) | [`crate::defaults::STORE_TIMEOUT`] (5 s) |
 /// | [`max_pending_evicted`](Self::max_pending_evicted) | [`crate::defaults::MAX_PENDING_EVICTED`] (10 000) |
+/// | [`drain_timeout`](Self::drain_timeout) | [`crate::defaults::DRAIN_TIMEOUT`] (10 s) |
 ///
 /// `build()` spawns the tracker's one background worker, so it must run within a Tokio
 /// runtime.
@@ -227,6 +229,7 @@ pub struct SseTrackerBuilder {
     max_stream_names: usize,
     store_timeout: Duration,
     max_pending_evicted: usize,
+    drain_timeout: Duration,
 }
 
 impl Default for SseTrackerBuilder {
@@ -249,6 +252,7 @@ impl Default for SseTrackerBuilder {
             max_stream_names: MAX_STREAM_NAMES,
             store_timeout: STORE_TIMEOUT,
             max_pending_evicted: MAX_PENDING_EVICTED,
+            drain_timeout: DRAIN_TIMEOUT,
         }
     }
 }
@@ -393,6 +397,30 @@ impl SseTrackerBuilder {
         self
     }
 
+    /// How long, after [`SseTracker::drain`](crate::SseTracker::drain), a body in the middle of
+    /// an event may take to complete it. A body still inside an event then ends there: its
+    /// client discards the incomplete event (an `EventSource` never dispatches one), the
+    /// tracker never committed its id, and a client that resumes with `Last-Event-ID` is sent
+    /// it again. Counted in `sse_tracker_streams_drained_total{reason="deadline"}` and logged.
+    /// Zero ends such bodies at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_sse_tracker::SseTracker;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let tracker = SseTracker::builder()
+    ///     .drain_timeout(Duration::from_secs(3))
+    ///     .build()
+    ///     .expect("valid settings");
+    /// # }
+    /// ```
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
     /// Checks every setting, builds the tracker, and spawns its worker on the current Tokio
     /// runtime (an error outside one: use [`build_with_worker`](Self::build_with_worker) then).
     pub fn build(self) -> Result<SseTracker, ConfigError> {
@@ -479,6 +507,7 @@ impl SseTrackerBuilder {
             ("flush_interval", self.flush_interval),
             ("store_timeout", self.store_timeout),
             ("retry max", self.retry.max()),
+            ("drain_timeout", self.drain_timeout),
         ] {
             if d > MAX_DURATION {
                 return Err(ConfigError::TooLong(setting, d));
@@ -494,6 +523,7 @@ impl SseTrackerBuilder {
             max_id_len: self.max_id_len,
             accel_buffering_off: self.accel_buffering_off,
             send_timeout: self.send_timeout,
+            drain_timeout: self.drain_timeout,
         };
         let store = match self.store {
             Some(StoreChoice(store)) => store,

@@ -7,6 +7,10 @@ use std::time::Duration;
 pub const SESSION_HEADER: &str = "mcp-session-id";
 /// Default idle time after which a heartbeat comment is sent: 15 seconds.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Default time a draining body may take to reach an event boundary before it is ended
+/// anyway (see [`SseTrackerBuilder::drain_timeout`](crate::SseTrackerBuilder::drain_timeout)):
+/// 10 seconds.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default text of the heartbeat comment; the line sent is `: keep-alive`.
 pub const HEARTBEAT_COMMENT: &str = "keep-alive";
 /// Default maximum number of tracked streams.

@@ -119,14 +119,11 @@ fn track_response<B: http_body::Body>(
     if config.accel_buffering_off && !headers.contains_key(&X_ACCEL_BUFFERING) {
         headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     }
-    if config.heartbeat.is_some() {
-        // Heartbeats add bytes, so a declared length would be wrong.
-        headers.remove(CONTENT_LENGTH);
-    }
+    // Heartbeats add bytes, a dropped BOM or a drain removes some: a declared length would be
+    // wrong.
+    headers.remove(CONTENT_LENGTH);
+    // Untracked bodies are wrapped too: they get heartbeats, and a drain ends them.
     let tracking = tracking(shared, info, &parts);
-    if tracking.is_none() && config.heartbeat.is_none() {
-        return Response::from_parts(parts, TrackedBody::pass_through(body));
-    }
     Response::from_parts(parts, TrackedBody::sse(body, shared.clone(), tracking))
 }
 

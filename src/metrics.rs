@@ -12,7 +12,7 @@
 //! | `sse_tracker_heartbeats_total` | counter | heartbeat comments injected |
 //! | `sse_tracker_streams_active` | gauge | tracked SSE response bodies open now |
 //! | `sse_tracker_untracked_streams_total` | counter | SSE responses passed through untracked, by `reason` |
-//! | `sse_tracker_ids_rejected_total` | counter | `id` fields ignored (NUL, or longer than the limit) |
+//! | `sse_tracker_ids_rejected_total` | counter | `id` fields ignored (NUL, not UTF-8, or longer than the limit) |
 //! | `sse_tracker_records_enqueued_total` | counter | records handed to the worker: "this stream changed", at most one per stream per flush |
 //! | `sse_tracker_backpressure_timeouts_total` | counter | hand-offs that waited the whole send timeout (the key was marked dirty) |
 //! | `sse_tracker_records_coalesced_total` | counter | committed ids that needed no record of their own: the stream was already queued for the next flush, which writes its latest id |
@@ -34,7 +34,7 @@
 //! | `sse_tracker_ids_dropped_total` | counter | latest ids dropped before reaching the store, by `reason` |
 //! | `sse_tracker_activity_dropped_total` | counter | session activity marks dropped before reaching the store |
 //! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
-//! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended by [`SseTracker::drain`](crate::SseTracker::drain) at an event boundary |
+//! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended by [`SseTracker::drain`](crate::SseTracker::drain), by `reason` |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`] (no valid owner),
@@ -45,7 +45,8 @@
 //!   [`REASON_ERROR`], [`REASON_TIMEOUT`] or [`REASON_PANIC`];
 //! - `sse_tracker_ids_dropped_total{reason}`: [`REASON_EVICTED_OVERFLOW`] (the bound on evicted
 //!   streams waiting for a write was full) or [`REASON_STOPPED`] (the worker no longer runs);
-//! - `sse_tracker_worker_failures_total{reason}`: [`REASON_PANIC`] or [`REASON_LOST`].
+//! - `sse_tracker_worker_failures_total{reason}`: [`REASON_PANIC`] or [`REASON_LOST`];
+//! - `sse_tracker_streams_drained_total{reason}`: [`REASON_BOUNDARY`] or [`REASON_DEADLINE`].
 //!
 //! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
 //! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a
@@ -69,7 +70,8 @@ pub const HEARTBEATS_TOTAL: &str = "sse_tracker_heartbeats_total";
 pub const STREAMS_ACTIVE: &str = "sse_tracker_streams_active";
 /// Counter: SSE responses passed through without tracking, labelled by `reason`.
 pub const UNTRACKED_STREAMS_TOTAL: &str = "sse_tracker_untracked_streams_total";
-/// Counter: `id` fields ignored because they hold NUL or exceed the id length limit.
+/// Counter: `id` fields ignored because they hold NUL, are not valid UTF-8, or exceed the id
+/// length limit.
 pub const IDS_REJECTED_TOTAL: &str = "sse_tracker_ids_rejected_total";
 
 /// Counter: records handed to the worker.
@@ -117,7 +119,8 @@ pub const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
 pub const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
 /// Counter: panics inside the worker (it restarts) and worker tasks lost, labelled by `reason`.
 pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
-/// Counter: SSE bodies ended by a drain at an event boundary.
+/// Counter: SSE bodies ended by a drain, labelled by `reason`: [`REASON_BOUNDARY`] (at an
+/// event boundary) or [`REASON_DEADLINE`] (inside an event, at the drain timeout).
 pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
 
 /// Every metric name, for checking exporters and dashboards.
@@ -185,6 +188,11 @@ pub const REASON_STOPPED: &str = "stopped";
 pub const REASON_LRU: &str = "lru";
 /// `reason` label of evictions: no open body and no activity for the idle TTL.
 pub const REASON_IDLE: &str = "idle";
+/// `reason` label of `sse_tracker_streams_drained_total`: the body ended at an event boundary.
+pub const REASON_BOUNDARY: &str = "boundary";
+/// `reason` label of `sse_tracker_streams_drained_total`: the body was still inside an event
+/// at the drain timeout and ended there.
+pub const REASON_DEADLINE: &str = "deadline";
 
 /// Registers the description and unit of every metric with the installed recorder.
 pub fn describe() {
@@ -211,7 +219,7 @@ pub fn describe() {
     describe_counter!(
         IDS_REJECTED_TOTAL,
         Unit::Count,
-        "SSE id fields ignored (NUL or longer than the limit)"
+        "SSE id fields ignored (NUL, not UTF-8, or longer than the limit)"
     );
     describe_counter!(
         RECORDS_ENQUEUED_TOTAL,
@@ -261,7 +269,7 @@ pub fn describe() {
     describe_counter!(
         STREAMS_DRAINED_TOTAL,
         Unit::Count,
-        "SSE bodies ended by a drain at an event boundary"
+        "SSE bodies ended by a drain, at an event boundary or at the drain timeout"
     );
     describe_counter!(
         WORKER_FAILURES_TOTAL,
@@ -346,6 +354,7 @@ pub(crate) struct Handles {
     pub(crate) evicted_pending: Gauge,
     pub(crate) worker_panics: Counter,
     pub(crate) streams_drained: Counter,
+    pub(crate) streams_drained_late: Counter,
     pub(crate) worker_lost: Counter,
 }
 
@@ -407,7 +416,8 @@ impl Handles {
             memory_bytes: gauge!(MEMORY_BYTES),
             evicted_pending: gauge!(EVICTED_PENDING),
             worker_panics: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_PANIC),
-            streams_drained: counter!(STREAMS_DRAINED_TOTAL),
+            streams_drained: counter!(STREAMS_DRAINED_TOTAL, "reason" => REASON_BOUNDARY),
+            streams_drained_late: counter!(STREAMS_DRAINED_TOTAL, "reason" => REASON_DEADLINE),
             worker_lost: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_LOST),
         }
     }

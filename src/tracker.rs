@@ -35,6 +35,8 @@ pub(crate) struct Drain {
     draining: std::sync::atomic::AtomicBool,
     /// The `retry` to send before ending, in ms; `u64::MAX` for none.
     retry_ms: std::sync::atomic::AtomicU64,
+    /// When a body still inside an event ends anyway (set by the first drain).
+    deadline: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 impl Drain {
@@ -49,7 +51,17 @@ impl Drain {
         }
     }
 
-    fn start(&self, retry: Option<Duration>) {
+    /// When a body still inside an event ends anyway.
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline.get().copied()
+    }
+
+    fn start(&self, retry: Option<Duration>, timeout: Duration) {
+        let now = tokio::time::Instant::now();
+        let _ = self.deadline.set(
+            now.checked_add(timeout)
+                .unwrap_or(now + crate::limits::MAX_DURATION),
+        );
         let ms = retry.map_or(u64::MAX, |r| {
             r.as_millis().min(u128::from(u64::MAX - 1)) as u64
         });
@@ -351,14 +363,20 @@ impl SseTracker {
     /// inside an event), after a `retry: <ms>` field when `retry` is given, so that clients
     /// reconnect after that long; then the body stops pulling its inner body. SSE responses
     /// that start afterwards end at their first boundary. An idle body ends at once; a body in
-    /// the middle of an event ends when the event is complete (one whose inner body never
-    /// completes it does not end).
+    /// the middle of an event ends when the event is complete, even when that happens inside
+    /// a frame (the frame is cut after the event). A body still inside an event after the
+    /// builder's [`drain_timeout`](crate::SseTrackerBuilder::drain_timeout) (10 s) ends there:
+    /// its client discards the incomplete event, whose id the tracker never committed.
+    ///
+    /// Every SSE response the layer wraps is drained, tracked or not, except one with a
+    /// `Content-Encoding` (its bytes cannot be read: it keeps the server waiting; put the
+    /// tracker's layer inside the compression layer).
     ///
     /// Call it when the server starts its graceful shutdown: open event streams otherwise keep
     /// it waiting for ever. Each body's latest id is the last id its client received, so a client
     /// that reconnects (to another instance) with `Last-Event-ID` resumes exactly there; call
     /// [`shutdown`](Self::shutdown) afterwards to persist the final ids. Counted in
-    /// `sse_tracker_streams_drained_total`.
+    /// `sse_tracker_streams_drained_total`, by `reason`: `boundary` or `deadline`.
     ///
     /// ```no_run
     /// # async fn run(app: axum::Router, tracker: tower_sse_tracker::SseTracker) -> std::io::Result<()> {
@@ -379,7 +397,9 @@ impl SseTracker {
     /// ```
     pub fn drain(&self, retry: Option<Duration>) {
         tracing::info!(?retry, "draining open SSE streams");
-        self.shared.drain.start(retry);
+        self.shared
+            .drain
+            .start(retry, self.shared.config.drain_timeout);
     }
 
     /// Whether [`drain`](Self::drain) was called.
@@ -422,9 +442,13 @@ pub enum Resume {
     Unknown,
     /// The client's `Last-Event-ID` is the stream's latest id: it missed nothing.
     Current(EventId),
-    /// The client missed the events after its id up to `latest`: it sent no id, or the latest
-    /// id comes from this tracker's own memory (it served the stream since the store's entry)
-    /// and is not the client's.
+    /// The latest id is this tracker's own (its memory is at least as new as the store, or
+    /// the store could not be read) and is not the client's, or the client sent no id. With
+    /// one instance, or when a client always comes back to the instance that served it, the
+    /// client missed the events after its id up to `latest`. With instances sharing a store,
+    /// another instance may have served the client since and not written yet (within a flush
+    /// interval, or while its store writes fail): the client is then ahead of `latest`; ids
+    /// that can be ordered (counters) tell which.
     Behind {
         /// The client's `Last-Event-ID`, if it sent one.
         client: Option<EventId>,
