@@ -15,7 +15,6 @@ use tokio_util::sync::PollSender;
 
 use crate::identity::IdStream;
 use crate::key::{Owner, StreamName};
-use crate::metrics::{REASON_CONCURRENT, REASON_REGISTRY_FULL};
 use crate::registry::{Open, Refused, Slot};
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
@@ -173,10 +172,7 @@ impl Tracking {
             .registry
             .open_route(per_id.owner.as_ref(), &per_id.route, false)
         {
-            Ok((slot, evicted)) => {
-                if evicted.is_some() {
-                    shared.metrics.evicted_lru.increment(1);
-                }
+            Ok((slot, _evicted)) => {
                 per_id.fallback = Some(slot);
                 Some(())
             }
@@ -196,10 +192,7 @@ impl Tracking {
             .registry
             .get_or_insert(per_id.owner.as_ref(), &stream, Open::Shared)
         {
-            Ok((slot, evicted)) => {
-                if evicted.is_some() {
-                    shared.metrics.evicted_lru.increment(1);
-                }
+            Ok((slot, _evicted)) => {
                 if let Some(old) = self.slot.replace(slot) {
                     shared.registry.body_closed(&old);
                 }
@@ -233,16 +226,8 @@ fn refuse(
     if std::mem::replace(&mut per_id.refused, true) {
         return;
     }
-    let reason = match refused {
-        Refused::Full => {
-            shared.metrics.untracked_registry_full.increment(1);
-            REASON_REGISTRY_FULL
-        }
-        Refused::Busy => {
-            shared.metrics.untracked_concurrent.increment(1);
-            REASON_CONCURRENT
-        }
-    };
+    // Counted before the log, whose fields are evaluated only when it is enabled.
+    let reason = shared.metrics.untracked(refused);
     tracing::debug!(
         parent: span,
         reason,
@@ -419,8 +404,8 @@ impl SseState {
             return;
         }
         let this = self.project();
+        // `started` is set by `strip_bom`, which sees every byte of the inner body first.
         *this.fresh = true;
-        *this.started = true;
         let Some(tracked) = this.tracked else {
             this.scanner.feed(data);
             return;

@@ -12,11 +12,8 @@ use pin_project_lite::pin_project;
 use crate::body::{TrackedBody, Tracking};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{Owner, StreamName};
-use crate::metrics::{
-    REASON_BAD_STREAM_NAME, REASON_CONCURRENT, REASON_ENCODED, REASON_NO_SESSION,
-    REASON_REGISTRY_FULL,
-};
-use crate::registry::{Refused, Slot};
+use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_ENCODED, REASON_NO_SESSION};
+use crate::registry::Slot;
 use crate::tracker::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -204,36 +201,17 @@ fn open_route(
     share: bool,
     info: &RequestInfo,
 ) -> Option<Arc<Slot>> {
-    let metrics = &shared.metrics;
     match shared.registry.open_route(owner, route, share) {
-        Ok((slot, evicted)) => {
-            if let Some(evicted) = evicted {
-                metrics.evicted_lru.increment(1);
-                tracing::debug!(
-                    parent: &info.span,
-                    evicted = %evicted.key(),
-                    "registry full: evicted the least recently used stream"
-                );
-            }
-            Some(slot)
-        }
-        Err(Refused::Full) => {
-            metrics.untracked_registry_full.increment(1);
+        Ok((slot, _evicted)) => Some(slot),
+        Err(refused) => {
+            // Counted before the log, whose fields are evaluated only when it is enabled.
+            let reason = shared.metrics.untracked(refused);
             tracing::debug!(
                 parent: &info.span,
-                reason = REASON_REGISTRY_FULL,
+                reason,
                 stream = %route,
-                "SSE stream not tracked: every tracked stream has an open body (max_streams)"
-            );
-            None
-        }
-        Err(Refused::Busy) => {
-            metrics.untracked_concurrent.increment(1);
-            tracing::debug!(
-                parent: &info.span,
-                reason = REASON_CONCURRENT,
-                stream = %route,
-                "SSE stream not tracked: too many concurrent responses on this route for one owner"
+                "SSE stream not tracked: {}",
+                refused.explain()
             );
             None
         }

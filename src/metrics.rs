@@ -425,9 +425,27 @@ impl Handles {
     /// The registry's counters.
     pub(crate) fn registry(&self) -> crate::registry::RegistryMetrics {
         crate::registry::RegistryMetrics {
+            evicted_lru: self.evicted_lru.clone(),
             dropped_overflow: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_EVICTED_OVERFLOW),
             dropped_stopped: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_STOPPED),
             activity_dropped: counter!(ACTIVITY_DROPPED_TOTAL),
+        }
+    }
+}
+
+impl Handles {
+    /// Counts an SSE stream (or the ids of one) left untracked because the registry refused it
+    /// a slot; returns the `reason` label.
+    pub(crate) fn untracked(&self, refused: crate::registry::Refused) -> &'static str {
+        match refused {
+            crate::registry::Refused::Full => {
+                self.untracked_registry_full.increment(1);
+                REASON_REGISTRY_FULL
+            }
+            crate::registry::Refused::Busy => {
+                self.untracked_concurrent.increment(1);
+                REASON_CONCURRENT
+            }
         }
     }
 }

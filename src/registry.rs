@@ -455,6 +455,16 @@ pub(crate) enum Refused {
     Busy,
 }
 
+impl Refused {
+    /// Why a stream refused a slot is left untracked, for logs.
+    pub(crate) fn explain(self) -> &'static str {
+        match self {
+            Refused::Full => "every tracked stream has an open body (max_streams)",
+            Refused::Busy => "too many concurrent responses on this route for one owner",
+        }
+    }
+}
+
 /// How [`Registry::get_or_insert`] opens a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Open {
@@ -469,6 +479,8 @@ pub(crate) enum Open {
 /// The registry's counters that the worker does not own.
 #[derive(Debug, Clone)]
 pub(crate) struct RegistryMetrics {
+    /// Streams evicted as the least recently used to make room for a new one.
+    pub(crate) evicted_lru: Counter,
     /// Unpersisted ids of evicted streams dropped because the evicted FIFO was full.
     pub(crate) dropped_overflow: Counter,
     /// Unpersisted ids of evicted streams dropped because the worker no longer runs.
@@ -482,6 +494,7 @@ impl RegistryMetrics {
     #[cfg(test)]
     pub(crate) fn noop() -> Self {
         Self {
+            evicted_lru: Counter::noop(),
             dropped_overflow: Counter::noop(),
             dropped_stopped: Counter::noop(),
             activity_dropped: Counter::noop(),
@@ -798,8 +811,8 @@ impl Registry {
     /// The slot of (`owner`, `stream`), created when absent; marks its owner active. With a
     /// body ([`Open::Shared`], [`Open::Exclusive`]) the slot becomes live (the caller must call
     /// [`body_closed`](Self::body_closed) when the body goes). Creating a slot in a full
-    /// registry evicts the least recently used slot that is not live, which is returned so the
-    /// caller can count it; when every slot is live, nothing is created.
+    /// registry evicts the least recently used slot that is not live (counted and logged here;
+    /// returned too); when every slot is live, nothing is created.
     pub(crate) fn get_or_insert(
         &self,
         owner: Option<&Owner>,
@@ -880,6 +893,11 @@ impl Registry {
         }
         drop(guard);
         if let Some(old) = &evicted {
+            self.metrics.evicted_lru.increment(1);
+            tracing::debug!(
+                evicted = %old.key(),
+                "registry full: evicted the least recently used stream"
+            );
             self.evicted(old.clone());
         }
         self.mark_active(slot.session());

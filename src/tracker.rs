@@ -32,43 +32,38 @@ pub(crate) struct Shared {
 #[derive(Debug, Default)]
 pub(crate) struct Drain {
     pub(crate) notify: Arc<tokio::sync::Notify>,
-    draining: std::sync::atomic::AtomicBool,
-    /// The `retry` to send before ending, in ms; `u64::MAX` for none.
-    retry_ms: std::sync::atomic::AtomicU64,
-    /// When a body still inside an event ends anyway (set by the first drain).
-    deadline: std::sync::OnceLock<tokio::time::Instant>,
+    /// Set by the first drain: the tracker is draining from then on.
+    plan: std::sync::OnceLock<DrainPlan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DrainPlan {
+    /// The `retry` to send before ending.
+    retry: Option<Duration>,
+    /// When a body still inside an event ends anyway.
+    deadline: tokio::time::Instant,
 }
 
 impl Drain {
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Acquire)
+        self.plan.get().is_some()
     }
 
     pub(crate) fn retry(&self) -> Option<Duration> {
-        match self.retry_ms.load(std::sync::atomic::Ordering::Acquire) {
-            u64::MAX => None,
-            ms => Some(Duration::from_millis(ms)),
-        }
+        self.plan.get().and_then(|plan| plan.retry)
     }
 
     /// When a body still inside an event ends anyway.
     pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.deadline.get().copied()
+        self.plan.get().map(|plan| plan.deadline)
     }
 
     fn start(&self, retry: Option<Duration>, timeout: Duration) {
         let now = tokio::time::Instant::now();
-        let _ = self.deadline.set(
-            now.checked_add(timeout)
-                .unwrap_or(now + crate::limits::MAX_DURATION),
-        );
-        let ms = retry.map_or(u64::MAX, |r| {
-            r.as_millis().min(u128::from(u64::MAX - 1)) as u64
-        });
-        self.retry_ms
-            .store(ms, std::sync::atomic::Ordering::Release);
-        self.draining
-            .store(true, std::sync::atomic::Ordering::Release);
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + crate::limits::MAX_DURATION);
+        let _ = self.plan.set(DrainPlan { retry, deadline });
         self.notify.notify_waiters();
     }
 }
@@ -203,14 +198,11 @@ impl SseTracker {
         &self,
         key: &StreamKey,
     ) -> Result<watch::Receiver<Option<EventId>>, SubscribeError> {
-        let (slot, evicted) = self
+        let (slot, _evicted) = self
             .shared
             .registry
             .get_or_insert(key.owner.as_ref(), &key.stream, Open::No)
             .map_err(|_| SubscribeError::RegistryFull)?;
-        if evicted.is_some() {
-            self.shared.metrics.evicted_lru.increment(1);
-        }
         Ok(slot.subscribe())
     }
 
@@ -371,6 +363,8 @@ impl SseTracker {
     /// Every SSE response the layer wraps is drained, tracked or not, except one with a
     /// `Content-Encoding` (its bytes cannot be read: it keeps the server waiting; put the
     /// tracker's layer inside the compression layer).
+    ///
+    /// Later calls change nothing: the first call's `retry` and deadline hold.
     ///
     /// Call it when the server starts its graceful shutdown: open event streams otherwise keep
     /// it waiting for ever. Each body's latest id is the last id its client received, so a client

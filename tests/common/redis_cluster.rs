@@ -1,7 +1,8 @@
 //! A Redis Cluster for the tests: six `redis-server` processes in cluster mode on free ports
 //! of 127.0.0.1 (three primaries, three replicas), made a cluster with `redis-cli --cluster
 //! create`, stopped when dropped. Each node keeps an append-only file and its `nodes.conf`, so
-//! it can be killed and restarted with its data and its place in the cluster.
+//! it can be killed and restarted with its data and its place in the cluster. Nodes are started
+//! by `redis_server::spawn`: include that file too, as a module `redis_server` of the crate.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -127,41 +128,22 @@ impl RedisCluster {
     /// Starts node `i` and waits until it answers; false if it exited first (its port taken).
     fn try_start(&mut self, i: usize) -> bool {
         let node = &mut self.nodes[i];
-        let child = Command::new("redis-server")
-            .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes"])
-            .args(["--cluster-config-file", "nodes.conf"])
-            .args(["--cluster-node-timeout", "1000"])
-            // A replica takes over however long it was cut off from its primary.
-            .args(["--cluster-replica-validity-factor", "0"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
+        node.child = crate::redis_server::spawn(
+            node.port,
+            &node.dir,
+            &[
+                "--cluster-enabled",
                 "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&node.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting redis-server");
-        let child = node.child.insert(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // The server answering is this child, not another process that holds the port.
-        let ours = format!("process_id:{}\r\n", child.id());
-        while !query(node.port, &["INFO", "server"]).is_ok_and(|info| info.contains(&ours)) {
-            if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
-                let _ = child.kill();
-                let _ = child.wait();
-                node.child = None;
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        true
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                // A replica takes over however long it was cut off from its primary.
+                "--cluster-replica-validity-factor",
+                "0",
+            ],
+        );
+        node.child.is_some()
     }
 
     /// Waits until every live node says the cluster is ok with all slots served.

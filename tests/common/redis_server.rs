@@ -7,6 +7,47 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Starts `redis-server` on `port` of 127.0.0.1 with an append-only file in `dir` and the
+/// `extra` arguments, and waits until it answers. `None` when it exited first (another process
+/// holds the port) or did not answer within 20 s; it is killed then.
+pub fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Option<Child> {
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(extra)
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting redis-server");
+    // The server answering is this child, not another process that holds the port.
+    let ours = format!("process_id:{}\r\n", child.id());
+    let url = format!("redis://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+        if info.is_ok_and(|info| info.contains(&ours)) {
+            return Some(child);
+        }
+        if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub struct RedisServer {
     pub url: String,
     port: u16,
@@ -103,41 +144,8 @@ impl RedisServer {
 
     /// Starts the server and waits until it answers; false if it exited first (its port taken).
     fn try_start(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting redis-server");
-        let child = self.child.insert(child);
-        // The server answering is this child, not another process that holds the port.
-        let ours = format!("process_id:{}\r\n", child.id());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let info = redis::Client::open(self.url.as_str())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
-            if info.is_ok_and(|info| info.contains(&ours)) {
-                return true;
-            }
-            if Instant::now() >= deadline || child.try_wait().ok().flatten().is_some() {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.child = None;
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = spawn(self.port, &self.dir, &[]);
+        self.child.is_some()
     }
 
     /// Kills the server (SIGKILL: no goodbye to clients).
