@@ -405,7 +405,9 @@ impl SseTracker {
     /// now on stay in memory), drains its channel, writes everything pending and retries until
     /// `timeout`, then reports, stream by stream, which latest ids are not in the store (see
     /// [`ShutdownReport`]). Call it after the server has stopped serving, or after
-    /// draining open streams, so that no id comes after it.
+    /// draining open streams, so that no id comes after it. It waits for no back-off of the
+    /// failures before it, a write already in flight that fails included: streams given up
+    /// or waiting for a retry are written at once.
     ///
     /// A second call writes nothing and reports what the store still lacks; so does a call
     /// after the worker task was lost (its runtime shut down), with

@@ -317,7 +317,13 @@ fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_i
             store.set(Calls::Both, Fault::Ok);
             let report = tracker.shutdown(Duration::from_secs(10)).await;
             assert_eq!(report.dropped, dropped as u64);
-            assert!(report.pending.is_empty(), "{:?}", &report.pending[..3]);
+            assert!(
+                report.pending.is_empty(),
+                "{} pending (deadline reached: {}), first {:?}",
+                report.pending.len(),
+                report.deadline_reached,
+                report.pending.iter().take(3).collect::<Vec<_>>()
+            );
             assert!(report.given_up.is_empty());
             assert!(!report.is_complete(), "ids were dropped");
             assert_eq!(store.inner.len(), MAX_STREAMS + MAX_PENDING_EVICTED);

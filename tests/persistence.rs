@@ -673,6 +673,43 @@ async fn shutdown_does_not_wait_for_the_back_off_of_earlier_failures() {
     );
 }
 
+/// A write already in flight when the shutdown begins belongs to the earlier failures: when it
+/// fails (here it hangs until the store timeout), the shutdown retries its streams at once
+/// instead of backing off for 15 to 30 s past its own deadline.
+#[tokio::test(start_paused = true)]
+async fn a_write_failing_after_shutdown_began_but_sent_before_does_not_delay_it() {
+    let store = Arc::new(FaultStore::default());
+    store.set(Calls::Both, Fault::Hang);
+    let tracker = SseTracker::builder()
+        .store(store.clone())
+        .heartbeat_interval(None)
+        .store_timeout(Duration::from_secs(1))
+        .retry(RetryPolicy::exponential(
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            5,
+        ))
+        .build()
+        .unwrap();
+    let h = Harness::start(tracker).await;
+    run_frames(&h, "b", Some("s1"), &[b"id: 1\n\n"]).await;
+    eventually("a write hangs", || store.calls().0 >= 1).await;
+    // The store works again; the hanging write fails at its timeout, after the shutdown began.
+    store.set(Calls::Both, Fault::Ok);
+    let started = Instant::now();
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+    assert!(!report.deadline_reached);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        store
+            .get(&key("s1", "GET /sse/b"))
+            .map(|s| s.id.to_string())
+            .as_deref(),
+        Some("1")
+    );
+}
+
 fn stored_scripted(store: &ScriptedStore, session: &str, stream: &str) -> Option<String> {
     store.get(&key(session, stream)).map(|s| s.id.to_string())
 }

@@ -345,11 +345,13 @@ enum CallDone {
     Save {
         entries: Vec<Pending>,
         result: Result<(), StoreFailure>,
+        started: Instant,
         took: Duration,
     },
     Touch {
         sessions: Vec<Arc<SessionState>>,
         result: Result<(), StoreFailure>,
+        started: Instant,
     },
 }
 
@@ -364,6 +366,9 @@ struct Io {
 
 struct ShutdownState {
     request: ShutdownRequest,
+    /// When the shutdown began: a call started earlier that fails belongs to the earlier
+    /// failures, whose back-off the shutdown does not wait for.
+    began: Instant,
     /// Streams written during the shutdown.
     written: HashSet<StreamKey>,
     /// The shutdown's round of activity writes has been made.
@@ -605,19 +610,25 @@ impl State {
     }
 
     fn begin_shutdown(&mut self, request: ShutdownRequest) {
-        // Shutdown retries until its deadline, given-up streams included, and waits for no
-        // back-off of earlier failures: every retry is due now.
         let now = Instant::now();
+        self.waive_back_off(now);
+        self.shutdown = Some(ShutdownState {
+            request,
+            began: now,
+            written: HashSet::new(),
+            touched: false,
+        });
+    }
+
+    /// Shutdown retries until its deadline, given-up streams included, and waits for no
+    /// back-off of earlier failures: every retry is due now and both gates are open. Called
+    /// when the shutdown begins, and again when a call started before it fails after it.
+    fn waive_back_off(&mut self, now: Instant) {
         self.requeue_given_up(0, now);
         self.retries.reschedule_all(now);
         self.save_gate.open_at = None;
         self.touch_gate.open_at = None;
         self.flush_due = true;
-        self.shutdown = Some(ShutdownState {
-            request,
-            written: HashSet::new(),
-            touched: false,
-        });
     }
 
     /// Whether ids wait for a round: received, handed over late, or evicted.
@@ -771,6 +782,7 @@ impl State {
                 CallDone::Save {
                     entries,
                     result,
+                    started,
                     took: started.elapsed(),
                 }
             }));
@@ -788,9 +800,14 @@ impl State {
                 .collect();
             let store = self.store.clone();
             return Some(Box::pin(async move {
+                let started = Instant::now();
                 let result =
                     guarded(timeout, async { store.touch_sessions(&activity).await }).await;
-                CallDone::Touch { sessions, result }
+                CallDone::Touch {
+                    sessions,
+                    result,
+                    started,
+                }
             }));
         }
         None
@@ -798,11 +815,25 @@ impl State {
 
     fn finish_call(&mut self, done: CallDone) {
         let now = Instant::now();
+        let (CallDone::Save {
+            started, result, ..
+        }
+        | CallDone::Touch {
+            started, result, ..
+        }) = &done;
+        // A call sent before the shutdown began that fails after it is one of the earlier
+        // failures: the shutdown does not wait for its back-off either.
+        let earlier_failure = result.is_err()
+            && self
+                .shutdown
+                .as_ref()
+                .is_some_and(|shutdown| *started < shutdown.began);
         match done {
             CallDone::Save {
                 entries,
                 result,
                 took,
+                ..
             } => {
                 let n = entries.len();
                 self.metrics.batch_size.record(n as f64);
@@ -826,7 +857,9 @@ impl State {
                     Err(failure) => self.save_failed(entries, failure, now),
                 }
             }
-            CallDone::Touch { sessions, result } => match result {
+            CallDone::Touch {
+                sessions, result, ..
+            } => match result {
                 Ok(()) => {
                     let n = sessions.len();
                     self.metrics.activity_updates.increment(n as u64);
@@ -856,6 +889,9 @@ impl State {
                     self.registry.requeue_active(back);
                 }
             },
+        }
+        if earlier_failure {
+            self.waive_back_off(now);
         }
     }
 
