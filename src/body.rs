@@ -170,7 +170,7 @@ impl Tracking {
         }
         match shared
             .registry
-            .open_route(per_id.owner.as_ref(), &per_id.route, false)
+            .open_route(per_id.owner.as_ref(), &per_id.route, false, None)
         {
             Ok((slot, _evicted)) => {
                 per_id.fallback = Some(slot);

@@ -114,4 +114,7 @@ macro_rules! extractor {
 
 extractor!(LastEventId, "Last-Event-ID");
 extractor!(SessionId, "session id");
-extractor!(StreamKey, "stream key (no owner on the request)");
+extractor!(
+    StreamKey,
+    "stream key (no owner on the request, or a Last-Event-ID that tells none of the route's concurrent streams)"
+);

@@ -24,6 +24,9 @@ pub(crate) struct RequestInfo {
     pub(crate) owner: RequestOwner,
     pub(crate) method: Method,
     pub(crate) uri: Uri,
+    /// The route stream the request addressed (in its `StreamKey`), which its response's body
+    /// takes when it is free.
+    pub(crate) addressed: Option<StreamName>,
     /// The span current when the request came in: each tracked stream's span is its child.
     pub(crate) span: tracing::Span,
 }
@@ -165,7 +168,8 @@ fn tracking(shared: &Shared, info: RequestInfo, parts: &http::response::Parts) -
         }
         StreamKind::Route { shared: share } => {
             let share = share || explicit.is_some();
-            let slot = open_route(shared, owner.as_ref(), &route, share, &info)?;
+            let prefer = info.addressed.as_ref().filter(|_| !share);
+            let slot = open_route(shared, owner.as_ref(), &route, share, prefer, &info)?;
             let span = tracing::debug_span!(
                 parent: &info.span,
                 "sse_stream",
@@ -199,9 +203,10 @@ fn open_route(
     owner: Option<&Owner>,
     route: &StreamName,
     share: bool,
+    prefer: Option<&StreamName>,
     info: &RequestInfo,
 ) -> Option<Arc<Slot>> {
-    match shared.registry.open_route(owner, route, share) {
+    match shared.registry.open_route(owner, route, share, prefer) {
         Ok((slot, _evicted)) => Some(slot),
         Err(refused) => {
             // Counted before the log, whose fields are evaluated only when it is enabled.

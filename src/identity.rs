@@ -236,7 +236,10 @@ impl StreamSource {
     /// stream of its own, named `"{name} #2"`, `"{name} #3"`… (at most 64 at once; beyond, the
     /// response is not tracked and counted with `reason="concurrent"`), so two concurrent
     /// responses never share a key. A name the handler chose is its call: responses with the
-    /// same `StreamName` share it.
+    /// same `StreamName` share it. Which of a route's streams a request addresses (the
+    /// [`StreamKey`](crate::StreamKey) in its extensions, and the stream its response takes)
+    /// is described at [`SseTrackerService`](crate::SseTrackerService); ids that name their
+    /// stream ([`event_id`](Self::event_id)) tell it without guessing.
     pub fn route() -> Self {
         Self(StreamKind::Route { shared: false })
     }

@@ -446,6 +446,24 @@ impl Counts {
 /// Most responses of one owner on one route with streams of their own at once.
 pub(crate) const MAX_CONCURRENT: usize = 64;
 
+/// The index of one of a route's streams: 1 for `route`, `n` for `"{route} #n"`.
+fn concurrent_index(route: &StreamName, name: &StreamName) -> usize {
+    name.as_str()
+        .strip_prefix(route.as_str())
+        .and_then(|rest| rest.strip_prefix(" #"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The name of a route's `n`-th stream (`route` for 1), if `n` is within [`MAX_CONCURRENT`].
+fn concurrent_name(route: &StreamName, n: usize) -> Option<StreamName> {
+    match n {
+        1 => Some(route.clone()),
+        2..=MAX_CONCURRENT => StreamName::new(&format!("{route} #{n}")).ok(),
+        _ => None,
+    }
+}
+
 /// Why a stream could not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -906,15 +924,26 @@ impl Registry {
 
     /// The slot of a route's stream for a new response: `route` itself, or, when another body
     /// streams into it and the stream is not shared, the first free of `"{route} #2"`,
-    /// `"{route} #3"`… up to [`MAX_CONCURRENT`]; `Refused::Busy` when all are taken.
+    /// `"{route} #3"`… up to [`MAX_CONCURRENT`]; `Refused::Busy` when all are taken. A free
+    /// `prefer` (the stream the request addressed, one of the route's) comes first.
     pub(crate) fn open_route(
         &self,
         owner: Option<&Owner>,
         route: &StreamName,
         share: bool,
+        prefer: Option<&StreamName>,
     ) -> Result<(Arc<Slot>, Option<Arc<Slot>>), Refused> {
         if share {
             return self.get_or_insert(owner, route, Open::Shared);
+        }
+        if let Some(name) = prefer.filter(|name| {
+            *name != route
+                && concurrent_name(route, concurrent_index(route, name)).as_ref() == Some(*name)
+        }) {
+            match self.get_or_insert(owner, name, Open::Exclusive) {
+                Err(Refused::Busy) => {}
+                other => return other,
+            }
         }
         match self.get_or_insert(owner, route, Open::Exclusive) {
             Err(Refused::Busy) => {}
@@ -932,40 +961,88 @@ impl Registry {
         Err(Refused::Busy)
     }
 
-    /// Of a route's streams (`route`, `"{route} #2"`…), the one whose latest id is `id`: the
-    /// stream a client that reconnects with `Last-Event-ID: id` was reading.
-    pub(crate) fn route_stream_at(
+    /// The stream of a route that a request addresses, for the key the layer puts in its
+    /// extensions (the response's body then prefers that stream: see
+    /// [`open_route`](Self::open_route)):
+    ///
+    /// - with a `Last-Event-ID`, the route's stream (`route`, `"{route} #2"`…) whose latest id
+    ///   it is; failing that, the route itself when it has no concurrent stream, else the one
+    ///   stream of the route without an open body (the client's, closed when it dropped);
+    ///   `None` when that leaves several, or none: the id cannot tell which stream it was;
+    /// - without one, the first of the route's streams without an open body: the one the
+    ///   response will get, unless another response of the route starts in between.
+    pub(crate) fn address_route(
         &self,
         owner: Option<&str>,
         route: &StreamName,
-        id: &str,
+        last_event_id: Option<&str>,
     ) -> Option<StreamName> {
-        let is_route = |name: &str| {
-            name == route.as_str()
-                || name
-                    .strip_prefix(route.as_str())
-                    .and_then(|rest| rest.strip_prefix(" #"))
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        };
-        let at = |slot: &Arc<Slot>| slot.latest().is_some_and(|latest| latest == id);
         let map = lock(&self.map);
-        match owner {
-            Some(owner) => map
-                .sessions
-                .get(owner)?
-                .streams
-                .iter()
-                .find(|slot| is_route(slot.key.stream.as_str()) && at(slot))
-                .map(|slot| slot.key.stream.clone()),
+        // The route's streams that exist, in order: `route`, then `#2`, `#3`…
+        let streams: Vec<&Arc<Slot>> = match owner {
+            Some(owner) => {
+                let is_route = |name: &str| {
+                    name == route.as_str()
+                        || name
+                            .strip_prefix(route.as_str())
+                            .and_then(|rest| rest.strip_prefix(" #"))
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                };
+                let mut streams: Vec<&Arc<Slot>> = map
+                    .sessions
+                    .get(owner)
+                    .map(|entry| {
+                        entry
+                            .streams
+                            .iter()
+                            .filter(|slot| is_route(slot.key.stream.as_str()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                streams.sort_by_key(|slot| concurrent_index(route, &slot.key.stream));
+                streams
+            }
             None => {
-                if map.unowned.get(route.as_str()).is_some_and(at) {
+                // Without an id, the streams up to the first missing one are enough.
+                let lookups = (1..=MAX_CONCURRENT).map(|n| match n {
+                    1 => map.unowned.get(route.as_str()),
+                    n => map.unowned.get(format!("{route} #{n}").as_str()),
+                });
+                if last_event_id.is_some() {
+                    lookups.flatten().collect()
+                } else {
+                    lookups.map_while(|slot| slot).collect()
+                }
+            }
+        };
+        match last_event_id {
+            Some(id) => {
+                if let Some(slot) = streams
+                    .iter()
+                    .find(|slot| slot.latest().is_some_and(|latest| latest == id))
+                {
+                    return Some(slot.key.stream.clone());
+                }
+                if streams.iter().all(|slot| slot.key.stream == *route) {
                     return Some(route.clone());
                 }
-                (2..=MAX_CONCURRENT).find_map(|n| {
-                    let name = format!("{route} #{n}");
-                    let slot = map.unowned.get(name.as_str())?;
-                    at(slot).then(|| slot.key.stream.clone())
-                })
+                let mut closed = streams.iter().filter(|slot| !slot.is_live());
+                match (closed.next(), closed.next()) {
+                    (Some(only), None) => Some(only.key.stream.clone()),
+                    _ => None,
+                }
+            }
+            None => {
+                // The first index with no stream, or with one without an open body.
+                let mut n = 1;
+                for slot in &streams {
+                    let index = concurrent_index(route, &slot.key.stream);
+                    if index != n || !slot.is_live() {
+                        break;
+                    }
+                    n += 1;
+                }
+                concurrent_name(route, n)
             }
         }
     }
@@ -1082,6 +1159,46 @@ mod tests {
         let (s, n) = key(s, n);
         let open = if open { Open::Shared } else { Open::No };
         r.get_or_insert(Some(&s), &n, open).unwrap().0
+    }
+
+    #[test]
+    fn without_an_owner_a_request_addresses_the_stream_its_response_will_get() {
+        let registry = registry(100, None);
+        let route = StreamName::new("GET /e").unwrap();
+        let open = |prefer: Option<&StreamName>| {
+            registry.open_route(None, &route, false, prefer).unwrap().0
+        };
+        let name = |n: &str| StreamName::new(n).unwrap();
+        assert_eq!(registry.address_route(None, &route, None), Some(route.clone()));
+        let first = open(None);
+        assert_eq!(
+            registry.address_route(None, &route, None),
+            Some(name("GET /e #2"))
+        );
+        let second = open(Some(&name("GET /e #2")));
+        assert_eq!(second.key.stream, name("GET /e #2"));
+        first.publish(b"a1", 1);
+        second.publish(b"b1", 1);
+        second.publish(b"b2", 2);
+        registry.body_closed(&second);
+        // The id names its stream; a lagging one names the only closed stream.
+        for id in ["b2", "b1"] {
+            assert_eq!(
+                registry.address_route(None, &route, Some(id)),
+                Some(name("GET /e #2"))
+            );
+        }
+        // The first free stream is #2 again, and a response that prefers it gets it.
+        assert_eq!(
+            registry.address_route(None, &route, None),
+            Some(name("GET /e #2"))
+        );
+        registry.body_closed(&first);
+        assert_eq!(registry.address_route(None, &route, None), Some(route.clone()));
+        // Two closed streams and an id that is neither's latest: no answer.
+        assert_eq!(registry.address_route(None, &route, Some("zz")), None);
+        let again = open(Some(&name("GET /e #2")));
+        assert_eq!(again.key.stream, name("GET /e #2"));
     }
 
     #[test]

@@ -30,9 +30,15 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 /// - [`LastEventId`], when the header is valid;
 /// - [`StreamKey`]: the key of the stream the request addresses, when the request names its
 ///   owner: `(owner, "{METHOD} {path}")`; with a `Last-Event-ID`, the stream it names (with
-///   [`StreamSource::event_id`](crate::StreamSource::event_id)), or the route's stream
-///   (`"{METHOD} {path} #2"`…) whose latest id it is. A handler resumes with it instead of
-///   writing names.
+///   [`StreamSource::event_id`](crate::StreamSource::event_id)). With the default
+///   [`StreamSource::route`](crate::StreamSource::route), whose concurrent responses get
+///   streams `"{METHOD} {path} #2"`…: without a `Last-Event-ID`, the first of the route's
+///   streams with no open body, which the response then gets (unless another response of the
+///   route starts in between); with one, the route's stream whose latest id it is, else the
+///   route's only stream, else its only stream with no open body (the client's, closed when it
+///   dropped), else none: the key is left out rather than naming another client's stream. The
+///   response's body streams into the stream its request addressed whenever it is free. A
+///   handler resumes with the key instead of writing names.
 ///
 /// The response is checked for `Content-Type: text/event-stream`: other responses pass through
 /// untouched; SSE responses get their body wrapped in a [`TrackedBody`] that records ids and
@@ -103,22 +109,37 @@ where
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .filter(|v| v.len() <= config.max_id_len)
             .and_then(|v| EventId::new(v).ok());
+        let mut addressed = None;
         if let RequestOwner::Known(owner) = &owner {
             // The stream the request addresses: the one its Last-Event-ID names (with ids that
-            // name their stream), or the route's stream whose latest id it is (when concurrent
-            // responses gave the route several), else the route's.
+            // name their stream), or the route's stream it reads (see
+            // `Registry::address_route`: concurrent responses give a route several), else the
+            // route's.
             let route = StreamName::for_request(req.method(), req.uri().path()).ok();
-            let named = match (config.stream, &last_event_id, &route) {
-                (StreamKind::EventId(format), Some(id), _) => format
+            let stream = match (config.stream, &last_event_id, route) {
+                (StreamKind::EventId(format), Some(id), route) => format
                     .stream_of(id.as_str())
-                    .and_then(|name| StreamName::new(name).ok()),
-                (StreamKind::Route { shared: false }, Some(id), Some(route)) => self
-                    .shared
-                    .registry
-                    .route_stream_at(owner.as_ref().map(|o| o.as_str()), route, id.as_str()),
-                _ => None,
+                    .and_then(|name| StreamName::new(name).ok())
+                    .or(route),
+                (StreamKind::Route { shared: false }, id, Some(route)) => {
+                    let stream = self.shared.registry.address_route(
+                        owner.as_ref().map(|o| o.as_str()),
+                        &route,
+                        id.as_ref().map(|id| id.as_str()),
+                    );
+                    if stream.is_none() {
+                        tracing::debug!(
+                            %route,
+                            "no stream key for the request: its Last-Event-ID is none of the \
+                             route's concurrent streams' latest ids, and several could be its own"
+                        );
+                    }
+                    addressed.clone_from(&stream);
+                    stream
+                }
+                (_, _, route) => route,
             };
-            if let Some(stream) = named.or(route) {
+            if let Some(stream) = stream {
                 req.extensions_mut().insert(StreamKey {
                     owner: owner.clone(),
                     stream,
@@ -136,6 +157,7 @@ where
             owner,
             method: req.method().clone(),
             uri: req.uri().clone(),
+            addressed,
             span: tracing::Span::current(),
         };
         ResponseFuture::new(self.inner.call(req), info, self.shared.clone())

@@ -405,6 +405,132 @@ async fn a_reconnect_finds_its_own_concurrent_stream_by_its_last_event_id() {
 }
 
 #[tokio::test]
+async fn each_concurrent_response_tells_its_handler_the_key_its_body_is_tracked_under() {
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let second = h.feed("events");
+    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    assert_eq!(h.seen("events").key.unwrap(), key("s1", "GET /sse/events"));
+    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let b_key = h.seen("events").key.unwrap();
+    assert_eq!(b_key, key("s1", "GET /sse/events #2"));
+    first.send(Bytes::from_static(b"id: a1\n\n")).unwrap();
+    a.read_until_suffix(b"id: a1\n\n").await;
+    second.send(Bytes::from_static(b"id: b1\n\n")).unwrap();
+    b.read_until_suffix(b"id: b1\n\n").await;
+    // The key the second handler was given is the one its ids go to.
+    assert_eq!(h.tracker.last_event_id(&b_key).unwrap(), "b1");
+    assert_eq!(
+        h.tracker
+            .last_event_id(&key("s1", "GET /sse/events"))
+            .unwrap(),
+        "a1"
+    );
+}
+
+#[tokio::test]
+async fn a_lagging_reconnect_resumes_its_own_closed_stream_not_a_live_sibling() {
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let second = h.feed("events");
+    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    first.send(Bytes::from_static(b"id: a5\n\n")).unwrap();
+    a.read_until_suffix(b"id: a5\n\n").await;
+    second
+        .send(Bytes::from_static(b"id: b9\n\nid: b10\n\n"))
+        .unwrap();
+    b.read_until_suffix(b"id: b10\n\n").await;
+    // Tab B drops; the network ate b10, so it comes back with b9, which is no stream's
+    // latest id. Tab A is still open: B's stream is the route's one closed stream.
+    drop(second);
+    b.read_to_end().await;
+    let again = h.feed("events");
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("b9"));
+    let mut b = h.get("/sse/events", Some("s1"), headers).await;
+    let addressed = h.seen("events").key.unwrap();
+    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    assert_eq!(
+        h.tracker.resume(&addressed, Some(&id("b9"))).await.unwrap(),
+        Resume::Behind {
+            client: Some(id("b9")),
+            latest: id("b10")
+        }
+    );
+    // The new body streams into the stream it addressed.
+    again.send(Bytes::from_static(b"id: b11\n\n")).unwrap();
+    b.read_until_suffix(b"id: b11\n\n").await;
+    assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "b11");
+    drop(first);
+}
+
+#[tokio::test]
+async fn a_reconnect_gets_its_own_stream_back_even_when_the_first_one_is_free() {
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let second = h.feed("events");
+    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    first.send(Bytes::from_static(b"id: a5\n\n")).unwrap();
+    a.read_until_suffix(b"id: a5\n\n").await;
+    second.send(Bytes::from_static(b"id: b9\n\n")).unwrap();
+    b.read_until_suffix(b"id: b9\n\n").await;
+    // Both tabs drop; B comes back first. The route's first stream is free, but B's is #2.
+    drop(first);
+    drop(second);
+    a.read_to_end().await;
+    b.read_to_end().await;
+    let again = h.feed("events");
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("b9"));
+    let mut b = h.get("/sse/events", Some("s1"), headers).await;
+    let addressed = h.seen("events").key.unwrap();
+    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    again.send(Bytes::from_static(b"id: b10\n\n")).unwrap();
+    b.read_until_suffix(b"id: b10\n\n").await;
+    assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "b10");
+    // A's stream is untouched.
+    assert_eq!(
+        h.tracker
+            .last_event_id(&key("s1", "GET /sse/events"))
+            .unwrap(),
+        "a5"
+    );
+}
+
+#[tokio::test]
+async fn a_last_event_id_that_could_be_either_of_two_closed_streams_gets_no_key() {
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let second = h.feed("events");
+    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    first
+        .send(Bytes::from_static(b"id: 4\n\nid: 5\n\n"))
+        .unwrap();
+    a.read_until_suffix(b"id: 5\n\n").await;
+    second
+        .send(Bytes::from_static(b"id: 8\n\nid: 9\n\n"))
+        .unwrap();
+    b.read_until_suffix(b"id: 9\n\n").await;
+    drop(first);
+    drop(second);
+    a.read_to_end().await;
+    b.read_to_end().await;
+    // "3" is neither stream's latest id, and both streams are closed: the layer cannot tell
+    // which one the client read, so it names none rather than the wrong one.
+    let again = h.feed("events");
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("3"));
+    let _c = h.get("/sse/events", Some("s1"), headers).await;
+    let seen = h.seen("events");
+    assert_eq!(seen.key, None);
+    assert_eq!(seen.last_event_id.unwrap().0, "3");
+    drop(again);
+}
+
+#[tokio::test]
 async fn with_ids_that_name_streams_concurrent_responses_of_unnamed_ids_keep_separate_keys() {
     let tracker = SseTracker::builder()
         .heartbeat_interval(None)
