@@ -595,6 +595,8 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id(to
     assert_eq!(received as u64, STREAMS as u64 * EVENTS);
     assert!(oom_errors >= 1.0, "the OOM errors were never seen");
     assert!(oom_errors / oom_secs <= bound);
+    // Paused for 1.5 s, calls time out after 0.5 s: at least one fails.
+    assert!(pause_errors >= 1.0, "the pause was never felt");
     assert!(pause_errors / pause_secs <= bound);
     let report = tracker.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_complete(), "{report:?}");
@@ -795,6 +797,7 @@ async fn a_primary_killed_under_load_loses_no_latest_id(topology: Topology) {
         killed_at.elapsed()
     );
     assert_eq!(lost, 0);
+    assert!(failed >= 1.0, "the kill was never felt by the store");
     let report = tracker.shutdown(Duration::from_secs(10)).await;
     assert!(report.is_complete(), "{report:?}");
 }

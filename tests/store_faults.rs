@@ -6,6 +6,9 @@
 //!
 //! `fault <name>: delivered <a>/<b>, persisted after recovery <c>/<d>, store calls/s <e>, frame delay p99 <f> ms, heap growth <g> KiB, report exact <yes|no>`
 //!
+//! followed by the bound on store calls/s it checks. A last fault lasts through the shutdown,
+//! so that the report is checked while it lists streams.
+//!
 //! Run: `cargo test --test store_faults -- --nocapture`. `STORE_FAULT_SECS` (default 1.5) sets
 //! how long each fault lasts.
 
@@ -55,12 +58,22 @@ struct Outcome {
     calls_per_second: f64,
     heap_growth_kib: i64,
     exact: bool,
+    /// Streams the shutdown report lists (pending or given up).
+    listed: usize,
     activity_complete: bool,
     worker_failures: f64,
     store_errors: f64,
 }
 
-async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Outcome {
+/// Runs one fault for `fault_for` under load; the store recovers then, unless `recovers` is
+/// false (the fault lasts through the shutdown, whose report then lists streams).
+async fn run(
+    name: &str,
+    calls: Calls,
+    fault: Fault,
+    fault_for: Duration,
+    recovers: bool,
+) -> Outcome {
     let store = Arc::new(FaultStore::default());
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
@@ -87,7 +100,9 @@ async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Out
     sleep(fault_for).await;
     let calls_after = store.calls();
     let faulty = started.elapsed();
-    store.set(Calls::Both, Fault::Ok);
+    if recovers {
+        store.set(Calls::Both, Fault::Ok);
+    }
     let heap_after = counting_alloc::live_process();
 
     let mut results = Vec::new();
@@ -108,7 +123,7 @@ async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Out
             .filter(|r| store.get(&key(&r.session)).map(|s| s.id.to_string()) == r.last_id)
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(if recovers { 15 } else { 0 });
     while persisted(&results) < STREAMS && Instant::now() < deadline {
         sleep(Duration::from_millis(20)).await;
     }
@@ -137,6 +152,7 @@ async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Out
         })
         .collect();
     let exact = listed == lacking && report.is_complete() == lacking.is_empty();
+    let listed = listed.len();
 
     let calls = (calls_after.0 - calls_before.0) + (calls_after.1 - calls_before.1);
     let calls_per_second = calls as f64 / faulty.as_secs_f64();
@@ -145,9 +161,10 @@ async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Out
     let line = format!(
         "fault {name}: delivered {received}/{sent}, persisted after recovery {persisted_n}/{STREAMS}, \
          store calls/s {calls_per_second:.1}, frame delay p99 {:.1} ms, heap growth {heap_growth_kib} KiB, \
-         report exact {}",
+         report exact {}; expected store calls/s at most {:.0}",
         percentile(&latencies, 0.99) as f64 / 1000.0,
-        if exact { "yes" } else { "no" }
+        if exact { "yes" } else { "no" },
+        calls_per_second_bound(),
     );
     Outcome {
         line,
@@ -156,6 +173,7 @@ async fn run(name: &str, calls: Calls, fault: Fault, fault_for: Duration) -> Out
         calls_per_second,
         heap_growth_kib,
         exact,
+        listed,
         activity_complete,
         worker_failures: recorded.sum(WORKER_FAILURES_TOTAL),
         store_errors: recorded.sum(STORE_ERRORS_TOTAL),
@@ -188,8 +206,20 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
             Fault::Flapping(Duration::from_millis(300)),
         ),
         ("touch-fails-at-once", Calls::Touch, Fault::FailAtOnce),
+        (
+            "touch-fails-after-200ms",
+            Calls::Touch,
+            Fault::FailAfter(Duration::from_millis(200)),
+        ),
         ("touch-hangs", Calls::Touch, Fault::Hang),
+        ("touch-hangs-once", Calls::Touch, Fault::HangOnce),
+        ("touch-panics-once", Calls::Touch, Fault::PanicOnce),
         ("touch-panics-always", Calls::Touch, Fault::PanicAlways),
+        (
+            "touch-flaps-every-300ms",
+            Calls::Touch,
+            Fault::Flapping(Duration::from_millis(300)),
+        ),
         ("both-fail-at-once", Calls::Both, Fault::FailAtOnce),
         ("both-hang", Calls::Both, Fault::Hang),
         ("both-panic-always", Calls::Both, Fault::PanicAlways),
@@ -219,7 +249,7 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
     );
     let mut failures = Vec::new();
     for &(name, calls, fault) in scenarios {
-        let o = rt.block_on(run(name, calls, fault, fault_for));
+        let o = rt.block_on(run(name, calls, fault, fault_for, true));
         println!("{}", o.line);
         let mut fail = |what: String| failures.push(format!("{name}: {what}"));
         if o.delivered.0 != o.delivered.1 {
@@ -249,6 +279,23 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
         if fault != Fault::Ok && o.store_errors == 0.0 {
             fail("the fault was never counted".into());
         }
+    }
+    // A fault that lasts through the shutdown: the report lists streams, exactly those whose
+    // latest id the store lacks.
+    let name = "save-fails-through-shutdown";
+    let o = rt.block_on(run(name, Calls::Save, Fault::FailAtOnce, fault_for, false));
+    println!("{} ({} streams listed)", o.line, o.listed);
+    if o.delivered.0 != o.delivered.1 {
+        failures.push(format!(
+            "{name}: delivered {}/{}",
+            o.delivered.0, o.delivered.1
+        ));
+    }
+    if o.listed == 0 || !o.exact {
+        failures.push(format!(
+            "{name}: the report lists {} streams and does not match the store",
+            o.listed
+        ));
     }
     let _ = std::panic::take_hook();
     assert!(failures.is_empty(), "{failures:#?}");

@@ -12,8 +12,12 @@
 //! caught. An error, a call past the deadline and a panic are each one failed call: counted in
 //! `sse_tracker_store_errors_total{op,reason}`, logged, and followed by back-off: no call of
 //! that kind (save or touch) starts again before the retry policy's delay, which doubles with
-//! each failure in a row. Streams never wait for any of it. `tests/store_faults.rs` checks each
-//! row under 1 000 events/s over real HTTP (`cargo test --test store_faults -- --nocapture`).
+//! each failure in a row. Streams never wait for any of it. `tests/store_faults.rs` checks the
+//! first four rows, for `save` and `touch_sessions` apart and together, under 1 000 events/s over
+//! real HTTP (`cargo test --test store_faults -- --nocapture`); `tests/redis.rs` the fifth
+//! (`the_app_starts_while_redis_is_down…`), `tests/persistence.rs` the sixth and the last
+//! (`an_always_failing_store_is_given_up…`, `test_event_tracker_channel_backpressure`), and
+//! `tests/faults.rs` the seventh (`a_flood_while_the_store_fails_or_hangs…`).
 //!
 //! | the store… | streams | persistence | alert on |
 //! |---|---|---|---|

@@ -62,8 +62,8 @@ return written
 /// load balancer: a client that reconnects to another instance with `Last-Event-ID` can be
 /// resumed there, because [`SseTracker::resolve`](crate::SseTracker::resolve) asks this store.
 ///
-/// - **Standalone or cluster.** [`RedisStore::new`] for one Redis (or a primary with
-///   replicas behind Sentinel-style failover), [`RedisStore::cluster`] for a Redis Cluster:
+/// - **Standalone or cluster.** [`RedisStore::new`] for one Redis, [`RedisStore::cluster`] for
+///   a Redis Cluster:
 ///   choose a cluster when one Redis is not enough memory or throughput, or must not be a single
 ///   point of failure. Both use the same keys and pass the same tests.
 /// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script),
