@@ -102,11 +102,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .heartbeat_interval(Some(Duration::from_secs(5)))
         .stream(StreamSource::event_id(IdStream::RMCP))
         .build()?;
+    // Cancelled at exit, so that rmcp ends its sessions' tasks.
+    let sessions_done = tokio_util::sync::CancellationToken::new();
     let mcp = StreamableHttpService::new(
         || Ok(Tools),
         Arc::new(LocalSessionManager::default()),
         // One heartbeat source: the layer's.
-        StreamableHttpServerConfig::default().with_sse_keep_alive(None),
+        StreamableHttpServerConfig::default()
+            .with_sse_keep_alive(None)
+            .with_cancellation_token(sessions_done.clone()),
     );
     let app = Router::new()
         .nest_service("/mcp", mcp)
@@ -134,11 +138,16 @@ The last one streams events with ids like 1/0, 2/0… Then:
   curl -s {base}/streams/$S       # each stream of the session and its latest id
 "#
     );
+    let draining = tracker.clone();
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
+            // Open streams (the standalone GET stream stays open for ever) end at their next
+            // event boundary, telling clients to come back in a second; then the server stops.
+            draining.drain(Some(Duration::from_secs(1)));
         })
         .await?;
+    sessions_done.cancel();
     let report = tracker.shutdown(Duration::from_secs(5)).await;
     println!("shutdown: {report:?}");
     Ok(())
