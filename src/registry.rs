@@ -549,6 +549,8 @@ pub(crate) struct Registry {
     evicted: Mutex<VecDeque<Arc<Slot>>>,
     /// Ids dropped unpersisted, for the shutdown report.
     dropped: AtomicU64,
+    /// Drops after the worker stopped have been logged (once: they can come by the thousand).
+    warned_stopped: AtomicBool,
     /// Sessions active since the last flush, each at most once (its mark guards it).
     active: Mutex<Vec<Arc<SessionState>>>,
     /// Set when the worker has stopped: nothing is queued for it any more.
@@ -585,6 +587,7 @@ impl Registry {
             dirty: Mutex::default(),
             evicted: Mutex::default(),
             dropped: AtomicU64::new(0),
+            warned_stopped: AtomicBool::new(false),
             active: Mutex::default(),
             closed: AtomicBool::new(false),
         }
@@ -733,11 +736,24 @@ impl Registry {
                 fifo.push_front(slot);
             }
         }
-        if lost > 0 {
-            self.dropped.fetch_add(lost, Ordering::Relaxed);
-            self.metrics.dropped_stopped.increment(lost);
-        }
+        self.dropped_stopped(lost);
         self.trim_evicted(&mut fifo);
+    }
+
+    /// Counts unpersisted ids of evicted streams dropped because the worker no longer runs, and
+    /// warns the first time.
+    fn dropped_stopped(&self, lost: u64) {
+        if lost == 0 {
+            return;
+        }
+        self.dropped.fetch_add(lost, Ordering::Relaxed);
+        self.metrics.dropped_stopped.increment(lost);
+        if !self.warned_stopped.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                dropped = lost,
+                "the SSE tracker's worker has stopped: the unpersisted latest ids of evicted streams are dropped from now on, counted in sse_tracker_ids_dropped_total{{reason=\"stopped\"}} (logged once)"
+            );
+        }
     }
 
     fn trim_evicted(&self, fifo: &mut VecDeque<Arc<Slot>>) {
@@ -778,8 +794,7 @@ impl Registry {
         }
         let mut fifo = lock(&self.evicted);
         if self.is_closed() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.dropped_stopped.increment(1);
+            self.dropped_stopped(1);
             return;
         }
         fifo.push_back(slot);
@@ -797,10 +812,7 @@ impl Registry {
         // evicted ones are no longer anywhere, so they count as dropped.
         let lost = evicted.iter().filter(|s| s.unpersisted()).count() as u64;
         evicted.clear();
-        if lost > 0 {
-            self.dropped.fetch_add(lost, Ordering::Relaxed);
-            self.metrics.dropped_stopped.increment(lost);
-        }
+        self.dropped_stopped(lost);
         dirty.clear();
         if !active.is_empty() {
             self.metrics.activity_dropped.increment(active.len() as u64);
@@ -1169,7 +1181,10 @@ mod tests {
             registry.open_route(None, &route, false, prefer).unwrap().0
         };
         let name = |n: &str| StreamName::new(n).unwrap();
-        assert_eq!(registry.address_route(None, &route, None), Some(route.clone()));
+        assert_eq!(
+            registry.address_route(None, &route, None),
+            Some(route.clone())
+        );
         let first = open(None);
         assert_eq!(
             registry.address_route(None, &route, None),
@@ -1194,7 +1209,10 @@ mod tests {
             Some(name("GET /e #2"))
         );
         registry.body_closed(&first);
-        assert_eq!(registry.address_route(None, &route, None), Some(route.clone()));
+        assert_eq!(
+            registry.address_route(None, &route, None),
+            Some(route.clone())
+        );
         // Two closed streams and an id that is neither's latest: no answer.
         assert_eq!(registry.address_route(None, &route, Some("zz")), None);
         let again = open(Some(&name("GET /e #2")));
