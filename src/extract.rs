@@ -116,5 +116,5 @@ extractor!(LastEventId, "Last-Event-ID");
 extractor!(SessionId, "session id");
 extractor!(
     StreamKey,
-    "stream key (no owner on the request, or a Last-Event-ID that tells none of the route's concurrent streams)"
+    "stream key (no owner on the request, or none of the route's concurrent streams it could name)"
 );

@@ -26,6 +26,7 @@
 //! for all the streams of one session, and look-ups by `&str` need no allocation.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -248,6 +249,12 @@ impl Slot {
         (version, hand_over)
     }
 
+    /// Whether the latest id is `id`, compared in place.
+    pub(crate) fn latest_is(&self, id: &[u8]) -> bool {
+        let latest = lock(&self.latest);
+        latest.has_id && latest.id.as_slice() == id
+    }
+
     pub(crate) fn latest(&self) -> Option<EventId> {
         let latest = lock(&self.latest);
         latest
@@ -453,6 +460,11 @@ fn concurrent_index(route: &StreamName, name: &StreamName) -> usize {
         .and_then(|rest| rest.strip_prefix(" #"))
         .and_then(|n| n.parse().ok())
         .unwrap_or(1)
+}
+
+/// Whether `name` is one of `route`'s streams, exactly as [`concurrent_name`] makes them.
+fn is_route_stream(route: &StreamName, name: &StreamName) -> bool {
+    concurrent_name(route, concurrent_index(route, name)).as_ref() == Some(name)
 }
 
 /// The name of a route's `n`-th stream (`route` for 1), if `n` is within [`MAX_CONCURRENT`].
@@ -948,10 +960,7 @@ impl Registry {
         if share {
             return self.get_or_insert(owner, route, Open::Shared);
         }
-        if let Some(name) = prefer.filter(|name| {
-            *name != route
-                && concurrent_name(route, concurrent_index(route, name)).as_ref() == Some(*name)
-        }) {
+        if let Some(name) = prefer.filter(|name| *name != route && is_route_stream(route, name)) {
             match self.get_or_insert(owner, name, Open::Exclusive) {
                 Err(Refused::Busy) => {}
                 other => return other,
@@ -975,14 +984,17 @@ impl Registry {
 
     /// The stream of a route that a request addresses, for the key the layer puts in its
     /// extensions (the response's body then prefers that stream: see
-    /// [`open_route`](Self::open_route)):
+    /// [`open_route`](Self::open_route)). The route's streams are `route`, `"{route} #2"`…
     ///
-    /// - with a `Last-Event-ID`, the route's stream (`route`, `"{route} #2"`…) whose latest id
-    ///   it is; failing that, the route itself when it has no concurrent stream, else the one
-    ///   stream of the route without an open body (the client's, closed when it dropped);
-    ///   `None` when that leaves several, or none: the id cannot tell which stream it was;
-    /// - without one, the first of the route's streams without an open body: the one the
-    ///   response will get, unless another response of the route starts in between.
+    /// - With a `Last-Event-ID`: the stream whose latest id it is (one without an open body
+    ///   first). Failing that, with an owner: its only stream without an open body (the
+    ///   client's, closed when it dropped); when all have open bodies (its stream was evicted,
+    ///   or this instance never served it), the stream the response will get, as without an
+    ///   id. `None` when several closed streams could be the client's, or when there is no
+    ///   owner (anonymous clients share the streams: a closed one is anybody's).
+    /// - Without one: the first of the route's streams without an open body, the one the
+    ///   response will get (unless another response of the route starts in between); `None`
+    ///   when all [`MAX_CONCURRENT`] have one.
     pub(crate) fn address_route(
         &self,
         owner: Option<&str>,
@@ -990,16 +1002,9 @@ impl Registry {
         last_event_id: Option<&str>,
     ) -> Option<StreamName> {
         let map = lock(&self.map);
-        // The route's streams that exist, in order: `route`, then `#2`, `#3`…
+        // The route's streams that exist, in order of their index.
         let streams: Vec<&Arc<Slot>> = match owner {
             Some(owner) => {
-                let is_route = |name: &str| {
-                    name == route.as_str()
-                        || name
-                            .strip_prefix(route.as_str())
-                            .and_then(|rest| rest.strip_prefix(" #"))
-                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                };
                 let mut streams: Vec<&Arc<Slot>> = map
                     .sessions
                     .get(owner)
@@ -1007,7 +1012,7 @@ impl Registry {
                         entry
                             .streams
                             .iter()
-                            .filter(|slot| is_route(slot.key.stream.as_str()))
+                            .filter(|slot| is_route_stream(route, &slot.key.stream))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -1015,47 +1020,49 @@ impl Registry {
                 streams
             }
             None => {
-                // Without an id, the streams up to the first missing one are enough.
-                let lookups = (1..=MAX_CONCURRENT).map(|n| match n {
-                    1 => map.unowned.get(route.as_str()),
-                    n => map.unowned.get(format!("{route} #{n}").as_str()),
-                });
+                let mut name = String::with_capacity(route.as_str().len() + 3);
+                let lookup = |n: usize| {
+                    name.clear();
+                    name.push_str(route.as_str());
+                    if n > 1 {
+                        let _ = write!(name, " #{n}");
+                    }
+                    map.unowned.get(name.as_str())
+                };
                 if last_event_id.is_some() {
-                    lookups.flatten().collect()
+                    (1..=MAX_CONCURRENT).filter_map(lookup).collect()
                 } else {
-                    lookups.map_while(|slot| slot).collect()
+                    // Without an id, the streams up to the first missing one are enough.
+                    (1..=MAX_CONCURRENT).map_while(lookup).collect()
                 }
             }
         };
-        match last_event_id {
-            Some(id) => {
-                if let Some(slot) = streams
-                    .iter()
-                    .find(|slot| slot.latest().is_some_and(|latest| latest == id))
-                {
-                    return Some(slot.key.stream.clone());
+        let first_free = || {
+            let mut n = 1;
+            for slot in &streams {
+                if concurrent_index(route, &slot.key.stream) != n || !slot.is_live() {
+                    break;
                 }
-                if streams.iter().all(|slot| slot.key.stream == *route) {
-                    return Some(route.clone());
-                }
-                let mut closed = streams.iter().filter(|slot| !slot.is_live());
-                match (closed.next(), closed.next()) {
-                    (Some(only), None) => Some(only.key.stream.clone()),
-                    _ => None,
-                }
+                n += 1;
             }
-            None => {
-                // The first index with no stream, or with one without an open body.
-                let mut n = 1;
-                for slot in &streams {
-                    let index = concurrent_index(route, &slot.key.stream);
-                    if index != n || !slot.is_live() {
-                        break;
-                    }
-                    n += 1;
-                }
-                concurrent_name(route, n)
-            }
+            concurrent_name(route, n)
+        };
+        let Some(id) = last_event_id else {
+            return first_free();
+        };
+        if let Some(slot) = streams
+            .iter()
+            .filter(|slot| slot.latest_is(id.as_bytes()))
+            .min_by_key(|slot| slot.is_live())
+        {
+            return Some(slot.key.stream.clone());
+        }
+        owner?;
+        let mut closed = streams.iter().filter(|slot| !slot.is_live());
+        match (closed.next(), closed.next()) {
+            (Some(only), None) => Some(only.key.stream.clone()),
+            (None, _) => first_free(),
+            (Some(_), Some(_)) => None,
         }
     }
 
@@ -1196,13 +1203,13 @@ mod tests {
         second.publish(b"b1", 1);
         second.publish(b"b2", 2);
         registry.body_closed(&second);
-        // The id names its stream; a lagging one names the only closed stream.
-        for id in ["b2", "b1"] {
-            assert_eq!(
-                registry.address_route(None, &route, Some(id)),
-                Some(name("GET /e #2"))
-            );
-        }
+        // The id names its stream; without an owner, a lagging one names none (the closed
+        // stream could be any anonymous client's).
+        assert_eq!(
+            registry.address_route(None, &route, Some("b2")),
+            Some(name("GET /e #2"))
+        );
+        assert_eq!(registry.address_route(None, &route, Some("b1")), None);
         // The first free stream is #2 again, and a response that prefers it gets it.
         assert_eq!(
             registry.address_route(None, &route, None),

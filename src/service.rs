@@ -34,11 +34,14 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 ///   [`StreamSource::route`](crate::StreamSource::route), whose concurrent responses get
 ///   streams `"{METHOD} {path} #2"`…: without a `Last-Event-ID`, the first of the route's
 ///   streams with no open body, which the response then gets (unless another response of the
-///   route starts in between); with one, the route's stream whose latest id it is, else the
-///   route's only stream, else its only stream with no open body (the client's, closed when it
-///   dropped), else none: the key is left out rather than naming another client's stream. The
-///   response's body streams into the stream its request addressed whenever it is free. A
-///   handler resumes with the key instead of writing names.
+///   route starts in between). With one: the route's stream whose latest id it is (one with no
+///   open body first); else the owner's only stream of the route with no open body (the
+///   client's, closed when it dropped); else, when all have open bodies, the stream the
+///   response will get. The key is left out rather than naming another client's stream: when
+///   several closed streams could be the client's, when a request without an owner names no
+///   stream's latest id, and when all 64 streams of the route have open bodies. The response's
+///   body streams into the stream its request addressed whenever it is free. A handler resumes
+///   with the key instead of writing names.
 ///
 /// The response is checked for `Content-Type: text/event-stream`: other responses pass through
 /// untouched; SSE responses get their body wrapped in a [`TrackedBody`] that records ids and
@@ -130,8 +133,8 @@ where
                     if stream.is_none() {
                         tracing::debug!(
                             %route,
-                            "no stream key for the request: its Last-Event-ID is none of the \
-                             route's concurrent streams' latest ids, and several could be its own"
+                            "no stream key for the request: its Last-Event-ID could name several \
+                             of the route's concurrent streams, or every one has an open body"
                         );
                     }
                     addressed.clone_from(&stream);

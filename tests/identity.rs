@@ -500,6 +500,51 @@ async fn a_reconnect_gets_its_own_stream_back_even_when_the_first_one_is_free() 
 }
 
 #[tokio::test]
+async fn an_id_both_a_live_and_a_closed_stream_hold_addresses_the_closed_one() {
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let second = h.feed("events");
+    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    // Both tabs read one feed: their streams end at the same id.
+    for (tx, client) in [(&first, &mut a), (&second, &mut b)] {
+        tx.send(Bytes::from_static(b"id: 7\n\n")).unwrap();
+        client.read_until_suffix(b"id: 7\n\n").await;
+    }
+    drop(second);
+    b.read_to_end().await;
+    let again = h.feed("events");
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("7"));
+    let mut b = h.get("/sse/events", Some("s1"), headers).await;
+    let addressed = h.seen("events").key.unwrap();
+    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    again.send(Bytes::from_static(b"id: 8\n\n")).unwrap();
+    b.read_until_suffix(b"id: 8\n\n").await;
+    assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "8");
+    drop(first);
+}
+
+#[tokio::test]
+async fn an_id_this_instance_never_saw_addresses_the_stream_the_response_gets() {
+    // A rolling deploy: tab A reconnected first and took the route's stream; tab B comes with
+    // an id from the old instance. Its key must not be A's stream.
+    let h = Harness::start(no_heartbeat()).await;
+    let first = h.feed("events");
+    let _a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
+    let second = h.feed("events");
+    let mut headers = HeaderMap::new();
+    headers.insert("last-event-id", HeaderValue::from_static("b9"));
+    let mut b = h.get("/sse/events", Some("s1"), headers).await;
+    let addressed = h.seen("events").key.unwrap();
+    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    second.send(Bytes::from_static(b"id: b10\n\n")).unwrap();
+    b.read_until_suffix(b"id: b10\n\n").await;
+    assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "b10");
+    drop(first);
+}
+
+#[tokio::test]
 async fn a_last_event_id_that_could_be_either_of_two_closed_streams_gets_no_key() {
     let h = Harness::start(no_heartbeat()).await;
     let first = h.feed("events");
