@@ -291,6 +291,12 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
             o.delivered.0, o.delivered.1
         ));
     }
+    if o.calls_per_second > bound {
+        failures.push(format!(
+            "{name}: {:.1} store calls/s > {bound:.0}",
+            o.calls_per_second
+        ));
+    }
     if o.listed == 0 || !o.exact {
         failures.push(format!(
             "{name}: the report lists {} streams and does not match the store",
