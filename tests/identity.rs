@@ -377,80 +377,90 @@ async fn the_extractors_give_the_key_the_session_and_the_last_event_id_or_a_clea
     );
 }
 
+/// One tab of session `s1` reading `/sse/events`: the feed its handler streams, and its client.
+struct Tab {
+    feed: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    client: common::Client,
+}
+
+impl Tab {
+    /// Opens a tab, with the `Last-Event-ID` a reconnecting `EventSource` sends; returns it with
+    /// the key its handler was given.
+    async fn open(h: &Harness, last_event_id: Option<&'static str>) -> (Tab, Option<StreamKey>) {
+        let feed = h.feed("events");
+        let mut headers = HeaderMap::new();
+        if let Some(id) = last_event_id {
+            headers.insert("last-event-id", HeaderValue::from_static(id));
+        }
+        let client = h.get("/sse/events", Some("s1"), headers).await;
+        (Tab { feed, client }, h.seen("events").key)
+    }
+
+    /// Streams `frame` and waits until the client has read it.
+    async fn send(&mut self, frame: &'static [u8]) {
+        self.feed.send(Bytes::from_static(frame)).unwrap();
+        self.client.read_until_suffix(frame).await;
+    }
+
+    /// The tab goes: its response ends and its client reads to the end.
+    async fn close(mut self) {
+        drop(self.feed);
+        self.client.read_to_end().await;
+    }
+}
+
+/// Two concurrent tabs of `s1`, A then B, having read `a` and `b`.
+async fn two_tabs(h: &Harness, a: &'static [u8], b: &'static [u8]) -> (Tab, Tab) {
+    let (mut tab_a, _) = Tab::open(h, None).await;
+    let (mut tab_b, _) = Tab::open(h, None).await;
+    tab_a.send(a).await;
+    tab_b.send(b).await;
+    (tab_a, tab_b)
+}
+
+const ROUTE: &str = "GET /sse/events";
+const SECOND: &str = "GET /sse/events #2";
+
 #[tokio::test]
 async fn a_reconnect_finds_its_own_concurrent_stream_by_its_last_event_id() {
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let second = h.feed("events");
-    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    first.send(Bytes::from_static(b"id: a5\n\n")).unwrap();
-    a.read_until_suffix(b"id: a5\n\n").await;
-    second.send(Bytes::from_static(b"id: b9\n\n")).unwrap();
-    b.read_until_suffix(b"id: b9\n\n").await;
+    let (_a, b) = two_tabs(&h, b"id: a5\n\n", b"id: b9\n\n").await;
     // Tab B drops and reconnects with its Last-Event-ID: the key names B's stream, not A's.
-    drop(second);
-    b.read_to_end().await;
-    let again = h.feed("events");
-    let mut headers = HeaderMap::new();
-    headers.insert("last-event-id", HeaderValue::from_static("b9"));
-    let _b = h.get("/sse/events", Some("s1"), headers).await;
-    let addressed = h.seen("events").key.unwrap();
-    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    b.close().await;
+    let (_b, addressed) = Tab::open(&h, Some("b9")).await;
+    let addressed = addressed.unwrap();
+    assert_eq!(addressed, key("s1", SECOND));
     assert_eq!(
         h.tracker.resume(&addressed, Some(&id("b9"))).await.unwrap(),
         Resume::Current(id("b9"))
     );
-    drop(again);
 }
 
 #[tokio::test]
 async fn each_concurrent_response_tells_its_handler_the_key_its_body_is_tracked_under() {
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let second = h.feed("events");
-    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    assert_eq!(h.seen("events").key.unwrap(), key("s1", "GET /sse/events"));
-    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let b_key = h.seen("events").key.unwrap();
-    assert_eq!(b_key, key("s1", "GET /sse/events #2"));
-    first.send(Bytes::from_static(b"id: a1\n\n")).unwrap();
-    a.read_until_suffix(b"id: a1\n\n").await;
-    second.send(Bytes::from_static(b"id: b1\n\n")).unwrap();
-    b.read_until_suffix(b"id: b1\n\n").await;
+    let (mut a, a_key) = Tab::open(&h, None).await;
+    assert_eq!(a_key.unwrap(), key("s1", ROUTE));
+    let (mut b, b_key) = Tab::open(&h, None).await;
+    let b_key = b_key.unwrap();
+    assert_eq!(b_key, key("s1", SECOND));
+    a.send(b"id: a1\n\n").await;
+    b.send(b"id: b1\n\n").await;
     // The key the second handler was given is the one its ids go to.
     assert_eq!(h.tracker.last_event_id(&b_key).unwrap(), "b1");
-    assert_eq!(
-        h.tracker
-            .last_event_id(&key("s1", "GET /sse/events"))
-            .unwrap(),
-        "a1"
-    );
+    assert_eq!(h.tracker.last_event_id(&key("s1", ROUTE)).unwrap(), "a1");
 }
 
 #[tokio::test]
 async fn a_lagging_reconnect_resumes_its_own_closed_stream_not_a_live_sibling() {
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let second = h.feed("events");
-    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    first.send(Bytes::from_static(b"id: a5\n\n")).unwrap();
-    a.read_until_suffix(b"id: a5\n\n").await;
-    second
-        .send(Bytes::from_static(b"id: b9\n\nid: b10\n\n"))
-        .unwrap();
-    b.read_until_suffix(b"id: b10\n\n").await;
+    let (_a, b) = two_tabs(&h, b"id: a5\n\n", b"id: b9\n\nid: b10\n\n").await;
     // Tab B drops; the network ate b10, so it comes back with b9, which is no stream's
     // latest id. Tab A is still open: B's stream is the route's one closed stream.
-    drop(second);
-    b.read_to_end().await;
-    let again = h.feed("events");
-    let mut headers = HeaderMap::new();
-    headers.insert("last-event-id", HeaderValue::from_static("b9"));
-    let mut b = h.get("/sse/events", Some("s1"), headers).await;
-    let addressed = h.seen("events").key.unwrap();
-    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
+    b.close().await;
+    let (mut b, addressed) = Tab::open(&h, Some("b9")).await;
+    let addressed = addressed.unwrap();
+    assert_eq!(addressed, key("s1", SECOND));
     assert_eq!(
         h.tracker.resume(&addressed, Some(&id("b9"))).await.unwrap(),
         Resume::Behind {
@@ -459,70 +469,37 @@ async fn a_lagging_reconnect_resumes_its_own_closed_stream_not_a_live_sibling() 
         }
     );
     // The new body streams into the stream it addressed.
-    again.send(Bytes::from_static(b"id: b11\n\n")).unwrap();
-    b.read_until_suffix(b"id: b11\n\n").await;
+    b.send(b"id: b11\n\n").await;
     assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "b11");
-    drop(first);
 }
 
 #[tokio::test]
 async fn a_reconnect_gets_its_own_stream_back_even_when_the_first_one_is_free() {
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let second = h.feed("events");
-    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    first.send(Bytes::from_static(b"id: a5\n\n")).unwrap();
-    a.read_until_suffix(b"id: a5\n\n").await;
-    second.send(Bytes::from_static(b"id: b9\n\n")).unwrap();
-    b.read_until_suffix(b"id: b9\n\n").await;
+    let (a, b) = two_tabs(&h, b"id: a5\n\n", b"id: b9\n\n").await;
     // Both tabs drop; B comes back first. The route's first stream is free, but B's is #2.
-    drop(first);
-    drop(second);
-    a.read_to_end().await;
-    b.read_to_end().await;
-    let again = h.feed("events");
-    let mut headers = HeaderMap::new();
-    headers.insert("last-event-id", HeaderValue::from_static("b9"));
-    let mut b = h.get("/sse/events", Some("s1"), headers).await;
-    let addressed = h.seen("events").key.unwrap();
-    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
-    again.send(Bytes::from_static(b"id: b10\n\n")).unwrap();
-    b.read_until_suffix(b"id: b10\n\n").await;
+    a.close().await;
+    b.close().await;
+    let (mut b, addressed) = Tab::open(&h, Some("b9")).await;
+    let addressed = addressed.unwrap();
+    assert_eq!(addressed, key("s1", SECOND));
+    b.send(b"id: b10\n\n").await;
     assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "b10");
     // A's stream is untouched.
-    assert_eq!(
-        h.tracker
-            .last_event_id(&key("s1", "GET /sse/events"))
-            .unwrap(),
-        "a5"
-    );
+    assert_eq!(h.tracker.last_event_id(&key("s1", ROUTE)).unwrap(), "a5");
 }
 
 #[tokio::test]
 async fn an_id_both_a_live_and_a_closed_stream_hold_addresses_the_closed_one() {
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let second = h.feed("events");
-    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
     // Both tabs read one feed: their streams end at the same id.
-    for (tx, client) in [(&first, &mut a), (&second, &mut b)] {
-        tx.send(Bytes::from_static(b"id: 7\n\n")).unwrap();
-        client.read_until_suffix(b"id: 7\n\n").await;
-    }
-    drop(second);
-    b.read_to_end().await;
-    let again = h.feed("events");
-    let mut headers = HeaderMap::new();
-    headers.insert("last-event-id", HeaderValue::from_static("7"));
-    let mut b = h.get("/sse/events", Some("s1"), headers).await;
-    let addressed = h.seen("events").key.unwrap();
-    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
-    again.send(Bytes::from_static(b"id: 8\n\n")).unwrap();
-    b.read_until_suffix(b"id: 8\n\n").await;
+    let (_a, b) = two_tabs(&h, b"id: 7\n\n", b"id: 7\n\n").await;
+    b.close().await;
+    let (mut b, addressed) = Tab::open(&h, Some("7")).await;
+    let addressed = addressed.unwrap();
+    assert_eq!(addressed, key("s1", SECOND));
+    b.send(b"id: 8\n\n").await;
     assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "8");
-    drop(first);
 }
 
 #[tokio::test]
@@ -530,49 +507,25 @@ async fn an_id_this_instance_never_saw_addresses_the_stream_the_response_gets() 
     // A rolling deploy: tab A reconnected first and took the route's stream; tab B comes with
     // an id from the old instance. Its key must not be A's stream.
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let _a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let second = h.feed("events");
-    let mut headers = HeaderMap::new();
-    headers.insert("last-event-id", HeaderValue::from_static("b9"));
-    let mut b = h.get("/sse/events", Some("s1"), headers).await;
-    let addressed = h.seen("events").key.unwrap();
-    assert_eq!(addressed, key("s1", "GET /sse/events #2"));
-    second.send(Bytes::from_static(b"id: b10\n\n")).unwrap();
-    b.read_until_suffix(b"id: b10\n\n").await;
+    let (_a, _) = Tab::open(&h, None).await;
+    let (mut b, addressed) = Tab::open(&h, Some("b9")).await;
+    let addressed = addressed.unwrap();
+    assert_eq!(addressed, key("s1", SECOND));
+    b.send(b"id: b10\n\n").await;
     assert_eq!(h.tracker.last_event_id(&addressed).unwrap(), "b10");
-    drop(first);
 }
 
 #[tokio::test]
 async fn a_last_event_id_that_could_be_either_of_two_closed_streams_gets_no_key() {
     let h = Harness::start(no_heartbeat()).await;
-    let first = h.feed("events");
-    let second = h.feed("events");
-    let mut a = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    let mut b = h.get("/sse/events", Some("s1"), HeaderMap::new()).await;
-    first
-        .send(Bytes::from_static(b"id: 4\n\nid: 5\n\n"))
-        .unwrap();
-    a.read_until_suffix(b"id: 5\n\n").await;
-    second
-        .send(Bytes::from_static(b"id: 8\n\nid: 9\n\n"))
-        .unwrap();
-    b.read_until_suffix(b"id: 9\n\n").await;
-    drop(first);
-    drop(second);
-    a.read_to_end().await;
-    b.read_to_end().await;
+    let (a, b) = two_tabs(&h, b"id: 4\n\nid: 5\n\n", b"id: 8\n\nid: 9\n\n").await;
+    a.close().await;
+    b.close().await;
     // "3" is neither stream's latest id, and both streams are closed: the layer cannot tell
     // which one the client read, so it names none rather than the wrong one.
-    let again = h.feed("events");
-    let mut headers = HeaderMap::new();
-    headers.insert("last-event-id", HeaderValue::from_static("3"));
-    let _c = h.get("/sse/events", Some("s1"), headers).await;
-    let seen = h.seen("events");
-    assert_eq!(seen.key, None);
-    assert_eq!(seen.last_event_id.unwrap().0, "3");
-    drop(again);
+    let (_c, addressed) = Tab::open(&h, Some("3")).await;
+    assert_eq!(addressed, None);
+    assert_eq!(h.seen("events").last_event_id.unwrap().0, "3");
 }
 
 #[tokio::test]

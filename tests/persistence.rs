@@ -645,6 +645,10 @@ async fn a_hand_off_waiting_when_shutdown_begins_is_still_written() {
     drop(a);
 }
 
+/// A retry policy whose first delay (15 to 30 s) is longer than the shutdown deadlines below.
+const SLOW_RETRY: RetryPolicy =
+    RetryPolicy::exponential(Duration::from_secs(30), Duration::from_secs(60), 5);
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_does_not_wait_for_the_back_off_of_earlier_failures() {
     let store = Arc::new(ScriptedStore::failing_first(1));
@@ -652,11 +656,7 @@ async fn shutdown_does_not_wait_for_the_back_off_of_earlier_failures() {
         .store(store.clone())
         .heartbeat_interval(None)
         // After the failure the stream's retry is due in 15 to 30 s.
-        .retry(RetryPolicy::exponential(
-            Duration::from_secs(30),
-            Duration::from_secs(60),
-            5,
-        ))
+        .retry(SLOW_RETRY)
         .build()
         .unwrap();
     let h = Harness::start(tracker).await;
@@ -684,11 +684,7 @@ async fn a_write_failing_after_shutdown_began_but_sent_before_does_not_delay_it(
         .store(store.clone())
         .heartbeat_interval(None)
         .store_timeout(Duration::from_secs(1))
-        .retry(RetryPolicy::exponential(
-            Duration::from_secs(30),
-            Duration::from_secs(60),
-            5,
-        ))
+        .retry(SLOW_RETRY)
         .build()
         .unwrap();
     let h = Harness::start(tracker).await;
