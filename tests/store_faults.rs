@@ -306,3 +306,70 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
     let _ = std::panic::take_hook();
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// A store that fails at once or hangs never starves the runtime the worker shares: on a
+/// current-thread runtime, while streams publish and the store misbehaves, a 10 ms timer keeps
+/// ticking. (Before the worker backed off, a `touch_sessions` failing at once was retried in
+/// the same turn of the worker, and such a timer ran 8 times in 2 s instead of 200.)
+#[test]
+fn a_misbehaving_store_never_starves_the_runtime_it_shares() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use common::direct::{drive, frames_service, id_frames};
+
+    const RUN: Duration = Duration::from_secs(1);
+    const TICK: Duration = Duration::from_millis(10);
+    for (name, fault) in [
+        ("both-fail-at-once", Fault::FailAtOnce),
+        ("both-hang", Fault::Hang),
+    ] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ticks, calls) = rt.block_on(async {
+            let store = Arc::new(FaultStore::default());
+            store.set(Calls::Both, fault);
+            let tracker = SseTracker::builder()
+                .store(store.clone())
+                .heartbeat_interval(None)
+                .flush_interval(TICK)
+                .store_timeout(Duration::from_millis(50))
+                .retry(RETRY)
+                .build()
+                .unwrap();
+            let ticks = Arc::new(AtomicU64::new(0));
+            let counter = ticks.clone();
+            let timer = tokio::spawn(async move {
+                // A tick the runtime could not run in time is skipped, not made up for.
+                let mut interval = tokio::time::interval(TICK);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    interval.tick().await;
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let mut svc = frames_service(&tracker);
+            let started = Instant::now();
+            let mut n = 0;
+            while started.elapsed() < RUN {
+                drive(&mut svc, &format!("starve-{:02}", n % 50), id_frames(10)).await;
+                n += 1;
+                sleep(Duration::from_millis(1)).await;
+            }
+            let ticks = ticks.load(Ordering::Relaxed);
+            timer.abort();
+            let (saves, touches) = store.calls();
+            (ticks, saves + touches)
+        });
+        let expected = (RUN.as_millis() / TICK.as_millis()) as u64;
+        println!(
+            "{name}: a 10 ms timer ticked {ticks} times in {RUN:?} (expected {expected}); {calls} store calls"
+        );
+        assert!(calls > 0, "{name}: the store was never called");
+        assert!(
+            ticks >= expected / 2,
+            "{name}: the timer ticked {ticks} times of {expected}"
+        );
+    }
+}
