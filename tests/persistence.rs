@@ -706,6 +706,39 @@ async fn a_write_failing_after_shutdown_began_but_sent_before_does_not_delay_it(
     );
 }
 
+/// An activity write that hangs does not hold up saves: one call of each kind can be in
+/// flight, so an id committed while `touch_sessions` hangs (until the 5 s store timeout) is
+/// written at the next flush. Driven without sockets, so that the paused clock only moves
+/// when everything waits on it.
+#[tokio::test(start_paused = true)]
+async fn a_hung_activity_write_does_not_hold_up_saves() {
+    use common::direct::{drive, frames_service, id_frames};
+
+    let store = Arc::new(FaultStore::default());
+    store.set(Calls::Touch, Fault::Hang);
+    let tracker = SseTracker::builder()
+        .store(store.clone())
+        .heartbeat_interval(None)
+        .flush_interval(Duration::from_millis(100))
+        .store_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut svc = frames_service(&tracker);
+    let k = key("s1", "GET /mcp");
+    drive(&mut svc, "s1", id_frames(1)).await;
+    eventually("an activity write hangs", || store.calls().1 >= 1).await;
+    let started = Instant::now();
+    drive(&mut svc, "s1", vec![Bytes::from_static(b"id: 2\n\n")]).await;
+    eventually("id 2 is stored", || {
+        store.get(&k).is_some_and(|s| s.id.as_str() == "2")
+    })
+    .await;
+    let took = started.elapsed();
+    println!("id 2 stored {took:?} after it was sent, while an activity write hung");
+    // At the next flush (100 ms), not after the hung call's timeout (5 s).
+    assert!(took <= Duration::from_millis(200), "{took:?}");
+}
+
 fn stored_scripted(store: &ScriptedStore, session: &str, stream: &str) -> Option<String> {
     store.get(&key(session, stream)).map(|s| s.id.to_string())
 }

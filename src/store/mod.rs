@@ -2,9 +2,10 @@
 //!
 //! The tracker's one background worker calls the store with whole batches: at each flush, the
 //! latest id of every stream that changed since the last flush, in [`save`](Store::save) calls
-//! of at most `max_batch` entries, then the activity of the sessions active since, in
-//! [`touch_sessions`](Store::touch_sessions) calls. Nothing on the request or frame path ever
-//! waits for a store.
+//! of at most `max_batch` entries, and the activity of the sessions active since, in
+//! [`touch_sessions`](Store::touch_sessions) calls: one call of each kind at a time, the two
+//! kinds side by side (a store must accept a `save` and a `touch_sessions` at once). Nothing
+//! on the request or frame path ever waits for a store.
 //!
 //! # When the store misbehaves
 //!

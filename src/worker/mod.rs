@@ -7,8 +7,9 @@
 //! it reads the latest id of every pending stream (however many ids the stream committed since
 //! the last round), leaves out what the store already has, adds the retries that are due and
 //! the evicted streams still owed a write, and writes all of it in calls of at most `max_batch`
-//! entries, one call at a time; then it writes the activity of the sessions active since the
-//! last round the same way.
+//! entries, one call at a time. Alongside, at each tick, it writes the activity of the sessions
+//! active since the last tick the same way. One save and one activity write can be in flight
+//! together, so that a hung call of one kind does not hold up the other.
 //!
 //! Every store call runs under the store timeout with its panics caught: an error, a hang and a
 //! panic are each one failed call, counted (`sse_tracker_store_errors_total{op,reason}`),
@@ -220,7 +221,8 @@ impl WorkerHandle {
         let io = Io {
             rx,
             control: Some(control_rx),
-            in_flight: None,
+            saving: None,
+            touching: None,
             open: true,
         };
         let state = State {
@@ -238,6 +240,7 @@ impl WorkerHandle {
             round: Round::default(),
             round_evicted: Vec::new(),
             flush_due: false,
+            touch_due: false,
             retry_round_due: false,
             shutdown: None,
             dropped_reported: 0,
@@ -359,7 +362,10 @@ enum CallDone {
 struct Io {
     rx: mpsc::Receiver<Arc<Slot>>,
     control: Option<oneshot::Receiver<ShutdownRequest>>,
-    in_flight: Option<BoxFuture<'static, CallDone>>,
+    /// The save call in flight, and the activity call in flight: one of each kind at most, so
+    /// that a hung call of one kind does not hold up the other.
+    saving: Option<BoxFuture<'static, CallDone>>,
+    touching: Option<BoxFuture<'static, CallDone>>,
     /// The channel is open (not closed by shutdown, and senders remain).
     open: bool,
 }
@@ -396,7 +402,10 @@ struct State {
     /// Evicted slots the current round took from the registry's FIFO: given back, those it
     /// could not write, when the round ends.
     round_evicted: Vec<Arc<Slot>>,
+    /// A round of saves is due (the flush tick, or a shutdown).
     flush_due: bool,
+    /// A round of activity writes is due (the flush tick, or a shutdown).
+    touch_due: bool,
     retry_round_due: bool,
     shutdown: Option<ShutdownState>,
     /// `registry.dropped()` when the last warning was logged.
@@ -454,7 +463,8 @@ async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard:
                     restarts = panics,
                     "SSE tracker worker panicked; restarting it from the registry's state"
                 );
-                io.in_flight = None;
+                io.saving = None;
+                io.touching = None;
                 state.recover();
                 let pause = state.config.retry.delay(panics, state.jitter.next());
                 let resume = far_instant(pause);
@@ -505,7 +515,7 @@ async fn run(io: &mut Io, state: &mut State) {
         if state.finished(io, now) {
             return;
         }
-        if io.in_flight.is_none() && state.round.is_empty() {
+        if io.saving.is_none() && state.round.saves.is_empty() {
             state.end_round();
             if state.shutdown.is_some() && state.owes_writes() && state.save_gate.is_open(now) {
                 // A shutdown writes what it owes as soon as it can, not at the next tick.
@@ -520,8 +530,15 @@ async fn run(io: &mut Io, state: &mut State) {
                 state.assemble(now, false);
             }
         }
-        if io.in_flight.is_none() {
-            io.in_flight = state.next_call(now);
+        if io.touching.is_none() && state.round.touches.is_empty() && state.touch_due {
+            state.touch_due = false;
+            state.assemble_touches(now);
+        }
+        if io.saving.is_none() {
+            io.saving = state.next_save(now);
+        }
+        if io.touching.is_none() {
+            io.touching = state.next_touch(now);
         }
         state.metrics.queue_depth.set(io.rx.len() as f64);
         state
@@ -529,10 +546,11 @@ async fn run(io: &mut Io, state: &mut State) {
             .retry_queue_depth
             .set(state.retries.len() as f64);
 
-        let wake = if io.in_flight.is_none() && state.round.is_empty() {
+        // Retries, probes and the shutdown's writes are saves: they wait for the save in
+        // flight, whose end wakes the loop. Activity writes start at the flush tick.
+        let wake = if io.saving.is_none() && state.round.saves.is_empty() {
             state.next_wake()
         } else {
-            // Nothing can start before the call in flight ends; its end wakes the loop.
             None
         };
         let deadline = state.shutdown.as_ref().map(|s| s.request.deadline);
@@ -547,10 +565,15 @@ async fn run(io: &mut Io, state: &mut State) {
                     io.rx.close();
                 }
             }
-            done = maybe(&mut io.in_flight) => {
-                io.in_flight = None;
+            done = maybe(&mut io.saving) => {
+                io.saving = None;
                 state.finish_call(done);
                 // A store that answers at once must not keep this task from yielding.
+                tokio::task::yield_now().await;
+            }
+            done = maybe(&mut io.touching) => {
+                io.touching = None;
+                state.finish_call(done);
                 tokio::task::yield_now().await;
             }
             received = io.rx.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
@@ -570,6 +593,7 @@ async fn run(io: &mut Io, state: &mut State) {
             }
             _ = tick.tick() => {
                 state.flush_due = true;
+                state.touch_due = true;
                 state.on_tick();
             }
             _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {
@@ -600,7 +624,8 @@ impl State {
             return true;
         }
         !io.open
-            && io.in_flight.is_none()
+            && io.saving.is_none()
+            && io.touching.is_none()
             && self.round.is_empty()
             && self.pending.is_empty()
             && self.retries.len() == 0
@@ -629,6 +654,7 @@ impl State {
         self.save_gate.open_at = None;
         self.touch_gate.open_at = None;
         self.flush_due = true;
+        self.touch_due = true;
     }
 
     /// Whether ids wait for a round: received, handed over late, or evicted.
@@ -754,13 +780,18 @@ impl State {
             self.metrics.duplicates_skipped.increment(taken.duplicates);
         }
         self.round.saves = chunks(taken.entries, self.config.max_batch);
+    }
+
+    /// Starts a round of activity writes: the sessions active since the last one, unless the
+    /// touch gate is closed after a failure (their marks wait in the registry).
+    fn assemble_touches(&mut self, now: Instant) {
         // After the first round of a shutdown, activity is no longer written: open streams make
         // marks all the time, and they do not decide whether a stream can be resumed.
         let touch = match &mut self.shutdown {
             Some(shutdown) => !std::mem::replace(&mut shutdown.touched, true),
             None => true,
         };
-        if fresh && touch && self.touch_gate.is_open(now) {
+        if touch && self.touch_gate.is_open(now) {
             let sessions = self.registry.take_active();
             for session in &sessions {
                 session.unmark();
@@ -769,8 +800,8 @@ impl State {
         }
     }
 
-    /// The next call of the round, if its kind's gate is open.
-    fn next_call(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
+    /// The round's next save, if the save gate is open.
+    fn next_save(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
         let timeout = self.config.store_timeout;
         if !self.round.saves.is_empty() && self.save_gate.is_open(now) {
             let entries = self.round.saves.pop_front()?;
@@ -787,6 +818,12 @@ impl State {
                 }
             }));
         }
+        None
+    }
+
+    /// The round's next activity write, if the touch gate is open.
+    fn next_touch(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
+        let timeout = self.config.store_timeout;
         if !self.round.touches.is_empty() && self.touch_gate.is_open(now) {
             let sessions = self.round.touches.pop_front()?;
             let activity: Vec<SessionActivity> = sessions
