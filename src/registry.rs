@@ -454,17 +454,21 @@ impl Counts {
 pub(crate) const MAX_CONCURRENT: usize = 64;
 
 /// The index of one of a route's streams: 1 for `route`, `n` for `"{route} #n"`.
-fn concurrent_index(route: &StreamName, name: &StreamName) -> usize {
-    name.as_str()
-        .strip_prefix(route.as_str())
-        .and_then(|rest| rest.strip_prefix(" #"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
-}
-
-/// Whether `name` is one of `route`'s streams, exactly as [`concurrent_name`] makes them.
-fn is_route_stream(route: &StreamName, name: &StreamName) -> bool {
-    concurrent_name(route, concurrent_index(route, name)).as_ref() == Some(name)
+/// `None` when `name` is not one of `route`'s streams exactly as [`concurrent_name`] makes
+/// them (no `#0`, `#007`, `#+5` or index past [`MAX_CONCURRENT`]). Allocates nothing.
+fn concurrent_index(route: &StreamName, name: &StreamName) -> Option<usize> {
+    if name == route {
+        return Some(1);
+    }
+    let digits = name
+        .as_str()
+        .strip_prefix(route.as_str())?
+        .strip_prefix(" #")?;
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: usize = digits.parse().ok()?;
+    (2..=MAX_CONCURRENT).contains(&n).then_some(n)
 }
 
 /// The name of a route's `n`-th stream (`route` for 1), if `n` is within [`MAX_CONCURRENT`].
@@ -960,7 +964,9 @@ impl Registry {
         if share {
             return self.get_or_insert(owner, route, Open::Shared);
         }
-        if let Some(name) = prefer.filter(|name| *name != route && is_route_stream(route, name)) {
+        if let Some(name) =
+            prefer.filter(|name| concurrent_index(route, name).is_some_and(|n| n > 1))
+        {
             match self.get_or_insert(owner, name, Open::Exclusive) {
                 Err(Refused::Busy) => {}
                 other => return other,
@@ -1012,7 +1018,7 @@ impl Registry {
                         entry
                             .streams
                             .iter()
-                            .filter(|slot| is_route_stream(route, &slot.key.stream))
+                            .filter(|slot| concurrent_index(route, &slot.key.stream).is_some())
                             .collect()
                     })
                     .unwrap_or_default();
@@ -1040,7 +1046,7 @@ impl Registry {
         let first_free = || {
             let mut n = 1;
             for slot in &streams {
-                if concurrent_index(route, &slot.key.stream) != n || !slot.is_live() {
+                if concurrent_index(route, &slot.key.stream) != Some(n) || !slot.is_live() {
                     break;
                 }
                 n += 1;
