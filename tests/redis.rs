@@ -134,6 +134,35 @@ async fn store(server: &Redis, prefix: &str) -> RedisStore {
     store
 }
 
+/// Waits (30 s at most) until the store holds the last id each load client received.
+async fn all_latest_ids_stored(
+    store: &RedisStore,
+    results: &[common::load::ClientResult],
+    place: &str,
+) {
+    timeout(Duration::from_secs(30), async {
+        loop {
+            let mut all = true;
+            for r in results {
+                let k = key(&r.session, "GET /load");
+                all &= store
+                    .load(&k)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|v| v.id.to_string())
+                    == r.last_id;
+            }
+            if all {
+                break;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("some latest ids never reached {place}"));
+}
+
 async fn loaded(store: &RedisStore, k: &StreamKey) -> Option<String> {
     store.load(k).await.unwrap().map(|s| s.id.to_string())
 }
@@ -559,27 +588,7 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id(to
         .collect();
     latencies.sort_unstable();
     let received: usize = results.iter().map(|r| r.received).sum();
-    timeout(Duration::from_secs(30), async {
-        loop {
-            let mut all = true;
-            for r in &results {
-                let k = key(&r.session, "GET /load");
-                all &= store
-                    .load(&k)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|v| v.id.to_string())
-                    == r.last_id;
-            }
-            if all {
-                break;
-            }
-            sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("some latest ids never reached Redis after the faults cleared");
+    all_latest_ids_stored(&store, &results, "Redis after the faults cleared").await;
     // Per call kind (save, touch): one call per flush plus one per retry wake-up at most.
     let bound = 2.0 * (1.0 / flush.as_secs_f64() + 2.0 / retry.base().as_secs_f64());
     println!(
@@ -760,28 +769,7 @@ async fn a_primary_killed_under_load_loses_no_latest_id(topology: Topology) {
     for c in clients {
         results.push(c.await.unwrap());
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut all = true;
-        for r in &results {
-            let k = key(&r.session, "GET /load");
-            all &= store
-                .load(&k)
-                .await
-                .ok()
-                .flatten()
-                .map(|v| v.id.to_string())
-                == r.last_id;
-        }
-        if all {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "some latest ids never reached the cluster"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
+    all_latest_ids_stored(&store, &results, "the cluster").await;
     watch.abort();
     let failed = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
     let failing_for = last_error_at.lock().unwrap().unwrap_or_default();

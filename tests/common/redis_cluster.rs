@@ -22,14 +22,8 @@ pub struct RedisCluster {
 }
 
 fn require(binary: &str) {
-    let found = Command::new(binary)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
     assert!(
-        found,
+        crate::redis_server::installed(binary),
         "the Redis Cluster tests need `{binary}` on PATH: `apt-get install -y redis-server` \
          (Debian/Ubuntu) installs it with redis-cli"
     );

@@ -55,15 +55,19 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-fn require_binary() {
-    let found = Command::new("redis-server")
+/// Whether `binary` runs (`{binary} --version`): redis-server, redis-cli.
+pub fn installed(binary: &str) -> bool {
+    Command::new(binary)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
+        .is_ok_and(|s| s.success())
+}
+
+fn require_binary() {
     assert!(
-        found,
+        installed("redis-server"),
         "the Redis tests need a Redis server: `redis-server` is not on PATH and REDIS_URL is \
          not set. Install it with `apt-get install -y redis-server` (Debian/Ubuntu), or set \
          REDIS_URL=redis://host:port to use a running one."
