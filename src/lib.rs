@@ -72,6 +72,8 @@
 //! HTTP stack on that stream: it may still be in a socket buffer, and no client acknowledges
 //! it. An event cut off by the end of the stream never counts.
 
+// `unsafe` is allowed in one place only: the scanner's 16-byte SSE2 compare (`scan::sse2`, which
+// says why).
 #![deny(unsafe_code, unreachable_pub, missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
