@@ -139,10 +139,24 @@ impl Tracking {
     /// The slot `id` goes to: the fixed one, or, with a stream per id, the one its id names
     /// (opened, and the previous one closed, when it changes: a look-up once per stream) or the
     /// body's own fallback. `None` when it cannot be tracked.
+    #[inline]
     fn slot_for(&mut self, id: &[u8], shared: &Shared) -> Option<&Arc<Slot>> {
-        let Some(format) = self.per_id.as_ref().map(|p| p.format) else {
-            return self.slot.as_ref();
-        };
+        match &self.per_id {
+            None => self.slot.as_ref(),
+            Some(per_id) => {
+                let format = per_id.format;
+                self.slot_named_by(id, format, shared)
+            }
+        }
+    }
+
+    /// [`slot_for`](Self::slot_for) with a stream per id.
+    fn slot_named_by(
+        &mut self,
+        id: &[u8],
+        format: IdStream,
+        shared: &Shared,
+    ) -> Option<&Arc<Slot>> {
         let named = std::str::from_utf8(id)
             .ok()
             .and_then(|id| format.stream_of(id))
@@ -280,6 +294,7 @@ impl Tracked {
     /// Publishes a committed id into its stream's slot, and tells the worker the stream
     /// changed when it does not know yet. When the channel is full, the body will wait for room
     /// (the timer is armed).
+    #[inline]
     fn commit(&mut self, id: &[u8], mut sleep: Pin<&mut Option<Sleep>>) {
         let shared = &*self.shared;
         let Some(slot) = self.tracking.slot_for(id, shared) else {
@@ -399,6 +414,7 @@ fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
 }
 
 impl SseState {
+    #[inline]
     fn on_data(self: Pin<&mut Self>, data: &[u8]) {
         if data.is_empty() {
             return;
@@ -521,11 +537,17 @@ impl SseState {
     /// Drops a leading byte order mark of the inner body after a heartbeat went out first
     /// (see `strip_bom`). `None`: nothing of the frame goes out now (all withheld so far, or
     /// exactly the mark).
+    #[inline]
     fn strip_bom(self: Pin<&mut Self>, data: Bytes) -> Option<Bytes> {
-        let this = self.project();
-        if data.is_empty() {
+        if self.started && self.strip_bom.is_none() || data.is_empty() {
+            // Every frame after the first: nothing to do.
             return Some(data);
         }
+        self.strip_bom_slow(data)
+    }
+
+    fn strip_bom_slow(self: Pin<&mut Self>, data: Bytes) -> Option<Bytes> {
+        let this = self.project();
         // Any byte of the inner body, withheld or not, ends the time before the first byte: a
         // later heartbeat must not start watching for a byte order mark again.
         *this.started = true;
@@ -742,8 +764,11 @@ impl<B: Body> Body for TrackedBody<B> {
                 }
             }
             match this.inner.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match into_bytes(frame).into_data() {
-                    Ok(data) => {
+                // The data is taken out before it becomes `Bytes`: a `Frame` is large (it may
+                // hold trailers), and every move of one costs on small frames.
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let data = data.copy_to_bytes(data.remaining());
                         // `None`: all withheld so far, or exactly a dropped BOM.
                         let Some(mut data) = sse.as_mut().strip_bom(data) else {
                             continue;
@@ -758,6 +783,7 @@ impl<B: Body> Body for TrackedBody<B> {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Err(trailers) => {
+                        let trailers = into_bytes(trailers);
                         let Some(withheld) = sse.as_mut().take_withheld_bom() else {
                             return Poll::Ready(Some(Ok(trailers)));
                         };

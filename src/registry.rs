@@ -206,6 +206,7 @@ impl Slot {
         &self.key
     }
 
+    #[inline]
     pub(crate) fn session(&self) -> &Arc<SessionState> {
         &self.session
     }
@@ -619,6 +620,7 @@ impl Registry {
     }
 
     /// The coarse clock: the last `now_us` the worker or a request saw.
+    #[inline]
     pub(crate) fn coarse_us(&self) -> u64 {
         self.clock.load(Ordering::Relaxed)
     }
@@ -636,6 +638,7 @@ impl Registry {
     /// Marks `session` active now: an atomic load and store, and a push to the active list
     /// only the first time after a flush (never for a sessionless stream, whose activity is
     /// not written).
+    #[inline]
     pub(crate) fn mark_active(&self, session: &Arc<SessionState>) {
         let now = self.clock.load(Ordering::Relaxed);
         if session.last_active.load(Ordering::Relaxed) != now {

@@ -45,6 +45,7 @@ struct DrainPlan {
 }
 
 impl Drain {
+    #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.plan.get().is_some()
     }
