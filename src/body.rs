@@ -540,7 +540,7 @@ impl SseState {
     #[inline]
     fn strip_bom(self: Pin<&mut Self>, data: Bytes) -> Option<Bytes> {
         if self.started && self.strip_bom.is_none() || data.is_empty() {
-            // Every frame after the first: nothing to do.
+            // Once a byte went out and no byte order mark is watched for: nothing to do.
             return Some(data);
         }
         self.strip_bom_slow(data)

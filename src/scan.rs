@@ -74,11 +74,10 @@ pub enum Boundary {
 
 /// The line ends (CR and LF) of a buffer, in order, found 64 bytes at a time.
 ///
-/// Each 64-byte block is turned into a bit mask of its CR and LF bytes with four 16-byte SIMD
-/// compares (SSE2, always there on x86-64), and line ends are then read off the mask with a
-/// bit scan. An SSE frame holds a few short lines, so one pass over the frame is much cheaper
-/// than a search per line (which pays its set-up cost per line); a long line costs about a
-/// quarter of a cycle per byte.
+/// Each 64-byte block is turned into a bit mask of its CR and LF bytes, 16 bytes per SIMD
+/// compare (SSE2, part of x86-64), and line ends are then read off the mask with a
+/// bit scan. An SSE frame holds a few short lines, so one pass over the frame is cheaper than a
+/// search per line, which pays its set-up cost per line.
 struct LineEnds<'a> {
     buf: &'a [u8],
     /// Start of the block `mask` covers.
@@ -162,18 +161,18 @@ fn is_line_end(b: u8) -> bool {
 /// The CR and LF bytes of 16 bytes as a bit mask.
 #[inline]
 fn chunk_mask(chunk: &[u8; 16]) -> u16 {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     {
         sse2::chunk_mask(chunk)
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     {
         chunk_mask_portable(chunk)
     }
 }
 
 /// [`chunk_mask`] without SIMD: one compare per byte.
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
 fn chunk_mask_portable(chunk: &[u8; 16]) -> u16 {
     let mut mask = 0;
     for (i, &b) in chunk.iter().enumerate() {
@@ -182,14 +181,15 @@ fn chunk_mask_portable(chunk: &[u8; 16]) -> u16 {
     mask
 }
 
-/// The crate's only `unsafe` code: an unaligned 16-byte load and three SSE2 instructions.
+/// The crate's only `unsafe` code: an unaligned 16-byte load, two byte compares, an or and a
+/// byte mask move (SSE2).
 ///
 /// Safe Rust has no way to say "compare 16 bytes at once and give me a bit per byte": the
 /// compiler turns the byte loop of [`chunk_mask_portable`] into a long run of shuffles
 /// instead of `pmovmskb`, and `std::arch` intrinsics need `unsafe` outside a
 /// `#[target_feature]` function even when the feature is always there. Scanning is most of the
 /// layer's cost on small frames, so this one function is allowed its `unsafe`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 #[allow(unsafe_code)]
 mod sse2 {
     use std::arch::x86_64::{
@@ -198,9 +198,10 @@ mod sse2 {
 
     #[inline]
     pub(super) fn chunk_mask(chunk: &[u8; 16]) -> u16 {
-        // SAFETY: SSE2 is part of the x86-64 baseline, so the instructions exist on every CPU
-        // this code is compiled for; `_mm_loadu_si128` has no alignment requirement and reads
-        // exactly the 16 bytes that `chunk` borrows.
+        // SAFETY: this module is compiled only when SSE2 is enabled for the target (it is part
+        // of the x86-64 baseline), so the instructions exist on every CPU the code runs on;
+        // `_mm_loadu_si128` has no alignment requirement and reads exactly the 16 bytes that
+        // `chunk` borrows.
         unsafe {
             let v = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
             let cr = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\r' as i8));
