@@ -30,6 +30,8 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
     .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }
 
+/// The latest id `store` holds for `stream` of `session` (the scripted and fault stores keep
+/// theirs in `inner`).
 fn stored(store: &InMemoryStore, session: &str, stream: &str) -> Option<String> {
     store.get(&key(session, stream)).map(|s| s.id.to_string())
 }
@@ -668,7 +670,7 @@ async fn shutdown_does_not_wait_for_the_back_off_of_earlier_failures() {
     assert!(report.is_complete(), "{report:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(
-        stored_scripted(&store, "s1", "GET /sse/b").as_deref(),
+        stored(&store.inner, "s1", "GET /sse/b").as_deref(),
         Some("1")
     );
 }
@@ -698,10 +700,7 @@ async fn a_write_failing_after_shutdown_began_but_sent_before_does_not_delay_it(
     assert!(!report.deadline_reached);
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(
-        store
-            .get(&key("s1", "GET /sse/b"))
-            .map(|s| s.id.to_string())
-            .as_deref(),
+        stored(&store.inner, "s1", "GET /sse/b").as_deref(),
         Some("1")
     );
 }
@@ -737,10 +736,6 @@ async fn a_hung_activity_write_does_not_hold_up_saves() {
     println!("id 2 stored {took:?} after it was sent, while an activity write hung");
     // At the next flush (100 ms), not after the hung call's timeout (5 s).
     assert!(took <= Duration::from_millis(200), "{took:?}");
-}
-
-fn stored_scripted(store: &ScriptedStore, session: &str, stream: &str) -> Option<String> {
-    store.get(&key(session, stream)).map(|s| s.id.to_string())
 }
 
 #[tokio::test(start_paused = true)]

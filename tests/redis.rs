@@ -140,18 +140,20 @@ async fn all_latest_ids_stored(
     results: &[common::load::ClientResult],
     place: &str,
 ) {
+    let expected: Vec<_> = results
+        .iter()
+        .map(|r| (key(&r.session, "GET /load"), r.last_id.clone()))
+        .collect();
+    ids_stored(store, &expected, place).await;
+}
+
+/// Waits (30 s at most) until the store holds each key's expected id.
+async fn ids_stored(store: &RedisStore, expected: &[(StreamKey, Option<String>)], place: &str) {
     timeout(Duration::from_secs(30), async {
         loop {
             let mut all = true;
-            for r in results {
-                let k = key(&r.session, "GET /load");
-                all &= store
-                    .load(&k)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|v| v.id.to_string())
-                    == r.last_id;
+            for (k, id) in expected {
+                all &= store.load(k).await.ok().flatten().map(|v| v.id.to_string()) == *id;
             }
             if all {
                 break;
@@ -496,27 +498,10 @@ async fn the_app_starts_while_redis_is_down_and_persists_once_it_is_up(topology:
     .await
     .expect("the failed writes were never counted");
     server.restart();
-    timeout(Duration::from_secs(30), async {
-        loop {
-            let mut all = true;
-            for s in ["d1", "d2", "d3"] {
-                let k = key(s, &format!("GET /sse/{s}"));
-                all &= store
-                    .load(&k)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|v| v.id.to_string())
-                    == Some("2".to_owned());
-            }
-            if all {
-                break;
-            }
-            sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the ids never reached Redis after it came up");
+    let expected: Vec<_> = ["d1", "d2", "d3"]
+        .map(|s| (key(s, &format!("GET /sse/{s}")), Some("2".to_owned())))
+        .into();
+    ids_stored(&store, &expected, "Redis after it came up").await;
     let report = h.tracker.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_complete(), "{report:?}");
 }
