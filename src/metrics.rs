@@ -35,6 +35,7 @@
 //! | `sse_tracker_activity_dropped_total` | counter | session activity marks dropped before reaching the store |
 //! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
 //! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended by [`SseTracker::drain`](crate::SseTracker::drain), by `reason` |
+//! | `sse_tracker_store_connections_replaced_total` | counter | Redis connections replaced because Redis had stopped answering on them (`RedisStore`; its handle is taken when the store is made) |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`] (no valid owner),
@@ -122,6 +123,10 @@ pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
 /// Counter: SSE bodies ended by a drain, labelled by `reason`: [`REASON_BOUNDARY`] (at an
 /// event boundary) or [`REASON_DEADLINE`] (inside an event, at the drain timeout).
 pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
+/// Counter: connections a `RedisStore` replaced because calls on them had gone unanswered for
+/// `STUCK_AFTER` (feature `redis`). The store takes its handle from the recorder installed
+/// when the store is made.
+pub const STORE_CONNECTIONS_REPLACED_TOTAL: &str = "sse_tracker_store_connections_replaced_total";
 
 /// Every metric name, for checking exporters and dashboards.
 pub const ALL: &[&str] = &[
@@ -152,6 +157,7 @@ pub const ALL: &[&str] = &[
     ACTIVITY_DROPPED_TOTAL,
     WORKER_FAILURES_TOTAL,
     STREAMS_DRAINED_TOTAL,
+    STORE_CONNECTIONS_REPLACED_TOTAL,
 ];
 
 /// `reason` label: no valid owner: no valid session id in the request or response header, or
@@ -270,6 +276,11 @@ pub fn describe() {
         STREAMS_DRAINED_TOTAL,
         Unit::Count,
         "SSE bodies ended by a drain, at an event boundary or at the drain timeout"
+    );
+    describe_counter!(
+        STORE_CONNECTIONS_REPLACED_TOTAL,
+        Unit::Count,
+        "Redis connections replaced because Redis had stopped answering on them"
     );
     describe_counter!(
         WORKER_FAILURES_TOTAL,

@@ -55,7 +55,7 @@ mod redis;
 pub use memory::{DEFAULT_MAX_KEYS, InMemoryStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::{ACTIVITY_SHARDS, DEFAULT_PREFIX, DEFAULT_TTL, RedisStore};
+pub use redis::{ACTIVITY_SHARDS, DEFAULT_PREFIX, DEFAULT_TTL, RedisStore, STUCK_AFTER};
 
 /// One entry of a batch: the latest id of a stream, its sequence number and when it was
 /// published.

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{StreamExt, TryStreamExt};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -12,7 +13,6 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
-use tokio::sync::OnceCell;
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
 use crate::key::{EventId, Owner, StreamKey};
@@ -28,6 +28,13 @@ pub const ACTIVITY_SHARDS: usize = 16;
 const MAX_CONCURRENT_CALLS: usize = 32;
 /// Connecting and each request time out after this long.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// A whole connect (on a cluster: the seed nodes, the slot map and every node) times out after
+/// this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection on which calls have kept going unanswered for this long (the first and the
+/// latest unanswered call this far apart, and no call answered between them) is replaced by a
+/// new one at the next call.
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 /// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
 /// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
@@ -85,10 +92,24 @@ return written
 /// - **Start-up and reconnects.** [`RedisStore::new`] and [`RedisStore::cluster`] do not
 ///   connect: the first call does, so an application starts and serves while Redis is down
 ///   (its writes fail and the tracker's worker retries them with back-off until Redis is up).
-///   Connecting and requests time out after 2 s. A standalone connection is a redis-rs
-///   `ConnectionManager`, which reconnects by itself; on a cluster, redis-rs follows `MOVED` and
-///   `ASK` redirections and refreshes the topology. [`RedisStore::connect`] and
-///   [`RedisStore::connect_cluster`] wait for a first connection instead.
+///   Connecting and requests time out after 2 s, a whole connect after 5 s. A standalone
+///   connection is a redis-rs `ConnectionManager`, which reconnects when the connection drops;
+///   on a cluster, redis-rs follows `MOVED` and `ASK` redirections and refreshes the topology.
+///   [`RedisStore::connect`] and [`RedisStore::connect_cluster`] wait for a first connection
+///   instead.
+/// - **A connection that stops answering is replaced.** When calls on a connection have kept
+///   going unanswered for [`STUCK_AFTER`] (5 s), none answered between (each timed out, failed
+///   without reaching Redis, or was cancelled by the tracker's `store_timeout`), the next call
+///   makes a new connection and the old one is dropped: a `warn` event, and
+///   [`connections_replaced`](RedisStore::connections_replaced) and
+///   `sse_tracker_store_connections_replaced_total` count it. Two cases need it.
+///   `ConnectionManager` does not reconnect on timeouts, so a connection whose peer vanished
+///   without a reset (a host powered off, a middlebox that dropped the flow) would time out
+///   until the kernel gives up on it, minutes later. And redis-rs's cluster client can stop
+///   answering every call after a primary is killed (about one run in eight of the failover
+///   test in `tests/redis.rs`, before this). An error reply from Redis (`OOM`, `READONLY`,
+///   `CLUSTERDOWN`) is an answer: it never replaces a connection. A store made with
+///   [`from_manager`](RedisStore::from_manager) keeps the connection it was given.
 /// - **Failover.** While a cluster promotes a replica, writes to the failed primary's slots
 ///   fail (`CLUSTERDOWN`, `TRYAGAIN`, `READONLY`, timeouts): the tracker counts each failed call,
 ///   retries with back-off and catches up once the cluster answers; `tests/redis.rs` kills a
@@ -123,10 +144,139 @@ pub struct RedisStore {
     save: Script,
 }
 
-/// How to reach Redis, and the connection once made.
+/// How to reach Redis, and the connection in use.
 struct Connection {
     client: Client,
-    conn: OnceCell<Conn>,
+    /// The connection in use and its health; `None` until the first call connects. A std
+    /// mutex: it is held only to clone or swap, never across an `.await`.
+    current: Mutex<Option<Current>>,
+    /// Held while connecting, so that one call connects and the others wait for its result.
+    connecting: tokio::sync::Mutex<()>,
+    /// Connections replaced because Redis had stopped answering on them.
+    replaced: AtomicU64,
+    /// `sse_tracker_store_connections_replaced_total`, from the recorder installed when the
+    /// store was made.
+    replaced_metric: metrics::Counter,
+}
+
+/// The connection in use, and whether Redis still answers on it.
+#[derive(Clone)]
+struct Current {
+    conn: Conn,
+    health: Arc<Health>,
+}
+
+/// Whether calls on one connection still get answers from Redis.
+struct Health {
+    born: Instant,
+    /// Milliseconds after `born` at which the first call since the last answer ended
+    /// unanswered; [`ANSWERED`] while the last call that ended was answered.
+    unanswered_since: AtomicU64,
+    /// Milliseconds after `born` at which the latest unanswered call ended.
+    last_unanswered: AtomicU64,
+}
+
+const ANSWERED: u64 = u64::MAX;
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            unanswered_since: AtomicU64::new(ANSWERED),
+            last_unanswered: AtomicU64::new(0),
+        }
+    }
+
+    /// Redis answered a call: with a value or with an error reply.
+    fn answered(&self) {
+        self.unanswered_since.store(ANSWERED, Ordering::Relaxed);
+    }
+
+    /// A call got no answer: it failed to reach Redis, timed out, or was cancelled.
+    fn unanswered(&self) {
+        self.unanswered_at(self.born.elapsed().as_millis() as u64);
+    }
+
+    fn unanswered_at(&self, now_ms: u64) {
+        self.last_unanswered.fetch_max(now_ms, Ordering::Relaxed);
+        // Only the first unanswered call since the last answer sets the start.
+        let _ = self.unanswered_since.compare_exchange(
+            ANSWERED,
+            now_ms,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long calls have gone unanswered, from the first to the latest with no answer
+    /// between, if that is at least [`STUCK_AFTER`]. One unanswered call followed by a quiet
+    /// spell is not stuck: only calls that keep failing are.
+    fn stuck_for(&self) -> Option<Duration> {
+        let since = self.unanswered_since.load(Ordering::Relaxed);
+        if since == ANSWERED {
+            return None;
+        }
+        let last = self.last_unanswered.load(Ordering::Relaxed);
+        let silent = Duration::from_millis(last.saturating_sub(since));
+        (silent >= STUCK_AFTER).then_some(silent)
+    }
+}
+
+/// Watches one call: unless [`settle`](Self::settle)d with an answer, the call counts as
+/// unanswered, also when its future is dropped (the tracker's `store_timeout`, or a sibling
+/// call of the same batch that failed).
+struct CallWatch<'a> {
+    health: &'a Health,
+    settled: bool,
+}
+
+impl<'a> CallWatch<'a> {
+    fn new(health: &'a Health) -> Self {
+        Self {
+            health,
+            settled: false,
+        }
+    }
+
+    fn settle<T>(mut self, result: &redis::RedisResult<T>) {
+        self.settled = true;
+        match result {
+            Err(e) if !redis_answered(e) => self.health.unanswered(),
+            _ => self.health.answered(),
+        }
+    }
+}
+
+impl Drop for CallWatch<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.health.unanswered();
+        }
+    }
+}
+
+/// Whether `error` is Redis's answer (an error reply such as `OOM`, `READONLY` or
+/// `CLUSTERDOWN`, or a reply of an unexpected type), rather than no answer at all (an I/O
+/// error, a timeout, no connection to a node).
+fn redis_answered(error: &redis::RedisError) -> bool {
+    error.code().is_some()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
+        )
+}
+
+impl Current {
+    /// Runs one call on this connection, and records whether Redis answered it.
+    async fn run<T, F>(&self, call: impl FnOnce(Conn) -> F) -> redis::RedisResult<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let watch = CallWatch::new(&self.health);
+        let result = call(self.conn.clone()).await;
+        watch.settle(&result);
+        result
+    }
 }
 
 enum Client {
@@ -225,7 +375,15 @@ impl RedisStore {
         Self {
             connection: Arc::new(Connection {
                 client,
-                conn: OnceCell::new_with(conn),
+                current: Mutex::new(conn.map(|conn| Current {
+                    conn,
+                    health: Arc::new(Health::new()),
+                })),
+                connecting: tokio::sync::Mutex::new(()),
+                replaced: AtomicU64::new(0),
+                replaced_metric: metrics::counter!(
+                    crate::metrics::STORE_CONNECTIONS_REPLACED_TOTAL
+                ),
             }),
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
@@ -286,33 +444,90 @@ impl RedisStore {
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self.connection.client, Client::Cluster(_))
-            || matches!(self.connection.conn.get(), Some(Conn::Cluster(_)))
+            || matches!(
+                lock(&self.connection.current).as_ref(),
+                Some(Current {
+                    conn: Conn::Cluster(_),
+                    ..
+                })
+            )
     }
 
-    /// The connection, made on first use. A failed attempt is an error; the next call tries
-    /// again.
-    async fn connection(&self) -> Result<Conn, StoreError> {
+    /// How many times this store (and its clones) replaced a connection on which Redis had
+    /// stopped answering: calls unanswered for [`STUCK_AFTER`], none answered between.
+    ///
+    /// ```
+    /// let store = tower_sse_tracker::store::RedisStore::new("redis://127.0.0.1:6379")?;
+    /// assert_eq!(store.connections_replaced(), 0);
+    /// # Ok::<(), tower_sse_tracker::store::StoreError>(())
+    /// ```
+    pub fn connections_replaced(&self) -> u64 {
+        self.connection.replaced.load(Ordering::Relaxed)
+    }
+
+    /// The connection for the next call: the current one, or a new one when there is none yet
+    /// or when Redis has stopped answering on the current one. A failed connect is an error;
+    /// the next call tries again.
+    async fn connection(&self) -> Result<Current, StoreError> {
+        if let Some(current) = self.usable() {
+            return Ok(current);
+        }
         let connection = &*self.connection;
-        let conn = connection
-            .conn
-            .get_or_try_init(|| async {
-                match &connection.client {
-                    Client::Standalone(client) => {
-                        ConnectionManager::new_with_config(client.clone(), manager_config())
-                            .await
-                            .map(Conn::Standalone)
-                            .map_err(|e| redis_error("connecting to Redis", e))
-                    }
-                    Client::Cluster(client) => client
-                        .get_async_connection()
-                        .await
-                        .map(Conn::Cluster)
-                        .map_err(|e| redis_error("connecting to the Redis Cluster", e)),
-                    Client::Given => Err(StoreError::new("no Redis client")),
-                }
-            })
-            .await?;
-        Ok(conn.clone())
+        let _connecting = connection.connecting.lock().await;
+        // Another call may have connected while this one waited.
+        if let Some(current) = self.usable() {
+            return Ok(current);
+        }
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.new_connection())
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::new(format!(
+                    "connecting to Redis took longer than {CONNECT_TIMEOUT:?}"
+                )))
+            })?;
+        let current = Current {
+            conn,
+            health: Arc::new(Health::new()),
+        };
+        let stuck = lock(&connection.current).replace(current.clone());
+        if let Some(stuck) = stuck {
+            connection.replaced.fetch_add(1, Ordering::Relaxed);
+            connection.replaced_metric.increment(1);
+            tracing::warn!(
+                no_answer_for = ?stuck.health.stuck_for().unwrap_or(STUCK_AFTER),
+                "replaced a Redis connection on which no call had been answered"
+            );
+        }
+        Ok(current)
+    }
+
+    /// The current connection, unless there is none yet or it is stuck and can be replaced.
+    fn usable(&self) -> Option<Current> {
+        let current = lock(&self.connection.current);
+        let current = current.as_ref()?;
+        let replaceable = !matches!(self.connection.client, Client::Given);
+        if replaceable && current.health.stuck_for().is_some() {
+            return None;
+        }
+        Some(current.clone())
+    }
+
+    /// A new connection.
+    async fn new_connection(&self) -> Result<Conn, StoreError> {
+        match &self.connection.client {
+            Client::Standalone(client) => {
+                ConnectionManager::new_with_config(client.clone(), manager_config())
+                    .await
+                    .map(Conn::Standalone)
+                    .map_err(|e| redis_error("connecting to Redis", e))
+            }
+            Client::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(Conn::Cluster)
+                .map_err(|e| redis_error("connecting to the Redis Cluster", e)),
+            Client::Given => Err(StoreError::new("no Redis client")),
+        }
     }
 
     /// Namespaces every key under `prefix` (instances that share ids must share the prefix).
@@ -368,22 +583,26 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Vec<Owner>, StoreError> {
         let before = unix_ms(SystemTime::now()).saturating_sub(idle_for.as_millis() as u64);
-        let conn = self.connection().await?;
+        let current = self.connection().await?;
         let shards: Vec<Vec<(String, f64)>> = futures_util::stream::iter(0..ACTIVITY_SHARDS)
             .map(|shard| {
-                let mut conn = conn.clone();
                 let key = self.activity_key(shard);
+                let current = &current;
                 async move {
-                    redis::cmd("ZRANGE")
-                        .arg(key)
-                        .arg("-inf")
-                        .arg(before)
-                        .arg("BYSCORE")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(limit)
-                        .arg("WITHSCORES")
-                        .query_async::<Vec<(String, f64)>>(&mut conn)
+                    current
+                        .run(|mut conn| async move {
+                            redis::cmd("ZRANGE")
+                                .arg(key)
+                                .arg("-inf")
+                                .arg(before)
+                                .arg("BYSCORE")
+                                .arg("LIMIT")
+                                .arg(0)
+                                .arg(limit)
+                                .arg("WITHSCORES")
+                                .query_async::<Vec<(String, f64)>>(&mut conn)
+                                .await
+                        })
                         .await
                         .map_err(|e| redis_error("listing idle sessions", e))
                 }
@@ -402,18 +621,24 @@ impl RedisStore {
 
     /// When `owner` was last active, if its activity shard still has it.
     pub async fn last_active(&self, owner: &str) -> Result<Option<SystemTime>, StoreError> {
-        let mut conn = self.connection().await?;
-        let score: Option<f64> = redis::cmd("ZSCORE")
-            .arg(self.activity_key_of(owner))
-            .arg(owner)
-            .query_async(&mut conn)
+        let key = self.activity_key_of(owner);
+        let score: Option<f64> = self
+            .connection()
+            .await?
+            .run(|mut conn| async move {
+                redis::cmd("ZSCORE")
+                    .arg(key)
+                    .arg(owner)
+                    .query_async(&mut conn)
+                    .await
+            })
             .await
             .map_err(|e| redis_error("reading session activity", e))?;
         Ok(score.map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64)))
     }
 
     /// Saves `batch` (keys of one slot on a cluster) with one script call.
-    async fn save_one(&self, mut conn: Conn, batch: Vec<&SaveEntry>) -> Result<(), StoreError> {
+    async fn save_one(&self, current: &Current, batch: Vec<&SaveEntry>) -> Result<(), StoreError> {
         let mut invocation = self.save.prepare_invoke();
         invocation.arg(self.ttl.as_millis() as u64);
         for entry in batch {
@@ -423,8 +648,8 @@ impl RedisStore {
                 .arg(entry.sequence)
                 .arg(entry.id.as_str());
         }
-        let _written: u64 = invocation
-            .invoke_async(&mut conn)
+        let _written: u64 = current
+            .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await
             .map_err(|e| redis_error("saving a batch of latest ids", e))?;
         Ok(())
@@ -450,10 +675,19 @@ impl RedisStore {
     }
 }
 
-async fn run_pipeline(mut conn: Conn, pipe: Pipeline) -> Result<(), StoreError> {
-    pipe.query_async::<()>(&mut conn)
+async fn run_pipeline(current: &Current, pipe: Pipeline) -> Result<(), StoreError> {
+    current
+        .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
         .await
         .map_err(|e| redis_error("writing session activity", e))
+}
+
+/// Locks `mutex`, whether or not a thread panicked while holding it (the data it guards is
+/// replaced whole, never left half-written).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs `calls` with at most `limit` in flight; the first error ends it.
@@ -490,9 +724,9 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let conn = self.connection().await?;
-        if let Conn::Standalone(_) = conn {
-            return self.save_one(conn, batch.iter().collect()).await;
+        let current = self.connection().await?;
+        if let Conn::Standalone(_) = current.conn {
+            return self.save_one(&current, batch.iter().collect()).await;
         }
         // A cluster: one script call per slot, sent concurrently. Should one fail, the whole
         // batch is retried; the ones that succeeded are then refused as not newer.
@@ -505,16 +739,17 @@ impl Store for RedisStore {
         }
         let mut calls = Vec::with_capacity(by_slot.len());
         for entries in by_slot.into_values() {
-            calls.push(self.save_one(conn.clone(), entries));
+            calls.push(self.save_one(&current, entries));
         }
         bounded(calls, MAX_CONCURRENT_CALLS).await
     }
 
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
-        let mut conn = self.connection().await?;
-        let value: Option<String> = redis::cmd("GET")
-            .arg(self.key_of(key))
-            .query_async(&mut conn)
+        let key = self.key_of(key);
+        let value: Option<String> = self
+            .connection()
+            .await?
+            .run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
             .await
             .map_err(|e| redis_error("loading a latest id", e))?;
         Ok(value.as_deref().and_then(parse_stored))
@@ -531,25 +766,21 @@ impl Store for RedisStore {
                 .or_default()
                 .push(activity);
         }
-        let conn = self.connection().await?;
-        if let Conn::Standalone(_) = conn {
+        let current = self.connection().await?;
+        if let Conn::Standalone(_) = current.conn {
             // One pipeline, one round trip.
             let mut pipe = redis::pipe();
             for (shard, sessions) in &by_shard {
                 self.activity_commands(&mut pipe, *shard, sessions);
             }
-            let mut conn = conn;
-            return pipe
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| redis_error("writing session activity", e));
+            return run_pipeline(&current, pipe).await;
         }
         // A cluster: one pipeline per shard (its keys share a slot), sent concurrently.
         let mut calls = Vec::with_capacity(by_shard.len());
         for (shard, sessions) in by_shard {
             let mut pipe = redis::pipe();
             self.activity_commands(&mut pipe, shard, &sessions);
-            calls.push(run_pipeline(conn.clone(), pipe));
+            calls.push(run_pipeline(&current, pipe));
         }
         bounded(calls, MAX_CONCURRENT_CALLS).await
     }
@@ -595,6 +826,59 @@ mod tests {
             "activity shards on distinct slots"
         );
         assert_eq!(activity_shard("s1"), activity_shard("s1"));
+    }
+
+    #[test]
+    fn error_replies_are_answers_and_failures_to_reach_redis_are_not() {
+        use redis::{ErrorKind, RedisError, ServerErrorKind};
+        let oom = redis::make_extension_error("OOM".into(), Some("maxmemory".into()));
+        assert!(redis_answered(&oom));
+        let read_only = RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "ro"));
+        assert!(redis_answered(&read_only));
+        let down = RedisError::from((ErrorKind::Server(ServerErrorKind::ClusterDown), "down"));
+        assert!(redis_answered(&down));
+        for io in [
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::BrokenPipe,
+        ] {
+            assert!(!redis_answered(&RedisError::from(std::io::Error::from(io))));
+        }
+        let no_node = RedisError::from((ErrorKind::ClusterConnectionNotFound, "no node"));
+        assert!(!redis_answered(&no_node));
+    }
+
+    #[test]
+    fn a_connection_is_stuck_once_calls_went_unanswered_for_stuck_after() {
+        let stuck_ms = STUCK_AFTER.as_millis() as u64;
+        let health = Health::new();
+        assert_eq!(health.stuck_for(), None, "never unanswered");
+        health.unanswered_at(1_000);
+        health.unanswered_at(3_000);
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(1_000 + stuck_ms - 1);
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(1_000 + stuck_ms);
+        assert_eq!(health.stuck_for(), Some(STUCK_AFTER));
+        // One answer, even an error reply, and the count starts again.
+        health.answered();
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(20_000);
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(20_000 + stuck_ms);
+        assert_eq!(health.stuck_for(), Some(STUCK_AFTER));
+    }
+
+    #[test]
+    fn a_call_dropped_before_its_answer_counts_as_unanswered() {
+        let health = Health::new();
+        drop(CallWatch::new(&health));
+        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
+        CallWatch::new(&health).settle(&Ok::<(), redis::RedisError>(()));
+        assert_eq!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
+        let timed_out = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        CallWatch::new(&health).settle(&Err::<(), _>(timed_out));
+        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
     }
 
     #[test]
