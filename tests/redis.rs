@@ -12,6 +12,8 @@ mod common;
 mod redis_cluster;
 #[path = "common/redis_server.rs"]
 mod redis_server;
+#[path = "common/silent_proxy.rs"]
+mod silent_proxy;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +23,7 @@ use bytes::Bytes;
 use common::{Harness, build_recorded, key, run_frames};
 use redis_cluster::RedisCluster;
 use redis_server::{RedisServer, unique_prefix};
+use silent_proxy::SilentProxy;
 use tokio::time::{sleep, timeout};
 use tower_sse_tracker::metrics::STORE_ERRORS_TOTAL;
 use tower_sse_tracker::store::{RedisStore, SaveEntry, SessionActivity, Store};
@@ -592,6 +595,9 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id(to
     // Paused for 1.5 s, calls time out after 0.5 s: at least one fails.
     assert!(pause_errors >= 1.0, "the pause was never felt");
     assert!(pause_errors / pause_secs <= bound);
+    // Redis answered (OOM) or answered late (paused for less than STUCK_AFTER): the
+    // connection was never taken for stuck.
+    assert_eq!(store.connections_replaced(), 0);
     let report = tracker.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_complete(), "{report:?}");
 }
@@ -764,14 +770,104 @@ async fn a_primary_killed_under_load_loses_no_latest_id(topology: Topology) {
         .count();
     println!(
         "failover ({topology:?}): {} streams, 0 lost latest ids, {lost} streams short of events; \
-         {failed} failed store calls, the last {failing_for:?} after the kill; every latest id in \
-         the store {:?} after the kill",
+         {failed} failed store calls, the last {failing_for:?} after the kill; {} connection(s) \
+         replaced; every latest id in the store {:?} after the kill",
         results.len(),
+        store.connections_replaced(),
         killed_at.elapsed()
     );
     assert_eq!(lost, 0);
     assert!(failed >= 1.0, "the kill was never felt by the store");
     let report = tracker.shutdown(Duration::from_secs(10)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+/// The connection to Redis goes silent (its peer vanished without a reset, as when a host is
+/// powered off or a middlebox drops the flow): requests are written and no answer ever comes,
+/// and redis-rs's `ConnectionManager` does not reconnect on timeouts. The store replaces the
+/// connection once no call has been answered for `STUCK_AFTER`, and every latest id reaches
+/// Redis. (Standalone only: a cluster's nodes announce their own addresses, which a proxy
+/// cannot stand in for.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
+    let server = RedisServer::new();
+    let proxy = SilentProxy::start(server.url.trim_start_matches("redis://")).await;
+    let prefix = unique_prefix("silent");
+    let store = RedisStore::new(&proxy.redis_url())
+        .unwrap()
+        .with_prefix(&prefix);
+    store.load(&key("connect", "probe")).await.unwrap();
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .heartbeat_interval(None)
+            .store_timeout(Duration::from_millis(500))
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                100,
+            )),
+    );
+    let h = Harness::start(tracker).await;
+    // Checked past the proxy, on a connection of its own.
+    let check = RedisStore::new(&server.url).unwrap().with_prefix(&prefix);
+    const STREAMS: usize = 3;
+    let mut streams = Vec::new();
+    for s in 0..STREAMS {
+        let name = format!("q{s}");
+        let tx = h.feed(&name);
+        let client = h
+            .get(&format!("/sse/{name}"), Some(&name), HeaderMap::new())
+            .await;
+        streams.push((name, tx, client));
+    }
+    let send = |streams: &Vec<(String, tokio::sync::mpsc::UnboundedSender<Bytes>, _)>, n: u32| {
+        for (_, tx, _) in streams {
+            tx.send(Bytes::from(format!("id: {n}\n\n"))).unwrap();
+        }
+    };
+    let expect = |n: u32| -> Vec<(StreamKey, Option<String>)> {
+        (0..STREAMS)
+            .map(|s| {
+                (
+                    key(&format!("q{s}"), &format!("GET /sse/q{s}")),
+                    Some(n.to_string()),
+                )
+            })
+            .collect()
+    };
+    for n in 1..=5 {
+        send(&streams, n);
+        sleep(Duration::from_millis(20)).await;
+    }
+    ids_stored(&check, &expect(5), "Redis before the silence").await;
+    let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
+
+    proxy.silence();
+    let silenced_at = tokio::time::Instant::now();
+    for n in 6..=10 {
+        send(&streams, n);
+        sleep(Duration::from_millis(200)).await;
+    }
+    ids_stored(&check, &expect(10), "Redis after the silence").await;
+    let stored_after = silenced_at.elapsed();
+    let failed = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
+    // Every client got every frame meanwhile.
+    let expected: String = (1..=10).map(|i| format!("id: {i}\n\n")).collect();
+    for (name, _, client) in &mut streams {
+        client.read_until_len(expected.len()).await;
+        assert_eq!(client.received, expected.as_bytes(), "{name}");
+    }
+    println!(
+        "silent connection: {failed} failed store calls, {} connection replaced, every latest id \
+         in Redis {stored_after:?} after the silence (STUCK_AFTER {:?})",
+        store.connections_replaced(),
+        tower_sse_tracker::store::STUCK_AFTER,
+    );
+    assert!(failed >= 1.0, "the silence was never felt");
+    assert_eq!(store.connections_replaced(), 1);
+    drop(streams);
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_complete(), "{report:?}");
 }
 
