@@ -602,6 +602,45 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id(to
     assert!(report.is_complete(), "{report:?}");
 }
 
+/// Redis refuses every write (`OOM`) for longer than `STUCK_AFTER`: an error reply is an
+/// answer, so the connection is never taken for stuck, whether the refusals come from scripts
+/// (saves) or from pipelines (activity), which redis-rs reports differently.
+async fn error_replies_for_longer_than_stuck_after_replace_no_connection(topology: Topology) {
+    use tower_sse_tracker::store::STUCK_AFTER;
+
+    let server = Redis::own(topology);
+    let store = store(&server, &unique_prefix("oom-long")).await;
+    server
+        .command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await;
+    server.command(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    let k = key("s1", "GET /a");
+    let activity = [SessionActivity {
+        owner: Owner::new("s1").unwrap(),
+        last_active: SystemTime::now(),
+    }];
+    let phase = STUCK_AFTER + Duration::from_millis(500);
+    // Activity pipelines only, then saves only: neither may hide the other's answers.
+    for (what, saves) in [("activity", false), ("saves", true)] {
+        let started = tokio::time::Instant::now();
+        let mut refused = 0;
+        while started.elapsed() < phase {
+            let result = if saves {
+                store.save(&[entry(&k, "id-1", 1, 1_000)]).await
+            } else {
+                store.touch_sessions(&activity).await
+            };
+            let source = format!("{:?}", result.expect_err("Redis is out of memory"));
+            assert!(source.contains("OOM"), "{what}: {source}");
+            refused += 1;
+            sleep(Duration::from_millis(100)).await;
+        }
+        println!("{topology:?}: {refused} {what} refused with OOM over {phase:?}");
+        assert_eq!(store.connections_replaced(), 0, "{what}");
+    }
+    server.command(&["CONFIG", "SET", "maxmemory", "0"]).await;
+}
+
 /// Two instances on one Redis, a client bouncing A → B → A → B with its `Last-Event-ID`: each
 /// instance answers with the newer of its memory and Redis, so every answer is right even when
 /// the instance's own memory holds an older id of the stream.
@@ -901,6 +940,7 @@ on_both_topologies!(
     redis_killed_and_restarted_mid_stream_loses_no_latest_id,
     the_app_starts_while_redis_is_down_and_persists_once_it_is_up,
     redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id,
+    error_replies_for_longer_than_stuck_after_replace_no_connection,
     instances_agree_while_a_client_bounces_between_them,
     a_primary_killed_under_load_loses_no_latest_id,
 );

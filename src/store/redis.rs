@@ -256,10 +256,12 @@ impl Drop for CallWatch<'_> {
 }
 
 /// Whether `error` is Redis's answer (an error reply such as `OOM`, `READONLY` or
-/// `CLUSTERDOWN`, or a reply of an unexpected type), rather than no answer at all (an I/O
-/// error, a timeout, no connection to a node).
+/// `CLUSTERDOWN`, to a command or inside a pipeline, or a reply of an unexpected type), rather
+/// than no answer at all (an I/O error, a timeout, no connection to a node).
 fn redis_answered(error: &redis::RedisError) -> bool {
+    // `code` is `None` for a pipeline's errors: those are replies too.
     error.code().is_some()
+        || error.clone().into_server_errors().is_some()
         || matches!(
             error.kind(),
             redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
