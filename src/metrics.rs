@@ -35,7 +35,7 @@
 //! | `sse_tracker_activity_dropped_total` | counter | session activity marks dropped before reaching the store |
 //! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
 //! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended by [`SseTracker::drain`](crate::SseTracker::drain), by `reason` |
-//! | `sse_tracker_store_connections_replaced_total` | counter | Redis connections replaced because Redis had stopped answering on them (`RedisStore`; its handle is taken when the store is made) |
+//! | `sse_tracker_store_connections_replaced_total` | counter | Redis connections replaced because Redis had stopped answering on them (`RedisStore`, through the global recorder at the time) |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`] (no valid owner),
@@ -124,8 +124,8 @@ pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
 /// event boundary) or [`REASON_DEADLINE`] (inside an event, at the drain timeout).
 pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
 /// Counter: connections a `RedisStore` replaced because calls on them had gone unanswered for
-/// `STUCK_AFTER` (feature `redis`). The store takes its handle from the recorder installed
-/// when the store is made.
+/// `STUCK_AFTER` (feature `redis`). Emitted through the global recorder when a replacement
+/// happens, not through a handle taken at build time.
 pub const STORE_CONNECTIONS_REPLACED_TOTAL: &str = "sse_tracker_store_connections_replaced_total";
 
 /// Every metric name, for checking exporters and dashboards.

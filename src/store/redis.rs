@@ -3,16 +3,18 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{StreamExt, TryStreamExt};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
 use redis::cluster_routing::Slot;
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{Pipeline, Script};
+
+mod connection;
+
+pub use connection::STUCK_AFTER;
+use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
 use crate::key::{EventId, Owner, StreamKey};
@@ -26,15 +28,6 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const ACTIVITY_SHARDS: usize = 16;
 /// Calls a [`RedisStore`] on a cluster has in flight at once for one batch (one per slot).
 const MAX_CONCURRENT_CALLS: usize = 32;
-/// Connecting and each request time out after this long.
-const TIMEOUT: Duration = Duration::from_secs(2);
-/// A whole connect (on a cluster: the seed nodes, the slot map and every node) times out after
-/// this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A connection on which calls have kept going unanswered for this long (the first and the
-/// latest unanswered call this far apart, and no call answered between them) is replaced by a
-/// new one at the next call.
-pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 /// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
 /// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
@@ -97,19 +90,29 @@ return written
 ///   on a cluster, redis-rs follows `MOVED` and `ASK` redirections and refreshes the topology.
 ///   [`RedisStore::connect`] and [`RedisStore::connect_cluster`] wait for a first connection
 ///   instead.
-/// - **A connection that stops answering is replaced.** When calls on a connection have kept
-///   going unanswered for [`STUCK_AFTER`] (5 s), none answered between (each timed out, failed
-///   without reaching Redis, or was cancelled by the tracker's `store_timeout`), the next call
-///   makes a new connection and the old one is dropped: a `warn` event, and
-///   [`connections_replaced`](RedisStore::connections_replaced) and
-///   `sse_tracker_store_connections_replaced_total` count it. Two cases need it.
-///   `ConnectionManager` does not reconnect on timeouts, so a connection whose peer vanished
-///   without a reset (a host powered off, a middlebox that dropped the flow) would time out
-///   until the kernel gives up on it, minutes later. And redis-rs's cluster client can stop
-///   answering every call after a primary is killed (about one run in eight of the failover
-///   test in `tests/redis.rs`, before this). An error reply from Redis (`OOM`, `READONLY`,
-///   `CLUSTERDOWN`) is an answer: it never replaces a connection. A store made with
-///   [`from_manager`](RedisStore::from_manager) keeps the connection it was given.
+/// - **A connection that stops answering is replaced.** Two cases need it.
+///   `ConnectionManager` reconnects when a connection drops, not when calls time out, so a
+///   connection whose peer vanished without a reset (a host powered off, a middlebox that
+///   dropped the flow) times out until the kernel gives up on it, about 15 minutes later on
+///   Linux. And redis-rs's cluster client can stop answering every call, on every shard,
+///   after a primary is killed (about one run in ten to fifteen of the failover test in
+///   `tests/redis.rs`, before this change).
+///   - Every call is watched. A value or an error reply (`OOM`, `READONLY`, `CLUSTERDOWN`,
+///     also inside a pipeline) is an answer. A timeout, an I/O error, or a call that the
+///     tracker's `store_timeout` cancelled after 250 ms or more is not. On a standalone Redis,
+///     a refused or dropped connection counts neither way: `ConnectionManager` repairs those.
+///   - When calls have gone unanswered for [`STUCK_AFTER`] (5 s from the first to the latest,
+///     none answered between, none more than 30 s apart), the next call waits for a new
+///     connection. The connect runs on a task of its own (5 s at most, one at a time, at
+///     most one a second after a failed one), so a caller's timeout does not cancel it. The
+///     new connection replaces the old one: a `warn` event,
+///     [`connections_replaced`](RedisStore::connections_replaced) and
+///     `sse_tracker_store_connections_replaced_total` (from the global recorder at that
+///     time) count it. Should the connect fail, calls stay on the old connection.
+///   - A Redis that answers nothing for 5 s (paused, overloaded, a cluster failing over every
+///     shard) gets a new connection too; `tests/redis.rs` pauses writes for 7 s on both
+///     topologies and checks that no latest id is lost. A store made with
+///     [`from_manager`](RedisStore::from_manager) keeps the connection it was given.
 /// - **Failover.** While a cluster promotes a replica, writes to the failed primary's slots
 ///   fail (`CLUSTERDOWN`, `TRYAGAIN`, `READONLY`, timeouts): the tracker counts each failed call,
 ///   retries with back-off and catches up once the cluster answers; `tests/redis.rs` kills a
@@ -144,185 +147,6 @@ pub struct RedisStore {
     save: Script,
 }
 
-/// How to reach Redis, and the connection in use.
-struct Connection {
-    client: Client,
-    /// The connection in use and its health; `None` until the first call connects. A std
-    /// mutex: it is held only to clone or swap, never across an `.await`.
-    current: Mutex<Option<Current>>,
-    /// Held while connecting, so that one call connects and the others wait for its result.
-    connecting: tokio::sync::Mutex<()>,
-    /// Connections replaced because Redis had stopped answering on them.
-    replaced: AtomicU64,
-    /// `sse_tracker_store_connections_replaced_total`, from the recorder installed when the
-    /// store was made.
-    replaced_metric: metrics::Counter,
-}
-
-/// The connection in use, and whether Redis still answers on it.
-#[derive(Clone)]
-struct Current {
-    conn: Conn,
-    health: Arc<Health>,
-}
-
-/// Whether calls on one connection still get answers from Redis.
-struct Health {
-    born: Instant,
-    /// Milliseconds after `born` at which the first call since the last answer ended
-    /// unanswered; [`ANSWERED`] while the last call that ended was answered.
-    unanswered_since: AtomicU64,
-    /// Milliseconds after `born` at which the latest unanswered call ended.
-    last_unanswered: AtomicU64,
-}
-
-const ANSWERED: u64 = u64::MAX;
-
-impl Health {
-    fn new() -> Self {
-        Self {
-            born: Instant::now(),
-            unanswered_since: AtomicU64::new(ANSWERED),
-            last_unanswered: AtomicU64::new(0),
-        }
-    }
-
-    /// Redis answered a call: with a value or with an error reply.
-    fn answered(&self) {
-        self.unanswered_since.store(ANSWERED, Ordering::Relaxed);
-    }
-
-    /// A call got no answer: it failed to reach Redis, timed out, or was cancelled.
-    fn unanswered(&self) {
-        self.unanswered_at(self.born.elapsed().as_millis() as u64);
-    }
-
-    fn unanswered_at(&self, now_ms: u64) {
-        self.last_unanswered.fetch_max(now_ms, Ordering::Relaxed);
-        // Only the first unanswered call since the last answer sets the start.
-        let _ = self.unanswered_since.compare_exchange(
-            ANSWERED,
-            now_ms,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-
-    /// How long calls have gone unanswered, from the first to the latest with no answer
-    /// between, if that is at least [`STUCK_AFTER`]. One unanswered call followed by a quiet
-    /// spell is not stuck: only calls that keep failing are.
-    fn stuck_for(&self) -> Option<Duration> {
-        let since = self.unanswered_since.load(Ordering::Relaxed);
-        if since == ANSWERED {
-            return None;
-        }
-        let last = self.last_unanswered.load(Ordering::Relaxed);
-        let silent = Duration::from_millis(last.saturating_sub(since));
-        (silent >= STUCK_AFTER).then_some(silent)
-    }
-}
-
-/// Watches one call: unless [`settle`](Self::settle)d with an answer, the call counts as
-/// unanswered, also when its future is dropped (the tracker's `store_timeout`, or a sibling
-/// call of the same batch that failed).
-struct CallWatch<'a> {
-    health: &'a Health,
-    settled: bool,
-}
-
-impl<'a> CallWatch<'a> {
-    fn new(health: &'a Health) -> Self {
-        Self {
-            health,
-            settled: false,
-        }
-    }
-
-    fn settle<T>(mut self, result: &redis::RedisResult<T>) {
-        self.settled = true;
-        match result {
-            Err(e) if !redis_answered(e) => self.health.unanswered(),
-            _ => self.health.answered(),
-        }
-    }
-}
-
-impl Drop for CallWatch<'_> {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.health.unanswered();
-        }
-    }
-}
-
-/// Whether `error` is Redis's answer (an error reply such as `OOM`, `READONLY` or
-/// `CLUSTERDOWN`, to a command or inside a pipeline, or a reply of an unexpected type), rather
-/// than no answer at all (an I/O error, a timeout, no connection to a node).
-fn redis_answered(error: &redis::RedisError) -> bool {
-    // `code` is `None` for a pipeline's errors: those are replies too.
-    error.code().is_some()
-        || error.clone().into_server_errors().is_some()
-        || matches!(
-            error.kind(),
-            redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
-        )
-}
-
-impl Current {
-    /// Runs one call on this connection, and records whether Redis answered it.
-    async fn run<T, F>(&self, call: impl FnOnce(Conn) -> F) -> redis::RedisResult<T>
-    where
-        F: std::future::Future<Output = redis::RedisResult<T>>,
-    {
-        let watch = CallWatch::new(&self.health);
-        let result = call(self.conn.clone()).await;
-        watch.settle(&result);
-        result
-    }
-}
-
-enum Client {
-    Standalone(redis::Client),
-    Cluster(Box<ClusterClient>),
-    /// A connection given ready-made.
-    Given,
-}
-
-/// A connection to either topology.
-#[derive(Clone)]
-enum Conn {
-    Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Standalone(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Standalone(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
@@ -354,14 +178,6 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-fn manager_config() -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(TIMEOUT))
-        .set_response_timeout(Some(TIMEOUT))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1))
-}
-
 /// The activity shard of `owner`: FNV-1a, fixed across processes and instances.
 fn activity_shard(owner: &str) -> usize {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -375,18 +191,7 @@ fn activity_shard(owner: &str) -> usize {
 impl RedisStore {
     fn with_client(client: Client, conn: Option<Conn>) -> Self {
         Self {
-            connection: Arc::new(Connection {
-                client,
-                current: Mutex::new(conn.map(|conn| Current {
-                    conn,
-                    health: Arc::new(Health::new()),
-                })),
-                connecting: tokio::sync::Mutex::new(()),
-                replaced: AtomicU64::new(0),
-                replaced_metric: metrics::counter!(
-                    crate::metrics::STORE_CONNECTIONS_REPLACED_TOTAL
-                ),
-            }),
+            connection: Arc::new(Connection::new(client, conn)),
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
             save: Script::new(SAVE_SCRIPT),
@@ -423,7 +228,7 @@ impl RedisStore {
     /// be reached now.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let store = Self::new(url)?;
-        store.connection().await?;
+        store.connection.get().await?;
         Ok(store)
     }
 
@@ -434,7 +239,7 @@ impl RedisStore {
         U: AsRef<str>,
     {
         let store = Self::cluster(urls)?;
-        store.connection().await?;
+        store.connection.get().await?;
         Ok(store)
     }
 
@@ -445,14 +250,7 @@ impl RedisStore {
 
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.connection.client, Client::Cluster(_))
-            || matches!(
-                lock(&self.connection.current).as_ref(),
-                Some(Current {
-                    conn: Conn::Cluster(_),
-                    ..
-                })
-            )
+        self.connection.is_cluster()
     }
 
     /// How many times this store (and its clones) replaced a connection on which Redis had
@@ -464,72 +262,7 @@ impl RedisStore {
     /// # Ok::<(), tower_sse_tracker::store::StoreError>(())
     /// ```
     pub fn connections_replaced(&self) -> u64 {
-        self.connection.replaced.load(Ordering::Relaxed)
-    }
-
-    /// The connection for the next call: the current one, or a new one when there is none yet
-    /// or when Redis has stopped answering on the current one. A failed connect is an error;
-    /// the next call tries again.
-    async fn connection(&self) -> Result<Current, StoreError> {
-        if let Some(current) = self.usable() {
-            return Ok(current);
-        }
-        let connection = &*self.connection;
-        let _connecting = connection.connecting.lock().await;
-        // Another call may have connected while this one waited.
-        if let Some(current) = self.usable() {
-            return Ok(current);
-        }
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.new_connection())
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::new(format!(
-                    "connecting to Redis took longer than {CONNECT_TIMEOUT:?}"
-                )))
-            })?;
-        let current = Current {
-            conn,
-            health: Arc::new(Health::new()),
-        };
-        let stuck = lock(&connection.current).replace(current.clone());
-        if let Some(stuck) = stuck {
-            connection.replaced.fetch_add(1, Ordering::Relaxed);
-            connection.replaced_metric.increment(1);
-            tracing::warn!(
-                no_answer_for = ?stuck.health.stuck_for().unwrap_or(STUCK_AFTER),
-                "replaced a Redis connection on which no call had been answered"
-            );
-        }
-        Ok(current)
-    }
-
-    /// The current connection, unless there is none yet or it is stuck and can be replaced.
-    fn usable(&self) -> Option<Current> {
-        let current = lock(&self.connection.current);
-        let current = current.as_ref()?;
-        let replaceable = !matches!(self.connection.client, Client::Given);
-        if replaceable && current.health.stuck_for().is_some() {
-            return None;
-        }
-        Some(current.clone())
-    }
-
-    /// A new connection.
-    async fn new_connection(&self) -> Result<Conn, StoreError> {
-        match &self.connection.client {
-            Client::Standalone(client) => {
-                ConnectionManager::new_with_config(client.clone(), manager_config())
-                    .await
-                    .map(Conn::Standalone)
-                    .map_err(|e| redis_error("connecting to Redis", e))
-            }
-            Client::Cluster(client) => client
-                .get_async_connection()
-                .await
-                .map(Conn::Cluster)
-                .map_err(|e| redis_error("connecting to the Redis Cluster", e)),
-            Client::Given => Err(StoreError::new("no Redis client")),
-        }
+        self.connection.replaced()
     }
 
     /// Namespaces every key under `prefix` (instances that share ids must share the prefix).
@@ -585,7 +318,7 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Vec<Owner>, StoreError> {
         let before = unix_ms(SystemTime::now()).saturating_sub(idle_for.as_millis() as u64);
-        let current = self.connection().await?;
+        let current = self.connection.get().await?;
         let shards: Vec<Vec<(String, f64)>> = futures_util::stream::iter(0..ACTIVITY_SHARDS)
             .map(|shard| {
                 let key = self.activity_key(shard);
@@ -610,8 +343,11 @@ impl RedisStore {
                 }
             })
             .buffer_unordered(ACTIVITY_SHARDS)
-            .try_collect()
-            .await?;
+            // Every shard to its end (see `bounded`), then the first error.
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
         let mut all: Vec<(String, f64)> = shards.into_iter().flatten().collect();
         all.sort_by(|a, b| a.1.total_cmp(&b.1));
         Ok(all
@@ -625,7 +361,8 @@ impl RedisStore {
     pub async fn last_active(&self, owner: &str) -> Result<Option<SystemTime>, StoreError> {
         let key = self.activity_key_of(owner);
         let score: Option<f64> = self
-            .connection()
+            .connection
+            .get()
             .await?
             .run(|mut conn| async move {
                 redis::cmd("ZSCORE")
@@ -684,15 +421,10 @@ async fn run_pipeline(current: &Current, pipe: Pipeline) -> Result<(), StoreErro
         .map_err(|e| redis_error("writing session activity", e))
 }
 
-/// Locks `mutex`, whether or not a thread panicked while holding it (the data it guards is
-/// replaced whole, never left half-written).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Runs `calls` with at most `limit` in flight; the first error ends it.
+/// Runs `calls` with at most `limit` in flight, every one to its end, and returns the first
+/// error. A failed call does not cancel the others: their answers still count for the
+/// connection's health (a cluster node that fails at once must not hide the others' answers),
+/// and the entries they write need no retry.
 async fn bounded<F>(calls: Vec<F>, limit: usize) -> Result<(), StoreError>
 where
     F: std::future::Future<Output = Result<(), StoreError>>,
@@ -700,11 +432,14 @@ where
     let mut calls = calls.into_iter();
     let mut running = futures_util::stream::FuturesUnordered::new();
     running.extend(calls.by_ref().take(limit));
+    let mut first_error = None;
     while let Some(result) = running.next().await {
-        result?;
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
         running.extend(calls.next());
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 fn unix_us(t: SystemTime) -> u64 {
@@ -726,7 +461,7 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let current = self.connection().await?;
+        let current = self.connection.get().await?;
         if let Conn::Standalone(_) = current.conn {
             return self.save_one(&current, batch.iter().collect()).await;
         }
@@ -749,7 +484,8 @@ impl Store for RedisStore {
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
         let key = self.key_of(key);
         let value: Option<String> = self
-            .connection()
+            .connection
+            .get()
             .await?
             .run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
             .await
@@ -768,7 +504,7 @@ impl Store for RedisStore {
                 .or_default()
                 .push(activity);
         }
-        let current = self.connection().await?;
+        let current = self.connection.get().await?;
         if let Conn::Standalone(_) = current.conn {
             // One pipeline, one round trip.
             let mut pipe = redis::pipe();
@@ -828,59 +564,6 @@ mod tests {
             "activity shards on distinct slots"
         );
         assert_eq!(activity_shard("s1"), activity_shard("s1"));
-    }
-
-    #[test]
-    fn error_replies_are_answers_and_failures_to_reach_redis_are_not() {
-        use redis::{ErrorKind, RedisError, ServerErrorKind};
-        let oom = redis::make_extension_error("OOM".into(), Some("maxmemory".into()));
-        assert!(redis_answered(&oom));
-        let read_only = RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "ro"));
-        assert!(redis_answered(&read_only));
-        let down = RedisError::from((ErrorKind::Server(ServerErrorKind::ClusterDown), "down"));
-        assert!(redis_answered(&down));
-        for io in [
-            std::io::ErrorKind::TimedOut,
-            std::io::ErrorKind::ConnectionRefused,
-            std::io::ErrorKind::BrokenPipe,
-        ] {
-            assert!(!redis_answered(&RedisError::from(std::io::Error::from(io))));
-        }
-        let no_node = RedisError::from((ErrorKind::ClusterConnectionNotFound, "no node"));
-        assert!(!redis_answered(&no_node));
-    }
-
-    #[test]
-    fn a_connection_is_stuck_once_calls_went_unanswered_for_stuck_after() {
-        let stuck_ms = STUCK_AFTER.as_millis() as u64;
-        let health = Health::new();
-        assert_eq!(health.stuck_for(), None, "never unanswered");
-        health.unanswered_at(1_000);
-        health.unanswered_at(3_000);
-        assert_eq!(health.stuck_for(), None);
-        health.unanswered_at(1_000 + stuck_ms - 1);
-        assert_eq!(health.stuck_for(), None);
-        health.unanswered_at(1_000 + stuck_ms);
-        assert_eq!(health.stuck_for(), Some(STUCK_AFTER));
-        // One answer, even an error reply, and the count starts again.
-        health.answered();
-        assert_eq!(health.stuck_for(), None);
-        health.unanswered_at(20_000);
-        assert_eq!(health.stuck_for(), None);
-        health.unanswered_at(20_000 + stuck_ms);
-        assert_eq!(health.stuck_for(), Some(STUCK_AFTER));
-    }
-
-    #[test]
-    fn a_call_dropped_before_its_answer_counts_as_unanswered() {
-        let health = Health::new();
-        drop(CallWatch::new(&health));
-        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
-        CallWatch::new(&health).settle(&Ok::<(), redis::RedisError>(()));
-        assert_eq!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
-        let timed_out = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        CallWatch::new(&health).settle(&Err::<(), _>(timed_out));
-        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
     }
 
     #[test]

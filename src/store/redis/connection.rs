@@ -1,0 +1,505 @@
+//! The connection of a [`RedisStore`](super::RedisStore): made on first use, watched on every
+//! call, and replaced when Redis has stopped answering on it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::store::StoreError;
+
+/// Connecting and each request time out after this long.
+pub(super) const TIMEOUT: Duration = Duration::from_secs(2);
+/// A whole connect (on a cluster: the seed nodes, the slot map and every node) times out after
+/// this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failed connect, no other starts before this long.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+/// A connection on which calls have kept going unanswered for this long (the first and the
+/// latest unanswered call this far apart, and no call answered between them) is replaced by a
+/// new one.
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
+/// Unanswered calls further apart than this (a quiet spell between them) start a new count.
+const MAX_GAP: Duration = Duration::from_secs(30);
+/// A call dropped by its caller sooner than this says nothing about Redis (an HTTP client that
+/// went away, a sibling call that failed at once): it counts neither way.
+const DROPPED_FLOOR: Duration = Duration::from_millis(250);
+
+pub(super) enum Client {
+    Standalone(redis::Client),
+    Cluster(Box<ClusterClient>),
+    /// A connection given ready-made.
+    Given,
+}
+
+/// A connection to either topology.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1))
+}
+
+/// How to reach Redis, and the connection in use.
+pub(super) struct Connection {
+    client: Client,
+    /// A std mutex: held only to read or swap, never across an `.await`.
+    state: Mutex<State>,
+    /// Connections replaced because Redis had stopped answering on them.
+    replaced: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// `None` until the first connect succeeds.
+    current: Option<Current>,
+    /// A connect in progress. It runs as a task of its own, so that no caller's cancellation
+    /// (the tracker's `store_timeout`) stops it, and every caller waiting for it gets its one
+    /// result.
+    connecting: Option<Connecting>,
+    /// The last connect failed: no new one before the instant, and its error.
+    failed: Option<(Instant, Arc<StoreError>)>,
+}
+
+type Connecting = Shared<BoxFuture<'static, Result<Current, Arc<StoreError>>>>;
+
+/// The connection in use, and whether Redis still answers on it.
+#[derive(Clone)]
+pub(super) struct Current {
+    pub(super) conn: Conn,
+    health: Arc<Health>,
+}
+
+impl Connection {
+    pub(super) fn new(client: Client, conn: Option<Conn>) -> Self {
+        Self {
+            client,
+            state: Mutex::new(State {
+                current: conn.map(Current::new),
+                ..State::default()
+            }),
+            replaced: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.client, Client::Cluster(_))
+            || matches!(
+                lock(&self.state).current,
+                Some(Current {
+                    conn: Conn::Cluster(_),
+                    ..
+                })
+            )
+    }
+
+    pub(super) fn replaced(&self) -> u64 {
+        self.replaced.load(Ordering::Relaxed)
+    }
+
+    /// The connection for the next call.
+    ///
+    /// - The current one while Redis answers on it (or when it was given ready-made).
+    /// - None yet: waits for a connect (started here unless one is running; an error at once
+    ///   during [`CONNECT_BACKOFF`] after a failed one).
+    /// - Stuck ([`STUCK_AFTER`]): waits for a new connection, and keeps the stuck one when
+    ///   the connect fails (or during the back-off after a failed one), since Redis may yet
+    ///   answer on it.
+    pub(super) async fn get(self: &Arc<Self>) -> Result<Current, StoreError> {
+        let (fallback, connecting) = {
+            let mut state = lock(&self.state);
+            let replaceable = !matches!(self.client, Client::Given);
+            if let Some(current) = &state.current
+                && (!replaceable || current.health.stuck_for().is_none())
+            {
+                return Ok(current.clone());
+            }
+            if state.connecting.is_none() {
+                match &state.failed {
+                    Some((next_attempt, error)) if Instant::now() < *next_attempt => {
+                        return match &state.current {
+                            Some(stuck) => Ok(stuck.clone()),
+                            None => Err(not_connected(error.clone())),
+                        };
+                    }
+                    _ => state.connecting = Some(self.spawn_connect()),
+                }
+            }
+            (state.current.clone(), state.connecting.clone())
+        };
+        let Some(connecting) = connecting else {
+            unreachable!("a connect is running or was just started")
+        };
+        match connecting.await {
+            Ok(current) => Ok(current),
+            Err(error) => fallback.ok_or_else(|| not_connected(error)),
+        }
+    }
+
+    /// Starts a connect on a task of its own, which installs its result.
+    fn spawn_connect(self: &Arc<Self>) -> Connecting {
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let result = tokio::time::timeout(CONNECT_TIMEOUT, this.connect())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::new(format!(
+                        "connecting to Redis took longer than {CONNECT_TIMEOUT:?}"
+                    )))
+                });
+            this.install(result)
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Arc::new(StoreError::with_source(
+                    "the task connecting to Redis ended",
+                    e,
+                )))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    async fn connect(&self) -> Result<Conn, StoreError> {
+        match &self.client {
+            Client::Standalone(client) => {
+                ConnectionManager::new_with_config(client.clone(), manager_config())
+                    .await
+                    .map(Conn::Standalone)
+                    .map_err(|e| StoreError::with_source("connecting to Redis", e))
+            }
+            Client::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(Conn::Cluster)
+                .map_err(|e| StoreError::with_source("connecting to the Redis Cluster", e)),
+            Client::Given => Err(StoreError::new("no Redis client")),
+        }
+    }
+
+    fn install(&self, result: Result<Conn, StoreError>) -> Result<Current, Arc<StoreError>> {
+        let mut state = lock(&self.state);
+        state.connecting = None;
+        match result {
+            Ok(conn) => {
+                let current = Current::new(conn);
+                state.failed = None;
+                if let Some(old) = state.current.replace(current.clone()) {
+                    self.replaced.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::STORE_CONNECTIONS_REPLACED_TOTAL)
+                        .increment(1);
+                    tracing::warn!(
+                        unanswered_for = ?old.health.unanswered_for(),
+                        "replaced a Redis connection on which calls had gone unanswered"
+                    );
+                }
+                Ok(current)
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                state.failed = Some((Instant::now() + CONNECT_BACKOFF, error.clone()));
+                tracing::debug!(%error, "connecting to Redis failed");
+                Err(error)
+            }
+        }
+    }
+}
+
+fn not_connected(error: Arc<StoreError>) -> StoreError {
+    StoreError::with_source("not connected to Redis", error)
+}
+
+/// Locks `mutex`, whether or not a thread panicked while holding it (what it guards is
+/// replaced whole, never left half-written).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Current {
+    fn new(conn: Conn) -> Self {
+        Self {
+            conn,
+            health: Arc::new(Health::new()),
+        }
+    }
+
+    /// Runs one call on this connection, and records whether Redis answered it.
+    pub(super) async fn run<T, F>(&self, call: impl FnOnce(Conn) -> F) -> redis::RedisResult<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let watch = CallWatch::new(&self.health);
+        let result = call(self.conn.clone()).await;
+        let cluster = matches!(self.conn, Conn::Cluster(_));
+        watch.settle(result.as_ref().err().map(|e| outcome(e, cluster)));
+        result
+    }
+}
+
+/// What a call says about its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Redis answered: with a value, or with an error reply.
+    Answered,
+    /// No answer: a timeout, or a failure to reach Redis that the client does not repair.
+    Unanswered,
+    /// Nothing either way.
+    Neither,
+}
+
+/// The outcome of a call that failed with `error`.
+///
+/// - Error replies (`OOM`, `READONLY`, `CLUSTERDOWN`, to a command or inside a pipeline) and
+///   replies of an unexpected type are answers.
+/// - On a standalone Redis, a refused or dropped connection is neither: `ConnectionManager`
+///   reconnects on those by itself, and a Redis that is down is not a stuck connection.
+/// - Anything else (a timeout, an I/O error, no connection to a cluster node) is no answer.
+fn outcome(error: &redis::RedisError, cluster: bool) -> Outcome {
+    // `code` is `None` for a pipeline's errors: those are replies too.
+    if error.code().is_some()
+        || error.clone().into_server_errors().is_some()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
+        )
+    {
+        Outcome::Answered
+    } else if !cluster && (error.is_connection_refusal() || error.is_connection_dropped()) {
+        Outcome::Neither
+    } else {
+        Outcome::Unanswered
+    }
+}
+
+/// Whether calls on one connection still get answers from Redis.
+struct Health {
+    born: Instant,
+    /// Milliseconds after `born` at which the first call since the last answer ended
+    /// unanswered; [`ANSWERED`] while the last call that ended was answered.
+    unanswered_since: AtomicU64,
+    /// Milliseconds after `born` at which the latest unanswered call ended.
+    last_unanswered: AtomicU64,
+}
+
+const ANSWERED: u64 = u64::MAX;
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            unanswered_since: AtomicU64::new(ANSWERED),
+            last_unanswered: AtomicU64::new(0),
+        }
+    }
+
+    fn answered(&self) {
+        self.unanswered_since.store(ANSWERED, Ordering::Relaxed);
+    }
+
+    fn unanswered(&self) {
+        self.unanswered_at(self.born.elapsed().as_millis() as u64);
+    }
+
+    fn unanswered_at(&self, now_ms: u64) {
+        let previous = self.last_unanswered.fetch_max(now_ms, Ordering::Relaxed);
+        if now_ms.saturating_sub(previous) > MAX_GAP.as_millis() as u64 {
+            // A quiet spell since the last unanswered call: the count starts again.
+            self.unanswered_since.store(now_ms, Ordering::Relaxed);
+        } else {
+            // Only the first unanswered call since the last answer sets the start.
+            let _ = self.unanswered_since.compare_exchange(
+                ANSWERED,
+                now_ms,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// From the first to the latest unanswered call, no answer between; zero when the last
+    /// call that ended was answered.
+    fn unanswered_for(&self) -> Duration {
+        let since = self.unanswered_since.load(Ordering::Relaxed);
+        if since == ANSWERED {
+            return Duration::ZERO;
+        }
+        let last = self.last_unanswered.load(Ordering::Relaxed);
+        Duration::from_millis(last.saturating_sub(since))
+    }
+
+    /// [`unanswered_for`](Self::unanswered_for), if that is at least [`STUCK_AFTER`].
+    fn stuck_for(&self) -> Option<Duration> {
+        Some(self.unanswered_for()).filter(|d| *d >= STUCK_AFTER)
+    }
+}
+
+/// Watches one call. A call dropped before its end (the tracker's `store_timeout`) counts as
+/// unanswered once it has waited [`DROPPED_FLOOR`].
+struct CallWatch<'a> {
+    health: &'a Health,
+    started: Instant,
+    settled: bool,
+}
+
+impl<'a> CallWatch<'a> {
+    fn new(health: &'a Health) -> Self {
+        Self {
+            health,
+            started: Instant::now(),
+            settled: false,
+        }
+    }
+
+    /// The call ended: `None` when it succeeded, else what its error says.
+    fn settle(mut self, error: Option<Outcome>) {
+        self.settled = true;
+        match error.unwrap_or(Outcome::Answered) {
+            Outcome::Answered => self.health.answered(),
+            Outcome::Unanswered => self.health.unanswered(),
+            Outcome::Neither => {}
+        }
+    }
+}
+
+impl Drop for CallWatch<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.started.elapsed() >= DROPPED_FLOOR {
+            self.health.unanswered();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    fn io(kind: std::io::ErrorKind) -> RedisError {
+        RedisError::from(std::io::Error::from(kind))
+    }
+
+    #[test]
+    fn error_replies_are_answers_and_failures_to_reach_redis_are_not() {
+        let oom = redis::make_extension_error("OOM".into(), Some("maxmemory".into()));
+        let read_only = RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "ro"));
+        let down = RedisError::from((ErrorKind::Server(ServerErrorKind::ClusterDown), "down"));
+        for cluster in [false, true] {
+            for reply in [&oom, &read_only, &down] {
+                assert_eq!(outcome(reply, cluster), Outcome::Answered, "{reply}");
+            }
+            assert_eq!(
+                outcome(&io(std::io::ErrorKind::TimedOut), cluster),
+                Outcome::Unanswered
+            );
+        }
+        let no_node = RedisError::from((ErrorKind::ClusterConnectionNotFound, "no node"));
+        assert_eq!(outcome(&no_node, true), Outcome::Unanswered);
+        // ConnectionManager reconnects on these by itself; a cluster client may not.
+        for kind in [
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::BrokenPipe,
+        ] {
+            assert_eq!(outcome(&io(kind), false), Outcome::Neither);
+            assert_eq!(outcome(&io(kind), true), Outcome::Unanswered);
+        }
+    }
+
+    #[test]
+    fn a_connection_is_stuck_once_calls_went_unanswered_for_stuck_after() {
+        let stuck_ms = STUCK_AFTER.as_millis() as u64;
+        let health = Health::new();
+        assert_eq!(health.stuck_for(), None, "never unanswered");
+        health.unanswered_at(1_000);
+        health.unanswered_at(3_000);
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(1_000 + stuck_ms - 1);
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(1_000 + stuck_ms);
+        assert_eq!(health.stuck_for(), Some(STUCK_AFTER));
+        // One answer, even an error reply, and the count starts again.
+        health.answered();
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(20_000);
+        assert_eq!(health.stuck_for(), None);
+        health.unanswered_at(20_000 + stuck_ms);
+        assert_eq!(health.stuck_for(), Some(STUCK_AFTER));
+    }
+
+    #[test]
+    fn unanswered_calls_a_quiet_spell_apart_start_a_new_count() {
+        let gap_ms = MAX_GAP.as_millis() as u64;
+        let health = Health::new();
+        health.unanswered_at(1_000);
+        // The next call comes after a quiet spell (overnight): it starts a new count.
+        health.unanswered_at(1_000 + gap_ms + 1);
+        assert_eq!(health.stuck_for(), None);
+        // Calls as far apart as the gap allows (a long retry delay) still add up.
+        let start = 1_000 + gap_ms + 1;
+        health.unanswered_at(start + gap_ms);
+        assert_eq!(health.stuck_for(), Some(MAX_GAP));
+    }
+
+    #[test]
+    fn a_call_dropped_before_its_answer_counts_only_after_a_wait() {
+        let health = Health::new();
+        drop(CallWatch::new(&health));
+        assert_eq!(health.unanswered_for(), Duration::ZERO);
+        assert_eq!(
+            health.unanswered_since.load(Ordering::Relaxed),
+            ANSWERED,
+            "dropped at once: no count"
+        );
+        let mut waited = CallWatch::new(&health);
+        waited.started -= DROPPED_FLOOR;
+        drop(waited);
+        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
+        CallWatch::new(&health).settle(None);
+        assert_eq!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
+        CallWatch::new(&health).settle(Some(Outcome::Unanswered));
+        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
+        CallWatch::new(&health).settle(Some(Outcome::Neither));
+        assert_ne!(health.unanswered_since.load(Ordering::Relaxed), ANSWERED);
+    }
+}
