@@ -25,7 +25,7 @@ use redis_cluster::RedisCluster;
 use redis_server::{RedisServer, unique_prefix};
 use silent_proxy::SilentProxy;
 use tokio::time::{sleep, timeout};
-use tower_sse_tracker::metrics::STORE_ERRORS_TOTAL;
+use tower_sse_tracker::metrics::{STORE_CONNECTIONS_REPLACED_TOTAL, STORE_ERRORS_TOTAL};
 use tower_sse_tracker::store::{RedisStore, SaveEntry, SessionActivity, Store};
 use tower_sse_tracker::{EventId, Owner, Resume, RetryPolicy, SseTracker, StreamKey};
 
@@ -641,6 +641,121 @@ async fn error_replies_for_longer_than_stuck_after_replace_no_connection(topolog
     server.command(&["CONFIG", "SET", "maxmemory", "0"]).await;
 }
 
+/// Redis answers no write for longer than `STUCK_AFTER` (`CLIENT PAUSE 7000 WRITE`; reads,
+/// connects and `CLUSTER SLOTS` still work): the store gives up on the connection and makes a
+/// new one, on a standalone Redis and on a cluster alike, and no latest id is lost. This is
+/// the path a connection that stops answering for good takes (`silent` below, and redis-rs's
+/// cluster client in `a_primary_killed_under_load_loses_no_latest_id`), made deterministic.
+async fn writes_unanswered_for_longer_than_stuck_after_get_a_new_connection(topology: Topology) {
+    use tower_sse_tracker::store::STUCK_AFTER;
+
+    let server = Redis::own(topology);
+    let prefix = unique_prefix("paused-writes");
+    let store = store(&server, &prefix).await;
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .heartbeat_interval(None)
+            .store_timeout(Duration::from_millis(500))
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                100,
+            )),
+    );
+    let h = Harness::start(tracker).await;
+    let mut streams = QuietStreams::open(&h, "w", 3).await;
+    streams.send_through(5).await;
+    let check = server.lazy_store(&prefix);
+    ids_stored(&check, &streams.expected(5), "Redis before the pause").await;
+    let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
+
+    let pause = STUCK_AFTER + Duration::from_secs(2);
+    server
+        .command(&["CLIENT", "PAUSE", &pause.as_millis().to_string(), "WRITE"])
+        .await;
+    let paused_at = tokio::time::Instant::now();
+    streams.send_through(10).await;
+    ids_stored(&check, &streams.expected(10), "Redis after the pause").await;
+    let stored_after = paused_at.elapsed();
+    streams.all_frames_delivered(10).await;
+    let failed = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
+    println!(
+        "writes paused for {pause:?} ({topology:?}): {failed} failed store calls, {} connection \
+         replaced, every latest id in Redis {stored_after:?} after the pause began",
+        store.connections_replaced(),
+    );
+    assert!(failed >= 1.0, "the pause was never felt");
+    assert!(store.connections_replaced() >= 1);
+    drop(streams);
+    let report = h.tracker.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_complete(), "{report:?}");
+}
+
+/// Streams of the test harness that send `id: n` events on demand, one stream per owner.
+struct QuietStreams {
+    prefix: &'static str,
+    streams: Vec<(
+        String,
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        common::Client,
+    )>,
+    sent: u32,
+}
+
+impl QuietStreams {
+    async fn open(h: &Harness, prefix: &'static str, count: usize) -> Self {
+        let mut streams = Vec::new();
+        for s in 0..count {
+            let name = format!("{prefix}{s}");
+            let tx = h.feed(&name);
+            let client = h
+                .get(&format!("/sse/{name}"), Some(&name), HeaderMap::new())
+                .await;
+            streams.push((name, tx, client));
+        }
+        Self {
+            prefix,
+            streams,
+            sent: 0,
+        }
+    }
+
+    /// Sends `id: n` for every `n` up to `last` on every stream, 100 ms apart.
+    async fn send_through(&mut self, last: u32) {
+        while self.sent < last {
+            self.sent += 1;
+            for (_, tx, _) in &self.streams {
+                tx.send(Bytes::from(format!("id: {}\n\n", self.sent)))
+                    .unwrap();
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every stream's key, with `id` as its latest id.
+    fn expected(&self, id: u32) -> Vec<(StreamKey, Option<String>)> {
+        (0..self.streams.len())
+            .map(|s| {
+                let name = format!("{}{s}", self.prefix);
+                (
+                    key(&name, &format!("GET /sse/{name}")),
+                    Some(id.to_string()),
+                )
+            })
+            .collect()
+    }
+
+    /// Every client received every event up to `last`.
+    async fn all_frames_delivered(&mut self, last: u32) {
+        let expected: String = (1..=last).map(|i| format!("id: {i}\n\n")).collect();
+        for (name, _, client) in &mut self.streams {
+            client.read_until_len(expected.len()).await;
+            assert_eq!(client.received, expected.as_bytes(), "{name}");
+        }
+    }
+}
+
 /// Two instances on one Redis, a client bouncing A → B → A → B with its `Last-Event-ID`: each
 /// instance answers with the newer of its memory and Redis, so every answer is right even when
 /// the instance's own memory holds an older id of the stream.
@@ -829,6 +944,8 @@ async fn a_primary_killed_under_load_loses_no_latest_id(topology: Topology) {
 /// cannot stand in for.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
+    let global = common::global_recorded();
+    let replaced_before = global.sum(STORE_CONNECTIONS_REPLACED_TOTAL);
     let server = RedisServer::new();
     let proxy = SilentProxy::start(server.url.trim_start_matches("redis://")).await;
     let prefix = unique_prefix("silent");
@@ -850,53 +967,18 @@ async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
     let h = Harness::start(tracker).await;
     // Checked past the proxy, on a connection of its own.
     let check = RedisStore::new(&server.url).unwrap().with_prefix(&prefix);
-    const STREAMS: usize = 3;
-    let mut streams = Vec::new();
-    for s in 0..STREAMS {
-        let name = format!("q{s}");
-        let tx = h.feed(&name);
-        let client = h
-            .get(&format!("/sse/{name}"), Some(&name), HeaderMap::new())
-            .await;
-        streams.push((name, tx, client));
-    }
-    let send = |streams: &Vec<(String, tokio::sync::mpsc::UnboundedSender<Bytes>, _)>, n: u32| {
-        for (_, tx, _) in streams {
-            tx.send(Bytes::from(format!("id: {n}\n\n"))).unwrap();
-        }
-    };
-    let expect = |n: u32| -> Vec<(StreamKey, Option<String>)> {
-        (0..STREAMS)
-            .map(|s| {
-                (
-                    key(&format!("q{s}"), &format!("GET /sse/q{s}")),
-                    Some(n.to_string()),
-                )
-            })
-            .collect()
-    };
-    for n in 1..=5 {
-        send(&streams, n);
-        sleep(Duration::from_millis(20)).await;
-    }
-    ids_stored(&check, &expect(5), "Redis before the silence").await;
+    let mut streams = QuietStreams::open(&h, "q", 3).await;
+    streams.send_through(5).await;
+    ids_stored(&check, &streams.expected(5), "Redis before the silence").await;
     let errors_before = recorded.sum(STORE_ERRORS_TOTAL);
 
     proxy.silence();
     let silenced_at = tokio::time::Instant::now();
-    for n in 6..=10 {
-        send(&streams, n);
-        sleep(Duration::from_millis(200)).await;
-    }
-    ids_stored(&check, &expect(10), "Redis after the silence").await;
+    streams.send_through(10).await;
+    ids_stored(&check, &streams.expected(10), "Redis after the silence").await;
     let stored_after = silenced_at.elapsed();
+    streams.all_frames_delivered(10).await;
     let failed = recorded.sum(STORE_ERRORS_TOTAL) - errors_before;
-    // Every client got every frame meanwhile.
-    let expected: String = (1..=10).map(|i| format!("id: {i}\n\n")).collect();
-    for (name, _, client) in &mut streams {
-        client.read_until_len(expected.len()).await;
-        assert_eq!(client.received, expected.as_bytes(), "{name}");
-    }
     println!(
         "silent connection: {failed} failed store calls, {} connection replaced, every latest id \
          in Redis {stored_after:?} after the silence (STUCK_AFTER {:?})",
@@ -905,9 +987,67 @@ async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
     );
     assert!(failed >= 1.0, "the silence was never felt");
     assert_eq!(store.connections_replaced(), 1);
+    // The metric goes to the recorder installed when the replacement happens (other tests
+    // may replace connections of their own meanwhile).
+    assert!(global.sum(STORE_CONNECTIONS_REPLACED_TOTAL) - replaced_before >= 1.0);
     drop(streams);
     let report = h.tracker.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_complete(), "{report:?}");
+}
+
+/// Many calls at once on a store whose Redis accepts connections and closes them at once: one
+/// connect (with redis-rs's own retries) serves them all, and for a second after it failed the
+/// calls fail at once without connecting again. Without that, each call would connect on its
+/// own, and every call of a busy server would hammer a Redis that cannot take them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_calls_share_one_connect_and_a_failed_one_is_not_retried_within_a_second() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(socket);
+        }
+    });
+    let accepted = move || accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let store = RedisStore::new(&url).unwrap();
+    let k = key("s1", "GET /a");
+    let calls = |n| {
+        let store = store.clone();
+        let k = k.clone();
+        async move {
+            let calls: Vec<_> = (0..n)
+                .map(|_| {
+                    let (store, k) = (store.clone(), k.clone());
+                    tokio::spawn(async move { store.load(&k).await })
+                })
+                .collect();
+            for call in calls {
+                assert!(
+                    call.await.unwrap().is_err(),
+                    "Redis closes every connection"
+                );
+            }
+        }
+    };
+    calls(50).await;
+    let first = accepted();
+    calls(50).await;
+    let during_back_off = accepted() - first;
+    sleep(Duration::from_millis(1100)).await;
+    calls(1).await;
+    let after_back_off = accepted() - first - during_back_off;
+    println!(
+        "50 calls: {first} connections accepted; 50 more within the second: {during_back_off}; \
+         one call a second later: {after_back_off}"
+    );
+    // One connect, which redis-rs tries up to three times.
+    assert!((1..=3).contains(&first), "{first}");
+    assert_eq!(during_back_off, 0);
+    assert!(after_back_off >= 1);
+    server.abort();
 }
 
 macro_rules! on_both_topologies {
@@ -941,6 +1081,7 @@ on_both_topologies!(
     the_app_starts_while_redis_is_down_and_persists_once_it_is_up,
     redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id,
     error_replies_for_longer_than_stuck_after_replace_no_connection,
+    writes_unanswered_for_longer_than_stuck_after_get_a_new_connection,
     instances_agree_while_a_client_bounces_between_them,
     a_primary_killed_under_load_loses_no_latest_id,
 );

@@ -362,6 +362,22 @@ pub fn build_recorded(builder: tower_sse_tracker::SseTrackerBuilder) -> (SseTrac
     )
 }
 
+/// A recorder installed as the process's global one (once), for metrics emitted outside a
+/// tracker's build, such as a `RedisStore`'s.
+pub fn global_recorded() -> &'static Recorded {
+    static GLOBAL: std::sync::OnceLock<Recorded> = std::sync::OnceLock::new();
+    GLOBAL.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("no other global recorder");
+        Recorded {
+            snapshotter,
+            totals: Mutex::default(),
+            histograms: Mutex::default(),
+        }
+    })
+}
+
 /// Sends `frames` as the body of `/sse/{name}` for `session`, and reads the whole response.
 pub async fn run_frames(
     h: &Harness,

@@ -1,9 +1,10 @@
 //! A TCP proxy on loopback whose open connections can be made to go silent: the proxy stops
-//! forwarding in both directions but keeps both sockets open, so that neither end sees an
-//! error or a reset. That is what a client sees when its server's host is powered off or a
-//! middlebox (NAT, load balancer, firewall) drops the flow without a reset: requests are
-//! written, and no answer ever comes. Connections opened after [`SilentProxy::silence`] are
-//! forwarded normally.
+//! forwarding (and reading) in both directions but keeps both sockets open, so that neither
+//! end sees an error or a reset. A client sees much the same when its server's host is powered
+//! off or a middlebox (NAT, load balancer, firewall) drops the flow without a reset: requests
+//! are written and no answer comes (there, the kernel errors the socket after its
+//! retransmission timeout, about 15 minutes with Linux's defaults). Connections opened after
+//! [`SilentProxy::silence`] are forwarded normally.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +34,11 @@ impl SilentProxy {
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             loop {
+                // Reap the connections that ended.
+                while connections.try_join_next().is_some() {}
                 let Ok((mut client, _)) = listener.accept().await else {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
                 let generation = *accept_silenced.borrow();
