@@ -65,11 +65,39 @@ fn query(port: u16, args: &[&str]) -> redis::RedisResult<String> {
     cmd.query(&mut conn)
 }
 
+/// [`query`], tried again for up to 10 s: a node busy with a failover, on a loaded machine,
+/// may not answer the first time (`EAGAIN` was seen in CI-like runs).
+fn query_patiently(port: u16, args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match query(port, args) {
+            Ok(answer) => return answer,
+            Err(e) if Instant::now() >= deadline => panic!("{args:?} on port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 impl RedisCluster {
-    /// Starts six nodes and makes them a cluster of three primaries with a replica each.
+    /// Starts six nodes and makes them a cluster of three primaries with a replica each. A
+    /// failed `redis-cli --cluster create` (a loaded machine, a port another process took
+    /// meanwhile) starts over on new ports, three times at most.
     pub fn new() -> Self {
         require("redis-server");
         require("redis-cli");
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_new() {
+                Ok(cluster) => return cluster,
+                Err(output) => last = output,
+            }
+        }
+        panic!("redis-cli --cluster create failed three times; the last said:\n{last}");
+    }
+
+    /// Six new nodes made a cluster, or what `redis-cli --cluster create` said when it failed
+    /// (the nodes are stopped then).
+    fn try_new() -> Result<Self, String> {
         let mut cluster = Self { nodes: Vec::new() };
         let mut attempts = 0;
         while cluster.nodes.len() < NODES {
@@ -104,13 +132,18 @@ impl RedisCluster {
             .arg("create")
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .stdin(Stdio::null())
+            .output()
             .expect("running redis-cli --cluster create");
-        assert!(created.success(), "redis-cli --cluster create failed");
+        if !created.status.success() {
+            return Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
+            ));
+        }
         cluster.wait_ok(Duration::from_secs(30));
-        cluster
+        Ok(cluster)
     }
 
     /// Starts node `i` on its port and data (again).
@@ -172,7 +205,7 @@ impl RedisCluster {
             .iter()
             .find(|n| n.child.is_some())
             .expect("a live node");
-        let nodes = query(live.port, &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        let nodes = query_patiently(live.port, &["CLUSTER", "NODES"]);
         let mut primaries = Vec::new();
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -211,7 +244,7 @@ impl RedisCluster {
     pub fn on_primaries(&self, args: &[&str]) {
         for i in self.primaries() {
             if self.nodes[i].child.is_some() {
-                query(self.nodes[i].port, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                query_patiently(self.nodes[i].port, args);
             }
         }
     }
