@@ -99,20 +99,24 @@ return written
 ///   `tests/redis.rs`, before this change).
 ///   - Every call is watched. A value or an error reply (`OOM`, `READONLY`, `CLUSTERDOWN`,
 ///     also inside a pipeline) is an answer. A timeout, an I/O error, or a call that the
-///     tracker's `store_timeout` cancelled after 250 ms or more is not. On a standalone Redis,
+///     tracker's `store_timeout` cancelled after 50 ms or more is not. On a standalone Redis,
 ///     a refused or dropped connection counts neither way: `ConnectionManager` repairs those.
 ///   - When calls have gone unanswered for [`STUCK_AFTER`] (5 s from the first to the latest,
-///     none answered between, none more than 30 s apart), the next call waits for a new
-///     connection. The connect runs on a task of its own (5 s at most, one at a time, at
-///     most one a second after a failed one), so a caller's timeout does not cancel it. The
-///     new connection replaces the old one: a `warn` event,
+///     none answered between, none more than 30 s apart), a new connection is made in the
+///     background, on a task of its own (5 s at most, one at a time, none for a second after
+///     a failed one); calls stay on the old connection until the new one is in. It then
+///     replaces the old one (unless Redis answered on the old one meanwhile): a `warn` event,
 ///     [`connections_replaced`](RedisStore::connections_replaced) and
-///     `sse_tracker_store_connections_replaced_total` (from the global recorder at that
-///     time) count it. Should the connect fail, calls stay on the old connection.
-///   - A Redis that answers nothing for 5 s (paused, overloaded, a cluster failing over every
-///     shard) gets a new connection too; `tests/redis.rs` pauses writes for 7 s on both
-///     topologies and checks that no latest id is lost. A store made with
-///     [`from_manager`](RedisStore::from_manager) keeps the connection it was given.
+///     `sse_tracker_store_connections_replaced_total` (through the global recorder) count it.
+///   - A Redis that answers connects but nothing else for 5 s (writes paused, overloaded)
+///     gets a new connection too; `tests/redis.rs` pauses writes on both topologies and checks
+///     that no latest id is lost. A new connection that gets no answer either is given twice
+///     as long before the next replacement, up to 5 minutes. One that cannot even connect
+///     (`CLIENT PAUSE ALL`, a frozen process) keeps the old connection.
+///   - On a cluster the whole client is watched, not each node: a single node that goes
+///     silent while the others answer is left to redis-rs's own retries and timeouts.
+///   - A store made with [`from_manager`](RedisStore::from_manager) keeps the connection it
+///     was given.
 /// - **Failover.** While a cluster promotes a replica, writes to the failed primary's slots
 ///   fail (`CLUSTERDOWN`, `TRYAGAIN`, `READONLY`, timeouts): the tracker counts each failed call,
 ///   retries with back-off and catches up once the cluster answers; `tests/redis.rs` kills a
@@ -421,10 +425,11 @@ async fn run_pipeline(current: &Current, pipe: Pipeline) -> Result<(), StoreErro
         .map_err(|e| redis_error("writing session activity", e))
 }
 
-/// Runs `calls` with at most `limit` in flight, every one to its end, and returns the first
-/// error. A failed call does not cancel the others: their answers still count for the
-/// connection's health (a cluster node that fails at once must not hide the others' answers),
-/// and the entries they write need no retry.
+/// Runs `calls` with at most `limit` in flight and returns the first error. After an error no
+/// new call starts, but the running ones go on to their end rather than being cancelled: their
+/// answers count for the connection's health (a cluster node that fails at once must not hide
+/// the others' answers), and what they write is then refused as not newer when the batch is
+/// retried.
 async fn bounded<F>(calls: Vec<F>, limit: usize) -> Result<(), StoreError>
 where
     F: std::future::Future<Output = Result<(), StoreError>>,
@@ -434,10 +439,13 @@ where
     running.extend(calls.by_ref().take(limit));
     let mut first_error = None;
     while let Some(result) = running.next().await {
-        if let Err(error) = result {
-            first_error.get_or_insert(error);
+        match result {
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+            Ok(()) if first_error.is_none() => running.extend(calls.next()),
+            Ok(()) => {}
         }
-        running.extend(calls.next());
     }
     first_error.map_or(Ok(()), Err)
 }

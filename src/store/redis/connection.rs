@@ -1,7 +1,7 @@
 //! The connection of a [`RedisStore`](super::RedisStore): made on first use, watched on every
 //! call, and replaced when Redis has stopped answering on it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,13 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 /// Unanswered calls further apart than this (a quiet spell between them) start a new count.
 const MAX_GAP: Duration = Duration::from_secs(30);
 /// A call dropped by its caller sooner than this says nothing about Redis (an HTTP client that
-/// went away, a sibling call that failed at once): it counts neither way.
-const DROPPED_FLOOR: Duration = Duration::from_millis(250);
+/// went away): it counts neither way. A `store_timeout` must be longer for a stuck connection
+/// to be noticed.
+const DROPPED_FLOOR: Duration = Duration::from_millis(50);
+/// A connection that replaced a stuck one and never got an answer either is given twice as
+/// long before it is replaced in turn, up to this (a Redis that answers connects but no
+/// writes, paused for minutes, is not reconnected to every 5 s).
+const MAX_STUCK_AFTER: Duration = Duration::from_secs(300);
 
 pub(super) enum Client {
     Standalone(redis::Client),
@@ -116,7 +121,7 @@ impl Connection {
         Self {
             client,
             state: Mutex::new(State {
-                current: conn.map(Current::new),
+                current: conn.map(|conn| Current::new(conn, STUCK_AFTER)),
                 ..State::default()
             }),
             replaced: AtomicU64::new(0),
@@ -143,11 +148,11 @@ impl Connection {
     /// - The current one while Redis answers on it (or when it was given ready-made).
     /// - None yet: waits for a connect (started here unless one is running; an error at once
     ///   during [`CONNECT_BACKOFF`] after a failed one).
-    /// - Stuck ([`STUCK_AFTER`]): waits for a new connection, and keeps the stuck one when
-    ///   the connect fails (or during the back-off after a failed one), since Redis may yet
-    ///   answer on it.
+    /// - Stuck ([`STUCK_AFTER`]): starts a connect in the background (unless one is running
+    ///   or the last failed less than [`CONNECT_BACKOFF`] ago) and stays on the stuck one
+    ///   meanwhile: Redis may yet answer on it, and no call waits for a connect.
     pub(super) async fn get(self: &Arc<Self>) -> Result<Current, StoreError> {
-        let (fallback, connecting) = {
+        let connecting = {
             let mut state = lock(&self.state);
             let replaceable = !matches!(self.client, Client::Given);
             if let Some(current) = &state.current
@@ -155,40 +160,47 @@ impl Connection {
             {
                 return Ok(current.clone());
             }
-            if state.connecting.is_none() {
-                match &state.failed {
-                    Some((next_attempt, error)) if Instant::now() < *next_attempt => {
+            let connecting = match &state.connecting {
+                Some(running) => running.clone(),
+                None => {
+                    if let Some((next_attempt, error)) = &state.failed
+                        && Instant::now() < *next_attempt
+                    {
                         return match &state.current {
                             Some(stuck) => Ok(stuck.clone()),
                             None => Err(not_connected(error.clone())),
                         };
                     }
-                    _ => state.connecting = Some(self.spawn_connect()),
+                    let started = self.spawn_connect();
+                    state.connecting = Some(started.clone());
+                    started
                 }
+            };
+            if let Some(stuck) = &state.current {
+                return Ok(stuck.clone());
             }
-            (state.current.clone(), state.connecting.clone())
+            connecting
         };
-        let Some(connecting) = connecting else {
-            unreachable!("a connect is running or was just started")
-        };
-        match connecting.await {
-            Ok(current) => Ok(current),
-            Err(error) => fallback.ok_or_else(|| not_connected(error)),
-        }
+        connecting.await.map_err(not_connected)
     }
 
-    /// Starts a connect on a task of its own, which installs its result.
+    /// Starts a connect on a task of its own, which installs its result, also when the task
+    /// is dropped before its end (its runtime shut down) or the connect panics.
     fn spawn_connect(self: &Arc<Self>) -> Connecting {
-        let this = self.clone();
+        let mut installer = Installer {
+            connection: self.clone(),
+            installed: false,
+        };
         let task = tokio::spawn(async move {
-            let result = tokio::time::timeout(CONNECT_TIMEOUT, this.connect())
+            let result = tokio::time::timeout(CONNECT_TIMEOUT, installer.connection.connect())
                 .await
                 .unwrap_or_else(|_| {
                     Err(StoreError::new(format!(
                         "connecting to Redis took longer than {CONNECT_TIMEOUT:?}"
                     )))
                 });
-            this.install(result)
+            installer.installed = true;
+            installer.connection.install(result)
         });
         async move {
             task.await.unwrap_or_else(|e| {
@@ -219,30 +231,67 @@ impl Connection {
         }
     }
 
+    /// Installs the result of a connect. A new connection replaces a stuck one, unless Redis
+    /// answered on the stuck one meanwhile (then the new one is dropped).
     fn install(&self, result: Result<Conn, StoreError>) -> Result<Current, Arc<StoreError>> {
-        let mut state = lock(&self.state);
-        state.connecting = None;
-        match result {
-            Ok(conn) => {
-                let current = Current::new(conn);
-                state.failed = None;
-                if let Some(old) = state.current.replace(current.clone()) {
-                    self.replaced.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(crate::metrics::STORE_CONNECTIONS_REPLACED_TOTAL)
-                        .increment(1);
-                    tracing::warn!(
-                        unanswered_for = ?old.health.unanswered_for(),
-                        "replaced a Redis connection on which calls had gone unanswered"
-                    );
+        let mut replaced = None;
+        let installed = {
+            let mut state = lock(&self.state);
+            state.connecting = None;
+            match result {
+                Ok(conn) => {
+                    state.failed = None;
+                    match &state.current {
+                        Some(old) if old.health.stuck_for().is_none() => Ok(old.clone()),
+                        old => {
+                            let stuck_after = old
+                                .as_ref()
+                                .map_or(STUCK_AFTER, |old| old.health.next_stuck_after());
+                            replaced = old
+                                .as_ref()
+                                .map(|old| (old.health.unanswered_for(), stuck_after));
+                            let current = Current::new(conn, stuck_after);
+                            state.current = Some(current.clone());
+                            Ok(current)
+                        }
+                    }
                 }
-                Ok(current)
+                Err(error) => {
+                    let error = Arc::new(error);
+                    state.failed = Some((Instant::now() + CONNECT_BACKOFF, error.clone()));
+                    Err(error)
+                }
             }
-            Err(error) => {
-                let error = Arc::new(error);
-                state.failed = Some((Instant::now() + CONNECT_BACKOFF, error.clone()));
-                tracing::debug!(%error, "connecting to Redis failed");
-                Err(error)
-            }
+        };
+        // Outside the lock: subscribers and recorders are the application's code.
+        if let Some((unanswered_for, stuck_after)) = replaced {
+            self.replaced.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::STORE_CONNECTIONS_REPLACED_TOTAL).increment(1);
+            tracing::warn!(
+                ?unanswered_for,
+                next_stuck_after = ?stuck_after,
+                "replaced a Redis connection on which calls had gone unanswered"
+            );
+        }
+        if let Err(error) = &installed {
+            tracing::debug!(%error, "connecting to Redis failed");
+        }
+        installed
+    }
+}
+
+/// Installs an error if the connect task ends without installing its result.
+struct Installer {
+    connection: Arc<Connection>,
+    installed: bool,
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        if !self.installed {
+            let _ = self.connection.install(Err(StoreError::new(
+                "the connect to Redis ended before it finished (its runtime shut down?)",
+            )));
         }
     }
 }
@@ -258,10 +307,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Current {
-    fn new(conn: Conn) -> Self {
+    fn new(conn: Conn, stuck_after: Duration) -> Self {
         Self {
             conn,
-            health: Arc::new(Health::new()),
+            health: Arc::new(Health::new(stuck_after)),
         }
     }
 
@@ -321,21 +370,31 @@ struct Health {
     unanswered_since: AtomicU64,
     /// Milliseconds after `born` at which the latest unanswered call ended.
     last_unanswered: AtomicU64,
+    /// How long calls may go unanswered before the connection is stuck, in milliseconds:
+    /// [`STUCK_AFTER`], or more for a connection that replaced one that never answered.
+    stuck_after_ms: AtomicU64,
+    /// Whether any call on this connection was answered.
+    ever_answered: AtomicBool,
 }
 
 const ANSWERED: u64 = u64::MAX;
 
 impl Health {
-    fn new() -> Self {
+    fn new(stuck_after: Duration) -> Self {
         Self {
             born: Instant::now(),
             unanswered_since: AtomicU64::new(ANSWERED),
             last_unanswered: AtomicU64::new(0),
+            stuck_after_ms: AtomicU64::new(stuck_after.as_millis() as u64),
+            ever_answered: AtomicBool::new(false),
         }
     }
 
     fn answered(&self) {
         self.unanswered_since.store(ANSWERED, Ordering::Relaxed);
+        self.stuck_after_ms
+            .store(STUCK_AFTER.as_millis() as u64, Ordering::Relaxed);
+        self.ever_answered.store(true, Ordering::Relaxed);
     }
 
     fn unanswered(&self) {
@@ -369,9 +428,24 @@ impl Health {
         Duration::from_millis(last.saturating_sub(since))
     }
 
-    /// [`unanswered_for`](Self::unanswered_for), if that is at least [`STUCK_AFTER`].
+    /// [`unanswered_for`](Self::unanswered_for), if that is long enough to call this
+    /// connection stuck.
     fn stuck_for(&self) -> Option<Duration> {
-        Some(self.unanswered_for()).filter(|d| *d >= STUCK_AFTER)
+        let stuck_after = Duration::from_millis(self.stuck_after_ms.load(Ordering::Relaxed));
+        Some(self.unanswered_for()).filter(|d| *d >= stuck_after)
+    }
+
+    /// How long the connection that replaces this one may go unanswered: [`STUCK_AFTER`] if
+    /// this one was ever answered, else twice this one's, up to [`MAX_STUCK_AFTER`].
+    fn next_stuck_after(&self) -> Duration {
+        if self.ever_answered.load(Ordering::Relaxed) {
+            return STUCK_AFTER;
+        }
+        let ms = self
+            .stuck_after_ms
+            .load(Ordering::Relaxed)
+            .saturating_mul(2);
+        Duration::from_millis(ms).min(MAX_STUCK_AFTER)
     }
 }
 
@@ -449,7 +523,7 @@ mod tests {
     #[test]
     fn a_connection_is_stuck_once_calls_went_unanswered_for_stuck_after() {
         let stuck_ms = STUCK_AFTER.as_millis() as u64;
-        let health = Health::new();
+        let health = Health::new(STUCK_AFTER);
         assert_eq!(health.stuck_for(), None, "never unanswered");
         health.unanswered_at(1_000);
         health.unanswered_at(3_000);
@@ -470,7 +544,7 @@ mod tests {
     #[test]
     fn unanswered_calls_a_quiet_spell_apart_start_a_new_count() {
         let gap_ms = MAX_GAP.as_millis() as u64;
-        let health = Health::new();
+        let health = Health::new(STUCK_AFTER);
         health.unanswered_at(1_000);
         // The next call comes after a quiet spell (overnight): it starts a new count.
         health.unanswered_at(1_000 + gap_ms + 1);
@@ -482,8 +556,37 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_that_never_answered_gives_its_successor_twice_as_long() {
+        let stuck_ms = STUCK_AFTER.as_millis() as u64;
+        let never = Health::new(STUCK_AFTER);
+        assert_eq!(never.next_stuck_after(), STUCK_AFTER * 2);
+        let successor = Health::new(never.next_stuck_after());
+        successor.unanswered_at(1_000);
+        successor.unanswered_at(1_000 + stuck_ms);
+        assert_eq!(
+            successor.stuck_for(),
+            None,
+            "not stuck after only STUCK_AFTER"
+        );
+        successor.unanswered_at(1_000 + 2 * stuck_ms);
+        assert_eq!(successor.stuck_for(), Some(STUCK_AFTER * 2));
+        assert_eq!(successor.next_stuck_after(), STUCK_AFTER * 4);
+        assert_eq!(
+            Health::new(MAX_STUCK_AFTER).next_stuck_after(),
+            MAX_STUCK_AFTER,
+            "bounded"
+        );
+        // One answer, and the connection and its successor are back to STUCK_AFTER.
+        successor.answered();
+        assert_eq!(successor.next_stuck_after(), STUCK_AFTER);
+        successor.unanswered_at(100_000);
+        successor.unanswered_at(100_000 + stuck_ms);
+        assert_eq!(successor.stuck_for(), Some(STUCK_AFTER));
+    }
+
+    #[test]
     fn a_call_dropped_before_its_answer_counts_only_after_a_wait() {
-        let health = Health::new();
+        let health = Health::new(STUCK_AFTER);
         drop(CallWatch::new(&health));
         assert_eq!(health.unanswered_for(), Duration::ZERO);
         assert_eq!(
