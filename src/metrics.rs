@@ -3,8 +3,11 @@
 //! Every metric is emitted through the [`metrics`] facade, so any recorder works (Prometheus,
 //! StatsD, a test's debugging recorder). The tracker takes its metric handles from the recorder
 //! that is installed when [`SseTrackerBuilder::build`](crate::SseTrackerBuilder::build) runs:
-//! install your recorder first. [`describe`] registers the descriptions below with the current
-//! recorder.
+//! install your recorder first. The one exception is
+//! `sse_tracker_store_connections_replaced_total`: a `RedisStore` emits it from a task of its
+//! own when it replaces a connection, through the global recorder (a recorder set only with
+//! `metrics::with_local_recorder` does not see it). [`describe`] registers the descriptions
+//! below with the current recorder.
 //!
 //! | name | kind | meaning |
 //! |---|---|---|
