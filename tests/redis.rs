@@ -655,17 +655,7 @@ async fn writes_unanswered_for_longer_than_stuck_after_get_a_new_connection(topo
     let server = Redis::own(topology);
     let prefix = unique_prefix("paused-writes");
     let store = store(&server, &prefix).await;
-    let (tracker, recorded) = build_recorded(
-        SseTracker::builder()
-            .store(store.clone())
-            .heartbeat_interval(None)
-            .store_timeout(Duration::from_millis(500))
-            .retry(RetryPolicy::exponential(
-                Duration::from_millis(50),
-                Duration::from_millis(500),
-                100,
-            )),
-    );
+    let (tracker, recorded) = quick_retrying_tracker(&store);
     let h = Harness::start(tracker).await;
     let mut streams = QuietStreams::open(&h, "w", 3).await;
     streams.send_through(5).await;
@@ -700,6 +690,23 @@ async fn writes_unanswered_for_longer_than_stuck_after_get_a_new_connection(topo
     drop(streams);
     let report = h.tracker.shutdown(Duration::from_secs(5)).await;
     assert!(report.is_complete(), "{report:?}");
+}
+
+/// A tracker on `store`, heartbeats off, whose store calls time out after 500 ms and are
+/// retried from 50 ms to 500 ms apart, 100 times: a fault shows within a second, and no id is
+/// given up while a test waits for the store to recover.
+fn quick_retrying_tracker(store: &RedisStore) -> (SseTracker, common::Recorded) {
+    build_recorded(
+        SseTracker::builder()
+            .store(store.clone())
+            .heartbeat_interval(None)
+            .store_timeout(Duration::from_millis(500))
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+                100,
+            )),
+    )
 }
 
 /// Streams of the test harness that send `id: n` events on demand, one stream per owner.
@@ -963,17 +970,7 @@ async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
         .unwrap()
         .with_prefix(&prefix);
     store.load(&key("connect", "probe")).await.unwrap();
-    let (tracker, recorded) = build_recorded(
-        SseTracker::builder()
-            .store(store.clone())
-            .heartbeat_interval(None)
-            .store_timeout(Duration::from_millis(500))
-            .retry(RetryPolicy::exponential(
-                Duration::from_millis(50),
-                Duration::from_millis(500),
-                100,
-            )),
-    );
+    let (tracker, recorded) = quick_retrying_tracker(&store);
     let h = Harness::start(tracker).await;
     // Checked past the proxy, on a connection of its own.
     let check = RedisStore::new(&server.url).unwrap().with_prefix(&prefix);
