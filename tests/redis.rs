@@ -386,71 +386,26 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_latest_id(topology: Topo
             )),
     );
     let h = Harness::start(tracker).await;
-    const STREAMS: usize = 5;
-    let mut streams = Vec::new();
-    for s in 0..STREAMS {
-        let name = format!("r{s}");
-        let tx = h.feed(&name);
-        let client = h
-            .get(&format!("/sse/{name}"), Some(&name), HeaderMap::new())
-            .await;
-        streams.push((name, tx, client));
-    }
-    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut n = 0;
-    let mut tick = |streams: &mut Vec<(String, _, common::Client)>| {
-        n += 1;
-        for (_, tx, _) in streams.iter() {
-            let tx: &tokio::sync::mpsc::UnboundedSender<Bytes> = tx;
-            tx.send(Bytes::from(format!("id: {n}\n\n"))).unwrap();
-        }
-        sent.fetch_add(STREAMS, std::sync::atomic::Ordering::Relaxed);
-        n
-    };
-    for _ in 0..10 {
-        tick(&mut streams);
-        sleep(Duration::from_millis(20)).await;
-    }
+    const STREAMS: u32 = 5;
+    let every = Duration::from_millis(20);
+    let mut streams = QuietStreams::open(&h, "r", STREAMS as usize, every).await;
+    streams.send_through(10).await;
     server.kill();
-    for _ in 0..50 {
-        tick(&mut streams);
-        sleep(Duration::from_millis(20)).await;
-    }
+    streams.send_through(60).await;
     server.restart();
-    let mut last = 0;
-    for _ in 0..10 {
-        last = tick(&mut streams);
-        sleep(Duration::from_millis(20)).await;
-    }
+    let last = 70;
+    streams.send_through(last).await;
     // Every client got every frame.
-    let expected: String = (1..=last).map(|i| format!("id: {i}\n\n")).collect();
-    for (name, _, client) in &mut streams {
-        client.read_until_len(expected.len()).await;
-        assert_eq!(client.received, expected.as_bytes(), "{name}");
-    }
+    streams.all_frames_delivered(last).await;
     assert!(
         recorded.sum(STORE_ERRORS_TOTAL) >= 1.0,
         "the outage was never noticed"
     );
     let check = server.lazy_store(&prefix);
-    timeout(Duration::from_secs(30), async {
-        loop {
-            let mut all = true;
-            for (name, _, _) in &streams {
-                let k = key(name, &format!("GET /sse/{name}"));
-                all &= loaded(&check, &k).await.as_deref() == Some(last.to_string().as_str());
-            }
-            if all {
-                break;
-            }
-            sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the store never caught up with every stream's latest id");
+    ids_stored(&check, &streams.expected(last), "Redis after the restart").await;
     println!(
         "{} ids sent across a Redis restart; store errors seen: {}",
-        sent.load(std::sync::atomic::Ordering::Relaxed),
+        last * STREAMS,
         recorded.sum(STORE_ERRORS_TOTAL)
     );
 }
@@ -657,7 +612,7 @@ async fn writes_unanswered_for_longer_than_stuck_after_get_a_new_connection(topo
     let store = store(&server, &prefix).await;
     let (tracker, recorded) = quick_retrying_tracker(&store);
     let h = Harness::start(tracker).await;
-    let mut streams = QuietStreams::open(&h, "w", 3).await;
+    let mut streams = QuietStreams::open(&h, "w", 3, Duration::from_millis(100)).await;
     streams.send_through(5).await;
     let check = server.lazy_store(&prefix);
     ids_stored(&check, &streams.expected(5), "Redis before the pause").await;
@@ -718,10 +673,12 @@ struct QuietStreams {
         common::Client,
     )>,
     sent: u32,
+    /// The pause after each round of events.
+    every: Duration,
 }
 
 impl QuietStreams {
-    async fn open(h: &Harness, prefix: &'static str, count: usize) -> Self {
+    async fn open(h: &Harness, prefix: &'static str, count: usize, every: Duration) -> Self {
         let mut streams = Vec::new();
         for s in 0..count {
             let name = format!("{prefix}{s}");
@@ -735,10 +692,11 @@ impl QuietStreams {
             prefix,
             streams,
             sent: 0,
+            every,
         }
     }
 
-    /// Sends `id: n` for every `n` up to `last` on every stream, 100 ms apart.
+    /// Sends `id: n` for every `n` up to `last` on every stream, `every` apart.
     async fn send_through(&mut self, last: u32) {
         while self.sent < last {
             self.sent += 1;
@@ -746,7 +704,7 @@ impl QuietStreams {
                 tx.send(Bytes::from(format!("id: {}\n\n", self.sent)))
                     .unwrap();
             }
-            sleep(Duration::from_millis(100)).await;
+            sleep(self.every).await;
         }
     }
 
@@ -974,7 +932,7 @@ async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
     let h = Harness::start(tracker).await;
     // Checked past the proxy, on a connection of its own.
     let check = RedisStore::new(&server.url).unwrap().with_prefix(&prefix);
-    let mut streams = QuietStreams::open(&h, "q", 3).await;
+    let mut streams = QuietStreams::open(&h, "q", 3, Duration::from_millis(100)).await;
     streams.send_through(5).await;
     ids_stored(&check, &streams.expected(5), "Redis before the silence").await;
     let errors_before = recorded.sum(STORE_ERRORS_TOTAL);

@@ -129,14 +129,8 @@ impl Connection {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
+        // A connection given ready-made is always a standalone `ConnectionManager`.
         matches!(self.client, Client::Cluster(_))
-            || matches!(
-                lock(&self.state).current,
-                Some(Current {
-                    conn: Conn::Cluster(_),
-                    ..
-                })
-            )
     }
 
     pub(super) fn replaced(&self) -> u64 {
