@@ -1017,6 +1017,47 @@ async fn many_calls_share_one_connect_and_a_failed_one_is_not_retried_within_a_s
     server.abort();
 }
 
+/// Failed on `ecccf3c` (hung for ever): a call made through the handle of a runtime that has
+/// shut down, as a blocking thread finishing during shutdown does. The connect it starts is
+/// refused by the runtime, and the store answers with an error. Needs no Redis: the connect
+/// never starts.
+#[test]
+fn a_store_call_after_its_runtime_shut_down_is_an_error_not_a_hang() {
+    for cluster in [false, true] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let handle = rt.handle().clone();
+            let store = if cluster {
+                RedisStore::cluster(["redis://127.0.0.1:1"]).unwrap()
+            } else {
+                RedisStore::new("redis://127.0.0.1:1").unwrap()
+            };
+            drop(rt);
+            let k = key("s", "GET /mcp");
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handle
+                    .block_on(store.load(&k))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }));
+            let _ = tx.send(outcome.map_err(|_| "the call panicked"));
+        });
+        let outcome = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("cluster: {cluster}: the call hung"));
+        println!("cluster: {cluster}: {outcome:?}");
+        assert!(
+            matches!(outcome, Ok(Err(_))),
+            "cluster: {cluster}: {outcome:?}"
+        );
+    }
+}
+
 macro_rules! on_both_topologies {
     ($($test:ident),* $(,)?) => {
         mod standalone {

@@ -102,7 +102,8 @@ return written
 ///     tracker's `store_timeout` cancelled after 50 ms or more is not. On a standalone Redis,
 ///     a refused or dropped connection counts neither way: `ConnectionManager` repairs those.
 ///   - When calls have gone unanswered for [`STUCK_AFTER`] (5 s from the first to the latest,
-///     none answered between, none more than 30 s apart), a new connection is made in the
+///     none answered between, however far apart: a silently dropped connection with sparse
+///     calls, such as long retry delays, is replaced too), a new connection is made in the
 ///     background, on a task of its own (5 s at most, one at a time, none for a second after
 ///     a failed one); calls stay on the old connection until the new one is in. It then
 ///     replaces the old one (unless Redis answered on the old one meanwhile): a `warn` event,
