@@ -60,8 +60,8 @@ pin_project! {
         fresh: bool,
         // Made the first time the channel is full.
         poll_sender: Option<PollSender<Arc<Slot>>>,
-        // The one timer of the stream: heartbeats and the hand-off deadline. Created the first
-        // time it is needed, then only reset.
+        // The one timer of the stream: heartbeats and the wait for room in the worker's
+        // channel. Created the first time it is needed, then only reset.
         #[pin]
         sleep: Option<Sleep>,
         // Wakes an idle body when the tracker starts draining; made the first time the body
@@ -254,8 +254,11 @@ fn refuse(
 struct Tracked {
     tracking: Tracking,
     shared: Arc<Shared>,
-    /// A slot waiting for room in the worker's channel (the body holds its queued flag).
-    handoff: Option<Arc<Slot>>,
+    /// The worker's channel was full at a hand-off: the slot went to the registry's dirty
+    /// list at once (the worker reads it at its next flush, whether or not this body is
+    /// polled again), and the body waits for room, at most the send timeout, before it
+    /// pulls its next frame, so that producers cannot outrun a worker that cannot run.
+    waiting: bool,
     /// Events not yet added to `sse_tracker_events_total`, and committed ids not yet added to
     /// `sse_tracker_records_coalesced_total` (ids that a newer id of the stream replaced before
     /// the worker read the slot): the counters are shared by every stream, so they are updated
@@ -273,7 +276,7 @@ impl Tracked {
         Self {
             tracking,
             shared,
-            handoff: None,
+            waiting: false,
             events: 0,
             coalesced: 0,
         }
@@ -312,19 +315,19 @@ impl Tracked {
         match shared.worker.sender.try_send(slot.clone()) {
             Ok(()) => shared.metrics.records_enqueued.increment(1),
             Err(TrySendError::Full(slot)) => {
-                if self.handoff.is_some() {
-                    // Another stream of this body already waits for room: this one goes to
-                    // the registry's dirty list, which the worker reads at its next flush.
-                    shared.registry.push_dirty(slot);
-                    return;
-                }
-                // The frame is delivered now; the next one waits for room, at most the send
-                // timeout.
-                self.handoff = Some(slot);
-                let deadline = Instant::now() + shared.config.send_timeout;
-                match sleep.as_mut().as_pin_mut() {
-                    Some(sleep) => sleep.reset(deadline),
-                    None => sleep.set(Some(sleep_until(deadline))),
+                // The registry's dirty list takes the slot now: the hand-off never depends on
+                // this body being polled again.
+                shared.registry.push_dirty(slot);
+                shared.metrics.records_enqueued.increment(1);
+                if !self.waiting {
+                    // The frame is delivered now; the next one waits for room, at most the
+                    // send timeout.
+                    self.waiting = true;
+                    let deadline = Instant::now() + shared.config.send_timeout;
+                    match sleep.as_mut().as_pin_mut() {
+                        Some(sleep) => sleep.reset(deadline),
+                        None => sleep.set(Some(sleep_until(deadline))),
+                    }
                 }
             }
             // Shut down: ids committed from now on stay in memory (the shutdown report lists
@@ -339,11 +342,6 @@ impl Drop for Tracked {
         self.report_counts();
         let shared = &self.shared;
         shared.metrics.streams_active.decrement(1.0);
-        if let Some(slot) = self.handoff.take() {
-            // The body goes while a slot waits for room in the channel: the registry's dirty
-            // list takes the slot instead, so the worker still writes its latest id.
-            shared.registry.push_dirty(slot);
-        }
         for slot in self.tracking.slots() {
             shared.registry.body_closed(slot);
         }
@@ -467,37 +465,25 @@ impl SseState {
         }
     }
 
-    /// Ready once the waiting slot is handed over, or its wait timed out (then the slot goes
-    /// to the registry's dirty list: the worker persists its latest id at the next flush).
-    fn poll_handoff(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready once the worker's channel has room again, or the send timeout has passed (counted
+    /// and logged), or the worker has stopped. The slot that found the channel full is in the
+    /// registry's dirty list already: this wait only paces the body.
+    fn poll_room(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let shared = &*this.shared;
         let Some(tracked) = this.tracked.as_mut() else {
             return Poll::Ready(());
         };
-        let Some(slot) = tracked.handoff.clone() else {
+        if !tracked.waiting {
             return Poll::Ready(());
-        };
+        }
         let sender = this
             .poll_sender
             .get_or_insert_with(|| PollSender::new(shared.worker.sender.clone()));
         match sender.poll_reserve(cx) {
-            Poll::Ready(Ok(())) => {
-                tracked.handoff = None;
-                match sender.send_item(slot) {
-                    Ok(()) => shared.metrics.records_enqueued.increment(1),
-                    Err(error) => {
-                        if let Some(slot) = error.into_inner() {
-                            shared.registry.push_dirty(slot);
-                        }
-                    }
-                }
-            }
-            // Shut down while waiting: the id was committed before, so it is owed; the worker
-            // still reads the dirty list until it ends.
-            Poll::Ready(Err(_closed)) => {
-                tracked.handoff = None;
-                shared.registry.push_dirty(slot);
+            // Room (the reserved place is given back: there is nothing to send), or shut down.
+            Poll::Ready(_) => {
+                sender.abort_send();
             }
             Poll::Pending => {
                 let sleep = this
@@ -509,16 +495,15 @@ impl SseState {
                     return Poll::Pending;
                 }
                 sender.abort_send();
-                tracked.handoff = None;
-                shared.registry.push_dirty(slot);
                 shared.metrics.backpressure_timeouts.increment(1);
                 tracing::warn!(
                     parent: &tracked.tracking.span,
                     timeout = ?shared.config.send_timeout,
-                    "persistence worker's channel full: the stream's latest id will be written from memory"
+                    "persistence worker's channel full for the whole send timeout: the worker is not running (is its runtime blocked?); the stream goes on, its latest id waits in memory"
                 );
             }
         }
+        tracked.waiting = false;
         Poll::Ready(())
     }
 
@@ -530,8 +515,8 @@ impl SseState {
         }
     }
 
-    fn handoff_pending(&self) -> bool {
-        self.tracked.as_ref().is_some_and(|t| t.handoff.is_some())
+    fn waiting_for_room(&self) -> bool {
+        self.tracked.as_ref().is_some_and(|t| t.waiting)
     }
 
     /// Drops a leading byte order mark of the inner body after a heartbeat went out first
@@ -749,8 +734,8 @@ impl<B: Body> Body for TrackedBody<B> {
         if let Some(trailers) = sse.as_mut().project().trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        if sse.handoff_pending() {
-            ready!(sse.as_mut().poll_handoff(cx));
+        if sse.waiting_for_room() {
+            ready!(sse.as_mut().poll_room(cx));
         }
         loop {
             let draining = sse.shared.drain.is_draining();

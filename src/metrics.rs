@@ -80,7 +80,9 @@ pub const IDS_REJECTED_TOTAL: &str = "sse_tracker_ids_rejected_total";
 
 /// Counter: records handed to the worker.
 pub const RECORDS_ENQUEUED_TOTAL: &str = "sse_tracker_records_enqueued_total";
-/// Counter: hand-offs that waited the whole send timeout; the key was marked dirty instead.
+/// Counter: waits of a body for room in the worker's full channel that lasted the whole send
+/// timeout (the stream's slot was handed over through the registry at once; the wait only
+/// paces the body).
 pub const BACKPRESSURE_TIMEOUTS_TOTAL: &str = "sse_tracker_backpressure_timeouts_total";
 /// Counter: committed ids that needed no record of their own (the stream was already queued
 /// for the next flush, which writes its latest id).
