@@ -18,6 +18,9 @@ use crate::worker::{WorkerConfig, WorkerTask};
 use crate::defaults::*;
 use crate::limits::*;
 
+/// The largest `channel_capacity`.
+const MAX_CHANNEL_CAPACITY: usize = 1 << 24;
+
 /// A setting was refused by [`SseTrackerBuilder::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -33,7 +36,8 @@ pub enum ConfigError {
     MaxIdLen(usize),
     /// `max_streams` is 0.
     MaxStreams,
-    /// `channel_capacity` is 0.
+    /// `channel_capacity` is 0 or above 16 777 216 (2^24; a larger channel would need more
+    /// than the bodies can ever put in it: each stream is in it at most once).
     ChannelCapacity,
     /// `send_timeout` is zero.
     SendTimeout,
@@ -77,7 +81,10 @@ impl fmt::Display for ConfigError {
                 write!(f, "max_id_len {n} must be between 1 and {MAX_ID_LEN_LIMIT}")
             }
             ConfigError::MaxStreams => f.write_str("max_streams must be at least 1"),
-            ConfigError::ChannelCapacity => f.write_str("channel_capacity must be at least 1"),
+            ConfigError::ChannelCapacity => write!(
+                f,
+                "channel_capacity must be between 1 and {MAX_CHANNEL_CAPACITY}"
+            ),
             ConfigError::SendTimeout => f.write_str("send_timeout must be longer than zero"),
             ConfigError::MaxBatch => f.write_str("max_batch must be at least 1"),
             ConfigError::FlushInterval => f.write_str("flush_interval must be longer than zero"),
@@ -328,7 +335,8 @@ impl SseTrackerBuilder {
         self
     }
 
-    /// Capacity of the bounded channel from the bodies to the worker, in records.
+    /// Capacity of the bounded channel from the bodies to the worker, in records: 1 to
+    /// 16 777 216 (2^24). Its memory grows with what it holds, not with its capacity.
     pub fn channel_capacity(mut self, records: usize) -> Self {
         self.channel_capacity = records;
         self
@@ -478,7 +486,7 @@ impl SseTrackerBuilder {
         if self.max_streams == 0 {
             return Err(ConfigError::MaxStreams);
         }
-        if self.channel_capacity == 0 {
+        if self.channel_capacity == 0 || self.channel_capacity > MAX_CHANNEL_CAPACITY {
             return Err(ConfigError::ChannelCapacity);
         }
         if self.send_timeout.is_zero() {

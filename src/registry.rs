@@ -27,7 +27,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -160,9 +159,12 @@ pub(crate) struct Slot {
     /// The latest-only `watch` channel of subscribers, made on the first `subscribe`: a
     /// `watch::Sender` costs about 300 bytes and its send locks eight wait lists, which most
     /// streams (nobody subscribed) do not need on every frame.
+    ///
+    /// Subscribers are told with `latest`'s lock released: a subscriber may hold `borrow()` on
+    /// its receiver (which a send waits for) while it reads the latest id (which takes
+    /// `latest`'s lock). Each send reads the latest id under the channel's own lock, so the
+    /// last one leaves the newest in the channel.
     watch: OnceLock<watch::Sender<Option<EventId>>>,
-    /// Copy of `latest.version.sequence`, for lock-free checks.
-    sequence: AtomicU64,
     // The worker's state, kept next to the slot so that the frame path can read it without a
     // look-up. Only the worker writes it.
     /// Highest sequence known to be in the store.
@@ -176,7 +178,9 @@ pub(crate) struct Slot {
     /// Removed from the registry (its unpersisted id, if any, is in the evicted FIFO).
     evicted: AtomicBool,
     /// The worker's round that last took this slot, so that one round writes a slot once.
-    round: AtomicU32,
+    /// Rounds are numbered from 1 by a `u64` that cannot wrap (at one round per millisecond,
+    /// not in 500 million years), so a slot's 0 never matches a round.
+    round: AtomicU64,
 }
 
 impl Slot {
@@ -192,13 +196,12 @@ impl Slot {
                 queued: false,
             }),
             watch: OnceLock::new(),
-            sequence: AtomicU64::new(sequence),
             persisted: AtomicU64::new(sequence),
             in_retry: AtomicBool::new(false),
             given_up: AtomicBool::new(false),
             retries: AtomicU32::new(0),
             evicted: AtomicBool::new(false),
-            round: AtomicU32::new(0),
+            round: AtomicU64::new(0),
         }
     }
 
@@ -221,7 +224,7 @@ impl Slot {
 
     /// Whether the slot's latest id is newer than what the store is known to hold.
     pub(crate) fn unpersisted(&self) -> bool {
-        self.sequence.load(Ordering::Acquire) > self.persisted()
+        self.sequence() > self.persisted()
     }
 
     /// Makes `id` (bytes the scanner accepted) the latest id of this stream, published at
@@ -230,24 +233,44 @@ impl Slot {
     /// slot to the worker (it was not queued; it is now).
     pub(crate) fn publish(&self, id: &[u8], at_us: u64) -> (Version, bool) {
         // The version is taken under the slot's lock, so that id order and version order
-        // agree when several bodies publish to one key at once; subscribers are told under it
-        // too, so they can never be left with an older id than the slot's.
-        let mut latest = lock(&self.latest);
-        let version = Version {
-            at_us: at_us.max(latest.version.at_us),
-            sequence: latest.version.sequence + 1,
+        // agree when several bodies publish to one key at once.
+        let (version, hand_over) = {
+            let mut latest = lock(&self.latest);
+            let version = Version {
+                at_us: at_us.max(latest.version.at_us),
+                sequence: latest.version.sequence + 1,
+            };
+            latest.id.set(id);
+            latest.has_id = true;
+            latest.version = version;
+            let hand_over = !std::mem::replace(&mut latest.queued, true);
+            (version, hand_over)
         };
-        latest.id.set(id);
-        latest.has_id = true;
-        latest.version = version;
-        let hand_over = !std::mem::replace(&mut latest.queued, true);
-        self.sequence.store(version.sequence, Ordering::Release);
         if let Some(watch) = self.watch.get()
             && watch.receiver_count() > 0
         {
-            watch.send_replace(Some(EventId::from_scanned(id)));
+            self.tell(watch);
         }
         (version, hand_over)
+    }
+
+    /// Sends the latest id to subscribers when it is not what they have. The id is read
+    /// inside the send, under the channel's lock (`latest`'s lock is never held while that one
+    /// is taken), so that two bodies telling at once cannot leave the older id in it.
+    fn tell(&self, watch: &watch::Sender<Option<EventId>>) {
+        watch.send_if_modified(|value| {
+            let current = self.latest();
+            let changed = *value != current;
+            if changed {
+                *value = current;
+            }
+            changed
+        });
+    }
+
+    /// The sequence number of the latest id.
+    fn sequence(&self) -> u64 {
+        lock(&self.latest).version.sequence
     }
 
     /// Whether the latest id is `id`, compared in place.
@@ -284,18 +307,12 @@ impl Slot {
     /// A receiver of this stream's latest ids, starting at the current one (marked seen).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
         let watch = self.watch.get_or_init(|| watch::Sender::new(None));
-        let latest = lock(&self.latest);
-        let current = latest
-            .has_id
-            .then(|| EventId::from_scanned(latest.id.as_slice()));
-        watch.send_if_modified(|value| {
-            let changed = *value != current;
-            if changed {
-                *value = current;
-            }
-            changed
-        });
-        watch.subscribe()
+        // Subscribed first, so that a body publishing from now on tells this receiver too;
+        // then the ids published while nobody subscribed, which were not sent.
+        let mut rx = watch.subscribe();
+        self.tell(watch);
+        rx.mark_unchanged();
+        rx
     }
 
     pub(crate) fn persisted(&self) -> u64 {
@@ -345,9 +362,9 @@ impl Slot {
         self.evicted.load(Ordering::Acquire)
     }
 
-    /// Marks the slot as taken by `round` (the worker's round number, wrapping); false when
-    /// that round already took it.
-    pub(crate) fn take_for_round(&self, round: u32) -> bool {
+    /// Marks the slot as taken by `round` (the worker's round number); false when that round
+    /// already took it.
+    pub(crate) fn take_for_round(&self, round: u64) -> bool {
         self.round.swap(round, Ordering::Relaxed) != round
     }
 }
@@ -358,12 +375,54 @@ struct SessionEntry {
     streams: Vec<Arc<Slot>>,
 }
 
+impl SessionEntry {
+    fn new(owner: &Owner) -> Self {
+        Self {
+            state: Arc::new(SessionState::new(Some(owner.clone()))),
+            // Most owners have one stream.
+            streams: Vec::with_capacity(1),
+        }
+    }
+}
+
+/// The routes (see [`route_of`]) of an owner's streams evicted while the owner kept other
+/// streams: a reconnect on one of them may be for a stream this instance no longer holds.
+/// Bounded; past the bound, it stands for every route.
+#[derive(Debug, Default)]
+struct LostRoutes {
+    routes: Vec<StreamName>,
+    many: bool,
+}
+
+/// Routes an owner is remembered losing a stream of, at most.
+const MAX_LOST_ROUTES: usize = 8;
+
+impl LostRoutes {
+    fn contains(&self, route: &StreamName) -> bool {
+        self.many || self.routes.iter().any(|r| r == route)
+    }
+
+    fn add(&mut self, name: &StreamName) {
+        let route = route_of(name);
+        if self.many || self.routes.iter().any(|r| r.as_str() == route) {
+            return;
+        }
+        match StreamName::new(route) {
+            Ok(route) if self.routes.len() < MAX_LOST_ROUTES => self.routes.push(route),
+            _ => self.many = true,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Map {
     /// Streams with an owner: an owner has few streams, and callers list them.
     sessions: HashMap<Owner, SessionEntry>,
     /// Sessionless streams, which can be many: by name.
     unowned: HashMap<StreamName, Arc<Slot>>,
+    /// Owners in `sessions` that lost streams to eviction (rare: kept apart, so that an
+    /// entry costs nothing for it), and the routes of those streams.
+    lost: HashMap<Owner, LostRoutes>,
     /// Every slot without an open body, least recently used first; keyed by the slot's address
     /// (unique while the list holds the slot). Live slots are counted in `live` instead.
     lru: LruCache<usize, Arc<Slot>>,
@@ -397,6 +456,12 @@ impl Map {
             if entry.streams.is_empty() {
                 entry.state.resident.store(false, Ordering::Relaxed);
                 self.sessions.remove(owner.as_str());
+                self.lost.remove(owner.as_str());
+            } else {
+                self.lost
+                    .entry(owner.clone())
+                    .or_default()
+                    .add(&slot.key.stream);
             }
         }
     }
@@ -417,9 +482,7 @@ impl Map {
     fn evict(&mut self, slot: &Arc<Slot>) {
         self.unlink(slot);
         slot.evicted.store(true, Ordering::Release);
-        self.sequence_floor = self
-            .sequence_floor
-            .max(slot.sequence.load(Ordering::Acquire));
+        self.sequence_floor = self.sequence_floor.max(slot.sequence());
     }
 }
 
@@ -470,6 +533,21 @@ fn concurrent_index(route: &StreamName, name: &StreamName) -> Option<usize> {
     }
     let n: usize = digits.parse().ok()?;
     (2..=MAX_CONCURRENT).contains(&n).then_some(n)
+}
+
+/// The route a stream name belongs to: `name` without its `" #n"` (see [`concurrent_index`]).
+fn route_of(name: &StreamName) -> &str {
+    let name = name.as_str();
+    if let Some((route, digits)) = name.rsplit_once(" #")
+        && !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits
+            .parse::<usize>()
+            .is_ok_and(|n| (2..=MAX_CONCURRENT).contains(&n))
+    {
+        return route;
+    }
+    name
 }
 
 /// The name of a route's `n`-th stream (`route` for 1), if `n` is within [`MAX_CONCURRENT`].
@@ -546,6 +624,15 @@ pub(crate) struct Limits {
     pub(crate) max_pending_evicted: usize,
 }
 
+impl Limits {
+    /// The most entries a list of slots or sessions the worker drains can hold with resident
+    /// entries only: every stream, and every evicted one waiting for a write (saturating, for
+    /// settings that mean "no bound").
+    pub(crate) fn list_bound(&self) -> usize {
+        self.max_streams.saturating_add(self.max_pending_evicted)
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Registry {
     limits: Limits,
@@ -586,16 +673,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Registry {
     pub(crate) fn new(limits: Limits, metrics: RegistryMetrics) -> Self {
-        let max_names = NonZeroUsize::new(limits.max_names).unwrap_or(NonZeroUsize::MIN);
         Self {
             limits,
             metrics,
             map: Mutex::new(Map {
                 sessions: HashMap::new(),
                 unowned: HashMap::new(),
+                lost: HashMap::new(),
                 lru: LruCache::unbounded(),
                 live: 0,
-                names: LruCache::new(max_names),
+                // Bounded by `intern`, not by the cache, which would allocate its whole table
+                // up front.
+                names: LruCache::unbounded(),
                 sequence_floor: 0,
             }),
             clock: AtomicU64::new(0),
@@ -676,7 +765,7 @@ impl Registry {
         resident: impl Fn(&T) -> bool,
         on_dropped: impl FnOnce(usize),
     ) {
-        if list.len() > self.limits.max_streams + self.limits.max_pending_evicted {
+        if list.len() > self.limits.list_bound() {
             let before = list.len();
             list.retain(resident);
             on_dropped(before - list.len());
@@ -732,31 +821,13 @@ impl Registry {
         !lock(&self.dirty).is_empty()
     }
 
-    /// Takes the evicted slots still waiting for a write (the worker's round owns them until
-    /// it gives back those it could not write).
-    pub(crate) fn take_evicted(&self) -> Vec<Arc<Slot>> {
+    /// The evicted slots still waiting for a write, oldest first. They stay in the FIFO while
+    /// the worker writes them, so that lookups, the shutdown report and the gauge see them;
+    /// each leaves it once its id is in the store (or a newer id of its key is).
+    pub(crate) fn evicted_owed(&self) -> Vec<Arc<Slot>> {
         let mut evicted = lock(&self.evicted);
         evicted.retain(|s| s.unpersisted());
-        evicted.drain(..).collect()
-    }
-
-    /// Gives back evicted slots a round could not write, ahead of those evicted since (they
-    /// are older); the bound holds, the oldest beyond it being dropped and counted.
-    pub(crate) fn return_evicted(&self, slots: Vec<Arc<Slot>>) {
-        let mut fifo = lock(&self.evicted);
-        let mut lost = 0;
-        for slot in slots.into_iter().rev() {
-            if !slot.unpersisted() {
-                continue;
-            }
-            if self.is_closed() {
-                lost += 1;
-            } else {
-                fifo.push_front(slot);
-            }
-        }
-        self.dropped_stopped(lost);
-        self.trim_evicted(&mut fifo);
+        evicted.iter().cloned().collect()
     }
 
     /// Counts unpersisted ids of evicted streams dropped because the worker no longer runs, and
@@ -797,8 +868,11 @@ impl Registry {
             .cloned()
     }
 
+    /// Evicted slots whose latest id is not in the store yet.
     pub(crate) fn evicted_pending_len(&self) -> usize {
-        lock(&self.evicted).len()
+        let mut evicted = lock(&self.evicted);
+        evicted.retain(|s| s.unpersisted());
+        evicted.len()
     }
 
     /// Latest ids dropped unpersisted so far.
@@ -904,6 +978,9 @@ impl Registry {
             Some((name, ())) => name.clone(),
             None => {
                 map.names.put(stream.clone(), ());
+                if map.names.len() > self.limits.max_names.max(1) {
+                    map.names.pop_lru();
+                }
                 stream.clone()
             }
         };
@@ -922,11 +999,7 @@ impl Registry {
                 let entry = map
                     .sessions
                     .entry(owner.clone())
-                    .or_insert_with(|| SessionEntry {
-                        state: Arc::new(SessionState::new(Some(owner.clone()))),
-                        // Most owners have one stream.
-                        streams: Vec::with_capacity(1),
-                    });
+                    .or_insert_with(|| SessionEntry::new(owner));
                 let state = entry.state.clone();
                 let key = StreamKey::new(owner_of(&state), stream);
                 let slot = Arc::new(Slot::new(key, state, floor));
@@ -995,12 +1068,14 @@ impl Registry {
     /// extensions (the response's body then prefers that stream: see
     /// [`open_route`](Self::open_route)). The route's streams are `route`, `"{route} #2"`…
     ///
-    /// - With a `Last-Event-ID`: the stream whose latest id it is (one without an open body
-    ///   first). Failing that, with an owner: its only stream without an open body (the
+    /// - With a `Last-Event-ID`: the stream whose latest id it is, a closed one first (an
+    ///   evicted one whose id waits for the store counts), else an open one; `None` when
+    ///   several are. Failing that, with an owner: its only stream without an open body (the
     ///   client's, closed when it dropped); when all have open bodies (its stream was evicted,
     ///   or this instance never served it), the stream the response will get, as without an
-    ///   id. `None` when several closed streams could be the client's, or when there is no
-    ///   owner (anonymous clients share the streams: a closed one is anybody's).
+    ///   id. `None` when several closed streams could be the client's, when the owner lost a
+    ///   stream of the route to eviction (the client's could be that one), or when there is
+    ///   no owner (anonymous clients share the streams: a closed one is anybody's).
     /// - Without one: the first of the route's streams without an open body, the one the
     ///   response will get (unless another response of the route starts in between); `None`
     ///   when all [`MAX_CONCURRENT`] have one.
@@ -1059,20 +1134,63 @@ impl Registry {
         let Some(id) = last_event_id else {
             return first_free();
         };
-        if let Some(slot) = streams
-            .iter()
-            .filter(|slot| slot.latest_is(id.as_bytes()))
-            .min_by_key(|slot| slot.is_live())
-        {
-            return Some(slot.key.stream.clone());
+        let id = id.as_bytes();
+        // The client's stream is one whose latest id it sent: a closed one first (the
+        // client's connection ended), among them evicted ones whose id this instance still
+        // holds; else an open one (its end not seen yet). Several: any could be the client's.
+        let evicted = self.evicted_with_latest(owner, route, id);
+        let mut named: Vec<&StreamName> = Vec::new();
+        let closed = streams.iter().copied().filter(|slot| !slot.is_live());
+        for slot in closed.chain(evicted.iter()) {
+            if slot.latest_is(id) && !named.contains(&&slot.key.stream) {
+                named.push(&slot.key.stream);
+            }
         }
-        owner?;
+        if named.is_empty() {
+            named = streams
+                .iter()
+                .filter(|slot| slot.is_live() && slot.latest_is(id))
+                .map(|slot| &slot.key.stream)
+                .collect();
+        }
+        match named.as_slice() {
+            [only] => return Some((*only).clone()),
+            [_, _, ..] => return None,
+            [] => {}
+        }
+        // The id is the latest of no stream here: the client is behind its stream (events
+        // were in flight when it dropped), or its stream is one this instance does not hold.
+        // With an owner, its only closed stream of the route is taken for the client's, unless
+        // the owner lost one of the route's streams to eviction (the client's may be that
+        // one); with none closed, the response gets a new stream. Anonymous clients share
+        // the streams: a closed one is anybody's.
+        let owner = owner?;
+        let lost = map.lost.get(owner).is_some_and(|lost| lost.contains(route));
         let mut closed = streams.iter().filter(|slot| !slot.is_live());
         match (closed.next(), closed.next()) {
+            _ if lost => None,
             (Some(only), None) => Some(only.key.stream.clone()),
             (None, _) => first_free(),
             (Some(_), Some(_)) => None,
         }
+    }
+
+    /// The evicted streams of `route` (of `owner`) whose latest id, `id`, waits in the FIFO.
+    fn evicted_with_latest(
+        &self,
+        owner: Option<&str>,
+        route: &StreamName,
+        id: &[u8],
+    ) -> Vec<Arc<Slot>> {
+        let fifo = lock(&self.evicted);
+        fifo.iter()
+            .filter(|slot| {
+                slot.key.owner.as_ref().map(Owner::as_str) == owner
+                    && concurrent_index(route, &slot.key.stream).is_some()
+                    && slot.latest_is(id)
+            })
+            .cloned()
+            .collect()
     }
 
     /// A body of `slot` went away; the last one makes the slot evictable again (most recently
@@ -1235,6 +1353,105 @@ mod tests {
         assert_eq!(again.key.stream, name("GET /e #2"));
     }
 
+    /// The route's stream `n` of `owner`, opened for a body.
+    fn open_nth(registry: &Registry, owner: &str, route: &StreamName) -> Arc<Slot> {
+        let owner = Owner::new(owner).unwrap();
+        registry
+            .open_route(Some(&owner), route, false, None)
+            .unwrap()
+            .0
+    }
+
+    /// Failed on `ecccf3c`: the lowest index was named, though either stream could be the
+    /// client's.
+    #[test]
+    fn an_id_that_is_the_latest_of_two_closed_streams_names_neither() {
+        let registry = registry(10, None);
+        let route = StreamName::new("GET /e").unwrap();
+        let first = open_nth(&registry, "s", &route);
+        let second = open_nth(&registry, "s", &route);
+        assert_eq!(second.key.stream, "GET /e #2");
+        // Each connection counts its own ids.
+        first.publish(b"5", 1);
+        second.publish(b"5", 1);
+        registry.body_closed(&first);
+        registry.body_closed(&second);
+        assert_eq!(registry.address_route(Some("s"), &route, Some("5")), None);
+        // One of them moves on: the id names the other one alone.
+        let again = registry
+            .get_or_insert(Some(&first.key.owner.clone().unwrap()), &route, Open::No)
+            .unwrap()
+            .0;
+        again.publish(b"6", 2);
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("5")),
+            Some(StreamName::new("GET /e #2").unwrap())
+        );
+    }
+
+    /// Failed on `ecccf3c`: the client's own stream `#2` was evicted, and the owner's only
+    /// closed stream, another client's, was named instead.
+    #[test]
+    fn a_client_whose_stream_was_evicted_is_never_given_another_clients_stream() {
+        let registry = registry(2, None);
+        let route = StreamName::new("GET /e").unwrap();
+        let theirs = open_nth(&registry, "s", &route);
+        let mine = open_nth(&registry, "s", &route);
+        theirs.publish(b"y3", 1);
+        mine.publish(b"x5", 1);
+        // Mine closes first, so it is the least recently used.
+        registry.body_closed(&mine);
+        registry.body_closed(&theirs);
+        insert(&registry, "t", "GET /other", false);
+        assert!(mine.is_evicted() && !theirs.is_evicted());
+        // Its id waits for the store: the registry still knows it is `#2`'s.
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("x5")),
+            Some(StreamName::new("GET /e #2").unwrap())
+        );
+        // Once written, nothing here says which stream `x5` was: no key, rather than `#1`.
+        mine.set_persisted(u64::MAX);
+        assert!(registry.evicted_owed().is_empty());
+        assert_eq!(registry.address_route(Some("s"), &route, Some("x5")), None);
+        // The other client still finds its own stream, behind or not.
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("y3")),
+            Some(route.clone())
+        );
+    }
+
+    /// Failed on `ecccf3c` (a deadlock): a body published while holding the slot's lock and
+    /// waited there for the `watch`, which a subscriber's `borrow()` held while it asked for
+    /// the latest id, which needs the slot's lock.
+    #[test]
+    fn a_subscriber_holding_a_borrow_can_read_the_latest_id_while_a_body_publishes() {
+        let registry = registry(10, None);
+        let slot = insert(&registry, "s", "GET /a", false);
+        let rx = slot.subscribe();
+        let borrowed = rx.borrow();
+        let publisher = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                slot.publish(b"1", 1);
+            })
+        };
+        // Time for the publisher to reach the watch, which waits for the borrow to end.
+        std::thread::sleep(Duration::from_millis(200));
+        let (tx, done) = std::sync::mpsc::channel();
+        let reader = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(slot.latest());
+            })
+        };
+        let read = done.recv_timeout(Duration::from_secs(5));
+        drop(borrowed);
+        publisher.join().unwrap();
+        reader.join().unwrap();
+        assert!(read.is_ok(), "reading the latest id waited for the borrow");
+        assert_eq!(*rx.borrow(), Some(EventId::new("1").unwrap()));
+    }
+
     #[test]
     fn streams_of_one_session_have_separate_slots() {
         let registry = registry(10, None);
@@ -1351,11 +1568,11 @@ mod tests {
         assert_eq!(registry.evicted_pending_len(), 2);
         assert_eq!(registry.dropped(), 2);
         // Persisted ones leave it.
-        let taken = registry.take_evicted();
-        assert_eq!(taken.len(), 2);
-        taken[0].set_persisted(u64::MAX);
-        registry.return_evicted(taken);
-        assert_eq!(registry.take_evicted().len(), 1);
+        let owed = registry.evicted_owed();
+        assert_eq!(owed.len(), 2);
+        owed[0].set_persisted(u64::MAX);
+        assert_eq!(registry.evicted_owed().len(), 1);
+        assert_eq!(registry.evicted_pending_len(), 1);
     }
 
     #[test]

@@ -410,8 +410,10 @@ impl SseTracker {
     /// failures before it, a write already in flight that fails included: streams given up
     /// or waiting for a retry are written at once.
     ///
-    /// A second call writes nothing and reports what the store still lacks; so does a call
-    /// after the worker task was lost (its runtime shut down), with
+    /// A second call writes nothing: it waits for the first to end (up to its own `timeout`)
+    /// and reports what the store still lacks; if the first is still running then, its report
+    /// has [`worker_running`](ShutdownReport::worker_running) set and is never complete. A
+    /// call after the worker task was lost (its runtime shut down) reports the same way, with
     /// [`worker_lost`](ShutdownReport::worker_lost) set.
     ///
     /// ```

@@ -348,3 +348,53 @@ async fn a_full_registry_evicts_the_least_recently_used_stream_and_counts_it() {
         "1"
     );
 }
+
+/// Failed on `ecccf3c`: `max_pending_evicted(usize::MAX)` built, then panicked on the first
+/// request (an overflowing list bound); `max_stream_names(usize::MAX)` and
+/// `channel_capacity(usize::MAX)` panicked inside `build()`. Settings meaning "no bound" either
+/// work, with bounds that saturate, or are a `ConfigError`.
+#[tokio::test]
+async fn settings_meaning_no_bound_work_or_are_refused_never_panic() {
+    use common::direct::{drive, frames_service, id_frames};
+    use tower_sse_tracker::ConfigError;
+
+    for (name, builder) in [
+        (
+            "max_pending_evicted",
+            SseTracker::builder().max_pending_evicted(usize::MAX),
+        ),
+        ("max_streams", SseTracker::builder().max_streams(usize::MAX)),
+        (
+            "max_stream_names",
+            SseTracker::builder().max_stream_names(usize::MAX),
+        ),
+        (
+            "all three",
+            SseTracker::builder()
+                .max_pending_evicted(usize::MAX)
+                .max_streams(usize::MAX)
+                .max_stream_names(usize::MAX),
+        ),
+    ] {
+        let tracker = builder.heartbeat_interval(None).build().unwrap();
+        let mut svc = frames_service(&tracker);
+        for s in 0..3 {
+            drive(&mut svc, &format!("s{s}"), id_frames(2)).await;
+        }
+        assert_eq!(
+            tracker.last_event_id(&key("s2", "GET /mcp")).unwrap(),
+            "2",
+            "{name}"
+        );
+        assert!(tracker.shutdown(Duration::from_secs(5)).await.is_complete());
+    }
+    let refused = SseTracker::builder()
+        .channel_capacity(usize::MAX)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(refused, ConfigError::ChannelCapacity),
+        "{refused:?}"
+    );
+    println!("{refused}");
+}

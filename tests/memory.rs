@@ -33,6 +33,25 @@ mod session {
     };
     use tower_sse_tracker::store::InMemoryStore;
 
+    /// Failed on `ecccf3c`: a large legal `max_stream_names` allocated its whole intern
+    /// table at build (about 1.8 GiB for 50 million names), which the memory gauge did not
+    /// count. Now the table grows with the names it holds.
+    #[tokio::test]
+    async fn a_large_bound_allocates_nothing_until_it_is_used() {
+        let before = counting_alloc::live().0;
+        let tracker = SseTracker::builder()
+            .max_stream_names(50_000_000)
+            .max_streams(50_000_000)
+            .max_pending_evicted(50_000_000)
+            .channel_capacity(1 << 20)
+            .build()
+            .unwrap();
+        let grown = counting_alloc::live().0 - before;
+        println!("a tracker with bounds of 50 million allocated {grown} bytes at build");
+        assert!(grown < 64 * 1024, "{grown} bytes");
+        assert!(tracker.estimated_memory_bytes() < 64 * 1024);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn activity_batching_writes_a_session_once_per_flush_however_many_frames() {
         let store = std::sync::Arc::new(InMemoryStore::new());

@@ -226,10 +226,21 @@ impl Error for StoreError {
 /// }
 /// ```
 pub trait Store: Send + Sync + 'static {
-    /// Saves every entry of `batch` that [supersedes](SaveEntry::supersedes) the stored one. A
-    /// batch holds one entry per key and at most
-    /// [`max_batch`](crate::SseTrackerBuilder::max_batch) entries. An error means the whole
-    /// batch may be retried.
+    /// Saves every entry of `batch` that [supersedes](SaveEntry::supersedes) the stored one.
+    /// An error means the whole batch may be retried.
+    ///
+    /// The batch contract, which a store may rely on (a SQL multi-row upsert refuses a row
+    /// affected twice):
+    ///
+    /// - at most [`max_batch`](crate::SseTrackerBuilder::max_batch) entries, at least one;
+    /// - **one entry per key**, the newest the tracker holds: also when a stream was evicted
+    ///   with its id unwritten and made again before the next flush (the older id is then left
+    ///   out, as the newer one supersedes it);
+    /// - one `save` call in flight at a time per tracker (and one
+    ///   [`touch_sessions`](Self::touch_sessions) beside it).
+    ///
+    /// `tests/eviction.rs` checks the contract under eviction churn with a store that refuses
+    /// any batch naming a key twice.
     fn save(&self, batch: &[SaveEntry]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The stored entry of `key`, if any.

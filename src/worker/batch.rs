@@ -5,10 +5,11 @@
 //! flushes, the round reads the latest of them from the slot, once, and leaves it out when the
 //! store already holds it.
 
-use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::key::EventId;
+use crate::key::{EventId, StreamKey};
 use crate::registry::{Registry, Slot, Version};
 use crate::store::SaveEntry;
 
@@ -18,6 +19,18 @@ pub(crate) struct Pending {
     pub(crate) slot: Arc<Slot>,
     pub(crate) id: EventId,
     pub(crate) version: Version,
+    /// Older slots of the same key (evicted, the key made again since) whose ids this entry
+    /// supersedes: once it is stored, so are they, as far as the store is concerned.
+    pub(crate) covers: Vec<(Arc<Slot>, Version)>,
+}
+
+impl Pending {
+    /// Every slot this entry writes for, with the version it writes: the entry's own, then
+    /// those it covers.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (&Arc<Slot>, Version)> {
+        std::iter::once((&self.slot, self.version))
+            .chain(self.covers.iter().map(|(slot, version)| (slot, *version)))
+    }
 }
 
 impl Pending {
@@ -53,7 +66,7 @@ impl RoundEntries {
     /// Takes the latest id of `slot` into the round (see [`Take`]). A slot from a list that
     /// holds its queued flag (pending, dirty, retry) has the flag cleared as its id is read; a
     /// slot from the evicted FIFO (`evicted_fifo`) is the FIFO's whatever the flag.
-    pub(crate) fn take(&mut self, slot: Arc<Slot>, round: u32, evicted_fifo: bool) -> Take {
+    pub(crate) fn take(&mut self, slot: Arc<Slot>, round: u64, evicted_fifo: bool) -> Take {
         if !evicted_fifo && (slot.is_evicted() || slot.is_in_retry() || slot.is_given_up()) {
             return Take::Skip;
         }
@@ -67,7 +80,12 @@ impl RoundEntries {
         };
         match latest {
             Some((id, version)) if version.sequence > slot.persisted() => {
-                self.entries.push(Pending { slot, id, version });
+                self.entries.push(Pending {
+                    slot,
+                    id,
+                    version,
+                    covers: Vec::new(),
+                });
                 Take::Write
             }
             _ => {
@@ -75,6 +93,36 @@ impl RoundEntries {
                 Take::Duplicate
             }
         }
+    }
+}
+
+impl RoundEntries {
+    /// Keeps one entry per key, the newest by version, as [`Store::save`](crate::store::Store::save)
+    /// promises: the others become what it covers. Only keys with an evicted slot can have
+    /// two (a slot is taken once per round), so the worker calls this only for rounds that
+    /// took evicted slots.
+    pub(crate) fn one_per_key(&mut self) {
+        let mut index: HashMap<StreamKey, usize> = HashMap::with_capacity(self.entries.len());
+        let mut kept: Vec<Pending> = Vec::with_capacity(self.entries.len());
+        for entry in std::mem::take(&mut self.entries) {
+            match index.entry(entry.slot.key().clone()) {
+                Entry::Vacant(vacant) => {
+                    vacant.insert(kept.len());
+                    kept.push(entry);
+                }
+                Entry::Occupied(occupied) => {
+                    let held = &mut kept[*occupied.get()];
+                    let older = if entry.version > held.version {
+                        std::mem::replace(held, entry)
+                    } else {
+                        entry
+                    };
+                    held.covers.push((older.slot, older.version));
+                    held.covers.extend(older.covers);
+                }
+            }
+        }
+        self.entries = kept;
     }
 }
 

@@ -84,16 +84,23 @@ pub struct ShutdownReport {
     /// Whether the worker task ended without finishing (its runtime shut down under it): then
     /// nothing was written during this shutdown.
     pub worker_lost: bool,
+    /// Whether the worker was still running when this report was made: the report of a second
+    /// `shutdown` that stopped waiting for the first at its own deadline, or of a worker that
+    /// did not answer by the deadline (its runtime blocked). Its lists are what the store
+    /// lacked at that moment, and writes may still land after it; such a report is never
+    /// complete.
+    pub worker_running: bool,
 }
 
 impl ShutdownReport {
     /// Whether every latest id reached the store, none was dropped, and the worker ran to the
-    /// end.
+    /// end and had finished when the report was made.
     pub fn is_complete(&self) -> bool {
         self.given_up.is_empty()
             && self.pending.is_empty()
             && self.dropped == 0
             && !self.worker_lost
+            && !self.worker_running
     }
 }
 
@@ -104,6 +111,7 @@ fn report(
     persisted: usize,
     deadline_reached: bool,
     worker_lost: bool,
+    worker_running: bool,
 ) -> ShutdownReport {
     let mut covered: BTreeSet<StreamKey> = BTreeSet::new();
     let mut owed: Vec<Arc<Slot>> = Vec::new();
@@ -134,6 +142,7 @@ fn report(
         dropped: registry.dropped(),
         deadline_reached,
         worker_lost,
+        worker_running,
     }
 }
 
@@ -238,7 +247,6 @@ impl WorkerHandle {
             touch_gate: Gate::default(),
             round_no: 0,
             round: Round::default(),
-            round_evicted: Vec::new(),
             flush_due: false,
             touch_due: false,
             retry_round_due: false,
@@ -303,6 +311,7 @@ impl WorkerHandle {
             0,
             Instant::now() >= deadline,
             self.status.lost.load(Ordering::Acquire),
+            !*self.status.finished.borrow(),
         )
     }
 }
@@ -397,11 +406,9 @@ struct State {
     probe_at: Option<Instant>,
     save_gate: Gate,
     touch_gate: Gate,
-    round_no: u32,
+    /// The number of the last round (see `Slot::take_for_round`).
+    round_no: u64,
     round: Round,
-    /// Evicted slots the current round took from the registry's FIFO: given back, those it
-    /// could not write, when the round ends.
-    round_evicted: Vec<Arc<Slot>>,
     /// A round of saves is due (the flush tick, or a shutdown).
     flush_due: bool,
     /// A round of activity writes is due (the flush tick, or a shutdown).
@@ -476,13 +483,13 @@ async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard:
             }
         }
     }
-    state.end_round();
     let report = state.shutdown.take().map(|shutdown| {
         let deadline_reached = Instant::now() >= shutdown.request.deadline;
         let report = report(
             &state.registry,
             shutdown.written.len(),
             deadline_reached,
+            false,
             false,
         );
         (shutdown.request.reply, report)
@@ -516,7 +523,6 @@ async fn run(io: &mut Io, state: &mut State) {
             return;
         }
         if io.saving.is_none() && state.round.saves.is_empty() {
-            state.end_round();
             if state.shutdown.is_some() && state.owes_writes() && state.save_gate.is_open(now) {
                 // A shutdown writes what it owes as soon as it can, not at the next tick.
                 state.flush_due = true;
@@ -664,15 +670,6 @@ impl State {
             || self.registry.evicted_pending_len() > 0
     }
 
-    /// The round is over: the evicted slots it could not write go back to the registry's
-    /// FIFO.
-    fn end_round(&mut self) {
-        if !self.round_evicted.is_empty() {
-            self.registry
-                .return_evicted(std::mem::take(&mut self.round_evicted));
-        }
-    }
-
     /// When the worker must wake for retries or probes (not before the save gate opens).
     fn next_wake(&self) -> Option<Instant> {
         if self.retry_round_due || self.flush_due {
@@ -732,8 +729,7 @@ impl State {
 
     /// The most entries any list of the worker holds before it is purged of evicted slots.
     fn list_bound(&self) -> usize {
-        let limits = self.registry.limits();
-        limits.max_streams + limits.max_pending_evicted
+        self.registry.limits().list_bound()
     }
 
     /// Takes received slots into the pending list.
@@ -770,10 +766,15 @@ impl State {
                     taken.take(slot, round, false);
                 }
             }
-            for slot in self.registry.take_evicted() {
-                if taken.take(slot.clone(), round, true) == batch::Take::Write {
-                    self.round_evicted.push(slot);
-                }
+            // Evicted slots stay in the registry's FIFO, visible to lookups and to the
+            // report, until their id is in the store: a failed write leaves them there.
+            let mut evicted = 0;
+            for slot in self.registry.evicted_owed() {
+                evicted += usize::from(taken.take(slot, round, true) == batch::Take::Write);
+            }
+            if evicted > 0 {
+                // A key evicted and made again has two slots: one entry per key, the newest.
+                taken.one_per_key();
             }
         }
         if taken.duplicates > 0 {
@@ -877,9 +878,9 @@ impl State {
                 self.metrics.store_write_seconds.record(took.as_secs_f64());
                 match result {
                     Ok(()) => {
-                        for pending in &entries {
-                            pending.slot.set_persisted(pending.version.sequence);
-                            pending.slot.set_retries(0);
+                        for (slot, version) in entries.iter().flat_map(Pending::slots) {
+                            slot.set_persisted(version.sequence);
+                            slot.set_retries(0);
                         }
                         if let Some(shutdown) = &mut self.shutdown {
                             shutdown
@@ -942,7 +943,10 @@ impl State {
         let n = entries.len();
         let mut given_up = 0;
         for pending in entries {
-            given_up += usize::from(self.retry_or_give_up(pending.slot, now));
+            let covered = pending.covers.into_iter().map(|(slot, _)| slot);
+            for slot in std::iter::once(pending.slot).chain(covered) {
+                given_up += usize::from(self.retry_or_give_up(slot, now));
+            }
         }
         // The round's other writes were not tried: their streams wait for the next round.
         let untried: Vec<Pending> = std::mem::take(&mut self.round.saves)
@@ -1028,7 +1032,6 @@ impl State {
     /// persisted sequence).
     fn recover(&mut self) {
         self.round = Round::default();
-        self.end_round();
         self.pending.clear();
         self.retries = RetryQueue::default();
         self.given_up.clear();
@@ -1057,14 +1060,6 @@ impl State {
             self.registry.count_activity_dropped(active.len());
         }
         self.flush_due = true;
-    }
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        // A worker task dropped mid-round (its runtime shut down): the evicted slots the round
-        // held go back to the registry, which counts them when it closes.
-        self.end_round();
     }
 }
 

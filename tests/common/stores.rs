@@ -294,3 +294,43 @@ impl Store for FaultStore {
         self.inner.touch_sessions(sessions).await
     }
 }
+
+/// A store that holds the tracker to the batch contract of `Store::save` the way a SQL
+/// multi-row upsert does: a batch naming one key twice is refused whole (and counted), the
+/// other streams in it too. Every batch's keys are recorded.
+#[derive(Debug, Default)]
+pub struct OneEntryPerKeyStore {
+    pub inner: InMemoryStore,
+    /// Batches refused because they named a key twice.
+    pub refused: AtomicU64,
+    /// Entries of every batch received, in order: (key, id, sequence).
+    pub batches: Mutex<Vec<Vec<(StreamKey, String, u64)>>>,
+    /// Also fails one save in this many (0: none), after checking the batch.
+    pub fail_one_in: AtomicU64,
+}
+
+impl Store for OneEntryPerKeyStore {
+    async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
+        self.batches.lock().unwrap().push(
+            batch
+                .iter()
+                .map(|e| (e.key.clone(), e.id.to_string(), e.sequence))
+                .collect(),
+        );
+        let mut keys = std::collections::HashSet::new();
+        if !batch.iter().all(|e| keys.insert(&e.key)) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::new("a batch names one key twice"));
+        }
+        let every = self.fail_one_in.load(Ordering::SeqCst);
+        let n = self.batches.lock().unwrap().len() as u64;
+        if every > 0 && n.is_multiple_of(every) {
+            return Err(StoreError::new("injected failure"));
+        }
+        self.inner.save(batch).await
+    }
+
+    async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
+        self.inner.load(key).await
+    }
+}
