@@ -9,6 +9,12 @@
 //! followed by the bound on store calls/s it checks. A last fault lasts through the shutdown,
 //! so that the report is checked while it lists streams.
 //!
+//! Then the same under eviction (`evicting …` lines): a registry of 20 streams read by 10
+//! clients that each open short streams one after another, each on a session of its own, so
+//! that hundreds of closed streams are evicted with their ids unwritten while the store fails,
+//! hangs or panics, then recovers (or not, through the shutdown). Every stream's latest id must
+//! reach the store once it works, and the report must name exactly the streams it lacks.
+//!
 //! Run: `cargo test --test store_faults -- --nocapture`. `STORE_FAULT_SECS` (default 1.5) sets
 //! how long each fault lasts.
 
@@ -41,6 +47,22 @@ fn key(session: &str) -> StreamKey {
     StreamKey::try_new(session, "GET /load").unwrap()
 }
 
+/// How the load reads the tracker.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// 50 streams at 20 events/s each, one connection each, for the whole run.
+    Steady,
+    /// 10 clients, each opening streams of 5 events at 50 events/s one after another, each on
+    /// a new session, through a registry of 20 streams: closed streams are evicted all along.
+    Evicting,
+}
+
+/// Streams open at once, and events per second of each.
+const EVICTING_CLIENTS: usize = 10;
+const EVICTING_MAX_STREAMS: usize = 20;
+const EVICTING_EVENTS: u64 = 5;
+const EVICTING_RATE: u64 = 50;
+
 /// The most store calls per second the worker may make while a store fails, whatever the
 /// fault: per call kind, one per flush tick plus one per retry wake-up, and a retry wake-up
 /// comes at the earliest half the policy's base delay after a failure (the jitter's lower
@@ -60,6 +82,8 @@ struct Outcome {
     exact: bool,
     /// Streams the shutdown report lists (pending or given up).
     listed: usize,
+    /// The registry held fewer streams than were read at the end (some were evicted).
+    evicted: bool,
     activity_complete: bool,
     worker_failures: f64,
     store_errors: f64,
@@ -68,6 +92,7 @@ struct Outcome {
 /// Runs one fault for `fault_for` under load; the store recovers then, unless `recovers` is
 /// false (the fault lasts through the shutdown, whose report then lists streams).
 async fn run(
+    shape: Shape,
     name: &str,
     calls: Calls,
     fault: Fault,
@@ -75,22 +100,53 @@ async fn run(
     recovers: bool,
 ) -> Outcome {
     let store = Arc::new(FaultStore::default());
-    let (tracker, recorded) = build_recorded(
-        SseTracker::builder()
-            .store(store.clone())
-            .flush_interval(FLUSH)
-            .store_timeout(STORE_TIMEOUT)
-            .retry(RETRY),
-    );
+    let mut builder = SseTracker::builder()
+        .store(store.clone())
+        .flush_interval(FLUSH)
+        .store_timeout(STORE_TIMEOUT)
+        .retry(RETRY);
+    if shape == Shape::Evicting {
+        builder = builder.max_streams(EVICTING_MAX_STREAMS);
+    }
+    let (tracker, recorded) = build_recorded(builder);
     let addr = serve_load(&tracker).await;
     let lead = Duration::from_millis(500);
     let tail = Duration::from_secs(1);
-    let events_each = (RATE as f64 * (lead + fault_for + tail).as_secs_f64()).ceil() as u64;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://{addr}/load?events={events_each}&per_second={RATE}");
-    let clients: Vec<_> = (0..STREAMS)
-        .map(|c| tokio::spawn(client(http.clone(), url.clone(), format!("{name}-{c:02}"))))
-        .collect();
+    let (clients, sent) = match shape {
+        Shape::Steady => {
+            let events_each = (RATE as f64 * (lead + fault_for + tail).as_secs_f64()).ceil() as u64;
+            let url = format!("http://{addr}/load?events={events_each}&per_second={RATE}");
+            let clients: Vec<_> = (0..STREAMS)
+                .map(|c| {
+                    let (http, url) = (http.clone(), url.clone());
+                    let session = format!("{name}-{c:02}");
+                    tokio::spawn(async move { vec![client(http, url, session).await] })
+                })
+                .collect();
+            (clients, STREAMS as u64 * events_each)
+        }
+        Shape::Evicting => {
+            let url =
+                format!("http://{addr}/load?events={EVICTING_EVENTS}&per_second={EVICTING_RATE}");
+            let until = Instant::now() + lead + fault_for + tail;
+            let clients: Vec<_> = (0..EVICTING_CLIENTS)
+                .map(|c| {
+                    let (http, url, name) = (http.clone(), url.clone(), name.to_owned());
+                    tokio::spawn(async move {
+                        let mut results = Vec::new();
+                        while Instant::now() < until {
+                            let session = format!("{name}-{c:02}-{:03}", results.len());
+                            results.push(client(http.clone(), url.clone(), session).await);
+                        }
+                        results
+                    })
+                })
+                .collect();
+            // Known once the clients are done.
+            (clients, 0)
+        }
+    };
 
     sleep(lead).await;
     let heap_before = counting_alloc::live_process();
@@ -107,8 +163,13 @@ async fn run(
 
     let mut results = Vec::new();
     for c in clients {
-        results.push(c.await.unwrap());
+        results.extend(c.await.unwrap());
     }
+    let streams = results.len();
+    let sent = match shape {
+        Shape::Steady => sent,
+        Shape::Evicting => streams as u64 * EVICTING_EVENTS,
+    };
     let received: u64 = results.iter().map(|r| r.received as u64).sum();
     let mut latencies: Vec<u64> = results
         .iter()
@@ -124,16 +185,21 @@ async fn run(
             .count()
     };
     let deadline = Instant::now() + Duration::from_secs(if recovers { 15 } else { 0 });
-    while persisted(&results) < STREAMS && Instant::now() < deadline {
+    while persisted(&results) < streams && Instant::now() < deadline {
         sleep(Duration::from_millis(20)).await;
     }
     let persisted_n = persisted(&results);
-    while store.inner.sessions() < STREAMS && Instant::now() < deadline {
-        sleep(Duration::from_millis(20)).await;
-    }
-    let activity_complete = results
-        .iter()
-        .all(|r| store.inner.last_active(&r.session).is_some());
+    // The activity of sessions evicted while their write failed is dropped (counted): only
+    // the steady load, which evicts nothing, must have every session's.
+    let activity_complete = shape == Shape::Evicting || {
+        while store.inner.sessions() < streams && Instant::now() < deadline {
+            sleep(Duration::from_millis(20)).await;
+        }
+        results
+            .iter()
+            .all(|r| store.inner.last_active(&r.session).is_some())
+    };
+    let evicted = tracker.tracked_streams() < streams;
 
     // The report names exactly the streams whose latest id the store lacks.
     let report = tracker.shutdown(Duration::from_secs(5)).await;
@@ -143,13 +209,11 @@ async fn run(
         .chain(&report.given_up)
         .cloned()
         .collect();
+    // The truth is what each client read last: every event reached it (checked below).
     let lacking: BTreeSet<StreamKey> = results
         .iter()
+        .filter(|r| store.get(&key(&r.session)).map(|s| s.id.to_string()) != r.last_id)
         .map(|r| key(&r.session))
-        .filter(|k| {
-            let latest = tracker.last_event_id(k);
-            store.get(k).map(|s| s.id) != latest
-        })
         .collect();
     let exact = listed == lacking && report.is_complete() == lacking.is_empty();
     let listed = listed.len();
@@ -157,9 +221,12 @@ async fn run(
     let calls = (calls_after.0 - calls_before.0) + (calls_after.1 - calls_before.1);
     let calls_per_second = calls as f64 / faulty.as_secs_f64();
     let heap_growth_kib = (heap_after as i64 - heap_before as i64) / 1024;
-    let sent = STREAMS as u64 * events_each;
+    let prefix = match shape {
+        Shape::Steady => "fault",
+        Shape::Evicting => "evicting fault",
+    };
     let line = format!(
-        "fault {name}: delivered {received}/{sent}, persisted after recovery {persisted_n}/{STREAMS}, \
+        "{prefix} {name}: delivered {received}/{sent}, persisted after recovery {persisted_n}/{streams}, \
          store calls/s {calls_per_second:.1}, frame delay p99 {:.1} ms, heap growth {heap_growth_kib} KiB, \
          report exact {}; expected store calls/s at most {:.0}",
         percentile(&latencies, 0.99) as f64 / 1000.0,
@@ -169,11 +236,12 @@ async fn run(
     Outcome {
         line,
         delivered: (received, sent),
-        persisted: (persisted_n, STREAMS),
+        persisted: (persisted_n, streams),
         calls_per_second,
         heap_growth_kib,
         exact,
         listed,
+        evicted,
         activity_complete,
         worker_failures: recorded.sum(WORKER_FAILURES_TOTAL),
         store_errors: recorded.sum(STORE_ERRORS_TOTAL),
@@ -248,10 +316,8 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
         2.0 / RETRY.base().as_secs_f64()
     );
     let mut failures = Vec::new();
-    for &(name, calls, fault) in scenarios {
-        let o = rt.block_on(run(name, calls, fault, fault_for, true));
-        println!("{}", o.line);
-        let mut fail = |what: String| failures.push(format!("{name}: {what}"));
+    let mut check = |shape: Shape, name: &str, fault: Fault, o: &Outcome| {
+        let mut fail = |what: String| failures.push(format!("{} {name}: {what}", o.line));
         if o.delivered.0 != o.delivered.1 {
             fail(format!("delivered {}/{}", o.delivered.0, o.delivered.1));
         }
@@ -279,29 +345,57 @@ fn no_store_fault_stalls_a_stream_loses_an_id_spins_or_misreports() {
         if fault != Fault::Ok && o.store_errors == 0.0 {
             fail("the fault was never counted".into());
         }
+        if shape == Shape::Evicting && !o.evicted {
+            fail("no stream was evicted".into());
+        }
+    };
+    for &(name, calls, fault) in scenarios {
+        let o = rt.block_on(run(Shape::Steady, name, calls, fault, fault_for, true));
+        println!("{}", o.line);
+        check(Shape::Steady, name, fault, &o);
+    }
+    // The same under eviction: closed streams leave the registry with their ids unwritten
+    // while the store misbehaves.
+    for &(name, calls, fault) in scenarios {
+        if calls == Calls::Touch {
+            // Activity writes carry no latest id: nothing eviction could lose.
+            continue;
+        }
+        let o = rt.block_on(run(Shape::Evicting, name, calls, fault, fault_for, true));
+        println!("{}", o.line);
+        check(Shape::Evicting, name, fault, &o);
     }
     // A fault that lasts through the shutdown: the report lists streams, exactly those whose
-    // latest id the store lacks.
-    let name = "save-fails-through-shutdown";
-    let o = rt.block_on(run(name, Calls::Save, Fault::FailAtOnce, fault_for, false));
-    println!("{} ({} streams listed)", o.line, o.listed);
-    if o.delivered.0 != o.delivered.1 {
-        failures.push(format!(
-            "{name}: delivered {}/{}",
-            o.delivered.0, o.delivered.1
+    // latest id the store lacks; evicted ones among them in the second run.
+    for shape in [Shape::Steady, Shape::Evicting] {
+        let name = "save-fails-through-shutdown";
+        let o = rt.block_on(run(
+            shape,
+            name,
+            Calls::Save,
+            Fault::FailAtOnce,
+            fault_for,
+            false,
         ));
-    }
-    if o.calls_per_second > bound {
-        failures.push(format!(
-            "{name}: {:.1} store calls/s > {bound:.0}",
-            o.calls_per_second
-        ));
-    }
-    if o.listed == 0 || !o.exact {
-        failures.push(format!(
-            "{name}: the report lists {} streams and does not match the store",
-            o.listed
-        ));
+        println!("{} ({} streams listed)", o.line, o.listed);
+        if o.delivered.0 != o.delivered.1 {
+            failures.push(format!(
+                "{name}: delivered {}/{}",
+                o.delivered.0, o.delivered.1
+            ));
+        }
+        if o.calls_per_second > bound {
+            failures.push(format!(
+                "{name}: {:.1} store calls/s > {bound:.0}",
+                o.calls_per_second
+            ));
+        }
+        if o.listed == 0 || !o.exact {
+            failures.push(format!(
+                "{name}: the report lists {} streams and does not match the store",
+                o.listed
+            ));
+        }
     }
     let _ = std::panic::take_hook();
     assert!(failures.is_empty(), "{failures:#?}");

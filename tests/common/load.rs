@@ -104,6 +104,11 @@ pub async fn serve_load(tracker: &SseTracker) -> std::net::SocketAddr {
         .layer(tracker.layer());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // Without TCP_NODELAY, the last small frame of a short stream can wait for the client's
+    // delayed ACK (40 ms on Linux), which would show as frame delay.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
