@@ -385,9 +385,10 @@ impl SessionEntry {
     }
 }
 
-/// The routes (see [`route_of`]) of an owner's streams evicted while the owner kept other
-/// streams: a reconnect on one of them may be for a stream this instance no longer holds.
-/// Bounded; past the bound, it stands for every route.
+/// The routes (see [`route_of`]) on which an owner lost one of several streams to eviction:
+/// several clients of the owner read the route, and a reconnect whose id names no stream
+/// here may be for the lost one, which this instance can no longer tell apart from the
+/// others. Bounded; past the bound, it stands for every route.
 #[derive(Debug, Default)]
 struct LostRoutes {
     routes: Vec<StreamName>,
@@ -396,6 +397,9 @@ struct LostRoutes {
 
 /// Routes an owner is remembered losing a stream of, at most.
 const MAX_LOST_ROUTES: usize = 8;
+/// Owners remembered losing one of several streams of a route, at most (the least recently
+/// marked is forgotten first).
+const MAX_LOST_OWNERS: usize = 16_384;
 
 impl LostRoutes {
     fn contains(&self, route: &StreamName) -> bool {
@@ -420,9 +424,11 @@ struct Map {
     sessions: HashMap<Owner, SessionEntry>,
     /// Sessionless streams, which can be many: by name.
     unowned: HashMap<StreamName, Arc<Slot>>,
-    /// Owners in `sessions` that lost streams to eviction (rare: kept apart, so that an
-    /// entry costs nothing for it), and the routes of those streams.
-    lost: HashMap<Owner, LostRoutes>,
+    /// Owners that lost one of several streams of a route to eviction, and those routes
+    /// (rare: kept apart from the entries, so that an entry costs nothing for it; kept after
+    /// the owner's entry goes, since the owner's clients may come back). At most
+    /// [`MAX_LOST_OWNERS`].
+    lost: LruCache<Owner, LostRoutes>,
     /// Every slot without an open body, least recently used first; keyed by the slot's address
     /// (unique while the list holds the slot). Live slots are counted in `live` instead.
     lru: LruCache<usize, Arc<Slot>>,
@@ -453,15 +459,33 @@ impl Map {
         };
         if let Some(entry) = self.sessions.get_mut(owner.as_str()) {
             entry.streams.retain(|s| !Arc::ptr_eq(s, slot));
+            // One of several streams of its route: a second one exists, or this one is one.
+            let route = route_of(&slot.key.stream);
+            let one_of_several = route != slot.key.stream.as_str()
+                || entry
+                    .streams
+                    .iter()
+                    .any(|s| route_of(&s.key.stream) == route);
             if entry.streams.is_empty() {
                 entry.state.resident.store(false, Ordering::Relaxed);
                 self.sessions.remove(owner.as_str());
-                self.lost.remove(owner.as_str());
-            } else {
-                self.lost
-                    .entry(owner.clone())
-                    .or_default()
-                    .add(&slot.key.stream);
+            }
+            if one_of_several {
+                self.lost_one_of_several(owner, &slot.key.stream);
+            }
+        }
+    }
+
+    fn lost_one_of_several(&mut self, owner: &Owner, name: &StreamName) {
+        match self.lost.get_mut(owner.as_str()) {
+            Some(lost) => lost.add(name),
+            None => {
+                let mut lost = LostRoutes::default();
+                lost.add(name);
+                self.lost.put(owner.clone(), lost);
+                if self.lost.len() > MAX_LOST_OWNERS {
+                    self.lost.pop_lru();
+                }
             }
         }
     }
@@ -494,6 +518,8 @@ pub(crate) struct Counts {
     pub(crate) sessions: usize,
     pub(crate) names: usize,
     pub(crate) evicted_pending: usize,
+    /// Owners remembered losing one of several streams of a route.
+    pub(crate) lost_owners: usize,
 }
 
 /// Heap bytes of one tracked stream (its slot, id buffer, LRU and session-list entries), of one
@@ -504,6 +530,9 @@ pub(crate) struct Counts {
 pub(crate) const STREAM_BYTES: usize = 304;
 pub(crate) const SESSION_BYTES: usize = 176;
 pub(crate) const NAME_BYTES: usize = 96;
+/// Heap bytes of one owner remembered losing streams (its LRU entry and one route name);
+/// estimated from the sizes of its parts, as few registries hold any.
+pub(crate) const LOST_OWNER_BYTES: usize = 160;
 
 impl Counts {
     /// The registry's estimated heap size.
@@ -511,6 +540,7 @@ impl Counts {
         (self.streams + self.evicted_pending) * STREAM_BYTES
             + self.sessions * SESSION_BYTES
             + self.names * NAME_BYTES
+            + self.lost_owners * LOST_OWNER_BYTES
     }
 }
 
@@ -679,7 +709,7 @@ impl Registry {
             map: Mutex::new(Map {
                 sessions: HashMap::new(),
                 unowned: HashMap::new(),
-                lost: HashMap::new(),
+                lost: LruCache::unbounded(),
                 lru: LruCache::unbounded(),
                 live: 0,
                 // Bounded by `intern`, not by the cache, which would allocate its whole table
@@ -969,6 +999,8 @@ impl Registry {
                 return Err(Refused::Full);
             };
             map.evict(&old);
+            // Into the FIFO before the map's lock is released: a stream is never in neither.
+            self.evicted(old.clone());
             Some(old)
         } else {
             None
@@ -1020,7 +1052,6 @@ impl Registry {
                 evicted = %old.key(),
                 "registry full: evicted the least recently used stream"
             );
-            self.evicted(old.clone());
         }
         self.mark_active(slot.session());
         Ok((slot, evicted))
@@ -1069,13 +1100,15 @@ impl Registry {
     /// [`open_route`](Self::open_route)). The route's streams are `route`, `"{route} #2"`…
     ///
     /// - With a `Last-Event-ID`: the stream whose latest id it is, a closed one first (an
-    ///   evicted one whose id waits for the store counts), else an open one; `None` when
-    ///   several are. Failing that, with an owner: its only stream without an open body (the
-    ///   client's, closed when it dropped); when all have open bodies (its stream was evicted,
-    ///   or this instance never served it), the stream the response will get, as without an
-    ///   id. `None` when several closed streams could be the client's, when the owner lost a
-    ///   stream of the route to eviction (the client's could be that one), or when there is
-    ///   no owner (anonymous clients share the streams: a closed one is anybody's).
+    ///   evicted one whose id waits for the store counts, unless its name is taken again),
+    ///   else an open one; `None` when several are. Failing that, with an owner: its only
+    ///   stream without an open body (the client's, closed when it dropped); when all have
+    ///   open bodies (this instance never served the client's stream), the stream the
+    ///   response will get, as without an id. `None` when several closed streams could be the
+    ///   client's; when the owner lost one of several streams of the route to eviction (the
+    ///   client's could be that one, which nothing here tells apart from the others); and
+    ///   when there is no owner (anonymous clients share the streams: a closed one is
+    ///   anybody's).
     /// - Without one: the first of the route's streams without an open body, the one the
     ///   response will get (unless another response of the route starts in between); `None`
     ///   when all [`MAX_CONCURRENT`] have one.
@@ -1138,7 +1171,10 @@ impl Registry {
         // The client's stream is one whose latest id it sent: a closed one first (the
         // client's connection ended), among them evicted ones whose id this instance still
         // holds; else an open one (its end not seen yet). Several: any could be the client's.
-        let evicted = self.evicted_with_latest(owner, route, id);
+        // An evicted stream whose name a resident stream holds again is another client's
+        // now: its id says only that the client's stream is gone.
+        let mut evicted = self.evicted_with_latest(owner, route, id);
+        evicted.retain(|gone| streams.iter().all(|s| s.key.stream != gone.key.stream));
         let mut named: Vec<&StreamName> = Vec::new();
         let closed = streams.iter().copied().filter(|slot| !slot.is_live());
         for slot in closed.chain(evicted.iter()) {
@@ -1161,11 +1197,15 @@ impl Registry {
         // The id is the latest of no stream here: the client is behind its stream (events
         // were in flight when it dropped), or its stream is one this instance does not hold.
         // With an owner, its only closed stream of the route is taken for the client's, unless
-        // the owner lost one of the route's streams to eviction (the client's may be that
-        // one); with none closed, the response gets a new stream. Anonymous clients share
-        // the streams: a closed one is anybody's.
+        // the owner lost one of several streams of the route to eviction (the client's may be
+        // that one); with none closed, the response gets a new stream. An owner with one
+        // stream per route (an MCP session) is never in doubt, even after its streams were
+        // evicted. Anonymous clients share the streams: a closed one is anybody's.
         let owner = owner?;
-        let lost = map.lost.get(owner).is_some_and(|lost| lost.contains(route));
+        let lost = map
+            .lost
+            .peek(owner)
+            .is_some_and(|lost| lost.contains(route));
         let mut closed = streams.iter().filter(|slot| !slot.is_live());
         match (closed.next(), closed.next()) {
             _ if lost => None,
@@ -1187,6 +1227,7 @@ impl Registry {
             .filter(|slot| {
                 slot.key.owner.as_ref().map(Owner::as_str) == owner
                     && concurrent_index(route, &slot.key.stream).is_some()
+                    && slot.unpersisted()
                     && slot.latest_is(id)
             })
             .cloned()
@@ -1210,7 +1251,7 @@ impl Registry {
             return 0;
         };
         let ttl_us = ttl.as_micros() as u64;
-        let mut evicted = Vec::new();
+        let mut evicted = 0;
         {
             let mut guard = lock(&self.map);
             let map = &mut *guard;
@@ -1221,18 +1262,16 @@ impl Registry {
                 if slot.is_idle(now_us, ttl_us) {
                     if let Some((_, slot)) = map.lru.pop_lru() {
                         map.evict(&slot);
-                        evicted.push(slot);
+                        // Into the FIFO under the map's lock, as in `get_or_insert`.
+                        self.evicted(slot);
+                        evicted += 1;
                     }
                 } else {
                     map.lru.promote(&addr);
                 }
             }
         }
-        let n = evicted.len();
-        for slot in evicted {
-            self.evicted(slot);
-        }
-        n
+        evicted
     }
 
     /// Every stream of `owner` with its latest id, in the order they were first seen.
@@ -1277,6 +1316,7 @@ impl Registry {
             sessions: map.sessions.len() + map.unowned.len(),
             names: map.names.len(),
             evicted_pending,
+            lost_owners: map.lost.len(),
         }
     }
 }
@@ -1417,6 +1457,87 @@ mod tests {
         assert_eq!(
             registry.address_route(Some("s"), &route, Some("y3")),
             Some(route.clone())
+        );
+    }
+
+    /// From review: an evicted stream's id names its stream only while no other client holds
+    /// that name again, and an owner that lost one of several streams is in doubt even after
+    /// its entry went and came back.
+    #[test]
+    fn an_evicted_stream_names_the_client_only_while_nobody_holds_its_name_again() {
+        let registry = registry(3, None);
+        let route = StreamName::new("GET /e").unwrap();
+        let c = open_nth(&registry, "s", &route);
+        let a = open_nth(&registry, "s", &route);
+        c.publish(b"c1", 1);
+        a.publish(b"x5", 1);
+        registry.body_closed(&a);
+        insert(&registry, "t", "GET /other", false);
+        insert(&registry, "u", "GET /other", false);
+        assert!(a.is_evicted() && !c.is_evicted());
+        // B opens a response: it gets `#2` again, and publishes there.
+        let b = open_nth(&registry, "s", &route);
+        assert_eq!(b.key.stream, "GET /e #2");
+        b.publish(b"b1", 2);
+        registry.body_closed(&b);
+        // A comes back with its id: `#2` is B's now, and A's own stream is gone.
+        assert_eq!(registry.address_route(Some("s"), &route, Some("x5")), None);
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("b1")),
+            Some(StreamName::new("GET /e #2").unwrap())
+        );
+    }
+
+    #[test]
+    fn an_owner_that_lost_one_of_several_streams_stays_in_doubt_after_its_entry_went() {
+        let registry = registry(2, None);
+        let route = StreamName::new("GET /e").unwrap();
+        let b = open_nth(&registry, "s", &route);
+        let a = open_nth(&registry, "s", &route);
+        b.publish(b"y3", 1);
+        a.publish(b"x5", 1);
+        registry.body_closed(&a);
+        registry.body_closed(&b);
+        // Both evicted (and written): the owner's entry goes.
+        insert(&registry, "t", "GET /other", false);
+        insert(&registry, "u", "GET /other", false);
+        a.set_persisted(u64::MAX);
+        b.set_persisted(u64::MAX);
+        assert!(registry.owner_streams("s").is_empty());
+        // B comes back and closes; A's reconnect must not be given B's stream.
+        let again = open_nth(&registry, "s", &route);
+        again.publish(b"y4", 2);
+        registry.body_closed(&again);
+        assert_eq!(registry.address_route(Some("s"), &route, Some("x5")), None);
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("y4")),
+            Some(route.clone())
+        );
+    }
+
+    /// An owner with one stream per route (an MCP session) is never in doubt: after its
+    /// stream was evicted (idle), a reconnect behind or current still gets the route.
+    #[test]
+    fn an_owner_with_one_stream_gets_its_route_back_after_eviction() {
+        let registry = registry(1, None);
+        let route = StreamName::new("GET /mcp").unwrap();
+        let mine = open_nth(&registry, "s", &route);
+        mine.publish(b"7", 1);
+        registry.body_closed(&mine);
+        insert(&registry, "t", "GET /mcp", false);
+        mine.set_persisted(u64::MAX);
+        assert!(mine.is_evicted());
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("5")),
+            Some(route.clone())
+        );
+        let again = open_nth(&registry, "s", &route);
+        again.publish(b"8", 2);
+        registry.body_closed(&again);
+        assert_eq!(
+            registry.address_route(Some("s"), &route, Some("7")),
+            Some(route.clone()),
+            "behind its own stream, the only one"
         );
     }
 

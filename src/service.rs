@@ -35,11 +35,14 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 ///   streams `"{METHOD} {path} #2"`…: without a `Last-Event-ID`, the first of the route's
 ///   streams with no open body, which the response then gets (unless another response of the
 ///   route starts in between). With one: the route's stream whose latest id it is (one with no
-///   open body first); else the owner's only stream of the route with no open body (the
-///   client's, closed when it dropped); else, when all have open bodies, the stream the
-///   response will get. The key is left out rather than naming another client's stream: when
-///   several closed streams could be the client's, when a request without an owner names no
-///   stream's latest id, and when all 64 streams of the route have open bodies. The response's
+///   open body first, an evicted one whose id is not written yet among them); else the
+///   owner's only stream of the route with no open body (the client's, closed when it
+///   dropped); else, when all have open bodies, the stream the response will get. The key is
+///   left out rather than naming another client's stream: when the id is the latest of
+///   several streams, when several closed streams could be the client's, when the owner lost
+///   one of several streams of the route to eviction (the client's could be that one), when a
+///   request without an owner names no stream's latest id, and when all 64 streams of the
+///   route have open bodies. The response's
 ///   body streams into the stream its request addressed whenever it is free. A handler resumes
 ///   with the key instead of writing names.
 ///

@@ -768,12 +768,13 @@ impl State {
             }
             // Evicted slots stay in the registry's FIFO, visible to lookups and to the
             // report, until their id is in the store: a failed write leaves them there.
-            let mut evicted = 0;
             for slot in self.registry.evicted_owed() {
-                evicted += usize::from(taken.take(slot, round, true) == batch::Take::Write);
+                taken.take(slot, round, true);
             }
-            if evicted > 0 {
-                // A key evicted and made again has two slots: one entry per key, the newest.
+            // A key evicted and made again has two slots: one entry per key, the newest. Only
+            // then can a key come twice (a round takes a slot once), and the evicted one can
+            // come from any list (evicted after it was taken from the retry queue, say).
+            if taken.entries.iter().any(|p| p.slot.is_evicted()) {
                 taken.one_per_key();
             }
         }

@@ -425,7 +425,9 @@ impl Health {
         // Only the first unanswered call since the last answer sets the start. Only an answer
         // ends the count, not a quiet spell between calls: a connection that a firewall
         // dropped silently overnight answers no call however sparse the calls are (a retry
-        // policy with delays of minutes, no activity writes).
+        // policy with delays of minutes, no activity writes). The price: two unanswered calls
+        // hours apart, none answered between, replace a connection that may have been fine,
+        // which costs one reconnect in the background.
         let _ = self.unanswered_since.compare_exchange(
             ANSWERED,
             now_ms,
