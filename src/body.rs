@@ -15,6 +15,7 @@ use tokio_util::sync::PollSender;
 
 use crate::identity::IdStream;
 use crate::key::{Owner, StreamName};
+use crate::protocol::Resumption;
 use crate::registry::{Open, Refused, Slot};
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
@@ -81,6 +82,17 @@ pin_project! {
         // body is dropped (a client drops it only as the very first bytes it reads). `Some(n)`:
         // watching, `n` bytes of it matched and withheld so far.
         strip_bom: Option<u8>,
+        // Whether the request lets the client resume the stream (with ids), and whether an
+        // event has carried an id: together, whether a drain may end the stream at a boundary.
+        resumption: Resumption,
+        ids_seen: bool,
+    }
+
+    impl PinnedDrop for SseState {
+        fn drop(this: Pin<&mut Self>) {
+            let resumable = this.is_resumable();
+            this.shared.metrics.stream_ended(resumable);
+        }
     }
 }
 
@@ -241,7 +253,7 @@ fn refuse(
         return;
     }
     // Counted before the log, whose fields are evaluated only when it is enabled.
-    let reason = shared.metrics.untracked(refused);
+    let reason = shared.metrics.untracked(refused.into());
     tracing::debug!(
         parent: span,
         reason,
@@ -355,7 +367,12 @@ impl<B> TrackedBody<B> {
     }
 
     /// An SSE body, tracked as `tracking` says (or scanned for heartbeats only).
-    pub(crate) fn sse(inner: B, shared: Arc<Shared>, tracking: Option<Tracking>) -> Self {
+    pub(crate) fn sse(
+        inner: B,
+        shared: Arc<Shared>,
+        tracking: Option<Tracking>,
+        resumption: Resumption,
+    ) -> Self {
         let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
         let state = SseState {
             scanner: Scanner::with_max_id_len(shared.config.max_id_len),
@@ -372,6 +389,8 @@ impl<B> TrackedBody<B> {
             ended: false,
             started: false,
             strip_bom: None,
+            resumption,
+            ids_seen: false,
         };
         Self {
             inner,
@@ -388,6 +407,14 @@ impl<B> TrackedBody<B> {
     /// Whether this body's ids are recorded in the tracker.
     pub fn is_tracked(&self) -> bool {
         self.sse.as_ref().is_some_and(|s| s.tracked.is_some())
+    }
+
+    /// Whether the client can resume this stream: its events carry ids (one has so far), and
+    /// its request does not say the protocol has no resumption (MCP 2026-07-28 and later).
+    /// A stream that cannot be resumed is never ended early by a drain: it runs to its end,
+    /// or to the drain timeout (see [`SseTracker::drain`](crate::SseTracker::drain)).
+    pub fn is_resumable(&self) -> bool {
+        self.sse.as_ref().is_some_and(|s| s.is_resumable())
     }
 
     /// The wrapped body.
@@ -421,7 +448,8 @@ impl SseState {
         // `started` is set by `strip_bom`, which sees every byte of the inner body first.
         *this.fresh = true;
         let Some(tracked) = this.tracked else {
-            this.scanner.feed(data);
+            let feed = this.scanner.feed(data);
+            *this.ids_seen |= feed.ids > 0;
             return;
         };
         let mut sleep = this.sleep;
@@ -446,6 +474,12 @@ impl SseState {
             }
             feed
         };
+        if feed.ids > 0 && !*this.ids_seen {
+            *this.ids_seen = true;
+            if *this.resumption == Resumption::ByIds {
+                tracked.tracking.span.record("resumable", true);
+            }
+        }
         if feed.events > 0 {
             tracked.events += feed.events as u64;
             if tracked.events >= EVENTS_BATCH {
@@ -512,6 +546,22 @@ impl SseState {
         let this = self.project();
         if std::mem::take(this.fresh) {
             *this.quiet_since = Instant::now();
+        }
+    }
+
+    fn is_resumable(&self) -> bool {
+        self.resumption == Resumption::ByIds && self.ids_seen
+    }
+
+    /// Whether a drain ends this stream at its next event boundary: one its client resumes
+    /// (ids), or an MCP `subscriptions/listen` stream (its client re-issues the listen). Any
+    /// other stream runs to its end, and only the drain timeout cuts it: ending it early would
+    /// lose its request.
+    fn cut_by_drain(&self) -> bool {
+        match self.resumption {
+            Resumption::ByIds => self.ids_seen,
+            Resumption::Reissued => true,
+            Resumption::Never => false,
         }
     }
 
@@ -609,8 +659,9 @@ impl SseState {
         from
     }
 
-    /// While draining, inside an event: whether the drain timeout has passed. Polls (and makes,
-    /// the first time) the deadline's timer when `cx` is given, so that an idle body is woken.
+    /// While draining (a stream inside an event, or one the drain lets run): whether the drain
+    /// timeout has passed. Polls (and makes, the first time) the deadline's timer when `cx` is
+    /// given, so that an idle body is woken.
     fn drain_overdue(self: Pin<&mut Self>, cx: Option<&mut Context<'_>>) -> bool {
         let this = self.project();
         let Some(deadline) = this.shared.drain.deadline() else {
@@ -633,12 +684,25 @@ impl SseState {
         *this.ended = true;
         this.shared.metrics.streams_drained_late.increment(1);
         let span = this.tracked.as_ref().map(|t| &t.tracking.span);
-        tracing::warn!(
-            parent: span.unwrap_or(&tracing::Span::current()),
-            timeout = ?this.shared.config.drain_timeout,
-            "SSE stream still inside an event at the drain timeout: ended there (the client \
-             discards the incomplete event)"
-        );
+        let current = tracing::Span::current();
+        let parent = span.unwrap_or(&current);
+        let timeout = this.shared.config.drain_timeout;
+        if this.scanner.boundary() != Boundary::Event {
+            tracing::warn!(
+                parent: parent,
+                ?timeout,
+                "SSE stream still inside an event at the drain timeout: ended there (the \
+                 client discards the incomplete event)"
+            );
+        } else {
+            tracing::warn!(
+                parent: parent,
+                ?timeout,
+                resumable = *this.ids_seen && *this.resumption == Resumption::ByIds,
+                "SSE stream that its client cannot resume still open at the drain timeout: \
+                 ended there (its request is lost)"
+            );
+        }
     }
 
     /// While draining, at an event boundary: the `retry` frame (once, when configured), then the
@@ -739,8 +803,10 @@ impl<B: Body> Body for TrackedBody<B> {
         }
         loop {
             let draining = sse.shared.drain.is_draining();
+            // Draining, and this stream ends at its next event boundary.
+            let cutting = draining && sse.cut_by_drain();
             if draining {
-                if let Some(step) = sse.as_mut().drain_step() {
+                if cutting && let Some(step) = sse.as_mut().drain_step() {
                     return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
                 }
                 if sse.as_mut().drain_overdue(None) {
@@ -758,7 +824,7 @@ impl<B: Body> Body for TrackedBody<B> {
                         let Some(mut data) = sse.as_mut().strip_bom(data) else {
                             continue;
                         };
-                        if draining {
+                        if cutting {
                             // The body ends after this frame's first event: cut it there.
                             let end = sse.as_mut().on_data_to_event_end(&data);
                             data.truncate(end);
@@ -780,6 +846,10 @@ impl<B: Body> Body for TrackedBody<B> {
                 },
                 // End of stream: an event cut off here is never committed.
                 Poll::Ready(None) => {
+                    if draining {
+                        // A stream the drain let run: it finished by itself.
+                        sse.shared.metrics.streams_drained_completed.increment(1);
+                    }
                     let withheld = sse.as_mut().take_withheld_bom();
                     // Whatever goes out now, the inner body is not polled again.
                     *sse.as_mut().project().ended = true;
@@ -789,7 +859,7 @@ impl<B: Body> Body for TrackedBody<B> {
                 Poll::Pending => {
                     sse.as_mut().went_quiet();
                     if sse.as_mut().poll_drain(cx) {
-                        if sse.scanner.boundary() == Boundary::Event {
+                        if sse.cut_by_drain() && sse.scanner.boundary() == Boundary::Event {
                             // The drain started while the body was idle between events.
                             continue;
                         }

@@ -12,7 +12,8 @@ use pin_project_lite::pin_project;
 use crate::body::{TrackedBody, Tracking};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{Owner, StreamName};
-use crate::metrics::{REASON_BAD_STREAM_NAME, REASON_ENCODED, REASON_NO_SESSION};
+use crate::metrics::Untracked;
+use crate::protocol::Protocol;
 use crate::registry::Slot;
 use crate::tracker::Shared;
 
@@ -22,6 +23,7 @@ const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering
 #[derive(Debug)]
 pub(crate) struct RequestInfo {
     pub(crate) owner: RequestOwner,
+    pub(crate) protocol: Protocol,
     pub(crate) method: Method,
     pub(crate) uri: Uri,
     /// The route stream the request addressed (in its `StreamKey`), which its response's body
@@ -93,21 +95,14 @@ fn track_response<B: http_body::Body>(
         .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
     {
         // Compressed bytes can be neither scanned nor given heartbeats: pass them through.
-        shared.metrics.untracked_encoded.increment(1);
-        if !shared
-            .encoded_warned
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(
-                parent: &info.span,
-                reason = REASON_ENCODED,
-                encoding = ?encoding,
-                path = info.uri.path(),
-                "SSE response with a Content-Encoding: not tracked and no heartbeats; add the \
-                 tracker's layer before (inside) the compression layer, so that it sees the \
-                 bytes uncompressed, or leave text/event-stream uncompressed (logged once)"
-            );
-        }
+        let reason = shared.metrics.untracked(Untracked::Encoded);
+        tracing::debug!(
+            parent: &info.span,
+            reason,
+            encoding = ?encoding,
+            path = info.uri.path(),
+            "SSE response with a Content-Encoding passed through: not tracked, no heartbeats"
+        );
         return response.map(TrackedBody::pass_through);
     }
     let (mut parts, body) = response.into_parts();
@@ -123,20 +118,21 @@ fn track_response<B: http_body::Body>(
     // wrong.
     headers.remove(CONTENT_LENGTH);
     // Untracked bodies are wrapped too: they get heartbeats, and a drain ends them.
+    let resumption = info.protocol.resumption;
     let tracking = tracking(shared, info, &parts);
-    Response::from_parts(parts, TrackedBody::sse(body, shared.clone(), tracking))
+    Response::from_parts(
+        parts,
+        TrackedBody::sse(body, shared.clone(), tracking, resumption),
+    )
 }
 
 /// How an SSE response is tracked, or `None` (counted, with the reason) when it cannot be.
 fn tracking(shared: &Shared, info: RequestInfo, parts: &http::response::Parts) -> Option<Tracking> {
-    let metrics = &shared.metrics;
     let owner: Option<Owner> = match &info.owner {
         RequestOwner::Known(owner) => owner.clone(),
-        RequestOwner::FromResponse => match shared.config.owner.of_response(&parts.headers) {
-            Some(owner) => Some(owner),
-            None => return untracked_no_owner(shared, &info),
-        },
-        RequestOwner::Missing => return untracked_no_owner(shared, &info),
+        // No session on the response either: anonymous.
+        RequestOwner::FromResponse => shared.config.owner.of_response(&parts.headers),
+        RequestOwner::Missing => return untracked(shared, &info, Untracked::NoOwner),
     };
     let explicit = parts.extensions.get::<StreamName>().cloned();
     let route = match explicit.clone() {
@@ -144,52 +140,54 @@ fn tracking(shared: &Shared, info: RequestInfo, parts: &http::response::Parts) -
         None => match StreamName::for_request(&info.method, info.uri.path()) {
             Ok(name) => name,
             Err(error) => {
-                metrics.untracked_bad_stream_name.increment(1);
-                tracing::debug!(
-                    parent: &info.span,
-                    reason = REASON_BAD_STREAM_NAME,
-                    %error,
-                    "SSE stream not tracked: the default stream name is invalid"
-                );
-                return None;
+                tracing::debug!(parent: &info.span, %error, "invalid default stream name");
+                return untracked(shared, &info, Untracked::BadStreamName);
             }
         },
     };
+    let span = tracing::debug_span!(
+            parent: &info.span,
+            "sse_stream",
+            owner = %owner.as_ref().map_or("-", Owner::as_str),
+            stream = tracing::field::Empty,
+            // Recorded `true` once an event carries an id, for a stream its request allows to
+            // be resumed (see `Resumption`).
+            resumable = false,
+            mcp_method = info
+                .protocol
+                .mcp_method
+            .as_ref()
+            .and_then(|m| m.to_str().ok()),
+    );
     match shared.config.stream {
-        StreamKind::EventId(format) => {
-            // The stream of each id is found as ids come; the route's is the fallback.
-            let span = tracing::debug_span!(
-                parent: &info.span,
-                "sse_stream",
-                owner = %owner.as_ref().map_or("-", Owner::as_str),
-                stream = tracing::field::Empty
-            );
-            Some(Tracking::per_id(owner, format, route, span))
-        }
+        // The stream of each id is found as ids come; the route's is the fallback.
+        StreamKind::EventId(format) => Some(Tracking::per_id(owner, format, route, span)),
         StreamKind::Route { shared: share } => {
-            let share = share || explicit.is_some();
+            // Without an owner, a GET on a route is its feed, one stream for every reader;
+            // another request's stream is its client's alone, and nothing names the client.
+            let feed = owner.is_none() && explicit.is_none() && !share;
+            if feed && info.method != http::Method::GET {
+                return untracked(shared, &info, Untracked::Anonymous);
+            }
+            let share = share || explicit.is_some() || feed;
             let prefer = info.addressed.as_ref().filter(|_| !share);
             let slot = open_route(shared, owner.as_ref(), &route, share, prefer, &info)?;
-            let span = tracing::debug_span!(
-                parent: &info.span,
-                "sse_stream",
-                owner = %owner.as_ref().map_or("-", Owner::as_str),
-                stream = %slot.key().stream
-            );
+            span.record("stream", slot.key().stream.as_str());
             span.in_scope(|| tracing::debug!("tracking SSE stream"));
             Some(Tracking::fixed(slot, span))
         }
     }
 }
 
-fn untracked_no_owner(shared: &Shared, info: &RequestInfo) -> Option<Tracking> {
-    shared.metrics.untracked_no_session.increment(1);
+/// Counts an SSE response left untracked (logged at `WARN` once per reason).
+fn untracked(shared: &Shared, info: &RequestInfo, why: Untracked) -> Option<Tracking> {
+    let reason = shared.metrics.untracked(why);
     tracing::debug!(
         parent: &info.span,
-        reason = REASON_NO_SESSION,
+        reason,
         method = %info.method,
         path = info.uri.path(),
-        "SSE stream not tracked: no valid owner (session id) on the request or response"
+        "SSE stream not tracked"
     );
     None
 }
@@ -210,7 +208,7 @@ fn open_route(
         Ok((slot, _evicted)) => Some(slot),
         Err(refused) => {
             // Counted before the log, whose fields are evaluated only when it is enabled.
-            let reason = shared.metrics.untracked(refused);
+            let reason = shared.metrics.untracked(refused.into());
             tracing::debug!(
                 parent: &info.span,
                 reason,

@@ -1,9 +1,10 @@
 //! Stream identity: how the key of a response's stream is made, as (owner, stream).
 //!
 //! - The **owner** ([`OwnerSource`]) is who the stream belongs to: by default the session id of
-//!   the `mcp-session-id` header (MCP before 2026-07-28), or another header, a value that an
-//!   authentication layer put in the request extensions (the principal), or no one (MCP
-//!   2026-07-28 and other sessionless servers).
+//!   the `mcp-session-id` header (MCP 2025-11-25 and earlier), and no one for a request without
+//!   a session (a browser's `EventSource`, MCP 2026-07-28): its `GET` reads its route's feed;
+//!   or another header, or a value that an authentication layer put in the request extensions
+//!   (the principal), for streams that belong to a user.
 //! - The **stream** ([`StreamSource`]) is which of the owner's streams it is: by default the
 //!   route (`"{METHOD} {path}"`, or a [`StreamName`](crate::StreamName) the handler puts in the
 //!   response extensions), with concurrent responses on one route kept apart; or, for servers
@@ -84,8 +85,17 @@ impl OwnerSource {
     /// A session header (the default: `mcp-session-id`), read on the request and, when the
     /// request has no valid one, on the response, where MCP servers assign it. A valid value
     /// (1 to 128 bytes of visible ASCII) is also put in the request extensions as
-    /// [`SessionId`]. A stream with no valid session id is not tracked
-    /// (`sse_tracker_untracked_streams_total{reason="no_session"}`).
+    /// [`SessionId`].
+    ///
+    /// A request with no valid session id on it or on its response (a browser's
+    /// `EventSource`, `curl`) is anonymous: with the route as stream source, a `GET` reads its
+    /// route's **feed**, one stream that every anonymous reader of the route shares, whose
+    /// latest id is the newest event any of them was sent; the layer puts its key,
+    /// `(no owner, "GET /path")`, in the request extensions. An anonymous request of another
+    /// method (a `POST` streaming an answer) has a stream that no later request can address:
+    /// it is not tracked (`reason="anonymous"`, logged at `WARN` once), but still gets
+    /// heartbeats and drains. Streams that belong to a user need an owner from
+    /// authentication ([`extension`](Self::extension)).
     pub fn session_header(name: impl Into<String>) -> Self {
         Self(OwnerKind::SessionHeader(name.into()))
     }
@@ -124,9 +134,11 @@ impl OwnerSource {
         )))
     }
 
-    /// No owner: every stream is sessionless (MCP 2026-07-28, or a public feed). Keys are then
-    /// told apart by their stream alone, so pair this with a stream source that names each
-    /// stream, such as [`StreamSource::event_id`].
+    /// No owner: every stream is anonymous, as a request without a session is with
+    /// [`session_header`](Self::session_header) (a `GET` reads its route's feed), and no
+    /// session header is read at all. Keys are told apart by their stream alone: pair this
+    /// with a stream source that names each stream, such as [`StreamSource::event_id`], for
+    /// streams of single clients.
     pub fn none() -> Self {
         Self(OwnerKind::None)
     }
@@ -157,7 +169,8 @@ impl fmt::Debug for OwnerRule {
 pub(crate) enum RequestOwner {
     /// Known: this owner (or none, for a sessionless source).
     Known(Option<Owner>),
-    /// Not on the request; the response's session header may name it.
+    /// Not on the request; the response's session header may name it, else the request is
+    /// anonymous.
     FromResponse,
     /// Required, and not there.
     Missing,
@@ -231,12 +244,14 @@ impl Default for StreamSource {
 
 impl StreamSource {
     /// The route (the default): the name a handler puts in the response extensions as a
-    /// [`StreamName`](crate::StreamName), else `"{METHOD} {path}"` as the layer sees it. A
-    /// response on a route whose stream already has an open body of the same owner gets a
-    /// stream of its own, named `"{name} #2"`, `"{name} #3"`… (at most 64 at once; beyond, the
-    /// response is not tracked and counted with `reason="concurrent"`), so two concurrent
-    /// responses never share a key. A name the handler chose is its call: responses with the
-    /// same `StreamName` share it. Which of a route's streams a request addresses (the
+    /// [`StreamName`](crate::StreamName), else `"{METHOD} {path}"` as the layer sees it (the
+    /// path without its query). A response on a route whose stream already has an open body of
+    /// the same owner gets a stream of its own, named `"{name} #2"`, `"{name} #3"`… (at most
+    /// 64 at once; beyond, the response is not tracked and counted with
+    /// `reason="concurrent"`), so two concurrent responses of one owner never share a key.
+    /// Without an owner, a `GET` reads the route's feed, shared by every anonymous reader, and
+    /// other methods are not tracked (see [`OwnerSource::session_header`]). A name the handler
+    /// chose is its call: responses with the same `StreamName` share it. Which of a route's streams a request addresses (the
     /// [`StreamKey`](crate::StreamKey) in its extensions, and the stream its response takes)
     /// is described at [`SseTrackerService`](crate::SseTrackerService); ids that name their
     /// stream ([`event_id`](Self::event_id)) tell it without guessing.

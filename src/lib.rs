@@ -21,9 +21,15 @@
 //! the owner is the session id of the `mcp-session-id` header (MCP Streamable HTTP), on the
 //! request or else on the response, and the name is `"{METHOD} {path}"` (or a [`StreamName`]
 //! the handler puts in the response extensions), concurrent responses on one route getting
-//! names of their own. Sessionless servers, owners taken from an authenticated principal, and
-//! streams named by their event ids (MCP SDKs) are one builder setting away. The layer puts the
-//! key of the stream a request addresses in its extensions.
+//! names of their own. A `GET` with no session (a browser's `EventSource`) reads its route's
+//! feed, one stream shared by every such reader; an anonymous request of another method is not
+//! tracked (logged once). Owners taken from an authenticated principal, and streams named by
+//! their event ids (MCP SDKs), are one builder setting away. The layer puts the key of the
+//! stream a request addresses in its extensions.
+//!
+//! Whether a client can resume a stream decides what a drain does to it: a stream whose events
+//! carry ids ends at its next event boundary, one without (an answer streamed on a POST, an
+//! MCP 2026-07-28 request) runs to its end; see [`SseTracker::drain`].
 //!
 //! # Quick start
 //!
@@ -94,6 +100,7 @@ pub mod key;
 mod layer;
 pub mod limits;
 pub mod metrics;
+mod protocol;
 mod registry;
 pub mod scan;
 mod service;

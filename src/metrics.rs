@@ -37,20 +37,24 @@
 //! | `sse_tracker_ids_dropped_total` | counter | latest ids dropped before reaching the store, by `reason` |
 //! | `sse_tracker_activity_dropped_total` | counter | session activity marks dropped before reaching the store |
 //! | `sse_tracker_worker_failures_total` | counter | panics inside the worker (it restarts) and worker tasks lost, by `reason` |
-//! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended by [`SseTracker::drain`](crate::SseTracker::drain), by `reason` |
+//! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended during [`SseTracker::drain`](crate::SseTracker::drain), by `reason` |
+//! | `sse_tracker_streams_ended_total` | counter | SSE bodies ended, by whether their client could resume them (`resumable`) |
 //! | `sse_tracker_store_connections_replaced_total` | counter | Redis connections replaced because Redis had stopped answering on them (`RedisStore`, through the global recorder at the time) |
 //!
 //! Labels:
-//! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_SESSION`] (no valid owner),
-//!   [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`], [`REASON_ENCODED`] or
-//!   [`REASON_CONCURRENT`];
+//! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_OWNER`] (no valid owner),
+//!   [`REASON_ANONYMOUS`], [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`],
+//!   [`REASON_ENCODED`] or [`REASON_CONCURRENT`]; each reason is also logged at `WARN` the
+//!   first time, with the setting that would track such streams;
 //! - `sse_tracker_streams_evicted_total{reason}`: [`REASON_LRU`] or [`REASON_IDLE`];
 //! - `sse_tracker_store_errors_total{op, reason}`: [`OP_SAVE`], [`OP_TOUCH`] or [`OP_LOAD`], and
 //!   [`REASON_ERROR`], [`REASON_TIMEOUT`] or [`REASON_PANIC`];
 //! - `sse_tracker_ids_dropped_total{reason}`: [`REASON_EVICTED_OVERFLOW`] (the bound on evicted
 //!   streams waiting for a write was full) or [`REASON_STOPPED`] (the worker no longer runs);
 //! - `sse_tracker_worker_failures_total{reason}`: [`REASON_PANIC`] or [`REASON_LOST`];
-//! - `sse_tracker_streams_drained_total{reason}`: [`REASON_BOUNDARY`] or [`REASON_DEADLINE`].
+//! - `sse_tracker_streams_drained_total{reason}`: [`REASON_BOUNDARY`], [`REASON_COMPLETED`] or
+//!   [`REASON_DEADLINE`];
+//! - `sse_tracker_streams_ended_total{resumable}`: `"true"` or `"false"`.
 //!
 //! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
 //! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a
@@ -125,9 +129,15 @@ pub const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
 pub const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
 /// Counter: panics inside the worker (it restarts) and worker tasks lost, labelled by `reason`.
 pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
-/// Counter: SSE bodies ended by a drain, labelled by `reason`: [`REASON_BOUNDARY`] (at an
-/// event boundary) or [`REASON_DEADLINE`] (inside an event, at the drain timeout).
+/// Counter: SSE bodies ended during a drain, labelled by `reason`: [`REASON_BOUNDARY`] (a
+/// resumable stream, at an event boundary), [`REASON_COMPLETED`] (a stream its client cannot
+/// resume, which the drain let run to its end) or [`REASON_DEADLINE`] (still open at the drain
+/// timeout).
 pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
+/// Counter: SSE bodies (tracked or not) that ended, labelled `resumable="true"` when their
+/// client could resume them (their events carried ids and their protocol has resumption) and
+/// `"false"` otherwise.
+pub const STREAMS_ENDED_TOTAL: &str = "sse_tracker_streams_ended_total";
 /// Counter: connections a `RedisStore` replaced because calls on them had gone unanswered for
 /// `STUCK_AFTER` (feature `redis`). Emitted through the global recorder when a replacement
 /// happens, not through a handle taken at build time.
@@ -162,12 +172,16 @@ pub const ALL: &[&str] = &[
     ACTIVITY_DROPPED_TOTAL,
     WORKER_FAILURES_TOTAL,
     STREAMS_DRAINED_TOTAL,
+    STREAMS_ENDED_TOTAL,
     STORE_CONNECTIONS_REPLACED_TOTAL,
 ];
 
-/// `reason` label: no valid owner: no valid session id in the request or response header, or
-/// no value from the configured owner source.
-pub const REASON_NO_SESSION: &str = "no_session";
+/// `reason` label: no valid owner from the configured owner source (a header or a request
+/// extension; the default session header never leaves a stream untracked for this).
+pub const REASON_NO_OWNER: &str = "no_owner";
+/// `reason` label: a request other than `GET` with no owner, on the route's stream source: a
+/// stream of its own that no later request can address.
+pub const REASON_ANONYMOUS: &str = "anonymous";
 /// `reason` label: the stream name (default or from the handler) is invalid.
 pub const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
 /// `reason` label: every tracked stream has an open body, so none could be evicted for this one.
@@ -201,9 +215,12 @@ pub const REASON_LRU: &str = "lru";
 pub const REASON_IDLE: &str = "idle";
 /// `reason` label of `sse_tracker_streams_drained_total`: the body ended at an event boundary.
 pub const REASON_BOUNDARY: &str = "boundary";
-/// `reason` label of `sse_tracker_streams_drained_total`: the body was still inside an event
-/// at the drain timeout and ended there.
+/// `reason` label of `sse_tracker_streams_drained_total`: the body was still open at the drain
+/// timeout (inside an event, or one its client cannot resume) and ended there.
 pub const REASON_DEADLINE: &str = "deadline";
+/// `reason` label of `sse_tracker_streams_drained_total`: a body its client cannot resume, which
+/// the drain let run, ended by itself before the drain timeout.
+pub const REASON_COMPLETED: &str = "completed";
 
 /// Registers the description and unit of every metric with the installed recorder.
 pub fn describe() {
@@ -280,7 +297,12 @@ pub fn describe() {
     describe_counter!(
         STREAMS_DRAINED_TOTAL,
         Unit::Count,
-        "SSE bodies ended by a drain, at an event boundary or at the drain timeout"
+        "SSE bodies ended during a drain: at an event boundary, by themselves, or at the drain timeout"
+    );
+    describe_counter!(
+        STREAMS_ENDED_TOTAL,
+        Unit::Count,
+        "SSE bodies ended, by whether their client could resume them"
     );
     describe_counter!(
         STORE_CONNECTIONS_REPLACED_TOTAL,
@@ -343,11 +365,10 @@ pub(crate) struct Handles {
     pub(crate) events: Counter,
     pub(crate) heartbeats: Counter,
     pub(crate) streams_active: Gauge,
-    pub(crate) untracked_no_session: Counter,
-    pub(crate) untracked_bad_stream_name: Counter,
-    pub(crate) untracked_registry_full: Counter,
-    pub(crate) untracked_encoded: Counter,
-    pub(crate) untracked_concurrent: Counter,
+    /// `sse_tracker_untracked_streams_total` by [`Untracked`] reason, and whether each reason
+    /// was logged at `WARN` yet (once per tracker).
+    untracked: [Counter; Untracked::ALL.len()],
+    untracked_warned: std::sync::Arc<[std::sync::atomic::AtomicBool; Untracked::ALL.len()]>,
     pub(crate) ids_rejected: Counter,
     pub(crate) records_enqueued: Counter,
     pub(crate) backpressure_timeouts: Counter,
@@ -371,6 +392,9 @@ pub(crate) struct Handles {
     pub(crate) worker_panics: Counter,
     pub(crate) streams_drained: Counter,
     pub(crate) streams_drained_late: Counter,
+    pub(crate) streams_drained_completed: Counter,
+    /// `sse_tracker_streams_ended_total` by `resumable`: false, true.
+    streams_ended: [Counter; 2],
     pub(crate) worker_lost: Counter,
 }
 
@@ -406,11 +430,8 @@ impl Handles {
             events: counter!(EVENTS_TOTAL),
             heartbeats: counter!(HEARTBEATS_TOTAL),
             streams_active: gauge!(STREAMS_ACTIVE),
-            untracked_no_session: untracked(REASON_NO_SESSION),
-            untracked_bad_stream_name: untracked(REASON_BAD_STREAM_NAME),
-            untracked_registry_full: untracked(REASON_REGISTRY_FULL),
-            untracked_encoded: untracked(REASON_ENCODED),
-            untracked_concurrent: untracked(REASON_CONCURRENT),
+            untracked: Untracked::ALL.map(|why| untracked(why.label())),
+            untracked_warned: Default::default(),
             ids_rejected: counter!(IDS_REJECTED_TOTAL),
             records_enqueued: counter!(RECORDS_ENQUEUED_TOTAL),
             backpressure_timeouts: counter!(BACKPRESSURE_TIMEOUTS_TOTAL),
@@ -434,6 +455,9 @@ impl Handles {
             worker_panics: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_PANIC),
             streams_drained: counter!(STREAMS_DRAINED_TOTAL, "reason" => REASON_BOUNDARY),
             streams_drained_late: counter!(STREAMS_DRAINED_TOTAL, "reason" => REASON_DEADLINE),
+            streams_drained_completed: counter!(STREAMS_DRAINED_TOTAL, "reason" => REASON_COMPLETED),
+            streams_ended: ["false", "true"]
+                .map(|resumable| counter!(STREAMS_ENDED_TOTAL, "resumable" => resumable)),
             worker_lost: counter!(WORKER_FAILURES_TOTAL, "reason" => REASON_LOST),
         }
     }
@@ -450,18 +474,102 @@ impl Handles {
 }
 
 impl Handles {
-    /// Counts an SSE stream (or the ids of one) left untracked because the registry refused it
-    /// a slot; returns the `reason` label.
-    pub(crate) fn untracked(&self, refused: crate::registry::Refused) -> &'static str {
+    /// Counts an SSE body that ended (tracked or not), by whether its client could resume it.
+    pub(crate) fn stream_ended(&self, resumable: bool) {
+        self.streams_ended[usize::from(resumable)].increment(1);
+    }
+
+    /// Counts an SSE stream (or the ids of one) left untracked, and logs the reason at `WARN`
+    /// the first time it comes, with the setting that would track such streams (each stream
+    /// is logged at `DEBUG` by the caller). Returns the `reason` label.
+    pub(crate) fn untracked(&self, why: Untracked) -> &'static str {
+        self.untracked[why as usize].increment(1);
+        if !self.untracked_warned[why as usize].swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                reason = why.label(),
+                "SSE streams left untracked: {} (logged once per reason; each one is counted \
+                 in sse_tracker_untracked_streams_total and logged at DEBUG)",
+                why.advice()
+            );
+        }
+        why.label()
+    }
+}
+
+/// Why an SSE response (or the ids of one) is not tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Untracked {
+    NoOwner,
+    Anonymous,
+    BadStreamName,
+    RegistryFull,
+    Concurrent,
+    Encoded,
+}
+
+impl Untracked {
+    const ALL: [Untracked; 6] = [
+        Untracked::NoOwner,
+        Untracked::Anonymous,
+        Untracked::BadStreamName,
+        Untracked::RegistryFull,
+        Untracked::Concurrent,
+        Untracked::Encoded,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Untracked::NoOwner => REASON_NO_OWNER,
+            Untracked::Anonymous => REASON_ANONYMOUS,
+            Untracked::BadStreamName => REASON_BAD_STREAM_NAME,
+            Untracked::RegistryFull => REASON_REGISTRY_FULL,
+            Untracked::Concurrent => REASON_CONCURRENT,
+            Untracked::Encoded => REASON_ENCODED,
+        }
+    }
+
+    /// Why, and the setting that would track such streams.
+    fn advice(self) -> &'static str {
+        match self {
+            Untracked::NoOwner => {
+                "the request carries no owner from the configured OwnerSource (its header or \
+                 request extension is missing or invalid); the default, \
+                 OwnerSource::session_header, tracks requests without a session too (a GET as \
+                 its route's feed)"
+            }
+            Untracked::Anonymous => {
+                "a request other than GET with no owner has a stream of its own that no later \
+                 request can address; take the owner from authentication \
+                 (OwnerSource::extension) or use event ids that name their stream \
+                 (StreamSource::event_id)"
+            }
+            Untracked::BadStreamName => {
+                "the stream name (\"{METHOD} {path}\", or the StreamName the handler set) is \
+                 invalid; set a valid StreamName in the response extensions"
+            }
+            Untracked::RegistryFull => {
+                "every tracked stream has an open body, so none could make room; raise \
+                 max_streams"
+            }
+            Untracked::Concurrent => {
+                "more than 64 concurrent responses of one owner on one route; use \
+                 StreamSource::shared_route, or event ids that name their stream \
+                 (StreamSource::event_id)"
+            }
+            Untracked::Encoded => {
+                "the SSE response has a Content-Encoding, so it can be neither scanned nor \
+                 given heartbeats; add the tracker's layer inside the compression layer, or \
+                 leave text/event-stream uncompressed"
+            }
+        }
+    }
+}
+
+impl From<crate::registry::Refused> for Untracked {
+    fn from(refused: crate::registry::Refused) -> Self {
         match refused {
-            crate::registry::Refused::Full => {
-                self.untracked_registry_full.increment(1);
-                REASON_REGISTRY_FULL
-            }
-            crate::registry::Refused::Busy => {
-                self.untracked_concurrent.increment(1);
-                REASON_CONCURRENT
-            }
+            crate::registry::Refused::Full => Untracked::RegistryFull,
+            crate::registry::Refused::Busy => Untracked::Concurrent,
         }
     }
 }

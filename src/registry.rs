@@ -26,7 +26,6 @@
 //! for all the streams of one session, and look-ups by `&str` need no allocation.
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -1106,54 +1105,30 @@ impl Registry {
     ///   open bodies (this instance never served the client's stream), the stream the
     ///   response will get, as without an id. `None` when several closed streams could be the
     ///   client's; when the owner lost one of several streams of the route to eviction (the
-    ///   client's could be that one, which nothing here tells apart from the others); and
-    ///   when there is no owner (anonymous clients share the streams: a closed one is
-    ///   anybody's).
+    ///   client's could be that one, which nothing here tells apart from the others).
     /// - Without one: the first of the route's streams without an open body, the one the
     ///   response will get (unless another response of the route starts in between); `None`
     ///   when all [`MAX_CONCURRENT`] have one.
     pub(crate) fn address_route(
         &self,
-        owner: Option<&str>,
+        owner: &str,
         route: &StreamName,
         last_event_id: Option<&str>,
     ) -> Option<StreamName> {
         let map = lock(&self.map);
         // The route's streams that exist, in order of their index.
-        let streams: Vec<&Arc<Slot>> = match owner {
-            Some(owner) => {
-                let mut streams: Vec<&Arc<Slot>> = map
-                    .sessions
-                    .get(owner)
-                    .map(|entry| {
-                        entry
-                            .streams
-                            .iter()
-                            .filter(|slot| concurrent_index(route, &slot.key.stream).is_some())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                streams.sort_by_key(|slot| concurrent_index(route, &slot.key.stream));
-                streams
-            }
-            None => {
-                let mut name = String::with_capacity(route.as_str().len() + 3);
-                let lookup = |n: usize| {
-                    name.clear();
-                    name.push_str(route.as_str());
-                    if n > 1 {
-                        let _ = write!(name, " #{n}");
-                    }
-                    map.unowned.get(name.as_str())
-                };
-                if last_event_id.is_some() {
-                    (1..=MAX_CONCURRENT).filter_map(lookup).collect()
-                } else {
-                    // Without an id, the streams up to the first missing one are enough.
-                    (1..=MAX_CONCURRENT).map_while(lookup).collect()
-                }
-            }
-        };
+        let mut streams: Vec<&Arc<Slot>> = map
+            .sessions
+            .get(owner)
+            .map(|entry| {
+                entry
+                    .streams
+                    .iter()
+                    .filter(|slot| concurrent_index(route, &slot.key.stream).is_some())
+                    .collect()
+            })
+            .unwrap_or_default();
+        streams.sort_by_key(|slot| concurrent_index(route, &slot.key.stream));
         let first_free = || {
             let mut n = 1;
             for slot in &streams {
@@ -1196,12 +1171,11 @@ impl Registry {
         }
         // The id is the latest of no stream here: the client is behind its stream (events
         // were in flight when it dropped), or its stream is one this instance does not hold.
-        // With an owner, its only closed stream of the route is taken for the client's, unless
-        // the owner lost one of several streams of the route to eviction (the client's may be
+        // The owner's only closed stream of the route is taken for the client's, unless the
+        // owner lost one of several streams of the route to eviction (the client's may be
         // that one); with none closed, the response gets a new stream. An owner with one
         // stream per route (an MCP session) is never in doubt, even after its streams were
-        // evicted. Anonymous clients share the streams: a closed one is anybody's.
-        let owner = owner?;
+        // evicted.
         let lost = map
             .lost
             .peek(owner)
@@ -1216,16 +1190,11 @@ impl Registry {
     }
 
     /// The evicted streams of `route` (of `owner`) whose latest id, `id`, waits in the FIFO.
-    fn evicted_with_latest(
-        &self,
-        owner: Option<&str>,
-        route: &StreamName,
-        id: &[u8],
-    ) -> Vec<Arc<Slot>> {
+    fn evicted_with_latest(&self, owner: &str, route: &StreamName, id: &[u8]) -> Vec<Arc<Slot>> {
         let fifo = lock(&self.evicted);
         fifo.iter()
             .filter(|slot| {
-                slot.key.owner.as_ref().map(Owner::as_str) == owner
+                slot.key.owner.as_ref().map(Owner::as_str) == Some(owner)
                     && concurrent_index(route, &slot.key.stream).is_some()
                     && slot.unpersisted()
                     && slot.latest_is(id)
@@ -1347,52 +1316,6 @@ mod tests {
         r.get_or_insert(Some(&s), &n, open).unwrap().0
     }
 
-    #[test]
-    fn without_an_owner_a_request_addresses_the_stream_its_response_will_get() {
-        let registry = registry(100, None);
-        let route = StreamName::new("GET /e").unwrap();
-        let open = |prefer: Option<&StreamName>| {
-            registry.open_route(None, &route, false, prefer).unwrap().0
-        };
-        let name = |n: &str| StreamName::new(n).unwrap();
-        assert_eq!(
-            registry.address_route(None, &route, None),
-            Some(route.clone())
-        );
-        let first = open(None);
-        assert_eq!(
-            registry.address_route(None, &route, None),
-            Some(name("GET /e #2"))
-        );
-        let second = open(Some(&name("GET /e #2")));
-        assert_eq!(second.key.stream, name("GET /e #2"));
-        first.publish(b"a1", 1);
-        second.publish(b"b1", 1);
-        second.publish(b"b2", 2);
-        registry.body_closed(&second);
-        // The id names its stream; without an owner, a lagging one names none (the closed
-        // stream could be any anonymous client's).
-        assert_eq!(
-            registry.address_route(None, &route, Some("b2")),
-            Some(name("GET /e #2"))
-        );
-        assert_eq!(registry.address_route(None, &route, Some("b1")), None);
-        // The first free stream is #2 again, and a response that prefers it gets it.
-        assert_eq!(
-            registry.address_route(None, &route, None),
-            Some(name("GET /e #2"))
-        );
-        registry.body_closed(&first);
-        assert_eq!(
-            registry.address_route(None, &route, None),
-            Some(route.clone())
-        );
-        // Two closed streams and an id that is neither's latest: no answer.
-        assert_eq!(registry.address_route(None, &route, Some("zz")), None);
-        let again = open(Some(&name("GET /e #2")));
-        assert_eq!(again.key.stream, name("GET /e #2"));
-    }
-
     /// The route's stream `n` of `owner`, opened for a body.
     fn open_nth(registry: &Registry, owner: &str, route: &StreamName) -> Arc<Slot> {
         let owner = Owner::new(owner).unwrap();
@@ -1416,7 +1339,7 @@ mod tests {
         second.publish(b"5", 1);
         registry.body_closed(&first);
         registry.body_closed(&second);
-        assert_eq!(registry.address_route(Some("s"), &route, Some("5")), None);
+        assert_eq!(registry.address_route("s", &route, Some("5")), None);
         // One of them moves on: the id names the other one alone.
         let again = registry
             .get_or_insert(Some(&first.key.owner.clone().unwrap()), &route, Open::No)
@@ -1424,7 +1347,7 @@ mod tests {
             .0;
         again.publish(b"6", 2);
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("5")),
+            registry.address_route("s", &route, Some("5")),
             Some(StreamName::new("GET /e #2").unwrap())
         );
     }
@@ -1446,16 +1369,16 @@ mod tests {
         assert!(mine.is_evicted() && !theirs.is_evicted());
         // Its id waits for the store: the registry still knows it is `#2`'s.
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("x5")),
+            registry.address_route("s", &route, Some("x5")),
             Some(StreamName::new("GET /e #2").unwrap())
         );
         // Once written, nothing here says which stream `x5` was: no key, rather than `#1`.
         mine.set_persisted(u64::MAX);
         assert!(registry.evicted_owed().is_empty());
-        assert_eq!(registry.address_route(Some("s"), &route, Some("x5")), None);
+        assert_eq!(registry.address_route("s", &route, Some("x5")), None);
         // The other client still finds its own stream, behind or not.
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("y3")),
+            registry.address_route("s", &route, Some("y3")),
             Some(route.clone())
         );
     }
@@ -1481,9 +1404,9 @@ mod tests {
         b.publish(b"b1", 2);
         registry.body_closed(&b);
         // A comes back with its id: `#2` is B's now, and A's own stream is gone.
-        assert_eq!(registry.address_route(Some("s"), &route, Some("x5")), None);
+        assert_eq!(registry.address_route("s", &route, Some("x5")), None);
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("b1")),
+            registry.address_route("s", &route, Some("b1")),
             Some(StreamName::new("GET /e #2").unwrap())
         );
     }
@@ -1508,9 +1431,9 @@ mod tests {
         let again = open_nth(&registry, "s", &route);
         again.publish(b"y4", 2);
         registry.body_closed(&again);
-        assert_eq!(registry.address_route(Some("s"), &route, Some("x5")), None);
+        assert_eq!(registry.address_route("s", &route, Some("x5")), None);
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("y4")),
+            registry.address_route("s", &route, Some("y4")),
             Some(route.clone())
         );
     }
@@ -1528,14 +1451,14 @@ mod tests {
         mine.set_persisted(u64::MAX);
         assert!(mine.is_evicted());
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("5")),
+            registry.address_route("s", &route, Some("5")),
             Some(route.clone())
         );
         let again = open_nth(&registry, "s", &route);
         again.publish(b"8", 2);
         registry.body_closed(&again);
         assert_eq!(
-            registry.address_route(Some("s"), &route, Some("7")),
+            registry.address_route("s", &route, Some("7")),
             Some(route.clone()),
             "behind its own stream, the only one"
         );

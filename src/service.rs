@@ -3,13 +3,14 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderName, Request, Response};
+use http::{HeaderName, Method, Request, Response};
 use tower::Service;
 
 use crate::body::TrackedBody;
 use crate::future::{RequestInfo, ResponseFuture};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{EventId, LastEventId, StreamKey, StreamName};
+use crate::protocol::Protocol;
 use crate::tracker::Shared;
 
 /// Put in the request extensions by the layer, so that extractors can tell "no value" from
@@ -116,20 +117,27 @@ where
             .filter(|v| v.len() <= config.max_id_len)
             .and_then(|v| EventId::new(v).ok());
         let mut addressed = None;
-        if let RequestOwner::Known(owner) = &owner {
+        // The owner the key is made with: known, or none (a request the session header does
+        // not name is anonymous unless its response names a session).
+        let key_owner = match &owner {
+            RequestOwner::Known(owner) => Some(owner.clone()),
+            RequestOwner::FromResponse => Some(None),
+            RequestOwner::Missing => None,
+        };
+        if let Some(owner) = key_owner {
             // The stream the request addresses: the one its Last-Event-ID names (with ids that
-            // name their stream), or the route's stream it reads (see
-            // `Registry::address_route`: concurrent responses give a route several), else the
-            // route's.
+            // name their stream); the route's stream it reads, for an owner (see
+            // `Registry::address_route`: concurrent responses give a route several); the
+            // route's feed, for an anonymous GET; else the route's.
             let route = StreamName::for_request(req.method(), req.uri().path()).ok();
-            let stream = match (config.stream, &last_event_id, route) {
-                (StreamKind::EventId(format), Some(id), route) => format
+            let stream = match (config.stream, &last_event_id, route, &owner) {
+                (StreamKind::EventId(format), Some(id), route, _) => format
                     .stream_of(id.as_str())
                     .and_then(|name| StreamName::new(name).ok())
                     .or(route),
-                (StreamKind::Route { shared: false }, id, Some(route)) => {
+                (StreamKind::Route { shared: false }, id, Some(route), Some(owner)) => {
                     let stream = self.shared.registry.address_route(
-                        owner.as_ref().map(|o| o.as_str()),
+                        owner.as_str(),
                         &route,
                         id.as_ref().map(|id| id.as_str()),
                     );
@@ -143,13 +151,16 @@ where
                     addressed.clone_from(&stream);
                     stream
                 }
-                (_, _, route) => route,
+                // Anonymous, not a GET: a stream of its own, which nothing addresses.
+                (StreamKind::Route { shared: false }, _, Some(_), None)
+                    if req.method() != Method::GET =>
+                {
+                    None
+                }
+                (_, _, route, _) => route,
             };
             if let Some(stream) = stream {
-                req.extensions_mut().insert(StreamKey {
-                    owner: owner.clone(),
-                    stream,
-                });
+                req.extensions_mut().insert(StreamKey { owner, stream });
             }
         }
         if let Some(id) = last_event_id {
@@ -161,6 +172,7 @@ where
         req.extensions_mut().insert(LayerMarker);
         let info = RequestInfo {
             owner,
+            protocol: Protocol::of_request(req.headers()),
             method: req.method().clone(),
             uri: req.uri().clone(),
             addressed,

@@ -24,7 +24,6 @@ pub(crate) struct Shared {
     store: Arc<dyn DynStore>,
     store_timeout: Duration,
     /// The warning about compressed SSE responses was logged (once per tracker).
-    pub(crate) encoded_warned: std::sync::atomic::AtomicBool,
     pub(crate) drain: Drain,
 }
 
@@ -105,7 +104,6 @@ impl Shared {
             worker,
             store,
             store_timeout,
-            encoded_warned: std::sync::atomic::AtomicBool::new(false),
             drain: Drain::default(),
         };
         (shared, task)
@@ -352,26 +350,38 @@ impl SseTracker {
             })
     }
 
-    /// Ends every open SSE body of this tracker's layers at its next event boundary (never
-    /// inside an event), after a `retry: <ms>` field when `retry` is given, so that clients
-    /// reconnect after that long; then the body stops pulling its inner body. SSE responses
-    /// that start afterwards end at their first boundary. An idle body ends at once; a body in
-    /// the middle of an event ends when the event is complete, even when that happens inside
-    /// a frame (the frame is cut after the event). A body still inside an event after the
-    /// builder's [`drain_timeout`](crate::SseTrackerBuilder::drain_timeout) (10 s) ends there:
-    /// its client discards the incomplete event, whose id the tracker never committed.
+    /// Drains every open SSE body of this tracker's layers without cancelling a request:
     ///
-    /// Every SSE response the layer wraps is drained, tracked or not, except one with a
-    /// `Content-Encoding` (its bytes cannot be read: it keeps the server waiting; put the
-    /// tracker's layer inside the compression layer).
+    /// - A stream its client can resume (its events carry ids, and its request does not say
+    ///   MCP 2026-07-28 or later) ends at its next event boundary (never inside an event),
+    ///   after a `retry: <ms>` field when `retry` is given, so that its client reconnects with
+    ///   `Last-Event-ID` after that long. An idle body ends at once; a body in the middle of an
+    ///   event ends when the event is complete, even inside a frame (the frame is cut after
+    ///   the event). So does an MCP 2026-07-28 `subscriptions/listen` stream (its request
+    ///   carries `Mcp-Method: subscriptions/listen`): its client re-issues the listen.
+    /// - A stream its client cannot resume (no event with an id so far, or an MCP 2026-07-28
+    ///   request stream, whose end cancels its request) is never ended early: it runs to its
+    ///   own end, so an LLM answer or a tool call in flight completes.
+    /// - Either is ended at the builder's
+    ///   [`drain_timeout`](crate::SseTrackerBuilder::drain_timeout) (10 s) if still open:
+    ///   inside an event, its client discards the incomplete event, whose id the tracker never
+    ///   committed.
+    ///
+    /// Which one a body is: [`TrackedBody::is_resumable`](crate::TrackedBody::is_resumable).
+    /// SSE responses that start afterwards follow the same rules. Every SSE response the layer
+    /// wraps is drained, tracked or not, except one with a `Content-Encoding` (its bytes
+    /// cannot be read: it keeps the server waiting; put the tracker's layer inside the
+    /// compression layer).
     ///
     /// Later calls change nothing: the first call's `retry` and deadline hold.
     ///
     /// Call it when the server starts its graceful shutdown: open event streams otherwise keep
-    /// it waiting for ever. Each body's latest id is the last id its client received, so a client
-    /// that reconnects (to another instance) with `Last-Event-ID` resumes exactly there; call
+    /// it waiting for ever; the server then exits as soon as the last stream has ended. Each
+    /// body's latest id is the last id its client received, so a client that reconnects (to
+    /// another instance) with `Last-Event-ID` resumes exactly there; call
     /// [`shutdown`](Self::shutdown) afterwards to persist the final ids. Counted in
-    /// `sse_tracker_streams_drained_total`, by `reason`: `boundary` or `deadline`.
+    /// `sse_tracker_streams_drained_total`, by `reason`: `boundary`, `completed` (ran to its
+    /// end) or `deadline`.
     ///
     /// ```no_run
     /// # async fn run(app: axum::Router, tracker: tower_sse_tracker::SseTracker) -> std::io::Result<()> {

@@ -198,10 +198,14 @@ async fn a_stream_stuck_inside_an_event_ends_at_the_drain_timeout_without_its_id
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untracked_stream_without_heartbeats_is_drained_too() {
-    let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None));
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .owner(tower_sse_tracker::OwnerSource::header("x-user")),
+    );
     let h = Harness::start(tracker).await;
     let feed = h.feed("anon");
-    // No session header: not tracked (reason no_session), still an SSE body of the layer.
+    // No owner header: not tracked (reason no_owner), still an SSE body of the layer.
     let mut client = h.get("/sse/anon", None, HeaderMap::new()).await;
     feed.send(Bytes::from_static(b"id: 1\ndata: a\n\n"))
         .unwrap();
@@ -209,7 +213,7 @@ async fn an_untracked_stream_without_heartbeats_is_drained_too() {
     assert_eq!(
         recorded.value(
             tower_sse_tracker::metrics::UNTRACKED_STREAMS_TOTAL,
-            &[("reason", "no_session")]
+            &[("reason", "no_owner")]
         ),
         1.0
     );
@@ -429,4 +433,338 @@ async fn bytes_withheld_as_a_possible_bom_are_sent_before_trailers() {
     let last = body.frame().await.unwrap().unwrap();
     assert_eq!(last.into_trailers().unwrap(), trailers);
     assert!(body.frame().await.is_none());
+}
+
+/// Streams as servers send them, none of them knowing of the tracker:
+///
+/// - `POST /mcp` with MCP 2026-07-28 headers: `Mcp-Method: tools/call` streams progress
+///   (no ids, as 2026-07-28 has none) every 250 ms for 2.5 s, then the result, and ends;
+///   `Mcp-Method: subscriptions/listen` sends a notification every 2 s, for ever;
+/// - `POST /chat`: an answer streamed token by token (no ids) for 1.5 s, then `[DONE]`;
+/// - `GET /feed`: a feed with ids every 200 ms, for ever.
+mod protocols {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::http::HeaderMap;
+    use axum::response::sse::{Event, Sse};
+    use axum::routing::{get, post};
+    use futures_util::stream::{self, BoxStream, StreamExt};
+    use tokio::time::{Instant, sleep};
+    use tower_sse_tracker::SseTracker;
+
+    type Events = Sse<BoxStream<'static, Result<Event, Infallible>>>;
+
+    /// `n` events `every` apart, made by `event(i)`, then `last` if any.
+    fn paced(
+        n: u32,
+        every: Duration,
+        event: fn(u32) -> Event,
+        last: Option<Event>,
+    ) -> BoxStream<'static, Result<Event, Infallible>> {
+        let events = stream::unfold(0, move |i| async move {
+            if i == n {
+                return None;
+            }
+            sleep(every).await;
+            Some((Ok(event(i)), i + 1))
+        });
+        events.chain(stream::iter(last.map(Ok))).boxed()
+    }
+
+    async fn mcp(headers: HeaderMap) -> Events {
+        let method = headers
+            .get("mcp-method")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let stream = if method == "subscriptions/listen" {
+            paced(
+                u32::MAX,
+                Duration::from_secs(2),
+                |_| Event::default().data(r#"{"method":"notifications/resources/updated"}"#),
+                None,
+            )
+        } else {
+            paced(
+                10,
+                Duration::from_millis(250),
+                |i| {
+                    Event::default().data(format!(
+                        r#"{{"method":"notifications/progress","params":{{"progress":{i}}}}}"#
+                    ))
+                },
+                Some(Event::default().data(r#"{"id":1,"result":{"content":[]}}"#)),
+            )
+        };
+        Sse::new(stream)
+    }
+
+    async fn chat() -> Events {
+        Sse::new(paced(
+            15,
+            Duration::from_millis(100),
+            |i| Event::default().data(format!("token {i}")),
+            Some(Event::default().data("[DONE]")),
+        ))
+    }
+
+    async fn feed() -> Events {
+        Sse::new(paced(
+            u32::MAX,
+            Duration::from_millis(200),
+            |i| Event::default().id(i.to_string()).data("tick"),
+            None,
+        ))
+    }
+
+    /// A server with graceful shutdown: `stop` starts it, with `tracker.drain(retry 500 ms)`;
+    /// the handle answers when the server has exited.
+    pub async fn serve(
+        tracker: &SseTracker,
+    ) -> (
+        String,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Instant>,
+    ) {
+        let app = Router::new()
+            .route("/mcp", post(mcp))
+            .route("/chat", post(chat))
+            .route("/feed", get(feed))
+            .layer(tracker.layer());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let draining = tracker.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                    draining.drain(Some(Duration::from_millis(500)));
+                })
+                .await
+                .unwrap();
+            Instant::now()
+        });
+        (base, stop, server)
+    }
+
+    /// A client reading one response to its end, noting when it ended.
+    pub struct Read {
+        pub body: String,
+        pub ended: Instant,
+    }
+
+    pub async fn open(
+        request: reqwest::RequestBuilder,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+        tokio::task::JoinHandle<Read>,
+    ) {
+        let response = request
+            .header("accept", "application/json, text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let (chunks, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let mut body = String::new();
+            let mut bytes = response.bytes_stream();
+            while let Some(chunk) = bytes.next().await {
+                let chunk = String::from_utf8(chunk.unwrap().to_vec()).unwrap();
+                body.push_str(&chunk);
+                let _ = chunks.send(chunk);
+            }
+            Read {
+                body,
+                ended: Instant::now(),
+            }
+        });
+        (rx, reader)
+    }
+
+    /// An MCP 2026-07-28 POST with `Mcp-Method: method`.
+    pub fn mcp_post(http: &reqwest::Client, base: &str, method: &str) -> reqwest::RequestBuilder {
+        http.post(format!("{base}/mcp"))
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", method)
+            .header("mcp-name", "progress")
+            .body(format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}"}}"#))
+    }
+}
+
+/// A drain of an MCP 2026-07-28 server: the tool call in flight completes and its client gets
+/// the result (closing its stream would cancel the request); the `subscriptions/listen`
+/// stream ends at an event boundary at once (its client re-issues the listen); a stream with
+/// ids ends at its next boundary with `retry:`. The server exits when the tool call's stream
+/// ends, well before the drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_completes_a_2026_07_28_tool_call_and_ends_its_listen_stream_at_a_boundary() {
+    use protocols::{mcp_post, open, serve};
+    use tower_sse_tracker::metrics::REASON_COMPLETED;
+
+    let (tracker, recorded) = build_recorded(SseTracker::builder());
+    let (base, stop, server) = serve(&tracker).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let started = tokio::time::Instant::now();
+    let (mut call_chunks, call) = open(mcp_post(&http, &base, "tools/call")).await;
+    let (_, listen) = open(mcp_post(&http, &base, "subscriptions/listen")).await;
+    let (mut feed_chunks, feed) = open(http.get(format!("{base}/feed"))).await;
+    // The tool call is under way, and the feed has sent ids.
+    call_chunks.recv().await.unwrap();
+    feed_chunks.recv().await.unwrap();
+    feed_chunks.recv().await.unwrap();
+
+    let drained_at = tokio::time::Instant::now();
+    stop.send(()).unwrap();
+    let listen = listen.await.unwrap();
+    let feed = feed.await.unwrap();
+    let call = call.await.unwrap();
+    let exited = server.await.unwrap();
+    println!(
+        "drain at {:?}: listen ended {:?} later, feed {:?}, tool call {:?} (started {:?} before \
+         the drain), server exited {:?} after the drain",
+        drained_at - started,
+        listen.ended - drained_at,
+        feed.ended - drained_at,
+        call.ended - drained_at,
+        drained_at - started,
+        exited - drained_at,
+    );
+    // The listen stream: idle between notifications, so it ends at once, with nothing cut.
+    assert!(listen.ended - drained_at < Duration::from_secs(1));
+    assert!(!listen.body.contains("notifications"), "{:?}", listen.body);
+    assert!(listen.body.ends_with("retry: 500\n\n"), "{:?}", listen.body);
+    // The feed: at its next boundary, after a whole event.
+    assert!(
+        feed.body.ends_with("data: tick\n\nretry: 500\n\n"),
+        "{:?}",
+        feed.body
+    );
+    // The tool call: every progress notification and the result.
+    assert_eq!(call.body.matches("notifications/progress").count(), 10);
+    assert!(
+        call.body
+            .ends_with("data: {\"id\":1,\"result\":{\"content\":[]}}\n\n")
+    );
+    assert!(call.ended - started >= Duration::from_millis(2500));
+    // The server waited for the tool call, and no longer.
+    assert!(exited >= call.ended - Duration::from_millis(50));
+    assert!(
+        exited - drained_at < Duration::from_secs(10),
+        "before the drain timeout"
+    );
+    assert_eq!(
+        recorded.value(STREAMS_DRAINED_TOTAL, &[("reason", "boundary")]),
+        2.0
+    );
+    assert_eq!(
+        recorded.value(STREAMS_DRAINED_TOTAL, &[("reason", REASON_COMPLETED)]),
+        1.0
+    );
+    assert_eq!(
+        recorded.value(STREAMS_DRAINED_TOTAL, &[("reason", "deadline")]),
+        0.0
+    );
+}
+
+/// A drain of a plain SSE app: an answer streamed on a POST without ids (its client cannot
+/// resume it) finishes; a GET feed with ids ends at an event boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lets_an_id_less_post_answer_finish_and_ends_a_feed_with_ids_at_a_boundary() {
+    use protocols::{open, serve};
+    use tower_sse_tracker::metrics::{REASON_COMPLETED, STREAMS_ENDED_TOTAL};
+
+    let (tracker, recorded) = build_recorded(SseTracker::builder());
+    let (base, stop, server) = serve(&tracker).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (mut chat_chunks, chat) = open(http.post(format!("{base}/chat"))).await;
+    let (mut feed_chunks, feed) = open(http.get(format!("{base}/feed"))).await;
+    chat_chunks.recv().await.unwrap();
+    feed_chunks.recv().await.unwrap();
+    let drained_at = tokio::time::Instant::now();
+    stop.send(()).unwrap();
+    let feed = feed.await.unwrap();
+    let chat = chat.await.unwrap();
+    let exited = server.await.unwrap();
+    println!(
+        "feed ended {:?} after the drain, the answer {:?}, the server exited {:?}",
+        feed.ended - drained_at,
+        chat.ended - drained_at,
+        exited - drained_at
+    );
+    assert!(
+        feed.body.ends_with("data: tick\n\nretry: 500\n\n"),
+        "{:?}",
+        feed.body
+    );
+    assert_eq!(chat.body.matches("data: token").count(), 15);
+    assert!(chat.body.ends_with("data: [DONE]\n\n"), "{:?}", chat.body);
+    assert_eq!(
+        recorded.value(STREAMS_DRAINED_TOTAL, &[("reason", REASON_COMPLETED)]),
+        1.0
+    );
+    // One of each kind ended: the feed resumable, the answer not.
+    assert_eq!(
+        recorded.value(STREAMS_ENDED_TOTAL, &[("resumable", "true")]),
+        1.0
+    );
+    assert_eq!(
+        recorded.value(STREAMS_ENDED_TOTAL, &[("resumable", "false")]),
+        1.0
+    );
+}
+
+/// With Tokio's clock paused: an MCP 2026-07-28 `subscriptions/listen` stream idle at an event
+/// boundary ends the moment a drain starts (no time passes), while a `tools/call` stream idle
+/// at a boundary stays open until its own end, which may come long after.
+#[tokio::test(start_paused = true)]
+async fn a_listen_stream_ends_the_moment_a_drain_starts_and_a_request_stream_waits_for_its_end() {
+    use common::direct::{fed_request, fed_service, respond};
+    use http_body_util::BodyExt;
+
+    let tracker = SseTracker::builder()
+        .heartbeat_interval(None)
+        .drain_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut svc = fed_service(&tracker);
+    let open = |method: &'static str| {
+        let (tx, mut req) = fed_request("s1");
+        req.headers_mut()
+            .insert("mcp-protocol-version", "2026-07-28".parse().unwrap());
+        req.headers_mut()
+            .insert("mcp-method", method.parse().unwrap());
+        (tx, req)
+    };
+    let (listen_tx, req) = open("subscriptions/listen");
+    let mut listen = respond(&mut svc, req).await.into_body();
+    let (call_tx, req) = open("tools/call");
+    let mut call = respond(&mut svc, req).await.into_body();
+    for (tx, body) in [(&listen_tx, &mut listen), (&call_tx, &mut call)] {
+        tx.send(Bytes::from_static(b"data: {}\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+    }
+    assert!(!listen.is_resumable() && !call.is_resumable());
+
+    let drained_at = tokio::time::Instant::now();
+    tracker.drain(None);
+    assert!(listen.frame().await.is_none(), "the listen stream ended");
+    assert_eq!(tokio::time::Instant::now(), drained_at, "at once");
+    // The request stream is still open 30 s later, and delivers what comes.
+    assert!(
+        timeout(Duration::from_secs(30), call.frame())
+            .await
+            .is_err()
+    );
+    call_tx
+        .send(Bytes::from_static(b"data: {\"result\":{}}\n\n"))
+        .unwrap();
+    let last = call.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(last, "data: {\"result\":{}}\n\n");
+    drop(call_tx);
+    assert!(call.frame().await.is_none(), "it ends with its inner body");
+    drop(listen_tx);
 }

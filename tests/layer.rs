@@ -10,11 +10,10 @@ use bytes::Bytes;
 use common::{Harness, build_recorded, key, no_heartbeat, run_frames};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_sse_tracker::SseTracker;
 use tower_sse_tracker::metrics::{
-    EVENTS_TOTAL, REASON_LRU, REASON_NO_SESSION, STREAMS_ACTIVE, STREAMS_EVICTED_TOTAL,
-    UNTRACKED_STREAMS_TOTAL,
+    EVENTS_TOTAL, REASON_LRU, STREAMS_ACTIVE, STREAMS_EVICTED_TOTAL, UNTRACKED_STREAMS_TOTAL,
 };
+use tower_sse_tracker::{SseTracker, StreamKey, StreamName};
 
 #[tokio::test]
 async fn sse_bytes_pass_through_unchanged_and_in_order() {
@@ -157,8 +156,10 @@ async fn streams_of_two_sessions_on_one_path_are_kept_apart() {
     assert_eq!(h.tracker.last_event_id(&key("s1", "GET /sse/p2")), None);
 }
 
+/// A request whose session header is missing or invalid is anonymous: its GET reads the
+/// route's feed, tracked with no owner, and the handler gets no session.
 #[tokio::test]
-async fn a_bad_session_header_leaves_the_stream_untracked() {
+async fn a_bad_or_missing_session_header_makes_a_get_read_its_routes_feed() {
     let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None));
     let h = Harness::start(tracker).await;
     let too_long = "x".repeat(129);
@@ -180,15 +181,16 @@ async fn a_bad_session_header_leaves_the_stream_untracked() {
         tx.send(Bytes::from_static(b"id: 1\ndata: x\n\n")).unwrap();
         drop(tx);
         assert_eq!(client.read_to_end().await, b"id: 1\ndata: x\n\n");
-        // The handler did not get a session extension either.
-        assert_eq!(h.seen(name).session, None, "{name}");
+        // The handler did not get a session extension, and got the feed's key.
+        let seen = h.seen(name);
+        assert_eq!(seen.session, None, "{name}");
+        let feed = StreamKey::unowned(StreamName::new(&format!("GET /sse/{name}")).unwrap());
+        assert_eq!(seen.key.as_ref(), Some(&feed), "{name}");
+        assert_eq!(h.tracker.last_event_id(&feed).unwrap(), "1", "{name}");
     }
-    assert_eq!(h.tracker.tracked_streams(), 0);
-    assert_eq!(
-        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_NO_SESSION)]),
-        4.0
-    );
-    assert_eq!(recorded.value(EVENTS_TOTAL, &[]), 0.0);
+    assert_eq!(h.tracker.tracked_streams(), 4);
+    assert_eq!(recorded.sum(UNTRACKED_STREAMS_TOTAL), 0.0);
+    assert_eq!(recorded.value(EVENTS_TOTAL, &[]), 4.0);
 }
 
 #[tokio::test]
@@ -397,4 +399,83 @@ async fn settings_meaning_no_bound_work_or_are_refused_never_panic() {
         "{refused:?}"
     );
     println!("{refused}");
+}
+
+/// Logs written by the tracker, captured.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Each reason a stream is left untracked is logged at `WARN` once, naming the setting that
+/// would track such streams, however many streams it applies to (each one is counted).
+#[tokio::test(flavor = "current_thread")]
+async fn each_reason_a_stream_is_left_untracked_is_logged_once_at_warn() {
+    use common::direct::{Frames, frames_service, id_frames, request, respond};
+    use tower_sse_tracker::metrics::{REASON_ANONYMOUS, REASON_REGISTRY_FULL};
+
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .max_streams(1),
+    );
+    let mut svc = frames_service(&tracker);
+    // Three anonymous POSTs: streams of their own that nothing can address.
+    for _ in 0..3 {
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri("/chat")
+            .body(())
+            .unwrap();
+        req.extensions_mut().insert::<Frames>(id_frames(2));
+        let mut body = respond(&mut svc, req).await.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+    }
+    // A registry of one stream, held by an open body: two more sessions find it full.
+    let _open = respond(&mut svc, request("s1", id_frames(1))).await;
+    for s in ["s2", "s3"] {
+        let mut body = respond(&mut svc, request(s, id_frames(1)))
+            .await
+            .into_body();
+        while body.frame().await.is_some() {}
+    }
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    println!("{logs}");
+    let warned = |reason: &str| {
+        logs.lines()
+            .filter(|line| line.contains("WARN") && line.contains(&format!("reason=\"{reason}\"")))
+            .count()
+    };
+    assert_eq!(warned(REASON_ANONYMOUS), 1);
+    assert!(logs.contains("OwnerSource::extension"), "names the setting");
+    assert_eq!(
+        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_ANONYMOUS)]),
+        3.0
+    );
+    assert_eq!(warned(REASON_REGISTRY_FULL), 1);
+    assert!(logs.contains("raise max_streams"), "names the setting");
+    assert_eq!(
+        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_REGISTRY_FULL)]),
+        2.0
+    );
 }
