@@ -2,16 +2,17 @@
 //!
 //! `cargo run --example rmcp_server [addr]` serves on 127.0.0.1:3002:
 //!
-//! - `POST/GET /mcp`: rmcp's `StreamableHttpService` (sessions, as before protocol
-//!   2026-07-28), with one tool, `progress`, that streams progress notifications. The server's
-//!   code knows nothing of the tracker.
+//! - `POST/GET /mcp`: rmcp's `StreamableHttpService` (sessions, as in MCP 2025-11-25 and
+//!   earlier), with one tool, `progress` (`{steps: integer}`, listed by `tools/list`), that
+//!   streams progress notifications. The server's code knows nothing of the tracker.
 //! - `GET /streams/{session}`: each stream of an MCP session with its latest id, as JSON.
 //!
 //! The tracker names each stream by its event ids (`StreamSource::event_id(IdStream::RMCP)`):
 //! a tool call's POST response stream and the GET that resumes it with `Last-Event-ID` share a
 //! key, and two concurrent calls have two. There is exactly one heartbeat source: rmcp's own
 //! keep-alive is off, and the layer sends `: keep-alive` comments where they cannot corrupt an
-//! event. For 2026-07-28's sessionless mode, see `tests/rmcp.rs`.
+//! event. MCP 2026-07-28 removed `Last-Event-ID` resumption: for such clients the layer still
+//! sends heartbeats and never cuts a request stream on a drain (see `SseTracker::drain`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock,
-    ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -31,13 +32,38 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::json;
 use tower_sse_tracker::{IdStream, Owner, SseTracker, StreamSource};
 
-/// A tool server as any rmcp application writes it.
+/// A tool server as any rmcp application writes it (public for `tests/rmcp.rs`, which lists
+/// and calls its tool with rmcp's client).
 #[derive(Clone)]
-struct Tools;
+pub struct Tools;
 
 impl ServerHandler for Tools {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "steps": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 1000,
+                    "description": "progress notifications to send, 500 ms apart (default 5)"
+                }
+            }
+        });
+        let tool = Tool::new(
+            "progress",
+            "Streams one progress notification per step (send _meta.progressToken), then a result",
+            schema.as_object().cloned().unwrap_or_default(),
+        );
+        Ok(ListToolsResult::with_all_items(vec![tool]))
     }
 
     async fn call_tool(

@@ -15,6 +15,9 @@
 mod common;
 #[path = "common/mcp.rs"]
 mod mcp;
+#[path = "../examples/rmcp_server.rs"]
+#[allow(dead_code)]
+mod rmcp_example;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -85,6 +88,9 @@ where
     C: rmcp::service::Service<rmcp::RoleClient>,
 {
     let peer = client.peer().clone();
+    // As clients do: list the tools, then call one.
+    let tools = peer.list_all_tools().await.expect("tools/list answers");
+    assert!(tools.iter().any(|t| t.name == "progress"), "{tools:?}");
     let calls = async {
         tokio::try_join!(
             peer.call_tool(call(STEPS[0])),
@@ -154,12 +160,22 @@ async fn rmcp_legacy_sessions_two_concurrent_streams_and_a_drop_keep_exact_ids_a
     assert!(post_resumptions.len() >= 2, "{resumptions:?}");
 
     // Each call's stream has its own key and its exact latest id: the final response, after
-    // the priming event 0 and `steps` progress notifications.
-    let streams: BTreeMap<String, String> = tracker
+    // the priming event 0 and `steps` progress notifications. The tools/list before them has
+    // a stream too: its priming event and the list (latest id `1/{request}`).
+    let all: BTreeMap<String, String> = tracker
         .owner_streams(&session)
         .into_iter()
         .filter_map(|(name, latest)| Some((name.to_string(), latest?.to_string())))
         .filter(|(name, _)| name.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    let listed = all
+        .values()
+        .filter(|latest| latest.starts_with("1/"))
+        .count();
+    assert_eq!(listed, 1, "the tools/list stream: {all:?}");
+    let streams: BTreeMap<String, String> = all
+        .into_iter()
+        .filter(|(_, latest)| !latest.starts_with("1/"))
         .collect();
     assert_eq!(streams.len(), 2, "{streams:?}");
     let mut finals: Vec<u64> = Vec::new();
@@ -280,5 +296,47 @@ async fn rmcp_stateless_2026_07_28_two_concurrent_streams_and_a_drop_keep_exact_
         "stateless: {tool_streams} streams, {} resuming GETs after cutting {cut} connections",
         resumptions.len()
     );
+    client.cancel().await.unwrap();
+}
+
+/// `examples/rmcp_server.rs` lists its tool with its input schema, as the official SDKs'
+/// clients expect before they call one, and the call streams its progress through the layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_tool_is_listed_with_its_schema_and_called_through_the_layer() {
+    let tracker = SseTracker::builder()
+        .stream(StreamSource::event_id(IdStream::RMCP))
+        .build()
+        .unwrap();
+    let service = StreamableHttpService::new(
+        || Ok(rmcp_example::Tools),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_sse_keep_alive(None),
+    );
+    let router = Router::new()
+        .nest_service("/mcp", service)
+        .layer(tracker.layer());
+    let addr = serve(router).await;
+    let client = ()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "http://{addr}/mcp"
+        )))
+        .await
+        .expect("the client connects");
+    let tools = client.peer().list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 1, "{tools:?}");
+    assert_eq!(tools[0].name, "progress");
+    let steps = &tools[0].input_schema["properties"]["steps"];
+    assert_eq!(steps["type"], "integer", "{:?}", tools[0].input_schema);
+    let args = serde_json::json!({ "steps": 2 });
+    let result = client
+        .peer()
+        .call_tool(
+            CallToolRequestParams::new("progress")
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&result.content).unwrap();
+    assert!(text.contains("2 steps done"), "{text}");
     client.cancel().await.unwrap();
 }

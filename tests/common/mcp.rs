@@ -38,6 +38,26 @@ impl ServerHandler for ProgressServer {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
     }
 
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, ErrorData> {
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "steps": { "type": "integer" },
+                "delay_ms": { "type": "integer" }
+            }
+        });
+        let tool = rmcp::model::Tool::new(
+            "progress",
+            "Streams one progress notification per step",
+            schema.as_object().cloned().unwrap_or_default(),
+        );
+        Ok(rmcp::model::ListToolsResult::with_all_items(vec![tool]))
+    }
+
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
