@@ -18,7 +18,7 @@ async fn ticks(
     if let (Some(Extension(key)), Some(Extension(LastEventId(id)))) = (key, last)
         && let Ok(Resume::Behind { latest, .. }) = tracker.resume(&key, Some(&id)).await
     {
-        println!("{key}: the client read {id}, missed up to {latest}");
+        println!("{key}: the client's last id is {id}, the feed is at {latest}");
     }
     let next = (start.elapsed().as_millis() / TICK.as_millis()) as u32 + 1;
     Sse::new(stream::unfold(next, move |n| async move {

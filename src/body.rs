@@ -15,8 +15,9 @@ use tokio_util::sync::PollSender;
 
 use crate::identity::IdStream;
 use crate::key::{Owner, StreamName};
+use crate::metrics::Untracked;
 use crate::protocol::Resumption;
-use crate::registry::{Open, Refused, Slot};
+use crate::registry::{Open, Slot};
 use crate::scan::{Boundary, Scanner};
 use crate::tracker::Shared;
 
@@ -36,9 +37,10 @@ pin_project! {
     /// - when a heartbeat went out before the inner body's first byte, a leading byte order
     ///   mark of the inner body is dropped (a client drops one only as the very first bytes it
     ///   reads); its bytes may be held back until the next frame says whether they are one;
-    /// - while [draining](crate::SseTracker::drain), a `retry` field and the end of the body at
-    ///   the next event boundary (the frame holding it is cut after it), or at the drain
-    ///   timeout.
+    /// - while [draining](crate::SseTracker::drain), for a stream its client can resume (see
+    ///   [`is_resumable`](Self::is_resumable)), a `retry` field and the end of the body at the
+    ///   next event boundary (the frame holding it is cut after it); any stream ends at the
+    ///   drain timeout.
     ///
     /// An SSE body has no declared length (the layer removes `Content-Length`).
     pub struct TrackedBody<B> {
@@ -82,10 +84,13 @@ pin_project! {
         // body is dropped (a client drops it only as the very first bytes it reads). `Some(n)`:
         // watching, `n` bytes of it matched and withheld so far.
         strip_bom: Option<u8>,
-        // Whether the request lets the client resume the stream (with ids), and whether an
-        // event has carried an id: together, whether a drain may end the stream at a boundary.
+        // Whether the request lets the client resume the stream (with ids), and whether the
+        // client's last event id is one it would reconnect with (not none, not empty):
+        // together, whether a drain may end the stream at a boundary.
         resumption: Resumption,
-        ids_seen: bool,
+        has_last_id: bool,
+        // The stream's span, tracked or not: `resumable` and `mcp_method` in it.
+        span: tracing::Span,
     }
 
     impl PinnedDrop for SseState {
@@ -113,11 +118,25 @@ struct PerId {
     format: IdStream,
     /// The stream of ids that name none: the route's.
     route: StreamName,
-    /// The slot of those ids, opened for this body alone (`"{route} #2"` when another body
-    /// holds the route's) the first time one comes, and held until the body goes.
+    /// How ids that name no stream are tracked.
+    fallback_kind: Fallback,
+    /// The slot of those ids, opened the first time one comes and held until the body goes:
+    /// the body's own (`"{route} #2"` when another body holds the route's), or the route's
+    /// feed.
     fallback: Option<Arc<Slot>>,
     /// An id was left untracked because the registry was full (counted once per body).
     refused: bool,
+}
+
+/// Where a body with a stream per id puts the ids that name no stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fallback {
+    /// A stream of the route of the body's own (an owner's).
+    Own,
+    /// The route's feed, shared (an anonymous `GET`, or a name the handler chose).
+    Feed,
+    /// Nowhere: an anonymous request of another method, whose stream nothing can address.
+    Untracked,
 }
 
 impl Tracking {
@@ -133,6 +152,7 @@ impl Tracking {
         owner: Option<Owner>,
         format: IdStream,
         route: StreamName,
+        fallback: Fallback,
         span: tracing::Span,
     ) -> Self {
         Self {
@@ -141,6 +161,7 @@ impl Tracking {
                 owner,
                 format,
                 route,
+                fallback_kind: fallback,
                 fallback: None,
                 refused: false,
             }),
@@ -194,9 +215,18 @@ impl Tracking {
         if per_id.fallback.is_some() {
             return Some(());
         }
+        let share = match per_id.fallback_kind {
+            Fallback::Own => false,
+            Fallback::Feed => true,
+            Fallback::Untracked => {
+                let route = per_id.route.clone();
+                refuse(per_id, shared, &self.span, Untracked::Anonymous, &route);
+                return None;
+            }
+        };
         match shared
             .registry
-            .open_route(per_id.owner.as_ref(), &per_id.route, false, None)
+            .open_route(per_id.owner.as_ref(), &per_id.route, share, None)
         {
             Ok((slot, _evicted)) => {
                 per_id.fallback = Some(slot);
@@ -204,7 +234,7 @@ impl Tracking {
             }
             Err(refused) => {
                 let route = per_id.route.clone();
-                refuse(per_id, shared, &self.span, refused, &route);
+                refuse(per_id, shared, &self.span, refused.into(), &route);
                 None
             }
         }
@@ -227,7 +257,7 @@ impl Tracking {
                 Some(())
             }
             Err(refused) => {
-                refuse(per_id, shared, &self.span, refused, &stream);
+                refuse(per_id, shared, &self.span, refused.into(), &stream);
                 None
             }
         }
@@ -246,14 +276,14 @@ fn refuse(
     per_id: &mut PerId,
     shared: &Shared,
     span: &tracing::Span,
-    refused: Refused,
+    why: Untracked,
     stream: &StreamName,
 ) {
     if std::mem::replace(&mut per_id.refused, true) {
         return;
     }
     // Counted before the log, whose fields are evaluated only when it is enabled.
-    let reason = shared.metrics.untracked(refused.into());
+    let reason = shared.metrics.untracked(why);
     tracing::debug!(
         parent: span,
         reason,
@@ -372,6 +402,7 @@ impl<B> TrackedBody<B> {
         shared: Arc<Shared>,
         tracking: Option<Tracking>,
         resumption: Resumption,
+        span: tracing::Span,
     ) -> Self {
         let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
         let state = SseState {
@@ -390,7 +421,8 @@ impl<B> TrackedBody<B> {
             started: false,
             strip_bom: None,
             resumption,
-            ids_seen: false,
+            has_last_id: false,
+            span,
         };
         Self {
             inner,
@@ -409,10 +441,13 @@ impl<B> TrackedBody<B> {
         self.sse.as_ref().is_some_and(|s| s.tracked.is_some())
     }
 
-    /// Whether the client can resume this stream: its events carry ids (one has so far), and
-    /// its request does not say the protocol has no resumption (MCP 2026-07-28 and later).
-    /// A stream that cannot be resumed is never ended early by a drain: it runs to its end,
-    /// or to the drain timeout (see [`SseTracker::drain`](crate::SseTracker::drain)).
+    /// Whether the client can resume this stream now: its last event id is one it reconnects
+    /// with (an event carried an id, and the last id is not the empty reset), and its request
+    /// does not say the protocol has no resumption (MCP 2026-07-28 and later). Whatever the
+    /// method: an answer streamed on a POST whose events carry ids counts, its client resuming
+    /// with a GET that carries `Last-Event-ID` (as MCP 2025-11-25 clients do). A stream that
+    /// cannot be resumed is never ended early by a drain: it runs to its end, or to the drain
+    /// timeout (see [`SseTracker::drain`](crate::SseTracker::drain)).
     pub fn is_resumable(&self) -> bool {
         self.sse.as_ref().is_some_and(|s| s.is_resumable())
     }
@@ -438,6 +473,22 @@ fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
     frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
 }
 
+/// After ids were committed: whether the client's last event id is one it reconnects with (an
+/// empty id resets it, and an `EventSource` then sends no `Last-Event-ID`); recorded in the
+/// span when that changes.
+#[inline]
+fn note_last_id(
+    scanner: &Scanner,
+    has_last_id: &mut bool,
+    resumption: &Resumption,
+    span: &tracing::Span,
+) {
+    let now = scanner.last_committed().is_some_and(|id| !id.is_empty());
+    if std::mem::replace(has_last_id, now) != now && *resumption == Resumption::ByIds {
+        span.record("resumable", now);
+    }
+}
+
 impl SseState {
     #[inline]
     fn on_data(self: Pin<&mut Self>, data: &[u8]) {
@@ -448,8 +499,9 @@ impl SseState {
         // `started` is set by `strip_bom`, which sees every byte of the inner body first.
         *this.fresh = true;
         let Some(tracked) = this.tracked else {
-            let feed = this.scanner.feed(data);
-            *this.ids_seen |= feed.ids > 0;
+            if this.scanner.feed(data).ids > 0 {
+                note_last_id(this.scanner, this.has_last_id, this.resumption, this.span);
+            }
             return;
         };
         let mut sleep = this.sleep;
@@ -474,11 +526,8 @@ impl SseState {
             }
             feed
         };
-        if feed.ids > 0 && !*this.ids_seen {
-            *this.ids_seen = true;
-            if *this.resumption == Resumption::ByIds {
-                tracked.tracking.span.record("resumable", true);
-            }
+        if feed.ids > 0 {
+            note_last_id(this.scanner, this.has_last_id, this.resumption, this.span);
         }
         if feed.events > 0 {
             tracked.events += feed.events as u64;
@@ -550,7 +599,7 @@ impl SseState {
     }
 
     fn is_resumable(&self) -> bool {
-        self.resumption == Resumption::ByIds && self.ids_seen
+        self.resumption == Resumption::ByIds && self.has_last_id
     }
 
     /// Whether a drain ends this stream at its next event boundary: one its client resumes
@@ -559,7 +608,7 @@ impl SseState {
     /// lose its request.
     fn cut_by_drain(&self) -> bool {
         match self.resumption {
-            Resumption::ByIds => self.ids_seen,
+            Resumption::ByIds => self.has_last_id,
             Resumption::Reissued => true,
             Resumption::Never => false,
         }
@@ -642,9 +691,12 @@ impl SseState {
         drain.is_draining()
     }
 
-    /// While draining, scans `data` up to the end of its first event and returns that length
-    /// (all of it when no event ends in it): the body ends there.
-    fn on_data_to_event_end(mut self: Pin<&mut Self>, data: &[u8]) -> usize {
+    /// While draining, scans `data` up to the end of the first event after which the drain
+    /// ends the stream, and returns that length (all of it when there is none): the body ends
+    /// there. For a stream the drain cuts, that is the frame's first event; for one it lets run
+    /// (no id yet), the first event after which it can be resumed, so that a client is never
+    /// sent an event past the id it will resume from.
+    fn on_data_while_draining(mut self: Pin<&mut Self>, data: &[u8]) -> usize {
         let mut from = 0;
         while from < data.len() {
             // An event can only end right after a line end.
@@ -652,7 +704,7 @@ impl SseState {
                 memchr::memchr2(b'\r', b'\n', &data[from..]).map_or(data.len(), |p| from + p + 1);
             self.as_mut().on_data(&data[from..end]);
             from = end;
-            if self.scanner.boundary() == Boundary::Event {
+            if self.scanner.boundary() == Boundary::Event && self.cut_by_drain() {
                 break;
             }
         }
@@ -683,9 +735,7 @@ impl SseState {
         let this = self.project();
         *this.ended = true;
         this.shared.metrics.streams_drained_late.increment(1);
-        let span = this.tracked.as_ref().map(|t| &t.tracking.span);
-        let current = tracing::Span::current();
-        let parent = span.unwrap_or(&current);
+        let parent = &*this.span;
         let timeout = this.shared.config.drain_timeout;
         if this.scanner.boundary() != Boundary::Event {
             tracing::warn!(
@@ -698,9 +748,8 @@ impl SseState {
             tracing::warn!(
                 parent: parent,
                 ?timeout,
-                resumable = *this.ids_seen && *this.resumption == Resumption::ByIds,
                 "SSE stream that its client cannot resume still open at the drain timeout: \
-                 ended there (its request is lost)"
+                 ended there (a request it answers is lost)"
             );
         }
     }
@@ -824,9 +873,10 @@ impl<B: Body> Body for TrackedBody<B> {
                         let Some(mut data) = sse.as_mut().strip_bom(data) else {
                             continue;
                         };
-                        if cutting {
-                            // The body ends after this frame's first event: cut it there.
-                            let end = sse.as_mut().on_data_to_event_end(&data);
+                        if draining && sse.resumption != Resumption::Never {
+                            // The body ends after the first event after which the drain ends
+                            // it (see `on_data_while_draining`): cut it there.
+                            let end = sse.as_mut().on_data_while_draining(&data);
                             data.truncate(end);
                         } else {
                             sse.as_mut().on_data(&data);

@@ -9,11 +9,11 @@ use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri};
 use pin_project_lite::pin_project;
 
-use crate::body::{TrackedBody, Tracking};
+use crate::body::{Fallback, TrackedBody, Tracking};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
-use crate::protocol::Protocol;
+use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
 use crate::tracker::Shared;
 
@@ -117,17 +117,43 @@ fn track_response<B: http_body::Body>(
     // Heartbeats add bytes, a dropped BOM or a drain removes some: a declared length would be
     // wrong.
     headers.remove(CONTENT_LENGTH);
+    // Every SSE body has a span, tracked or not: whether its client can resume it, and the
+    // MCP method of its request.
+    let span = tracing::debug_span!(
+        parent: &info.span,
+        "sse_stream",
+        owner = tracing::field::Empty,
+        stream = tracing::field::Empty,
+        // Recorded when known: `true` once the client's last event id is one it can resume
+        // from (and `false` if an empty id resets it), for a stream whose request allows
+        // resumption; `false` from the start for one whose request does not (see
+        // `Resumption`).
+        resumable = tracing::field::Empty,
+        mcp_method = info
+            .protocol
+            .mcp_method
+            .as_ref()
+            .and_then(|m| m.to_str().ok()),
+    );
     // Untracked bodies are wrapped too: they get heartbeats, and a drain ends them.
     let resumption = info.protocol.resumption;
-    let tracking = tracking(shared, info, &parts);
+    if resumption != Resumption::ByIds {
+        span.record("resumable", false);
+    }
+    let tracking = tracking(shared, info, &parts, &span);
     Response::from_parts(
         parts,
-        TrackedBody::sse(body, shared.clone(), tracking, resumption),
+        TrackedBody::sse(body, shared.clone(), tracking, resumption, span),
     )
 }
 
 /// How an SSE response is tracked, or `None` (counted, with the reason) when it cannot be.
-fn tracking(shared: &Shared, info: RequestInfo, parts: &http::response::Parts) -> Option<Tracking> {
+fn tracking(
+    shared: &Shared,
+    info: RequestInfo,
+    parts: &http::response::Parts,
+    span: &tracing::Span,
+) -> Option<Tracking> {
     let owner: Option<Owner> = match &info.owner {
         RequestOwner::Known(owner) => owner.clone(),
         // No session on the response either: anonymous.
@@ -145,41 +171,53 @@ fn tracking(shared: &Shared, info: RequestInfo, parts: &http::response::Parts) -
             }
         },
     };
-    let span = tracing::debug_span!(
-            parent: &info.span,
-            "sse_stream",
-            owner = %owner.as_ref().map_or("-", Owner::as_str),
-            stream = tracing::field::Empty,
-            // Recorded `true` once an event carries an id, for a stream its request allows to
-            // be resumed (see `Resumption`).
-            resumable = false,
-            mcp_method = info
-                .protocol
-                .mcp_method
-            .as_ref()
-            .and_then(|m| m.to_str().ok()),
-    );
+    span.record("owner", owner.as_ref().map_or("-", Owner::as_str));
+    // Without an owner, a GET on a route is its feed, one stream for every reader; another
+    // request's stream is its client's alone, and nothing names the client. A request of a
+    // protocol without resumption (MCP 2026-07-28) has no ids to track either way.
+    let anonymous_request = owner.is_none() && info.method != http::Method::GET;
+    let anonymous = || {
+        if info.protocol.resumption == Resumption::ByIds {
+            Untracked::Anonymous
+        } else {
+            Untracked::NotResumable
+        }
+    };
     match shared.config.stream {
-        // The stream of each id is found as ids come; the route's is the fallback.
-        StreamKind::EventId(format) => Some(Tracking::per_id(owner, format, route, span)),
+        // The stream of each id is found as ids come; the route's (or the feed) is where ids
+        // that name no stream go.
+        StreamKind::EventId(format) => {
+            let fallback = if owner.is_some() {
+                Fallback::Own
+            } else if explicit.is_some() || !anonymous_request {
+                Fallback::Feed
+            } else {
+                Fallback::Untracked
+            };
+            Some(Tracking::per_id(
+                owner,
+                format,
+                route,
+                fallback,
+                span.clone(),
+            ))
+        }
         StreamKind::Route { shared: share } => {
-            // Without an owner, a GET on a route is its feed, one stream for every reader;
-            // another request's stream is its client's alone, and nothing names the client.
             let feed = owner.is_none() && explicit.is_none() && !share;
-            if feed && info.method != http::Method::GET {
-                return untracked(shared, &info, Untracked::Anonymous);
+            if feed && anonymous_request {
+                return untracked(shared, &info, anonymous());
             }
             let share = share || explicit.is_some() || feed;
             let prefer = info.addressed.as_ref().filter(|_| !share);
             let slot = open_route(shared, owner.as_ref(), &route, share, prefer, &info)?;
             span.record("stream", slot.key().stream.as_str());
             span.in_scope(|| tracing::debug!("tracking SSE stream"));
-            Some(Tracking::fixed(slot, span))
+            Some(Tracking::fixed(slot, span.clone()))
         }
     }
 }
 
-/// Counts an SSE response left untracked (logged at `WARN` once per reason).
+/// Counts an SSE response left untracked (logged once per reason).
 fn untracked(shared: &Shared, info: &RequestInfo, why: Untracked) -> Option<Tracking> {
     let reason = shared.metrics.untracked(why);
     tracing::debug!(

@@ -93,9 +93,16 @@ impl OwnerSource {
     /// latest id is the newest event any of them was sent; the layer puts its key,
     /// `(no owner, "GET /path")`, in the request extensions. An anonymous request of another
     /// method (a `POST` streaming an answer) has a stream that no later request can address:
-    /// it is not tracked (`reason="anonymous"`, logged at `WARN` once), but still gets
-    /// heartbeats and drains. Streams that belong to a user need an owner from
-    /// authentication ([`extension`](Self::extension)).
+    /// it is not tracked (`reason="anonymous"`, logged at `WARN` once; `not_resumable`, at
+    /// `INFO`, for MCP 2026-07-28 requests, which carry no ids), but still gets heartbeats, a
+    /// span and drains. Streams that belong to a user need an owner from authentication
+    /// ([`extension`](Self::extension)).
+    ///
+    /// A feed's latest id is the id most recently sent to any of its readers: a handler that
+    /// replays older events to one reconnecting reader moves it back to them until the next
+    /// live event, so replay through a stream of its own (a [`StreamName`](crate::StreamName)
+    /// in the response extensions), and give each topic its own name too (`GET /events?room=1`
+    /// and `?room=2` are one route).
     pub fn session_header(name: impl Into<String>) -> Self {
         Self(OwnerKind::SessionHeader(name.into()))
     }

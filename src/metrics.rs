@@ -43,7 +43,7 @@
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_OWNER`] (no valid owner),
-//!   [`REASON_ANONYMOUS`], [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`],
+//!   [`REASON_ANONYMOUS`], [`REASON_NOT_RESUMABLE`], [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`],
 //!   [`REASON_ENCODED`] or [`REASON_CONCURRENT`]; each reason is also logged at `WARN` the
 //!   first time, with the setting that would track such streams;
 //! - `sse_tracker_streams_evicted_total{reason}`: [`REASON_LRU`] or [`REASON_IDLE`];
@@ -129,10 +129,11 @@ pub const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
 pub const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
 /// Counter: panics inside the worker (it restarts) and worker tasks lost, labelled by `reason`.
 pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
-/// Counter: SSE bodies ended during a drain, labelled by `reason`: [`REASON_BOUNDARY`] (a
-/// resumable stream, at an event boundary), [`REASON_COMPLETED`] (a stream its client cannot
-/// resume, which the drain let run to its end) or [`REASON_DEADLINE`] (still open at the drain
-/// timeout).
+/// Counter: SSE bodies ended during a drain, labelled by `reason`: [`REASON_BOUNDARY`] (ended
+/// by the drain at an event boundary: a resumable stream, or an MCP `subscriptions/listen`
+/// one), [`REASON_COMPLETED`] (ended by itself while the drain ran: above all the streams it
+/// lets run, whose clients cannot resume them) or [`REASON_DEADLINE`] (still open at the
+/// drain timeout).
 pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
 /// Counter: SSE bodies (tracked or not) that ended, labelled `resumable="true"` when their
 /// client could resume them (their events carried ids and their protocol has resumption) and
@@ -182,6 +183,9 @@ pub const REASON_NO_OWNER: &str = "no_owner";
 /// `reason` label: a request other than `GET` with no owner, on the route's stream source: a
 /// stream of its own that no later request can address.
 pub const REASON_ANONYMOUS: &str = "anonymous";
+/// `reason` label: an anonymous request of MCP 2026-07-28 or later, a protocol without
+/// resumption: nothing to track (logged once at `INFO`, not `WARN`).
+pub const REASON_NOT_RESUMABLE: &str = "not_resumable";
 /// `reason` label: the stream name (default or from the handler) is invalid.
 pub const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
 /// `reason` label: every tracked stream has an open body, so none could be evicted for this one.
@@ -218,8 +222,8 @@ pub const REASON_BOUNDARY: &str = "boundary";
 /// `reason` label of `sse_tracker_streams_drained_total`: the body was still open at the drain
 /// timeout (inside an event, or one its client cannot resume) and ended there.
 pub const REASON_DEADLINE: &str = "deadline";
-/// `reason` label of `sse_tracker_streams_drained_total`: a body its client cannot resume, which
-/// the drain let run, ended by itself before the drain timeout.
+/// `reason` label of `sse_tracker_streams_drained_total`: a body ended by itself while the drain
+/// ran (above all one its client cannot resume, which the drain lets run).
 pub const REASON_COMPLETED: &str = "completed";
 
 /// Registers the description and unit of every metric with the installed recorder.
@@ -485,12 +489,22 @@ impl Handles {
     pub(crate) fn untracked(&self, why: Untracked) -> &'static str {
         self.untracked[why as usize].increment(1);
         if !self.untracked_warned[why as usize].swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(
-                reason = why.label(),
-                "SSE streams left untracked: {} (logged once per reason; each one is counted \
-                 in sse_tracker_untracked_streams_total and logged at DEBUG)",
-                why.advice()
-            );
+            if why == Untracked::NotResumable {
+                // Nothing to set: the protocol has nothing to track.
+                tracing::info!(
+                    reason = why.label(),
+                    "SSE streams with nothing to track: {} (logged once; each one is counted \
+                     in sse_tracker_untracked_streams_total)",
+                    why.advice()
+                );
+            } else {
+                tracing::warn!(
+                    reason = why.label(),
+                    "SSE streams left untracked: {} (logged once per reason; each one is \
+                     counted in sse_tracker_untracked_streams_total and logged at DEBUG)",
+                    why.advice()
+                );
+            }
         }
         why.label()
     }
@@ -501,6 +515,7 @@ impl Handles {
 pub(crate) enum Untracked {
     NoOwner,
     Anonymous,
+    NotResumable,
     BadStreamName,
     RegistryFull,
     Concurrent,
@@ -508,9 +523,10 @@ pub(crate) enum Untracked {
 }
 
 impl Untracked {
-    const ALL: [Untracked; 6] = [
+    const ALL: [Untracked; 7] = [
         Untracked::NoOwner,
         Untracked::Anonymous,
+        Untracked::NotResumable,
         Untracked::BadStreamName,
         Untracked::RegistryFull,
         Untracked::Concurrent,
@@ -521,6 +537,7 @@ impl Untracked {
         match self {
             Untracked::NoOwner => REASON_NO_OWNER,
             Untracked::Anonymous => REASON_ANONYMOUS,
+            Untracked::NotResumable => REASON_NOT_RESUMABLE,
             Untracked::BadStreamName => REASON_BAD_STREAM_NAME,
             Untracked::RegistryFull => REASON_REGISTRY_FULL,
             Untracked::Concurrent => REASON_CONCURRENT,
@@ -542,6 +559,11 @@ impl Untracked {
                  request can address; take the owner from authentication \
                  (OwnerSource::extension) or use event ids that name their stream \
                  (StreamSource::event_id)"
+            }
+            Untracked::NotResumable => {
+                "requests of MCP 2026-07-28 and later have no session and their streams no \
+                 ids (the protocol removed resumption); they still get heartbeats, a span each \
+                 and drains that never cut them"
             }
             Untracked::BadStreamName => {
                 "the stream name (\"{METHOD} {path}\", or the StreamName the handler set) is \

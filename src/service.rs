@@ -29,9 +29,13 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 /// - [`SessionId`](crate::SessionId), with the default owner source, when the request carries a
 ///   valid session id;
 /// - [`LastEventId`], when the header is valid;
-/// - [`StreamKey`]: the key of the stream the request addresses, when the request names its
-///   owner: `(owner, "{METHOD} {path}")`; with a `Last-Event-ID`, the stream it names (with
-///   [`StreamSource::event_id`](crate::StreamSource::event_id)). With the default
+/// - [`StreamKey`]: the key of the stream the request addresses: `(owner, "{METHOD} {path}")`,
+///   or `(no owner, "GET {path}")` for the feed an anonymous `GET` reads (see
+///   [`OwnerSource::session_header`](crate::OwnerSource::session_header): a `GET` whose
+///   response assigns a session is keyed as anonymous); with a `Last-Event-ID`, the stream it
+///   names (with [`StreamSource::event_id`](crate::StreamSource::event_id)). None for an
+///   anonymous request of another method (its stream is its own, and not tracked), nor for
+///   one whose response may still name its owner. With the default
 ///   [`StreamSource::route`](crate::StreamSource::route), whose concurrent responses get
 ///   streams `"{METHOD} {path} #2"`…: without a `Last-Event-ID`, the first of the route's
 ///   streams with no open body, which the response then gets (unless another response of the
@@ -41,9 +45,8 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 ///   dropped); else, when all have open bodies, the stream the response will get. The key is
 ///   left out rather than naming another client's stream: when the id is the latest of
 ///   several streams, when several closed streams could be the client's, when the owner lost
-///   one of several streams of the route to eviction (the client's could be that one), when a
-///   request without an owner names no stream's latest id, and when all 64 streams of the
-///   route have open bodies. The response's
+///   one of several streams of the route to eviction (the client's could be that one), and
+///   when all 64 streams of the route have open bodies. The response's
 ///   body streams into the stream its request addressed whenever it is free. A handler resumes
 ///   with the key instead of writing names.
 ///
@@ -118,23 +121,35 @@ where
             .and_then(|v| EventId::new(v).ok());
         let mut addressed = None;
         // The owner the key is made with: known, or none (a request the session header does
-        // not name is anonymous unless its response names a session).
-        let key_owner = match &owner {
-            RequestOwner::Known(owner) => Some(owner.clone()),
-            RequestOwner::FromResponse => Some(None),
-            RequestOwner::Missing => None,
+        // not name is anonymous, unless its response names a session).
+        let (key_owner, from_response) = match &owner {
+            RequestOwner::Known(owner) => (Some(owner.clone()), false),
+            RequestOwner::FromResponse => (Some(None), true),
+            RequestOwner::Missing => (None, false),
         };
         if let Some(owner) = key_owner {
+            let get = req.method() == Method::GET;
             // The stream the request addresses: the one its Last-Event-ID names (with ids that
             // name their stream); the route's stream it reads, for an owner (see
             // `Registry::address_route`: concurrent responses give a route several); the
             // route's feed, for an anonymous GET; else the route's.
             let route = StreamName::for_request(req.method(), req.uri().path()).ok();
             let stream = match (config.stream, &last_event_id, route, &owner) {
+                // Its response may name the owner (MCP assigns sessions there): no key rather
+                // than one of the wrong owner.
+                (_, _, _, None) if from_response && !get => None,
                 (StreamKind::EventId(format), Some(id), route, _) => format
                     .stream_of(id.as_str())
                     .and_then(|name| StreamName::new(name).ok())
                     .or(route),
+                // Anonymous, not a GET: a stream of its own, which nothing addresses (and
+                // which is not tracked).
+                (StreamKind::EventId(_), None, _, None)
+                | (StreamKind::Route { shared: false }, _, _, None)
+                    if !get =>
+                {
+                    None
+                }
                 (StreamKind::Route { shared: false }, id, Some(route), Some(owner)) => {
                     let stream = self.shared.registry.address_route(
                         owner.as_str(),
@@ -150,12 +165,6 @@ where
                     }
                     addressed.clone_from(&stream);
                     stream
-                }
-                // Anonymous, not a GET: a stream of its own, which nothing addresses.
-                (StreamKind::Route { shared: false }, _, Some(_), None)
-                    if req.method() != Method::GET =>
-                {
-                    None
                 }
                 (_, _, route, _) => route,
             };

@@ -768,3 +768,106 @@ async fn a_listen_stream_ends_the_moment_a_drain_starts_and_a_request_stream_wai
     assert!(call.frame().await.is_none(), "it ends with its inner body");
     drop(listen_tx);
 }
+
+/// From review: a stream whose first id comes during a drain, in a frame that holds more
+/// events, is cut after that event: its client will resume from that id, and must not have
+/// been sent what follows it.
+#[tokio::test(start_paused = true)]
+async fn a_stream_whose_first_id_comes_during_a_drain_is_cut_right_after_that_event() {
+    use common::direct::{fed_request, fed_service, respond};
+    use http_body_util::BodyExt;
+
+    let tracker = no_heartbeat();
+    let mut svc = fed_service(&tracker);
+    let (tx, req) = fed_request("s1");
+    let mut body = respond(&mut svc, req).await.into_body();
+    tx.send(Bytes::from_static(b"data: no id yet\n\n")).unwrap();
+    body.frame().await.unwrap().unwrap();
+    assert!(!body.is_resumable());
+    tracker.drain(None);
+    // Not resumable: the drain lets it run.
+    assert!(timeout(Duration::from_secs(1), body.frame()).await.is_err());
+    tx.send(Bytes::from_static(b"id: 5\ndata: a\n\ndata: b\n\n"))
+        .unwrap();
+    let sent = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(sent, "id: 5\ndata: a\n\n");
+    assert!(body.is_resumable());
+    assert!(body.frame().await.is_none(), "ended at that boundary");
+    assert_eq!(tracker.last_event_id(&key("s1", "GET /mcp")).unwrap(), "5");
+}
+
+/// From review: an empty id resets the client's last event id, so that it reconnects without
+/// one: the stream is not resumable until the next non-empty id.
+#[tokio::test(start_paused = true)]
+async fn an_empty_id_makes_a_stream_not_resumable_until_the_next_id() {
+    use common::direct::{fed_request, fed_service, respond};
+    use http_body_util::BodyExt;
+
+    let tracker = no_heartbeat();
+    let mut svc = fed_service(&tracker);
+    let (tx, req) = fed_request("s1");
+    let mut body = respond(&mut svc, req).await.into_body();
+    for (frame, resumable) in [
+        (&b"id: 3\n\n"[..], true),
+        (b"id\n\n", false),
+        (b"data: x\n\n", false),
+        (b"id: 4\n\n", true),
+    ] {
+        tx.send(Bytes::from_static(frame)).unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(body.is_resumable(), resumable, "{frame:?}");
+    }
+}
+
+/// From review: every SSE body has a span, tracked or not: an MCP 2026-07-28 `tools/call` POST
+/// without a session (not tracked: nothing to track) still has one, with its `Mcp-Method` and
+/// `resumable=false`, and the reason it is not tracked is logged once at `INFO`.
+#[tokio::test(flavor = "current_thread")]
+async fn an_untracked_mcp_2026_07_28_stream_has_a_span_with_its_method() {
+    use common::direct::{Frames, frames_service, respond};
+    use http_body_util::BodyExt;
+
+    let (logs, _guard) = common::CapturedLogs::capture(tracing::Level::DEBUG);
+    let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None));
+    let mut svc = frames_service(&tracker);
+    for _ in 0..2 {
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri("/mcp")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert::<Frames>(vec![Bytes::from_static(b"data: {}\n\n")]);
+        let mut body = respond(&mut svc, req).await.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+    }
+    let logs = logs.text();
+    let closed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("sse_stream") && l.contains("close"))
+        .collect();
+    assert_eq!(closed.len(), 2, "{logs}");
+    assert!(
+        closed
+            .iter()
+            .all(|l| l.contains("mcp_method=\"tools/call\"") && l.contains("resumable=false")),
+        "{logs}"
+    );
+    let told = logs
+        .lines()
+        .filter(|l| l.contains(" INFO ") && l.contains("reason=\"not_resumable\""))
+        .count();
+    assert_eq!(told, 1, "{logs}");
+    assert!(!logs.contains(" WARN "), "{logs}");
+    assert_eq!(
+        recorded.value(
+            tower_sse_tracker::metrics::UNTRACKED_STREAMS_TOTAL,
+            &[("reason", "not_resumable")]
+        ),
+        2.0
+    );
+}

@@ -9,22 +9,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::direct::{drive, frames_service, id_frames, request, respond};
-use common::key;
 use common::stores::{Calls, Fault, FaultStore, OneEntryPerKeyStore};
+use common::{eventually, key};
 use http_body_util::BodyExt;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep};
 use tower_sse_tracker::{EventId, Resume, RetryPolicy, SseTracker};
-
-/// Waits (up to 60 s of Tokio time) until `done` holds.
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    timeout(Duration::from_secs(60), async {
-        while !done() {
-            sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
-}
 
 fn stored(store: &FaultStore, session: &str) -> Option<String> {
     store

@@ -579,3 +579,118 @@ async fn one_frame_carrying_ids_of_two_streams_updates_both() {
         "0"
     );
 }
+
+type SeenKeys = std::sync::Arc<std::sync::Mutex<Vec<Option<StreamKey>>>>;
+
+/// The layer over an SSE service that reports the key it found in its request extensions and
+/// yields `frames`.
+fn key_reporting_service(
+    tracker: &SseTracker,
+    frames: &'static [&'static [u8]],
+) -> (
+    impl tower::Service<
+        http::Request<()>,
+        Response = http::Response<
+            impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin + use<>,
+        >,
+        Error = std::convert::Infallible,
+    > + use<>,
+    SeenKeys,
+) {
+    let seen = SeenKeys::default();
+    let report = seen.clone();
+    let service = tower::ServiceBuilder::new()
+        .layer(tracker.layer())
+        .service_fn(move |req: http::Request<()>| {
+            report
+                .lock()
+                .unwrap()
+                .push(req.extensions().get::<StreamKey>().cloned());
+            let frames = frames
+                .iter()
+                .map(|f| Ok(hyper::body::Frame::data(Bytes::from_static(f))));
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            let mut response = http::Response::new(body);
+            response.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+    (service, seen)
+}
+
+/// Sends a `method` request for `/mcp` with no session through `svc`, and reads its body.
+async fn send<S, B>(svc: &mut S, method: &str, last_event_id: Option<&str>)
+where
+    S: tower::Service<http::Request<()>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = http::Request::builder().method(method).uri("/mcp");
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let response = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req.body(()).unwrap())
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        frame.unwrap();
+    }
+}
+
+/// From review: anonymous requests get the key their body is tracked under, or none. A POST
+/// without a session gets none (its response may name a session, as MCP's `initialize`
+/// does, and an anonymous POST's stream is its own), with any stream source; an anonymous GET
+/// gets its route's feed.
+#[tokio::test]
+async fn anonymous_requests_get_the_key_their_body_is_tracked_under_or_none() {
+    let feed = StreamKey::unowned(tower_sse_tracker::StreamName::new("GET /mcp").unwrap());
+    for source in [
+        StreamSource::route(),
+        StreamSource::shared_route(),
+        StreamSource::event_id(IdStream::MCP_TYPESCRIPT),
+    ] {
+        let tracker = SseTracker::builder()
+            .heartbeat_interval(None)
+            .stream(source)
+            .build()
+            .unwrap();
+        let (mut svc, seen) = key_reporting_service(&tracker, &[b"id: 7\n\n"]);
+        send(&mut svc, "POST", None).await;
+        send(&mut svc, "GET", None).await;
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, [None, Some(feed.clone())], "{source:?}");
+        assert_eq!(tracker.last_event_id(&feed).unwrap(), "7", "{source:?}");
+    }
+}
+
+/// From review: with ids that name their stream, anonymous readers whose ids name none share
+/// their route's feed (not a `#n` stream each), and an anonymous POST's such ids are not
+/// tracked, as with the route source.
+#[tokio::test]
+async fn anonymous_ids_that_name_no_stream_go_to_the_feed_of_a_get_only() {
+    let (tracker, recorded) = build_recorded(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .stream(StreamSource::event_id(IdStream::MCP_TYPESCRIPT)),
+    );
+    let (mut svc, _) = key_reporting_service(&tracker, &[b"id: plain-1\n\n"]);
+    for _ in 0..3 {
+        send(&mut svc, "GET", None).await;
+    }
+    send(&mut svc, "POST", None).await;
+    assert_eq!(tracker.tracked_streams(), 1, "one feed");
+    assert_eq!(
+        recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", "anonymous")]),
+        1.0
+    );
+}

@@ -401,21 +401,6 @@ async fn settings_meaning_no_bound_work_or_are_refused_never_panic() {
     println!("{refused}");
 }
 
-/// Logs written by the tracker, captured.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Each reason a stream is left untracked is logged at `WARN` once, naming the setting that
 /// would track such streams, however many streams it applies to (each one is counted).
 #[tokio::test(flavor = "current_thread")]
@@ -423,14 +408,7 @@ async fn each_reason_a_stream_is_left_untracked_is_logged_once_at_warn() {
     use common::direct::{Frames, frames_service, id_frames, request, respond};
     use tower_sse_tracker::metrics::{REASON_ANONYMOUS, REASON_REGISTRY_FULL};
 
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::CapturedLogs::capture(tracing::Level::INFO);
 
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
@@ -459,7 +437,7 @@ async fn each_reason_a_stream_is_left_untracked_is_logged_once_at_warn() {
             .into_body();
         while body.frame().await.is_some() {}
     }
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     println!("{logs}");
     let warned = |reason: &str| {
         logs.lines()

@@ -10,25 +10,14 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use common::stores::{Calls, Fault, FaultStore, ScriptedStore};
-use common::{Harness, build_recorded, key, run_frames};
-use tokio::time::{Instant, sleep, timeout};
+use common::{Harness, build_recorded, eventually, key, run_frames};
+use tokio::time::{Instant, sleep};
 use tower_sse_tracker::metrics::{
     BACKPRESSURE_TIMEOUTS_TOTAL, RECORDS_ENQUEUED_TOTAL, RETRIES_EXHAUSTED_TOTAL, RETRIES_TOTAL,
     STORE_ERRORS_TOTAL, STORE_WRITES_TOTAL,
 };
 use tower_sse_tracker::store::InMemoryStore;
 use tower_sse_tracker::{RetryPolicy, SseTracker};
-
-/// Waits (up to 60 s of tokio time) until `done` holds.
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    timeout(Duration::from_secs(60), async {
-        while !done() {
-            sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
-}
 
 /// The latest id `store` holds for `stream` of `session` (the scripted and fault stores keep
 /// theirs in `inner`).
