@@ -1,17 +1,16 @@
 //! [`SseTrackerBuilder`]: every setting of a tracker, validated, with its default.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::HeaderName;
 
-use std::sync::Arc;
-
-use crate::identity::{OwnerKind, OwnerRule, OwnerSource, StreamKind, StreamSource};
+use crate::identity::{OwnerKind, OwnerRule, OwnerSource, StreamSource};
 use crate::registry::Limits;
+use crate::shared::{Config, Heartbeat, Shared};
 use crate::store::{DynStore, InMemoryStore, Store};
-use crate::tracker::{Shared, SseTracker};
+use crate::tracker::SseTracker;
 use crate::worker::retry::RetryPolicy;
 use crate::worker::{WorkerConfig, WorkerTask};
 
@@ -116,48 +115,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-/// The heartbeat settings, with the bytes to send precomputed for each position.
-#[derive(Debug, Clone)]
-pub(crate) struct Heartbeat {
-    pub(crate) interval: Duration,
-    /// A whole comment event, for an event boundary: `: text\n\n`.
-    pub(crate) event: Bytes,
-    /// A comment line, for a line boundary inside an event: `: text\n`.
-    pub(crate) line: Bytes,
-    /// The same two, ending lines with CR, for when the stream's last byte was a CR.
-    pub(crate) event_cr: Bytes,
-    pub(crate) line_cr: Bytes,
-}
-
-impl Heartbeat {
-    fn new(interval: Duration, comment: &str) -> Self {
-        let line = if comment.is_empty() {
-            ":".to_owned()
-        } else {
-            format!(": {comment}")
-        };
-        Self {
-            interval,
-            event: Bytes::from(format!("{line}\n\n")),
-            line: Bytes::from(format!("{line}\n")),
-            event_cr: Bytes::from(format!("{line}\r\r")),
-            line_cr: Bytes::from(format!("{line}\r")),
-        }
-    }
-}
-
-/// Validated settings shared by every layer of a tracker.
-#[derive(Debug)]
-pub(crate) struct Config {
-    pub(crate) owner: OwnerRule,
-    pub(crate) stream: StreamKind,
-    pub(crate) heartbeat: Option<Heartbeat>,
-    pub(crate) max_id_len: usize,
-    pub(crate) accel_buffering_off: bool,
-    pub(crate) send_timeout: Duration,
-    pub(crate) drain_timeout: Duration,
-}
 
 /// The store given to the builder.
 #[derive(Clone)]

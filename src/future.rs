@@ -15,7 +15,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
-use crate::tracker::Shared;
+use crate::shared::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 use crate::service::SseTrackerService;
-use crate::tracker::Shared;
+use crate::shared::Shared;
 
 /// A [`Layer`] that tracks SSE responses into an [`SseTracker`](crate::SseTracker).
 ///

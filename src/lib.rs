@@ -104,7 +104,9 @@ mod protocol;
 mod registry;
 pub mod scan;
 mod service;
+mod shared;
 pub mod store;
+mod sync;
 mod tracker;
 mod worker;
 

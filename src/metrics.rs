@@ -470,9 +470,12 @@ impl Handles {
     pub(crate) fn registry(&self) -> crate::registry::RegistryMetrics {
         crate::registry::RegistryMetrics {
             evicted_lru: self.evicted_lru.clone(),
-            dropped_overflow: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_EVICTED_OVERFLOW),
-            dropped_stopped: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_STOPPED),
-            activity_dropped: counter!(ACTIVITY_DROPPED_TOTAL),
+            handoff: crate::registry::handoff::HandoffMetrics {
+                enqueued: self.records_enqueued.clone(),
+                dropped_overflow: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_EVICTED_OVERFLOW),
+                dropped_stopped: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_STOPPED),
+                activity_dropped: counter!(ACTIVITY_DROPPED_TOTAL),
+            },
         }
     }
 }

@@ -42,7 +42,7 @@ use std::mem;
 /// Default limit on the length of an event id, in bytes.
 pub const DEFAULT_MAX_ID_LEN: usize = 1024;
 
-const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+pub(crate) const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 /// `bom` value once the byte order mark window is closed (matched, refused or never possible).
 const BOM_CLOSED: u8 = 3;
 

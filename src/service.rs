@@ -11,7 +11,7 @@ use crate::future::{RequestInfo, ResponseFuture};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{EventId, LastEventId, StreamKey, StreamName};
 use crate::protocol::Protocol;
-use crate::tracker::Shared;
+use crate::shared::Shared;
 
 /// Put in the request extensions by the layer, so that extractors can tell "no value" from
 /// "no layer".

@@ -1,114 +1,18 @@
 //! [`SseTracker`]: the handle an application keeps to build layers and read latest ids.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use std::time::Duration;
-
-use crate::builder::{Config, SseTrackerBuilder};
+use crate::builder::SseTrackerBuilder;
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
-use crate::metrics::Handles;
-use crate::registry::{Limits, Open, Registry};
-use crate::store::{DynStore, StoreError, StoredId};
+use crate::registry::Open;
+use crate::shared::Shared;
+use crate::store::{StoreError, StoredId};
+use crate::worker::ShutdownReport;
 use crate::worker::guard::guarded;
-use crate::worker::{ShutdownReport, WorkerConfig, WorkerHandle, WorkerTask};
-
-/// What every layer, service and body of one tracker shares.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) metrics: Handles,
-    pub(crate) worker: WorkerHandle,
-    store: Arc<dyn DynStore>,
-    store_timeout: Duration,
-    /// The warning about compressed SSE responses was logged (once per tracker).
-    pub(crate) drain: Drain,
-}
-
-/// The drain of open SSE bodies (see [`SseTracker::drain`]).
-#[derive(Debug, Default)]
-pub(crate) struct Drain {
-    pub(crate) notify: Arc<tokio::sync::Notify>,
-    /// Set by the first drain: the tracker is draining from then on.
-    plan: std::sync::OnceLock<DrainPlan>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct DrainPlan {
-    /// The `retry` to send before ending.
-    retry: Option<Duration>,
-    /// When a body still inside an event ends anyway.
-    deadline: tokio::time::Instant,
-}
-
-impl Drain {
-    #[inline]
-    pub(crate) fn is_draining(&self) -> bool {
-        self.plan.get().is_some()
-    }
-
-    pub(crate) fn retry(&self) -> Option<Duration> {
-        self.plan.get().and_then(|plan| plan.retry)
-    }
-
-    /// When a body still inside an event ends anyway.
-    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.plan.get().map(|plan| plan.deadline)
-    }
-
-    fn start(&self, retry: Option<Duration>, timeout: Duration) {
-        let now = tokio::time::Instant::now();
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or(now + crate::limits::MAX_DURATION);
-        let _ = self.plan.set(DrainPlan { retry, deadline });
-        self.notify.notify_waiters();
-    }
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("config", &self.config)
-            .field("registry", &self.registry)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Shared {
-    pub(crate) fn new(
-        config: Config,
-        limits: Limits,
-        store: Arc<dyn DynStore>,
-        channel_capacity: usize,
-        worker: WorkerConfig,
-    ) -> (Self, WorkerTask) {
-        let metrics = Handles::register();
-        let registry = Arc::new(Registry::new(limits, metrics.registry()));
-        // The worker holds the registry, the store and the metrics, never `Shared`: when the
-        // last tracker, layer and body are gone, its channel closes and it finishes.
-        let store_timeout = worker.store_timeout;
-        let (worker, task) = WorkerHandle::new(
-            channel_capacity,
-            worker,
-            registry.clone(),
-            store.clone(),
-            metrics.clone(),
-        );
-        let shared = Self {
-            config,
-            registry,
-            metrics,
-            worker,
-            store,
-            store_timeout,
-            drain: Drain::default(),
-        };
-        (shared, task)
-    }
-}
 
 /// Tracks the SSE streams of every layer built from it and tells the latest event id of each.
 ///

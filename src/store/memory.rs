@@ -83,8 +83,7 @@ impl InMemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every change below leaves the maps consistent before anything can panic.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     /// The stored entry of `key`, without going through the async trait.

@@ -67,10 +67,12 @@ impl RoundEntries {
     /// holds its queued flag (pending, dirty, retry) has the flag cleared as its id is read; a
     /// slot from the evicted FIFO (`evicted_fifo`) is the FIFO's whatever the flag.
     pub(crate) fn take(&mut self, slot: Arc<Slot>, round: u64, evicted_fifo: bool) -> Take {
-        if !evicted_fifo && (slot.is_evicted() || slot.is_in_retry() || slot.is_given_up()) {
+        if !evicted_fifo
+            && (slot.is_evicted() || slot.marks().is_in_retry() || slot.marks().is_given_up())
+        {
             return Take::Skip;
         }
-        if !slot.take_for_round(round) {
+        if !slot.marks().take_for_round(round) {
             return Take::Skip;
         }
         let latest = if evicted_fifo {
@@ -79,7 +81,7 @@ impl RoundEntries {
             slot.take_latest()
         };
         match latest {
-            Some((id, version)) if version.sequence > slot.persisted() => {
+            Some((id, version)) if version.sequence > slot.marks().persisted() => {
                 self.entries.push(Pending {
                     slot,
                     id,
@@ -160,7 +162,9 @@ mod tests {
                 max_pending_evicted: 10,
             },
             RegistryMetrics::noop(),
+            16,
         )
+        .0
     }
 
     fn slot(r: &Registry, name: &str) -> Arc<Slot> {
@@ -209,7 +213,7 @@ mod tests {
         let b = slot(&registry, "B");
         a.publish(b"new", 0);
         b.publish(b"dup", 0);
-        b.set_persisted(1);
+        b.marks().set_persisted(1);
         let mut round = RoundEntries::default();
         assert_eq!(round.take(a.clone(), 7, false), Take::Write);
         assert_eq!(round.take(a.clone(), 7, false), Take::Skip);
@@ -219,7 +223,7 @@ mod tests {
         assert_eq!(round.duplicates, 1);
         // A slot waiting for its retry is the retry queue's.
         a.publish(b"newer", 0);
-        a.enter_retry();
+        a.marks().enter_retry();
         assert_eq!(round.take(a, 8, false), Take::Skip);
     }
 

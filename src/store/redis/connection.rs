@@ -2,7 +2,7 @@
 //! call, and replaced when Redis has stopped answering on it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -14,6 +14,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::sync::oneshot;
 
 use crate::store::StoreError;
+use crate::sync::lock;
 
 /// Connecting and each request time out after this long.
 pub(super) const TIMEOUT: Duration = Duration::from_secs(2);
@@ -317,12 +318,6 @@ impl Drop for Installer {
 
 fn not_connected(error: Arc<StoreError>) -> StoreError {
     StoreError::with_source("not connected to Redis", error)
-}
-
-/// Locks `mutex`, whether or not a thread panicked while holding it (what it guards is
-/// replaced whole, never left half-written).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Current {

@@ -1,12 +1,14 @@
-//! Per-stream slots: the latest committed id of every tracked stream, and the activity of every
-//! tracked session.
+//! The registry: one slot per tracked stream, found by (owner, stream), with its bounds.
 //!
-//! Each slot holds the bytes of its newest committed id in a buffer that is reused from one id
-//! to the next (an [`EventId`] is built only when someone reads it), the id's version, and a
-//! `tokio::sync::watch` channel for subscribers, made when the first one subscribes. A response
-//! body looks its slot up once, when the response starts, then publishes into it (one
-//! uncontended lock, no allocation once the buffer has grown to the ids' size) and marks its
-//! session active with atomic operations: the map is never touched per frame.
+//! - [`slot`]: a stream's latest id with its version, and its subscribers;
+//! - this module: the map of slots, its LRU and eviction, its clock, and admission of new
+//!   streams;
+//! - [`routes`]: the names of a route's concurrent streams, and which one a request addresses;
+//! - [`handoff`]: how changed streams, evicted ones and active sessions reach the worker.
+//!
+//! A response body looks its slot up once, when the response starts, then publishes into it
+//! (one uncontended lock, no allocation once the buffer has grown to the ids' size) and marks
+//! its session active with atomic operations: the map is never touched per frame.
 //!
 //! Memory is bounded:
 //! - at most `max_streams` slots. Slots with an open body ("live") are never evicted; the others
@@ -17,356 +19,28 @@
 //!   map;
 //! - strings are shared: all slots of a session share its id, and stream names are interned
 //!   through a bounded LRU table, so thousands of streams on one path share one name;
-//! - an evicted slot whose latest id is not in the store yet waits for the worker in a bounded
-//!   FIFO (`max_pending_evicted`); when it is full the oldest is dropped and counted;
-//! - the lists the worker drains (dirty slots, active sessions) hold each slot or session at most
-//!   once, and are purged of evicted entries when they grow past the registry's bound.
+//! - the hand-off's lists are bounded (see [`handoff`]).
 //!
 //! The map is two-level, session then stream, because a session has few streams, callers ask
 //! for all the streams of one session, and look-ups by `&str` need no allocation.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+pub(crate) mod handoff;
+pub(crate) mod routes;
+pub(crate) mod slot;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
 use metrics::Counter;
-use tokio::sync::watch;
 
 use crate::key::{EventId, Owner, StreamKey, StreamName};
-
-/// A tracked owner: its id, shared by all its slots, and when it was last active. A sessionless
-/// stream has a state of its own, with no owner, whose activity is never written to the store.
-#[derive(Debug)]
-pub(crate) struct SessionState {
-    id: Option<Owner>,
-    /// Registry microseconds (see `Registry::now_us`) of the last request or frame, from the
-    /// registry's coarse clock.
-    last_active: AtomicU64,
-    /// In the registry's list of sessions active since the last flush.
-    marked: AtomicBool,
-    /// Still in the registry's map (false once its last stream is evicted).
-    resident: AtomicBool,
-}
-
-impl SessionState {
-    fn new(id: Option<Owner>) -> Self {
-        Self {
-            id,
-            last_active: AtomicU64::new(0),
-            marked: AtomicBool::new(false),
-            resident: AtomicBool::new(true),
-        }
-    }
-
-    /// The owner; `None` for a sessionless stream.
-    pub(crate) fn id(&self) -> Option<&Owner> {
-        self.id.as_ref()
-    }
-
-    pub(crate) fn last_active_us(&self) -> u64 {
-        self.last_active.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn unmark(&self) {
-        self.marked.store(false, Ordering::Release);
-    }
-
-    pub(crate) fn is_resident(&self) -> bool {
-        self.resident.load(Ordering::Relaxed)
-    }
-}
-
-/// The version of a published id: its sequence number and when it was published (registry
-/// µs). Within a slot both grow together; a slot made again for an evicted key starts above the
-/// evicted slot's sequence, so the sequence never goes back for a key within one tracker. Across
-/// instances sharing a store, the time orders first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Version {
-    pub(crate) at_us: u64,
-    pub(crate) sequence: u64,
-}
-
-/// Ids up to this many bytes are kept inside the slot, with no allocation of their own.
-const INLINE_ID: usize = 22;
-
-/// The bytes of an id: inline when short (counters, rmcp's `{index}/{request}`), else in a heap
-/// buffer that later ids reuse.
-#[derive(Debug)]
-enum IdBytes {
-    Inline { len: u8, bytes: [u8; INLINE_ID] },
-    Heap(Vec<u8>),
-}
-
-impl Default for IdBytes {
-    fn default() -> Self {
-        IdBytes::Inline {
-            len: 0,
-            bytes: [0; INLINE_ID],
-        }
-    }
-}
-
-impl IdBytes {
-    fn set(&mut self, id: &[u8]) {
-        match self {
-            IdBytes::Heap(buf) => {
-                buf.clear();
-                buf.extend_from_slice(id);
-            }
-            IdBytes::Inline { len, bytes } if id.len() <= INLINE_ID => {
-                bytes[..id.len()].copy_from_slice(id);
-                *len = id.len() as u8;
-            }
-            IdBytes::Inline { .. } => *self = IdBytes::Heap(id.to_vec()),
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            IdBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            IdBytes::Heap(buf) => buf,
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Latest {
-    /// The bytes of the latest id.
-    id: IdBytes,
-    has_id: bool,
-    version: Version,
-    /// The worker owes this slot a look: a message is in the channel or on its way, or the slot
-    /// is in the worker's pending list, the registry's dirty list, the retry queue or the
-    /// given-up list. While it is set, bodies send nothing more for this slot. Kept under the
-    /// same lock as the id, so that a body's publish and the worker's read can never both miss
-    /// each other's update.
-    queued: bool,
-}
-
-/// One tracked stream.
-#[derive(Debug)]
-pub(crate) struct Slot {
-    key: StreamKey,
-    session: Arc<SessionState>,
-    /// Bodies streaming into this slot now; changed only under the registry's map lock. A slot
-    /// with open bodies is live: it is not in the LRU list and is never evicted.
-    open: AtomicU32,
-    /// The latest id and its version.
-    latest: Mutex<Latest>,
-    /// The latest-only `watch` channel of subscribers, made on the first `subscribe`: a
-    /// `watch::Sender` costs about 300 bytes and its send locks eight wait lists, which most
-    /// streams (nobody subscribed) do not need on every frame.
-    ///
-    /// Subscribers are told with `latest`'s lock released: a subscriber may hold `borrow()` on
-    /// its receiver (which a send waits for) while it reads the latest id (which takes
-    /// `latest`'s lock). Each send reads the latest id under the channel's own lock, so the
-    /// last one leaves the newest in the channel.
-    watch: OnceLock<watch::Sender<Option<EventId>>>,
-    // The worker's state, kept next to the slot so that the frame path can read it without a
-    // look-up. Only the worker writes it.
-    /// Highest sequence known to be in the store.
-    persisted: AtomicU64,
-    /// The slot has an entry in the worker's retry queue.
-    in_retry: AtomicBool,
-    /// The worker gave up retrying this slot's write (it is caught up later).
-    given_up: AtomicBool,
-    /// Failed writes of this slot's id in a row.
-    retries: AtomicU32,
-    /// Removed from the registry (its unpersisted id, if any, is in the evicted FIFO).
-    evicted: AtomicBool,
-    /// The worker's round that last took this slot, so that one round writes a slot once.
-    /// Rounds are numbered from 1 by a `u64` that cannot wrap (at one round per millisecond,
-    /// not in 500 million years), so a slot's 0 never matches a round.
-    round: AtomicU64,
-}
-
-impl Slot {
-    fn new(key: StreamKey, session: Arc<SessionState>, sequence: u64) -> Self {
-        Self {
-            key,
-            session,
-            open: AtomicU32::new(0),
-            latest: Mutex::new(Latest {
-                id: IdBytes::default(),
-                has_id: false,
-                version: Version { at_us: 0, sequence },
-                queued: false,
-            }),
-            watch: OnceLock::new(),
-            persisted: AtomicU64::new(sequence),
-            in_retry: AtomicBool::new(false),
-            given_up: AtomicBool::new(false),
-            retries: AtomicU32::new(0),
-            evicted: AtomicBool::new(false),
-            round: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn key(&self) -> &StreamKey {
-        &self.key
-    }
-
-    #[inline]
-    pub(crate) fn session(&self) -> &Arc<SessionState> {
-        &self.session
-    }
-
-    fn is_live(&self) -> bool {
-        self.open.load(Ordering::Relaxed) > 0
-    }
-
-    fn is_idle(&self, now_us: u64, ttl_us: u64) -> bool {
-        !self.is_live() && now_us.saturating_sub(self.session.last_active_us()) >= ttl_us
-    }
-
-    /// Whether the slot's latest id is newer than what the store is known to hold.
-    pub(crate) fn unpersisted(&self) -> bool {
-        self.sequence() > self.persisted()
-    }
-
-    /// Makes `id` (bytes the scanner accepted) the latest id of this stream, published at
-    /// `at_us`. No allocation once the slot's buffer has grown to the ids' size; subscribers, if
-    /// any, get a new [`EventId`]. Returns the id's version and whether the caller must hand the
-    /// slot to the worker (it was not queued; it is now).
-    pub(crate) fn publish(&self, id: &[u8], at_us: u64) -> (Version, bool) {
-        // The version is taken under the slot's lock, so that id order and version order
-        // agree when several bodies publish to one key at once.
-        let (version, hand_over) = {
-            let mut latest = lock(&self.latest);
-            let version = Version {
-                at_us: at_us.max(latest.version.at_us),
-                sequence: latest.version.sequence + 1,
-            };
-            latest.id.set(id);
-            latest.has_id = true;
-            latest.version = version;
-            let hand_over = !std::mem::replace(&mut latest.queued, true);
-            (version, hand_over)
-        };
-        if let Some(watch) = self.watch.get()
-            && watch.receiver_count() > 0
-        {
-            self.tell(watch);
-        }
-        (version, hand_over)
-    }
-
-    /// Sends the latest id to subscribers when it is not what they have. The id is read
-    /// inside the send, under the channel's lock (`latest`'s lock is never held while that one
-    /// is taken), so that two bodies telling at once cannot leave the older id in it.
-    fn tell(&self, watch: &watch::Sender<Option<EventId>>) {
-        watch.send_if_modified(|value| {
-            let current = self.latest();
-            let changed = *value != current;
-            if changed {
-                *value = current;
-            }
-            changed
-        });
-    }
-
-    /// The sequence number of the latest id.
-    fn sequence(&self) -> u64 {
-        lock(&self.latest).version.sequence
-    }
-
-    /// Whether the latest id is `id`, compared in place.
-    pub(crate) fn latest_is(&self, id: &[u8]) -> bool {
-        let latest = lock(&self.latest);
-        latest.has_id && latest.id.as_slice() == id
-    }
-
-    pub(crate) fn latest(&self) -> Option<EventId> {
-        let latest = lock(&self.latest);
-        latest
-            .has_id
-            .then(|| EventId::from_scanned(latest.id.as_slice()))
-    }
-
-    /// For the worker: clears the queued flag and reads the latest id with its version, under
-    /// one lock. A body that publishes after this hands the slot over again, so no id is missed.
-    pub(crate) fn take_latest(&self) -> Option<(EventId, Version)> {
-        let mut latest = lock(&self.latest);
-        latest.queued = false;
-        latest
-            .has_id
-            .then(|| (EventId::from_scanned(latest.id.as_slice()), latest.version))
-    }
-
-    /// The latest id with its version, read together.
-    pub(crate) fn latest_entry(&self) -> Option<(EventId, Version)> {
-        let latest = lock(&self.latest);
-        latest
-            .has_id
-            .then(|| (EventId::from_scanned(latest.id.as_slice()), latest.version))
-    }
-
-    /// A receiver of this stream's latest ids, starting at the current one (marked seen).
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
-        let watch = self.watch.get_or_init(|| watch::Sender::new(None));
-        // Subscribed first, so that a body publishing from now on tells this receiver too;
-        // then the ids published while nobody subscribed, which were not sent.
-        let mut rx = watch.subscribe();
-        self.tell(watch);
-        rx.mark_unchanged();
-        rx
-    }
-
-    pub(crate) fn persisted(&self) -> u64 {
-        self.persisted.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn set_persisted(&self, sequence: u64) {
-        self.persisted.fetch_max(sequence, Ordering::AcqRel);
-    }
-
-    /// Sets the queued flag; true when it was not set (the caller must then get the slot to
-    /// the worker).
-    pub(crate) fn mark_queued(&self) -> bool {
-        !std::mem::replace(&mut lock(&self.latest).queued, true)
-    }
-
-    pub(crate) fn is_in_retry(&self) -> bool {
-        self.in_retry.load(Ordering::Acquire)
-    }
-
-    /// Marks the slot as queued for a retry; true when it was not.
-    pub(crate) fn enter_retry(&self) -> bool {
-        !self.in_retry.swap(true, Ordering::AcqRel)
-    }
-
-    pub(crate) fn leave_retry(&self) {
-        self.in_retry.store(false, Ordering::Release);
-    }
-
-    pub(crate) fn is_given_up(&self) -> bool {
-        self.given_up.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn set_given_up(&self, given_up: bool) -> bool {
-        self.given_up.swap(given_up, Ordering::AcqRel) != given_up
-    }
-
-    pub(crate) fn retries(&self) -> u32 {
-        self.retries.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_retries(&self, retries: u32) {
-        self.retries.store(retries, Ordering::Relaxed);
-    }
-
-    pub(crate) fn is_evicted(&self) -> bool {
-        self.evicted.load(Ordering::Acquire)
-    }
-
-    /// Marks the slot as taken by `round` (the worker's round number); false when that round
-    /// already took it.
-    pub(crate) fn take_for_round(&self, round: u64) -> bool {
-        self.round.swap(round, Ordering::Relaxed) != round
-    }
-}
+use crate::sync::lock;
+use handoff::{Handoff, HandoffMetrics, Inbox};
+use routes::{LostRoutes, MAX_LOST_OWNERS, route_of};
+pub(crate) use slot::{SessionState, Slot, Version};
 
 #[derive(Debug)]
 struct SessionEntry {
@@ -380,39 +54,6 @@ impl SessionEntry {
             state: Arc::new(SessionState::new(Some(owner.clone()))),
             // Most owners have one stream.
             streams: Vec::with_capacity(1),
-        }
-    }
-}
-
-/// The routes (see [`route_of`]) on which an owner lost one of several streams to eviction:
-/// several clients of the owner read the route, and a reconnect whose id names no stream
-/// here may be for the lost one, which this instance can no longer tell apart from the
-/// others. Bounded; past the bound, it stands for every route.
-#[derive(Debug, Default)]
-struct LostRoutes {
-    routes: Vec<StreamName>,
-    many: bool,
-}
-
-/// Routes an owner is remembered losing a stream of, at most.
-const MAX_LOST_ROUTES: usize = 8;
-/// Owners remembered losing one of several streams of a route, at most (the least recently
-/// marked is forgotten first).
-const MAX_LOST_OWNERS: usize = 16_384;
-
-impl LostRoutes {
-    fn contains(&self, route: &StreamName) -> bool {
-        self.many || self.routes.iter().any(|r| r == route)
-    }
-
-    fn add(&mut self, name: &StreamName) {
-        let route = route_of(name);
-        if self.many || self.routes.iter().any(|r| r.as_str() == route) {
-            return;
-        }
-        match StreamName::new(route) {
-            Ok(route) if self.routes.len() < MAX_LOST_ROUTES => self.routes.push(route),
-            _ => self.many = true,
         }
     }
 }
@@ -543,51 +184,6 @@ impl Counts {
     }
 }
 
-/// Most responses of one owner on one route with streams of their own at once.
-pub(crate) const MAX_CONCURRENT: usize = 64;
-
-/// The index of one of a route's streams: 1 for `route`, `n` for `"{route} #n"`.
-/// `None` when `name` is not one of `route`'s streams exactly as [`concurrent_name`] makes
-/// them (no `#0`, `#007`, `#+5` or index past [`MAX_CONCURRENT`]). Allocates nothing.
-fn concurrent_index(route: &StreamName, name: &StreamName) -> Option<usize> {
-    if name == route {
-        return Some(1);
-    }
-    let digits = name
-        .as_str()
-        .strip_prefix(route.as_str())?
-        .strip_prefix(" #")?;
-    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: usize = digits.parse().ok()?;
-    (2..=MAX_CONCURRENT).contains(&n).then_some(n)
-}
-
-/// The route a stream name belongs to: `name` without its `" #n"` (see [`concurrent_index`]).
-fn route_of(name: &StreamName) -> &str {
-    let name = name.as_str();
-    if let Some((route, digits)) = name.rsplit_once(" #")
-        && !digits.starts_with('0')
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && digits
-            .parse::<usize>()
-            .is_ok_and(|n| (2..=MAX_CONCURRENT).contains(&n))
-    {
-        return route;
-    }
-    name
-}
-
-/// The name of a route's `n`-th stream (`route` for 1), if `n` is within [`MAX_CONCURRENT`].
-fn concurrent_name(route: &StreamName, n: usize) -> Option<StreamName> {
-    match n {
-        1 => Some(route.clone()),
-        2..=MAX_CONCURRENT => StreamName::new(&format!("{route} #{n}")).ok(),
-        _ => None,
-    }
-}
-
 /// Why a stream could not get a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -618,18 +214,12 @@ pub(crate) enum Open {
     Exclusive,
 }
 
-/// The registry's counters that the worker does not own.
+/// The registry's counters.
 #[derive(Debug, Clone)]
 pub(crate) struct RegistryMetrics {
     /// Streams evicted as the least recently used to make room for a new one.
     pub(crate) evicted_lru: Counter,
-    /// Unpersisted ids of evicted streams dropped because the evicted FIFO was full.
-    pub(crate) dropped_overflow: Counter,
-    /// Unpersisted ids of evicted streams dropped because the worker no longer runs.
-    pub(crate) dropped_stopped: Counter,
-    /// Activity marks dropped (sessions evicted while their write was failing, or after the
-    /// worker stopped).
-    pub(crate) activity_dropped: Counter,
+    pub(crate) handoff: HandoffMetrics,
 }
 
 impl RegistryMetrics {
@@ -637,9 +227,7 @@ impl RegistryMetrics {
     pub(crate) fn noop() -> Self {
         Self {
             evicted_lru: Counter::noop(),
-            dropped_overflow: Counter::noop(),
-            dropped_stopped: Counter::noop(),
-            activity_dropped: Counter::noop(),
+            handoff: HandoffMetrics::noop(),
         }
     }
 }
@@ -674,20 +262,8 @@ pub(crate) struct Registry {
     /// time it stands for (for the times written to stores).
     epoch: tokio::time::Instant,
     epoch_wall: SystemTime,
-    /// Slots whose hand-off to the worker timed out or whose body went away while it waited.
-    /// A slot is in it at most once (its queued flag guards it).
-    dirty: Mutex<Vec<Arc<Slot>>>,
-    /// Evicted slots whose latest id is not in the store yet, oldest first; at most
-    /// `max_pending_evicted`.
-    evicted: Mutex<VecDeque<Arc<Slot>>>,
-    /// Ids dropped unpersisted, for the shutdown report.
-    dropped: AtomicU64,
-    /// Drops after the worker stopped have been logged (once: they can come by the thousand).
-    warned_stopped: AtomicBool,
-    /// Sessions active since the last flush, each at most once (its mark guards it).
-    active: Mutex<Vec<Arc<SessionState>>>,
-    /// Set when the worker has stopped: nothing is queued for it any more.
-    closed: AtomicBool,
+    /// Everything on its way to the worker.
+    handoff: Handoff,
 }
 
 /// The owner of a state made for an owner (shares its allocation).
@@ -695,14 +271,12 @@ fn owner_of(state: &SessionState) -> Owner {
     state.id.clone().expect("an owner's state has an owner")
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every change under these locks leaves the data consistent before anything can panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Registry {
-    pub(crate) fn new(limits: Limits, metrics: RegistryMetrics) -> Self {
-        Self {
+    /// A registry, its hand-off's channel holding `capacity` slots, and the worker's end of
+    /// that channel.
+    pub(crate) fn new(limits: Limits, metrics: RegistryMetrics, capacity: usize) -> (Self, Inbox) {
+        let (handoff, inbox) = Handoff::new(capacity, &limits, metrics.handoff.clone());
+        let registry = Self {
             limits,
             metrics,
             map: Mutex::new(Map {
@@ -711,21 +285,22 @@ impl Registry {
                 lost: LruCache::unbounded(),
                 lru: LruCache::unbounded(),
                 live: 0,
-                // Bounded by `intern`, not by the cache, which would allocate its whole table
-                // up front.
+                // Bounded in `get_or_insert`, not by the cache, which would allocate its
+                // whole table up front.
                 names: LruCache::unbounded(),
                 sequence_floor: 0,
             }),
             clock: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             epoch_wall: SystemTime::now(),
-            dirty: Mutex::default(),
-            evicted: Mutex::default(),
-            dropped: AtomicU64::new(0),
-            warned_stopped: AtomicBool::new(false),
-            active: Mutex::default(),
-            closed: AtomicBool::new(false),
-        }
+            handoff,
+        };
+        (registry, inbox)
+    }
+
+    /// Everything on its way to the worker.
+    pub(crate) fn handoff(&self) -> &Handoff {
+        &self.handoff
     }
 
     pub(crate) fn limits(&self) -> &Limits {
@@ -766,184 +341,8 @@ impl Registry {
             && !session.marked.load(Ordering::Relaxed)
             && !session.marked.swap(true, Ordering::AcqRel)
         {
-            self.push_active(session.clone());
+            self.handoff.push_active(session.clone());
         }
-    }
-
-    fn push_active(&self, session: Arc<SessionState>) {
-        let mut active = lock(&self.active);
-        if self.is_closed() {
-            self.metrics.activity_dropped.increment(1);
-            return;
-        }
-        active.push(session);
-        self.purge_if_grown(
-            &mut active,
-            |s| s.is_resident(),
-            |dropped| {
-                self.metrics.activity_dropped.increment(dropped as u64);
-            },
-        );
-    }
-
-    /// Keeps a list the worker drains within the registry's bound: once it is longer than
-    /// the registry could make it with resident entries, the evicted ones go (amortized O(1)).
-    fn purge_if_grown<T>(
-        &self,
-        list: &mut Vec<T>,
-        resident: impl Fn(&T) -> bool,
-        on_dropped: impl FnOnce(usize),
-    ) {
-        if list.len() > self.limits.list_bound() {
-            let before = list.len();
-            list.retain(resident);
-            on_dropped(before - list.len());
-        }
-    }
-
-    /// Counts activity marks the worker dropped.
-    pub(crate) fn count_activity_dropped(&self, n: usize) {
-        self.metrics.activity_dropped.increment(n as u64);
-    }
-
-    /// Takes the sessions marked active since the last call; the caller unmarks them.
-    pub(crate) fn take_active(&self) -> Vec<Arc<SessionState>> {
-        std::mem::take(&mut *lock(&self.active))
-    }
-
-    /// Puts sessions whose activity write failed or was not tried back in the active list.
-    /// Sessions no longer in the registry are dropped (counted): their activity no longer
-    /// matters to anyone but the store, and keeping them would let a flood grow the list.
-    pub(crate) fn requeue_active(&self, sessions: Vec<Arc<SessionState>>) {
-        let mut dropped = 0;
-        let mut active = lock(&self.active);
-        for session in sessions {
-            if !session.is_resident() || self.is_closed() {
-                dropped += 1;
-            } else if !session.marked.swap(true, Ordering::AcqRel) {
-                active.push(session);
-            }
-        }
-        if dropped > 0 {
-            self.metrics.activity_dropped.increment(dropped);
-        }
-    }
-
-    /// Queues `slot` (whose queued flag the caller holds) for the worker, which will persist
-    /// its latest id at the next flush.
-    pub(crate) fn push_dirty(&self, slot: Arc<Slot>) {
-        let mut dirty = lock(&self.dirty);
-        // Checked under the list's lock, which `close` takes too.
-        if self.is_closed() {
-            return;
-        }
-        dirty.push(slot);
-        self.purge_if_grown(&mut dirty, |s| !s.is_evicted(), |_| {});
-    }
-
-    /// Takes the dirty slots (their queued flags stay set: the worker now holds them).
-    pub(crate) fn take_dirty(&self) -> Vec<Arc<Slot>> {
-        std::mem::take(&mut *lock(&self.dirty))
-    }
-
-    pub(crate) fn has_dirty(&self) -> bool {
-        !lock(&self.dirty).is_empty()
-    }
-
-    /// The evicted slots still waiting for a write, oldest first. They stay in the FIFO while
-    /// the worker writes them, so that lookups, the shutdown report and the gauge see them;
-    /// each leaves it once its id is in the store (or a newer id of its key is).
-    pub(crate) fn evicted_owed(&self) -> Vec<Arc<Slot>> {
-        let mut evicted = lock(&self.evicted);
-        evicted.retain(|s| s.unpersisted());
-        evicted.iter().cloned().collect()
-    }
-
-    /// Counts unpersisted ids of evicted streams dropped because the worker no longer runs, and
-    /// warns the first time.
-    fn dropped_stopped(&self, lost: u64) {
-        if lost == 0 {
-            return;
-        }
-        self.dropped.fetch_add(lost, Ordering::Relaxed);
-        self.metrics.dropped_stopped.increment(lost);
-        if !self.warned_stopped.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                dropped = lost,
-                "the SSE tracker's worker has stopped: the unpersisted latest ids of evicted streams are dropped from now on, counted in sse_tracker_ids_dropped_total{{reason=\"stopped\"}} (logged once)"
-            );
-        }
-    }
-
-    fn trim_evicted(&self, fifo: &mut VecDeque<Arc<Slot>>) {
-        while fifo.len() > self.limits.max_pending_evicted {
-            let Some(oldest) = fifo.pop_front() else {
-                break;
-            };
-            if oldest.unpersisted() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                self.metrics.dropped_overflow.increment(1);
-            }
-        }
-    }
-
-    /// The latest id of an evicted stream still waiting for a write (the newest, should there
-    /// be several slots of the key).
-    fn evicted_entry(&self, owner: Option<&str>, stream: &str) -> Option<Arc<Slot>> {
-        lock(&self.evicted)
-            .iter()
-            .rev()
-            .find(|s| s.key.owner.as_ref().map(Owner::as_str) == owner && s.key.stream == stream)
-            .cloned()
-    }
-
-    /// Evicted slots whose latest id is not in the store yet.
-    pub(crate) fn evicted_pending_len(&self) -> usize {
-        let mut evicted = lock(&self.evicted);
-        evicted.retain(|s| s.unpersisted());
-        evicted.len()
-    }
-
-    /// Latest ids dropped unpersisted so far.
-    pub(crate) fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// Hands an evicted slot's unpersisted id to the worker through the bounded FIFO.
-    fn evicted(&self, slot: Arc<Slot>) {
-        if !slot.unpersisted() {
-            return;
-        }
-        let mut fifo = lock(&self.evicted);
-        if self.is_closed() {
-            self.dropped_stopped(1);
-            return;
-        }
-        fifo.push_back(slot);
-        self.trim_evicted(&mut fifo);
-    }
-
-    /// Stops queueing anything for the worker (it has stopped). The flag is set under each
-    /// list's lock, so that nothing is pushed after the list is emptied.
-    pub(crate) fn close(&self) {
-        let mut dirty = lock(&self.dirty);
-        let mut evicted = lock(&self.evicted);
-        let mut active = lock(&self.active);
-        self.closed.store(true, Ordering::Release);
-        // What is still unpersisted stays visible to the shutdown report through the map; the
-        // evicted ones are no longer anywhere, so they count as dropped.
-        let lost = evicted.iter().filter(|s| s.unpersisted()).count() as u64;
-        evicted.clear();
-        self.dropped_stopped(lost);
-        dirty.clear();
-        if !active.is_empty() {
-            self.metrics.activity_dropped.increment(active.len() as u64);
-            active.clear();
-        }
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
     }
 
     pub(crate) fn get(&self, owner: Option<&str>, stream: &str) -> Option<Arc<Slot>> {
@@ -956,7 +355,7 @@ impl Registry {
         let resident = self.get(owner, stream);
         match resident {
             Some(slot) if slot.latest().is_some() => Some(slot),
-            other => self.evicted_entry(owner, stream).or(other),
+            other => self.handoff.evicted_entry(owner, stream).or(other),
         }
     }
 
@@ -999,7 +398,7 @@ impl Registry {
             };
             map.evict(&old);
             // Into the FIFO before the map's lock is released: a stream is never in neither.
-            self.evicted(old.clone());
+            self.handoff.evicted(old.clone());
             Some(old)
         } else {
             None
@@ -1056,153 +455,6 @@ impl Registry {
         Ok((slot, evicted))
     }
 
-    /// The slot of a route's stream for a new response: `route` itself, or, when another body
-    /// streams into it and the stream is not shared, the first free of `"{route} #2"`,
-    /// `"{route} #3"`… up to [`MAX_CONCURRENT`]; `Refused::Busy` when all are taken. A free
-    /// `prefer` (the stream the request addressed, one of the route's) comes first.
-    pub(crate) fn open_route(
-        &self,
-        owner: Option<&Owner>,
-        route: &StreamName,
-        share: bool,
-        prefer: Option<&StreamName>,
-    ) -> Result<(Arc<Slot>, Option<Arc<Slot>>), Refused> {
-        if share {
-            return self.get_or_insert(owner, route, Open::Shared);
-        }
-        if let Some(name) =
-            prefer.filter(|name| concurrent_index(route, name).is_some_and(|n| n > 1))
-        {
-            match self.get_or_insert(owner, name, Open::Exclusive) {
-                Err(Refused::Busy) => {}
-                other => return other,
-            }
-        }
-        match self.get_or_insert(owner, route, Open::Exclusive) {
-            Err(Refused::Busy) => {}
-            other => return other,
-        }
-        for n in 2..=MAX_CONCURRENT {
-            let Ok(name) = StreamName::new(&format!("{route} #{n}")) else {
-                break;
-            };
-            match self.get_or_insert(owner, &name, Open::Exclusive) {
-                Err(Refused::Busy) => continue,
-                other => return other,
-            }
-        }
-        Err(Refused::Busy)
-    }
-
-    /// The stream of a route that a request addresses, for the key the layer puts in its
-    /// extensions (the response's body then prefers that stream: see
-    /// [`open_route`](Self::open_route)). The route's streams are `route`, `"{route} #2"`…
-    ///
-    /// - With a `Last-Event-ID`: the stream whose latest id it is, a closed one first (an
-    ///   evicted one whose id waits for the store counts, unless its name is taken again),
-    ///   else an open one; `None` when several are. Failing that, with an owner: its only
-    ///   stream without an open body (the client's, closed when it dropped); when all have
-    ///   open bodies (this instance never served the client's stream), the stream the
-    ///   response will get, as without an id. `None` when several closed streams could be the
-    ///   client's; when the owner lost one of several streams of the route to eviction (the
-    ///   client's could be that one, which nothing here tells apart from the others).
-    /// - Without one: the first of the route's streams without an open body, the one the
-    ///   response will get (unless another response of the route starts in between); `None`
-    ///   when all [`MAX_CONCURRENT`] have one.
-    pub(crate) fn address_route(
-        &self,
-        owner: &str,
-        route: &StreamName,
-        last_event_id: Option<&str>,
-    ) -> Option<StreamName> {
-        let map = lock(&self.map);
-        // The route's streams that exist, in order of their index.
-        let mut streams: Vec<&Arc<Slot>> = map
-            .sessions
-            .get(owner)
-            .map(|entry| {
-                entry
-                    .streams
-                    .iter()
-                    .filter(|slot| concurrent_index(route, &slot.key.stream).is_some())
-                    .collect()
-            })
-            .unwrap_or_default();
-        streams.sort_by_key(|slot| concurrent_index(route, &slot.key.stream));
-        let first_free = || {
-            let mut n = 1;
-            for slot in &streams {
-                if concurrent_index(route, &slot.key.stream) != Some(n) || !slot.is_live() {
-                    break;
-                }
-                n += 1;
-            }
-            concurrent_name(route, n)
-        };
-        let Some(id) = last_event_id else {
-            return first_free();
-        };
-        let id = id.as_bytes();
-        // The client's stream is one whose latest id it sent: a closed one first (the
-        // client's connection ended), among them evicted ones whose id this instance still
-        // holds; else an open one (its end not seen yet). Several: any could be the client's.
-        // An evicted stream whose name a resident stream holds again is another client's
-        // now: its id says only that the client's stream is gone.
-        let mut evicted = self.evicted_with_latest(owner, route, id);
-        evicted.retain(|gone| streams.iter().all(|s| s.key.stream != gone.key.stream));
-        let mut named: Vec<&StreamName> = Vec::new();
-        let closed = streams.iter().copied().filter(|slot| !slot.is_live());
-        for slot in closed.chain(evicted.iter()) {
-            if slot.latest_is(id) && !named.contains(&&slot.key.stream) {
-                named.push(&slot.key.stream);
-            }
-        }
-        if named.is_empty() {
-            named = streams
-                .iter()
-                .filter(|slot| slot.is_live() && slot.latest_is(id))
-                .map(|slot| &slot.key.stream)
-                .collect();
-        }
-        match named.as_slice() {
-            [only] => return Some((*only).clone()),
-            [_, _, ..] => return None,
-            [] => {}
-        }
-        // The id is the latest of no stream here: the client is behind its stream (events
-        // were in flight when it dropped), or its stream is one this instance does not hold.
-        // The owner's only closed stream of the route is taken for the client's, unless the
-        // owner lost one of several streams of the route to eviction (the client's may be
-        // that one); with none closed, the response gets a new stream. An owner with one
-        // stream per route (an MCP session) is never in doubt, even after its streams were
-        // evicted.
-        let lost = map
-            .lost
-            .peek(owner)
-            .is_some_and(|lost| lost.contains(route));
-        let mut closed = streams.iter().filter(|slot| !slot.is_live());
-        match (closed.next(), closed.next()) {
-            _ if lost => None,
-            (Some(only), None) => Some(only.key.stream.clone()),
-            (None, _) => first_free(),
-            (Some(_), Some(_)) => None,
-        }
-    }
-
-    /// The evicted streams of `route` (of `owner`) whose latest id, `id`, waits in the FIFO.
-    fn evicted_with_latest(&self, owner: &str, route: &StreamName, id: &[u8]) -> Vec<Arc<Slot>> {
-        let fifo = lock(&self.evicted);
-        fifo.iter()
-            .filter(|slot| {
-                slot.key.owner.as_ref().map(Owner::as_str) == Some(owner)
-                    && concurrent_index(route, &slot.key.stream).is_some()
-                    && slot.unpersisted()
-                    && slot.latest_is(id)
-            })
-            .cloned()
-            .collect()
-    }
-
     /// A body of `slot` went away; the last one makes the slot evictable again (most recently
     /// used).
     pub(crate) fn body_closed(&self, slot: &Arc<Slot>) {
@@ -1232,7 +484,7 @@ impl Registry {
                     if let Some((_, slot)) = map.lru.pop_lru() {
                         map.evict(&slot);
                         // Into the FIFO under the map's lock, as in `get_or_insert`.
-                        self.evicted(slot);
+                        self.handoff.evicted(slot);
                         evicted += 1;
                     }
                 } else {
@@ -1268,7 +520,7 @@ impl Registry {
                 .chain(map.unowned.values().cloned())
                 .collect()
         };
-        slots.extend(lock(&self.evicted).iter().cloned());
+        slots.extend(self.handoff.evicted_slots());
         slots
     }
 
@@ -1277,7 +529,7 @@ impl Registry {
     }
 
     pub(crate) fn counts(&self) -> Counts {
-        let evicted_pending = self.evicted_pending_len();
+        let evicted_pending = self.handoff.evicted_pending_len();
         let map = lock(&self.map);
         Counts {
             streams: map.streams(),
@@ -1292,6 +544,7 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use super::slot::IdBytes;
     use super::*;
 
     fn key(s: &str, n: &str) -> (Owner, StreamName) {
@@ -1307,7 +560,9 @@ mod tests {
                 max_pending_evicted: 2,
             },
             RegistryMetrics::noop(),
+            16,
         )
+        .0
     }
 
     fn insert(r: &Registry, s: &str, n: &str, open: bool) -> Arc<Slot> {
@@ -1373,8 +628,8 @@ mod tests {
             Some(StreamName::new("GET /e #2").unwrap())
         );
         // Once written, nothing here says which stream `x5` was: no key, rather than `#1`.
-        mine.set_persisted(u64::MAX);
-        assert!(registry.evicted_owed().is_empty());
+        mine.marks().set_persisted(u64::MAX);
+        assert!(registry.handoff().evicted_owed().is_empty());
         assert_eq!(registry.address_route("s", &route, Some("x5")), None);
         // The other client still finds its own stream, behind or not.
         assert_eq!(
@@ -1424,8 +679,8 @@ mod tests {
         // Both evicted (and written): the owner's entry goes.
         insert(&registry, "t", "GET /other", false);
         insert(&registry, "u", "GET /other", false);
-        a.set_persisted(u64::MAX);
-        b.set_persisted(u64::MAX);
+        a.marks().set_persisted(u64::MAX);
+        b.marks().set_persisted(u64::MAX);
         assert!(registry.owner_streams("s").is_empty());
         // B comes back and closes; A's reconnect must not be given B's stream.
         let again = open_nth(&registry, "s", &route);
@@ -1448,7 +703,7 @@ mod tests {
         mine.publish(b"7", 1);
         registry.body_closed(&mine);
         insert(&registry, "t", "GET /mcp", false);
-        mine.set_persisted(u64::MAX);
+        mine.marks().set_persisted(u64::MAX);
         assert!(mine.is_evicted());
         assert_eq!(
             registry.address_route("s", &route, Some("5")),
@@ -1563,7 +818,7 @@ mod tests {
         let (t, b) = key("t", "GET /b");
         let (_, evicted) = registry.get_or_insert(Some(&t), &b, Open::No).unwrap();
         assert!(Arc::ptr_eq(&evicted.unwrap(), &slot_a));
-        assert_eq!(registry.evicted_pending_len(), 1);
+        assert_eq!(registry.handoff().evicted_pending_len(), 1);
     }
 
     #[test]
@@ -1609,14 +864,14 @@ mod tests {
             slot.publish(b"1", 0);
         }
         // Four evicted, unpersisted; the FIFO keeps two.
-        assert_eq!(registry.evicted_pending_len(), 2);
-        assert_eq!(registry.dropped(), 2);
+        assert_eq!(registry.handoff().evicted_pending_len(), 2);
+        assert_eq!(registry.handoff().dropped(), 2);
         // Persisted ones leave it.
-        let owed = registry.evicted_owed();
+        let owed = registry.handoff().evicted_owed();
         assert_eq!(owed.len(), 2);
-        owed[0].set_persisted(u64::MAX);
-        assert_eq!(registry.evicted_owed().len(), 1);
-        assert_eq!(registry.evicted_pending_len(), 1);
+        owed[0].marks().set_persisted(u64::MAX);
+        assert_eq!(registry.handoff().evicted_owed().len(), 1);
+        assert_eq!(registry.handoff().evicted_pending_len(), 1);
     }
 
     #[test]
@@ -1665,16 +920,16 @@ mod tests {
     fn activity_is_marked_once_per_flush() {
         let registry = registry(10, None);
         let slot = insert(&registry, "s", "GET /a", false);
-        registry.take_active();
+        registry.handoff().take_active();
         slot.session().unmark();
         for _ in 0..1000 {
             registry.mark_active(slot.session());
         }
-        let active = registry.take_active();
+        let active = registry.handoff().take_active();
         assert_eq!(active.len(), 1);
         active[0].unmark();
         registry.mark_active(slot.session());
-        assert_eq!(registry.take_active().len(), 1);
+        assert_eq!(registry.handoff().take_active().len(), 1);
     }
 
     #[test]
@@ -1696,16 +951,19 @@ mod tests {
         let registry = registry(1, None);
         let slot = insert(&registry, "s", "GET /a", false);
         slot.publish(b"1", 0);
-        registry.close();
-        registry.push_dirty(slot.clone());
-        assert!(!registry.has_dirty());
-        registry.take_active();
+        registry.handoff().close();
+        assert_eq!(
+            registry.handoff().offer(slot.clone()),
+            handoff::Offered::Closed
+        );
+        assert!(!registry.handoff().has_dirty());
+        registry.handoff().take_active();
         slot.session().unmark();
         registry.mark_active(slot.session());
-        assert!(registry.take_active().is_empty());
+        assert!(registry.handoff().take_active().is_empty());
         insert(&registry, "t", "GET /b", false);
-        assert_eq!(registry.dropped(), 1);
-        assert_eq!(registry.evicted_pending_len(), 0);
+        assert_eq!(registry.handoff().dropped(), 1);
+        assert_eq!(registry.handoff().evicted_pending_len(), 0);
     }
 }
 
@@ -1723,7 +981,9 @@ mod unowned_tests {
                 max_pending_evicted: 10,
             },
             RegistryMetrics::noop(),
-        );
+            16,
+        )
+        .0;
         let a = StreamName::new("stream-a").unwrap();
         let b = StreamName::new("stream-b").unwrap();
         let slot_a = registry.get_or_insert(None, &a, Open::Shared).unwrap().0;
@@ -1736,7 +996,7 @@ mod unowned_tests {
         assert_eq!(registry.get(None, "stream-b").unwrap().latest(), None);
         assert!(registry.get(Some("stream-a"), "stream-a").is_none());
         assert!(
-            registry.take_active().is_empty(),
+            registry.handoff().take_active().is_empty(),
             "no owner, no activity to write"
         );
         assert_eq!(slot_b.key().owner, None);

@@ -1,0 +1,390 @@
+//! [`TrackedBody`]: passes an SSE body through, scanning it and sending heartbeats.
+//!
+//! - this module: the body, its frame loop and its scan of each frame;
+//! - [`tracking`]: where the ids of a tracked body go (its slot or slots), and their hand-off to
+//!   the worker;
+//! - [`heartbeat`]: comments sent while the inner body is idle, and a BOM after one;
+//! - [`drain`]: ending a body for a deploy, by whether its client can resume it.
+
+mod drain;
+mod heartbeat;
+mod tracking;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{Instant, Sleep};
+
+use crate::protocol::Resumption;
+use crate::registry::handoff::Room;
+use crate::scan::{Boundary, Scanner};
+use crate::shared::Shared;
+use tracking::{EVENTS_BATCH, Tracked};
+pub(crate) use tracking::{Fallback, Tracking};
+
+pin_project! {
+    /// The response body of [`SseTrackerService`](crate::SseTrackerService).
+    ///
+    /// Non-SSE bodies pass through with nothing added: the same frames, size hint and end of
+    /// stream. SSE bodies pass every byte through in the same frames; the layer scans them for
+    /// dispatched ids and adds or removes bytes only where a client reads the same events:
+    ///
+    /// - after the heartbeat interval with no frame from the inner body, a heartbeat comment:
+    ///   between events a whole comment event (`: keep-alive\n\n`), at the start of a line
+    ///   inside an event a comment line only (`: keep-alive\n`), in the middle of a line
+    ///   nothing until a later frame reaches a boundary. When the last byte of the stream was a
+    ///   CR, the heartbeat's lines end with CR instead, so that a LF that comes next still pairs
+    ///   with a CR, as it would have without it;
+    /// - when a heartbeat went out before the inner body's first byte, a leading byte order
+    ///   mark of the inner body is dropped (a client drops one only as the very first bytes it
+    ///   reads); its bytes may be held back until the next frame says whether they are one;
+    /// - while [draining](crate::SseTracker::drain), for a stream its client can resume (see
+    ///   [`is_resumable`](Self::is_resumable)), a `retry` field and the end of the body at the
+    ///   next event boundary (the frame holding it is cut after it); any stream ends at the
+    ///   drain timeout.
+    ///
+    /// An SSE body has no declared length (the layer removes `Content-Length`).
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        sse: Option<Pin<Box<SseState>>>,
+    }
+}
+
+pin_project! {
+    /// Everything an SSE body needs beyond the inner body, in one allocation per stream.
+    struct SseState {
+        scanner: Scanner,
+        shared: Arc<Shared>,
+        tracked: Option<Tracked>,
+        // Start of the current quiet period: when the inner body was last found idle after a
+        // frame, or the last heartbeat. The clock is read once per idle transition, not per
+        // frame: `fresh` says a frame came since.
+        quiet_since: Instant,
+        fresh: bool,
+        // The wait for room in the worker's channel, made the first time it is full.
+        room: Option<Room>,
+        // The one timer of the stream: heartbeats and the wait for room in the worker's
+        // channel. Created the first time it is needed, then only reset.
+        #[pin]
+        sleep: Option<Sleep>,
+        // Wakes an idle body when the tracker starts draining; made the first time the body
+        // is idle.
+        #[pin]
+        drain_wait: Option<OwnedNotified>,
+        // Draining: the timer of the drain deadline, made when a body is idle inside an event.
+        drain_timer: Option<Pin<Box<Sleep>>>,
+        // Trailers of the inner body held back while withheld bytes went out first.
+        trailers: Option<http::HeaderMap>,
+        // Draining: the `retry` field has been sent; the body has ended.
+        retry_sent: bool,
+        ended: bool,
+        // The inner body has sent a byte.
+        started: bool,
+        // A heartbeat went out before the first byte: a leading byte order mark of the inner
+        // body is dropped (a client drops it only as the very first bytes it reads). `Some(n)`:
+        // watching, `n` bytes of it matched and withheld so far.
+        strip_bom: Option<u8>,
+        // Whether the request lets the client resume the stream (with ids), and whether the
+        // client's last event id is one it would reconnect with (not none, not empty):
+        // together, whether a drain may end the stream at a boundary.
+        resumption: Resumption,
+        has_last_id: bool,
+        // The stream's span, tracked or not: `resumable` and `mcp_method` in it.
+        span: tracing::Span,
+    }
+
+    impl PinnedDrop for SseState {
+        fn drop(this: Pin<&mut Self>) {
+            let resumable = this.is_resumable();
+            this.shared.metrics.stream_ended(resumable);
+        }
+    }
+}
+
+impl<B> TrackedBody<B> {
+    pub(crate) fn pass_through(inner: B) -> Self {
+        Self { inner, sse: None }
+    }
+
+    /// An SSE body, tracked as `tracking` says (or scanned for heartbeats only).
+    pub(crate) fn sse(
+        inner: B,
+        shared: Arc<Shared>,
+        tracking: Option<Tracking>,
+        resumption: Resumption,
+        span: tracing::Span,
+    ) -> Self {
+        let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
+        let state = SseState {
+            scanner: Scanner::with_max_id_len(shared.config.max_id_len),
+            shared,
+            tracked,
+            quiet_since: Instant::now(),
+            fresh: false,
+            room: None,
+            sleep: None,
+            drain_wait: None,
+            drain_timer: None,
+            trailers: None,
+            retry_sent: false,
+            ended: false,
+            started: false,
+            strip_bom: None,
+            resumption,
+            has_last_id: false,
+            span,
+        };
+        Self {
+            inner,
+            sse: Some(Box::pin(state)),
+        }
+    }
+
+    /// Whether this body is an SSE body that the layer scans (tracked, or for heartbeats and
+    /// draining only).
+    pub fn is_scanned(&self) -> bool {
+        self.sse.is_some()
+    }
+
+    /// Whether this body's ids are recorded in the tracker.
+    pub fn is_tracked(&self) -> bool {
+        self.sse.as_ref().is_some_and(|s| s.tracked.is_some())
+    }
+
+    /// Whether the client can resume this stream now: its last event id is one it reconnects
+    /// with (an event carried an id, and the last id is not the empty reset), and its request
+    /// does not say the protocol has no resumption (MCP 2026-07-28 and later). Whatever the
+    /// method: an answer streamed on a POST whose events carry ids counts, its client resuming
+    /// with a GET that carries `Last-Event-ID` (as MCP 2025-11-25 clients do). A stream that
+    /// cannot be resumed is never ended early by a drain: it runs to its end, or to the drain
+    /// timeout (see [`SseTracker::drain`](crate::SseTracker::drain)).
+    pub fn is_resumable(&self) -> bool {
+        self.sse.as_ref().is_some_and(|s| s.is_resumable())
+    }
+
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for TrackedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("inner", &self.inner)
+            .field("scanned", &self.is_scanned())
+            .field("tracked", &self.is_tracked())
+            .finish()
+    }
+}
+
+fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
+    // Zero-copy when `D` is `Bytes`, which is what hyper and axum bodies produce.
+    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
+}
+
+/// After ids were committed: whether the client's last event id is one it reconnects with (an
+/// empty id resets it, and an `EventSource` then sends no `Last-Event-ID`); recorded in the
+/// span when that changes.
+#[inline]
+fn note_last_id(
+    scanner: &Scanner,
+    has_last_id: &mut bool,
+    resumption: &Resumption,
+    span: &tracing::Span,
+) {
+    let now = scanner.last_committed().is_some_and(|id| !id.is_empty());
+    if std::mem::replace(has_last_id, now) != now && *resumption == Resumption::ByIds {
+        span.record("resumable", now);
+    }
+}
+
+impl SseState {
+    #[inline]
+    fn on_data(self: Pin<&mut Self>, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let this = self.project();
+        // `started` is set by `strip_bom`, which sees every byte of the inner body first.
+        *this.fresh = true;
+        let Some(tracked) = this.tracked else {
+            if this.scanner.feed(data).ids > 0 {
+                note_last_id(this.scanner, this.has_last_id, this.resumption, this.span);
+            }
+            return;
+        };
+        let mut sleep = this.sleep;
+        let feed = if tracked.tracking.per_id.is_some() {
+            // Every committed id goes to the stream it names.
+            this.scanner
+                .feed_with(data, |id| tracked.commit(id, sleep.as_mut()))
+        } else {
+            // Latest only: of the ids committed in one frame, only the last is published. Its
+            // bytes are copied into the slot's buffer: no allocation, no tracker-wide counter.
+            let feed = this.scanner.feed(data);
+            match this.scanner.last_committed().filter(|_| feed.ids > 0) {
+                Some(id) => {
+                    tracked.coalesced += feed.ids as u64 - 1;
+                    tracked.commit(id, sleep.as_mut());
+                }
+                None => {
+                    if let Some(slot) = &tracked.tracking.slot {
+                        this.shared.registry.mark_active(slot.session());
+                    }
+                }
+            }
+            feed
+        };
+        if feed.ids > 0 {
+            note_last_id(this.scanner, this.has_last_id, this.resumption, this.span);
+        }
+        if feed.events > 0 {
+            tracked.events += feed.events as u64;
+            if tracked.events >= EVENTS_BATCH {
+                tracked.report_counts();
+            }
+        }
+        if feed.ids_rejected > 0 {
+            this.shared
+                .metrics
+                .ids_rejected
+                .increment(feed.ids_rejected as u64);
+            tracing::debug!(
+                parent: &tracked.tracking.span,
+                count = feed.ids_rejected,
+                "ignored SSE id fields holding NUL, not valid UTF-8, or longer than max_id_len"
+            );
+        }
+    }
+
+    fn is_resumable(&self) -> bool {
+        self.resumption == Resumption::ByIds && self.has_last_id
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let Some(sse) = this.sse.as_mut() else {
+            return this
+                .inner
+                .poll_frame(cx)
+                .map(|frame| frame.map(|r| r.map(into_bytes)));
+        };
+        if sse.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(trailers) = sse.as_mut().project().trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        if sse.waiting_for_room() {
+            ready!(sse.as_mut().poll_room(cx));
+        }
+        loop {
+            let draining = sse.shared.drain.is_draining();
+            // Draining, and this stream ends at its next event boundary.
+            let cutting = draining && sse.cut_by_drain();
+            if draining {
+                if cutting && let Some(step) = sse.as_mut().drain_step() {
+                    return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
+                }
+                if sse.as_mut().drain_overdue(None) {
+                    sse.as_mut().end_overdue();
+                    return Poll::Ready(None);
+                }
+            }
+            match this.inner.as_mut().poll_frame(cx) {
+                // The data is taken out before it becomes `Bytes`: a `Frame` is large (it may
+                // hold trailers), and every move of one costs on small frames.
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let data = data.copy_to_bytes(data.remaining());
+                        // `None`: all withheld so far, or exactly a dropped BOM.
+                        let Some(mut data) = sse.as_mut().strip_bom(data) else {
+                            continue;
+                        };
+                        if draining && sse.resumption != Resumption::Never {
+                            // The body ends after the first event after which the drain ends
+                            // it (see `on_data_while_draining`): cut it there.
+                            let end = sse.as_mut().on_data_while_draining(&data);
+                            data.truncate(end);
+                        } else {
+                            sse.as_mut().on_data(&data);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(trailers) => {
+                        let trailers = into_bytes(trailers);
+                        let Some(withheld) = sse.as_mut().take_withheld_bom() else {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        };
+                        // The withheld bytes were content: they go before the trailers.
+                        sse.as_mut().on_data(&withheld);
+                        *sse.as_mut().project().trailers = trailers.into_trailers().ok();
+                        return Poll::Ready(Some(Ok(Frame::data(withheld))));
+                    }
+                },
+                // End of stream: an event cut off here is never committed.
+                Poll::Ready(None) => {
+                    if draining {
+                        // A stream the drain let run: it finished by itself.
+                        sse.shared.metrics.streams_drained_completed.increment(1);
+                    }
+                    let withheld = sse.as_mut().take_withheld_bom();
+                    // Whatever goes out now, the inner body is not polled again.
+                    *sse.as_mut().project().ended = true;
+                    return Poll::Ready(withheld.map(|bytes| Ok(Frame::data(bytes))));
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Pending => {
+                    sse.as_mut().went_quiet();
+                    if sse.as_mut().poll_drain(cx) {
+                        if sse.cut_by_drain() && sse.scanner.boundary() == Boundary::Event {
+                            // The drain started while the body was idle between events.
+                            continue;
+                        }
+                        if sse.as_mut().drain_overdue(Some(cx)) {
+                            sse.as_mut().end_overdue();
+                            return Poll::Ready(None);
+                        }
+                    }
+                    return sse
+                        .as_mut()
+                        .poll_heartbeat(cx)
+                        .map(|bytes| Some(Ok(Frame::data(bytes))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.sse {
+            None => self.inner.is_end_stream(),
+            Some(sse) if sse.trailers.is_some() => false,
+            Some(sse) => sse.ended || self.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = self.inner.size_hint();
+        if self.sse.is_none() {
+            return hint;
+        }
+        // Heartbeats may add bytes, a dropped BOM or a drain remove some: no bound is known.
+        SizeHint::new()
+    }
+}

@@ -1,0 +1,148 @@
+//! What the HTTP side of one tracker (its layers, services and bodies) and its handle share:
+//! the validated settings, the registry, the metrics, the worker's handle and the drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::identity::{OwnerRule, StreamKind};
+use crate::metrics::Handles;
+use crate::registry::{Limits, Registry};
+use crate::store::DynStore;
+use crate::worker::{WorkerConfig, WorkerHandle, WorkerTask, instant_after};
+
+/// What every layer, service and body of one tracker shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Handles,
+    pub(crate) worker: WorkerHandle,
+    pub(crate) store: Arc<dyn DynStore>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) drain: Drain,
+}
+
+/// The drain of open SSE bodies (see [`SseTracker::drain`]).
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    pub(crate) notify: Arc<tokio::sync::Notify>,
+    /// Set by the first drain: the tracker is draining from then on.
+    plan: std::sync::OnceLock<DrainPlan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DrainPlan {
+    /// The `retry` to send before ending.
+    retry: Option<Duration>,
+    /// When a body still inside an event ends anyway.
+    deadline: Instant,
+}
+
+impl Drain {
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.plan.get().is_some()
+    }
+
+    pub(crate) fn retry(&self) -> Option<Duration> {
+        self.plan.get().and_then(|plan| plan.retry)
+    }
+
+    /// When a body still inside an event ends anyway.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.plan.get().map(|plan| plan.deadline)
+    }
+
+    pub(crate) fn start(&self, retry: Option<Duration>, timeout: Duration) {
+        let deadline = instant_after(timeout);
+        let _ = self.plan.set(DrainPlan { retry, deadline });
+        self.notify.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: Config,
+        limits: Limits,
+        store: Arc<dyn DynStore>,
+        channel_capacity: usize,
+        worker: WorkerConfig,
+    ) -> (Self, WorkerTask) {
+        let metrics = Handles::register();
+        let (registry, inbox) = Registry::new(limits, metrics.registry(), channel_capacity);
+        let registry = Arc::new(registry);
+        // The worker holds the registry, the store and the metrics, never `Shared`: when the
+        // last tracker, layer and body are gone, its channel closes and it finishes.
+        let store_timeout = worker.store_timeout;
+        let (worker, task) = WorkerHandle::new(
+            inbox,
+            worker,
+            registry.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
+        let shared = Self {
+            config,
+            registry,
+            metrics,
+            worker,
+            store,
+            store_timeout,
+            drain: Drain::default(),
+        };
+        (shared, task)
+    }
+}
+
+/// The heartbeat settings, with the bytes to send precomputed for each position.
+#[derive(Debug, Clone)]
+pub(crate) struct Heartbeat {
+    pub(crate) interval: Duration,
+    /// A whole comment event, for an event boundary: `: text\n\n`.
+    pub(crate) event: Bytes,
+    /// A comment line, for a line boundary inside an event: `: text\n`.
+    pub(crate) line: Bytes,
+    /// The same two, ending lines with CR, for when the stream's last byte was a CR.
+    pub(crate) event_cr: Bytes,
+    pub(crate) line_cr: Bytes,
+}
+
+impl Heartbeat {
+    pub(crate) fn new(interval: Duration, comment: &str) -> Self {
+        let line = if comment.is_empty() {
+            ":".to_owned()
+        } else {
+            format!(": {comment}")
+        };
+        Self {
+            interval,
+            event: Bytes::from(format!("{line}\n\n")),
+            line: Bytes::from(format!("{line}\n")),
+            event_cr: Bytes::from(format!("{line}\r\r")),
+            line_cr: Bytes::from(format!("{line}\r")),
+        }
+    }
+}
+
+/// Validated settings shared by every layer of a tracker.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) owner: OwnerRule,
+    pub(crate) stream: StreamKind,
+    pub(crate) heartbeat: Option<Heartbeat>,
+    pub(crate) max_id_len: usize,
+    pub(crate) accel_buffering_off: bool,
+    pub(crate) send_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+}
