@@ -19,7 +19,6 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::SseTracker;
-use tower_sse_tracker::metrics::{RECORDS_ENQUEUED_TOTAL, STORE_WRITES_TOTAL};
 use tower_sse_tracker::store::InMemoryStore;
 
 fn quick() -> bool {
@@ -158,8 +157,8 @@ async fn write_amplification(streams: usize, rounds: usize) -> (f64, f64, f64) {
     for (key, _, _, value) in snapshotter.snapshot().into_vec() {
         if let metrics_util::debugging::DebugValue::Counter(n) = value {
             match key.key().name() {
-                STORE_WRITES_TOTAL => writes += n as f64,
-                RECORDS_ENQUEUED_TOTAL => enqueued += n as f64,
+                "sse_tracker_store_writes_total" => writes += n as f64,
+                "sse_tracker_records_enqueued_total" => enqueued += n as f64,
                 _ => {}
             }
         }

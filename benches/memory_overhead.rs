@@ -24,11 +24,16 @@ fn key(owner: &str, stream: &str) -> StreamKey {
 }
 
 fn bench(c: &mut Criterion) {
-    println!("| tracked streams | heap bytes per stream | allocations per stream |");
-    println!("|---|---|---|");
+    println!(
+        "| tracked streams | heap bytes per stream | allocations per stream | memory gauge per stream |"
+    );
+    println!("|---|---|---|---|");
     for n in [1_000, 10_000, 100_000] {
-        let (bytes, blocks) = bytes_per_stream(n);
-        println!("| {n} | {bytes:.0} | {blocks:.1} |");
+        let m = bytes_per_stream(n);
+        println!(
+            "| {n} | {:.0} | {:.1} | {:.0} |",
+            m.bytes, m.blocks, m.estimated
+        );
     }
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -40,7 +45,7 @@ fn bench(c: &mut Criterion) {
         let tracker = SseTracker::builder()
             .store(NullStore)
             .heartbeat_interval(None)
-            .max_streams(STREAMS)
+            .max_streams(std::num::NonZeroUsize::new(STREAMS).unwrap())
             .build()
             .unwrap();
         for i in 0..STREAMS {

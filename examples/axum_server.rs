@@ -116,9 +116,7 @@ async fn events(
     if session.is_none() {
         // Like an MCP server, assign a session on the response; the layer tracks it from there.
         let id = HeaderValue::from_str(&new_session_id()).expect("visible ASCII");
-        response
-            .headers_mut()
-            .insert(tower_sse_tracker::defaults::SESSION_HEADER, id);
+        response.headers_mut().insert("mcp-session-id", id);
     }
     response
 }

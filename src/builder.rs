@@ -1,12 +1,11 @@
 //! [`SseTrackerBuilder`]: every setting of a tracker, validated, with its default.
 
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
-
-use crate::identity::{OwnerKind, OwnerRule, OwnerSource, StreamSource};
+use crate::identity::{OwnerSource, StreamSource};
 use crate::registry::Limits;
 use crate::shared::{Config, Heartbeat, Shared};
 use crate::store::{DynStore, InMemoryStore, Store};
@@ -14,62 +13,74 @@ use crate::tracker::SseTracker;
 use crate::worker::retry::RetryPolicy;
 use crate::worker::{WorkerConfig, WorkerTask};
 
-use crate::defaults::*;
-use crate::limits::*;
-
-/// The largest `channel_capacity`.
+/// The largest `channel_capacity`: a larger channel would need more than the bodies can ever
+/// put in it (each stream is in it at most once).
 const MAX_CHANNEL_CAPACITY: usize = 1 << 24;
+/// The shortest heartbeat interval.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// The longest heartbeat comment, in bytes.
+const MAX_HEARTBEAT_COMMENT_LEN: usize = 256;
+/// The largest `max_id_len`: 64 KiB.
+const MAX_ID_LEN_LIMIT: usize = 64 * 1024;
+/// The longest heartbeat interval, send timeout, flush interval, store timeout, drain timeout
+/// and retry delay: one day.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The longest idle TTL: one year.
+const MAX_IDLE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// A setting was refused by [`SseTrackerBuilder::build`].
+// The defaults, stated on each setter.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+const HEARTBEAT_COMMENT: &str = "keep-alive";
+const MAX_ID_LEN: usize = 1024;
+const MAX_STREAMS: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
+const CHANNEL_CAPACITY: usize = 1024;
+const SEND_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_BATCH: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+const IDLE_TTL: Duration = Duration::from_secs(300);
+const MAX_STREAM_NAMES: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_PENDING_EVICTED: usize = 10_000;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A setting refused by [`SseTrackerBuilder::build`]: each variant holds the refused value,
+/// and its message says the accepted range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The owner's header (`session_header`, or [`OwnerSource::header`]) is not a valid HTTP
-    /// header name.
-    SessionHeader(String),
-    /// `heartbeat_interval` is below [`crate::limits::MIN_HEARTBEAT_INTERVAL`].
+    /// `heartbeat_interval` is below 10 ms or above one day.
     HeartbeatInterval(Duration),
-    /// `heartbeat_comment` is longer than [`crate::limits::MAX_HEARTBEAT_COMMENT_LEN`] or holds CR, LF or NUL.
+    /// `heartbeat_comment` is longer than 256 bytes or holds CR, LF or NUL.
     HeartbeatComment(String),
-    /// `max_id_len` is 0 or above [`crate::limits::MAX_ID_LEN_LIMIT`].
+    /// `max_id_len` is 0 or above 64 KiB.
     MaxIdLen(usize),
-    /// `max_streams` is 0.
-    MaxStreams,
-    /// `channel_capacity` is 0 or above 16 777 216 (2^24; a larger channel would need more
-    /// than the bodies can ever put in it: each stream is in it at most once).
-    ChannelCapacity,
-    /// `send_timeout` is zero.
-    SendTimeout,
-    /// `max_batch` is 0.
-    MaxBatch,
-    /// `flush_interval` is zero.
-    FlushInterval,
-    /// The retry policy has a zero base delay or a maximum below its base.
+    /// `channel_capacity` is 0 or above 2^24.
+    ChannelCapacity(usize),
+    /// `send_timeout` is zero or above one day.
+    SendTimeout(Duration),
+    /// `flush_interval` is zero or above one day.
+    FlushInterval(Duration),
+    /// `store_timeout` is zero or above one day.
+    StoreTimeout(Duration),
+    /// `idle_ttl` is zero or above one year.
+    IdleTtl(Duration),
+    /// `drain_timeout` is above one day.
+    DrainTimeout(Duration),
+    /// The retry policy has a zero base delay, a maximum below its base, or a maximum above
+    /// one day.
     Retry(RetryPolicy),
-    /// `build()` was called outside a Tokio runtime, where the worker cannot be spawned (use
-    /// [`SseTrackerBuilder::build_with_worker`] there).
-    NoRuntime,
-    /// `idle_ttl` is zero.
-    IdleTtl,
-    /// `max_stream_names` is 0.
-    MaxStreamNames,
-    /// `store_timeout` is zero.
-    StoreTimeout,
-    /// A duration setting (named) is longer than its limit ([`crate::limits::MAX_DURATION`], or
-    /// [`crate::limits::MAX_IDLE_TTL`] for `idle_ttl`).
-    TooLong(&'static str, Duration),
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let duration = |f: &mut fmt::Formatter<'_>, setting: &str, d: &Duration, range: &str| {
+            write!(f, "{setting} {d:?} must be {range}")
+        };
         match self {
-            ConfigError::SessionHeader(name) => {
-                write!(f, "owner header {name:?} is not a valid HTTP header name")
-            }
             ConfigError::HeartbeatInterval(d) => write!(
                 f,
-                "heartbeat_interval {d:?} is shorter than the minimum of {MIN_HEARTBEAT_INTERVAL:?}; \
-                 use heartbeat_interval(None) to disable heartbeats"
+                "heartbeat_interval {d:?} must be between {MIN_HEARTBEAT_INTERVAL:?} and \
+                 {MAX_DURATION:?}; use heartbeat_interval(None) to disable heartbeats"
             ),
             ConfigError::HeartbeatComment(text) => write!(
                 f,
@@ -79,36 +90,38 @@ impl fmt::Display for ConfigError {
             ConfigError::MaxIdLen(n) => {
                 write!(f, "max_id_len {n} must be between 1 and {MAX_ID_LEN_LIMIT}")
             }
-            ConfigError::MaxStreams => f.write_str("max_streams must be at least 1"),
-            ConfigError::ChannelCapacity => write!(
+            ConfigError::ChannelCapacity(n) => write!(
                 f,
-                "channel_capacity must be between 1 and {MAX_CHANNEL_CAPACITY}"
+                "channel_capacity {n} must be between 1 and {MAX_CHANNEL_CAPACITY}"
             ),
-            ConfigError::SendTimeout => f.write_str("send_timeout must be longer than zero"),
-            ConfigError::MaxBatch => f.write_str("max_batch must be at least 1"),
-            ConfigError::FlushInterval => f.write_str("flush_interval must be longer than zero"),
+            ConfigError::SendTimeout(d) => {
+                duration(f, "send_timeout", d, "longer than zero and at most one day")
+            }
+            ConfigError::FlushInterval(d) => duration(
+                f,
+                "flush_interval",
+                d,
+                "longer than zero and at most one day",
+            ),
+            ConfigError::StoreTimeout(d) => duration(
+                f,
+                "store_timeout",
+                d,
+                "longer than zero and at most one day",
+            ),
+            ConfigError::IdleTtl(d) => duration(
+                f,
+                "idle_ttl",
+                d,
+                "longer than zero and at most a year; use idle_ttl(None) to keep streams",
+            ),
+            ConfigError::DrainTimeout(d) => duration(f, "drain_timeout", d, "at most one day"),
             ConfigError::Retry(p) => write!(
                 f,
-                "retry policy base {:?} must be longer than zero and at most its max {:?}",
+                "retry policy base {:?} must be longer than zero and at most its max {:?}, \
+                 itself at most one day",
                 p.base(),
                 p.max()
-            ),
-            ConfigError::IdleTtl => {
-                f.write_str("idle_ttl must be longer than zero; use idle_ttl(None) to keep streams")
-            }
-            ConfigError::MaxStreamNames => f.write_str("max_stream_names must be at least 1"),
-            ConfigError::StoreTimeout => f.write_str("store_timeout must be longer than zero"),
-            ConfigError::TooLong(setting, d) => {
-                let limit = if *setting == "idle_ttl" {
-                    MAX_IDLE_TTL
-                } else {
-                    MAX_DURATION
-                };
-                write!(f, "{setting} {d:?} is longer than the limit of {limit:?}")
-            }
-            ConfigError::NoRuntime => f.write_str(
-                "build() must be called within a Tokio runtime: it spawns the persistence worker \
-                 (build_with_worker() returns it for you to spawn instead)",
             ),
         }
     }
@@ -126,51 +139,29 @@ impl fmt::Debug for StoreChoice {
     }
 }
 
-/// Builds an [`SseTracker`]. Every method takes and returns the builder; [`build`](Self::build)
-/// checks all the settings and names the first one it refuses.
-///
-/// | setting | default |
-/// |---|---|
-/// | [`owner`](Self::owner) | [`OwnerSource::session_header`]`(`[`crate::defaults::SESSION_HEADER`]`)` (`mcp-session-id`) |
-/// | [`stream`](Self::stream) | [`StreamSource::route`] |
-/// | [`heartbeat_interval`](Self::heartbeat_interval) | [`crate::defaults::HEARTBEAT_INTERVAL`] (15 s) |
-/// | [`heartbeat_comment`](Self::heartbeat_comment) | [`crate::defaults::HEARTBEAT_COMMENT`] (`keep-alive`) |
-/// | [`max_id_len`](Self::max_id_len) | [`crate::defaults::MAX_ID_LEN`] (1024 bytes) |
-/// | [`max_streams`](Self::max_streams) | [`crate::defaults::MAX_STREAMS`] (100 000) |
-/// | [`disable_proxy_buffering`](Self::disable_proxy_buffering) | `true` |
-/// | [`store`](Self::store) | [`InMemoryStore::new`] |
-/// | [`channel_capacity`](Self::channel_capacity) | [`crate::defaults::CHANNEL_CAPACITY`] (1024) |
-/// | [`send_timeout`](Self::send_timeout) | [`crate::defaults::SEND_TIMEOUT`] (100 ms) |
-/// | [`max_batch`](Self::max_batch) | [`crate::defaults::MAX_BATCH`] (256) |
-/// | [`flush_interval`](Self::flush_interval) | [`crate::defaults::FLUSH_INTERVAL`] (100 ms) |
-/// | [`retry`](Self::retry) | 100 ms doubling to 10 s, 5 retries |
-/// | [`idle_ttl`](Self::idle_ttl) | [`crate::defaults::IDLE_TTL`] (5 minutes) |
-/// | [`max_stream_names`](Self::max_stream_names) | [`crate::defaults::MAX_STREAM_NAMES`] (10 000) |
-/// | [`store_timeout`](Self::store_timeout) | [`crate::defaults::STORE_TIMEOUT`] (5 s) |
-/// | [`max_pending_evicted`](Self::max_pending_evicted) | [`crate::defaults::MAX_PENDING_EVICTED`] (10 000) |
-/// | [`drain_timeout`](Self::drain_timeout) | [`crate::defaults::DRAIN_TIMEOUT`] (10 s) |
-///
-/// `build()` spawns the tracker's one background worker, so it must run within a Tokio
-/// runtime.
+/// Builds an [`SseTracker`]. Every method takes and returns the builder and states its
+/// default; [`build`](Self::build) checks all the settings and names the first one it refuses
+/// ([`ConfigError`]).
 ///
 /// ```
+/// use std::num::NonZeroUsize;
 /// use std::time::Duration;
-/// use tower_sse_tracker::{RetryPolicy, SseTracker, store::InMemoryStore};
+/// use tower_sse_tracker::{OwnerSource, RetryPolicy, SseTracker, store::InMemoryStore};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let tracker = SseTracker::builder()
 ///     .store(InMemoryStore::new())
 ///     .retry(RetryPolicy::exponential(Duration::from_millis(50), Duration::from_secs(5), 8))
-///     .session_header("x-session")
+///     .owner(OwnerSource::session_header(http::HeaderName::from_static("x-session")))
 ///     .heartbeat_interval(Some(Duration::from_secs(20)))
 ///     .heartbeat_comment("ping")
-///     .max_streams(10_000)
+///     .max_streams(NonZeroUsize::new(10_000).unwrap())
 ///     .build()
 ///     .expect("valid settings");
 ///
-/// let err = SseTracker::builder().max_streams(0).build().unwrap_err();
-/// assert_eq!(err.to_string(), "max_streams must be at least 1");
+/// let err = SseTracker::builder().flush_interval(Duration::ZERO).build().unwrap_err();
+/// assert_eq!(err.to_string(), "flush_interval 0ns must be longer than zero and at most one day");
 /// # }
 /// ```
 #[derive(Debug, Clone)]
@@ -181,16 +172,16 @@ pub struct SseTrackerBuilder {
     heartbeat_interval: Option<Duration>,
     heartbeat_comment: String,
     max_id_len: usize,
-    max_streams: usize,
-    accel_buffering_off: bool,
+    max_streams: NonZeroUsize,
+    proxy_buffering: bool,
     store: Option<StoreChoice>,
     channel_capacity: usize,
     send_timeout: Duration,
-    max_batch: usize,
+    max_batch: NonZeroUsize,
     flush_interval: Duration,
     retry: RetryPolicy,
     idle_ttl: Option<Duration>,
-    max_stream_names: usize,
+    max_stream_names: NonZeroUsize,
     store_timeout: Duration,
     max_pending_evicted: usize,
     drain_timeout: Duration,
@@ -205,13 +196,13 @@ impl Default for SseTrackerBuilder {
             heartbeat_comment: HEARTBEAT_COMMENT.to_owned(),
             max_id_len: MAX_ID_LEN,
             max_streams: MAX_STREAMS,
-            accel_buffering_off: true,
+            proxy_buffering: false,
             store: None,
             channel_capacity: CHANNEL_CAPACITY,
             send_timeout: SEND_TIMEOUT,
             max_batch: MAX_BATCH,
             flush_interval: FLUSH_INTERVAL,
-            retry: RETRY,
+            retry: RetryPolicy::default(),
             idle_ttl: Some(IDLE_TTL),
             max_stream_names: MAX_STREAM_NAMES,
             store_timeout: STORE_TIMEOUT,
@@ -222,37 +213,30 @@ impl Default for SseTrackerBuilder {
 }
 
 impl SseTrackerBuilder {
-    /// Shorthand for [`owner`](Self::owner)`(`[`OwnerSource::session_header`]`(name))`: the
-    /// header that carries the session id, read on the request and, when the request has no
-    /// valid one, on the response (MCP servers assign the session id there). Header names are
-    /// case-insensitive.
-    pub fn session_header(mut self, name: impl Into<String>) -> Self {
-        self.owner = OwnerSource::session_header(name);
-        self
-    }
-
-    /// Who a stream belongs to: the first half of its key (see [`crate::identity`]).
+    /// Who a stream belongs to: the first half of its key. Default:
+    /// [`OwnerSource::session_header`] of `mcp-session-id` (a request without one is
+    /// anonymous: its `GET` reads its route's feed).
     pub fn owner(mut self, source: OwnerSource) -> Self {
         self.owner = source;
         self
     }
 
-    /// Which stream of its owner a response is: the second half of its key (see
-    /// [`crate::identity`]).
+    /// Which stream of its owner a response is: the second half of its key. Default:
+    /// [`StreamSource::route`].
     pub fn stream(mut self, source: StreamSource) -> Self {
         self.stream = source;
         self
     }
 
     /// How long the inner body may stay silent before a heartbeat comment is sent; `None`
-    /// disables heartbeats. At least [`crate::limits::MIN_HEARTBEAT_INTERVAL`].
+    /// disables heartbeats. 10 ms to one day. Default: 15 s.
     pub fn heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
         self.heartbeat_interval = interval;
         self
     }
 
     /// The text of the heartbeat comment: the line sent is `: {text}` (just `:` when empty).
-    /// At most [`crate::limits::MAX_HEARTBEAT_COMMENT_LEN`] bytes, without CR, LF or NUL.
+    /// At most 256 bytes, without CR, LF or NUL. Default: `keep-alive`.
     pub fn heartbeat_comment(mut self, text: impl Into<String>) -> Self {
         self.heartbeat_comment = text.into();
         self
@@ -260,7 +244,8 @@ impl SseTrackerBuilder {
 
     /// Ids longer than this many bytes are ignored (and counted in
     /// `sse_tracker_ids_rejected_total`), which bounds the memory each stream can make the
-    /// tracker hold. Also the limit for the `Last-Event-ID` request header.
+    /// tracker hold. Also the limit for the `Last-Event-ID` request header. 1 byte to 64 KiB.
+    /// Default: 1024.
     pub fn max_id_len(mut self, bytes: usize) -> Self {
         self.max_id_len = bytes;
         self
@@ -273,35 +258,37 @@ impl SseTrackerBuilder {
     /// [`max_pending_evicted`](Self::max_pending_evicted)). When every tracked stream is live, a
     /// new stream is served untracked (the bytes pass through and heartbeats are sent, but its
     /// ids are not recorded) and counted in
-    /// `sse_tracker_untracked_streams_total{reason="registry_full"}`.
-    pub fn max_streams(mut self, streams: usize) -> Self {
+    /// `sse_tracker_untracked_streams_total{reason="registry_full"}`. About 400 bytes a
+    /// stream. Default: 100 000.
+    pub fn max_streams(mut self, streams: NonZeroUsize) -> Self {
         self.max_streams = streams;
         self
     }
 
-    /// Whether SSE responses get `X-Accel-Buffering: no` (when they do not set it), which stops
-    /// nginx from buffering the stream.
-    pub fn disable_proxy_buffering(mut self, enabled: bool) -> Self {
-        self.accel_buffering_off = enabled;
+    /// Whether proxies may buffer SSE responses. When not (the default), SSE responses get
+    /// `X-Accel-Buffering: no` unless they set it, which stops nginx from buffering a stream.
+    pub fn proxy_buffering(mut self, allowed: bool) -> Self {
+        self.proxy_buffering = allowed;
         self
     }
 
     /// Where the worker persists latest ids. Pass an `Arc` to keep a handle on the store.
+    /// Default: an [`InMemoryStore`].
     pub fn store<S: Store>(mut self, store: S) -> Self {
         self.store = Some(StoreChoice(Arc::new(store)));
         self
     }
 
-    /// Capacity of the bounded channel from the bodies to the worker, in records: 1 to
-    /// 16 777 216 (2^24). Its memory grows with what it holds, not with its capacity.
+    /// Capacity of the bounded channel from the bodies to the worker, in records: 1 to 2^24.
+    /// Its memory grows with what it holds, not with its capacity. Default: 1024.
     pub fn channel_capacity(mut self, records: usize) -> Self {
         self.channel_capacity = records;
         self
     }
 
-    /// The longest a body waits for room in a full channel before it pulls its next frame.
-    /// After that the stream's key is marked dirty (the worker persists its latest id from
-    /// memory later) and the stream is not made to wait again until the worker catches up.
+    /// The longest a body waits for room in a full channel before it pulls its next frame
+    /// (the stream's slot reaches the worker at once either way: the wait only paces a body
+    /// whose worker cannot run). Longer than zero, at most one day. Default: 100 ms.
     pub fn send_timeout(mut self, timeout: Duration) -> Self {
         self.send_timeout = timeout;
         self
@@ -309,14 +296,15 @@ impl SseTrackerBuilder {
 
     /// The most streams per store call. A flush writes every stream that changed since the
     /// last one, in as many calls as it needs: this bounds the size of one call, not how much
-    /// a flush coalesces.
-    pub fn max_batch(mut self, streams: usize) -> Self {
+    /// a flush coalesces. Default: 256.
+    pub fn max_batch(mut self, streams: NonZeroUsize) -> Self {
         self.max_batch = streams;
         self
     }
 
     /// How often the worker writes what it has gathered: the coalescing window. A stream that
-    /// commits many ids within one interval is written once, with its latest id.
+    /// commits many ids within one interval is written once, with its latest id. Longer than
+    /// zero, at most one day. Default: 100 ms.
     pub fn flush_interval(mut self, interval: Duration) -> Self {
         self.flush_interval = interval;
         self
@@ -324,21 +312,24 @@ impl SseTrackerBuilder {
 
     /// How long a stream with no open body and no activity stays in the registry; `None`
     /// keeps streams until the registry is full. The worker sweeps idle streams on its ticks.
+    /// Longer than zero, at most a year. Default: 5 minutes.
     pub fn idle_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.idle_ttl = ttl;
         self
     }
 
     /// Size of the table that interns stream names (least recently used names leave first):
-    /// streams with one name share one allocation.
-    pub fn max_stream_names(mut self, names: usize) -> Self {
+    /// streams with one name share one allocation. It grows with the names it holds.
+    /// Default: 10 000.
+    pub fn max_stream_names(mut self, names: NonZeroUsize) -> Self {
         self.max_stream_names = names;
         self
     }
 
     /// How failed store writes are retried, and how long the worker waits before it calls a
     /// store again after a failed call (the policy's delay, doubling with each failure in a
-    /// row, up to its maximum).
+    /// row, up to its maximum, at most one day). Default: [`RetryPolicy::default`] (100 ms
+    /// doubling to 10 s, 5 retries).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
         self
@@ -346,7 +337,8 @@ impl SseTrackerBuilder {
 
     /// The deadline of one store call (`save`, `touch_sessions`, and the `load` of
     /// [`SseTracker::resolve`]). A call past it is dropped and counts as a failed call:
-    /// `sse_tracker_store_errors_total{reason="timeout"}`, a log, a retry.
+    /// `sse_tracker_store_errors_total{reason="timeout"}`, a log, a retry. Longer than zero,
+    /// at most one day. Default: 5 s.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.store_timeout = timeout;
         self
@@ -356,18 +348,20 @@ impl SseTrackerBuilder {
     /// for a later write (while the store is failing or slow and new streams keep evicting old
     /// ones). When more are evicted, the oldest is dropped: counted in
     /// `sse_tracker_ids_dropped_total{reason="evicted_overflow"}`, logged with the count, and
-    /// listed in the [`ShutdownReport`](crate::ShutdownReport). About 300 bytes each.
+    /// counted in the [`ShutdownReport`](crate::ShutdownReport). About 400 bytes each.
+    /// Default: 10 000.
     pub fn max_pending_evicted(mut self, streams: usize) -> Self {
         self.max_pending_evicted = streams;
         self
     }
 
-    /// How long, after [`SseTracker::drain`](crate::SseTracker::drain), a body in the middle of
-    /// an event may take to complete it. A body still inside an event then ends there: its
-    /// client discards the incomplete event (an `EventSource` never dispatches one), the
-    /// tracker never committed its id, and a client that resumes with `Last-Event-ID` is sent
-    /// it again. Counted in `sse_tracker_streams_drained_total{reason="deadline"}` and logged.
-    /// Zero ends such bodies at once.
+    /// How long, after [`SseTracker::drain`](crate::SseTracker::drain), a body may stay open:
+    /// one in the middle of an event, or one its client cannot resume (which the drain lets
+    /// run to its end). Then it ends there: its client discards an incomplete event (an
+    /// `EventSource` never dispatches one), the tracker never committed its id, and a client
+    /// that resumes with `Last-Event-ID` is sent it again. Counted in
+    /// `sse_tracker_streams_drained_total{reason="deadline"}` and logged. At most one day;
+    /// zero ends such bodies at once. Default: 10 s.
     ///
     /// ```
     /// use std::time::Duration;
@@ -387,9 +381,20 @@ impl SseTrackerBuilder {
     }
 
     /// Checks every setting, builds the tracker, and spawns its worker on the current Tokio
-    /// runtime (an error outside one: use [`build_with_worker`](Self::build_with_worker) then).
+    /// runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, as `tokio::spawn` does: use
+    /// [`build_with_worker`](Self::build_with_worker) there.
+    #[track_caller]
     pub fn build(self) -> Result<SseTracker, ConfigError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            panic!(
+                "SseTrackerBuilder::build must be called within a Tokio runtime: it spawns the \
+                 persistence worker (build_with_worker returns it for you to spawn instead)"
+            );
+        };
         let (tracker, worker) = self.build_with_worker()?;
         runtime.spawn(worker);
         Ok(tracker)
@@ -409,23 +414,11 @@ impl SseTrackerBuilder {
     /// # let _ = tracker;
     /// ```
     pub fn build_with_worker(self) -> Result<(SseTracker, WorkerTask), ConfigError> {
-        let header = |name: &str| {
-            HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| ConfigError::SessionHeader(name.to_owned()))
-        };
-        let owner = match &self.owner.0 {
-            OwnerKind::SessionHeader(name) => OwnerRule::SessionHeader(header(name)?),
-            OwnerKind::Header(name) => OwnerRule::Header(header(name)?),
-            OwnerKind::Extension(f) => OwnerRule::Extension(f.clone()),
-            OwnerKind::None => OwnerRule::None,
-        };
+        let long = |d: Duration| d.is_zero() || d > MAX_DURATION;
         let heartbeat = match self.heartbeat_interval {
             None => None,
-            Some(interval) if interval < MIN_HEARTBEAT_INTERVAL => {
+            Some(interval) if interval < MIN_HEARTBEAT_INTERVAL || interval > MAX_DURATION => {
                 return Err(ConfigError::HeartbeatInterval(interval));
-            }
-            Some(interval) if interval > MAX_DURATION => {
-                return Err(ConfigError::TooLong("heartbeat_interval", interval));
             }
             Some(interval) => {
                 let text = &self.heartbeat_comment;
@@ -440,53 +433,36 @@ impl SseTrackerBuilder {
         if self.max_id_len == 0 || self.max_id_len > MAX_ID_LEN_LIMIT {
             return Err(ConfigError::MaxIdLen(self.max_id_len));
         }
-        if self.max_streams == 0 {
-            return Err(ConfigError::MaxStreams);
-        }
         if self.channel_capacity == 0 || self.channel_capacity > MAX_CHANNEL_CAPACITY {
-            return Err(ConfigError::ChannelCapacity);
+            return Err(ConfigError::ChannelCapacity(self.channel_capacity));
         }
-        if self.send_timeout.is_zero() {
-            return Err(ConfigError::SendTimeout);
+        if long(self.send_timeout) {
+            return Err(ConfigError::SendTimeout(self.send_timeout));
         }
-        if self.max_batch == 0 {
-            return Err(ConfigError::MaxBatch);
+        if long(self.flush_interval) {
+            return Err(ConfigError::FlushInterval(self.flush_interval));
         }
-        if self.flush_interval.is_zero() {
-            return Err(ConfigError::FlushInterval);
+        if long(self.store_timeout) {
+            return Err(ConfigError::StoreTimeout(self.store_timeout));
         }
-        if !self.retry.is_valid() {
+        if let Some(ttl) = self
+            .idle_ttl
+            .filter(|ttl| ttl.is_zero() || *ttl > MAX_IDLE_TTL)
+        {
+            return Err(ConfigError::IdleTtl(ttl));
+        }
+        if self.drain_timeout > MAX_DURATION {
+            return Err(ConfigError::DrainTimeout(self.drain_timeout));
+        }
+        if !self.retry.is_valid() || self.retry.max() > MAX_DURATION {
             return Err(ConfigError::Retry(self.retry));
         }
-        if self.idle_ttl.is_some_and(|ttl| ttl.is_zero()) {
-            return Err(ConfigError::IdleTtl);
-        }
-        if self.max_stream_names == 0 {
-            return Err(ConfigError::MaxStreamNames);
-        }
-        if self.store_timeout.is_zero() {
-            return Err(ConfigError::StoreTimeout);
-        }
-        for (setting, d) in [
-            ("send_timeout", self.send_timeout),
-            ("flush_interval", self.flush_interval),
-            ("store_timeout", self.store_timeout),
-            ("retry max", self.retry.max()),
-            ("drain_timeout", self.drain_timeout),
-        ] {
-            if d > MAX_DURATION {
-                return Err(ConfigError::TooLong(setting, d));
-            }
-        }
-        if let Some(ttl) = self.idle_ttl.filter(|ttl| *ttl > MAX_IDLE_TTL) {
-            return Err(ConfigError::TooLong("idle_ttl", ttl));
-        }
         let config = Config {
-            owner,
+            owner: self.owner.0,
             stream: self.stream.0,
             heartbeat,
             max_id_len: self.max_id_len,
-            accel_buffering_off: self.accel_buffering_off,
+            accel_buffering_off: !self.proxy_buffering,
             send_timeout: self.send_timeout,
             drain_timeout: self.drain_timeout,
         };
@@ -495,15 +471,15 @@ impl SseTrackerBuilder {
             None => Arc::new(InMemoryStore::new()),
         };
         let worker = WorkerConfig {
-            max_batch: self.max_batch,
+            max_batch: self.max_batch.get(),
             flush_interval: self.flush_interval,
             retry: self.retry,
             store_timeout: self.store_timeout,
         };
         let limits = Limits {
-            max_streams: self.max_streams,
+            max_streams: self.max_streams.get(),
             idle_ttl: self.idle_ttl,
-            max_names: self.max_stream_names,
+            max_names: self.max_stream_names.get(),
             max_pending_evicted: self.max_pending_evicted,
         };
         let (shared, task) = Shared::new(config, limits, store, self.channel_capacity, worker);
@@ -516,67 +492,54 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn every_bad_setting_is_named() {
+    async fn every_bad_setting_is_named_with_its_value() {
         let b = SseTrackerBuilder::default;
+        let err = |builder: SseTrackerBuilder| builder.build().unwrap_err();
         assert_eq!(
-            b().session_header("bad header").build().unwrap_err(),
-            ConfigError::SessionHeader("bad header".into())
+            err(b().heartbeat_interval(Some(Duration::ZERO))),
+            ConfigError::HeartbeatInterval(Duration::ZERO)
+        );
+        assert_eq!(
+            err(b().heartbeat_interval(Some(Duration::MAX))),
+            ConfigError::HeartbeatInterval(Duration::MAX)
         );
         assert!(matches!(
-            b().heartbeat_interval(Some(Duration::ZERO))
-                .build()
-                .unwrap_err(),
-            ConfigError::HeartbeatInterval(_)
-        ));
-        assert!(matches!(
-            b().heartbeat_comment("a\nb").build().unwrap_err(),
+            err(b().heartbeat_comment("a\nb")),
             ConfigError::HeartbeatComment(_)
         ));
+        assert_eq!(err(b().max_id_len(0)), ConfigError::MaxIdLen(0));
         assert_eq!(
-            b().max_id_len(0).build().unwrap_err(),
-            ConfigError::MaxIdLen(0)
+            err(b().channel_capacity(0)),
+            ConfigError::ChannelCapacity(0)
         );
         assert_eq!(
-            b().max_streams(0).build().unwrap_err(),
-            ConfigError::MaxStreams
+            err(b().send_timeout(Duration::ZERO)),
+            ConfigError::SendTimeout(Duration::ZERO)
         );
         assert_eq!(
-            b().channel_capacity(0).build().unwrap_err(),
-            ConfigError::ChannelCapacity
+            err(b().send_timeout(Duration::MAX)),
+            ConfigError::SendTimeout(Duration::MAX)
         );
         assert_eq!(
-            b().send_timeout(Duration::ZERO).build().unwrap_err(),
-            ConfigError::SendTimeout
-        );
-        assert_eq!(b().max_batch(0).build().unwrap_err(), ConfigError::MaxBatch);
-        assert_eq!(
-            b().store_timeout(Duration::ZERO).build().unwrap_err(),
-            ConfigError::StoreTimeout
+            err(b().store_timeout(Duration::ZERO)),
+            ConfigError::StoreTimeout(Duration::ZERO)
         );
         assert_eq!(
-            b().send_timeout(Duration::MAX).build().unwrap_err(),
-            ConfigError::TooLong("send_timeout", Duration::MAX)
+            err(b().flush_interval(Duration::ZERO)),
+            ConfigError::FlushInterval(Duration::ZERO)
         );
-        assert!(matches!(
-            b().heartbeat_interval(Some(Duration::MAX))
-                .build()
-                .unwrap_err(),
-            ConfigError::TooLong("heartbeat_interval", _)
-        ));
+        assert_eq!(
+            err(b().idle_ttl(Some(Duration::ZERO))),
+            ConfigError::IdleTtl(Duration::ZERO)
+        );
+        assert_eq!(
+            err(b().drain_timeout(Duration::MAX)),
+            ConfigError::DrainTimeout(Duration::MAX)
+        );
         let forever = RetryPolicy::exponential(Duration::from_secs(1), Duration::MAX, 3);
-        assert!(matches!(
-            b().retry(forever).build().unwrap_err(),
-            ConfigError::TooLong("retry max", _)
-        ));
-        assert_eq!(
-            b().flush_interval(Duration::ZERO).build().unwrap_err(),
-            ConfigError::FlushInterval
-        );
+        assert_eq!(err(b().retry(forever)), ConfigError::Retry(forever));
         let backwards = RetryPolicy::exponential(Duration::from_secs(2), Duration::from_secs(1), 3);
-        assert_eq!(
-            b().retry(backwards).build().unwrap_err(),
-            ConfigError::Retry(backwards)
-        );
+        assert_eq!(err(b().retry(backwards)), ConfigError::Retry(backwards));
         // A bad comment does not matter when heartbeats are off.
         assert!(
             b().heartbeat_interval(None)
@@ -587,10 +550,9 @@ mod tests {
     }
 
     #[test]
-    fn building_outside_a_runtime_is_a_clear_error() {
-        let err = SseTrackerBuilder::default().build().unwrap_err();
-        assert_eq!(err, ConfigError::NoRuntime);
-        assert!(err.to_string().contains("Tokio runtime"));
+    #[should_panic(expected = "within a Tokio runtime")]
+    fn building_outside_a_runtime_panics_with_a_clear_message() {
+        let _ = SseTrackerBuilder::default().build();
     }
 
     #[test]

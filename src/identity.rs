@@ -1,42 +1,5 @@
-//! Stream identity: how the key of a response's stream is made, as (owner, stream).
-//!
-//! - The **owner** ([`OwnerSource`]) is who the stream belongs to: by default the session id of
-//!   the `mcp-session-id` header (MCP 2025-11-25 and earlier), and no one for a request without
-//!   a session (a browser's `EventSource`, MCP 2026-07-28): its `GET` reads its route's feed;
-//!   or another header, or a value that an authentication layer put in the request extensions
-//!   (the principal), for streams that belong to a user.
-//! - The **stream** ([`StreamSource`]) is which of the owner's streams it is: by default the
-//!   route (`"{METHOD} {path}"`, or a [`StreamName`](crate::StreamName) the handler puts in the
-//!   response extensions), with concurrent responses on one route kept apart; or, for servers
-//!   whose event ids name their stream (MCP servers do), the stream part of each committed id
-//!   ([`IdStream`]), so that a POST response stream and the GET that resumes it with
-//!   `Last-Event-ID` share a key.
-//!
-//! # Trust
-//!
-//! The layer does not authenticate anyone. A key is made of what the request says: with the
-//! default owner, any client that sends another client's session id in `mcp-session-id` writes
-//! into that session's streams. When that matters, take the owner from an authenticated
-//! principal that an authentication layer (outside this one) put in the request extensions,
-//! with [`OwnerSource::extension`]: then a forged header changes nothing.
-//!
-//! ```
-//! use tower_sse_tracker::{IdStream, OwnerSource, SseTracker, StreamSource};
-//!
-//! /// What an authentication layer puts in the request extensions.
-//! #[derive(Clone)]
-//! struct Principal(String);
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! let tracker = SseTracker::builder()
-//!     .owner(OwnerSource::extension(|p: &Principal| Some(p.0.as_str())))
-//!     .stream(StreamSource::event_id(IdStream::RMCP))
-//!     .build()
-//!     .unwrap();
-//! # let _ = tracker;
-//! # }
-//! ```
+//! Stream identity: how the key of a response's stream is made, as (owner, stream). The
+//! public items are re-exported at the crate root, where their docs say how.
 
 use std::fmt;
 use std::sync::Arc;
@@ -47,37 +10,67 @@ use crate::key::{Owner, SessionId};
 
 type ExtensionFn = Arc<dyn Fn(&Extensions) -> Option<Owner> + Send + Sync>;
 
-/// Where the owner of a stream comes from. See the [module docs](self).
+/// Where the owner of a stream comes from: the first half of its key (see [`StreamKey`](crate::StreamKey)).
+///
+/// The owner is who the stream belongs to: by default the session id of the `mcp-session-id`
+/// header (MCP 2025-11-25 and earlier), and no one for a request without a session (a
+/// browser's `EventSource`, MCP 2026-07-28): its `GET` reads its route's feed; or another
+/// header, or a value that an authentication layer put in the request extensions (the
+/// principal), for streams that belong to a user. The second half is the stream
+/// ([`StreamSource`]).
+///
+/// # Trust
+///
+/// The layer does not authenticate anyone. A key is made of what the request says: with the
+/// default owner, any client that sends another client's session id in `mcp-session-id` writes
+/// into that session's streams. When that matters, take the owner from an authenticated
+/// principal that an authentication layer (outside this one) put in the request extensions,
+/// with [`OwnerSource::extension`]: then a forged header changes nothing.
+///
+/// ```
+/// use tower_sse_tracker::{IdStream, OwnerSource, SseTracker, StreamSource};
+///
+/// /// What an authentication layer puts in the request extensions.
+/// #[derive(Clone)]
+/// struct Principal(String);
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let tracker = SseTracker::builder()
+///     .owner(OwnerSource::extension(|p: &Principal| Some(p.0.as_str())))
+///     .stream(StreamSource::event_id(IdStream::RMCP))
+///     .build()
+///     .unwrap();
+/// # let _ = tracker;
+/// # }
+/// ```
 #[derive(Clone)]
-pub struct OwnerSource(pub(crate) OwnerKind);
-
-#[derive(Clone)]
-pub(crate) enum OwnerKind {
-    /// A session header, read on the request and, when the request has none, on the response
-    /// (MCP servers assign the session there).
-    SessionHeader(String),
-    /// A request header.
-    Header(String),
-    /// A value of the request extensions.
-    Extension(ExtensionFn),
-    /// No owner: every stream is sessionless.
-    None,
-}
+pub struct OwnerSource(pub(crate) OwnerRule);
 
 impl fmt::Debug for OwnerSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            OwnerKind::SessionHeader(h) => write!(f, "OwnerSource::session_header({h:?})"),
-            OwnerKind::Header(h) => write!(f, "OwnerSource::header({h:?})"),
-            OwnerKind::Extension(_) => f.write_str("OwnerSource::extension(..)"),
-            OwnerKind::None => f.write_str("OwnerSource::none()"),
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for OwnerRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OwnerRule::SessionHeader(h) => write!(f, "OwnerSource::session_header({h})"),
+            OwnerRule::Header(h) => write!(f, "OwnerSource::header({h})"),
+            OwnerRule::Extension(_) => f.write_str("OwnerSource::extension(..)"),
+            OwnerRule::None => f.write_str("OwnerSource::none()"),
         }
     }
 }
 
+/// The MCP session header, the default owner source's.
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+
 impl Default for OwnerSource {
+    /// [`session_header`](Self::session_header)`(mcp-session-id)`.
     fn default() -> Self {
-        Self::session_header(crate::defaults::SESSION_HEADER)
+        Self::session_header(MCP_SESSION_ID)
     }
 }
 
@@ -103,14 +96,14 @@ impl OwnerSource {
     /// live event, so replay through a stream of its own (a [`StreamName`](crate::StreamName)
     /// in the response extensions), and give each topic its own name too (`GET /events?room=1`
     /// and `?room=2` are one route).
-    pub fn session_header(name: impl Into<String>) -> Self {
-        Self(OwnerKind::SessionHeader(name.into()))
+    pub fn session_header(name: HeaderName) -> Self {
+        Self(OwnerRule::SessionHeader(name))
     }
 
     /// Any request header, for example one an API gateway sets after authenticating the
     /// client. A stream whose request lacks a valid value is not tracked.
-    pub fn header(name: impl Into<String>) -> Self {
-        Self(OwnerKind::Header(name.into()))
+    pub fn header(name: HeaderName) -> Self {
+        Self(OwnerRule::Header(name))
     }
 
     /// A value of type `T` in the request extensions, such as the principal an authentication
@@ -131,7 +124,7 @@ impl OwnerSource {
     /// # let _ = source;
     /// ```
     pub fn extension<T: Send + Sync + 'static>(owner: fn(&T) -> Option<&str>) -> Self {
-        Self(OwnerKind::Extension(Arc::new(
+        Self(OwnerRule::Extension(Arc::new(
             move |extensions: &Extensions| {
                 extensions
                     .get::<T>()
@@ -147,28 +140,17 @@ impl OwnerSource {
     /// with a stream source that names each stream, such as [`StreamSource::event_id`], for
     /// streams of single clients.
     pub fn none() -> Self {
-        Self(OwnerKind::None)
+        Self(OwnerRule::None)
     }
 }
 
-/// The owner source with its header name parsed, as the layer uses it.
+/// Where the owner comes from.
 #[derive(Clone)]
 pub(crate) enum OwnerRule {
     SessionHeader(HeaderName),
     Header(HeaderName),
     Extension(ExtensionFn),
     None,
-}
-
-impl fmt::Debug for OwnerRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            OwnerRule::SessionHeader(h) => write!(f, "SessionHeader({h})"),
-            OwnerRule::Header(h) => write!(f, "Header({h})"),
-            OwnerRule::Extension(_) => f.write_str("Extension"),
-            OwnerRule::None => f.write_str("None"),
-        }
-    }
 }
 
 /// What the request says of the owner.
@@ -233,7 +215,13 @@ impl OwnerRule {
     }
 }
 
-/// Which stream of its owner a response is. See the [module docs](self).
+/// Which stream of its owner a response is: the second half of its key (see [`StreamKey`](crate::StreamKey)).
+///
+/// By default the route (`"{METHOD} {path}"`, or a [`StreamName`](crate::StreamName) the
+/// handler puts in the response extensions), with concurrent responses on one route kept
+/// apart; or, for servers whose event ids name their stream (MCP servers do), the stream part
+/// of each committed id ([`IdStream`]), so that a POST response stream and the GET that
+/// resumes it with `Last-Event-ID` share a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamSource(pub(crate) StreamKind);
 
@@ -254,7 +242,7 @@ impl StreamSource {
     /// [`StreamName`](crate::StreamName), else `"{METHOD} {path}"` as the layer sees it (the
     /// path without its query). A response on a route whose stream already has an open body of
     /// the same owner gets a stream of its own, named `"{name} #2"`, `"{name} #3"`… (at most
-    /// 64 at once; beyond, the response is not tracked and counted with
+    /// [`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS) at once; beyond, the response is not tracked and counted with
     /// `reason="concurrent"`), so two concurrent responses of one owner never share a key.
     /// Without an owner, a `GET` reads the route's feed, shared by every anonymous reader, and
     /// other methods are not tracked (see [`OwnerSource::session_header`]). A name the handler
@@ -383,19 +371,14 @@ mod tests {
         #[derive(Clone)]
         struct Principal(String);
         extensions.insert(Principal("bob".into()));
-        let rule = |source: OwnerSource| match source.0 {
-            OwnerKind::SessionHeader(h) => OwnerRule::SessionHeader(h.parse().unwrap()),
-            OwnerKind::Header(h) => OwnerRule::Header(h.parse().unwrap()),
-            OwnerKind::Extension(f) => OwnerRule::Extension(f),
-            OwnerKind::None => OwnerRule::None,
-        };
+        let rule = |source: OwnerSource| source.0;
         let owner = |source| match rule(source).of_request(&headers, &extensions).0 {
             RequestOwner::Known(owner) => owner.map(|o| o.to_string()),
             other => panic!("{other:?}"),
         };
         assert_eq!(owner(OwnerSource::default()).as_deref(), Some("s1"));
         assert_eq!(
-            owner(OwnerSource::header("x-user")).as_deref(),
+            owner(OwnerSource::header(HeaderName::from_static("x-user"))).as_deref(),
             Some("alice")
         );
         assert_eq!(
@@ -403,7 +386,8 @@ mod tests {
             Some("bob")
         );
         assert_eq!(owner(OwnerSource::none()), None);
-        let missing = rule(OwnerSource::header("x-other")).of_request(&headers, &extensions);
+        let missing = rule(OwnerSource::header(HeaderName::from_static("x-other")))
+            .of_request(&headers, &extensions);
         assert!(matches!(missing.0, RequestOwner::Missing));
     }
 }

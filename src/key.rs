@@ -8,13 +8,13 @@ use std::fmt;
 use std::sync::Arc;
 
 /// Longest session id accepted, in bytes.
-pub const MAX_SESSION_ID_LEN: usize = 128;
+pub(crate) const MAX_SESSION_ID_LEN: usize = 128;
 
 /// Longest stream name accepted, in bytes.
-pub const MAX_STREAM_NAME_LEN: usize = 512;
+pub(crate) const MAX_STREAM_NAME_LEN: usize = 512;
 
 /// Longest owner accepted, in bytes.
-pub const MAX_OWNER_LEN: usize = 256;
+pub(crate) const MAX_OWNER_LEN: usize = 256;
 
 /// Why a session id, an owner or a stream name was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +115,7 @@ macro_rules! str_newtype {
 }
 
 str_newtype!(
-    /// A client's session id: 1 to [`MAX_SESSION_ID_LEN`] bytes of visible ASCII (`0x21..=0x7e`).
+    /// A client's session id: 1 to 128 bytes of visible ASCII (`0x21..=0x7e`).
     ///
     /// It comes from a request or response header, so it is validated before the tracker keeps
     /// it; a value that fails validation is treated as absent.
@@ -160,7 +160,7 @@ str_newtype!(
     /// response.extensions_mut().insert(StreamName::new("notifications").unwrap());
     /// ```
     ///
-    /// A name is 1 to [`MAX_STREAM_NAME_LEN`] bytes with no control characters.
+    /// A name is 1 to 512 bytes with no control characters.
     StreamName
 );
 
@@ -196,7 +196,7 @@ str_newtype!(
     /// MCP's `mcp-session-id` header; or another header, or a value an authentication layer put
     /// in the request extensions (see [`OwnerSource`](crate::OwnerSource)).
     ///
-    /// 1 to [`MAX_OWNER_LEN`] bytes of UTF-8 with no control characters.
+    /// 1 to 256 bytes of UTF-8 with no control characters.
     ///
     /// ```
     /// use tower_sse_tracker::{Owner, SessionId};

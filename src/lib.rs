@@ -17,7 +17,8 @@
 //!    fault of the store reaches the streams (see [`store`]). See [`SseTracker::resolve`] and
 //!    [`SseTracker::shutdown`].
 //!
-//! Each stream has a key, [`StreamKey`]: its owner and its name (see [`identity`]). By default
+//! Each stream has a key, [`StreamKey`]: its owner ([`OwnerSource`]) and its name
+//! ([`StreamSource`]). By default
 //! the owner is the session id of the `mcp-session-id` header (MCP Streamable HTTP), on the
 //! request or else on the response, and the name is `"{METHOD} {path}"` (or a [`StreamName`]
 //! the handler puts in the response extensions), concurrent responses on one route getting
@@ -90,15 +91,13 @@ struct ReadmeDoctests;
 
 mod body;
 mod builder;
-pub mod defaults;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod future;
-pub mod identity;
-pub mod key;
+mod identity;
+mod key;
 mod layer;
-pub mod limits;
 pub mod metrics;
 mod protocol;
 mod registry;
@@ -116,6 +115,7 @@ pub use future::ResponseFuture;
 pub use identity::{IdStream, OwnerSource, StreamSource};
 pub use key::{EventId, InvalidKey, LastEventId, Owner, SessionId, StreamKey, StreamName};
 pub use layer::SseTrackerLayer;
+pub use registry::routes::MAX_CONCURRENT as MAX_CONCURRENT_STREAMS;
 pub use service::SseTrackerService;
 pub use tracker::{Resume, SseTracker, SubscribeError};
 pub use worker::retry::RetryPolicy;

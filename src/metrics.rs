@@ -1,4 +1,5 @@
-//! Metric names and their registration.
+//! Metric names and their registration: [`ALL`] lists every name, the table below says what
+//! each counts, and the labels follow.
 //!
 //! Every metric is emitted through the [`metrics`] facade, so any recorder works (Prometheus,
 //! StatsD, a test's debugging recorder). The tracker takes its metric handles from the recorder
@@ -17,7 +18,7 @@
 //! | `sse_tracker_untracked_streams_total` | counter | SSE responses passed through untracked, by `reason` |
 //! | `sse_tracker_ids_rejected_total` | counter | `id` fields ignored (NUL, not UTF-8, or longer than the limit) |
 //! | `sse_tracker_records_enqueued_total` | counter | records handed to the worker: "this stream changed", at most one per stream per flush |
-//! | `sse_tracker_backpressure_timeouts_total` | counter | hand-offs that waited the whole send timeout (the key was marked dirty) |
+//! | `sse_tracker_backpressure_timeouts_total` | counter | waits of a body for room in the worker's full channel that lasted the whole send timeout |
 //! | `sse_tracker_records_coalesced_total` | counter | committed ids that needed no record of their own: the stream was already queued for the next flush, which writes its latest id |
 //! | `sse_tracker_duplicates_skipped_total` | counter | records left out because the store already had them |
 //! | `sse_tracker_store_writes_total` | counter | stream ids written to the store (one per stream per batch) |
@@ -42,19 +43,22 @@
 //! | `sse_tracker_store_connections_replaced_total` | counter | Redis connections replaced because Redis had stopped answering on them (`RedisStore`, through the global recorder at the time) |
 //!
 //! Labels:
-//! - `sse_tracker_untracked_streams_total{reason}`: [`REASON_NO_OWNER`] (no valid owner),
-//!   [`REASON_ANONYMOUS`], [`REASON_NOT_RESUMABLE`], [`REASON_BAD_STREAM_NAME`], [`REASON_REGISTRY_FULL`],
-//!   [`REASON_ENCODED`] or [`REASON_CONCURRENT`]; each reason is also logged at `WARN` the
-//!   first time, with the setting that would track such streams;
-//! - `sse_tracker_streams_evicted_total{reason}`: [`REASON_LRU`] or [`REASON_IDLE`];
-//! - `sse_tracker_store_errors_total{op, reason}`: [`OP_SAVE`], [`OP_TOUCH`] or [`OP_LOAD`], and
-//!   [`REASON_ERROR`], [`REASON_TIMEOUT`] or [`REASON_PANIC`];
-//! - `sse_tracker_ids_dropped_total{reason}`: [`REASON_EVICTED_OVERFLOW`] (the bound on evicted
-//!   streams waiting for a write was full) or [`REASON_STOPPED`] (the worker no longer runs);
-//! - `sse_tracker_worker_failures_total{reason}`: [`REASON_PANIC`] or [`REASON_LOST`];
-//! - `sse_tracker_streams_drained_total{reason}`: [`REASON_BOUNDARY`], [`REASON_COMPLETED`] or
-//!   [`REASON_DEADLINE`];
-//! - `sse_tracker_streams_ended_total{resumable}`: `"true"` or `"false"`.
+//! - `sse_tracker_untracked_streams_total{reason}`: `no_owner` (no valid owner from a header or
+//!   extension owner source), `anonymous` (a request other than `GET` with no owner),
+//!   `not_resumable` (the same, of MCP 2026-07-28: nothing to track), `bad_stream_name`,
+//!   `registry_full`, `encoded` (a `Content-Encoding`) or `concurrent` (more than
+//!   [`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS)); each reason is also logged
+//!   the first time, with the setting that would track such streams;
+//! - `sse_tracker_streams_evicted_total{reason}`: `lru` or `idle`;
+//! - `sse_tracker_store_errors_total{op, reason}`: `save`, `touch` or `load`, and `error`,
+//!   `timeout` or `panic`;
+//! - `sse_tracker_ids_dropped_total{reason}`: `evicted_overflow` (the bound on evicted streams
+//!   waiting for a write was full) or `stopped` (the worker no longer runs);
+//! - `sse_tracker_worker_failures_total{reason}`: `panic` or `lost`;
+//! - `sse_tracker_streams_drained_total{reason}`: `boundary` (ended by the drain at an event
+//!   boundary), `completed` (ended by itself while the drain ran) or `deadline` (still open at
+//!   the drain timeout);
+//! - `sse_tracker_streams_ended_total{resumable}`: `true` or `false`.
 //!
 //! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
 //! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a
@@ -71,78 +75,79 @@ use metrics::{
 };
 
 /// Counter: events dispatched on tracked streams.
-pub const EVENTS_TOTAL: &str = "sse_tracker_events_total";
+pub(crate) const EVENTS_TOTAL: &str = "sse_tracker_events_total";
 /// Counter: heartbeat comments injected into idle streams.
-pub const HEARTBEATS_TOTAL: &str = "sse_tracker_heartbeats_total";
+pub(crate) const HEARTBEATS_TOTAL: &str = "sse_tracker_heartbeats_total";
 /// Gauge: tracked SSE response bodies open now.
-pub const STREAMS_ACTIVE: &str = "sse_tracker_streams_active";
+pub(crate) const STREAMS_ACTIVE: &str = "sse_tracker_streams_active";
 /// Counter: SSE responses passed through without tracking, labelled by `reason`.
-pub const UNTRACKED_STREAMS_TOTAL: &str = "sse_tracker_untracked_streams_total";
+pub(crate) const UNTRACKED_STREAMS_TOTAL: &str = "sse_tracker_untracked_streams_total";
 /// Counter: `id` fields ignored because they hold NUL, are not valid UTF-8, or exceed the id
 /// length limit.
-pub const IDS_REJECTED_TOTAL: &str = "sse_tracker_ids_rejected_total";
+pub(crate) const IDS_REJECTED_TOTAL: &str = "sse_tracker_ids_rejected_total";
 
 /// Counter: records handed to the worker.
-pub const RECORDS_ENQUEUED_TOTAL: &str = "sse_tracker_records_enqueued_total";
+pub(crate) const RECORDS_ENQUEUED_TOTAL: &str = "sse_tracker_records_enqueued_total";
 /// Counter: waits of a body for room in the worker's full channel that lasted the whole send
 /// timeout (the stream's slot was handed over through the registry at once; the wait only
 /// paces the body).
-pub const BACKPRESSURE_TIMEOUTS_TOTAL: &str = "sse_tracker_backpressure_timeouts_total";
+pub(crate) const BACKPRESSURE_TIMEOUTS_TOTAL: &str = "sse_tracker_backpressure_timeouts_total";
 /// Counter: committed ids that needed no record of their own (the stream was already queued
 /// for the next flush, which writes its latest id).
-pub const RECORDS_COALESCED_TOTAL: &str = "sse_tracker_records_coalesced_total";
+pub(crate) const RECORDS_COALESCED_TOTAL: &str = "sse_tracker_records_coalesced_total";
 /// Counter: records left out because the store already held their id or a newer one.
-pub const DUPLICATES_SKIPPED_TOTAL: &str = "sse_tracker_duplicates_skipped_total";
+pub(crate) const DUPLICATES_SKIPPED_TOTAL: &str = "sse_tracker_duplicates_skipped_total";
 /// Counter: stream ids written to the store (one per stream per batch).
-pub const STORE_WRITES_TOTAL: &str = "sse_tracker_store_writes_total";
+pub(crate) const STORE_WRITES_TOTAL: &str = "sse_tracker_store_writes_total";
 /// Counter: failed store calls (one per failed batch), labelled by `op` and `reason`.
-pub const STORE_ERRORS_TOTAL: &str = "sse_tracker_store_errors_total";
+pub(crate) const STORE_ERRORS_TOTAL: &str = "sse_tracker_store_errors_total";
 /// Counter: retries scheduled.
-pub const RETRIES_TOTAL: &str = "sse_tracker_retries_total";
+pub(crate) const RETRIES_TOTAL: &str = "sse_tracker_retries_total";
 /// Counter: stream ids given up after the last retry.
-pub const RETRIES_EXHAUSTED_TOTAL: &str = "sse_tracker_retries_exhausted_total";
+pub(crate) const RETRIES_EXHAUSTED_TOTAL: &str = "sse_tracker_retries_exhausted_total";
 /// Gauge: records waiting in the worker's channel.
-pub const QUEUE_DEPTH: &str = "sse_tracker_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "sse_tracker_queue_depth";
 /// Gauge: streams waiting for a retry.
-pub const RETRY_QUEUE_DEPTH: &str = "sse_tracker_retry_queue_depth";
+pub(crate) const RETRY_QUEUE_DEPTH: &str = "sse_tracker_retry_queue_depth";
 /// Histogram: streams per store write.
-pub const BATCH_SIZE: &str = "sse_tracker_batch_size";
+pub(crate) const BATCH_SIZE: &str = "sse_tracker_batch_size";
 /// Histogram: duration of store writes, in seconds.
-pub const STORE_WRITE_SECONDS: &str = "sse_tracker_store_write_seconds";
+pub(crate) const STORE_WRITE_SECONDS: &str = "sse_tracker_store_write_seconds";
 
 /// Counter: session activity times written to the store.
-pub const ACTIVITY_UPDATES_TOTAL: &str = "sse_tracker_activity_updates_total";
+pub(crate) const ACTIVITY_UPDATES_TOTAL: &str = "sse_tracker_activity_updates_total";
 /// Histogram: sessions per activity write.
-pub const ACTIVITY_BATCH_SIZE: &str = "sse_tracker_activity_batch_size";
+pub(crate) const ACTIVITY_BATCH_SIZE: &str = "sse_tracker_activity_batch_size";
 /// Gauge: streams in the registry.
-pub const STREAMS_TRACKED: &str = "sse_tracker_streams_tracked";
+pub(crate) const STREAMS_TRACKED: &str = "sse_tracker_streams_tracked";
 /// Counter: streams evicted from the registry, labelled by `reason`.
-pub const STREAMS_EVICTED_TOTAL: &str = "sse_tracker_streams_evicted_total";
+pub(crate) const STREAMS_EVICTED_TOTAL: &str = "sse_tracker_streams_evicted_total";
 /// Gauge: estimated heap bytes of the registry (from its counts; see
 /// [`SseTracker::estimated_memory_bytes`](crate::SseTracker::estimated_memory_bytes)).
-pub const MEMORY_BYTES: &str = "sse_tracker_memory_bytes";
+pub(crate) const MEMORY_BYTES: &str = "sse_tracker_memory_bytes";
 /// Gauge: evicted streams whose latest id waits for a write.
-pub const EVICTED_PENDING: &str = "sse_tracker_evicted_pending";
+pub(crate) const EVICTED_PENDING: &str = "sse_tracker_evicted_pending";
 /// Counter: latest ids dropped before reaching the store, labelled by `reason`.
-pub const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
+pub(crate) const IDS_DROPPED_TOTAL: &str = "sse_tracker_ids_dropped_total";
 /// Counter: session activity marks dropped before reaching the store.
-pub const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
+pub(crate) const ACTIVITY_DROPPED_TOTAL: &str = "sse_tracker_activity_dropped_total";
 /// Counter: panics inside the worker (it restarts) and worker tasks lost, labelled by `reason`.
-pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
+pub(crate) const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
 /// Counter: SSE bodies ended during a drain, labelled by `reason`: [`REASON_BOUNDARY`] (ended
 /// by the drain at an event boundary: a resumable stream, or an MCP `subscriptions/listen`
 /// one), [`REASON_COMPLETED`] (ended by itself while the drain ran: above all the streams it
 /// lets run, whose clients cannot resume them) or [`REASON_DEADLINE`] (still open at the
 /// drain timeout).
-pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
+pub(crate) const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
 /// Counter: SSE bodies (tracked or not) that ended, labelled `resumable="true"` when their
 /// client could resume them (their events carried ids and their protocol has resumption) and
 /// `"false"` otherwise.
-pub const STREAMS_ENDED_TOTAL: &str = "sse_tracker_streams_ended_total";
+pub(crate) const STREAMS_ENDED_TOTAL: &str = "sse_tracker_streams_ended_total";
 /// Counter: connections a `RedisStore` replaced because calls on them had gone unanswered for
 /// `STUCK_AFTER` (feature `redis`). Emitted through the global recorder when a replacement
 /// happens, not through a handle taken at build time.
-pub const STORE_CONNECTIONS_REPLACED_TOTAL: &str = "sse_tracker_store_connections_replaced_total";
+pub(crate) const STORE_CONNECTIONS_REPLACED_TOTAL: &str =
+    "sse_tracker_store_connections_replaced_total";
 
 /// Every metric name, for checking exporters and dashboards.
 pub const ALL: &[&str] = &[
@@ -179,52 +184,52 @@ pub const ALL: &[&str] = &[
 
 /// `reason` label: no valid owner from the configured owner source (a header or a request
 /// extension; the default session header never leaves a stream untracked for this).
-pub const REASON_NO_OWNER: &str = "no_owner";
+pub(crate) const REASON_NO_OWNER: &str = "no_owner";
 /// `reason` label: a request other than `GET` with no owner, on the route's stream source: a
 /// stream of its own that no later request can address.
-pub const REASON_ANONYMOUS: &str = "anonymous";
+pub(crate) const REASON_ANONYMOUS: &str = "anonymous";
 /// `reason` label: an anonymous request of MCP 2026-07-28 or later, a protocol without
 /// resumption: nothing to track (logged once at `INFO`, not `WARN`).
-pub const REASON_NOT_RESUMABLE: &str = "not_resumable";
+pub(crate) const REASON_NOT_RESUMABLE: &str = "not_resumable";
 /// `reason` label: the stream name (default or from the handler) is invalid.
-pub const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
+pub(crate) const REASON_BAD_STREAM_NAME: &str = "bad_stream_name";
 /// `reason` label: every tracked stream has an open body, so none could be evicted for this one.
-pub const REASON_REGISTRY_FULL: &str = "registry_full";
+pub(crate) const REASON_REGISTRY_FULL: &str = "registry_full";
 /// `reason` label: the SSE response has a `Content-Encoding`; compressed bytes cannot be scanned.
-pub const REASON_ENCODED: &str = "encoded";
+pub(crate) const REASON_ENCODED: &str = "encoded";
 /// `reason` label: more concurrent responses on one route of one owner than streams of their
-/// own can be made for (64).
-pub const REASON_CONCURRENT: &str = "concurrent";
+/// own can be made for ([`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS)).
+pub(crate) const REASON_CONCURRENT: &str = "concurrent";
 /// `op` label of store errors: [`Store::save`](crate::store::Store::save).
-pub const OP_SAVE: &str = "save";
+pub(crate) const OP_SAVE: &str = "save";
 /// `op` label of store errors: [`Store::touch_sessions`](crate::store::Store::touch_sessions).
-pub const OP_TOUCH: &str = "touch";
+pub(crate) const OP_TOUCH: &str = "touch";
 /// `op` label of store errors: [`Store::load`](crate::store::Store::load).
-pub const OP_LOAD: &str = "load";
+pub(crate) const OP_LOAD: &str = "load";
 /// `reason` label: the store returned an error.
-pub const REASON_ERROR: &str = "error";
+pub(crate) const REASON_ERROR: &str = "error";
 /// `reason` label: the store call did not finish within the store timeout.
-pub const REASON_TIMEOUT: &str = "timeout";
+pub(crate) const REASON_TIMEOUT: &str = "timeout";
 /// `reason` label: the store call (or the worker) panicked.
-pub const REASON_PANIC: &str = "panic";
+pub(crate) const REASON_PANIC: &str = "panic";
 /// `reason` label: the worker task ended without finishing (its runtime shut down).
-pub const REASON_LOST: &str = "lost";
+pub(crate) const REASON_LOST: &str = "lost";
 /// `reason` label of dropped ids: the bound on evicted streams waiting for a write was full.
-pub const REASON_EVICTED_OVERFLOW: &str = "evicted_overflow";
+pub(crate) const REASON_EVICTED_OVERFLOW: &str = "evicted_overflow";
 /// `reason` label of dropped ids: the worker no longer runs (after shutdown).
-pub const REASON_STOPPED: &str = "stopped";
+pub(crate) const REASON_STOPPED: &str = "stopped";
 /// `reason` label of evictions: the registry was full and the stream was the least recently used.
-pub const REASON_LRU: &str = "lru";
+pub(crate) const REASON_LRU: &str = "lru";
 /// `reason` label of evictions: no open body and no activity for the idle TTL.
-pub const REASON_IDLE: &str = "idle";
+pub(crate) const REASON_IDLE: &str = "idle";
 /// `reason` label of `sse_tracker_streams_drained_total`: the body ended at an event boundary.
-pub const REASON_BOUNDARY: &str = "boundary";
+pub(crate) const REASON_BOUNDARY: &str = "boundary";
 /// `reason` label of `sse_tracker_streams_drained_total`: the body was still open at the drain
 /// timeout (inside an event, or one its client cannot resume) and ended there.
-pub const REASON_DEADLINE: &str = "deadline";
+pub(crate) const REASON_DEADLINE: &str = "deadline";
 /// `reason` label of `sse_tracker_streams_drained_total`: a body ended by itself while the drain
 /// ran (above all one its client cannot resume, which the drain lets run).
-pub const REASON_COMPLETED: &str = "completed";
+pub(crate) const REASON_COMPLETED: &str = "completed";
 
 /// Registers the description and unit of every metric with the installed recorder.
 pub fn describe() {
@@ -402,6 +407,22 @@ pub(crate) struct Handles {
     pub(crate) worker_lost: Counter,
 }
 
+/// A store operation, as the `op` label of `sse_tracker_store_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreOp {
+    Save,
+    Touch,
+    Load,
+}
+
+/// Why a store call failed, as the `reason` label of `sse_tracker_store_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreFailureReason {
+    Error,
+    Timeout,
+    Panic,
+}
+
 /// `sse_tracker_store_errors_total` for each operation and reason.
 #[derive(Clone)]
 pub(crate) struct StoreErrors {
@@ -419,10 +440,9 @@ impl StoreErrors {
         }
     }
 
-    /// The counter of `op` (`0` save, `1` touch, `2` load) and `reason` (`0` error, `1`
-    /// timeout, `2` panic).
-    pub(crate) fn get(&self, op: usize, reason: usize) -> &Counter {
-        &self.by[op][reason]
+    /// Counts a failed call of `op`.
+    pub(crate) fn count(&self, op: StoreOp, reason: StoreFailureReason) {
+        self.by[op as usize][reason as usize].increment(1);
     }
 }
 
@@ -577,7 +597,7 @@ impl Untracked {
                  max_streams"
             }
             Untracked::Concurrent => {
-                "more than 64 concurrent responses of one owner on one route; use \
+                "more than MAX_CONCURRENT_STREAMS (64) concurrent responses of one owner on one route; use \
                  StreamSource::shared_route, or event ids that name their stream \
                  (StreamSource::event_id)"
             }

@@ -40,7 +40,7 @@
 use std::mem;
 
 /// Default limit on the length of an event id, in bytes.
-pub const DEFAULT_MAX_ID_LEN: usize = 1024;
+pub(crate) const DEFAULT_MAX_ID_LEN: usize = 1024;
 
 pub(crate) const BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
 /// `bom` value once the byte order mark window is closed (matched, refused or never possible).
@@ -61,7 +61,7 @@ pub struct Feed {
 /// Where the scanner stands between two frames: what can be inserted there without changing
 /// the meaning of the stream for a client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Boundary {
+pub(crate) enum Boundary {
     /// Between events: no field line since the last blank line. A whole comment event
     /// (`: text\n\n`) can be inserted.
     Event,
@@ -272,7 +272,7 @@ impl Default for Scanner {
 }
 
 impl Scanner {
-    /// A scanner with the default id limit ([`DEFAULT_MAX_ID_LEN`]).
+    /// A scanner with the default id limit (1024 bytes).
     pub fn new() -> Self {
         Self::with_max_id_len(DEFAULT_MAX_ID_LEN)
     }
@@ -337,7 +337,7 @@ impl Scanner {
 
     /// Where the stream stands now; see [`Boundary`].
     #[inline]
-    pub fn boundary(&self) -> Boundary {
+    pub(crate) fn boundary(&self) -> Boundary {
         if self.bom > 0 && self.bom < BOM_CLOSED || self.line != Line::Start {
             Boundary::Inside
         } else if self.in_event {
@@ -349,14 +349,14 @@ impl Scanner {
 
     /// Whether the last byte seen was a CR. A LF coming next would end the same line, so text
     /// inserted here must end its own lines with CR to keep that LF swallowed.
-    pub fn after_cr(&self) -> bool {
+    pub(crate) fn after_cr(&self) -> bool {
         self.after_cr
     }
 
     /// Tells the scanner that a comment was inserted at the current [`Boundary`] by someone
     /// else. Only the byte order mark window can change: it closes, because the client has now
     /// seen bytes before anything the scanner will be fed.
-    pub fn comment_inserted(&mut self) {
+    pub(crate) fn comment_inserted(&mut self) {
         self.bom = BOM_CLOSED;
     }
 

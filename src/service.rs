@@ -46,7 +46,8 @@ const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 ///   left out rather than naming another client's stream: when the id is the latest of
 ///   several streams, when several closed streams could be the client's, when the owner lost
 ///   one of several streams of the route to eviction (the client's could be that one), and
-///   when all 64 streams of the route have open bodies. The response's
+///   when all [`MAX_CONCURRENT_STREAMS`](crate::MAX_CONCURRENT_STREAMS) streams of the route
+///   have open bodies. The response's
 ///   body streams into the stream its request addressed whenever it is free. A handler resumes
 ///   with the key instead of writing names.
 ///

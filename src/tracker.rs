@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use crate::builder::SseTrackerBuilder;
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
+use crate::metrics::StoreOp;
 use crate::registry::Open;
 use crate::shared::Shared;
 use crate::store::{StoreError, StoredId};
@@ -248,8 +249,7 @@ impl SseTracker {
                 self.shared
                     .metrics
                     .store_errors
-                    .get(2, failure.reason_index())
-                    .increment(1);
+                    .count(StoreOp::Load, failure.reason());
                 failure.into_error()
             })
     }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
+use common::names::STREAMS_DRAINED_TOTAL;
 use common::{Harness, build_recorded, key, no_heartbeat, reference};
 use tokio::time::timeout;
 use tower_sse_tracker::SseTracker;
-use tower_sse_tracker::metrics::STREAMS_DRAINED_TOTAL;
 use tower_sse_tracker::store::InMemoryStore;
 
 /// The id of the last whole event a client read (as an `EventSource` would report it).
@@ -198,11 +198,9 @@ async fn a_stream_stuck_inside_an_event_ends_at_the_drain_timeout_without_its_id
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untracked_stream_without_heartbeats_is_drained_too() {
-    let (tracker, recorded) = build_recorded(
-        SseTracker::builder()
-            .heartbeat_interval(None)
-            .owner(tower_sse_tracker::OwnerSource::header("x-user")),
-    );
+    let (tracker, recorded) = build_recorded(SseTracker::builder().heartbeat_interval(None).owner(
+        tower_sse_tracker::OwnerSource::header(http::HeaderName::from_static("x-user")),
+    ));
     let h = Harness::start(tracker).await;
     let feed = h.feed("anon");
     // No owner header: not tracked (reason no_owner), still an SSE body of the layer.
@@ -212,7 +210,7 @@ async fn an_untracked_stream_without_heartbeats_is_drained_too() {
     client.read_until_suffix(b"data: a\n\n").await;
     assert_eq!(
         recorded.value(
-            tower_sse_tracker::metrics::UNTRACKED_STREAMS_TOTAL,
+            common::names::UNTRACKED_STREAMS_TOTAL,
             &[("reason", "no_owner")]
         ),
         1.0
@@ -602,8 +600,8 @@ mod protocols {
 /// ends, well before the drain timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_completes_a_2026_07_28_tool_call_and_ends_its_listen_stream_at_a_boundary() {
+    use common::names::REASON_COMPLETED;
     use protocols::{mcp_post, open, serve};
-    use tower_sse_tracker::metrics::REASON_COMPLETED;
 
     let (tracker, recorded) = build_recorded(SseTracker::builder());
     let (base, stop, server) = serve(&tracker).await;
@@ -674,8 +672,8 @@ async fn a_drain_completes_a_2026_07_28_tool_call_and_ends_its_listen_stream_at_
 /// resume it) finishes; a GET feed with ids ends at an event boundary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_lets_an_id_less_post_answer_finish_and_ends_a_feed_with_ids_at_a_boundary() {
+    use common::names::{REASON_COMPLETED, STREAMS_ENDED_TOTAL};
     use protocols::{open, serve};
-    use tower_sse_tracker::metrics::{REASON_COMPLETED, STREAMS_ENDED_TOTAL};
 
     let (tracker, recorded) = build_recorded(SseTracker::builder());
     let (base, stop, server) = serve(&tracker).await;
@@ -865,7 +863,7 @@ async fn an_untracked_mcp_2026_07_28_stream_has_a_span_with_its_method() {
     assert!(!logs.contains(" WARN "), "{logs}");
     assert_eq!(
         recorded.value(
-            tower_sse_tracker::metrics::UNTRACKED_STREAMS_TOTAL,
+            common::names::UNTRACKED_STREAMS_TOTAL,
             &[("reason", "not_resumable")]
         ),
         2.0

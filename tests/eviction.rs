@@ -26,7 +26,7 @@ fn one_stream_tracker(store: Arc<FaultStore>) -> SseTracker {
     SseTracker::builder()
         .store(store)
         .heartbeat_interval(None)
-        .max_streams(1)
+        .max_streams(common::nz(1))
         .store_timeout(Duration::from_secs(5))
         .build()
         .unwrap()
@@ -180,7 +180,7 @@ async fn a_batch_holds_one_entry_per_key_when_an_evicted_stream_comes_back() {
     let tracker = SseTracker::builder()
         .store(store.clone())
         .heartbeat_interval(None)
-        .max_streams(2)
+        .max_streams(common::nz(2))
         .build()
         .unwrap();
     let mut svc = frames_service(&tracker);
@@ -223,8 +223,8 @@ async fn no_batch_names_a_key_twice_under_eviction_churn() {
     let tracker = SseTracker::builder()
         .store(store.clone())
         .heartbeat_interval(None)
-        .max_streams(8)
-        .max_batch(16)
+        .max_streams(common::nz(8))
+        .max_batch(common::nz(16))
         .flush_interval(Duration::from_millis(10))
         .retry(RetryPolicy::exponential(
             Duration::from_millis(10),

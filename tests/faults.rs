@@ -19,13 +19,13 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use common::direct::{drive, frames_service};
 use common::load::{client, serve_load};
-use common::stores::ScriptedStore;
-use common::{Harness, build_recorded, key};
-use tower_sse_tracker::SseTracker;
-use tower_sse_tracker::metrics::{
+use common::names::{
     EVENTS_TOTAL, REASON_LRU, RETRIES_EXHAUSTED_TOTAL, STORE_ERRORS_TOTAL, STREAMS_ACTIVE,
     STREAMS_EVICTED_TOTAL,
 };
+use common::stores::ScriptedStore;
+use common::{Harness, build_recorded, key};
+use tower_sse_tracker::SseTracker;
 use tower_sse_tracker::store::InMemoryStore;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -197,7 +197,7 @@ fn a_flood_of_distinct_sessions_stays_within_max_streams_and_bounded_memory() {
             SseTracker::builder()
                 .store(store.clone())
                 .heartbeat_interval(None)
-                .max_streams(MAX_STREAMS),
+                .max_streams(common::nz(MAX_STREAMS)),
         );
         let mut svc = frames_service(&tracker);
         let frame = Bytes::from_static(b"id: 1\ndata: x\n\n");
@@ -260,8 +260,8 @@ fn flood_name(name: &mut String, prefix: &str, i: usize) {
 /// and reported, so memory stays bounded whatever the store does.
 #[test]
 fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_it_drops() {
+    use common::names::{IDS_DROPPED_TOTAL, REASON_EVICTED_OVERFLOW};
     use common::stores::{Calls, Fault, FaultStore};
-    use tower_sse_tracker::metrics::{IDS_DROPPED_TOTAL, REASON_EVICTED_OVERFLOW};
 
     let sessions = env_or("FLOOD_SESSIONS", 200_000) as usize;
     const MAX_STREAMS: usize = 10_000;
@@ -278,7 +278,7 @@ fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_i
                 SseTracker::builder()
                     .store(store.clone())
                     .heartbeat_interval(None)
-                    .max_streams(MAX_STREAMS)
+                    .max_streams(common::nz(MAX_STREAMS))
                     .max_pending_evicted(MAX_PENDING_EVICTED)
                     .store_timeout(Duration::from_millis(200)),
             );
@@ -356,7 +356,7 @@ fn after_shutdown_the_layer_serves_with_bounded_memory() {
     rt.block_on(async {
         let tracker = SseTracker::builder()
             .heartbeat_interval(None)
-            .max_streams(MAX_STREAMS)
+            .max_streams(common::nz(MAX_STREAMS))
             .build()
             .unwrap();
         let mut svc = frames_service(&tracker);
@@ -410,7 +410,7 @@ fn a_flood_of_new_sessions_never_evicts_live_streams_or_their_subscribers() {
             SseTracker::builder()
                 .store(store)
                 .heartbeat_interval(None)
-                .max_streams(MAX_STREAMS),
+                .max_streams(common::nz(MAX_STREAMS)),
         );
         let mut fed = fed_service(&tracker);
         let mut live = Vec::new();
@@ -512,13 +512,13 @@ fn a_flood_of_new_sessions_never_evicts_live_streams_or_their_subscribers() {
 #[tokio::test]
 async fn a_registry_full_of_live_streams_serves_new_ones_untracked() {
     use common::direct::{fed_request, fed_service, respond};
+    use common::names::{REASON_REGISTRY_FULL, UNTRACKED_STREAMS_TOTAL};
     use tower_sse_tracker::SubscribeError;
-    use tower_sse_tracker::metrics::{REASON_REGISTRY_FULL, UNTRACKED_STREAMS_TOTAL};
 
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
             .heartbeat_interval(None)
-            .max_streams(3),
+            .max_streams(common::nz(3)),
     );
     let mut svc = fed_service(&tracker);
     let mut open = Vec::new();

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
+use common::names::HEARTBEATS_TOTAL;
 use common::{Client, Harness, build_recorded, key, no_heartbeat, reference};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{Instant, timeout};
 use tower_sse_tracker::SseTracker;
-use tower_sse_tracker::metrics::HEARTBEATS_TOTAL;
 
 const EVENT_HB: &[u8] = b": keep-alive\n\n";
 const LINE_HB: &[u8] = b": keep-alive\n";

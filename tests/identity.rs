@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
+use common::names::{REASON_ENCODED, UNTRACKED_STREAMS_TOTAL};
 use common::{Harness, build_recorded, key, no_heartbeat};
-use tower_sse_tracker::metrics::{REASON_ENCODED, UNTRACKED_STREAMS_TOTAL};
 use tower_sse_tracker::{
     EventId, IdStream, OwnerSource, Resume, SseTracker, StreamKey, StreamSource,
 };
@@ -143,7 +143,7 @@ async fn sessionless_streams_named_by_their_ids_resume_by_last_event_id() {
 async fn the_owner_can_come_from_any_header() {
     let tracker = SseTracker::builder()
         .heartbeat_interval(None)
-        .owner(OwnerSource::header("x-user"))
+        .owner(OwnerSource::header(http::HeaderName::from_static("x-user")))
         .build()
         .unwrap();
     let h = Harness::start(tracker).await;

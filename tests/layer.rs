@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
+use common::names::{
+    EVENTS_TOTAL, REASON_LRU, STREAMS_ACTIVE, STREAMS_EVICTED_TOTAL, UNTRACKED_STREAMS_TOTAL,
+};
 use common::{Harness, build_recorded, key, no_heartbeat, run_frames};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_sse_tracker::metrics::{
-    EVENTS_TOTAL, REASON_LRU, STREAMS_ACTIVE, STREAMS_EVICTED_TOTAL, UNTRACKED_STREAMS_TOTAL,
-};
 use tower_sse_tracker::{SseTracker, StreamKey, StreamName};
 
 #[tokio::test]
@@ -91,13 +91,7 @@ async fn sse_response_gets_no_cache_and_no_proxy_buffering_headers() {
     assert_eq!(client.headers["cache-control"], "no-cache");
     assert_eq!(client.headers["x-accel-buffering"], "no");
 
-    let h = Harness::start(
-        SseTracker::builder()
-            .disable_proxy_buffering(false)
-            .build()
-            .unwrap(),
-    )
-    .await;
+    let h = Harness::start(SseTracker::builder().proxy_buffering(true).build().unwrap()).await;
     let client = run_frames(&h, "h", Some("s1"), &[b"data: x\n\n"]).await;
     assert!(client.headers.get("x-accel-buffering").is_none());
 }
@@ -318,7 +312,7 @@ async fn a_full_registry_evicts_the_least_recently_used_stream_and_counts_it() {
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
             .heartbeat_interval(None)
-            .max_streams(2)
+            .max_streams(common::nz(2))
             .store(store.clone()),
     );
     let h = Harness::start(tracker).await;
@@ -365,17 +359,20 @@ async fn settings_meaning_no_bound_work_or_are_refused_never_panic() {
             "max_pending_evicted",
             SseTracker::builder().max_pending_evicted(usize::MAX),
         ),
-        ("max_streams", SseTracker::builder().max_streams(usize::MAX)),
+        (
+            "max_streams",
+            SseTracker::builder().max_streams(common::nz(usize::MAX)),
+        ),
         (
             "max_stream_names",
-            SseTracker::builder().max_stream_names(usize::MAX),
+            SseTracker::builder().max_stream_names(common::nz(usize::MAX)),
         ),
         (
             "all three",
             SseTracker::builder()
                 .max_pending_evicted(usize::MAX)
-                .max_streams(usize::MAX)
-                .max_stream_names(usize::MAX),
+                .max_streams(common::nz(usize::MAX))
+                .max_stream_names(common::nz(usize::MAX)),
         ),
     ] {
         let tracker = builder.heartbeat_interval(None).build().unwrap();
@@ -395,7 +392,7 @@ async fn settings_meaning_no_bound_work_or_are_refused_never_panic() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(refused, ConfigError::ChannelCapacity),
+        matches!(refused, ConfigError::ChannelCapacity(usize::MAX)),
         "{refused:?}"
     );
     println!("{refused}");
@@ -406,14 +403,14 @@ async fn settings_meaning_no_bound_work_or_are_refused_never_panic() {
 #[tokio::test(flavor = "current_thread")]
 async fn each_reason_a_stream_is_left_untracked_is_logged_once_at_warn() {
     use common::direct::{Frames, frames_service, id_frames, request, respond};
-    use tower_sse_tracker::metrics::{REASON_ANONYMOUS, REASON_REGISTRY_FULL};
+    use common::names::{REASON_ANONYMOUS, REASON_REGISTRY_FULL};
 
     let (logs, _guard) = common::CapturedLogs::capture(tracing::Level::INFO);
 
     let (tracker, recorded) = build_recorded(
         SseTracker::builder()
             .heartbeat_interval(None)
-            .max_streams(1),
+            .max_streams(common::nz(1)),
     );
     let mut svc = frames_service(&tracker);
     // Three anonymous POSTs: streams of their own that nothing can address.
@@ -455,5 +452,20 @@ async fn each_reason_a_stream_is_left_untracked_is_logged_once_at_warn() {
     assert_eq!(
         recorded.value(UNTRACKED_STREAMS_TOTAL, &[("reason", REASON_REGISTRY_FULL)]),
         2.0
+    );
+}
+
+/// Every metric name the tests (and dashboards) use is one the crate lists as public.
+#[test]
+fn every_metric_name_the_tests_use_is_in_the_public_list() {
+    for name in common::names::NAMES {
+        assert!(
+            tower_sse_tracker::metrics::ALL.contains(name),
+            "{name} is not in metrics::ALL"
+        );
+    }
+    assert_eq!(
+        common::names::NAMES.len(),
+        tower_sse_tracker::metrics::ALL.len()
     );
 }

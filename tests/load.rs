@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::load::{client, percentile, serve_load};
-use tower_sse_tracker::metrics::{
+use common::names::{
     BACKPRESSURE_TIMEOUTS_TOTAL, EVENTS_TOTAL, RECORDS_COALESCED_TOTAL, STORE_WRITES_TOTAL,
 };
 use tower_sse_tracker::store::InMemoryStore;

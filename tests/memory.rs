@@ -28,7 +28,7 @@ mod session {
     use crate::common::direct::{drive, frames_service, id_frames, request, respond};
     use crate::common::{Harness, build_recorded, key, no_heartbeat};
     use axum::http::HeaderMap;
-    use tower_sse_tracker::metrics::{
+    use common::names::{
         ACTIVITY_BATCH_SIZE, ACTIVITY_UPDATES_TOTAL, REASON_IDLE, STREAMS_EVICTED_TOTAL,
     };
     use tower_sse_tracker::store::InMemoryStore;
@@ -40,8 +40,8 @@ mod session {
     async fn a_large_bound_allocates_nothing_until_it_is_used() {
         let before = counting_alloc::live().0;
         let tracker = SseTracker::builder()
-            .max_stream_names(50_000_000)
-            .max_streams(50_000_000)
+            .max_stream_names(common::nz(50_000_000))
+            .max_streams(common::nz(50_000_000))
             .max_pending_evicted(50_000_000)
             .channel_capacity(1 << 20)
             .build()
@@ -182,12 +182,19 @@ mod session {
     #[test]
     fn memory_usage() {
         for n in [10_000, 100_000] {
-            let (bytes, blocks) = bytes_per_stream(n);
+            let measured = bytes_per_stream(n);
+            let (bytes, blocks, estimated) = (measured.bytes, measured.blocks, measured.estimated);
             println!(
-                "{n} tracked streams: {bytes:.0} bytes and {blocks:.1} allocations per stream"
+                "{n} tracked streams: {bytes:.0} bytes and {blocks:.1} allocations per stream; \
+                 the memory gauge estimates {estimated:.0} bytes"
             );
             // The bound the crate promises (see the README): at most 400 bytes per stream.
             assert!(bytes <= 400.0, "{bytes} bytes per stream");
+            // The gauge (`sse_tracker_memory_bytes`, `estimated_memory_bytes`) within 10 %.
+            assert!(
+                (estimated - bytes).abs() <= bytes * 0.10,
+                "the gauge says {estimated} bytes per stream, the allocator {bytes}"
+            );
         }
 
         // The extra heap of one open tracked body over the bare body (one stream shared).

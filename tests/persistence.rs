@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use common::stores::{Calls, Fault, FaultStore, ScriptedStore};
-use common::{Harness, build_recorded, eventually, key, run_frames};
-use tokio::time::{Instant, sleep};
-use tower_sse_tracker::metrics::{
+use common::names::{
     BACKPRESSURE_TIMEOUTS_TOTAL, RECORDS_ENQUEUED_TOTAL, RETRIES_EXHAUSTED_TOTAL, RETRIES_TOTAL,
     STORE_ERRORS_TOTAL, STORE_WRITES_TOTAL,
 };
+use common::stores::{Calls, Fault, FaultStore, ScriptedStore};
+use common::{Harness, build_recorded, eventually, key, run_frames};
+use tokio::time::{Instant, sleep};
 use tower_sse_tracker::store::InMemoryStore;
 use tower_sse_tracker::{RetryPolicy, SseTracker};
 
@@ -340,7 +340,7 @@ async fn a_slow_store_never_delays_frames_more_than_the_send_timeout() {
             .store(store.clone())
             .heartbeat_interval(None)
             .channel_capacity(2)
-            .max_batch(2),
+            .max_batch(common::nz(2)),
     );
     let h = Harness::start(tracker).await;
     const STREAMS: usize = 10;
@@ -514,7 +514,7 @@ impl metrics::Recorder for PanickingRecorder {
         key: &metrics::Key,
         _: &metrics::Metadata<'_>,
     ) -> metrics::Histogram {
-        if key.name() == tower_sse_tracker::metrics::BATCH_SIZE {
+        if key.name() == common::names::BATCH_SIZE {
             metrics::Histogram::from_arc(Arc::new(PanicOnce(self.fired.clone())))
         } else {
             metrics::Histogram::noop()
@@ -734,7 +734,7 @@ async fn an_evicted_id_stays_in_the_report_when_its_key_is_made_again() {
     let tracker = SseTracker::builder()
         .store(store.clone())
         .heartbeat_interval(None)
-        .max_streams(1)
+        .max_streams(common::nz(1))
         .build()
         .unwrap();
     let h = Harness::start(tracker).await;

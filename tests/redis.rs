@@ -20,14 +20,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
+use common::names::{STORE_CONNECTIONS_REPLACED_TOTAL, STORE_ERRORS_TOTAL};
 use common::{Harness, build_recorded, key, run_frames};
 use redis_cluster::RedisCluster;
 use redis_server::{RedisServer, unique_prefix};
 use silent_proxy::SilentProxy;
 use tokio::time::{sleep, timeout};
-use tower_sse_tracker::metrics::{STORE_CONNECTIONS_REPLACED_TOTAL, STORE_ERRORS_TOTAL};
 use tower_sse_tracker::store::{RedisStore, SaveEntry, SessionActivity, Store};
 use tower_sse_tracker::{EventId, Owner, Resume, RetryPolicy, SseTracker, StreamKey};
+
+/// How long `RedisStore` lets calls go unanswered before it replaces its connection (5 s, as
+/// its docs say).
+const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 fn entry(k: &StreamKey, id: &str, sequence: u64, at_ms: u64) -> SaveEntry {
     SaveEntry {
@@ -561,8 +565,6 @@ async fn redis_out_of_memory_then_paused_never_stalls_streams_and_loses_no_id(to
 /// answer, so the connection is never taken for stuck, whether the refusals come from scripts
 /// (saves) or from pipelines (activity), which redis-rs reports differently.
 async fn error_replies_for_longer_than_stuck_after_replace_no_connection(topology: Topology) {
-    use tower_sse_tracker::store::STUCK_AFTER;
-
     let server = Redis::own(topology);
     let store = store(&server, &unique_prefix("oom-long")).await;
     server
@@ -605,8 +607,6 @@ async fn error_replies_for_longer_than_stuck_after_replace_no_connection(topolog
 /// takes (`silent` below, and redis-rs's cluster client in
 /// `a_primary_killed_under_load_loses_no_latest_id`), made deterministic.
 async fn writes_unanswered_for_longer_than_stuck_after_get_a_new_connection(topology: Topology) {
-    use tower_sse_tracker::store::STUCK_AFTER;
-
     let server = Redis::own(topology);
     let prefix = unique_prefix("paused-writes");
     let store = store(&server, &prefix).await;
@@ -948,12 +948,12 @@ async fn standalone_a_connection_gone_silent_is_replaced_and_no_id_is_lost() {
         "silent connection: {failed} failed store calls, {} connection replaced, every latest id \
          in Redis {stored_after:?} after the silence (STUCK_AFTER {:?})",
         store.connections_replaced(),
-        tower_sse_tracker::store::STUCK_AFTER,
+        STUCK_AFTER,
     );
     assert!(failed >= 1.0, "the silence was never felt");
     assert_eq!(store.connections_replaced(), 1);
     // Only a new connection could write them.
-    assert!(stored_after >= tower_sse_tracker::store::STUCK_AFTER);
+    assert!(stored_after >= STUCK_AFTER);
     // The metric goes to the recorder installed when the replacement happens (other tests
     // may replace connections of their own meanwhile).
     assert!(global.sum(STORE_CONNECTIONS_REPLACED_TOTAL) - replaced_before >= 1.0);

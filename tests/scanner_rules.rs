@@ -4,8 +4,9 @@
 
 mod common;
 
+use common::names::IDS_REJECTED_TOTAL;
 use common::{Harness, build_recorded, key, run_frames};
-use tower_sse_tracker::{SseTracker, metrics::IDS_REJECTED_TOTAL};
+use tower_sse_tracker::SseTracker;
 
 const SESSION: &str = "rules-session";
 

@@ -31,9 +31,9 @@ use std::time::Duration;
 
 use common::build_recorded;
 use common::load::{client, percentile, serve_load};
+use common::names::{STORE_ERRORS_TOTAL, WORKER_FAILURES_TOTAL};
 use common::stores::{Calls, Fault, FaultStore};
 use tokio::time::{Instant, sleep};
-use tower_sse_tracker::metrics::{STORE_ERRORS_TOTAL, WORKER_FAILURES_TOTAL};
 use tower_sse_tracker::{RetryPolicy, SseTracker, StreamKey};
 
 const STREAMS: usize = 50;
@@ -106,7 +106,7 @@ async fn run(
         .store_timeout(STORE_TIMEOUT)
         .retry(RETRY);
     if shape == Shape::Evicting {
-        builder = builder.max_streams(EVICTING_MAX_STREAMS);
+        builder = builder.max_streams(common::nz(EVICTING_MAX_STREAMS));
     }
     let (tracker, recorded) = build_recorded(builder);
     let addr = serve_load(&tracker).await;

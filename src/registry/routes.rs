@@ -8,8 +8,11 @@ use super::{Open, Refused, Registry};
 use crate::key::{Owner, StreamName};
 use crate::sync::lock;
 
-/// Most responses of one owner on one route with streams of their own at once.
-pub(crate) const MAX_CONCURRENT: usize = 64;
+/// The most responses of one owner on one route with streams of their own at once, with
+/// [`StreamSource::route`](crate::StreamSource::route): the route's stream and `"{route} #2"`
+/// to `"{route} #64"`. Beyond, a response is not tracked
+/// (`sse_tracker_untracked_streams_total{reason="concurrent"}`).
+pub const MAX_CONCURRENT: usize = 64;
 
 /// The one rule of a route's stream names: its `n`-th stream is `route` for 1 and
 /// `"{route} #n"` for 2 to [`MAX_CONCURRENT`]. Splits `name` by that rule into its route and

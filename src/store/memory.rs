@@ -9,7 +9,7 @@ use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
 use crate::key::{Owner, StreamKey};
 
 /// Default limit of [`InMemoryStore::new`]: one million keys.
-pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+pub(crate) const DEFAULT_MAX_KEYS: usize = 1_000_000;
 
 #[derive(Debug)]
 struct Entry {
@@ -69,7 +69,7 @@ impl Default for InMemoryStore {
 }
 
 impl InMemoryStore {
-    /// A store of at most [`DEFAULT_MAX_KEYS`] keys.
+    /// A store of at most 1 000 000 keys.
     pub fn new() -> Self {
         Self::with_max_keys(DEFAULT_MAX_KEYS)
     }

@@ -52,10 +52,10 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use memory::{DEFAULT_MAX_KEYS, InMemoryStore};
+pub use memory::InMemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis::{ACTIVITY_SHARDS, DEFAULT_PREFIX, DEFAULT_TTL, RedisStore, STUCK_AFTER};
+pub use redis::RedisStore;
 
 /// One entry of a batch: the latest id of a stream, its sequence number and when it was
 /// published.

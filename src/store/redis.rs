@@ -13,19 +13,18 @@ use redis::{Pipeline, Script};
 
 mod connection;
 
-pub use connection::STUCK_AFTER;
 use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
 use crate::key::{EventId, Owner, StreamKey};
 
 /// Default key prefix of [`RedisStore`].
-pub const DEFAULT_PREFIX: &str = "sse-tracker";
+pub(crate) const DEFAULT_PREFIX: &str = "sse-tracker";
 /// Default time to live of the keys written by [`RedisStore`]: 24 hours.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Sorted sets the owners' activity is spread over (each its own hash tag, so on a cluster they
 /// land on different slots).
-pub const ACTIVITY_SHARDS: usize = 16;
+pub(crate) const ACTIVITY_SHARDS: usize = 16;
 /// Calls a [`RedisStore`] on a cluster has in flight at once for one batch (one per slot).
 const MAX_CONCURRENT_CALLS: usize = 32;
 
@@ -78,7 +77,7 @@ return written
 ///   share a slot; a sessionless stream is `{prefix}:id:~:{<stream>}`. Owners and stream names
 ///   are percent-encoded (every byte but `A-Z a-z 0-9 - _ .`), so no value can reach outside
 ///   its place in the key, form another key or another hash tag. Activity is spread over
-///   [`ACTIVITY_SHARDS`] sorted sets, `{prefix}:activity:{<n>}`, owner ids scored by last
+///   16 sorted sets, `{prefix}:activity:{<n>}`, owner ids scored by last
 ///   activity (Unix ms); an owner's shard is a fixed hash of its name.
 /// - **Expiry.** Id keys expire `ttl` after their last write; activity older than `ttl` is
 ///   removed from its set at each activity write, and a set expires `ttl` after the last one.
@@ -101,7 +100,7 @@ return written
 ///     also inside a pipeline) is an answer. A timeout, an I/O error, or a call that the
 ///     tracker's `store_timeout` cancelled after 50 ms or more is not. On a standalone Redis,
 ///     a refused or dropped connection counts neither way: `ConnectionManager` repairs those.
-///   - When calls have gone unanswered for [`STUCK_AFTER`] (5 s from the first to the latest,
+///   - When calls have gone unanswered for 5 s (from the first to the latest,
 ///     none answered between, however far apart: a silently dropped connection with sparse
 ///     calls, such as long retry delays, is replaced too), a new connection is made in the
 ///     background, on a task of its own (5 s at most, one at a time, none for a second after
@@ -204,7 +203,7 @@ impl RedisStore {
     }
 
     /// A store for the standalone Redis at `url` (e.g. `redis://127.0.0.1:6379`), with prefix
-    /// [`DEFAULT_PREFIX`] and time to live [`DEFAULT_TTL`]. It does not connect (only a URL that
+    /// `sse-tracker` and time to live 24 hours. It does not connect (only a URL that
     /// cannot be parsed is an error): the first store call does, and calls fail until Redis
     /// answers.
     pub fn new(url: &str) -> Result<Self, StoreError> {
@@ -259,7 +258,7 @@ impl RedisStore {
     }
 
     /// How many times this store (and its clones) replaced a connection on which Redis had
-    /// stopped answering: calls unanswered for [`STUCK_AFTER`], none answered between.
+    /// stopped answering: calls unanswered for 5 s, none answered between.
     ///
     /// ```
     /// let store = tower_sse_tracker::store::RedisStore::new("redis://127.0.0.1:6379")?;

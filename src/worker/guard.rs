@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
+use crate::metrics::StoreFailureReason;
 use crate::store::StoreError;
 
 pin_project! {
@@ -65,12 +66,12 @@ pub(crate) enum StoreFailure {
 }
 
 impl StoreFailure {
-    /// Index of the `reason` label in [`StoreErrors`](crate::metrics::StoreErrors).
-    pub(crate) fn reason_index(&self) -> usize {
+    /// The `reason` label of the failure.
+    pub(crate) fn reason(&self) -> StoreFailureReason {
         match self {
-            StoreFailure::Error(_) => 0,
-            StoreFailure::Timeout(_) => 1,
-            StoreFailure::Panic(_) => 2,
+            StoreFailure::Error(_) => StoreFailureReason::Error,
+            StoreFailure::Timeout(_) => StoreFailureReason::Timeout,
+            StoreFailure::Panic(_) => StoreFailureReason::Panic,
         }
     }
 

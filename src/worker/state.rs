@@ -12,7 +12,7 @@ use super::guard::{StoreFailure, guarded};
 use super::retry::{Jitter, RetryPolicy, RetryQueue};
 use super::{Io, SWEEP_BUDGET, ShutdownRequest, WorkerConfig};
 use crate::key::StreamKey;
-use crate::metrics::Handles;
+use crate::metrics::{Handles, StoreOp};
 use crate::registry::{Registry, SessionState, Slot};
 use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity};
 
@@ -396,8 +396,7 @@ impl State {
                 Err(failure) => {
                     self.metrics
                         .store_errors
-                        .get(1, failure.reason_index())
-                        .increment(1);
+                        .count(StoreOp::Touch, failure.reason());
                     let jitter = self.jitter.next();
                     self.touch_gate.failed(now, &self.config.retry, jitter);
                     // The rest of the round's activity waits for the gate too.
@@ -430,8 +429,7 @@ impl State {
     ) {
         self.metrics
             .store_errors
-            .get(0, failure.reason_index())
-            .increment(1);
+            .count(StoreOp::Save, failure.reason());
         let jitter = self.jitter.next();
         self.save_gate.failed(now, &self.config.retry, jitter);
         let n = entries.len();

@@ -27,11 +27,19 @@ impl Store for NullStore {
     }
 }
 
+/// What one tracked stream costs, per stream: the heap bytes and allocations the counting
+/// allocator saw, and what the tracker's memory gauge estimates.
+pub struct PerStream {
+    pub bytes: f64,
+    pub blocks: f64,
+    pub estimated: f64,
+}
+
 /// Heap bytes and allocations per tracked stream for `n` streams of distinct sessions on one
 /// path, each registered by a real request through the layer (an SSE response whose body
 /// commits one id, read to its end), measured on this thread (a current-thread runtime runs the
-/// worker here too).
-pub fn bytes_per_stream(n: usize) -> (f64, f64) {
+/// worker here too), and the memory gauge's estimate per stream.
+pub fn bytes_per_stream(n: usize) -> PerStream {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -42,7 +50,7 @@ pub fn bytes_per_stream(n: usize) -> (f64, f64) {
             .store(NullStore)
             .heartbeat_interval(None)
             .flush_interval(flush)
-            .max_streams(n)
+            .max_streams(std::num::NonZeroUsize::new(n).unwrap())
             .build()
             .unwrap();
         // Let the worker start and allocate what it keeps.
@@ -77,9 +85,12 @@ pub fn bytes_per_stream(n: usize) -> (f64, f64) {
         tokio::time::sleep(flush * 3).await;
         let (bytes1, blocks1) = counting_alloc::live();
         assert_eq!(tracker.tracked_streams(), n);
-        let per_stream = (bytes1 - bytes0) as f64 / n as f64;
-        let blocks = (blocks1 - blocks0) as f64 / n as f64;
+        let per_stream = PerStream {
+            bytes: (bytes1 - bytes0) as f64 / n as f64,
+            blocks: (blocks1 - blocks0) as f64 / n as f64,
+            estimated: tracker.estimated_memory_bytes() as f64 / n as f64,
+        };
         drop(tracker);
-        (per_stream, blocks)
+        per_stream
     })
 }

@@ -4,6 +4,7 @@
 
 pub mod direct;
 pub mod load;
+pub mod names;
 pub mod reference;
 pub mod stores;
 
@@ -441,4 +442,9 @@ pub async fn eventually(what: &str, done: impl Fn() -> bool) {
     })
     .await
     .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// `n` as a count that cannot be zero, for the builder's settings.
+pub fn nz(n: usize) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(n).expect("not zero")
 }

@@ -26,7 +26,7 @@ const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 /// A connection on which calls have kept going unanswered for this long (the first and the
 /// latest unanswered call this far apart, and no call answered between them, however far
 /// apart they came) is replaced by a new one.
-pub const STUCK_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const STUCK_AFTER: Duration = Duration::from_secs(5);
 /// A call dropped by its caller sooner than this says nothing about Redis (an HTTP client that
 /// went away): it counts neither way. A `store_timeout` must be longer for a stuck connection
 /// to be noticed.
