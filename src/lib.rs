@@ -1,25 +1,28 @@
 //! Tower middleware that makes Server-Sent Events streams trackable and resumable.
 //!
 //! Add [`SseTracker::layer`] to an axum `Router` or any tower/hyper service. For every response
-//! with `Content-Type: text/event-stream` the layer:
+//! with `Content-Type: text/event-stream` the layer passes every byte through in the same
+//! frames, keeps the latest event id of the stream, sends heartbeat comments where they cannot
+//! change an event, and hands changed streams to one background worker that writes their
+//! latest ids to a store; a store that fails never reaches the streams.
 //!
-//! 1. passes every byte through unchanged, in the same frames;
-//! 2. scans the stream with the WHATWG event-stream rules ([`scan`]) and, when an event with an
-//!    id is dispatched, publishes that id as the latest of the stream's (session, stream) key
-//!    (latest only; [`SseTracker::subscribe`] gives a `tokio::sync::watch` of it);
-//! 3. inserts a heartbeat comment when the inner body has been idle for the heartbeat interval,
-//!    only where it cannot change an event;
-//! 4. puts the client's `Last-Event-ID` and session id in the request extensions, so that a
-//!    handler can resume the stream;
-//! 5. tells the tracker's one background worker which streams changed (at most once per stream
-//!    per flush); the worker batches, coalesces, de-duplicates and retries their latest ids in
-//!    time order on their way to a [`store::Store`] ([`store::InMemoryStore`] by default), and no
-//!    fault of the store reaches the streams (see [`store`]). See [`SseTracker::resolve`] and
-//!    [`SseTracker::shutdown`].
+//! # How a frame travels
+//!
+//! [`SseTrackerLayer`] makes an [`SseTrackerService`], which reads each request's owner, the
+//! [`StreamKey`] it addresses and its [`LastEventId`] (put in the request extensions) →
+//! [`ResponseFuture`] decides whether the response is SSE and how to track it →
+//! [`TrackedBody`] passes each frame on and feeds it to a [`scan::Scanner`] (the WHATWG rules)
+//! → each dispatched id becomes the latest of the stream's slot in the registry
+//! ([`SseTracker::last_event_id`], [`SseTracker::subscribe`]) → the first change since the
+//! last flush hands the stream to the worker ([`WorkerTask`]) → the worker batches, coalesces
+//! and retries in time order → [`store::Store`] ([`store::InMemoryStore`] by default).
+//! [`SseTracker::resume`] answers where a reconnecting client stands, [`SseTracker::drain`]
+//! ends streams for a deploy, [`SseTracker::shutdown`] writes what is pending. Inside, one
+//! module does one job: `src/registry/` (slots, routes, the hand-off), `src/body/`,
+//! `src/worker/`, `src/store/`.
 //!
 //! Each stream has a key, [`StreamKey`]: its owner ([`OwnerSource`]) and its name
-//! ([`StreamSource`]). By default
-//! the owner is the session id of the `mcp-session-id` header (MCP Streamable HTTP), on the
+//! ([`StreamSource`]). By default the owner is the session id of the `mcp-session-id` header (MCP Streamable HTTP), on the
 //! request or else on the response, and the name is `"{METHOD} {path}"` (or a [`StreamName`]
 //! the handler puts in the response extensions), concurrent responses on one route getting
 //! names of their own. A `GET` with no session (a browser's `EventSource`) reads its route's

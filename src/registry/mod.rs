@@ -545,6 +545,24 @@ impl Registry {
 }
 
 #[cfg(test)]
+impl Registry {
+    /// A registry for unit tests: no metrics, and a hand-off channel that nobody reads.
+    pub(crate) fn for_tests(
+        max_streams: usize,
+        idle_ttl: Option<Duration>,
+        max_pending_evicted: usize,
+    ) -> Self {
+        let limits = Limits {
+            max_streams,
+            idle_ttl,
+            max_names: 100,
+            max_pending_evicted,
+        };
+        Self::new(limits, RegistryMetrics::noop(), 16).0
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::slot::IdBytes;
     use super::*;
@@ -554,17 +572,7 @@ mod tests {
     }
 
     fn registry(max_streams: usize, idle_ttl: Option<Duration>) -> Registry {
-        Registry::new(
-            Limits {
-                max_streams,
-                idle_ttl,
-                max_names: 100,
-                max_pending_evicted: 2,
-            },
-            RegistryMetrics::noop(),
-            16,
-        )
-        .0
+        Registry::for_tests(max_streams, idle_ttl, 2)
     }
 
     fn insert(r: &Registry, s: &str, n: &str, open: bool) -> Arc<Slot> {
@@ -975,17 +983,7 @@ mod unowned_tests {
 
     #[test]
     fn sessionless_streams_are_kept_apart_by_name_and_write_no_activity() {
-        let registry = Registry::new(
-            Limits {
-                max_streams: 10,
-                idle_ttl: None,
-                max_names: 10,
-                max_pending_evicted: 10,
-            },
-            RegistryMetrics::noop(),
-            16,
-        )
-        .0;
+        let registry = Registry::for_tests(10, None, 10);
         let a = StreamName::new("stream-a").unwrap();
         let b = StreamName::new("stream-b").unwrap();
         let slot_a = registry.get_or_insert(None, &a, Open::Shared).unwrap().0;

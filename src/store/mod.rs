@@ -13,12 +13,13 @@
 //! caught. An error, a call past the deadline and a panic are each one failed call: counted in
 //! `sse_tracker_store_errors_total{op,reason}`, logged, and followed by back-off: no call of
 //! that kind (save or touch) starts again before the retry policy's delay, which doubles with
-//! each failure in a row. Streams never wait for any of it. `tests/store_faults.rs` checks the
-//! first four rows, for `save` and `touch_sessions` apart and together, under 1 000 events/s over
-//! real HTTP (`cargo test --test store_faults -- --nocapture`); `tests/redis.rs` the fifth
-//! (`the_app_starts_while_redis_is_down…`), `tests/persistence.rs` the sixth and the last
-//! (`an_always_failing_store_is_given_up…`, `test_event_tracker_channel_backpressure`), and
-//! `tests/faults.rs` the seventh (`a_flood_while_the_store_fails_or_hangs…`).
+//! each failure in a row. Streams never wait for any of it. What each row of the table below
+//! rests on: `tests/store_faults.rs` (a store that fails at once, after a delay, hangs or
+//! panics, for `save` and `touch_sessions` apart and together, under load over real HTTP, with
+//! and without evictions), `tests/redis.rs` (Redis down at start, killed, paused, out of
+//! memory), `tests/persistence.rs` (given up and probed; a store that blocks its thread) and
+//! `tests/faults.rs` (floods of new streams while the store fails or hangs); `TESTING.md` says
+//! which test proves which.
 //!
 //! | the store… | streams | persistence | alert on |
 //! |---|---|---|---|
@@ -29,7 +30,7 @@
 //! | is down when the application starts | unaffected | [`RedisStore::new`] does not connect; writes fail until Redis is up | `sse_tracker_store_errors_total` |
 //! | stays down past the retry policy | unaffected | the streams are given up (still in memory), probed once per longest retry delay, caught up after the next successful write | `sse_tracker_retries_exhausted_total` |
 //! | stays down while new streams evict old ones | unaffected | evicted streams' unpersisted ids wait in a bounded set (`max_pending_evicted`); beyond it the oldest is dropped | `sse_tracker_ids_dropped_total` |
-//! | blocks its thread (blocking I/O in `async`) | the worker cannot drain its channel: a stream whose id needs a hand-off waits at most the send timeout (100 ms), then not again until the worker catches up | as above once it returns | `sse_tracker_backpressure_timeouts_total` |
+//! | blocks its thread (blocking I/O in `async`) | the worker cannot drain its channel: a stream whose id finds it full hands its slot over through the registry at once, then waits at most the send timeout (100 ms) before its next frame | as above once it returns | `sse_tracker_backpressure_timeouts_total` |
 //!
 //! A panic inside the worker itself (not the store: a metrics recorder, a bug) restarts it from
 //! the registry's state (`sse_tracker_worker_failures_total{reason="panic"}`); a worker task

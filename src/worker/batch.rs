@@ -151,20 +151,10 @@ pub(crate) fn chunks<T>(entries: Vec<T>, max: usize) -> VecDeque<Vec<T>> {
 mod tests {
     use super::*;
     use crate::key::{Owner, StreamName};
-    use crate::registry::{Limits, Open, RegistryMetrics};
+    use crate::registry::Open;
 
     fn registry() -> Registry {
-        Registry::new(
-            Limits {
-                max_streams: 10,
-                idle_ttl: None,
-                max_names: 10,
-                max_pending_evicted: 10,
-            },
-            RegistryMetrics::noop(),
-            16,
-        )
-        .0
+        Registry::for_tests(10, None, 10)
     }
 
     fn slot(r: &Registry, name: &str) -> Arc<Slot> {

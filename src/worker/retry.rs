@@ -9,8 +9,9 @@ use tokio::time::Instant;
 
 /// How the worker retries a failed store write: exponential backoff with jitter, capped, for at
 /// most a number of retries. After the last retry fails the write is given up: counted in
-/// `sse_tracker_retries_exhausted_total`, logged at error level, and its keys stay dirty, so the
-/// next successful write to the store catches them up.
+/// `sse_tracker_retries_exhausted_total` and logged at error level. A given-up stream's latest
+/// id stays in memory (and in the shutdown report's `given_up`): it is written again after the
+/// next successful write to the store, or by a probe once per longest retry delay.
 ///
 /// The delay before retry `n` (1-based) is drawn uniformly from `[d/2, d]`, where
 /// `d = min(max, base * 2^(n-1))`.
@@ -57,7 +58,7 @@ impl RetryPolicy {
         }
     }
 
-    /// No retries: a failed write is given up at once (its keys stay dirty).
+    /// No retries: a failed write is given up at once (then caught up as above).
     pub const fn never() -> Self {
         Self {
             base: Duration::from_millis(1),
