@@ -31,7 +31,7 @@ const MAX_IDLE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 // The defaults, stated on each setter.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 const HEARTBEAT_COMMENT: &str = "keep-alive";
-const MAX_ID_LEN: usize = 1024;
+const MAX_ID_LEN: usize = crate::scan::DEFAULT_MAX_ID_LEN;
 const MAX_STREAMS: NonZeroUsize = NonZeroUsize::new(100_000).unwrap();
 const CHANNEL_CAPACITY: usize = 1024;
 const SEND_TIMEOUT: Duration = Duration::from_millis(100);
@@ -348,7 +348,7 @@ impl SseTrackerBuilder {
     /// for a later write (while the store is failing or slow and new streams keep evicting old
     /// ones). When more are evicted, the oldest is dropped: counted in
     /// `sse_tracker_ids_dropped_total{reason="evicted_overflow"}`, logged with the count, and
-    /// counted in the [`ShutdownReport`](crate::ShutdownReport). About 400 bytes each.
+    /// counted in the [`ShutdownReport`](crate::ShutdownReport). About 250 bytes each.
     /// Default: 10 000.
     pub fn max_pending_evicted(mut self, streams: usize) -> Self {
         self.max_pending_evicted = streams;

@@ -80,18 +80,13 @@ impl Shared {
         worker: WorkerConfig,
     ) -> (Self, WorkerTask) {
         let metrics = Handles::register();
-        let (registry, inbox) = Registry::new(limits, metrics.registry(), channel_capacity);
-        let registry = Arc::new(registry);
+        let registry = Arc::new(Registry::new(limits, metrics.registry(), channel_capacity));
         // The worker holds the registry, the store and the metrics, never `Shared`: when the
-        // last tracker, layer and body are gone, its channel closes and it finishes.
+        // last tracker, layer and body are gone, so is the worker's handle, whose control
+        // channel then closes, and the worker writes what it holds and finishes.
         let store_timeout = worker.store_timeout;
-        let (worker, task) = WorkerHandle::new(
-            inbox,
-            worker,
-            registry.clone(),
-            store.clone(),
-            metrics.clone(),
-        );
+        let (worker, task) =
+            WorkerHandle::new(worker, registry.clone(), store.clone(), metrics.clone());
         let shared = Self {
             config,
             registry,

@@ -749,3 +749,37 @@ async fn an_evicted_id_stays_in_the_report_when_its_key_is_made_again() {
     );
     assert!(!report.is_complete());
 }
+
+/// From review: once every tracker, layer and body is gone without a `shutdown()`, the worker
+/// writes what it holds and finishes (it kept running for ever while the hand-off's channel
+/// lived in the registry it holds).
+#[tokio::test(start_paused = true)]
+async fn a_worker_whose_tracker_layers_and_bodies_are_gone_writes_what_it_holds_and_finishes() {
+    use common::direct::{drive, frames_service, id_frames};
+
+    let store = Arc::new(InMemoryStore::new());
+    let (tracker, worker) = SseTracker::builder()
+        .store(store.clone())
+        .heartbeat_interval(None)
+        .flush_interval(Duration::from_secs(3600))
+        .build_with_worker()
+        .unwrap();
+    let worker = tokio::spawn(worker);
+    // The worker's first flush tick comes at once; the next is an hour away.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut svc = frames_service(&tracker);
+    drive(&mut svc, "s1", id_frames(3)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(store.get(&key("s1", "GET /mcp")).is_none());
+    drop(svc);
+    drop(tracker);
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker finishes")
+        .unwrap();
+    assert_eq!(
+        stored(&store, "s1", "GET /mcp").as_deref(),
+        Some("3"),
+        "what it held was written"
+    );
+}

@@ -295,7 +295,7 @@ impl Drop for Tracked {
 impl SseState {
     /// Ready once the worker's channel has room again, or the send timeout has passed (counted
     /// and logged), or the worker has stopped. The slot that found the channel full is in the
-    /// registry's dirty list already: this wait only paces the body.
+    /// hand-off's dirty list already: this wait only paces the body.
     pub(super) fn poll_room(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let shared = &*this.shared;

@@ -9,8 +9,8 @@
 //!   where it stays, visible to lookups and to the shutdown report, until its id is stored.
 //! - A session marked active goes to the **active list**, once per flush.
 //!
-//! The worker drains all of it ([`Inbox`] for the channel, the rest through [`Handoff`]);
-//! once it has stopped, the hand-off is closed and takes nothing more.
+//! The worker drains all of it, through [`Handoff`] alone; once it has stopped, the hand-off is
+//! closed and takes nothing more.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -68,8 +68,10 @@ pub(crate) enum Offered {
 
 #[derive(Debug)]
 pub(crate) struct Handoff {
-    /// The bodies' end of the channel to the worker.
+    /// The bodies' end of the channel to the worker, and the worker's (only the worker
+    /// receives, so its lock is never contended).
     sender: mpsc::Sender<Arc<Slot>>,
+    receiver: tokio::sync::Mutex<mpsc::Receiver<Arc<Slot>>>,
     metrics: HandoffMetrics,
     /// The most entries a list holds before it is purged of evicted ones (see
     /// [`Limits::list_bound`](super::Limits::list_bound)).
@@ -89,28 +91,6 @@ pub(crate) struct Handoff {
     active: Mutex<Vec<Arc<SessionState>>>,
     /// Set when the worker has stopped: nothing is queued for it any more.
     closed: AtomicBool,
-}
-
-/// The worker's end of the hand-off's channel.
-#[derive(Debug)]
-pub(crate) struct Inbox(mpsc::Receiver<Arc<Slot>>);
-
-impl Inbox {
-    /// Receives up to `limit` offered slots into `buf`; 0 once every sender is gone (or the
-    /// inbox was closed and emptied).
-    pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Arc<Slot>>, limit: usize) -> usize {
-        self.0.recv_many(buf, limit).await
-    }
-
-    /// Takes nothing more (what is in the channel is still received).
-    pub(crate) fn close(&mut self) {
-        self.0.close();
-    }
-
-    /// Slots waiting in the channel.
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
 }
 
 /// A body's wait for room in the hand-off's channel, to pace itself after the channel was
@@ -137,15 +117,12 @@ impl Room {
 }
 
 impl Handoff {
-    /// A hand-off whose channel holds `capacity` slots, and the worker's end of it.
-    pub(crate) fn new(
-        capacity: usize,
-        limits: &super::Limits,
-        metrics: HandoffMetrics,
-    ) -> (Self, Inbox) {
+    /// A hand-off whose channel holds `capacity` slots.
+    pub(crate) fn new(capacity: usize, limits: &super::Limits, metrics: HandoffMetrics) -> Self {
         let (sender, receiver) = mpsc::channel(capacity);
-        let handoff = Self {
+        Self {
             sender,
+            receiver: tokio::sync::Mutex::new(receiver),
             metrics,
             list_bound: limits.list_bound(),
             max_pending_evicted: limits.max_pending_evicted,
@@ -155,8 +132,7 @@ impl Handoff {
             warned_stopped: AtomicBool::new(false),
             active: Mutex::default(),
             closed: AtomicBool::new(false),
-        };
-        (handoff, Inbox(receiver))
+        }
     }
 
     /// Hands `slot` (whose queued flag the caller holds) to the worker, which will persist its
@@ -180,6 +156,22 @@ impl Handoff {
     /// A wait for room in the channel.
     pub(crate) fn room(&self) -> Room {
         Room(PollSender::new(self.sender.clone()))
+    }
+
+    /// For the worker: receives up to `limit` offered slots into `buf`; 0 once the channel
+    /// is closed and emptied.
+    pub(crate) async fn recv_many(&self, buf: &mut Vec<Arc<Slot>>, limit: usize) -> usize {
+        self.receiver.lock().await.recv_many(buf, limit).await
+    }
+
+    /// For the worker: the channel takes nothing more (what is in it is still received).
+    pub(crate) async fn close_channel(&self) {
+        self.receiver.lock().await.close();
+    }
+
+    /// Slots waiting in the channel.
+    pub(crate) fn queued(&self) -> usize {
+        self.sender.max_capacity() - self.sender.capacity()
     }
 
     pub(super) fn push_active(&self, session: Arc<SessionState>) {

@@ -38,7 +38,7 @@ use metrics::Counter;
 
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::sync::lock;
-use handoff::{Handoff, HandoffMetrics, Inbox};
+use handoff::{Handoff, HandoffMetrics};
 use routes::{LostRoutes, MAX_LOST_OWNERS, route_of};
 pub(crate) use slot::{SessionState, Slot, Version};
 
@@ -274,11 +274,10 @@ fn owner_of(state: &SessionState) -> Owner {
 }
 
 impl Registry {
-    /// A registry, its hand-off's channel holding `capacity` slots, and the worker's end of
-    /// that channel.
-    pub(crate) fn new(limits: Limits, metrics: RegistryMetrics, capacity: usize) -> (Self, Inbox) {
-        let (handoff, inbox) = Handoff::new(capacity, &limits, metrics.handoff.clone());
-        let registry = Self {
+    /// A registry whose hand-off's channel holds `capacity` slots.
+    pub(crate) fn new(limits: Limits, metrics: RegistryMetrics, capacity: usize) -> Self {
+        let handoff = Handoff::new(capacity, &limits, metrics.handoff.clone());
+        Self {
             limits,
             metrics,
             map: Mutex::new(Map {
@@ -296,8 +295,7 @@ impl Registry {
             epoch: tokio::time::Instant::now(),
             epoch_wall: SystemTime::now(),
             handoff,
-        };
-        (registry, inbox)
+        }
     }
 
     /// Everything on its way to the worker.
@@ -546,7 +544,8 @@ impl Registry {
 
 #[cfg(test)]
 impl Registry {
-    /// A registry for unit tests: no metrics, and a hand-off channel that nobody reads.
+    /// A registry for unit tests: no metrics, and a hand-off channel of one slot that nobody
+    /// reads (a second offer finds it full).
     pub(crate) fn for_tests(
         max_streams: usize,
         idle_ttl: Option<Duration>,
@@ -558,12 +557,13 @@ impl Registry {
             max_names: 100,
             max_pending_evicted,
         };
-        Self::new(limits, RegistryMetrics::noop(), 16).0
+        Self::new(limits, RegistryMetrics::noop(), 1)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::handoff::Offered;
     use super::slot::IdBytes;
     use super::*;
 
@@ -958,22 +958,42 @@ mod tests {
 
     #[test]
     fn after_close_nothing_is_queued_and_evicted_ids_count_as_dropped() {
-        let registry = registry(1, None);
-        let slot = insert(&registry, "s", "GET /a", false);
-        slot.publish(b"1", 0);
+        let registry = registry(2, None);
+        let first = insert(&registry, "s", "GET /a", false);
+        let slot = insert(&registry, "s", "GET /b", false);
+        // The channel (of one) is full, then the worker stops.
+        assert_eq!(registry.handoff().offer(first), Offered::Sent);
         registry.handoff().close();
-        assert_eq!(
-            registry.handoff().offer(slot.clone()),
-            handoff::Offered::Closed
+        slot.publish(b"1", 0);
+        assert_eq!(registry.handoff().offer(slot.clone()), Offered::Full);
+        assert!(
+            !registry.handoff().has_dirty(),
+            "nothing queued after close"
         );
-        assert!(!registry.handoff().has_dirty());
         registry.handoff().take_active();
         slot.session().unmark();
         registry.mark_active(slot.session());
         assert!(registry.handoff().take_active().is_empty());
-        insert(&registry, "t", "GET /b", false);
+        insert(&registry, "t", "GET /c", false);
+        insert(&registry, "u", "GET /d", false);
         assert_eq!(registry.handoff().dropped(), 1);
         assert_eq!(registry.handoff().evicted_pending_len(), 0);
+    }
+
+    /// A slot offered while the worker's channel is full goes to the dirty list at once, so
+    /// that the worker learns of it whether or not its body is polled again.
+    #[test]
+    fn an_offer_that_finds_the_channel_full_goes_to_the_dirty_list() {
+        let registry = registry(10, None);
+        let a = insert(&registry, "s", "GET /a", false);
+        let b = insert(&registry, "s", "GET /b", false);
+        assert_eq!(registry.handoff().offer(a), Offered::Sent);
+        assert_eq!(registry.handoff().queued(), 1);
+        assert!(!registry.handoff().has_dirty());
+        assert_eq!(registry.handoff().offer(b.clone()), Offered::Full);
+        let dirty = registry.handoff().take_dirty();
+        assert_eq!(dirty.len(), 1);
+        assert!(Arc::ptr_eq(&dirty[0], &b));
     }
 }
 

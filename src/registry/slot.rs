@@ -112,7 +112,7 @@ pub(super) struct Latest {
     has_id: bool,
     version: Version,
     /// The worker owes this slot a look: a message is in the channel or on its way, or the slot
-    /// is in the worker's pending list, the registry's dirty list, the retry queue or the
+    /// is in the worker's pending list, the hand-off's dirty list, the retry queue or the
     /// given-up list. While it is set, bodies send nothing more for this slot. Kept under the
     /// same lock as the id, so that a body's publish and the worker's read can never both miss
     /// each other's update.

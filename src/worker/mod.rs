@@ -49,7 +49,6 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until};
 
 use crate::metrics::Handles;
 use crate::registry::Registry;
-use crate::registry::handoff::Inbox;
 use crate::store::{BoxFuture, DynStore};
 use crate::sync::lock;
 use guard::{CatchUnwind, panic_message};
@@ -84,7 +83,8 @@ const ABANDONED_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The tracker's background worker: a future to run on a Tokio runtime (spawn it), made by
 /// [`SseTrackerBuilder::build_with_worker`](crate::SseTrackerBuilder::build_with_worker). It
-/// runs until the tracker is shut down, or every tracker, layer and body is gone.
+/// runs until the tracker is shut down, or every tracker, layer and body is gone (then it
+/// writes what it holds for up to 10 s, and stops).
 #[must_use = "the worker does nothing until it is spawned"]
 pub struct WorkerTask(BoxFuture<'static, ()>);
 
@@ -133,7 +133,6 @@ impl std::fmt::Debug for ShutdownRequest {
 impl WorkerHandle {
     /// The handle and the worker's task (its supervisor), for the caller to spawn.
     pub(crate) fn new(
-        inbox: Inbox,
         config: WorkerConfig,
         registry: Arc<Registry>,
         store: Arc<dyn DynStore>,
@@ -145,7 +144,6 @@ impl WorkerHandle {
             lost: AtomicBool::new(false),
         });
         let io = Io {
-            inbox,
             control: Some(control_rx),
             saving: None,
             touching: None,
@@ -230,13 +228,12 @@ impl WorkerHandle {
 
 /// What the worker's loop waits on; survives a restart of the loop.
 struct Io {
-    inbox: Inbox,
     control: Option<oneshot::Receiver<ShutdownRequest>>,
     /// The save call in flight, and the activity call in flight: one of each kind at most, so
     /// that a hung call of one kind does not hold up the other.
     saving: Option<BoxFuture<'static, CallDone>>,
     touching: Option<BoxFuture<'static, CallDone>>,
-    /// The channel is open (not closed by shutdown, and senders remain).
+    /// The hand-off's channel is open (not closed by a shutdown, asked for or abandoned).
     open: bool,
 }
 
@@ -338,6 +335,9 @@ async fn run(io: &mut Io, state: &mut State) {
     let mut tick: Interval = tokio::time::interval(state.config.flush_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut buf = Vec::with_capacity(RECEIVE_LIMIT);
+    // The worker's input, all of it: the slots bodies offer, and the lists beside them.
+    let registry = state.registry.clone();
+    let handoff = registry.handoff();
     loop {
         let now = Instant::now();
         if state.finished(io, now) {
@@ -367,7 +367,7 @@ async fn run(io: &mut Io, state: &mut State) {
         if io.touching.is_none() {
             io.touching = state.next_touch(now);
         }
-        state.metrics.queue_depth.set(io.inbox.len() as f64);
+        state.metrics.queue_depth.set(handoff.queued() as f64);
         state
             .metrics
             .retry_queue_depth
@@ -385,12 +385,21 @@ async fn run(io: &mut Io, state: &mut State) {
             biased;
             request = maybe_control(&mut io.control) => {
                 io.control = None;
-                if let Ok(request) = request {
-                    state.begin_shutdown(request);
-                    // Stop intake now, even though bodies still hold senders; what is already
-                    // in the channel is still received.
-                    io.inbox.close();
+                match request {
+                    Ok(request) => state.begin_shutdown(request),
+                    // The handle is gone with every tracker, layer and body (bodies keep it
+                    // alive): write what is held, for a while, then stop.
+                    Err(_) if state.shutdown.is_none() => {
+                        state.begin_shutdown(ShutdownRequest {
+                            deadline: instant_after(ABANDONED_DEADLINE),
+                            reply: None,
+                        });
+                    }
+                    Err(_) => {}
                 }
+                // Stop intake now, even though bodies may still offer; what is already in the
+                // channel is still received.
+                handoff.close_channel().await;
             }
             done = maybe(&mut io.saving) => {
                 io.saving = None;
@@ -403,17 +412,10 @@ async fn run(io: &mut Io, state: &mut State) {
                 state.finish_call(done);
                 tokio::task::yield_now().await;
             }
-            received = io.inbox.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
+            received = handoff.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
                 if received == 0 {
+                    // Closed and emptied.
                     io.open = false;
-                    if state.shutdown.is_none() {
-                        // Every tracker, layer and body is gone: write what is held, for a
-                        // while, then stop.
-                        state.begin_shutdown(ShutdownRequest {
-                            deadline: instant_after(ABANDONED_DEADLINE),
-                            reply: None,
-                        });
-                    }
                 } else {
                     state.accept(&mut buf);
                 }
