@@ -331,6 +331,11 @@ impl Handoff {
     /// Stops queueing anything for the worker (it has stopped). The flag is set under each
     /// list's lock, so that nothing is pushed after the list is emptied.
     pub(crate) fn close(&self) {
+        // The channel too, so that bodies see the worker gone (nobody receives any more: the
+        // worker has ended, so its lock on the receiver is free).
+        if let Ok(mut receiver) = self.receiver.try_lock() {
+            receiver.close();
+        }
         let mut dirty = lock(&self.dirty);
         let mut evicted = lock(&self.evicted);
         let mut active = lock(&self.active);

@@ -961,11 +961,12 @@ mod tests {
         let registry = registry(2, None);
         let first = insert(&registry, "s", "GET /a", false);
         let slot = insert(&registry, "s", "GET /b", false);
-        // The channel (of one) is full, then the worker stops.
+        // The channel (of one) is full, then the worker stops: the hand-off says so, and
+        // queues nothing more anywhere.
         assert_eq!(registry.handoff().offer(first), Offered::Sent);
         registry.handoff().close();
         slot.publish(b"1", 0);
-        assert_eq!(registry.handoff().offer(slot.clone()), Offered::Full);
+        assert_eq!(registry.handoff().offer(slot.clone()), Offered::Closed);
         assert!(
             !registry.handoff().has_dirty(),
             "nothing queued after close"
