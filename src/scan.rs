@@ -239,6 +239,28 @@ enum Line {
     IdValue,
 }
 
+/// What a scan tells its caller as it goes: each committed id, and where each blank line
+/// ends, with whether it dispatched an event. A closure over ids is one (it ignores blank
+/// lines).
+pub(crate) trait Sink {
+    /// An id was committed (its event is being dispatched: [`blank_line`](Self::blank_line)
+    /// follows).
+    fn commit(&mut self, id: &[u8]);
+    /// A blank line ends at `end` in the chunk given to [`Scanner::feed_sink`] (just after its
+    /// line end): it dispatched an event (`event`), or ended only comments or nothing.
+    #[inline]
+    fn blank_line(&mut self, end: usize, event: bool) {
+        let _ = (end, event);
+    }
+}
+
+impl<F: FnMut(&[u8])> Sink for F {
+    #[inline]
+    fn commit(&mut self, id: &[u8]) {
+        self(id)
+    }
+}
+
 /// Incremental SSE scanner: bytes in, dispatched events and committed ids out.
 ///
 /// See the [module documentation](self) for the rules it follows.
@@ -303,21 +325,31 @@ impl Scanner {
     /// Scans the next piece of the stream, calling `on_commit` with every id committed in it,
     /// in order. [`feed`](Self::feed) keeps only the last one.
     #[inline]
-    pub fn feed_with(&mut self, mut chunk: &[u8], mut on_commit: impl FnMut(&[u8])) -> Feed {
+    pub fn feed_with(&mut self, chunk: &[u8], mut on_commit: impl FnMut(&[u8])) -> Feed {
+        self.feed_sink(chunk, &mut on_commit)
+    }
+
+    /// Scans the next piece of the stream, telling `sink` of every id committed and every blank
+    /// line in it, in order.
+    #[inline]
+    pub(crate) fn feed_sink(&mut self, mut chunk: &[u8], sink: &mut impl Sink) -> Feed {
         let mut out = Feed::default();
+        let mut base = 0;
         if self.bom < BOM_CLOSED {
             while let Some((&b, rest)) = chunk.split_first() {
                 if b == BOM[usize::from(self.bom)] {
                     chunk = rest;
+                    base += 1;
                     self.bom += 1;
                     if self.bom == BOM_CLOSED {
                         break;
                     }
                 } else {
-                    // Not a byte order mark: what matched of it is ordinary content.
+                    // Not a byte order mark: what matched of it is ordinary content (it holds
+                    // no line end, so nothing in it is dispatched).
                     let matched = usize::from(self.bom);
                     self.bom = BOM_CLOSED;
-                    self.scan(&BOM[..matched], &mut out, &mut on_commit);
+                    self.scan(&BOM[..matched], 0, &mut out, sink);
                     break;
                 }
             }
@@ -325,7 +357,7 @@ impl Scanner {
                 return out;
             }
         }
-        self.scan(chunk, &mut out, &mut on_commit);
+        self.scan(chunk, base, &mut out, sink);
         out
     }
 
@@ -360,7 +392,8 @@ impl Scanner {
         self.bom = BOM_CLOSED;
     }
 
-    fn scan(&mut self, buf: &[u8], out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
+    /// Scans `buf`, which starts at `base` in the caller's chunk (for the ends of blank lines).
+    fn scan(&mut self, buf: &[u8], base: usize, out: &mut Feed, sink: &mut impl Sink) {
         // Line ends are found with one pass over the buffer (`LineEnds`); each line is then
         // looked at only at its start (is it `id`?), so the cost per line is a few branches
         // whatever its length.
@@ -377,14 +410,15 @@ impl Scanner {
                 continue;
             }
             let line = &buf[start..end];
+            let next = self.after_line_end(buf, end);
             if self.line == Line::Start {
-                self.whole_line(line, out, on_commit);
+                self.whole_line(line, base + next, out, sink);
             } else {
                 // The end of a line begun in an earlier frame.
                 self.segment(line);
-                self.line_end(out, on_commit);
+                self.line_end(base + next, out, sink);
             }
-            start = self.after_line_end(buf, end);
+            start = next;
         }
         if start < buf.len() {
             self.segment(&buf[start..]);
@@ -394,9 +428,9 @@ impl Scanner {
     /// Handles a line that lies entirely in the current frame: the common case, with no state
     /// machine and no copy but that of an accepted id.
     #[inline]
-    fn whole_line(&mut self, line: &[u8], out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
+    fn whole_line(&mut self, line: &[u8], next: usize, out: &mut Feed, sink: &mut impl Sink) {
         match line {
-            [] => self.dispatch(out, on_commit),
+            [] => self.dispatch(next, out, sink),
             [b':', ..] => {}
             [b'i', b'd'] => {
                 self.in_event = true;
@@ -484,10 +518,10 @@ impl Scanner {
         }
     }
 
-    /// Ends the current line.
-    fn line_end(&mut self, out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
+    /// Ends the current line; the next line starts at `next`.
+    fn line_end(&mut self, next: usize, out: &mut Feed, sink: &mut impl Sink) {
         match self.line {
-            Line::Start => self.dispatch(out, on_commit),
+            Line::Start => self.dispatch(next, out, sink),
             // `id` with no colon, or `id:` with nothing after it: the id becomes empty.
             Line::NameId | Line::IdValueStart => {
                 self.pending.clear();
@@ -508,8 +542,10 @@ impl Scanner {
         self.line = Line::Start;
     }
 
-    fn dispatch(&mut self, out: &mut Feed, on_commit: &mut impl FnMut(&[u8])) {
-        if self.in_event {
+    /// A blank line, which ends at `end`: dispatches the event, if one was begun.
+    fn dispatch(&mut self, end: usize, out: &mut Feed, sink: &mut impl Sink) {
+        let event = self.in_event;
+        if event {
             out.events += 1;
             self.in_event = false;
         }
@@ -520,8 +556,9 @@ impl Scanner {
             mem::swap(&mut self.committed, &mut self.pending);
             self.has_committed = true;
             out.ids += 1;
-            on_commit(&self.committed);
+            sink.commit(&self.committed);
         }
+        sink.blank_line(end, event);
     }
 }
 
