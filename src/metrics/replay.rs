@@ -1,0 +1,149 @@
+//! The replay metrics: events logged and dropped from logs by cause, replays by outcome, and
+//! the heap the logs hold.
+
+use metrics::{Counter, Gauge, Unit, counter, describe_counter, describe_gauge, gauge};
+
+use crate::replay::GapReason;
+
+/// Counter: events written to replay logs.
+pub(crate) const REPLAY_EVENTS_LOGGED_TOTAL: &str = "sse_tracker_replay_events_logged_total";
+/// Counter: events dropped from replay logs, labelled by `cause`.
+pub(crate) const REPLAY_EVICTIONS_TOTAL: &str = "sse_tracker_replay_evictions_total";
+/// Gauge: heap bytes held by all replay logs (their chunks and indexes).
+pub(crate) const REPLAY_LOG_BYTES: &str = "sse_tracker_replay_log_bytes";
+/// Counter: replays sent, labelled by `outcome`.
+pub(crate) const REPLAYS_TOTAL: &str = "sse_tracker_replays_total";
+/// Counter: events replayed.
+pub(crate) const REPLAYED_EVENTS_TOTAL: &str = "sse_tracker_replayed_events_total";
+/// Counter: bytes replayed.
+pub(crate) const REPLAYED_BYTES_TOTAL: &str = "sse_tracker_replayed_bytes_total";
+/// Counter: tracked SSE bodies not logged because another body of the same stream writes its
+/// log.
+pub(crate) const REPLAY_STREAMS_UNLOGGED_TOTAL: &str = "sse_tracker_replay_streams_unlogged_total";
+
+/// Why events left a replay log: the `cause` label of `sse_tracker_replay_evictions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trim {
+    /// The stream's event bound.
+    Events,
+    /// The stream's byte bound.
+    Bytes,
+    /// The tracker's budget for all logs.
+    Budget,
+    /// An event larger than the stream's byte bound (it and the history before it).
+    TooLarge,
+    /// A response that did not continue the stream's history restarted it.
+    Restart,
+}
+
+impl Trim {
+    pub(crate) const ALL: [Trim; 5] = [
+        Trim::Events,
+        Trim::Bytes,
+        Trim::Budget,
+        Trim::TooLarge,
+        Trim::Restart,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Trim::Events => "events",
+            Trim::Bytes => "bytes",
+            Trim::Budget => "budget",
+            Trim::TooLarge => "too_large",
+            Trim::Restart => "restart",
+        }
+    }
+}
+
+/// The replay metric handles, taken once when the tracker is built.
+#[derive(Clone)]
+pub(crate) struct ReplayMetrics {
+    logged: Counter,
+    trimmed: [Counter; Trim::ALL.len()],
+    pub(crate) log_bytes: Gauge,
+    /// `sse_tracker_replays_total`: `complete`, then each [`GapReason`].
+    replays: [Counter; 1 + GapReason::ALL.len()],
+    replayed_events: Counter,
+    replayed_bytes: Counter,
+    pub(crate) unlogged: Counter,
+}
+
+impl ReplayMetrics {
+    pub(crate) fn register() -> Self {
+        let outcome = |label: &'static str| counter!(REPLAYS_TOTAL, "outcome" => label);
+        Self {
+            logged: counter!(REPLAY_EVENTS_LOGGED_TOTAL),
+            trimmed: Trim::ALL
+                .map(|cause| counter!(REPLAY_EVICTIONS_TOTAL, "cause" => cause.label())),
+            log_bytes: gauge!(REPLAY_LOG_BYTES),
+            replays: [
+                outcome("complete"),
+                outcome(GapReason::NoHistory.as_str()),
+                outcome(GapReason::Evicted.as_str()),
+                outcome(GapReason::UnknownId.as_str()),
+            ],
+            replayed_events: counter!(REPLAYED_EVENTS_TOTAL),
+            replayed_bytes: counter!(REPLAYED_BYTES_TOTAL),
+            unlogged: counter!(REPLAY_STREAMS_UNLOGGED_TOTAL),
+        }
+    }
+
+    pub(crate) fn logged(&self, events: usize) {
+        if events > 0 {
+            self.logged.increment(events as u64);
+        }
+    }
+
+    pub(crate) fn trimmed(&self, cause: Trim, events: usize) {
+        if events > 0 {
+            self.trimmed[cause as usize].increment(events as u64);
+        }
+    }
+
+    pub(crate) fn replayed(&self, events: usize, bytes: usize) {
+        self.replays[0].increment(1);
+        self.replayed_events.increment(events as u64);
+        self.replayed_bytes.increment(bytes as u64);
+    }
+
+    pub(crate) fn gap(&self, reason: GapReason) {
+        let index = 1 + GapReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is listed");
+        self.replays[index].increment(1);
+    }
+}
+
+impl std::fmt::Debug for ReplayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayMetrics")
+    }
+}
+
+pub(super) fn describe() {
+    describe_counter!(
+        REPLAY_EVENTS_LOGGED_TOTAL,
+        Unit::Count,
+        "Events written to replay logs"
+    );
+    describe_counter!(
+        REPLAY_EVICTIONS_TOTAL,
+        Unit::Count,
+        "Events dropped from replay logs, by cause"
+    );
+    describe_gauge!(
+        REPLAY_LOG_BYTES,
+        Unit::Bytes,
+        "Heap bytes held by all replay logs"
+    );
+    describe_counter!(REPLAYS_TOTAL, Unit::Count, "Replays sent, by outcome");
+    describe_counter!(REPLAYED_EVENTS_TOTAL, Unit::Count, "Events replayed");
+    describe_counter!(REPLAYED_BYTES_TOTAL, Unit::Bytes, "Bytes replayed");
+    describe_counter!(
+        REPLAY_STREAMS_UNLOGGED_TOTAL,
+        Unit::Count,
+        "Tracked SSE bodies not logged: another body of the stream writes its log"
+    );
+}

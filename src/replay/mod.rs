@@ -1,0 +1,329 @@
+//! Replay: a bounded log per tracked stream of the exact bytes of its events, and the missed
+//! events sent again, before anything else, to a client that reconnects with `Last-Event-ID`;
+//! or, when they are gone, a signal saying so.
+//!
+//! - this module: the policy, what a request learns ([`Replay`]), and the tracker's logs;
+//! - `log`: one stream's log, and the budget shared by all;
+//! - `ring`: a log's storage.
+//!
+//! Positions: each log has an epoch, a number that changes whenever its history restarts (a new
+//! stream, a log evicted with its stream, an event too large to keep, a response that does not
+//! continue the replayed history), and each event in it an offset, counted from 0 in its epoch.
+//! A client names a position by its `Last-Event-ID`: the newest event of the log whose own
+//! `id` field is that id.
+
+mod log;
+mod ring;
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+
+use crate::key::EventId;
+use crate::metrics::ReplayMetrics;
+pub(crate) use log::{Budget, StreamLog, Writer};
+
+/// The response header that says what the layer replayed, on an SSE response to a request
+/// that carried a `Last-Event-ID`, with replay on (see
+/// [`SseTrackerBuilder::replay`](crate::SseTrackerBuilder::replay)):
+///
+/// - `complete; events=N`: the response starts with the `N` events the client missed (`N` may
+///   be 0), once each, byte for byte as they were first sent; then the application's events;
+/// - `gap; reason=R`: the events after the client's id cannot be replayed, and none are; `R` is
+///   `no_history`, `evicted` or `unknown_id` (see [`GapReason`]).
+pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
+
+/// How much history the replay logs keep (see
+/// [`SseTrackerBuilder::replay`](crate::SseTrackerBuilder::replay)).
+///
+/// Each tracked stream's log keeps its newest events, at most [`max_events`](Self::max_events)
+/// of them and [`max_stream_bytes`](Self::max_stream_bytes) bytes; all logs of a tracker
+/// together hold at most [`max_total_bytes`](Self::max_total_bytes) of heap, the oldest
+/// history of any stream going first when they would hold more.
+///
+/// ```
+/// use std::num::NonZeroUsize;
+/// use tower_sse_tracker::ReplayPolicy;
+///
+/// let policy = ReplayPolicy::new()
+///     .max_events(NonZeroUsize::new(256).unwrap())
+///     .max_total_bytes(NonZeroUsize::new(256 << 20).unwrap())
+///     .gap_event("replay-gap");
+/// # let _ = policy;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayPolicy {
+    pub(crate) max_events: usize,
+    pub(crate) max_stream_bytes: usize,
+    pub(crate) max_total_bytes: usize,
+    pub(crate) gap_event: Option<String>,
+}
+
+impl Default for ReplayPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReplayPolicy {
+    /// The default policy: 1024 events and 1 MiB per stream, 64 MiB in all, no gap event.
+    pub fn new() -> Self {
+        Self {
+            max_events: 1024,
+            max_stream_bytes: 1 << 20,
+            max_total_bytes: 64 << 20,
+            gap_event: None,
+        }
+    }
+
+    /// The most events one stream's log keeps (default 1024).
+    pub fn max_events(mut self, events: NonZeroUsize) -> Self {
+        self.max_events = events.get();
+        self
+    }
+
+    /// The most bytes one stream's log keeps: its events' bytes, with their ids (default
+    /// 1 MiB, at most 1 GiB and at most [`max_total_bytes`](Self::max_total_bytes), else
+    /// [`build`](crate::SseTrackerBuilder::build) fails). An event larger than this is not
+    /// kept, and the stream's history restarts after it.
+    pub fn max_stream_bytes(mut self, bytes: NonZeroUsize) -> Self {
+        self.max_stream_bytes = bytes.get();
+        self
+    }
+
+    /// The most heap all logs of the tracker hold together (default 64 MiB): their bytes, in
+    /// chunks of 1 KiB, and an index of 4 bytes per event. Beyond it, the oldest history of
+    /// any stream goes first (to within a chunk). Each stream's log also costs about 150 bytes
+    /// of its own, counted with the stream (see
+    /// [`SseTracker::estimated_memory_bytes`](crate::SseTracker::estimated_memory_bytes)).
+    pub fn max_total_bytes(mut self, bytes: NonZeroUsize) -> Self {
+        self.max_total_bytes = bytes.get();
+        self
+    }
+
+    /// When a replay is impossible, the response also starts with one event of this type
+    /// (`event: {name}`), whose data is the reason (`no_history`, `evicted` or `unknown_id`)
+    /// and which has no `id` field (it leaves the client's last event id as it was). Off by
+    /// default: the [`REPLAY_HEADER`] header says it in any case. The name must be 1 to 64
+    /// bytes, none of them CR, LF or NUL.
+    pub fn gap_event(mut self, name: impl Into<String>) -> Self {
+        self.gap_event = Some(name.into());
+        self
+    }
+
+    /// Why the policy cannot be used, if it cannot.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.max_stream_bytes > MAX_STREAM_BYTES {
+            return Err(format!(
+                "replay max_stream_bytes {} is above {MAX_STREAM_BYTES}",
+                self.max_stream_bytes
+            ));
+        }
+        if self.max_stream_bytes > self.max_total_bytes {
+            return Err(format!(
+                "replay max_stream_bytes {} is above max_total_bytes {}",
+                self.max_stream_bytes, self.max_total_bytes
+            ));
+        }
+        if let Some(name) = &self.gap_event
+            && (name.is_empty()
+                || name.len() > 64
+                || name.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')))
+        {
+            return Err(format!(
+                "replay gap_event {name:?} must be 1 to 64 bytes without CR, LF or NUL"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest `max_stream_bytes`: 1 GiB.
+const MAX_STREAM_BYTES: usize = 1 << 30;
+
+/// Where an event lies in its stream's log: the log's epoch (a new one whenever the stream's
+/// history restarts) and the event's offset in it, counted from 0.
+///
+/// ```
+/// use tower_sse_tracker::{Position, Replay};
+///
+/// fn continue_after(replay: &Replay) -> Option<Position> {
+///     match replay {
+///         Replay::Complete { position, .. } => Some(*position),
+///         _ => None,
+///     }
+/// }
+/// # let _ = continue_after;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Position {
+    /// The epoch of the stream's history.
+    pub epoch: u64,
+    /// The event's offset in the epoch.
+    pub offset: u64,
+}
+
+/// Why the layer could not replay what a client missed. In every case it replays nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GapReason {
+    /// The layer holds no history of the stream the request addresses: it never logged one
+    /// here, or the stream was evicted with its log, or the layer cannot tell which of an
+    /// owner's streams the request resumes.
+    NoHistory,
+    /// The client's event is older than the history kept: the stream's bounds or the
+    /// tracker's budget dropped it.
+    Evicted,
+    /// The stream's history does not hold the client's id: the id is from an earlier history
+    /// of the stream (a response that did not continue it restarted it), or was never sent on
+    /// it.
+    UnknownId,
+}
+
+impl GapReason {
+    /// The reason as the [`REPLAY_HEADER`] header and the metrics write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::NoHistory => "no_history",
+            GapReason::Evicted => "evicted",
+            GapReason::UnknownId => "unknown_id",
+        }
+    }
+
+    pub(crate) const ALL: [GapReason; 3] = [
+        GapReason::NoHistory,
+        GapReason::Evicted,
+        GapReason::UnknownId,
+    ];
+}
+
+impl fmt::Display for GapReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the layer replays to a request that carries a `Last-Event-ID`, with replay on: put in
+/// the request extensions, so that the application knows where its response continues.
+///
+/// On [`Complete`](Replay::Complete), the response's body starts with the missed events; an
+/// application that can resume by itself continues after
+/// [`last_event_id`](Replay::Complete::last_event_id), and does not send them again. On
+/// [`Gap`](Replay::Gap), nothing was replayed: the application resumes from its own history
+/// if it has one, or starts afresh; the client is told by the [`REPLAY_HEADER`] header (and
+/// the gap event, if the policy has one).
+///
+/// ```
+/// # #[cfg(feature = "axum")] {
+/// use axum::Extension;
+/// use tower_sse_tracker::Replay;
+///
+/// async fn handler(replay: Option<Extension<Replay>>) -> String {
+///     match replay.map(|Extension(r)| r) {
+///         Some(Replay::Complete { last_event_id, .. }) => format!("continue after {last_event_id}"),
+///         Some(Replay::Gap(reason)) => format!("history gone ({reason}): start afresh"),
+///         _ => "a new client".to_owned(),
+///     }
+/// }
+/// # let _ = handler;
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Replay {
+    /// The layer replays every event after the client's, once each, in order.
+    Complete {
+        /// How many events it replays (0 when the client missed none).
+        events: usize,
+        /// The client's last event id once they are sent: the newest id among them, or the
+        /// request's `Last-Event-ID` when none of them carries one.
+        last_event_id: EventId,
+        /// The position of the last event replayed (of the client's own event when none is).
+        position: Position,
+    },
+    /// The layer cannot replay, and replays nothing.
+    Gap(GapReason),
+}
+
+/// A replay as the layer prepares it for a request: what the application learns, the bytes to
+/// send first, and the log they came from (which the response's body continues when it
+/// streams into the same one, unchanged since).
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) replay: Replay,
+    pub(crate) bytes: Bytes,
+    pub(crate) from: Option<(Arc<StreamLog>, log::End)>,
+}
+
+/// The replay state of one tracker: the policy, the budget of its logs, and the gap event.
+#[derive(Debug)]
+pub(crate) struct Replayer {
+    pub(crate) budget: Arc<Budget>,
+    gap_event: Option<Box<str>>,
+}
+
+impl Replayer {
+    pub(crate) fn new(policy: ReplayPolicy, metrics: ReplayMetrics) -> Self {
+        let gap_event = policy.gap_event.clone().map(String::into_boxed_str);
+        Self {
+            budget: Arc::new(Budget::new(policy, metrics)),
+            gap_event,
+        }
+    }
+
+    /// A new log, for a stream's slot.
+    pub(crate) fn new_log(&self) -> Arc<StreamLog> {
+        Arc::new(StreamLog::new(self.budget.clone()))
+    }
+
+    /// What a request whose `Last-Event-ID` is `id` gets from `log`, the log of the stream it
+    /// addresses (`None`: none, or the layer cannot tell which).
+    pub(crate) fn prepare(&self, log: Option<&Arc<StreamLog>>, id: &EventId) -> Prepared {
+        let Some(log) = log else {
+            return self.gap(GapReason::NoHistory);
+        };
+        match log.after(id.as_str().as_bytes()) {
+            log::Lookup::Found(found) => Prepared {
+                replay: Replay::Complete {
+                    events: found.events,
+                    last_event_id: found.last_id.unwrap_or_else(|| id.clone()),
+                    position: found.position,
+                },
+                bytes: found.bytes,
+                from: Some((log.clone(), found.end)),
+            },
+            log::Lookup::Gap(reason) => self.gap(reason),
+        }
+    }
+
+    fn gap(&self, reason: GapReason) -> Prepared {
+        let bytes = match &self.gap_event {
+            Some(name) => Bytes::from(format!("event: {name}\ndata: {reason}\n\n")),
+            None => Bytes::new(),
+        };
+        Prepared {
+            replay: Replay::Gap(reason),
+            bytes,
+            from: None,
+        }
+    }
+
+    /// Counts a replay sent, and gives the value of its [`REPLAY_HEADER`] header.
+    pub(crate) fn sent(&self, prepared: &Prepared) -> HeaderValue {
+        let metrics = &self.budget.metrics;
+        match prepared.replay {
+            Replay::Complete { events, .. } => {
+                metrics.replayed(events, prepared.bytes.len());
+                HeaderValue::from_str(&format!("complete; events={events}")).expect("ASCII digits")
+            }
+            Replay::Gap(reason) => {
+                metrics.gap(reason);
+                HeaderValue::from_str(&format!("gap; reason={reason}")).expect("ASCII")
+            }
+        }
+    }
+}
