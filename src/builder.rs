@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::identity::{OwnerSource, StreamSource};
 use crate::registry::Limits;
+use crate::replay::ReplayPolicy;
 use crate::shared::{Config, Heartbeat, Shared};
 use crate::store::{DynStore, InMemoryStore, Store};
 use crate::tracker::SseTracker;
@@ -69,6 +70,9 @@ pub enum ConfigError {
     /// The retry policy has a zero base delay, a maximum below its base, or a maximum above
     /// one day.
     Retry(RetryPolicy),
+    /// The replay policy's `max_stream_bytes` is above 1 GiB or above its `max_total_bytes`,
+    /// or its gap event's name is empty, longer than 64 bytes, or holds CR, LF or NUL.
+    Replay(ReplayPolicy),
 }
 
 impl fmt::Display for ConfigError {
@@ -123,6 +127,10 @@ impl fmt::Display for ConfigError {
                 p.base(),
                 p.max()
             ),
+            ConfigError::Replay(p) => match p.check() {
+                Err(why) => f.write_str(&why),
+                Ok(()) => f.write_str("replay policy refused"),
+            },
         }
     }
 }
@@ -185,6 +193,7 @@ pub struct SseTrackerBuilder {
     store_timeout: Duration,
     max_pending_evicted: usize,
     drain_timeout: Duration,
+    replay: Option<ReplayPolicy>,
 }
 
 impl Default for SseTrackerBuilder {
@@ -208,6 +217,7 @@ impl Default for SseTrackerBuilder {
             store_timeout: STORE_TIMEOUT,
             max_pending_evicted: MAX_PENDING_EVICTED,
             drain_timeout: DRAIN_TIMEOUT,
+            replay: None,
         }
     }
 }
@@ -380,6 +390,44 @@ impl SseTrackerBuilder {
         self
     }
 
+    /// Keeps a replay log per tracked stream, bounded by `policy`, and sends a client that
+    /// reconnects with `Last-Event-ID` the events it missed before anything else: each event
+    /// after the client's, once, byte for byte as it was first sent (heartbeats excepted). When
+    /// they are gone, nothing is replayed and the response says so. Off by default.
+    ///
+    /// - Which events: those of a tracked stream with [`StreamSource::route`] (the default),
+    ///   route feeds and [`StreamName`](crate::StreamName) extensions included, written by one
+    ///   body at a time (a second body streaming into the same stream at once is not logged,
+    ///   and counted in `sse_tracker_replay_streams_unlogged_total`). Not yet with
+    ///   [`StreamSource::event_id`].
+    /// - A position is the client's `Last-Event-ID`: the newest logged event whose own `id`
+    ///   field is that id (with ids that repeat, the newest counts). An event without an `id`
+    ///   follows the id before it: it is replayed to a client whose last id is that one, which
+    ///   may have received it already; give every event an id for an exact replay. An empty id
+    ///   resets a client's last id, and it then reconnects without one: nothing is replayed.
+    /// - The request learns the outcome in its [`Replay`](crate::Replay) extension; the SSE
+    ///   response carries the [`REPLAY_HEADER`](crate::REPLAY_HEADER) header (`complete;
+    ///   events=N`, or `gap; reason=R`), and the gap event if the policy has one.
+    /// - History restarts (a new epoch): when a response of the stream does not continue the
+    ///   replayed history (a new client, or a replay that was impossible), when the stream is
+    ///   evicted from the registry, and after an event larger than the stream's bound.
+    ///
+    /// ```
+    /// use tower_sse_tracker::{ReplayPolicy, SseTracker};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let tracker = SseTracker::builder()
+    ///     .replay(ReplayPolicy::new())
+    ///     .build()
+    ///     .expect("valid settings");
+    /// # }
+    /// ```
+    pub fn replay(mut self, policy: ReplayPolicy) -> Self {
+        self.replay = Some(policy);
+        self
+    }
+
     /// Checks every setting, builds the tracker, and spawns its worker on the current Tokio
     /// runtime.
     ///
@@ -482,7 +530,19 @@ impl SseTrackerBuilder {
             max_names: self.max_stream_names.get(),
             max_pending_evicted: self.max_pending_evicted,
         };
-        let (shared, task) = Shared::new(config, limits, store, self.channel_capacity, worker);
+        if let Some(policy) = &self.replay {
+            policy
+                .check()
+                .map_err(|_| ConfigError::Replay(policy.clone()))?;
+        }
+        let (shared, task) = Shared::new(
+            config,
+            limits,
+            store,
+            self.channel_capacity,
+            worker,
+            self.replay,
+        );
         Ok((SseTracker::from_shared(shared), task))
     }
 }

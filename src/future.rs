@@ -15,6 +15,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
+use crate::replay::{Prepared, REPLAY_HEADER, Replay, Replayer, Writer};
 use crate::shared::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -29,6 +30,8 @@ pub(crate) struct RequestInfo {
     /// The route stream the request addressed (in its `StreamKey`), which its response's body
     /// takes when it is free.
     pub(crate) addressed: Option<StreamName>,
+    /// The replay prepared for the request (replay on, with a `Last-Event-ID`).
+    pub(crate) replay: Option<Prepared>,
     /// The span current when the request came in: each tracked stream's span is its child.
     pub(crate) span: tracing::Span,
 }
@@ -83,7 +86,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 
 fn track_response<B: http_body::Body>(
     shared: &Arc<Shared>,
-    info: RequestInfo,
+    mut info: RequestInfo,
     response: Response<B>,
 ) -> Response<TrackedBody<B>> {
     if !is_event_stream(response.headers()) {
@@ -129,6 +132,9 @@ fn track_response<B: http_body::Body>(
         // resumption; `false` from the start for one whose request does not (see
         // `Resumption`).
         resumable = tracing::field::Empty,
+        // With replay on, for a request with a `Last-Event-ID`: `complete`, or the reason the
+        // replay was impossible.
+        replay = tracing::field::Empty,
         mcp_method = info
             .protocol
             .mcp_method
@@ -140,10 +146,38 @@ fn track_response<B: http_body::Body>(
     if resumption != Resumption::ByIds {
         span.record("resumable", false);
     }
-    let tracking = tracking(shared, info, &parts, &span);
+    // The replay goes first; the header says what it is.
+    let replay = info.replay.take();
+    if let (Some(replayer), Some(prepared)) = (&shared.replay, &replay) {
+        parts.headers.insert(REPLAY_HEADER, replayer.sent(prepared));
+        span.record(
+            "replay",
+            match &prepared.replay {
+                Replay::Complete { .. } => "complete",
+                Replay::Gap(reason) => reason.as_str(),
+            },
+        );
+        span.in_scope(|| match &prepared.replay {
+            Replay::Complete {
+                events, position, ..
+            } => tracing::debug!(
+                events,
+                bytes = prepared.bytes.len(),
+                epoch = position.epoch,
+                offset = position.offset,
+                "replayed the events the client missed"
+            ),
+            Replay::Gap(reason) => tracing::debug!(
+                reason = reason.as_str(),
+                "replay impossible: the client's events are not in the stream's log"
+            ),
+        });
+    }
+    let tracking = tracking(shared, info, &parts, &span, replay.as_ref());
+    let prefix = replay.map(|prepared| prepared.bytes);
     Response::from_parts(
         parts,
-        TrackedBody::sse(body, shared.clone(), tracking, resumption, span),
+        TrackedBody::sse(body, shared.clone(), tracking, resumption, span, prefix),
     )
 }
 
@@ -153,6 +187,7 @@ fn tracking(
     info: RequestInfo,
     parts: &http::response::Parts,
     span: &tracing::Span,
+    replay: Option<&Prepared>,
 ) -> Option<Tracking> {
     let owner: Option<Owner> = match &info.owner {
         RequestOwner::Known(owner) => owner.clone(),
@@ -212,9 +247,38 @@ fn tracking(
             let slot = open_route(shared, owner.as_ref(), &route, share, prefer, &info)?;
             span.record("stream", slot.key().stream.as_str());
             span.in_scope(|| tracing::debug!("tracking SSE stream"));
-            Some(Tracking::fixed(slot, span.clone()))
+            let log = shared
+                .replay
+                .as_ref()
+                .and_then(|replayer| log_writer(replayer, &slot, replay, span));
+            Some(Tracking::fixed(slot, span.clone(), log))
         }
     }
+}
+
+/// The writer of the slot's replay log for this response: it continues the history when the
+/// request was replayed to from this log and nothing was written since; else the history
+/// restarts. `None` (counted) when another body writes the log.
+fn log_writer(
+    replayer: &Replayer,
+    slot: &Slot,
+    replay: Option<&Prepared>,
+    span: &tracing::Span,
+) -> Option<Writer> {
+    let log = slot.replay_log(|| replayer.new_log());
+    let continues = replay
+        .and_then(|prepared| prepared.from.as_ref())
+        .filter(|(from, _)| Arc::ptr_eq(from, log))
+        .map(|(_, end)| *end);
+    let writer = log.writer(continues);
+    if writer.is_none() {
+        replayer.budget.metrics.unlogged.increment(1);
+        tracing::debug!(
+            parent: span,
+            "SSE stream not logged for replay: another body of the stream writes its log"
+        );
+    }
+    writer
 }
 
 /// Counts an SSE response left untracked (logged once per reason).

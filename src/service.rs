@@ -9,7 +9,7 @@ use tower::Service;
 use crate::body::TrackedBody;
 use crate::future::{RequestInfo, ResponseFuture};
 use crate::identity::{RequestOwner, StreamKind};
-use crate::key::{EventId, LastEventId, StreamKey, StreamName};
+use crate::key::{EventId, LastEventId, Owner, StreamKey, StreamName};
 use crate::protocol::Protocol;
 use crate::shared::Shared;
 
@@ -121,6 +121,7 @@ where
             .filter(|v| v.len() <= config.max_id_len)
             .and_then(|v| EventId::new(v).ok());
         let mut addressed = None;
+        let mut key = None;
         // The owner the key is made with: known, or none (a request the session header does
         // not name is anonymous, unless its response names a session).
         let (key_owner, from_response) = match &owner {
@@ -152,11 +153,19 @@ where
                     None
                 }
                 (StreamKind::Route { shared: false }, id, Some(route), Some(owner)) => {
-                    let stream = self.shared.registry.address_route(
-                        owner.as_str(),
-                        &route,
-                        id.as_ref().map(|id| id.as_str()),
-                    );
+                    // With replay on, the stream whose log holds the id is the client's, if
+                    // one alone does; else the registry addresses it as without replay.
+                    let stream = id
+                        .as_ref()
+                        .filter(|_| self.shared.replay.is_some())
+                        .and_then(|id| self.shared.registry.logged_route_stream(owner, &route, id))
+                        .or_else(|| {
+                            self.shared.registry.address_route(
+                                owner.as_str(),
+                                &route,
+                                id.as_ref().map(|id| id.as_str()),
+                            )
+                        });
                     if stream.is_none() {
                         tracing::debug!(
                             %route,
@@ -170,8 +179,26 @@ where
                 (_, _, route, _) => route,
             };
             if let Some(stream) = stream {
-                req.extensions_mut().insert(StreamKey { owner, stream });
+                key = Some(StreamKey { owner, stream });
             }
+        }
+        // The replay, prepared now so that the application knows what its response follows.
+        let replay = match (&self.shared.replay, &last_event_id, config.stream) {
+            (Some(replayer), Some(id), StreamKind::Route { .. }) => {
+                let slot = key.as_ref().and_then(|key| {
+                    self.shared
+                        .registry
+                        .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
+                });
+                let prepared =
+                    replayer.prepare(slot.as_ref().and_then(|s| s.existing_replay_log()), id);
+                req.extensions_mut().insert(prepared.replay.clone());
+                Some(prepared)
+            }
+            _ => None,
+        };
+        if let Some(key) = key {
+            req.extensions_mut().insert(key);
         }
         if let Some(id) = last_event_id {
             req.extensions_mut().insert(LastEventId(id));
@@ -186,6 +213,7 @@ where
             method: req.method().clone(),
             uri: req.uri().clone(),
             addressed,
+            replay,
             span: tracing::Span::current(),
         };
         ResponseFuture::new(self.inner.call(req), info, self.shared.clone())

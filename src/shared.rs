@@ -8,8 +8,9 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::identity::{OwnerRule, StreamKind};
-use crate::metrics::Handles;
+use crate::metrics::{Handles, ReplayMetrics};
 use crate::registry::{Limits, Registry};
+use crate::replay::{ReplayPolicy, Replayer};
 use crate::store::DynStore;
 use crate::worker::{WorkerConfig, WorkerHandle, WorkerTask, instant_after};
 
@@ -22,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn DynStore>,
     pub(crate) store_timeout: Duration,
     pub(crate) drain: Drain,
+    /// The replay logs, when replay is on.
+    pub(crate) replay: Option<Replayer>,
 }
 
 /// The drain of open SSE bodies (see [`SseTracker::drain`]).
@@ -78,6 +81,7 @@ impl Shared {
         store: Arc<dyn DynStore>,
         channel_capacity: usize,
         worker: WorkerConfig,
+        replay: Option<ReplayPolicy>,
     ) -> (Self, WorkerTask) {
         let metrics = Handles::register();
         let registry = Arc::new(Registry::new(limits, metrics.registry(), channel_capacity));
@@ -95,6 +99,7 @@ impl Shared {
             store,
             store_timeout,
             drain: Drain::default(),
+            replay: replay.map(|policy| Replayer::new(policy, ReplayMetrics::register())),
         };
         (shared, task)
     }

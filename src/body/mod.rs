@@ -98,6 +98,8 @@ pin_project! {
         has_last_id: bool,
         // The stream's span, tracked or not: `resumable` and `mcp_method` in it.
         span: tracing::Span,
+        // The replay (or gap event), sent before the inner body's first byte.
+        replay: Option<Bytes>,
     }
 
     impl PinnedDrop for SseState {
@@ -120,6 +122,7 @@ impl<B> TrackedBody<B> {
         tracking: Option<Tracking>,
         resumption: Resumption,
         span: tracing::Span,
+        replay: Option<Bytes>,
     ) -> Self {
         let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
         let state = SseState {
@@ -140,6 +143,7 @@ impl<B> TrackedBody<B> {
             resumption,
             has_last_id: false,
             span,
+            replay: replay.filter(|bytes| !bytes.is_empty()),
         };
         Self {
             inner,
@@ -222,7 +226,24 @@ impl SseState {
             return;
         };
         let mut sleep = this.sleep;
-        let feed = if tracked.tracking.per_id.is_some() {
+        let feed = if let Some(log) = &mut tracked.tracking.log {
+            // Replay on: the frame's events go to the stream's log, then the latest id to its
+            // slot, as below.
+            let feed = this.scanner.feed_sink(data, log.sink());
+            log.write(data);
+            match this.scanner.last_committed().filter(|_| feed.ids > 0) {
+                Some(id) => {
+                    tracked.coalesced += feed.ids as u64 - 1;
+                    tracked.commit(id, sleep.as_mut());
+                }
+                None => {
+                    if let Some(slot) = &tracked.tracking.slot {
+                        this.shared.registry.mark_active(slot.session());
+                    }
+                }
+            }
+            feed
+        } else if tracked.tracking.per_id.is_some() {
             // Every committed id goes to the stream it names.
             this.scanner
                 .feed_with(data, |id| tracked.commit(id, sleep.as_mut()))
@@ -265,6 +286,18 @@ impl SseState {
         }
     }
 
+    /// The replay, the first time: it goes out before the inner body's first byte, as a
+    /// heartbeat can (a byte order mark of the inner body is then dropped).
+    fn take_replay(self: Pin<&mut Self>) -> Option<Bytes> {
+        let this = self.project();
+        let replay = this.replay.take()?;
+        this.scanner.comment_inserted();
+        if !*this.started && this.strip_bom.is_none() {
+            *this.strip_bom = Some(0);
+        }
+        Some(replay)
+    }
+
     fn is_resumable(&self) -> bool {
         self.resumption == Resumption::ByIds && self.has_last_id
     }
@@ -290,6 +323,9 @@ impl<B: Body> Body for TrackedBody<B> {
         }
         if let Some(trailers) = sse.as_mut().project().trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        if let Some(replay) = sse.as_mut().take_replay() {
+            return Poll::Ready(Some(Ok(Frame::data(replay))));
         }
         if sse.waiting_for_room() {
             ready!(sse.as_mut().poll_room(cx));

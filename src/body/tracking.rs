@@ -13,6 +13,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::registry::handoff::Offered;
 use crate::registry::{Open, Slot};
+use crate::replay::Writer;
 use crate::shared::Shared;
 
 /// How an SSE response is tracked, decided when it starts.
@@ -21,6 +22,8 @@ pub(crate) struct Tracking {
     /// counted as live by the registry; closed when replaced or when the body goes.
     pub(super) slot: Option<Arc<Slot>>,
     pub(super) per_id: Option<PerId>,
+    /// The writer of the slot's replay log (replay on, and no other body writes it).
+    pub(super) log: Option<Writer>,
     pub(super) span: tracing::Span,
 }
 
@@ -52,10 +55,11 @@ pub(crate) enum Fallback {
 }
 
 impl Tracking {
-    pub(crate) fn fixed(slot: Arc<Slot>, span: tracing::Span) -> Self {
+    pub(crate) fn fixed(slot: Arc<Slot>, span: tracing::Span, log: Option<Writer>) -> Self {
         Self {
             slot: Some(slot),
             per_id: None,
+            log,
             span,
         }
     }
@@ -77,6 +81,7 @@ impl Tracking {
                 fallback: None,
                 refused: false,
             }),
+            log: None,
             span,
         }
     }

@@ -41,6 +41,13 @@
 //! | `sse_tracker_streams_drained_total` | counter | SSE bodies ended during [`SseTracker::drain`](crate::SseTracker::drain), by `reason` |
 //! | `sse_tracker_streams_ended_total` | counter | SSE bodies ended, by whether their client could resume them (`resumable`) |
 //! | `sse_tracker_store_connections_replaced_total` | counter | Redis connections replaced because Redis had stopped answering on them (`RedisStore`, through the global recorder at the time) |
+//! | `sse_tracker_replay_events_logged_total` | counter | events written to replay logs |
+//! | `sse_tracker_replay_evictions_total` | counter | events dropped from replay logs, by `cause` |
+//! | `sse_tracker_replay_log_bytes` | gauge | heap bytes held by all replay logs (their chunks and indexes) |
+//! | `sse_tracker_replays_total` | counter | replays sent on SSE responses, by `outcome` |
+//! | `sse_tracker_replayed_events_total` | counter | events replayed |
+//! | `sse_tracker_replayed_bytes_total` | counter | bytes replayed |
+//! | `sse_tracker_replay_streams_unlogged_total` | counter | tracked SSE bodies not logged because another body of their stream writes its log |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: `no_owner` (no valid owner from a header or
@@ -58,7 +65,13 @@
 //! - `sse_tracker_streams_drained_total{reason}`: `boundary` (ended by the drain at an event
 //!   boundary), `completed` (ended by itself while the drain ran) or `deadline` (still open at
 //!   the drain timeout);
-//! - `sse_tracker_streams_ended_total{resumable}`: `true` or `false`.
+//! - `sse_tracker_streams_ended_total{resumable}`: `true` or `false`;
+//! - `sse_tracker_replay_evictions_total{cause}`: `events` or `bytes` (the stream's bounds),
+//!   `budget` (the budget of all logs), `too_large` (an event larger than the stream's byte
+//!   bound, and the history before it) or `restart` (a response that did not continue the
+//!   replayed history restarted it);
+//! - `sse_tracker_replays_total{outcome}`: `complete`, or the reason a replay was impossible:
+//!   `no_history`, `evicted` or `unknown_id` (see [`GapReason`](crate::GapReason)).
 //!
 //! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
 //! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a
@@ -69,8 +82,10 @@
 //! tower_sse_tracker::metrics::describe();
 //! ```
 
+mod replay;
 mod untracked;
 
+pub(crate) use replay::{ReplayMetrics, Trim};
 pub(crate) use untracked::Untracked;
 
 use metrics::{
@@ -184,6 +199,13 @@ pub const ALL: &[&str] = &[
     STREAMS_DRAINED_TOTAL,
     STREAMS_ENDED_TOTAL,
     STORE_CONNECTIONS_REPLACED_TOTAL,
+    replay::REPLAY_EVENTS_LOGGED_TOTAL,
+    replay::REPLAY_EVICTIONS_TOTAL,
+    replay::REPLAY_LOG_BYTES,
+    replay::REPLAYS_TOTAL,
+    replay::REPLAYED_EVENTS_TOTAL,
+    replay::REPLAYED_BYTES_TOTAL,
+    replay::REPLAY_STREAMS_UNLOGGED_TOTAL,
 ];
 
 /// `reason` label: no valid owner from the configured owner source (a header or a request
@@ -370,6 +392,7 @@ pub fn describe() {
         Unit::Seconds,
         "Duration of store writes"
     );
+    replay::describe();
 }
 
 /// Handles taken once at build time, so the frame path does no recorder look-up.

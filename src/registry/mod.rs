@@ -168,7 +168,7 @@ pub(crate) struct Counts {
 /// block): a stream with a session of its own measures 375 to 396 bytes there (`cargo test
 /// session::memory_usage -- --nocapture`, which asserts the gauge within 10 %); the split
 /// between the stream and its session follows the sizes of their parts. A stream that has
-/// subscribers also has a `watch` channel, about 300 bytes more.
+/// subscribers also has a `watch` channel, about 350 bytes more (with its holder, which a stream with a replay log has too).
 pub(crate) const STREAM_BYTES: usize = 250;
 pub(crate) const SESSION_BYTES: usize = 135;
 pub(crate) const NAME_BYTES: usize = 96;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::slot::Slot;
 use super::{Open, Refused, Registry};
-use crate::key::{Owner, StreamName};
+use crate::key::{EventId, Owner, StreamName};
 use crate::sync::lock;
 
 /// The most responses of one owner on one route with streams of their own at once, with
@@ -125,6 +125,35 @@ impl Registry {
             }
         }
         Err(Refused::Busy)
+    }
+
+    /// The one stream of `route` of the owner whose replay log holds `id`; `None` when no
+    /// log or several do. The logs are searched with the registry unlocked.
+    pub(crate) fn logged_route_stream(
+        &self,
+        owner: &Owner,
+        route: &StreamName,
+        id: &EventId,
+    ) -> Option<StreamName> {
+        let slots: Vec<Arc<Slot>> = {
+            let map = lock(&self.map);
+            let entry = map.sessions.get(owner.as_str())?;
+            entry
+                .streams
+                .iter()
+                .filter(|slot| slot.existing_replay_log().is_some())
+                .filter(|slot| concurrent_index(route, &slot.key.stream).is_some())
+                .cloned()
+                .collect()
+        };
+        let mut holding = slots.iter().filter(|slot| {
+            slot.existing_replay_log()
+                .is_some_and(|log| log.holds_id(id.as_str().as_bytes()))
+        });
+        match (holding.next(), holding.next()) {
+            (Some(only), None) => Some(only.key.stream.clone()),
+            _ => None,
+        }
     }
 
     /// The stream of a route that a request addresses, for the key the layer puts in its

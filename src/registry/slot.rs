@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
 
 use crate::key::{EventId, Owner, StreamKey};
+use crate::replay::StreamLog;
 use crate::sync::lock;
 
 /// A tracked owner: its id, shared by all its slots, and when it was last active. A sessionless
@@ -119,6 +120,23 @@ pub(super) struct Latest {
     queued: bool,
 }
 
+/// The parts of a slot that most streams never need.
+#[derive(Debug, Default)]
+struct Extras {
+    /// The latest-only `watch` channel of subscribers, made on the first `subscribe`: a
+    /// `watch::Sender` costs about 300 bytes and its send locks eight wait lists, which most
+    /// streams (nobody subscribed) do not need on every frame.
+    ///
+    /// Subscribers are told with `latest`'s lock released: a subscriber may hold `borrow()` on
+    /// its receiver (which a send waits for) while it reads the latest id (which takes
+    /// `latest`'s lock). Each send reads the latest id under the channel's own lock, so the
+    /// last one leaves the newest in the channel.
+    watch: OnceLock<watch::Sender<Option<EventId>>>,
+    /// The stream's replay log, made when the first body streams into it with replay on; it
+    /// goes with the slot (a stream evicted loses its history).
+    log: OnceLock<Arc<StreamLog>>,
+}
+
 /// One tracked stream.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -129,15 +147,8 @@ pub(crate) struct Slot {
     pub(super) open: AtomicU32,
     /// The latest id and its version.
     pub(super) latest: Mutex<Latest>,
-    /// The latest-only `watch` channel of subscribers, made on the first `subscribe`: a
-    /// `watch::Sender` costs about 300 bytes and its send locks eight wait lists, which most
-    /// streams (nobody subscribed) do not need on every frame.
-    ///
-    /// Subscribers are told with `latest`'s lock released: a subscriber may hold `borrow()` on
-    /// its receiver (which a send waits for) while it reads the latest id (which takes
-    /// `latest`'s lock). Each send reads the latest id under the channel's own lock, so the
-    /// last one leaves the newest in the channel.
-    watch: OnceLock<watch::Sender<Option<EventId>>>,
+    /// What few streams need, made the first time one of its parts is: one pointer in the slot.
+    extras: OnceLock<Box<Extras>>,
     /// Removed from the registry (its unpersisted id, if any, is in the hand-off's evicted
     /// FIFO); set by the registry.
     pub(super) evicted: AtomicBool,
@@ -157,7 +168,7 @@ impl Slot {
                 version: Version { at_us: 0, sequence },
                 queued: false,
             }),
-            watch: OnceLock::new(),
+            extras: OnceLock::new(),
             evicted: AtomicBool::new(false),
             marks: Marks::new(sequence),
         }
@@ -165,6 +176,20 @@ impl Slot {
 
     pub(crate) fn key(&self) -> &StreamKey {
         &self.key
+    }
+
+    fn extras(&self) -> &Extras {
+        self.extras.get_or_init(Box::default)
+    }
+
+    /// The stream's replay log, made by `make` the first time.
+    pub(crate) fn replay_log(&self, make: impl FnOnce() -> Arc<StreamLog>) -> &Arc<StreamLog> {
+        self.extras().log.get_or_init(make)
+    }
+
+    /// The stream's replay log, if it has one.
+    pub(crate) fn existing_replay_log(&self) -> Option<&Arc<StreamLog>> {
+        self.extras.get()?.log.get()
     }
 
     #[inline]
@@ -209,7 +234,7 @@ impl Slot {
             let hand_over = !std::mem::replace(&mut latest.queued, true);
             (version, hand_over)
         };
-        if let Some(watch) = self.watch.get()
+        if let Some(watch) = self.extras.get().and_then(|extras| extras.watch.get())
             && watch.receiver_count() > 0
         {
             self.tell(watch);
@@ -269,7 +294,7 @@ impl Slot {
 
     /// A receiver of this stream's latest ids, starting at the current one (marked seen).
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<EventId>> {
-        let watch = self.watch.get_or_init(|| watch::Sender::new(None));
+        let watch = self.extras().watch.get_or_init(|| watch::Sender::new(None));
         // Subscribed first, so that a body publishing from now on tells this receiver too;
         // then the ids published while nobody subscribed, which were not sent.
         let mut rx = watch.subscribe();

@@ -47,6 +47,7 @@ pub struct Extensions {
     pub session: Option<SessionId>,
     pub last_event_id: Option<LastEventId>,
     pub key: Option<tower_sse_tracker::StreamKey>,
+    pub replay: Option<tower_sse_tracker::Replay>,
 }
 
 #[derive(Clone, Default)]
@@ -91,6 +92,7 @@ async fn feed_handler(
             session: ext.get::<SessionId>().cloned(),
             last_event_id: ext.get::<LastEventId>().cloned(),
             key: ext.get::<tower_sse_tracker::StreamKey>().cloned(),
+            replay: ext.get::<tower_sse_tracker::Replay>().cloned(),
         },
     );
     let o = opts(&q);

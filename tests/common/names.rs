@@ -31,6 +31,13 @@ pub const WORKER_FAILURES_TOTAL: &str = "sse_tracker_worker_failures_total";
 pub const STREAMS_DRAINED_TOTAL: &str = "sse_tracker_streams_drained_total";
 pub const STREAMS_ENDED_TOTAL: &str = "sse_tracker_streams_ended_total";
 pub const STORE_CONNECTIONS_REPLACED_TOTAL: &str = "sse_tracker_store_connections_replaced_total";
+pub const REPLAY_EVENTS_LOGGED_TOTAL: &str = "sse_tracker_replay_events_logged_total";
+pub const REPLAY_EVICTIONS_TOTAL: &str = "sse_tracker_replay_evictions_total";
+pub const REPLAY_LOG_BYTES: &str = "sse_tracker_replay_log_bytes";
+pub const REPLAYS_TOTAL: &str = "sse_tracker_replays_total";
+pub const REPLAYED_EVENTS_TOTAL: &str = "sse_tracker_replayed_events_total";
+pub const REPLAYED_BYTES_TOTAL: &str = "sse_tracker_replayed_bytes_total";
+pub const REPLAY_STREAMS_UNLOGGED_TOTAL: &str = "sse_tracker_replay_streams_unlogged_total";
 pub const REASON_NO_OWNER: &str = "no_owner";
 pub const REASON_ANONYMOUS: &str = "anonymous";
 pub const REASON_NOT_RESUMABLE: &str = "not_resumable";
@@ -84,4 +91,11 @@ pub const NAMES: &[&str] = &[
     STREAMS_DRAINED_TOTAL,
     STREAMS_ENDED_TOTAL,
     STORE_CONNECTIONS_REPLACED_TOTAL,
+    REPLAY_EVENTS_LOGGED_TOTAL,
+    REPLAY_EVICTIONS_TOTAL,
+    REPLAY_LOG_BYTES,
+    REPLAYS_TOTAL,
+    REPLAYED_EVENTS_TOTAL,
+    REPLAYED_BYTES_TOTAL,
+    REPLAY_STREAMS_UNLOGGED_TOTAL,
 ];
