@@ -15,7 +15,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
-use crate::replay::{Prepared, REPLAY_HEADER, Replay, Replayer, Writer};
+use crate::replay::{Prepared, REPLAY_HEADER, Replay};
 use crate::shared::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -146,8 +146,10 @@ fn track_response<B: http_body::Body>(
     if resumption != Resumption::ByIds {
         span.record("resumable", false);
     }
-    // The replay goes first; the header says what it is.
-    let replay = info.replay.take();
+    // The body continues the log its request was replayed from (which may add to the
+    // replay), then the replay goes first; the header says what it is.
+    let mut replay = info.replay.take();
+    let tracking = tracking(shared, info, &parts, &span, replay.as_mut());
     if let (Some(replayer), Some(prepared)) = (&shared.replay, &replay) {
         parts.headers.insert(REPLAY_HEADER, replayer.sent(prepared));
         span.record(
@@ -173,7 +175,6 @@ fn track_response<B: http_body::Body>(
             ),
         });
     }
-    let tracking = tracking(shared, info, &parts, &span, replay.as_ref());
     let prefix = replay.map(|prepared| prepared.bytes);
     Response::from_parts(
         parts,
@@ -187,7 +188,7 @@ fn tracking(
     info: RequestInfo,
     parts: &http::response::Parts,
     span: &tracing::Span,
-    replay: Option<&Prepared>,
+    replay: Option<&mut Prepared>,
 ) -> Option<Tracking> {
     let owner: Option<Owner> = match &info.owner {
         RequestOwner::Known(owner) => owner.clone(),
@@ -250,35 +251,10 @@ fn tracking(
             let log = shared
                 .replay
                 .as_ref()
-                .and_then(|replayer| log_writer(replayer, &slot, replay, span));
+                .and_then(|replayer| replayer.writer_for(&slot, replay, span));
             Some(Tracking::fixed(slot, span.clone(), log))
         }
     }
-}
-
-/// The writer of the slot's replay log for this response: it continues the history when the
-/// request was replayed to from this log and nothing was written since; else the history
-/// restarts. `None` (counted) when another body writes the log.
-fn log_writer(
-    replayer: &Replayer,
-    slot: &Slot,
-    replay: Option<&Prepared>,
-    span: &tracing::Span,
-) -> Option<Writer> {
-    let log = slot.replay_log(|| replayer.new_log());
-    let continues = replay
-        .and_then(|prepared| prepared.from.as_ref())
-        .filter(|(from, _)| Arc::ptr_eq(from, log))
-        .map(|(_, end)| *end);
-    let writer = log.writer(continues);
-    if writer.is_none() {
-        replayer.budget.metrics.unlogged.increment(1);
-        tracing::debug!(
-            parent: span,
-            "SSE stream not logged for replay: another body of the stream writes its log"
-        );
-    }
-    writer
 }
 
 /// Counts an SSE response left untracked (logged once per reason).

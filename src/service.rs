@@ -122,6 +122,7 @@ where
             .and_then(|v| EventId::new(v).ok());
         let mut addressed = None;
         let mut key = None;
+        let mut ambiguous = false;
         // The owner the key is made with: known, or none (a request the session header does
         // not name is anonymous, unless its response names a session).
         let (key_owner, from_response) = match &owner {
@@ -154,18 +155,22 @@ where
                 }
                 (StreamKind::Route { shared: false }, id, Some(route), Some(owner)) => {
                     // With replay on, the stream whose log holds the id is the client's, if
-                    // one alone does; else the registry addresses it as without replay.
-                    let stream = id
-                        .as_ref()
-                        .filter(|_| self.shared.replay.is_some())
-                        .and_then(|id| self.shared.registry.logged_route_stream(owner, &route, id))
-                        .or_else(|| {
-                            self.shared.registry.address_route(
-                                owner.as_str(),
-                                &route,
-                                id.as_ref().map(|id| id.as_str()),
-                            )
-                        });
+                    // one alone does; else the registry addresses it as without replay (and,
+                    // when several logs hold the id, nothing is replayed).
+                    let logged = match &id {
+                        Some(id) if self.shared.replay.is_some() => {
+                            self.shared.registry.logged_route_stream(owner, &route, id)
+                        }
+                        _ => Ok(None),
+                    };
+                    ambiguous = logged.is_err();
+                    let stream = logged.ok().flatten().or_else(|| {
+                        self.shared.registry.address_route(
+                            owner.as_str(),
+                            &route,
+                            id.as_ref().map(|id| id.as_str()),
+                        )
+                    });
                     if stream.is_none() {
                         tracing::debug!(
                             %route,
@@ -190,8 +195,8 @@ where
                         .registry
                         .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
                 });
-                let prepared =
-                    replayer.prepare(slot.as_ref().and_then(|s| s.existing_replay_log()), id);
+                let log = slot.as_ref().and_then(|s| s.existing_replay_log());
+                let prepared = replayer.prepare(log.filter(|_| !ambiguous), id);
                 req.extensions_mut().insert(prepared.replay.clone());
                 Some(prepared)
             }

@@ -185,3 +185,22 @@ async fn without_replay_or_last_event_id_responses_carry_no_replay_and_no_header
     assert_eq!(h.seen("plain").replay, None);
     assert_eq!(client.received, event(1).as_bytes());
 }
+
+#[tokio::test]
+async fn an_id_that_two_streams_of_the_owner_logged_is_never_replayed_from_either() {
+    let h = Harness::start(replaying(ReplayPolicy::new()).build().unwrap()).await;
+    // Two tabs of one owner read the route at once (streams "GET /sse/tabs" and "… #2"), and
+    // number their events the same way.
+    let (a, ca) = stream(&h, "tabs", Some("s1"), HeaderMap::new(), &events(1..=2)).await;
+    let (b, cb) = stream(&h, "tabs", Some("s1"), HeaderMap::new(), &events(1..=3)).await;
+    drop((a, ca, b, cb));
+    let (_feed, client) = stream(&h, "tabs", Some("s1"), with_last_id("1"), "").await;
+    assert_eq!(replay_header(&client), Some("gap; reason=no_history"));
+    assert_eq!(
+        h.seen("tabs").replay,
+        Some(Replay::Gap(GapReason::NoHistory))
+    );
+    // An id only one of them logged is replayed from that one.
+    let (_feed, client) = stream(&h, "tabs", Some("s1"), with_last_id("2"), "").await;
+    assert_eq!(replay_header(&client), Some("complete; events=1"));
+}

@@ -127,17 +127,20 @@ impl Registry {
         Err(Refused::Busy)
     }
 
-    /// The one stream of `route` of the owner whose replay log holds `id`; `None` when no
-    /// log or several do. The logs are searched with the registry unlocked.
+    /// The stream of `route` of the owner whose replay log holds `id`: `Ok(None)` when no log
+    /// does, `Err(())` when several do (ids that repeat across the owner's streams: which one
+    /// the client read cannot be told). The logs are searched with the registry unlocked.
     pub(crate) fn logged_route_stream(
         &self,
         owner: &Owner,
         route: &StreamName,
         id: &EventId,
-    ) -> Option<StreamName> {
+    ) -> Result<Option<StreamName>, ()> {
         let slots: Vec<Arc<Slot>> = {
             let map = lock(&self.map);
-            let entry = map.sessions.get(owner.as_str())?;
+            let Some(entry) = map.sessions.get(owner.as_str()) else {
+                return Ok(None);
+            };
             entry
                 .streams
                 .iter()
@@ -151,8 +154,9 @@ impl Registry {
                 .is_some_and(|log| log.holds_id(id.as_str().as_bytes()))
         });
         match (holding.next(), holding.next()) {
-            (Some(only), None) => Some(only.key.stream.clone()),
-            _ => None,
+            (Some(only), None) => Ok(Some(only.key.stream.clone())),
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(()),
         }
     }
 

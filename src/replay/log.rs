@@ -133,6 +133,46 @@ impl LogInner {
         }
     }
 
+    /// The events of the records from the one at `index` on, which starts at `start`.
+    fn events_from_index(&self, index: usize, mut start: usize) -> Extra {
+        let mut extra = Extra {
+            bytes: Vec::with_capacity(self.committed - start),
+            events: self.records.len() - index,
+            last_id: None,
+        };
+        let mut last_id = None;
+        for &len in self.records.iter().skip(index) {
+            let len = len as usize;
+            let event_end = self.event_end(start, len);
+            self.ring.copy_into(start, event_end, &mut extra.bytes);
+            if let Some(range) = self.id_range(start, len) {
+                last_id = Some(range);
+            }
+            start += len;
+        }
+        extra.last_id = last_id.map(|(from, to)| {
+            let mut id = Vec::with_capacity(to - from);
+            self.ring.copy_into(from, to, &mut id);
+            EventId::from_scanned(&id)
+        });
+        extra
+    }
+
+    /// The events from offset `next` on (`next` at least `first`).
+    fn events_from(&self, next: u64) -> Extra {
+        let skip = (next - self.first) as usize;
+        if skip >= self.records.len() {
+            return Extra::default();
+        }
+        let start = self
+            .records
+            .iter()
+            .take(skip)
+            .map(|&len| len as usize)
+            .sum();
+        self.events_from_index(skip, start)
+    }
+
     /// The event bytes of the record at `start` with length `len`: all but its id and trailer.
     fn event_end(&self, start: usize, len: usize) -> usize {
         match self.id_range(start, len) {
@@ -203,7 +243,7 @@ impl StreamLog {
     /// the newest counts.
     pub(crate) fn after(&self, last_event_id: &[u8]) -> Lookup {
         let inner = lock(&self.inner);
-        let Some((index, mut start)) = find(&inner, last_event_id) else {
+        let Some((index, start)) = find(&inner, last_event_id) else {
             return Lookup::Gap(match inner.lost {
                 Lost::Evicted => GapReason::Evicted,
                 Lost::Nothing if inner.records.is_empty() => GapReason::NoHistory,
@@ -211,26 +251,11 @@ impl StreamLog {
             });
         };
         let events = inner.records.len() - index - 1;
-        let mut bytes = Vec::with_capacity(inner.committed - start);
-        let mut last_id = None;
-        for &len in inner.records.iter().skip(index + 1) {
-            let len = len as usize;
-            let event_end = inner.event_end(start, len);
-            inner.ring.copy_into(start, event_end, &mut bytes);
-            if let Some((from, to)) = inner.id_range(start, len) {
-                last_id = Some((from, to));
-            }
-            start += len;
-        }
-        let last_id = last_id.map(|(from, to)| {
-            let mut id = Vec::with_capacity(to - from);
-            inner.ring.copy_into(from, to, &mut id);
-            EventId::from_scanned(&id)
-        });
+        let extra = inner.events_from_index(index + 1, start);
         Lookup::Found(Found {
-            bytes: Bytes::from(bytes),
+            bytes: Bytes::from(extra.bytes),
             events,
-            last_id,
+            last_id: extra.last_id,
             position: Position {
                 epoch: inner.epoch,
                 offset: inner.first + (index + events) as u64,
@@ -247,48 +272,87 @@ impl StreamLog {
         find(&lock(&self.inner), id).is_some()
     }
 
-    /// The writer of this log, for a body that streams into its stream. The body continues
-    /// the history when `continues` is where the log ended when its request was replayed to,
-    /// and it has not changed since; it then takes the log over from a body that still writes
-    /// it (that body's client is the one that reconnected, or another reader of a shared
-    /// stream, whose events are the same). Otherwise its history restarts, unless another body
-    /// writes the log: then `None`, this body is not logged.
-    pub(crate) fn writer(self: &Arc<Self>, continues: Option<End>) -> Option<Writer> {
-        let (number, dropped) = {
-            let mut inner = lock(&self.inner);
-            let end = End {
-                epoch: inner.epoch,
-                next: inner.next(),
-            };
-            let continued = continues == Some(end);
-            if inner.writing.is_some() && !continued {
-                return None;
-            }
-            let before = inner.heap_bytes();
-            // What a body that wrote before left of an event is not this body's.
-            inner.drop_open();
-            inner.skipping = None;
-            inner.writers += 1;
-            let number = inner.writers;
-            inner.writing = Some(number);
-            let fresh = inner.records.is_empty() && inner.lost == Lost::Nothing;
-            let dropped = if continued || fresh {
-                0
-            } else {
-                inner.restart(self.budget.next_epoch(), Lost::Restarted)
-            };
-            (number, Some((before, inner.heap_bytes(), dropped)))
-        };
-        if let Some((before, after, dropped)) = dropped {
-            self.budget.metrics.trimmed(Trim::Restart, dropped);
-            self.budget.account(before, after);
+    /// The writer of this log for a body that does not continue a replayed history (a new
+    /// client, or one whose replay was impossible): the history restarts in a new epoch
+    /// (unless the log is new). `None` when another body writes the log: this one is not
+    /// logged.
+    pub(crate) fn writer(self: &Arc<Self>) -> Option<Writer> {
+        let mut inner = lock(&self.inner);
+        if inner.writing.is_some() {
+            return None;
         }
-        Some(Writer {
-            log: self.clone(),
-            number,
-            frame: FrameEvents::default(),
-        })
+        let before = inner.heap_bytes();
+        let fresh = inner.records.is_empty() && inner.lost == Lost::Nothing;
+        let dropped = if fresh {
+            0
+        } else {
+            inner.restart(self.budget.next_epoch(), Lost::Restarted)
+        };
+        let writer = self.take_writer(&mut inner);
+        let after = inner.heap_bytes();
+        drop(inner);
+        self.budget.metrics.trimmed(Trim::Restart, dropped);
+        self.budget.account(before, after);
+        Some(writer)
     }
+
+    /// The writer of this log for the body of a response whose request was replayed to from
+    /// it, up to `end`: the body continues the history. It takes the log over from a body
+    /// that still writes it (one whose client is gone and whose end the server has not seen
+    /// yet, or another reader of a shared stream, whose events are the same): what that body
+    /// writes from now on is not logged. What it logged since the request was replayed to is
+    /// returned, to be sent after the replay.
+    pub(crate) fn continue_after(self: &Arc<Self>, end: End) -> Continued {
+        let mut inner = lock(&self.inner);
+        if inner.epoch != end.epoch {
+            // The history restarted since: this body's events are not part of it.
+            return Continued::Restarted;
+        }
+        if end.next < inner.first {
+            // Events the client has not had were dropped since: no exact replay.
+            return Continued::Lost;
+        }
+        let before = inner.heap_bytes();
+        let extra = inner.events_from(end.next);
+        let writer = self.take_writer(&mut inner);
+        let after = inner.heap_bytes();
+        drop(inner);
+        self.budget.account(before, after);
+        Continued::Writer(writer, extra)
+    }
+
+    /// Makes the next writer the log's: what a body that wrote before left of an event is
+    /// dropped (it is not the new body's), and that body's writes are ignored from now on.
+    fn take_writer(self: &Arc<Self>, inner: &mut LogInner) -> Writer {
+        inner.drop_open();
+        inner.skipping = None;
+        inner.writers += 1;
+        inner.writing = Some(inner.writers);
+        Writer {
+            log: self.clone(),
+            number: inner.writers,
+            frame: FrameEvents::default(),
+        }
+    }
+}
+
+/// What a body that continues a replayed history gets.
+#[derive(Debug)]
+pub(crate) enum Continued {
+    /// The log's writer, and the events logged since the replay was prepared.
+    Writer(Writer, Extra),
+    /// The history restarted since the replay was prepared.
+    Restarted,
+    /// Events after the replay were dropped from the log since it was prepared.
+    Lost,
+}
+
+/// Events logged after a replay was prepared, to send after it.
+#[derive(Debug, Default)]
+pub(crate) struct Extra {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) events: usize,
+    pub(crate) last_id: Option<EventId>,
 }
 
 /// The newest record whose own id is `id`: its index, and where the record after it starts.
@@ -676,11 +740,20 @@ mod tests {
     }
 
     impl Body {
-        fn new(log: &Arc<StreamLog>, continues: Option<End>) -> Self {
+        fn new(log: &Arc<StreamLog>) -> Self {
             Self {
                 scanner: Scanner::with_max_id_len(64),
-                writer: log.writer(continues).expect("no other writer"),
+                writer: log.writer().expect("no other writer"),
             }
+        }
+
+        /// A body that continues the history after `end`, with what was logged since.
+        fn continuing(log: &Arc<StreamLog>, end: End) -> (Self, Extra) {
+            let Continued::Writer(writer, extra) = log.continue_after(end) else {
+                panic!("cannot continue");
+            };
+            let scanner = Scanner::with_max_id_len(64);
+            (Self { scanner, writer }, extra)
         }
 
         fn send(&mut self, frame: &[u8]) {
@@ -707,12 +780,12 @@ mod tests {
     fn a_log_replays_the_exact_bytes_after_the_clients_id_split_anywhere_without_comments_between_events()
      {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         let stream: &[u8] = b"\xEF\xBB\xBFid: 1\ndata: a\n\n: ping\n\nid: 2\r\ndata: b\r\n\r\ndata: no id\n\nid: 3\nevent: x\ndata: c\n\n";
         // Every split of the stream into two frames gives the same log.
         for cut in 0..stream.len() {
             let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
-            let mut body = Body::new(&log, None);
+            let mut body = Body::new(&log);
             body.send(&stream[..cut]);
             body.send(&stream[cut..]);
             let after_1 = found(log.after(b"1"));
@@ -741,13 +814,14 @@ mod tests {
     #[test]
     fn an_event_cut_off_by_the_end_of_its_body_is_not_logged() {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         body.send(b"id: 1\ndata: a\n\nid: 2\ndata: cut");
         let end = found(log.after(b"1")).end;
         drop(body);
         assert_eq!(found(log.after(b"1")).events, 0);
         // A body that continues the history after the replay writes after event 1.
-        let mut body = Body::new(&log, Some(end));
+        let (mut body, extra) = Body::continuing(&log, end);
+        assert_eq!(extra.events, 0);
         body.send(b"id: 2\ndata: whole\n\n");
         assert_eq!(&found(log.after(b"1")).bytes[..], b"id: 2\ndata: whole\n\n");
     }
@@ -755,15 +829,15 @@ mod tests {
     #[test]
     fn a_body_that_does_not_continue_the_replayed_history_restarts_it_in_a_new_epoch() {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         body.send(b"id: 1\n\nid: 2\n\n");
         let old = found(log.after(b"1"));
         assert!(
-            log.writer(None).is_none(),
+            log.writer().is_none(),
             "one writer at a time: a second body of the stream does not write"
         );
         drop(body);
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         body.send(b"id: 3\n\n");
         assert_eq!(gap(log.after(b"1")), GapReason::UnknownId);
         let new = found(log.after(b"3"));
@@ -772,49 +846,54 @@ mod tests {
     }
 
     #[test]
-    fn a_body_that_continues_the_history_takes_the_log_over_from_one_still_writing_it() {
+    fn a_body_that_continues_the_history_takes_the_log_over_and_sends_what_was_logged_since() {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
-        let mut old = Body::new(&log, None);
-        old.send(
-            b"id: 1
-
-id: 2
-
-id: 3
-data: half",
-        );
-        // The client reconnects after 1 before the server saw its connection end.
+        let mut old = Body::new(&log);
+        old.send(b"id: 1\n\nid: 2\n\n");
+        // The client reconnects after 1 before the server saw its connection end: the old
+        // body logs more before the new one starts.
         let end = found(log.after(b"1")).end;
-        let mut new = Body::new(&log, Some(end));
-        old.send(
-            b" of it
-
-id: 4
-
-",
+        old.send(b"id: 3\n\nid: 4\ndata: half");
+        let (mut new, extra) = Body::continuing(&log, end);
+        assert_eq!(
+            extra.bytes, b"id: 3\n\n",
+            "logged after the replay was prepared"
         );
-        new.send(
-            b"id: 3
-data: again
-
-",
-        );
+        assert_eq!(extra.events, 1);
+        assert_eq!(extra.last_id.unwrap().as_str(), "3");
+        // From now on, the old body's writes are not logged.
+        old.send(b" of it\n\nid: 5\n\n");
+        new.send(b"id: 4\ndata: whole\n\n");
         drop(old);
-        new.send(
-            b"id: 4
-
-",
-        );
+        new.send(b"id: 5\n\n");
         assert_eq!(
             &found(log.after(b"2")).bytes[..],
-            b"id: 3\ndata: again\n\nid: 4\n\n"
+            b"id: 3\n\nid: 4\ndata: whole\n\nid: 5\n\n"
         );
+    }
+
+    #[test]
+    fn a_replay_that_cannot_be_continued_is_never_continued() {
+        let log = Arc::new(StreamLog::new(budget(2, 1 << 20, 1 << 20)));
+        let mut old = Body::new(&log);
+        old.send(b"id: 1\n\nid: 2\n\n");
+        let end = found(log.after(b"1")).end;
+        // Events after the replay's end were dropped before the new body started.
+        old.send(b"id: 3\n\nid: 4\n\nid: 5\n\n");
+        assert!(matches!(log.continue_after(end), Continued::Lost));
+        drop(old);
+        // The history restarted since.
+        let end = found(log.after(b"5")).end;
+        drop(Body::new(&log));
+        let mut body = Body::new(&log);
+        body.send(b"id: 6\n\n");
+        assert!(matches!(log.continue_after(end), Continued::Restarted));
     }
 
     #[test]
     fn bounds_drop_the_oldest_events_and_a_dropped_id_is_a_gap_never_a_partial_replay() {
         let log = Arc::new(StreamLog::new(budget(3, 1 << 20, 1 << 20)));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         for n in 1..=5 {
             body.send(format!("id: {n}\ndata: x\n\n").as_bytes());
         }
@@ -825,7 +904,7 @@ data: again
         assert_eq!(found(log.after(b"3")).events, 0);
         // Bytes: 40 bytes keep two 15-byte events (with id and trailer, 17 each).
         let log = Arc::new(StreamLog::new(budget(100, 40, 1 << 20)));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         for n in 1..=5 {
             body.send(format!("id: {n}\ndata: x\n\n").as_bytes());
         }
@@ -836,7 +915,7 @@ data: again
     #[test]
     fn an_event_larger_than_the_stream_bound_restarts_the_history_after_it() {
         let log = Arc::new(StreamLog::new(budget(100, 64, 1 << 20)));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         body.send(b"id: 1\ndata: x\n\n");
         let epoch = found(log.after(b"1")).position.epoch;
         body.send(b"id: 2\ndata: ");
@@ -856,7 +935,7 @@ data: again
         let budget = budget(1000, 8 << 10, 8 << 10);
         let a = Arc::new(StreamLog::new(budget.clone()));
         let b = Arc::new(StreamLog::new(budget.clone()));
-        let (mut wa, mut wb) = (Body::new(&a, None), Body::new(&b, None));
+        let (mut wa, mut wb) = (Body::new(&a), Body::new(&b));
         let event = |n: u32| format!("id: {n}\ndata: {}\n\n", "x".repeat(200));
         for n in 0..10 {
             wa.send(event(n).as_bytes());
@@ -881,7 +960,7 @@ data: again
         let budget = budget(10, 1 << 20, 1 << 30);
         for n in 0..5_000 {
             let log = Arc::new(StreamLog::new(budget.clone()));
-            Body::new(&log, None).send(format!("id: {n}\n\n").as_bytes());
+            Body::new(&log).send(format!("id: {n}\n\n").as_bytes());
         }
         assert!(lock(&budget.heap).len() <= 1024 + 1);
         assert_eq!(budget.held(), 0);
@@ -892,7 +971,7 @@ data: again
         // The benchmark's case: 256 events of 100 bytes.
         let budget = budget(256, 1 << 20, 1 << 30);
         let log = Arc::new(StreamLog::new(budget.clone()));
-        let mut body = Body::new(&log, None);
+        let mut body = Body::new(&log);
         let mut held = 0;
         for n in 0..256 {
             let head = format!("id: {n}\ndata: ");

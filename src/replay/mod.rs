@@ -24,6 +24,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::key::EventId;
 use crate::metrics::ReplayMetrics;
+use crate::registry::Slot;
 pub(crate) use log::{Budget, StreamLog, Writer};
 
 /// The response header that says what the layer replayed, on an SSE response to a request
@@ -259,6 +260,31 @@ pub(crate) struct Prepared {
     pub(crate) from: Option<(Arc<StreamLog>, log::End)>,
 }
 
+impl Prepared {
+    /// Adds the events logged after the replay was prepared.
+    fn append(&mut self, extra: log::Extra) {
+        if extra.events == 0 {
+            return;
+        }
+        let mut bytes = Vec::with_capacity(self.bytes.len() + extra.bytes.len());
+        bytes.extend_from_slice(&self.bytes);
+        bytes.extend_from_slice(&extra.bytes);
+        self.bytes = Bytes::from(bytes);
+        if let Replay::Complete {
+            events,
+            last_event_id,
+            position,
+        } = &mut self.replay
+        {
+            *events += extra.events;
+            if let Some(id) = extra.last_id {
+                *last_event_id = id;
+            }
+            position.offset += extra.events as u64;
+        }
+    }
+}
+
 /// The replay state of one tracker: the policy, the budget of its logs, and the gap event.
 #[derive(Debug)]
 pub(crate) struct Replayer {
@@ -298,6 +324,48 @@ impl Replayer {
             },
             log::Lookup::Gap(reason) => self.gap(reason),
         }
+    }
+
+    /// The writer of the log that the body of a response streaming into `slot` writes, if any,
+    /// and the replay it sends, brought up to date: a body whose request was replayed to
+    /// continues that log (see [`StreamLog::continue_after`]), and also sends what was logged
+    /// since; any other restarts the slot's log (see [`StreamLog::writer`]). `None` (counted)
+    /// when the body is not logged: another body writes the log, or the replayed history
+    /// restarted since.
+    pub(crate) fn writer_for(
+        &self,
+        slot: &Slot,
+        prepared: Option<&mut Prepared>,
+        span: &tracing::Span,
+    ) -> Option<Writer> {
+        let writer = match prepared {
+            Some(prepared) if prepared.from.is_some() => {
+                let (log, end) = prepared.from.take().expect("just checked");
+                match log.continue_after(end) {
+                    log::Continued::Writer(writer, extra) => {
+                        prepared.append(extra);
+                        Some(writer)
+                    }
+                    log::Continued::Lost => {
+                        // The replay cannot be completed: none of it is sent, and the
+                        // history goes on in a new epoch.
+                        *prepared = self.gap(GapReason::Evicted);
+                        slot.replay_log(|| self.new_log()).writer()
+                    }
+                    log::Continued::Restarted => None,
+                }
+            }
+            _ => slot.replay_log(|| self.new_log()).writer(),
+        };
+        if writer.is_none() {
+            self.budget.metrics.unlogged.increment(1);
+            tracing::debug!(
+                parent: span,
+                "SSE stream not logged for replay: another body of the stream writes its log, \
+                 or its replayed history restarted"
+            );
+        }
+        writer
     }
 
     fn gap(&self, reason: GapReason) -> Prepared {
