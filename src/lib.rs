@@ -31,6 +31,11 @@
 //! their event ids (MCP SDKs), are one builder setting away. The layer puts the key of the
 //! stream a request addresses in its extensions.
 //!
+//! With [`SseTrackerBuilder::replay`], each tracked stream also keeps a bounded log of its
+//! events' exact bytes (`src/replay/`): a request whose `Last-Event-ID` is in its stream's log
+//! gets the events after it first, once each, and its handler a [`Replay`] extension saying so;
+//! when they are gone, nothing is replayed and the response's [`REPLAY_HEADER`] says why.
+//!
 //! Whether a client can resume a stream decides what a drain does to it: a stream whose events
 //! carry ids ends at its next event boundary, one without (an answer streamed on a POST, an
 //! MCP 2026-07-28 request) runs to its end; see [`SseTracker::drain`].
