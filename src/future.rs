@@ -15,7 +15,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
-use crate::replay::{Prepared, REPLAY_HEADER, Replay};
+use crate::replay::{GapReason, Prepared, REPLAY_HEADER, Replay};
 use crate::shared::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -106,7 +106,21 @@ fn track_response<B: http_body::Body>(
             path = info.uri.path(),
             "SSE response with a Content-Encoding passed through: not tracked, no heartbeats"
         );
-        return response.map(TrackedBody::pass_through);
+        let mut response = response.map(TrackedBody::pass_through);
+        // A replay cannot go into compressed bytes: the client is told none was sent.
+        if let (Some(replayer), Some(mut prepared)) = (&shared.replay, info.replay.take()) {
+            replayer.cancel(&mut prepared, GapReason::Encoded);
+            response
+                .headers_mut()
+                .insert(REPLAY_HEADER, replayer.sent(&prepared));
+            tracing::warn!(
+                parent: &info.span,
+                path = info.uri.path(),
+                "replay not sent: the SSE response has a Content-Encoding (put the tracker \
+                 inside the compression layer, or do not compress event streams)"
+            );
+        }
+        return response;
     }
     let (mut parts, body) = response.into_parts();
     let config = &shared.config;
@@ -248,10 +262,17 @@ fn tracking(
             let slot = open_route(shared, owner.as_ref(), &route, share, prefer, &info)?;
             span.record("stream", slot.key().stream.as_str());
             span.in_scope(|| tracing::debug!("tracking SSE stream"));
-            let log = shared
-                .replay
-                .as_ref()
-                .and_then(|replayer| replayer.writer_for(&slot, replay, span));
+            let log = match (&shared.replay, replay) {
+                (None, _) => None,
+                // A stream the handler named: its request was looked up as the route's, whose
+                // log is not this stream's. Not replayed, nor logged (yet).
+                (Some(replayer), Some(prepared)) if explicit.is_some() => {
+                    replayer.cancel(prepared, GapReason::NoHistory);
+                    None
+                }
+                (Some(_), None) if explicit.is_some() => None,
+                (Some(replayer), replay) => replayer.writer_for(&slot, replay, span),
+            };
             Some(Tracking::fixed(slot, span.clone(), log))
         }
     }

@@ -189,14 +189,18 @@ where
         }
         // The replay, prepared now so that the application knows what its response follows.
         let replay = match (&self.shared.replay, &last_event_id, config.stream) {
-            (Some(replayer), Some(id), StreamKind::Route { .. }) => {
+            (Some(replayer), Some(id), StreamKind::Route { shared }) => {
+                // A stream of one owner is read by one client at a time: its reconnect's
+                // response continues its history. Feeds and shared routes are read by several
+                // at once, and their history by whichever body writes it.
+                let own = !shared && key.as_ref().is_some_and(|key| key.owner.is_some());
                 let slot = key.as_ref().and_then(|key| {
                     self.shared
                         .registry
                         .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
                 });
                 let log = slot.as_ref().and_then(|s| s.existing_replay_log());
-                let prepared = replayer.prepare(log.filter(|_| !ambiguous), id);
+                let prepared = replayer.prepare(log.filter(|_| !ambiguous), id, own);
                 req.extensions_mut().insert(prepared.replay.clone());
                 Some(prepared)
             }

@@ -32,6 +32,15 @@ fn replay_header(client: &common::Client) -> Option<&str> {
         .map(|v| v.to_str().unwrap())
 }
 
+/// Waits (at most 5 s) until `done`.
+async fn wait_for(done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 fn replaying(policy: ReplayPolicy) -> tower_sse_tracker::SseTrackerBuilder {
     SseTracker::builder()
         .heartbeat_interval(None)
@@ -203,4 +212,98 @@ async fn an_id_that_two_streams_of_the_owner_logged_is_never_replayed_from_eithe
     // An id only one of them logged is replayed from that one.
     let (_feed, client) = stream(&h, "tabs", Some("s1"), with_last_id("2"), "").await;
     assert_eq!(replay_header(&client), Some("complete; events=1"));
+}
+
+#[tokio::test]
+async fn a_shared_feed_whose_logging_reader_left_replays_nothing_as_complete() {
+    let (tracker, metrics) = build_recorded(replaying(ReplayPolicy::new()));
+    let h = Harness::start(tracker).await;
+    // Readers A and B of one feed: A's body writes the log, B's goes unlogged.
+    let (a, ca) = stream(&h, "feed", None, HeaderMap::new(), &events(1..=3)).await;
+    let (b, mut cb) = stream(&h, "feed", None, HeaderMap::new(), &events(1..=3)).await;
+    // A leaves; the feed goes on for B alone: 4 and 5 reach B's connection, which breaks.
+    drop((a, ca));
+    wait_for(|| metrics.sum(names::STREAMS_ENDED_TOTAL) >= 1.0).await;
+    b.send(Bytes::from(events(4..=5))).unwrap();
+    cb.read_until_suffix(event(5).as_bytes()).await;
+    drop((b, cb));
+    // B reconnects with 3: 4 and 5 were never logged, so no replay can be complete.
+    let (_feed, client) = stream(&h, "feed", None, with_last_id("3"), "").await;
+    assert_eq!(replay_header(&client), Some("gap; reason=no_history"));
+}
+
+/// An application whose response depends on `?kind=`: `events` (1 to 5), `empty` (an SSE body
+/// with nothing in it, known empty), `bom` (event 6 after a byte order mark), `gzip` (an SSE
+/// body with a `Content-Encoding`).
+async fn kinds_app(tracker: &SseTracker) -> std::net::SocketAddr {
+    use axum::body::Body;
+    use axum::extract::Query;
+    use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+    use axum::response::{IntoResponse, Response};
+    async fn handler(Query(q): Query<std::collections::HashMap<String, String>>) -> Response {
+        let sse = [(CONTENT_TYPE, "text/event-stream")];
+        match q.get("kind").map(String::as_str) {
+            Some("events") => (sse, events(1..=5)).into_response(),
+            Some("empty") => (sse, Body::empty()).into_response(),
+            Some("bom") => (sse, "\u{FEFF}id: 6\ndata: x\n\n").into_response(),
+            Some("gzip") => (sse, [(CONTENT_ENCODING, "gzip")], "not really gzip").into_response(),
+            _ => unreachable!(),
+        }
+    }
+    let app = axum::Router::new()
+        .route("/stream", axum::routing::get(handler))
+        .layer(tracker.layer());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn a_replay_goes_out_before_an_empty_body_without_a_leading_bom_and_never_into_compressed_bytes()
+ {
+    let tracker = replaying(ReplayPolicy::new()).build().unwrap();
+    let addr = kinds_app(&tracker).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |kind: &str, last: Option<&str>| {
+        let mut req = http
+            .get(format!("http://{addr}/stream?kind={kind}"))
+            .header("mcp-session-id", "s1");
+        if let Some(id) = last {
+            req = req.header("last-event-id", id);
+        }
+        async move {
+            let response = req.send().await.unwrap();
+            let header = response
+                .headers()
+                .get(REPLAY_HEADER)
+                .map(|v| v.to_str().unwrap().to_owned());
+            (header, response.bytes().await.unwrap())
+        }
+    };
+    let (_, body) = get("events", None).await;
+    assert_eq!(body, events(1..=5).as_bytes());
+    // The application has nothing more: its body is empty, and says so.
+    let (header, body) = get("empty", Some("3")).await;
+    assert_eq!(header.as_deref(), Some("complete; events=2"));
+    assert_eq!(
+        body,
+        events(4..=5).as_bytes(),
+        "the replay is sent all the same"
+    );
+    // The application's next body starts with a byte order mark: mid-stream, it is dropped,
+    // from what the client reads and from the log.
+    let (header, body) = get("bom", Some("5")).await;
+    assert_eq!(header.as_deref(), Some("complete; events=0"));
+    assert_eq!(body, "id: 6\ndata: x\n\n".as_bytes());
+    let (_, body) = get("empty", Some("5")).await;
+    assert_eq!(
+        body,
+        "id: 6\ndata: x\n\n".as_bytes(),
+        "replayed without the mark"
+    );
+    // Compressed: no replay can go in, and the client is told.
+    let (header, body) = get("gzip", Some("5")).await;
+    assert_eq!(header.as_deref(), Some("gap; reason=encoded"));
+    assert_eq!(body, "not really gzip".as_bytes());
 }

@@ -263,6 +263,7 @@ async fn run(chaos: Chaos) -> Tally {
                     GapReason::NoHistory => "no_history",
                     GapReason::Evicted => "evicted",
                     GapReason::UnknownId => "unknown_id",
+                    GapReason::Encoded => "encoded",
                     _ => "other",
                 };
                 *tally.gaps.entry(reason).or_default() += 1;

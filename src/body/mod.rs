@@ -125,7 +125,7 @@ impl<B> TrackedBody<B> {
         replay: Option<Bytes>,
     ) -> Self {
         let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
-        let state = SseState {
+        let mut state = SseState {
             scanner: Scanner::with_max_id_len(shared.config.max_id_len),
             shared,
             tracked,
@@ -143,8 +143,16 @@ impl<B> TrackedBody<B> {
             resumption,
             has_last_id: false,
             span,
-            replay: replay.filter(|bytes| !bytes.is_empty()),
+            replay: None,
         };
+        if let Some(replay) = replay {
+            // After a replay, what the inner body sends is in the middle of the client's
+            // stream (and of the stream's log): a leading byte order mark of it is dropped,
+            // as after a heartbeat.
+            state.scanner.comment_inserted();
+            state.strip_bom = Some(0);
+            state.replay = Some(replay).filter(|bytes| !bytes.is_empty());
+        }
         Self {
             inner,
             sse: Some(Box::pin(state)),
@@ -287,15 +295,9 @@ impl SseState {
     }
 
     /// The replay, the first time: it goes out before the inner body's first byte, as a
-    /// heartbeat can (a byte order mark of the inner body is then dropped).
+    /// heartbeat can (a byte order mark of the inner body is then dropped: see `sse`).
     fn take_replay(self: Pin<&mut Self>) -> Option<Bytes> {
-        let this = self.project();
-        let replay = this.replay.take()?;
-        this.scanner.comment_inserted();
-        if !*this.started && this.strip_bom.is_none() {
-            *this.strip_bom = Some(0);
-        }
-        Some(replay)
+        self.project().replay.take()
     }
 
     fn is_resumable(&self) -> bool {
@@ -410,7 +412,7 @@ impl<B: Body> Body for TrackedBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.sse {
             None => self.inner.is_end_stream(),
-            Some(sse) if sse.trailers.is_some() => false,
+            Some(sse) if sse.trailers.is_some() || sse.replay.is_some() => false,
             Some(sse) => sse.ended || self.inner.is_end_stream(),
         }
     }

@@ -289,6 +289,17 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         self.report_counts();
         let shared = &self.shared;
+        // The log's writer goes first, while this body still counts as open in its slot: a
+        // body that takes the slot once it is free finds the log free too. When other bodies
+        // stream into the slot (a shared stream), they go on unlogged: the log is sealed.
+        if let Some(writer) = self.tracking.log.take() {
+            let others = self
+                .tracking
+                .slot
+                .as_ref()
+                .is_some_and(|slot| slot.open_bodies() > 1);
+            writer.release(others);
+        }
         shared.metrics.streams_active.decrement(1.0);
         for slot in self.tracking.slots() {
             shared.registry.body_closed(slot);

@@ -71,7 +71,7 @@
 //!   bound, and the history before it) or `restart` (a response that did not continue the
 //!   replayed history restarted it);
 //! - `sse_tracker_replays_total{outcome}`: `complete`, or the reason a replay was impossible:
-//!   `no_history`, `evicted` or `unknown_id` (see [`GapReason`](crate::GapReason)).
+//!   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`](crate::GapReason)).
 //!
 //! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
 //! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a

@@ -82,6 +82,7 @@ impl ReplayMetrics {
                 outcome(GapReason::NoHistory.as_str()),
                 outcome(GapReason::Evicted.as_str()),
                 outcome(GapReason::UnknownId.as_str()),
+                outcome(GapReason::Encoded.as_str()),
             ],
             replayed_events: counter!(REPLAYED_EVENTS_TOTAL),
             replayed_bytes: counter!(REPLAYED_BYTES_TOTAL),

@@ -197,6 +197,12 @@ impl Slot {
         &self.session
     }
 
+    /// How many bodies stream into this slot now (a moment's figure: it changes under the
+    /// registry's lock).
+    pub(crate) fn open_bodies(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
+    }
+
     pub(super) fn is_live(&self) -> bool {
         self.open.load(Ordering::Relaxed) > 0
     }

@@ -34,7 +34,7 @@ pub(crate) use log::{Budget, StreamLog, Writer};
 /// - `complete; events=N`: the response starts with the `N` events the client missed (`N` may
 ///   be 0), once each, byte for byte as they were first sent; then the application's events;
 /// - `gap; reason=R`: the events after the client's id cannot be replayed, and none are; `R` is
-///   `no_history`, `evicted` or `unknown_id` (see [`GapReason`]).
+///   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`]).
 pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 
 /// How much history the replay logs keep (see
@@ -183,6 +183,9 @@ pub enum GapReason {
     /// of the stream (a response that did not continue it restarted it), or was never sent on
     /// it.
     UnknownId,
+    /// The response has a `Content-Encoding`: the layer cannot put events into compressed
+    /// bytes (add the tracker inside the compression layer).
+    Encoded,
 }
 
 impl GapReason {
@@ -192,13 +195,15 @@ impl GapReason {
             GapReason::NoHistory => "no_history",
             GapReason::Evicted => "evicted",
             GapReason::UnknownId => "unknown_id",
+            GapReason::Encoded => "encoded",
         }
     }
 
-    pub(crate) const ALL: [GapReason; 3] = [
+    pub(crate) const ALL: [GapReason; 4] = [
         GapReason::NoHistory,
         GapReason::Evicted,
         GapReason::UnknownId,
+        GapReason::Encoded,
     ];
 }
 
@@ -251,38 +256,14 @@ pub enum Replay {
 }
 
 /// A replay as the layer prepares it for a request: what the application learns, the bytes to
-/// send first, and the log they came from (which the response's body continues when it
-/// streams into the same one, unchanged since).
+/// send first, and the writer of the log they came from, taken for the response's body, which
+/// continues that history (a stream of one owner; for a stream that several bodies read at
+/// once, the body that writes its log goes on writing it).
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub(crate) replay: Replay,
     pub(crate) bytes: Bytes,
-    pub(crate) from: Option<(Arc<StreamLog>, log::End)>,
-}
-
-impl Prepared {
-    /// Adds the events logged after the replay was prepared.
-    fn append(&mut self, extra: log::Extra) {
-        if extra.events == 0 {
-            return;
-        }
-        let mut bytes = Vec::with_capacity(self.bytes.len() + extra.bytes.len());
-        bytes.extend_from_slice(&self.bytes);
-        bytes.extend_from_slice(&extra.bytes);
-        self.bytes = Bytes::from(bytes);
-        if let Replay::Complete {
-            events,
-            last_event_id,
-            position,
-        } = &mut self.replay
-        {
-            *events += extra.events;
-            if let Some(id) = extra.last_id {
-                *last_event_id = id;
-            }
-            position.offset += extra.events as u64;
-        }
-    }
+    writer: Option<Writer>,
 }
 
 /// The replay state of one tracker: the policy, the budget of its logs, and the gap event.
@@ -307,12 +288,19 @@ impl Replayer {
     }
 
     /// What a request whose `Last-Event-ID` is `id` gets from `log`, the log of the stream it
-    /// addresses (`None`: none, or the layer cannot tell which).
-    pub(crate) fn prepare(&self, log: Option<&Arc<StreamLog>>, id: &EventId) -> Prepared {
+    /// addresses (`None`: none, or the layer cannot tell which). The response to it takes the
+    /// log's writer now, from a body that writes it too with `take_over` (a stream of one
+    /// owner): see [`StreamLog::after`].
+    pub(crate) fn prepare(
+        &self,
+        log: Option<&Arc<StreamLog>>,
+        id: &EventId,
+        take_over: bool,
+    ) -> Prepared {
         let Some(log) = log else {
             return self.gap(GapReason::NoHistory);
         };
-        match log.after(id.as_str().as_bytes()) {
+        match log.after(id.as_str().as_bytes(), take_over) {
             log::Lookup::Found(found) => Prepared {
                 replay: Replay::Complete {
                     events: found.events,
@@ -320,49 +308,37 @@ impl Replayer {
                     position: found.position,
                 },
                 bytes: found.bytes,
-                from: Some((log.clone(), found.end)),
+                writer: found.writer,
             },
             log::Lookup::Gap(reason) => self.gap(reason),
         }
     }
 
-    /// The writer of the log that the body of a response streaming into `slot` writes, if any,
-    /// and the replay it sends, brought up to date: a body whose request was replayed to
-    /// continues that log (see [`StreamLog::continue_after`]), and also sends what was logged
-    /// since; any other restarts the slot's log (see [`StreamLog::writer`]). `None` (counted)
-    /// when the body is not logged: another body writes the log, or the replayed history
-    /// restarted since.
+    /// The replay cannot go out as prepared (`reason`): nothing of it is sent, and the log's
+    /// writer it took is let go.
+    pub(crate) fn cancel(&self, prepared: &mut Prepared, reason: GapReason) {
+        *prepared = self.gap(reason);
+    }
+
+    /// The writer of the log that the body of a response streaming into `slot` writes, if any:
+    /// the one its replay took (it continues that history, whichever of the owner's streams
+    /// the body streams into), else the slot's, whose history then restarts (see
+    /// [`StreamLog::writer`]). `None` (counted) when another body writes the slot's log.
     pub(crate) fn writer_for(
         &self,
         slot: &Slot,
         prepared: Option<&mut Prepared>,
         span: &tracing::Span,
     ) -> Option<Writer> {
-        let writer = match prepared {
-            Some(prepared) if prepared.from.is_some() => {
-                let (log, end) = prepared.from.take().expect("just checked");
-                match log.continue_after(end) {
-                    log::Continued::Writer(writer, extra) => {
-                        prepared.append(extra);
-                        Some(writer)
-                    }
-                    log::Continued::Lost => {
-                        // The replay cannot be completed: none of it is sent, and the
-                        // history goes on in a new epoch.
-                        *prepared = self.gap(GapReason::Evicted);
-                        slot.replay_log(|| self.new_log()).writer()
-                    }
-                    log::Continued::Restarted => None,
-                }
-            }
-            _ => slot.replay_log(|| self.new_log()).writer(),
-        };
+        if let Some(writer) = prepared.and_then(|prepared| prepared.writer.take()) {
+            return Some(writer);
+        }
+        let writer = slot.replay_log(|| self.new_log()).writer();
         if writer.is_none() {
             self.budget.metrics.unlogged.increment(1);
             tracing::debug!(
                 parent: span,
-                "SSE stream not logged for replay: another body of the stream writes its log, \
-                 or its replayed history restarted"
+                "SSE stream not logged for replay: another body of the stream writes its log"
             );
         }
         writer
@@ -376,7 +352,7 @@ impl Replayer {
         Prepared {
             replay: Replay::Gap(reason),
             bytes,
-            from: None,
+            writer: None,
         }
     }
 
