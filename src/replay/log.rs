@@ -3,10 +3,12 @@
 //!
 //! A log holds records in a [`Ring`]: each is an event's exact bytes (what came since the
 //! previous blank line that ended an event or only comments, up to and with the blank line that
-//! dispatched it), then its own id, then a trailer saying the id's length (one byte, or five for
-//! ids of 252 bytes and more). An index holds each record's length. The bytes of the event
-//! being read (not dispatched yet) follow the records; they become a record at its blank line,
-//! or are dropped at a blank line that ends only comments, and when the body ends.
+//! dispatched it), then a trailer that finds the event's own id: where it lies in the event's
+//! bytes (three bytes, for an id on one of the event's first lines, as most are), or a copy of
+//! it and its length (one byte, or five for ids of 252 bytes and more). An index holds each
+//! record's length. The bytes of the event being read (not dispatched yet) follow the records;
+//! they become a record at its blank line, or are dropped at a blank line that ends only
+//! comments, and when the body ends.
 
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,17 +27,52 @@ use crate::sync::lock;
 const NO_ID: u8 = 0xFD;
 /// Trailer byte: the id's length is in the four bytes before it (little-endian).
 const LONG_ID: u8 = 0xFE;
+/// Trailer byte: the id lies in the event's bytes, at the offset and with the length in the
+/// two bytes before it.
+const ID_AT: u8 = 0xFC;
+/// Ids copied with a one-byte trailer are shorter than this.
+const SHORT_ID: usize = ID_AT as usize;
 
-/// The trailer of a record with `id`: its bytes and their number.
-fn trailer(id: Option<&[u8]>) -> ([u8; 5], usize) {
-    match id {
-        None => ([NO_ID, 0, 0, 0, 0], 1),
-        Some(id) if id.len() < usize::from(NO_ID) => ([id.len() as u8, 0, 0, 0, 0], 1),
-        Some(id) => {
-            let [a, b, c, d] = (id.len() as u32).to_le_bytes();
-            ([a, b, c, d, LONG_ID], 5)
+/// The trailer of a record whose event's bytes hold its `id` at `at` (when `Some`), or a copy
+/// of `id` written before the trailer: its bytes (little-endian in a word, built whole) and
+/// their number.
+fn trailer(id: Option<&[u8]>, at: Option<u8>) -> (u64, usize) {
+    match (id, at) {
+        (None, _) => (u64::from(NO_ID), 1),
+        (Some(id), Some(at)) => (
+            u64::from(at) | (id.len() as u64) << 8 | u64::from(ID_AT) << 16,
+            3,
+        ),
+        (Some(id), None) if id.len() < SHORT_ID => (id.len() as u64, 1),
+        (Some(id), None) => (u64::from(id.len() as u32) | u64::from(LONG_ID) << 32, 5),
+    }
+}
+
+/// Where `id` lies as the value of an `id` field on one of the first lines of `event`, if
+/// it does within its first 255 bytes and is shorter than 256 bytes. Any place that holds the
+/// id's bytes would do (the record only needs them); the first lines are where events put it.
+fn id_at(event: &[u8], id: &[u8]) -> Option<u8> {
+    const LINES: usize = 3;
+    if id.len() > usize::from(u8::MAX) {
+        return None;
+    }
+    let head = &event[..event.len().min(usize::from(u8::MAX))];
+    let mut line = 0;
+    for _ in 0..LINES {
+        let rest = &head[line..];
+        if let Some(value) = rest.strip_prefix(b"id:") {
+            let skip = usize::from(value.first() == Some(&b' '));
+            let at = line + 3 + skip;
+            if head.len() >= at + id.len() && &head[at..at + id.len()] == id {
+                return Some(at as u8);
+            }
+        }
+        line += rest.iter().position(|&b| b == b'\n' || b == b'\r')? + 1;
+        if head[line - 1] == b'\r' && head.get(line) == Some(&b'\n') {
+            line += 1;
         }
     }
+    None
 }
 
 /// Why a log's history does not reach back to its epoch's start.
@@ -71,15 +108,14 @@ struct LogInner {
     writers: u64,
     /// The log has an entry in the budget's heap.
     queued: bool,
+    /// Its writer left while other bodies streamed into the stream (a shared one), whose
+    /// events from then on are not logged: no replay can be complete until a new history.
+    sealed: bool,
 }
 
 impl LogInner {
     fn heap_bytes(&self) -> usize {
         self.ring.heap_bytes() + self.records.capacity() * size_of::<u32>()
-    }
-
-    fn next(&self) -> u64 {
-        self.first + self.records.len() as u64
     }
 
     /// Drops the oldest record.
@@ -113,29 +149,38 @@ impl LogInner {
         self.epoch = epoch;
         self.lost = lost;
         self.skipping = None;
+        self.sealed = false;
         dropped
     }
 
-    /// The id of the record that lies at `start` with length `len`, as its range in the ring.
-    fn id_range(&self, start: usize, len: usize) -> Option<(usize, usize)> {
+    /// The record that lies at `start` with length `len`: where its event's bytes end, and
+    /// where its own id lies, as ranges in the ring.
+    fn parts(&self, start: usize, len: usize) -> (usize, Option<(usize, usize)>) {
         let end = start + len;
         match self.ring.byte(end - 1) {
-            NO_ID => None,
+            NO_ID => (end - 1, None),
+            ID_AT => {
+                let at = start + usize::from(self.ring.byte(end - 3));
+                (end - 3, Some((at, at + usize::from(self.ring.byte(end - 2)))))
+            }
             LONG_ID => {
                 let mut bytes = [0; 4];
                 for (i, b) in bytes.iter_mut().enumerate() {
                     *b = self.ring.byte(end - 5 + i);
                 }
                 let id_len = u32::from_le_bytes(bytes) as usize;
-                Some((end - 5 - id_len, end - 5))
+                (end - 5 - id_len, Some((end - 5 - id_len, end - 5)))
             }
-            short => Some((end - 1 - usize::from(short), end - 1)),
+            short => {
+                let id_start = end - 1 - usize::from(short);
+                (id_start, Some((id_start, end - 1)))
+            }
         }
     }
 
     /// The events of the records from the one at `index` on, which starts at `start`.
-    fn events_from_index(&self, index: usize, mut start: usize) -> Extra {
-        let mut extra = Extra {
+    fn events_from_index(&self, index: usize, mut start: usize) -> Events {
+        let mut extra = Events {
             bytes: Vec::with_capacity(self.committed - start),
             events: self.records.len() - index,
             last_id: None,
@@ -143,10 +188,10 @@ impl LogInner {
         let mut last_id = None;
         for &len in self.records.iter().skip(index) {
             let len = len as usize;
-            let event_end = self.event_end(start, len);
+            let (event_end, id) = self.parts(start, len);
             self.ring.copy_into(start, event_end, &mut extra.bytes);
-            if let Some(range) = self.id_range(start, len) {
-                last_id = Some(range);
+            if id.is_some() {
+                last_id = id;
             }
             start += len;
         }
@@ -158,36 +203,6 @@ impl LogInner {
         extra
     }
 
-    /// The events from offset `next` on (`next` at least `first`).
-    fn events_from(&self, next: u64) -> Extra {
-        let skip = (next - self.first) as usize;
-        if skip >= self.records.len() {
-            return Extra::default();
-        }
-        let start = self
-            .records
-            .iter()
-            .take(skip)
-            .map(|&len| len as usize)
-            .sum();
-        self.events_from_index(skip, start)
-    }
-
-    /// The event bytes of the record at `start` with length `len`: all but its id and trailer.
-    fn event_end(&self, start: usize, len: usize) -> usize {
-        match self.id_range(start, len) {
-            Some((id_start, _)) => id_start,
-            None => start + len - 1,
-        }
-    }
-}
-
-/// The end of a log at a look-up: its epoch and the offset of its next event. A body that
-/// finds the log still there continues its history.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct End {
-    epoch: u64,
-    next: u64,
 }
 
 /// The log of one stream.
@@ -214,7 +229,9 @@ pub(crate) struct Found {
     pub(crate) last_id: Option<EventId>,
     /// The position of the last of them (of the client's event when there are none).
     pub(crate) position: Position,
-    pub(crate) end: End,
+    /// The log's writer, taken for the response to the request looked up for (see
+    /// [`StreamLog::after`]).
+    pub(crate) writer: Option<Writer>,
 }
 
 impl StreamLog {
@@ -232,6 +249,7 @@ impl StreamLog {
                 writing: None,
                 writers: 0,
                 queued: false,
+                sealed: false,
             }),
             budget,
         }
@@ -241,8 +259,18 @@ impl StreamLog {
     /// Events without an id follow the last id before them: a client whose last id is that
     /// one is sent them again (it may have had them). With an id that several events carried,
     /// the newest counts.
-    pub(crate) fn after(&self, last_event_id: &[u8]) -> Lookup {
-        let inner = lock(&self.inner);
+    ///
+    /// The log's writer is taken at once for the response to this request, which continues
+    /// the history after them, when no body writes the log, and with `take_over` when one
+    /// does: that body (its client is gone, and the server has not seen it yet) then writes
+    /// nothing more into it, so that the replay and the response's events follow each other
+    /// with nothing between. Without `take_over` (a stream several bodies read at once), a
+    /// body that writes the log goes on writing it.
+    pub(crate) fn after(self: &Arc<Self>, last_event_id: &[u8], take_over: bool) -> Lookup {
+        let mut inner = lock(&self.inner);
+        if inner.sealed {
+            return Lookup::Gap(GapReason::NoHistory);
+        }
         let Some((index, start)) = find(&inner, last_event_id) else {
             return Lookup::Gap(match inner.lost {
                 Lost::Evicted => GapReason::Evicted,
@@ -250,26 +278,25 @@ impl StreamLog {
                 Lost::Nothing | Lost::Restarted => GapReason::UnknownId,
             });
         };
-        let events = inner.records.len() - index - 1;
-        let extra = inner.events_from_index(index + 1, start);
+        let events = inner.events_from_index(index + 1, start);
+        let position = Position {
+            epoch: inner.epoch,
+            offset: inner.first + (index + events.events) as u64,
+        };
+        let writer = (take_over || inner.writing.is_none()).then(|| self.take_writer(&mut inner));
         Lookup::Found(Found {
-            bytes: Bytes::from(extra.bytes),
-            events,
-            last_id: extra.last_id,
-            position: Position {
-                epoch: inner.epoch,
-                offset: inner.first + (index + events) as u64,
-            },
-            end: End {
-                epoch: inner.epoch,
-                next: inner.next(),
-            },
+            bytes: Bytes::from(events.bytes),
+            events: events.events,
+            last_id: events.last_id,
+            position,
+            writer,
         })
     }
 
     /// Whether an event of the log carried `id`.
     pub(crate) fn holds_id(&self, id: &[u8]) -> bool {
-        find(&lock(&self.inner), id).is_some()
+        let inner = lock(&self.inner);
+        !inner.sealed && find(&inner, id).is_some()
     }
 
     /// The writer of this log for a body that does not continue a replayed history (a new
@@ -282,77 +309,44 @@ impl StreamLog {
             return None;
         }
         let before = inner.heap_bytes();
-        let fresh = inner.records.is_empty() && inner.lost == Lost::Nothing;
+        let fresh = inner.records.is_empty() && inner.lost == Lost::Nothing && !inner.sealed;
         let dropped = if fresh {
             0
         } else {
             inner.restart(self.budget.next_epoch(), Lost::Restarted)
         };
         let writer = self.take_writer(&mut inner);
-        let after = inner.heap_bytes();
+        self.budget.account(before, inner.heap_bytes());
         drop(inner);
         self.budget.metrics.trimmed(Trim::Restart, dropped);
-        self.budget.account(before, after);
         Some(writer)
-    }
-
-    /// The writer of this log for the body of a response whose request was replayed to from
-    /// it, up to `end`: the body continues the history. It takes the log over from a body
-    /// that still writes it (one whose client is gone and whose end the server has not seen
-    /// yet, or another reader of a shared stream, whose events are the same): what that body
-    /// writes from now on is not logged. What it logged since the request was replayed to is
-    /// returned, to be sent after the replay.
-    pub(crate) fn continue_after(self: &Arc<Self>, end: End) -> Continued {
-        let mut inner = lock(&self.inner);
-        if inner.epoch != end.epoch {
-            // The history restarted since: this body's events are not part of it.
-            return Continued::Restarted;
-        }
-        if end.next < inner.first {
-            // Events the client has not had were dropped since: no exact replay.
-            return Continued::Lost;
-        }
-        let before = inner.heap_bytes();
-        let extra = inner.events_from(end.next);
-        let writer = self.take_writer(&mut inner);
-        let after = inner.heap_bytes();
-        drop(inner);
-        self.budget.account(before, after);
-        Continued::Writer(writer, extra)
     }
 
     /// Makes the next writer the log's: what a body that wrote before left of an event is
     /// dropped (it is not the new body's), and that body's writes are ignored from now on.
     fn take_writer(self: &Arc<Self>, inner: &mut LogInner) -> Writer {
+        let before = inner.heap_bytes();
         inner.drop_open();
         inner.skipping = None;
         inner.writers += 1;
         inner.writing = Some(inner.writers);
+        self.budget.account(before, inner.heap_bytes());
         Writer {
             log: self.clone(),
             number: inner.writers,
             frame: FrameEvents::default(),
+            logged: 0,
+            seal: false,
         }
     }
 }
 
-/// What a body that continues a replayed history gets.
-#[derive(Debug)]
-pub(crate) enum Continued {
-    /// The log's writer, and the events logged since the replay was prepared.
-    Writer(Writer, Extra),
-    /// The history restarted since the replay was prepared.
-    Restarted,
-    /// Events after the replay were dropped from the log since it was prepared.
-    Lost,
-}
-
-/// Events logged after a replay was prepared, to send after it.
+/// The bytes of consecutive events, their number and the newest id among them.
 #[derive(Debug, Default)]
-pub(crate) struct Extra {
-    pub(crate) bytes: Vec<u8>,
-    pub(crate) events: usize,
-    pub(crate) last_id: Option<EventId>,
+struct Events {
+    bytes: Vec<u8>,
+    events: usize,
+    last_id: Option<EventId>,
 }
 
 /// The newest record whose own id is `id`: its index, and where the record after it starts.
@@ -360,7 +354,7 @@ fn find(inner: &LogInner, id: &[u8]) -> Option<(usize, usize)> {
     let mut end = inner.committed;
     for (index, &len) in inner.records.iter().enumerate().rev() {
         let start = end - len as usize;
-        if let Some((from, to)) = inner.id_range(start, len as usize)
+        if let (_, Some((from, to))) = inner.parts(start, len as usize)
             && to - from == id.len()
             && inner.ring.holds_at(from, id)
         {
@@ -397,6 +391,17 @@ struct Mark {
     id: Option<(u32, u32)>,
 }
 
+impl FrameEvents {
+    /// Empties the lists, giving back what a frame of many events made them hold.
+    fn clear(&mut self) {
+        self.marks.clear();
+        self.ids.clear();
+        self.id = None;
+        self.marks.shrink_to(64);
+        self.ids.shrink_to(1024);
+    }
+}
+
 impl Sink for FrameEvents {
     #[inline]
     fn commit(&mut self, id: &[u8]) {
@@ -420,6 +425,10 @@ pub(crate) struct Writer {
     /// This writer's number: it writes while the log's `writing` is this.
     number: u64,
     frame: FrameEvents,
+    /// Events logged not yet added to `sse_tracker_replay_events_logged_total`.
+    logged: usize,
+    /// Seal the log when this writer goes (see [`release`](Self::release)).
+    seal: bool,
 }
 
 impl Writer {
@@ -439,13 +448,10 @@ impl Writer {
         let frame = &mut self.frame;
         let mut age = || budget.ages.fetch_add(1, Ordering::Relaxed);
         let mut trimmed = [0usize; Trim::ALL.len()];
-        let mut logged = 0usize;
         let mut inner = lock(&log.inner);
         if inner.writing != Some(self.number) {
             // Another body took the log over.
-            frame.marks.clear();
-            frame.ids.clear();
-            frame.id = None;
+            frame.clear();
             return;
         }
         let before = inner.heap_bytes();
@@ -467,9 +473,14 @@ impl Writer {
             let id = mark
                 .id
                 .map(|(from, len)| &frame.ids[from as usize..(from + len) as usize]);
-            let (trailer, trailer_len) = trailer(id);
             let open = inner.ring.len() - inner.committed;
-            let size = open + piece.len() + id.map_or(0, <[u8]>::len) + trailer_len;
+            let at = match id {
+                Some(id) if open == 0 => id_at(piece, id),
+                _ => None,
+            };
+            let copied = if at.is_some() { None } else { id };
+            let (trailer, trailer_len) = trailer(id, at);
+            let size = open + piece.len() + copied.map_or(0, <[u8]>::len) + trailer_len;
             if size > policy.max_stream_bytes {
                 inner.drop_open();
                 trimmed[Trim::TooLarge as usize] +=
@@ -478,15 +489,15 @@ impl Writer {
             }
             make_room(&mut inner, policy, size - open, 1, &mut trimmed);
             inner.ring.push(piece, &mut age);
-            if let Some(id) = id {
+            if let Some(id) = copied {
                 inner.ring.push(id, &mut age);
             }
-            inner.ring.push(&trailer[..trailer_len], &mut age);
+            inner.ring.push(&trailer.to_le_bytes()[..trailer_len], &mut age);
             inner.records.push_back(size as u32);
             inner.committed = inner.ring.len();
-            logged += 1;
+            self.logged += 1;
         }
-        frame.ids.clear();
+        frame.clear();
         let rest = &data[start..];
         if !rest.is_empty() && inner.skipping.is_none() {
             let open = inner.ring.len() - inner.committed;
@@ -500,6 +511,9 @@ impl Writer {
             }
         }
         let after = inner.heap_bytes();
+        if after != before {
+            budget.account(before, after);
+        }
         let queue = match inner.ring.front_age() {
             Some(age) if !inner.queued => {
                 inner.queued = true;
@@ -508,17 +522,29 @@ impl Writer {
             _ => None,
         };
         drop(inner);
-        budget.metrics.logged(logged);
-        for cause in Trim::ALL {
-            budget.metrics.trimmed(cause, trimmed[cause as usize]);
+        if self.logged >= LOGGED_BATCH {
+            budget.metrics.logged(std::mem::take(&mut self.logged));
         }
-        budget.account(before, after);
+        if trimmed.iter().any(|&n| n > 0) {
+            for cause in Trim::ALL {
+                budget.metrics.trimmed(cause, trimmed[cause as usize]);
+            }
+        }
         if let Some(age) = queue {
             budget.enqueue(age, Arc::downgrade(&self.log));
         }
         budget.enforce();
     }
+
+    /// Ends this body's writing; with `seal`, no replay from the log is complete until a
+    /// new history begins (other bodies of the stream go on, unlogged).
+    pub(crate) fn release(mut self, seal: bool) {
+        self.seal = seal;
+    }
 }
+
+/// Events a writer logs before it adds them to the shared counter.
+const LOGGED_BATCH: usize = 64;
 
 /// Drops the oldest records until `bytes` more bytes and `events` more records fit the
 /// stream's bounds (or none is left).
@@ -547,18 +573,18 @@ fn make_room(
 impl Drop for Writer {
     fn drop(&mut self) {
         let log = &*self.log;
-        let (before, after) = {
-            let mut inner = lock(&log.inner);
-            if inner.writing != Some(self.number) {
-                return;
-            }
-            let before = inner.heap_bytes();
-            inner.drop_open();
-            inner.skipping = None;
-            inner.writing = None;
-            (before, inner.heap_bytes())
-        };
-        log.budget.account(before, after);
+        log.budget.metrics.logged(std::mem::take(&mut self.logged));
+        let mut inner = lock(&log.inner);
+        if inner.writing != Some(self.number) {
+            return;
+        }
+        let before = inner.heap_bytes();
+        inner.drop_open();
+        inner.ring.release_spare();
+        inner.skipping = None;
+        inner.writing = None;
+        inner.sealed |= self.seal;
+        log.budget.account(before, inner.heap_bytes());
     }
 }
 
@@ -633,7 +659,8 @@ impl Budget {
         self.epochs.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A log went from `before` heap bytes to `after`.
+    /// A log went from `before` heap bytes to `after`. Called with the log locked, so that a
+    /// log's decrements never come before the increments they undo.
     fn account(&self, before: usize, after: usize) {
         let held = if after >= before {
             self.held.fetch_add(after - before, Ordering::Relaxed) + (after - before)
@@ -685,7 +712,7 @@ impl Budget {
                 Some(_) => {}
             }
             let before = inner.heap_bytes();
-            let over = self.held() - self.policy.max_total_bytes;
+            let over = self.held().saturating_sub(self.policy.max_total_bytes);
             while inner.ring.front_age() == Some(entry.age) && before - inner.heap_bytes() < over {
                 if inner.pop_front() {
                     dropped += 1;
@@ -696,7 +723,8 @@ impl Budget {
                     inner.skipping = Some(Trim::Budget);
                 }
             }
-            let after = inner.heap_bytes();
+            inner.ring.release_spare();
+            self.account(before, inner.heap_bytes());
             match inner.ring.front_age() {
                 Some(age) => heap.push(Oldest {
                     age,
@@ -704,8 +732,6 @@ impl Budget {
                 }),
                 None => inner.queued = false,
             }
-            drop(inner);
-            self.account(before, after);
         }
         drop(heap);
         // An open event dropped is counted when it ends (its dispatch restarts the history).
@@ -747,18 +773,32 @@ mod tests {
             }
         }
 
-        /// A body that continues the history after `end`, with what was logged since.
-        fn continuing(log: &Arc<StreamLog>, end: End) -> (Self, Extra) {
-            let Continued::Writer(writer, extra) = log.continue_after(end) else {
-                panic!("cannot continue");
-            };
-            let scanner = Scanner::with_max_id_len(64);
-            (Self { scanner, writer }, extra)
+        /// A body that continues the history after `id`, taking the writer at the look-up.
+        fn continuing(log: &Arc<StreamLog>, id: &[u8]) -> (Self, Found) {
+            let mut found = found(log.after(id, true));
+            let writer = found.writer.take().expect("taken");
+            (
+                Self {
+                    scanner: Scanner::with_max_id_len(64),
+                    writer,
+                },
+                found,
+            )
         }
 
         fn send(&mut self, frame: &[u8]) {
             self.scanner.feed_sink(frame, self.writer.sink());
             self.writer.write(frame);
+        }
+    }
+
+    trait AfterNoTake {
+        fn after_(&self, id: &[u8]) -> Lookup;
+    }
+
+    impl AfterNoTake for Arc<StreamLog> {
+        fn after_(&self, id: &[u8]) -> Lookup {
+            self.after(id, false)
         }
     }
 
@@ -788,7 +828,7 @@ mod tests {
             let mut body = Body::new(&log);
             body.send(&stream[..cut]);
             body.send(&stream[cut..]);
-            let after_1 = found(log.after(b"1"));
+            let after_1 = found(log.after_(b"1"));
             assert_eq!(
                 &after_1.bytes[..],
                 b"id: 2\r\ndata: b\r\n\r\ndata: no id\n\nid: 3\nevent: x\ndata: c\n\n",
@@ -799,16 +839,53 @@ mod tests {
             assert_eq!(after_1.position.offset, 3);
         }
         body.send(stream);
-        let after_2 = found(log.after(b"2"));
+        let after_2 = found(log.after_(b"2"));
         assert_eq!(
             &after_2.bytes[..],
             b"data: no id\n\nid: 3\nevent: x\ndata: c\n\n"
         );
-        let after_3 = found(log.after(b"3"));
+        let after_3 = found(log.after_(b"3"));
         assert_eq!(after_3.events, 0);
         assert!(after_3.bytes.is_empty());
         assert_eq!(after_3.last_id, None);
-        assert_eq!(gap(log.after(b"4")), GapReason::UnknownId);
+        assert_eq!(gap(log.after_(b"4")), GapReason::UnknownId);
+    }
+
+    #[test]
+    fn each_events_own_id_is_found_wherever_it_lies_and_however_long_it_is() {
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let mut body = Body::new(&log);
+        body.scanner = Scanner::with_max_id_len(1024);
+        let long = "L".repeat(300);
+        let events: Vec<(String, Vec<&[u8]>)> = vec![
+            ("a".into(), vec![b"id: a\ndata: 1\n\n"]),
+            ("b".into(), vec![b"event: x\r\nid:b\r\ndata: 2\r\n\r\n"]),
+            ("c".into(), vec![b"data: 1\ndata: 2\nevent: y\nid: c\n\n"]),
+            ("e".into(), vec![b"id: e", b"\n\n"]),
+            ("g".into(), vec![b"id: ff\nid: g\n\n"]),
+            ("".into(), vec![b"id\ndata: reset\n\n"]),
+        ];
+        let long_event = format!("id: {long}\ndata: long\n\n");
+        body.send(b"id: 0\n\n");
+        let mut previous = "0".to_string();
+        let mut all = |id: &str, frames: &[&[u8]], body: &mut Body| {
+            for frame in frames {
+                body.send(frame);
+            }
+            let after = found(log.after_(previous.as_bytes()));
+            assert_eq!(&after.bytes[..], &frames.concat()[..], "after {previous}");
+            assert_eq!(after.last_id.unwrap().as_str(), id);
+            previous = id.to_string();
+        };
+        all(&long, &[long_event.as_bytes()], &mut body);
+        for (id, frames) in &events[..events.len() - 1] {
+            all(id, frames, &mut body);
+        }
+        // An empty id (a reset) is an id too, found as such.
+        let (id, frames) = &events[events.len() - 1];
+        all(id, frames, &mut body);
+        assert_eq!(found(log.after_(b"a")).events, 5);
+        assert_eq!(found(log.after_(long.as_bytes())).events, 6);
     }
 
     #[test]
@@ -816,14 +893,16 @@ mod tests {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
         let mut body = Body::new(&log);
         body.send(b"id: 1\ndata: a\n\nid: 2\ndata: cut");
-        let end = found(log.after(b"1")).end;
         drop(body);
-        assert_eq!(found(log.after(b"1")).events, 0);
+        assert_eq!(found(log.after_(b"1")).events, 0);
         // A body that continues the history after the replay writes after event 1.
-        let (mut body, extra) = Body::continuing(&log, end);
-        assert_eq!(extra.events, 0);
+        let (mut body, replay) = Body::continuing(&log, b"1");
+        assert_eq!(replay.events, 0);
         body.send(b"id: 2\ndata: whole\n\n");
-        assert_eq!(&found(log.after(b"1")).bytes[..], b"id: 2\ndata: whole\n\n");
+        assert_eq!(
+            &found(log.after_(b"1")).bytes[..],
+            b"id: 2\ndata: whole\n\n"
+        );
     }
 
     #[test]
@@ -831,7 +910,7 @@ mod tests {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
         let mut body = Body::new(&log);
         body.send(b"id: 1\n\nid: 2\n\n");
-        let old = found(log.after(b"1"));
+        let old = found(log.after_(b"1"));
         assert!(
             log.writer().is_none(),
             "one writer at a time: a second body of the stream does not write"
@@ -839,55 +918,44 @@ mod tests {
         drop(body);
         let mut body = Body::new(&log);
         body.send(b"id: 3\n\n");
-        assert_eq!(gap(log.after(b"1")), GapReason::UnknownId);
-        let new = found(log.after(b"3"));
+        assert_eq!(gap(log.after_(b"1")), GapReason::UnknownId);
+        let new = found(log.after_(b"3"));
         assert_ne!(new.position.epoch, old.position.epoch);
         assert_eq!(new.position.offset, 0);
     }
 
     #[test]
-    fn a_body_that_continues_the_history_takes_the_log_over_and_sends_what_was_logged_since() {
+    fn a_reconnect_takes_the_log_over_from_a_body_still_writing_it_at_its_look_up() {
         let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
         let mut old = Body::new(&log);
-        old.send(b"id: 1\n\nid: 2\n\n");
-        // The client reconnects after 1 before the server saw its connection end: the old
-        // body logs more before the new one starts.
-        let end = found(log.after(b"1")).end;
-        old.send(b"id: 3\n\nid: 4\ndata: half");
-        let (mut new, extra) = Body::continuing(&log, end);
-        assert_eq!(
-            extra.bytes, b"id: 3\n\n",
-            "logged after the replay was prepared"
-        );
-        assert_eq!(extra.events, 1);
-        assert_eq!(extra.last_id.unwrap().as_str(), "3");
-        // From now on, the old body's writes are not logged.
-        old.send(b" of it\n\nid: 5\n\n");
-        new.send(b"id: 4\ndata: whole\n\n");
+        old.send(b"id: 1\n\nid: 2\n\nid: 3\ndata: half");
+        // The client reconnects after 1 before the server saw its connection end.
+        let (mut new, replay) = Body::continuing(&log, b"1");
+        assert_eq!(&replay.bytes[..], b"id: 2\n\n");
+        // From its look-up on, the old body's writes are not logged.
+        old.send(b" of it\n\nid: 4\n\n");
+        new.send(b"id: 3\ndata: whole\n\n");
         drop(old);
-        new.send(b"id: 5\n\n");
+        new.send(b"id: 4\n\n");
         assert_eq!(
-            &found(log.after(b"2")).bytes[..],
-            b"id: 3\n\nid: 4\ndata: whole\n\nid: 5\n\n"
+            &found(log.after_(b"2")).bytes[..],
+            b"id: 3\ndata: whole\n\nid: 4\n\n"
         );
     }
 
     #[test]
-    fn a_replay_that_cannot_be_continued_is_never_continued() {
-        let log = Arc::new(StreamLog::new(budget(2, 1 << 20, 1 << 20)));
-        let mut old = Body::new(&log);
-        old.send(b"id: 1\n\nid: 2\n\n");
-        let end = found(log.after(b"1")).end;
-        // Events after the replay's end were dropped before the new body started.
-        old.send(b"id: 3\n\nid: 4\n\nid: 5\n\n");
-        assert!(matches!(log.continue_after(end), Continued::Lost));
-        drop(old);
-        // The history restarted since.
-        let end = found(log.after(b"5")).end;
-        drop(Body::new(&log));
-        let mut body = Body::new(&log);
-        body.send(b"id: 6\n\n");
-        assert!(matches!(log.continue_after(end), Continued::Restarted));
+    fn a_writer_that_leaves_other_bodies_streaming_seals_the_log_until_a_new_history() {
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let mut first = Body::new(&log);
+        first.send(b"id: 1\n\nid: 2\n\n");
+        // Other readers of the stream go on, unlogged: no replay from it is complete.
+        first.writer.release(true);
+        assert_eq!(gap(log.after_(b"1")), GapReason::NoHistory);
+        assert!(!log.holds_id(b"1"));
+        let mut next = Body::new(&log);
+        next.send(b"id: 7\n\nid: 8\n\n");
+        assert_eq!(found(log.after_(b"7")).events, 1);
+        assert_eq!(gap(log.after_(b"1")), GapReason::UnknownId);
     }
 
     #[test]
@@ -897,19 +965,19 @@ mod tests {
         for n in 1..=5 {
             body.send(format!("id: {n}\ndata: x\n\n").as_bytes());
         }
-        assert_eq!(gap(log.after(b"2")), GapReason::Evicted);
-        assert_eq!(found(log.after(b"3")).events, 2);
+        assert_eq!(gap(log.after_(b"2")), GapReason::Evicted);
+        assert_eq!(found(log.after_(b"3")).events, 2);
         // A repeated id: the newest counts.
         body.send(b"id: 3\ndata: x\n\n");
-        assert_eq!(found(log.after(b"3")).events, 0);
-        // Bytes: 40 bytes keep two 15-byte events (with id and trailer, 17 each).
+        assert_eq!(found(log.after_(b"3")).events, 0);
+        // Bytes: 40 bytes keep two 15-byte events (18 each with the trailer that finds the id).
         let log = Arc::new(StreamLog::new(budget(100, 40, 1 << 20)));
         let mut body = Body::new(&log);
         for n in 1..=5 {
             body.send(format!("id: {n}\ndata: x\n\n").as_bytes());
         }
-        assert_eq!(gap(log.after(b"3")), GapReason::Evicted);
-        assert_eq!(found(log.after(b"4")).events, 1);
+        assert_eq!(gap(log.after_(b"3")), GapReason::Evicted);
+        assert_eq!(found(log.after_(b"4")).events, 1);
     }
 
     #[test]
@@ -917,15 +985,15 @@ mod tests {
         let log = Arc::new(StreamLog::new(budget(100, 64, 1 << 20)));
         let mut body = Body::new(&log);
         body.send(b"id: 1\ndata: x\n\n");
-        let epoch = found(log.after(b"1")).position.epoch;
+        let epoch = found(log.after_(b"1")).position.epoch;
         body.send(b"id: 2\ndata: ");
         body.send(&[b'y'; 100]);
         // Before its dispatch, the log still answers for event 1.
-        assert_eq!(found(log.after(b"1")).events, 0);
+        assert_eq!(found(log.after_(b"1")).events, 0);
         body.send(b"\n\nid: 3\ndata: z\n\n");
-        assert_eq!(gap(log.after(b"1")), GapReason::Evicted);
-        assert_eq!(gap(log.after(b"2")), GapReason::Evicted);
-        let after_3 = found(log.after(b"3"));
+        assert_eq!(gap(log.after_(b"1")), GapReason::Evicted);
+        assert_eq!(gap(log.after_(b"2")), GapReason::Evicted);
+        let after_3 = found(log.after_(b"3"));
         assert_ne!(after_3.position.epoch, epoch);
         assert_eq!(after_3.position.offset, 0);
     }
@@ -945,8 +1013,8 @@ mod tests {
             assert!(budget.held() <= 8 << 10, "{} held", budget.held());
         }
         // a's history was the oldest: it is all gone; b keeps its newest.
-        assert_eq!(gap(a.after(b"9")), GapReason::Evicted);
-        assert_eq!(found(b.after(b"90")).events, 9);
+        assert_eq!(gap(a.after_(b"9")), GapReason::Evicted);
+        assert_eq!(found(b.after_(b"90")).events, 9);
         drop((wa, wb));
         drop(a);
         let held = budget.held();

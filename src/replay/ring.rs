@@ -1,8 +1,9 @@
 //! A log's storage: bytes in chunks of [`CHUNK`] bytes, written at the back and dropped from
-//! the front. Its heap is the bytes it holds and at most two partly used chunks (the front one
-//! and the back one) whatever their size; each byte is copied in once; a chunk is allocated per
-//! [`CHUNK`] bytes written, never per write. Each chunk keeps the age the log's budget gave it
-//! when it was taken, so that the budget can drop the oldest history first.
+//! the front. Its heap is the bytes it holds, at most two partly used chunks (the front one
+//! and the back one) whatever their size, and one spare: the last chunk emptied at the front,
+//! kept for the back, so that a log at its bounds (dropping at the front what it writes at the
+//! back) allocates nothing. Each byte is copied in once. Each chunk keeps the age the log's
+//! budget gave it when it was taken, so that the budget can drop the oldest history first.
 
 use std::collections::VecDeque;
 
@@ -16,6 +17,8 @@ pub(crate) struct Ring {
     /// Where the first byte lies in the front chunk.
     head: usize,
     len: usize,
+    /// A chunk emptied at the front, to be taken at the back.
+    spare: Option<Box<[u8]>>,
 }
 
 impl Ring {
@@ -25,7 +28,8 @@ impl Ring {
 
     /// Heap bytes held: the chunks and their list.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.chunks.len() * CHUNK + self.chunks.capacity() * size_of::<(u64, Box<[u8]>)>()
+        (self.chunks.len() + usize::from(self.spare.is_some())) * CHUNK
+            + self.chunks.capacity() * size_of::<(u64, Box<[u8]>)>()
     }
 
     /// The age of the front chunk, the oldest bytes held.
@@ -39,8 +43,11 @@ impl Ring {
             let end = self.head + self.len;
             let (index, at) = (end / CHUNK, end % CHUNK);
             if index == self.chunks.len() {
-                self.chunks
-                    .push_back((age(), vec![0; CHUNK].into_boxed_slice()));
+                let chunk = self
+                    .spare
+                    .take()
+                    .unwrap_or_else(|| vec![0; CHUNK].into_boxed_slice());
+                self.chunks.push_back((age(), chunk));
             }
             let n = bytes.len().min(CHUNK - at);
             self.chunks[index].1[at..at + n].copy_from_slice(&bytes[..n]);
@@ -58,9 +65,15 @@ impl Ring {
         self.head += n;
         self.len -= n;
         while self.head >= CHUNK {
-            self.chunks.pop_front();
+            let emptied = self.chunks.pop_front().map(|(_, chunk)| chunk);
+            self.spare = self.spare.take().or(emptied);
             self.head -= CHUNK;
         }
+    }
+
+    /// Frees the spare chunk.
+    pub(crate) fn release_spare(&mut self) {
+        self.spare = None;
     }
 
     /// Keeps the first `len` bytes; the chunks emptied are freed.
@@ -151,6 +164,9 @@ mod tests {
         ring.drop_front(2000);
         assert_eq!(contents(&ring), &bytes[2000..]);
         assert_eq!(ring.front_age(), Some(1), "the first chunk is gone");
+        assert_eq!(ring.heap_bytes() / CHUNK, 3, "two chunks held, one spare");
+        ring.release_spare();
+        assert_eq!(ring.heap_bytes() / CHUNK, 2);
         ring.truncate(10);
         assert_eq!(contents(&ring), &bytes[2000..2010]);
         ring.drop_front(10);
