@@ -242,3 +242,88 @@ mod session {
         });
     }
 }
+
+mod replay {
+    use super::*;
+    use crate::common::direct::{frames_service, request, respond};
+    use crate::common::nz;
+    use tower_sse_tracker::ReplayPolicy;
+
+    const STREAMS: usize = 2_000;
+    const EVENTS: usize = 40;
+    const EVENT_BYTES: usize = 256;
+    const BUDGET: usize = 1 << 20;
+
+    /// `STREAMS` bodies open at once, each sending `EVENTS` events of `EVENT_BYTES` bytes
+    /// (20 MiB together), read one event per body per round; returns the most heap this
+    /// thread held above where it started, sampled after each round, and what it holds once
+    /// every body has ended (the logs stay with their streams).
+    async fn flood(replay: bool) -> (isize, isize) {
+        let builder = SseTracker::builder()
+            .store(NullStore)
+            .heartbeat_interval(None)
+            .max_streams(nz(STREAMS));
+        let builder = if replay {
+            builder.replay(
+                ReplayPolicy::new()
+                    .max_stream_bytes(nz(64 << 10))
+                    .max_total_bytes(nz(BUDGET)),
+            )
+        } else {
+            builder
+        };
+        let tracker = builder.build().unwrap();
+        let mut svc = frames_service(&tracker);
+        let data = "x".repeat(EVENT_BYTES - "id: 00\ndata: \n\n".len());
+        let frames: Vec<Bytes> = (0..EVENTS)
+            .map(|i| Bytes::from(format!("id: {i:02}\ndata: {data}\n\n")))
+            .collect();
+        assert_eq!(frames[0].len(), EVENT_BYTES);
+        let start = counting_alloc::live().0;
+        let mut bodies = Vec::with_capacity(STREAMS);
+        for s in 0..STREAMS {
+            let req = request(&format!("flood-{s}"), frames.clone());
+            bodies.push(respond(&mut svc, req).await.into_body());
+        }
+        let mut peak = counting_alloc::live().0 - start;
+        for _ in 0..EVENTS {
+            for body in &mut bodies {
+                body.frame().await.unwrap().unwrap();
+            }
+            peak = peak.max(counting_alloc::live().0 - start);
+        }
+        for body in &mut bodies {
+            assert!(body.frame().await.is_none());
+        }
+        drop(bodies);
+        let end = counting_alloc::live().0 - start;
+        drop(tracker);
+        (peak, end)
+    }
+
+    /// The history a flood of streams logs stays within the tracker's byte budget, at its
+    /// peak and after: what replay adds to the heap is the budget plus a fixed cost per
+    /// stream (its log's header, and the scan's lists of an open body), however many bytes
+    /// the streams send.
+    #[tokio::test]
+    async fn a_flood_of_streams_with_replay_on_holds_no_more_history_than_the_budget() {
+        let (peak_off, end_off) = flood(false).await;
+        let (peak_on, end_on) = flood(true).await;
+        let (peak, end) = (peak_on - peak_off, end_on - end_off);
+        let sent = STREAMS * EVENTS * EVENT_BYTES;
+        println!(
+            "{STREAMS} streams sent {sent} bytes with a budget of {BUDGET}: replay added \
+             {peak} bytes at the peak ({:.0} per stream over the budget), {end} bytes after \
+             ({:.0} per stream over the budget)",
+            (peak - BUDGET as isize) as f64 / STREAMS as f64,
+            (end - BUDGET as isize) as f64 / STREAMS as f64,
+        );
+        const FIXED: isize = 512;
+        let bound = BUDGET as isize + STREAMS as isize * FIXED;
+        assert!(peak <= bound, "peak {peak} above {bound}");
+        assert!(end <= bound, "after {end} above {bound}");
+        // The logs filled the budget: history was kept, not refused.
+        assert!(peak >= BUDGET as isize, "only {peak} bytes at the peak");
+        assert!(end > 0, "no history kept");
+    }
+}

@@ -161,7 +161,10 @@ impl LogInner {
             NO_ID => (end - 1, None),
             ID_AT => {
                 let at = start + usize::from(self.ring.byte(end - 3));
-                (end - 3, Some((at, at + usize::from(self.ring.byte(end - 2)))))
+                (
+                    end - 3,
+                    Some((at, at + usize::from(self.ring.byte(end - 2)))),
+                )
             }
             LONG_ID => {
                 let mut bytes = [0; 4];
@@ -202,7 +205,6 @@ impl LogInner {
         });
         extra
     }
-
 }
 
 /// The log of one stream.
@@ -492,7 +494,9 @@ impl Writer {
             if let Some(id) = copied {
                 inner.ring.push(id, &mut age);
             }
-            inner.ring.push(&trailer.to_le_bytes()[..trailer_len], &mut age);
+            inner
+                .ring
+                .push(&trailer.to_le_bytes()[..trailer_len], &mut age);
             inner.records.push_back(size as u32);
             inner.committed = inner.ring.len();
             self.logged += 1;
