@@ -411,6 +411,8 @@ impl SseTrackerBuilder {
     /// - History restarts (a new epoch): when a response of the stream does not continue the
     ///   replayed history (a new client, or a replay that was impossible), when the stream is
     ///   evicted from the registry, and after an event larger than the stream's bound.
+    /// - A response marked [`Detach`](crate::Detach) goes on without its client, and a
+    ///   reconnect follows it from the log, answered by the layer.
     ///
     /// ```
     /// use tower_sse_tracker::{ReplayPolicy, SseTracker};

@@ -9,13 +9,13 @@ use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, Uri};
 use pin_project_lite::pin_project;
 
-use crate::body::{Fallback, TrackedBody, Tracking};
+use crate::body::{Fallback, TrackedBody, Tracking, detacher};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
-use crate::replay::{GapReason, Prepared, REPLAY_HEADER, Replay};
+use crate::replay::{Detach, GapReason, Prepared, REPLAY_HEADER, Replay};
 use crate::shared::Shared;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -41,16 +41,36 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        state: State<F>,
         info: Option<RequestInfo>,
         shared: Arc<Shared>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F> {
+        /// The inner service's response is awaited.
+        Called { #[pin] future: F },
+        /// The layer answers from a stream's log, without calling the inner service.
+        Answered,
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, info: RequestInfo, shared: Arc<Shared>) -> Self {
         Self {
-            inner,
+            state: State::Called { future: inner },
+            info: Some(info),
+            shared,
+        }
+    }
+
+    /// The layer's own answer: `info` holds a replay that follows a stream's log.
+    pub(crate) fn answered(info: RequestInfo, shared: Arc<Shared>) -> Self {
+        Self {
+            state: State::Answered,
             info: Some(info),
             shared,
         }
@@ -60,19 +80,109 @@ impl<F> ResponseFuture<F> {
 impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: http_body::Body,
+    B: http_body::Body + Send + 'static,
 {
     type Output = Result<Response<TrackedBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = ready!(this.inner.poll(cx))?;
+        let response = match this.state.project() {
+            StateProj::Called { future } => Some(ready!(future.poll(cx))?),
+            StateProj::Answered => None,
+        };
         let info = this
             .info
             .take()
             .expect("ResponseFuture polled after completion");
-        Poll::Ready(Ok(track_response(this.shared, info, response)))
+        Poll::Ready(Ok(match response {
+            Some(response) => track_response(this.shared, info, response),
+            None => tail_response(this.shared, info),
+        }))
     }
+}
+
+/// The layer's answer to a reconnect to a [detached](crate::Detach) stream: the events the
+/// client missed, then the stream's as they come, until it ends; `204 No Content` when it has
+/// ended and the client missed nothing (an `EventSource` then stops reconnecting).
+fn tail_response<B>(shared: &Arc<Shared>, mut info: RequestInfo) -> Response<TrackedBody<B>> {
+    let replayer = shared
+        .replay
+        .as_ref()
+        .expect("a tail comes from a replay log");
+    let mut prepared = info.replay.take().expect("a tail comes with its replay");
+    let header = replayer.sent(&prepared);
+    let mut tail = prepared.tail.take().expect("a tail");
+    let events = match prepared.replay {
+        Replay::Complete { events, .. } => events,
+        Replay::Gap(_) => 0,
+    };
+    let span = stream_span(&info, "complete");
+    let mut response = if events == 0 && tail.is_done() {
+        span.in_scope(|| {
+            tracing::debug!("the detached stream has ended, and the client missed nothing")
+        });
+        let mut response = Response::new(TrackedBody::empty());
+        *response.status_mut() = http::StatusCode::NO_CONTENT;
+        response
+    } else {
+        span.in_scope(|| {
+            tracing::debug!(
+                events,
+                bytes = prepared.bytes.len(),
+                "replayed the events the client missed; following the detached stream"
+            )
+        });
+        let body = TrackedBody::tail(
+            tail,
+            shared.clone(),
+            info.protocol.resumption,
+            span,
+            prepared.bytes,
+        );
+        let mut response = Response::new(body);
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        response
+    };
+    let headers = response.headers_mut();
+    headers.insert(REPLAY_HEADER, header);
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if shared.config.accel_buffering_off {
+        headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+    }
+    response
+}
+
+/// The span of an SSE body: whether its client can resume it, what was replayed, and the MCP
+/// method of its request.
+fn stream_span(info: &RequestInfo, replay: &'static str) -> tracing::Span {
+    let span = tracing::debug_span!(
+        parent: &info.span,
+        "sse_stream",
+        owner = tracing::field::Empty,
+        stream = tracing::field::Empty,
+        // Recorded when known: `true` once the client's last event id is one it can resume
+        // from (and `false` if an empty id resets it), for a stream whose request allows
+        // resumption; `false` from the start for one whose request does not (see
+        // `Resumption`).
+        resumable = tracing::field::Empty,
+        // With replay on, for a request with a `Last-Event-ID`: `complete`, or the reason the
+        // replay was impossible.
+        replay = tracing::field::Empty,
+        mcp_method = info
+            .protocol
+            .mcp_method
+            .as_ref()
+            .and_then(|m| m.to_str().ok()),
+    );
+    if !replay.is_empty() {
+        span.record("replay", replay);
+    }
+    if info.protocol.resumption != Resumption::ByIds {
+        span.record("resumable", false);
+    }
+    span
 }
 
 /// Whether the media type is `text/event-stream` (parameters and case ignored).
@@ -84,7 +194,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
-fn track_response<B: http_body::Body>(
+fn track_response<B: http_body::Body + Send + 'static>(
     shared: &Arc<Shared>,
     mut info: RequestInfo,
     response: Response<B>,
@@ -136,30 +246,9 @@ fn track_response<B: http_body::Body>(
     headers.remove(CONTENT_LENGTH);
     // Every SSE body has a span, tracked or not: whether its client can resume it, and the
     // MCP method of its request.
-    let span = tracing::debug_span!(
-        parent: &info.span,
-        "sse_stream",
-        owner = tracing::field::Empty,
-        stream = tracing::field::Empty,
-        // Recorded when known: `true` once the client's last event id is one it can resume
-        // from (and `false` if an empty id resets it), for a stream whose request allows
-        // resumption; `false` from the start for one whose request does not (see
-        // `Resumption`).
-        resumable = tracing::field::Empty,
-        // With replay on, for a request with a `Last-Event-ID`: `complete`, or the reason the
-        // replay was impossible.
-        replay = tracing::field::Empty,
-        mcp_method = info
-            .protocol
-            .mcp_method
-            .as_ref()
-            .and_then(|m| m.to_str().ok()),
-    );
+    let span = stream_span(&info, "");
     // Untracked bodies are wrapped too: they get heartbeats, and a drain ends them.
     let resumption = info.protocol.resumption;
-    if resumption != Resumption::ByIds {
-        span.record("resumable", false);
-    }
     // The body continues the log its request was replayed from (which may add to the
     // replay), then the replay goes first; the header says what it is.
     let mut replay = info.replay.take();
@@ -190,9 +279,25 @@ fn track_response<B: http_body::Body>(
         });
     }
     let prefix = replay.map(|prepared| prepared.bytes);
+    // A stream that goes on without its client: its body can go to a task of its own.
+    let detach = match tracking.as_ref().and_then(Tracking::log) {
+        Some(writer) if parts.extensions.get::<Detach>().is_some() => {
+            writer.set_detachable(true);
+            Some(detacher::<B>())
+        }
+        _ => None,
+    };
     Response::from_parts(
         parts,
-        TrackedBody::sse(body, shared.clone(), tracking, resumption, span, prefix),
+        TrackedBody::sse(
+            body,
+            shared.clone(),
+            tracking,
+            resumption,
+            span,
+            prefix,
+            detach,
+        ),
     )
 }
 

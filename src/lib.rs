@@ -125,7 +125,7 @@ pub use identity::{IdStream, OwnerSource, StreamSource};
 pub use key::{EventId, InvalidKey, LastEventId, Owner, SessionId, StreamKey, StreamName};
 pub use layer::SseTrackerLayer;
 pub use registry::routes::MAX_CONCURRENT as MAX_CONCURRENT_STREAMS;
-pub use replay::{GapReason, Position, REPLAY_HEADER, Replay, ReplayPolicy};
+pub use replay::{Detach, GapReason, Position, REPLAY_HEADER, Replay, ReplayPolicy};
 pub use service::SseTrackerService;
 pub use tracker::{Resume, SseTracker, SubscribeError};
 pub use worker::retry::RetryPolicy;

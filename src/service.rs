@@ -101,7 +101,7 @@ impl<S> SseTrackerService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SseTrackerService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: http_body::Body,
+    ResBody: http_body::Body + Send + 'static,
 {
     type Response = Response<TrackedBody<ResBody>>;
     type Error = S::Error;
@@ -225,6 +225,11 @@ where
             replay,
             span: tracing::Span::current(),
         };
+        if info.replay.as_ref().is_some_and(|p| p.tail.is_some()) {
+            // A reconnect to a detached stream: the layer answers from its log; the
+            // application, which handed the stream over, is not called.
+            return ResponseFuture::answered(info, self.shared.clone());
+        }
         ResponseFuture::new(self.inner.call(req), info, self.shared.clone())
     }
 }

@@ -6,6 +6,7 @@
 //! - [`heartbeat`]: comments sent while the inner body is idle, and a BOM after one;
 //! - [`drain`]: ending a body for a deploy, by whether its client can resume it.
 
+mod detach;
 mod drain;
 mod heartbeat;
 mod tracking;
@@ -23,8 +24,10 @@ use tokio::time::{Instant, Sleep};
 
 use crate::protocol::Resumption;
 use crate::registry::handoff::Room;
+use crate::replay::Tail;
 use crate::scan::{Boundary, Scanner};
 use crate::shared::Shared;
+pub(crate) use detach::detacher;
 use tracking::{EVENTS_BATCH, Tracked};
 pub(crate) use tracking::{Fallback, Tracking};
 
@@ -50,16 +53,123 @@ pin_project! {
     ///   drain timeout.
     ///
     /// An SSE body has no declared length (the layer removes `Content-Length`).
+    ///
+    /// With replay on, a body whose response is marked [`Detach`](crate::Detach) is read on
+    /// by a task of its own when it is dropped before its end (its client left); and a
+    /// reconnect to such a stream gets a body that the layer makes from the stream's log, with
+    /// no inner body (see [`get_ref`](Self::get_ref)).
     pub struct TrackedBody<B> {
         #[pin]
-        inner: B,
+        inner: Inner<B>,
         sse: Option<Pin<Box<SseState>>>,
+    }
+
+    impl<B> PinnedDrop for TrackedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let InnerProj::Detachable { body, detach } = this.inner.project()
+                && let Some(body) = body.take()
+                && let Some(sse) = this.sse.take()
+                && sse.worth_detaching()
+            {
+                detach(body, sse);
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// What a [`TrackedBody`] reads from.
+    #[project = InnerProj]
+    enum Inner<B> {
+        /// The application's body.
+        Body { #[pin] body: B },
+        /// The application's body, boxed so that it can go to a task of its own when its
+        /// client leaves, with the function that sends it there (made where `B` is known to be
+        /// `Send + 'static`).
+        Detachable { body: Option<Pin<Box<B>>>, detach: Detacher<B> },
+        /// A stream's log, followed (no inner body).
+        Tail { tail: Option<Tail> },
+    }
+}
+
+/// Sends a detachable body and its state to a task that reads it on.
+pub(crate) type Detacher<B> = fn(Pin<Box<B>>, Pin<Box<SseState>>);
+
+/// A frame of the inner body, or its end.
+type Polled<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
+
+/// The next frame's data as `Bytes`, or the frame when it holds none (trailers); or the end.
+type PolledData<B> = Option<Result<Result<Bytes, Frame<<B as Body>::Data>>, <B as Body>::Error>>;
+
+impl<B: Body> Inner<B> {
+    fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Polled<B>> {
+        match self.project() {
+            InnerProj::Body { body } => body.poll_frame(cx),
+            InnerProj::Detachable {
+                body: Some(body), ..
+            } => body.as_mut().poll_frame(cx),
+            InnerProj::Detachable { body: None, .. } | InnerProj::Tail { .. } => Poll::Ready(None),
+        }
+    }
+
+    /// The next frame's data as `Bytes`, or the frame when it holds none (trailers).
+    #[inline]
+    fn poll_data(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PolledData<B>> {
+        if let InnerProj::Tail { tail } = self.as_mut().project() {
+            return match tail.as_mut() {
+                Some(tail) => tail.poll_next(cx).map(|bytes| bytes.map(|b| Ok(Ok(b)))),
+                None => Poll::Ready(None),
+            };
+        }
+        // The data is taken out before it becomes `Bytes`: a `Frame` is large (it may hold
+        // trailers), and every move of one costs on small frames.
+        self.poll_body(cx).map(|frame| {
+            frame.map(|r| {
+                r.map(|frame| {
+                    frame
+                        .into_data()
+                        .map(|mut data| data.copy_to_bytes(data.remaining()))
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::Body { body } => body.is_end_stream(),
+            Inner::Detachable {
+                body: Some(body), ..
+            } => body.is_end_stream(),
+            Inner::Detachable { body: None, .. } => true,
+            Inner::Tail { tail } => tail.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inner::Body { body } => body.size_hint(),
+            Inner::Detachable {
+                body: Some(body), ..
+            } => body.size_hint(),
+            _ => SizeHint::new(),
+        }
+    }
+}
+
+impl<B> Inner<B> {
+    fn get_ref(&self) -> Option<&B> {
+        match self {
+            Inner::Body { body } => Some(body),
+            Inner::Detachable { body, .. } => body.as_deref(),
+            Inner::Tail { .. } => None,
+        }
     }
 }
 
 pin_project! {
     /// Everything an SSE body needs beyond the inner body, in one allocation per stream.
-    struct SseState {
+    pub(crate) struct SseState {
         scanner: Scanner,
         shared: Arc<Shared>,
         tracked: Option<Tracked>,
@@ -100,6 +210,8 @@ pin_project! {
         span: tracing::Span,
         // The replay (or gap event), sent before the inner body's first byte.
         replay: Option<Bytes>,
+        // The inner body reached its end (not a drain's cut).
+        finished: bool,
     }
 
     impl PinnedDrop for SseState {
@@ -112,12 +224,55 @@ pin_project! {
 
 impl<B> TrackedBody<B> {
     pub(crate) fn pass_through(inner: B) -> Self {
-        Self { inner, sse: None }
+        Self {
+            inner: Inner::Body { body: inner },
+            sse: None,
+        }
     }
 
-    /// An SSE body, tracked as `tracking` says (or scanned for heartbeats only).
+    /// An empty body, with nothing to scan.
+    pub(crate) fn empty() -> Self {
+        Self {
+            inner: Inner::Tail { tail: None },
+            sse: None,
+        }
+    }
+
+    /// An SSE body, tracked as `tracking` says (or scanned for heartbeats only); `detach`:
+    /// read on by a task of its own if it is dropped before its end.
     pub(crate) fn sse(
         inner: B,
+        shared: Arc<Shared>,
+        tracking: Option<Tracking>,
+        resumption: Resumption,
+        span: tracing::Span,
+        replay: Option<Bytes>,
+        detach: Option<Detacher<B>>,
+    ) -> Self {
+        let inner = match detach {
+            Some(detach) => Inner::Detachable {
+                body: Some(Box::pin(inner)),
+                detach,
+            },
+            None => Inner::Body { body: inner },
+        };
+        Self::with_state(inner, shared, tracking, resumption, span, replay)
+    }
+
+    /// A body that follows a stream's log after its `replay`: see [`Tail`].
+    pub(crate) fn tail(
+        tail: Tail,
+        shared: Arc<Shared>,
+        resumption: Resumption,
+        span: tracing::Span,
+        replay: Bytes,
+    ) -> Self {
+        let inner = Inner::Tail { tail: Some(tail) };
+        Self::with_state(inner, shared, None, resumption, span, Some(replay))
+    }
+
+    fn with_state(
+        inner: Inner<B>,
         shared: Arc<Shared>,
         tracking: Option<Tracking>,
         resumption: Resumption,
@@ -144,6 +299,7 @@ impl<B> TrackedBody<B> {
             has_last_id: false,
             span,
             replay: None,
+            finished: false,
         };
         if let Some(replay) = replay {
             // After a replay, what the inner body sends is in the middle of the client's
@@ -181,16 +337,18 @@ impl<B> TrackedBody<B> {
         self.sse.as_ref().is_some_and(|s| s.is_resumable())
     }
 
-    /// The wrapped body.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
+    /// The wrapped body: `None` for a body the layer makes from a stream's log (a reconnect
+    /// to a [detached](crate::Detach) stream), which has none, and once a detached body has
+    /// gone to its task.
+    pub fn get_ref(&self) -> Option<&B> {
+        self.inner.get_ref()
     }
 }
 
 impl<B: fmt::Debug> fmt::Debug for TrackedBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TrackedBody")
-            .field("inner", &self.inner)
+            .field("inner", &self.inner.get_ref())
             .field("scanned", &self.is_scanned())
             .field("tracked", &self.is_tracked())
             .finish()
@@ -317,7 +475,7 @@ impl<B: Body> Body for TrackedBody<B> {
         let Some(sse) = this.sse.as_mut() else {
             return this
                 .inner
-                .poll_frame(cx)
+                .poll_body(cx)
                 .map(|frame| frame.map(|r| r.map(into_bytes)));
         };
         if sse.ended {
@@ -345,12 +503,9 @@ impl<B: Body> Body for TrackedBody<B> {
                     return Poll::Ready(None);
                 }
             }
-            match this.inner.as_mut().poll_frame(cx) {
-                // The data is taken out before it becomes `Bytes`: a `Frame` is large (it may
-                // hold trailers), and every move of one costs on small frames.
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(mut data) => {
-                        let data = data.copy_to_bytes(data.remaining());
+            match this.inner.as_mut().poll_data(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame {
+                    Ok(data) => {
                         // `None`: all withheld so far, or exactly a dropped BOM.
                         let Some(mut data) = sse.as_mut().strip_bom(data) else {
                             continue;
@@ -385,6 +540,7 @@ impl<B: Body> Body for TrackedBody<B> {
                     let withheld = sse.as_mut().take_withheld_bom();
                     // Whatever goes out now, the inner body is not polled again.
                     *sse.as_mut().project().ended = true;
+                    sse.as_mut().finish();
                     return Poll::Ready(withheld.map(|bytes| Ok(Frame::data(bytes))));
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),

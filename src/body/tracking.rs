@@ -55,6 +55,11 @@ pub(crate) enum Fallback {
 }
 
 impl Tracking {
+    /// The writer of the replay log this body writes, if any.
+    pub(crate) fn log(&self) -> Option<&Writer> {
+        self.log.as_ref()
+    }
+
     pub(crate) fn fixed(slot: Arc<Slot>, span: tracing::Span, log: Option<Writer>) -> Self {
         Self {
             slot: Some(slot),

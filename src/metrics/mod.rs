@@ -85,7 +85,7 @@
 mod replay;
 mod untracked;
 
-pub(crate) use replay::{ReplayMetrics, Trim};
+pub(crate) use replay::{Detached, ReplayMetrics, Trim};
 pub(crate) use untracked::Untracked;
 
 use metrics::{
@@ -206,6 +206,8 @@ pub const ALL: &[&str] = &[
     replay::REPLAYED_EVENTS_TOTAL,
     replay::REPLAYED_BYTES_TOTAL,
     replay::REPLAY_STREAMS_UNLOGGED_TOTAL,
+    replay::REPLAY_DETACHED_STREAMS,
+    replay::REPLAY_DETACHED_TOTAL,
 ];
 
 /// `reason` label: no valid owner from the configured owner source (a header or a request

@@ -20,6 +20,42 @@ pub(crate) const REPLAYED_BYTES_TOTAL: &str = "sse_tracker_replayed_bytes_total"
 /// Counter: tracked SSE bodies not logged because another body of the same stream writes its
 /// log.
 pub(crate) const REPLAY_STREAMS_UNLOGGED_TOTAL: &str = "sse_tracker_replay_streams_unlogged_total";
+/// Gauge: detached streams being read (their clients gone).
+pub(crate) const REPLAY_DETACHED_STREAMS: &str = "sse_tracker_replay_detached_streams";
+/// Counter: detached streams, labelled by `outcome`: `started`, `refused` (the bound of
+/// detached streams, or no runtime), and how each ended: `finished` (its body's end),
+/// `bound` (its time or byte bound), `failed` (its body's error).
+pub(crate) const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
+
+/// What became of a detached stream: the `outcome` label of `sse_tracker_replay_detached_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Detached {
+    Started,
+    Refused,
+    Finished,
+    Bound,
+    Failed,
+}
+
+impl Detached {
+    const ALL: [Detached; 5] = [
+        Detached::Started,
+        Detached::Refused,
+        Detached::Finished,
+        Detached::Bound,
+        Detached::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Detached::Started => "started",
+            Detached::Refused => "refused",
+            Detached::Finished => "finished",
+            Detached::Bound => "bound",
+            Detached::Failed => "failed",
+        }
+    }
+}
 
 /// Why events left a replay log: the `cause` label of `sse_tracker_replay_evictions_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +103,8 @@ pub(crate) struct ReplayMetrics {
     replayed_events: Counter,
     replayed_bytes: Counter,
     pub(crate) unlogged: Counter,
+    pub(crate) detached_open: Gauge,
+    detached: [Counter; Detached::ALL.len()],
 }
 
 impl ReplayMetrics {
@@ -87,7 +125,14 @@ impl ReplayMetrics {
             replayed_events: counter!(REPLAYED_EVENTS_TOTAL),
             replayed_bytes: counter!(REPLAYED_BYTES_TOTAL),
             unlogged: counter!(REPLAY_STREAMS_UNLOGGED_TOTAL),
+            detached_open: gauge!(REPLAY_DETACHED_STREAMS),
+            detached: Detached::ALL
+                .map(|outcome| counter!(REPLAY_DETACHED_TOTAL, "outcome" => outcome.label())),
         }
+    }
+
+    pub(crate) fn detached(&self, outcome: Detached) {
+        self.detached[outcome as usize].increment(1);
     }
 
     pub(crate) fn logged(&self, events: usize) {
@@ -146,5 +191,15 @@ pub(super) fn describe() {
         REPLAY_STREAMS_UNLOGGED_TOTAL,
         Unit::Count,
         "Tracked SSE bodies not logged: another body of the stream writes its log"
+    );
+    describe_gauge!(
+        REPLAY_DETACHED_STREAMS,
+        Unit::Count,
+        "Detached SSE streams being read, their clients gone"
+    );
+    describe_counter!(
+        REPLAY_DETACHED_TOTAL,
+        Unit::Count,
+        "Detached SSE streams, by outcome: started, refused, finished, bound, failed"
     );
 }

@@ -11,10 +11,15 @@
 //! comments, and when the body ends.
 
 use std::collections::{BinaryHeap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 
 use super::ring::Ring;
 use super::{GapReason, Position, ReplayPolicy};
@@ -111,6 +116,13 @@ struct LogInner {
     /// Its writer left while other bodies streamed into the stream (a shared one), whose
     /// events from then on are not logged: no replay can be complete until a new history.
     sealed: bool,
+    /// The body writing this history goes on without its client ([`Detach`]): reconnects
+    /// follow the log instead of going to the application.
+    ///
+    /// [`Detach`]: crate::Detach
+    detachable: bool,
+    /// The body that wrote this history reached its end.
+    finished: bool,
 }
 
 impl LogInner {
@@ -150,6 +162,8 @@ impl LogInner {
         self.lost = lost;
         self.skipping = None;
         self.sealed = false;
+        self.detachable = false;
+        self.finished = false;
         dropped
     }
 
@@ -212,12 +226,16 @@ impl LogInner {
 pub(crate) struct StreamLog {
     inner: Mutex<LogInner>,
     budget: Arc<Budget>,
+    /// Readers following the log ([`Tail`]s), and what wakes them when it changes (made for
+    /// the first).
+    tailers: AtomicUsize,
+    changed: OnceLock<Arc<Notify>>,
 }
 
 /// What a reconnect gets from a log.
 #[derive(Debug)]
 pub(crate) enum Lookup {
-    Found(Found),
+    Found(Box<Found>),
     Gap(GapReason),
 }
 
@@ -234,6 +252,9 @@ pub(crate) struct Found {
     /// The log's writer, taken for the response to the request looked up for (see
     /// [`StreamLog::after`]).
     pub(crate) writer: Option<Writer>,
+    /// The log is written by a body that goes on without its client, or was and has ended:
+    /// the layer answers the request itself, following the log from here.
+    pub(crate) tail: Option<Tail>,
 }
 
 impl StreamLog {
@@ -252,8 +273,12 @@ impl StreamLog {
                 writers: 0,
                 queued: false,
                 sealed: false,
+                detachable: false,
+                finished: false,
             }),
             budget,
+            tailers: AtomicUsize::new(0),
+            changed: OnceLock::new(),
         }
     }
 
@@ -285,14 +310,18 @@ impl StreamLog {
             epoch: inner.epoch,
             offset: inner.first + (index + events.events) as u64,
         };
-        let writer = (take_over || inner.writing.is_none()).then(|| self.take_writer(&mut inner));
-        Lookup::Found(Found {
+        let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
+        let tail = follow.then(|| Tail::new(self, inner.epoch, position.offset + 1));
+        let writer = (!follow && (take_over || inner.writing.is_none()))
+            .then(|| self.take_writer(&mut inner));
+        Lookup::Found(Box::new(Found {
             bytes: Bytes::from(events.bytes),
             events: events.events,
             last_id: events.last_id,
             position,
             writer,
-        })
+            tail,
+        }))
     }
 
     /// Whether an event of the log carried `id`.
@@ -332,6 +361,8 @@ impl StreamLog {
         inner.skipping = None;
         inner.writers += 1;
         inner.writing = Some(inner.writers);
+        inner.detachable = false;
+        inner.finished = false;
         self.budget.account(before, inner.heap_bytes());
         Writer {
             log: self.clone(),
@@ -526,6 +557,7 @@ impl Writer {
             _ => None,
         };
         drop(inner);
+        log.tell_tails();
         if self.logged >= LOGGED_BATCH {
             budget.metrics.logged(std::mem::take(&mut self.logged));
         }
@@ -544,6 +576,28 @@ impl Writer {
     /// new history begins (other bodies of the stream go on, unlogged).
     pub(crate) fn release(mut self, seal: bool) {
         self.seal = seal;
+    }
+
+    /// Says whether this body goes on without its client ([`Detach`](crate::Detach)): then
+    /// reconnects follow the log.
+    pub(crate) fn set_detachable(&self, detachable: bool) {
+        let mut inner = lock(&self.log.inner);
+        if inner.writing == Some(self.number) {
+            inner.detachable = detachable;
+        }
+    }
+
+    /// Whether this writer still writes its log (no other body took it over).
+    pub(crate) fn is_current(&self) -> bool {
+        lock(&self.log.inner).writing == Some(self.number)
+    }
+
+    /// The body reached its end: a reconnect after it gets the rest and a clean end.
+    pub(crate) fn finish(&self) {
+        let mut inner = lock(&self.log.inner);
+        if inner.writing == Some(self.number) {
+            inner.finished = true;
+        }
     }
 }
 
@@ -589,6 +643,123 @@ impl Drop for Writer {
         inner.writing = None;
         inner.sealed |= self.seal;
         log.budget.account(before, inner.heap_bytes());
+        drop(inner);
+        log.tell_tails();
+    }
+}
+
+impl StreamLog {
+    /// Wakes the readers following the log, if any.
+    fn tell_tails(&self) {
+        if self.tailers.load(Ordering::Relaxed) > 0
+            && let Some(changed) = self.changed.get()
+        {
+            changed.notify_waiters();
+        }
+    }
+
+    /// What a reader following history `epoch` from offset `next` gets now.
+    fn tail_step(&self, epoch: u64, next: &mut u64) -> TailStep {
+        let inner = lock(&self.inner);
+        if inner.epoch != epoch || *next < inner.first {
+            // The history restarted, or dropped events the reader has not sent: the response
+            // ends, and the client's reconnect is told of the gap.
+            return TailStep::End;
+        }
+        let held = inner.first + inner.records.len() as u64;
+        if *next < held {
+            let index = (*next - inner.first) as usize;
+            let start = inner
+                .records
+                .iter()
+                .take(index)
+                .map(|&len| len as usize)
+                .sum();
+            let events = inner.events_from_index(index, start);
+            *next = held;
+            return TailStep::Events(Bytes::from(events.bytes));
+        }
+        if inner.writing.is_none() {
+            return TailStep::End;
+        }
+        TailStep::Wait
+    }
+}
+
+enum TailStep {
+    Events(Bytes),
+    Wait,
+    End,
+}
+
+/// A reader following a log: the events written after a position, as the body that writes
+/// the log writes them, until it stops writing (its end, its bound, a drain), the history
+/// restarts, or the log drops events the reader has not read.
+pub(crate) struct Tail {
+    log: Arc<StreamLog>,
+    changed: Arc<Notify>,
+    epoch: u64,
+    /// The offset of the next event to read.
+    next: u64,
+    waiting: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl Tail {
+    fn new(log: &Arc<StreamLog>, epoch: u64, next: u64) -> Self {
+        log.tailers.fetch_add(1, Ordering::Relaxed);
+        Self {
+            log: log.clone(),
+            changed: log.changed.get_or_init(|| Arc::new(Notify::new())).clone(),
+            epoch,
+            next,
+            waiting: None,
+        }
+    }
+
+    /// Whether the log's writer has ended, and the reader has read all: nothing will follow.
+    pub(crate) fn is_done(&mut self) -> bool {
+        let mut next = self.next;
+        matches!(self.log.tail_step(self.epoch, &mut next), TailStep::End)
+    }
+
+    /// The next events, or `None` once nothing more will come.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            let waiting = self.waiting.get_or_insert_with(|| {
+                let mut waiting = Box::pin(self.changed.clone().notified_owned());
+                // Registered before the log is read: a write after the read wakes it.
+                waiting.as_mut().enable();
+                waiting
+            });
+            match self.log.tail_step(self.epoch, &mut self.next) {
+                TailStep::Events(bytes) => {
+                    self.waiting = None;
+                    return Poll::Ready(Some(bytes));
+                }
+                TailStep::End => return Poll::Ready(None),
+                TailStep::Wait => {
+                    if waiting.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.waiting = None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.log.tailers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tail")
+            .field("epoch", &self.epoch)
+            .field("next", &self.next)
+            .finish()
     }
 }
 
@@ -808,7 +979,7 @@ mod tests {
 
     fn found(lookup: Lookup) -> Found {
         match lookup {
-            Lookup::Found(found) => found,
+            Lookup::Found(found) => *found,
             Lookup::Gap(reason) => panic!("gap: {reason:?}"),
         }
     }

@@ -18,6 +18,8 @@ mod ring;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -25,7 +27,7 @@ use http::{HeaderName, HeaderValue};
 use crate::key::EventId;
 use crate::metrics::ReplayMetrics;
 use crate::registry::Slot;
-pub(crate) use log::{Budget, StreamLog, Writer};
+pub(crate) use log::{Budget, StreamLog, Tail, Writer};
 
 /// The response header that says what the layer replayed, on an SSE response to a request
 /// that carried a `Last-Event-ID`, with replay on (see
@@ -33,9 +35,47 @@ pub(crate) use log::{Budget, StreamLog, Writer};
 ///
 /// - `complete; events=N`: the response starts with the `N` events the client missed (`N` may
 ///   be 0), once each, byte for byte as they were first sent; then the application's events;
+/// - `complete; events=N; tail`: the same, from a [detached](Detach) stream, answered by the
+///   layer: then the stream's events as it produces them, until it ends;
 /// - `gap; reason=R`: the events after the client's id cannot be replayed, and none are; `R` is
 ///   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`]).
 pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
+
+/// Marks an SSE response whose stream goes on without its client: put it in the response's
+/// extensions, with replay on. When the client disconnects before the body ends, the layer
+/// keeps reading the body into the stream's log (in a task of its own, within
+/// [`ReplayPolicy::max_detached`], [`detached_timeout`](ReplayPolicy::detached_timeout) and
+/// [`detached_max_bytes`](ReplayPolicy::detached_max_bytes)), so that nothing the application
+/// produces meanwhile is lost: an LLM answer, a tool call's progress.
+///
+/// A reconnect whose `Last-Event-ID` is in the log of such a stream is answered by the layer,
+/// without calling the application: the events it missed, then the live ones as the body
+/// produces them, until the body ends (the response then ends too). Once the body has ended,
+/// its log is kept while its stream is tracked; a reconnect then gets the rest and a clean
+/// end, and a reconnect that missed nothing gets `204 No Content`, which tells an
+/// `EventSource` to stop reconnecting. The [`REPLAY_HEADER`] header of such a response says
+/// `complete; events=N; tail` (`N` replayed before the live tail).
+///
+/// ```
+/// use axum::response::{IntoResponse, Response, sse::{Event, Sse}};
+/// use futures_util::stream;
+/// use tower_sse_tracker::Detach;
+///
+/// async fn answer() -> Response {
+///     let tokens = stream::iter(["It", " depends", "."].into_iter().enumerate().map(|(n, t)| {
+///         Ok::<_, std::convert::Infallible>(Event::default().id(n.to_string()).data(t))
+///     }));
+///     let mut response = Sse::new(tokens).into_response();
+///     response.extensions_mut().insert(Detach);
+///     response
+/// }
+/// # let _ = answer;
+/// ```
+///
+/// For every response of a route, add it with a response mapping on that route (in axum,
+/// `axum::middleware::map_response`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Detach;
 
 /// How much history the replay logs keep (see
 /// [`SseTrackerBuilder::replay`](crate::SseTrackerBuilder::replay)).
@@ -61,6 +101,9 @@ pub struct ReplayPolicy {
     pub(crate) max_stream_bytes: usize,
     pub(crate) max_total_bytes: usize,
     pub(crate) gap_event: Option<String>,
+    pub(crate) max_detached: usize,
+    pub(crate) detached_timeout: Duration,
+    pub(crate) detached_max_bytes: usize,
 }
 
 impl Default for ReplayPolicy {
@@ -70,14 +113,41 @@ impl Default for ReplayPolicy {
 }
 
 impl ReplayPolicy {
-    /// The default policy: 1024 events and 1 MiB per stream, 64 MiB in all, no gap event.
+    /// The default policy: 1024 events and 1 MiB per stream, 64 MiB in all, no gap event; at
+    /// most 64 [detached](Detach) streams, each read for at most 10 minutes and 16 MiB.
     pub fn new() -> Self {
         Self {
             max_events: 1024,
             max_stream_bytes: 1 << 20,
             max_total_bytes: 64 << 20,
             gap_event: None,
+            max_detached: 64,
+            detached_timeout: Duration::from_secs(600),
+            detached_max_bytes: 16 << 20,
         }
+    }
+
+    /// The most [detached](Detach) streams read at once (default 64; 0: none is). A client
+    /// that leaves a stream marked [`Detach`] while this many are read has its body dropped,
+    /// as without the mark (counted in `sse_tracker_replay_detached_total{outcome="refused"}`).
+    pub fn max_detached(mut self, streams: usize) -> Self {
+        self.max_detached = streams;
+        self
+    }
+
+    /// How long a [detached](Detach) stream is read at most, from its client's departure
+    /// (default 10 minutes); then its body is dropped, and its log keeps what it logged.
+    pub fn detached_timeout(mut self, timeout: Duration) -> Self {
+        self.detached_timeout = timeout;
+        self
+    }
+
+    /// How many bytes of a [detached](Detach) stream are read at most, from its client's
+    /// departure (default 16 MiB); then its body is dropped, and its log keeps what it logged
+    /// (its newest events, within [`max_stream_bytes`](Self::max_stream_bytes)).
+    pub fn detached_max_bytes(mut self, bytes: NonZeroUsize) -> Self {
+        self.detached_max_bytes = bytes.get();
+        self
     }
 
     /// The most events one stream's log keeps (default 1024).
@@ -264,6 +334,9 @@ pub(crate) struct Prepared {
     pub(crate) replay: Replay,
     pub(crate) bytes: Bytes,
     writer: Option<Writer>,
+    /// The stream is [detached](Detach) (or was, and has ended): the layer answers the
+    /// request itself, following its log after the replay.
+    pub(crate) tail: Option<Tail>,
 }
 
 /// The replay state of one tracker: the policy, the budget of its logs, and the gap event.
@@ -271,6 +344,8 @@ pub(crate) struct Prepared {
 pub(crate) struct Replayer {
     pub(crate) budget: Arc<Budget>,
     gap_event: Option<Box<str>>,
+    /// Detached streams being read.
+    pub(crate) detached: AtomicUsize,
 }
 
 impl Replayer {
@@ -279,6 +354,7 @@ impl Replayer {
         Self {
             budget: Arc::new(Budget::new(policy, metrics)),
             gap_event,
+            detached: AtomicUsize::new(0),
         }
     }
 
@@ -309,6 +385,7 @@ impl Replayer {
                 },
                 bytes: found.bytes,
                 writer: found.writer,
+                tail: found.tail,
             },
             log::Lookup::Gap(reason) => self.gap(reason),
         }
@@ -353,6 +430,7 @@ impl Replayer {
             replay: Replay::Gap(reason),
             bytes,
             writer: None,
+            tail: None,
         }
     }
 
@@ -362,7 +440,13 @@ impl Replayer {
         match prepared.replay {
             Replay::Complete { events, .. } => {
                 metrics.replayed(events, prepared.bytes.len());
-                HeaderValue::from_str(&format!("complete; events={events}")).expect("ASCII digits")
+                let tail = if prepared.tail.is_some() {
+                    "; tail"
+                } else {
+                    ""
+                };
+                HeaderValue::from_str(&format!("complete; events={events}{tail}"))
+                    .expect("ASCII digits")
             }
             Replay::Gap(reason) => {
                 metrics.gap(reason);

@@ -211,7 +211,7 @@ pub struct Client {
 }
 
 impl Client {
-    fn new(response: reqwest::Response) -> Self {
+    pub fn new(response: reqwest::Response) -> Self {
         let headers = response.headers().clone();
         let status = response.status().as_u16();
         Self {

@@ -38,6 +38,8 @@ pub const REPLAYS_TOTAL: &str = "sse_tracker_replays_total";
 pub const REPLAYED_EVENTS_TOTAL: &str = "sse_tracker_replayed_events_total";
 pub const REPLAYED_BYTES_TOTAL: &str = "sse_tracker_replayed_bytes_total";
 pub const REPLAY_STREAMS_UNLOGGED_TOTAL: &str = "sse_tracker_replay_streams_unlogged_total";
+pub const REPLAY_DETACHED_STREAMS: &str = "sse_tracker_replay_detached_streams";
+pub const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
 pub const REASON_NO_OWNER: &str = "no_owner";
 pub const REASON_ANONYMOUS: &str = "anonymous";
 pub const REASON_NOT_RESUMABLE: &str = "not_resumable";
@@ -98,4 +100,6 @@ pub const NAMES: &[&str] = &[
     REPLAYED_EVENTS_TOTAL,
     REPLAYED_BYTES_TOTAL,
     REPLAY_STREAMS_UNLOGGED_TOTAL,
+    REPLAY_DETACHED_STREAMS,
+    REPLAY_DETACHED_TOTAL,
 ];
