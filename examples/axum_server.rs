@@ -9,6 +9,12 @@
 //!   for the session in the `mcp-session-id` header; a request without one gets a new session
 //!   id in the response header, as an MCP server would assign it. A client that reconnects with
 //!   `Last-Event-ID: N` resumes at N + 1.
+//! - `GET /answer`: a long answer streamed word by word, as an LLM would (`?interval_ms=`,
+//!   default 100), one event with an id per word, for the session in the `mcp-session-id`
+//!   header. Replay is on and the answer is marked `Detach`: a client that disconnects
+//!   mid-answer and reconnects with `Last-Event-ID` gets every word it missed, including those
+//!   produced while it was away, then the rest live; with an id the log no longer holds (it
+//!   keeps 64 events here), the `sse-replay: gap` header and a `gap` event.
 //! - `GET /sessions/{session}`: each stream of the session with its live latest id and the id
 //!   persisted to the store (the in-memory store here), as JSON.
 //! - `GET /metrics`: the tracker's metrics in the Prometheus text format.
@@ -31,7 +37,9 @@ use axum::{Extension, Json, Router};
 use futures_util::stream::{self, Stream};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use tower_sse_tracker::{LastEventId, Owner, Resume, SessionId, SseTracker, StreamKey};
+use tower_sse_tracker::{
+    Detach, LastEventId, Owner, Replay, ReplayPolicy, Resume, SessionId, SseTracker, StreamKey,
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -86,9 +94,15 @@ async fn events(
     session: Option<Extension<SessionId>>,
     key: Option<Extension<StreamKey>>,
     last: Option<Extension<LastEventId>>,
+    replay: Option<Extension<Replay>>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let client = last.map(|Extension(LastEventId(id))| id);
+    let mut client = last.map(|Extension(LastEventId(id))| id);
+    // With replay on, the layer sends first what the client missed that it logged: continue
+    // after the last of those.
+    if let Some(Extension(Replay::Complete { last_event_id, .. })) = replay {
+        client = Some(last_event_id);
+    }
     let after = |id: Option<&tower_sse_tracker::EventId>| {
         id.and_then(|id| id.as_str().parse::<u64>().ok())
             .map_or(1, |n| n + 1)
@@ -118,6 +132,62 @@ async fn events(
         let id = HeaderValue::from_str(&new_session_id()).expect("visible ASCII");
         response.headers_mut().insert("mcp-session-id", id);
     }
+    response
+}
+
+/// The answer `GET /answer` streams, one word per event.
+const ANSWER: &str = "Server-Sent Events are a one-way channel from server to client over plain \
+HTTP. Each event may carry an id, and a client that loses its connection reconnects with the \
+last id it saw in the Last-Event-ID header. Most servers cannot do anything with that header: \
+the events produced while the client was away are gone, and an answer generated token by \
+token is cut in the middle. This layer keeps a bounded log of each stream's events, as they \
+were sent, byte for byte. When a client comes back, it sends the events it missed before \
+anything else, once each. A stream marked Detach goes on while its client is away, so the \
+end of this answer is still here when you reconnect, even if you were gone for all of it. \
+When the history a client asks for is gone, the response says so in a header and an event, \
+and never pretends that a partial replay is complete.";
+
+#[derive(serde::Deserialize)]
+struct AnswerQuery {
+    interval_ms: Option<u64>,
+}
+
+/// `GET /answer`: a long answer, one word per event, that goes on without its client.
+///
+/// A reconnect to an answer still being produced (or produced to its end) is answered by the
+/// layer from its log; this handler sees only new questions, and reconnects the log cannot
+/// serve.
+async fn answer(replay: Option<Extension<Replay>>, Query(q): Query<AnswerQuery>) -> Response {
+    let start = match replay {
+        // The answer's history is gone: the layer's gap event says so; nothing follows.
+        Some(Extension(Replay::Gap(reason))) => {
+            tracing::info!(%reason, "cannot resume the answer");
+            let none = stream::empty::<Result<Event, Infallible>>();
+            return Sse::new(none).into_response();
+        }
+        // The log holds the client's id but the answer was cut (a bound, a drain): go on
+        // after what the layer replays.
+        Some(Extension(Replay::Complete { last_event_id, .. })) => {
+            last_event_id.as_str().parse::<usize>().unwrap_or(0)
+        }
+        _ => 0,
+    };
+    let every = Duration::from_millis(q.interval_ms.unwrap_or(100).max(1));
+    let words: Vec<&'static str> = ANSWER.split(' ').collect();
+    let tokens = stream::unfold(
+        (start, tokio::time::interval(every)),
+        move |(n, mut ticks)| {
+            let word = words.get(n).copied();
+            async move {
+                ticks.tick().await;
+                let word = word?;
+                let event = Event::default().id((n + 1).to_string()).data(word);
+                Some((Ok::<_, Infallible>(event), (n + 1, ticks)))
+            }
+        },
+    );
+    let mut response = Sse::new(tokens).into_response();
+    response.extensions_mut().insert(Detach);
     response
 }
 
@@ -173,11 +243,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tower_sse_tracker::metrics::describe();
     let tracker = SseTracker::builder()
         .heartbeat_interval(Some(Duration::from_secs(5)))
+        .replay(
+            ReplayPolicy::new()
+                .max_events(std::num::NonZeroUsize::new(64).expect("not zero"))
+                .gap_event("gap"),
+        )
         .build()?;
 
     let shutdown_tracker = tracker.clone();
     let app = Router::new()
         .route("/events", get(events))
+        .route("/answer", get(answer))
         .route("/sessions/{session}", get(session))
         .route("/metrics", get(metrics));
     // `SSE_TRACKER=off` serves the same routes without the layer, to measure its overhead.
@@ -202,6 +278,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  curl -N -H 'mcp-session-id: demo-1' -H 'Last-Event-ID: 5' http://{addr}/events");
     println!("See heartbeats (an event every 12 s, a heartbeat after 5 s of silence):");
     println!("  curl -N -H 'mcp-session-id: demo-2' 'http://{addr}/events?interval_ms=12000'");
+    println!("An answer streamed word by word; press Ctrl-C mid-answer:");
+    println!("  curl -N -H 'mcp-session-id: chat-1' http://{addr}/answer");
+    println!("Come back after the last id you saw (say 20): the words you missed, then the rest:");
+    println!("  curl -N -H 'mcp-session-id: chat-1' -H 'Last-Event-ID: 20' http://{addr}/answer");
+    println!("An id older than the 64 events kept: the gap header and event, nothing replayed:");
+    println!("  curl -N -i -H 'mcp-session-id: chat-1' -H 'Last-Event-ID: 1' http://{addr}/answer");
     println!("Latest ids of a session's streams:");
     println!("  curl http://{addr}/sessions/demo-1");
     println!("Metrics:");
