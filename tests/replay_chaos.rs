@@ -21,6 +21,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use common::chaos::{Rng, data_of, event};
 use common::reference;
 use http::{Request, Response, header};
 use http_body_util::{BodyExt, StreamBody};
@@ -28,56 +29,6 @@ use hyper::body::Frame;
 use proptest::prelude::*;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_sse_tracker::{GapReason, REPLAY_HEADER, Replay, ReplayPolicy, SseTracker};
-
-/// A small deterministic random number generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// The bytes of event `n` of stream `stream`: an id, data of varied length and line ends.
-fn event(stream: usize, n: u64) -> Vec<u8> {
-    let mut rng = Rng((stream as u64) << 32 | n);
-    let eol: &[u8] = match rng.below(3) {
-        0 => b"\n",
-        1 => b"\r\n",
-        _ => b"\r",
-    };
-    let mut bytes = Vec::new();
-    if rng.below(4) == 0 {
-        bytes.extend_from_slice(b": a comment");
-        bytes.extend_from_slice(eol);
-    }
-    bytes.extend_from_slice(format!("id: {n}").as_bytes());
-    bytes.extend_from_slice(eol);
-    let lines = 1 + rng.below(3);
-    for line in 0..lines {
-        let len = rng.below(120) as usize;
-        bytes
-            .extend_from_slice(format!("data: {stream}/{n}/{line} {}", "x".repeat(len)).as_bytes());
-        bytes.extend_from_slice(eol);
-    }
-    bytes.extend_from_slice(eol);
-    bytes
-}
-
-/// The data a client's parser makes of event `n` of `stream`.
-fn data_of(stream: usize, n: u64) -> String {
-    reference::parse(&event(stream, n), 1024).events[0]
-        .1
-        .clone()
-}
 
 /// The producer of one stream: events are made as its body is polled.
 #[derive(Default)]

@@ -2,6 +2,7 @@
 //! test, and a real HTTP client (reqwest) reading them.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod direct;
 pub mod load;
 pub mod names;
