@@ -247,22 +247,13 @@ async fn run(streams: usize, rounds: usize, policy: ReplayPolicy, seed: u64) -> 
         }
     }
     // Every client comes back until it has the whole answer or the gap signal.
-    for stream in 0..streams {
+    for (stream, client) in clients.iter_mut().enumerate() {
         for _ in 0..100 {
-            if clients[stream].done {
+            if client.done {
                 break;
             }
-            connect(
-                &mut svc,
-                &mut rng,
-                stream,
-                &mut clients[stream],
-                &mut tally,
-                None,
-            )
-            .await;
+            connect(&mut svc, &mut rng, stream, client, &mut tally, None).await;
         }
-        let client = &clients[stream];
         assert!(client.done, "stream {stream} never finished");
         if !client.gap {
             let all: Vec<u64> = (0..answer_len(stream)).collect();
