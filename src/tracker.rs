@@ -10,6 +10,7 @@ use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::StoreOp;
 use crate::registry::Open;
+use crate::replay::{GapReason, Position};
 use crate::shared::Shared;
 use crate::store::{StoreError, StoredId};
 use crate::worker::ShutdownReport;
@@ -187,6 +188,12 @@ impl SseTracker {
     /// and the key as [`StreamKey`]). The latest id is [`resolve`](Self::resolve)'s: the newer
     /// of memory and the store, so instances sharing the store agree.
     ///
+    /// With [replay](crate::SseTrackerBuilder::replay) on, and a log of the stream here, it
+    /// answers what the layer replays, as the request's [`Replay`](crate::Replay) extension
+    /// says: [`Resume::Replayed`] when the log holds events after the client's id (the layer
+    /// sends them: continue after `last_event_id`), [`Resume::Gap`] when the log cannot replay
+    /// what the client missed (the layer sent nothing of it).
+    ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -219,6 +226,35 @@ impl SseTracker {
         key: &StreamKey,
         client: Option<&EventId>,
     ) -> Result<Resume, StoreError> {
+        let logged = match (client, &self.shared.replay) {
+            (Some(client), Some(_)) => self
+                .shared
+                .registry
+                .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
+                .and_then(|slot| {
+                    let log = slot.existing_replay_log()?;
+                    Some(log.peek(client.as_str().as_bytes()))
+                }),
+            _ => None,
+        };
+        match (logged, client) {
+            (Some(Ok((events, last_id, position))), Some(client)) if events > 0 => {
+                return Ok(Resume::Replayed {
+                    client: client.clone(),
+                    events,
+                    last_event_id: last_id.unwrap_or_else(|| client.clone()),
+                    position,
+                });
+            }
+            (Some(Err(reason)), Some(client)) => {
+                return Ok(Resume::Gap {
+                    client: client.clone(),
+                    reason,
+                    latest: self.resolve_from(key).await?.map(|(latest, _)| latest),
+                });
+            }
+            _ => {}
+        }
         Ok(match (self.resolve_from(key).await?, client) {
             (None, _) => Resume::Unknown,
             (Some((latest, _)), Some(client)) if latest == *client => Resume::Current(latest),
@@ -378,6 +414,29 @@ pub enum Resume {
         client: EventId,
         /// The id the store holds.
         stored: EventId,
+    },
+    /// With replay on: the stream's log holds events after the client's id, and the layer
+    /// sends them, before the application's events (or, for a [detached](crate::Detach)
+    /// stream, in its own answer). Continue after `last_event_id`.
+    Replayed {
+        /// The client's `Last-Event-ID`.
+        client: EventId,
+        /// How many events the layer replays.
+        events: usize,
+        /// The newest id among them (the client's when none carries one).
+        last_event_id: EventId,
+        /// The position of the last of them.
+        position: Position,
+    },
+    /// With replay on: the stream's log cannot replay what the client missed, and the layer
+    /// sent nothing of it (see [`GapReason`]).
+    Gap {
+        /// The client's `Last-Event-ID`.
+        client: EventId,
+        /// Why nothing was replayed.
+        reason: GapReason,
+        /// The stream's latest id, if memory or the store knows it.
+        latest: Option<EventId>,
     },
 }
 

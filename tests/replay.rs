@@ -307,3 +307,41 @@ async fn a_replay_goes_out_before_an_empty_body_without_a_leading_bom_and_never_
     assert_eq!(header.as_deref(), Some("gap; reason=encoded"));
     assert_eq!(body, "not really gzip".as_bytes());
 }
+
+#[tokio::test]
+async fn resume_answers_what_the_layer_replays_or_why_it_cannot() {
+    use tower_sse_tracker::{EventId, Resume, StreamKey, StreamName};
+    let tracker = replaying(ReplayPolicy::new().max_events(NonZeroUsize::new(3).unwrap()))
+        .build()
+        .unwrap();
+    let h = Harness::start(tracker.clone()).await;
+    let (_feed, _client) = stream(&h, "news", None, HeaderMap::new(), &events(1..=5)).await;
+    let key = StreamKey::unowned(StreamName::new("GET /sse/news").unwrap());
+    let id = |s: &str| EventId::new(s).unwrap();
+    // 4 and 5 are in the log after 3: the layer replays them.
+    let Ok(Resume::Replayed {
+        events: 2,
+        last_event_id,
+        position,
+        ..
+    }) = tracker.resume(&key, Some(&id("3"))).await
+    else {
+        panic!("{:?}", tracker.resume(&key, Some(&id("3"))).await);
+    };
+    assert_eq!(last_event_id.as_str(), "5");
+    assert_eq!(position.offset, 4);
+    // 1 was evicted by the bound of 3 events: nothing is replayed, and the latest id is 5.
+    assert_eq!(
+        tracker.resume(&key, Some(&id("1"))).await.unwrap(),
+        Resume::Gap {
+            client: id("1"),
+            reason: GapReason::Evicted,
+            latest: Some(id("5")),
+        }
+    );
+    // A client that missed nothing is current, as without replay.
+    assert_eq!(
+        tracker.resume(&key, Some(&id("5"))).await.unwrap(),
+        Resume::Current(id("5"))
+    );
+}

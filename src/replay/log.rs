@@ -295,15 +295,9 @@ impl StreamLog {
     /// body that writes the log goes on writing it.
     pub(crate) fn after(self: &Arc<Self>, last_event_id: &[u8], take_over: bool) -> Lookup {
         let mut inner = lock(&self.inner);
-        if inner.sealed {
-            return Lookup::Gap(GapReason::NoHistory);
-        }
-        let Some((index, start)) = find(&inner, last_event_id) else {
-            return Lookup::Gap(match inner.lost {
-                Lost::Evicted => GapReason::Evicted,
-                Lost::Nothing if inner.records.is_empty() => GapReason::NoHistory,
-                Lost::Nothing | Lost::Restarted => GapReason::UnknownId,
-            });
+        let (index, start) = match locate(&inner, last_event_id) {
+            Ok(found) => found,
+            Err(reason) => return Lookup::Gap(reason),
         };
         let events = inner.events_from_index(index + 1, start);
         let position = Position {
@@ -322,6 +316,35 @@ impl StreamLog {
             writer,
             tail,
         }))
+    }
+
+    /// What [`after`](Self::after) would replay for `last_event_id` now, taking nothing: how
+    /// many events, the newest id among them, and the position of the last.
+    pub(crate) fn peek(
+        &self,
+        last_event_id: &[u8],
+    ) -> Result<(usize, Option<EventId>, Position), GapReason> {
+        let inner = lock(&self.inner);
+        let (index, start) = locate(&inner, last_event_id)?;
+        let events = inner.records.len() - index - 1;
+        let mut last_id = None;
+        let mut at = start;
+        for &len in inner.records.iter().skip(index + 1) {
+            if let (_, Some((from, to))) = inner.parts(at, len as usize) {
+                last_id = Some((from, to));
+            }
+            at += len as usize;
+        }
+        let last_id = last_id.map(|(from, to)| {
+            let mut id = Vec::with_capacity(to - from);
+            inner.ring.copy_into(from, to, &mut id);
+            EventId::from_scanned(&id)
+        });
+        let position = Position {
+            epoch: inner.epoch,
+            offset: inner.first + (index + events) as u64,
+        };
+        Ok((events, last_id, position))
     }
 
     /// Whether an event of the log carried `id`.
@@ -380,6 +403,19 @@ struct Events {
     bytes: Vec<u8>,
     events: usize,
     last_id: Option<EventId>,
+}
+
+/// Where a replay after `id` starts: the record's index and where the record after it starts;
+/// or why there is none.
+fn locate(inner: &LogInner, id: &[u8]) -> Result<(usize, usize), GapReason> {
+    if inner.sealed {
+        return Err(GapReason::NoHistory);
+    }
+    find(inner, id).ok_or(match inner.lost {
+        Lost::Evicted => GapReason::Evicted,
+        Lost::Nothing if inner.records.is_empty() => GapReason::NoHistory,
+        Lost::Nothing | Lost::Restarted => GapReason::UnknownId,
+    })
 }
 
 /// The newest record whose own id is `id`: its index, and where the record after it starts.
