@@ -111,13 +111,13 @@ fn tail_response<B>(shared: &Arc<Shared>, mut info: RequestInfo) -> Response<Tra
         .expect("a tail comes from a replay log");
     let mut prepared = info.replay.take().expect("a tail comes with its replay");
     let header = replayer.sent(&prepared);
-    let mut tail = prepared.tail.take().expect("a tail");
+    let tail = prepared.tail.take().expect("a tail");
     let events = match prepared.replay {
         Replay::Complete { events, .. } => events,
         Replay::Gap(_) => 0,
     };
     let span = stream_span(&info, "complete");
-    let mut response = if events == 0 && tail.is_done() {
+    let mut response = if events == 0 && tail.is_finished() {
         span.in_scope(|| {
             tracing::debug!("the detached stream has ended, and the client missed nothing")
         });

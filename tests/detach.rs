@@ -287,3 +287,258 @@ async fn a_detached_stream_ends_at_its_byte_bound_and_keeps_what_it_logged() {
     assert_eq!(server.app.calls.load(Ordering::SeqCst), 2);
     assert!(!header(&client).unwrap().ends_with("tail"));
 }
+
+/// In process, with the layer driven directly: the review's findings, each seen failing
+/// before its fix.
+mod in_process {
+    use super::*;
+    use http::Request;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use tower::{Service, ServiceBuilder, ServiceExt};
+
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+
+    /// The application: each call streams what the next channel receives, marked `Detach`.
+    #[derive(Clone, Default)]
+    struct Bodies {
+        next: Arc<Mutex<VecDeque<mpsc::UnboundedReceiver<Item>>>>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Bodies {
+        fn next(&self) -> mpsc::UnboundedSender<Item> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.next.lock().unwrap().push_back(rx);
+            tx
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    fn tracker(policy: ReplayPolicy) -> SseTracker {
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .replay(policy)
+            .build()
+            .unwrap()
+    }
+
+    fn service(
+        tracker: &SseTracker,
+        bodies: &Bodies,
+    ) -> impl Service<
+        Request<()>,
+        Response = axum::http::Response<
+            impl http_body::Body<Data = Bytes, Error = std::io::Error> + Unpin + use<>,
+        >,
+        Error = Infallible,
+    > + Clone
+    + use<> {
+        let bodies = bodies.clone();
+        ServiceBuilder::new()
+            .layer(tracker.layer())
+            .service_fn(move |_req: Request<()>| {
+                bodies.calls.fetch_add(1, Ordering::SeqCst);
+                let rx = bodies.next.lock().unwrap().pop_front().expect("a body");
+                async move {
+                    let mut response = axum::http::Response::new(StreamBody::new(
+                        UnboundedReceiverStream::new(rx),
+                    ));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        axum::http::HeaderValue::from_static("text/event-stream"),
+                    );
+                    response.extensions_mut().insert(Detach);
+                    Ok::<_, Infallible>(response)
+                }
+            })
+    }
+
+    fn request(last_event_id: Option<&str>) -> Request<()> {
+        let mut request = Request::builder()
+            .uri("/answer")
+            .header("mcp-session-id", "s1");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        request.body(()).unwrap()
+    }
+
+    fn data(s: &str) -> Item {
+        Ok(Frame::data(Bytes::from(s.to_owned())))
+    }
+
+    /// Failed before the fix: the failed body was read on after its error, its end taken for
+    /// a finish, and the reconnect told `204` (an `EventSource` stops for good).
+    #[tokio::test]
+    async fn a_body_that_failed_is_not_read_on_and_its_reconnect_goes_to_the_application() {
+        let bodies = Bodies::default();
+        let mut svc = service(&tracker(ReplayPolicy::new()), &bodies);
+        let tx = bodies.next();
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\ndata: a\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        tx.send(Err(std::io::Error::other("upstream failed")))
+            .unwrap();
+        assert!(body.frame().await.unwrap().is_err());
+        // hyper drops a body that failed.
+        drop(body);
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _next = bodies.next();
+        let again = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("1")))
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 200);
+        assert_eq!(bodies.calls(), 2, "the application answers the reconnect");
+    }
+
+    /// Failed before the fix: an event larger than the stream's bound restarted the history
+    /// and made the stream not detachable while its body went on, detached; a reconnect then
+    /// took the log over and called the application again, and the detached body ran on into
+    /// nothing.
+    #[tokio::test]
+    async fn a_detached_stream_whose_history_restarted_is_still_followed_not_taken_over() {
+        let bodies = Bodies::default();
+        let mut svc = service(
+            &tracker(ReplayPolicy::new().max_stream_bytes(nz(200))),
+            &bodies,
+        );
+        let tx = bodies.next();
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        let large = format!("id: 2\ndata: {}\n\n", "x".repeat(300));
+        for event in ["id: 1\n\n", large.as_str(), "id: 3\n\n"] {
+            tx.send(data(event)).unwrap();
+            body.frame().await.unwrap().unwrap();
+        }
+        drop(body);
+        tx.send(data("id: 4\n\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!tx.is_closed(), "read on, detached");
+        let mut again = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("3")))
+            .await
+            .unwrap();
+        assert_eq!(bodies.calls(), 1, "the layer follows the stream");
+        assert_eq!(
+            again.headers().get(REPLAY_HEADER).unwrap(),
+            "complete; events=1; tail"
+        );
+        let body = again.body_mut();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "id: 4\n\n"
+        );
+        tx.send(data("id: 5\n\n")).unwrap();
+        drop(tx);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "id: 5\n\n"
+        );
+        assert!(body.frame().await.is_none());
+    }
+
+    /// Failed before the fix: a detached stream cut by its byte bound between a reconnect's
+    /// look-up and its answer got `204`, as if it had finished.
+    #[tokio::test]
+    async fn a_stream_cut_by_its_bound_is_never_answered_204() {
+        let bodies = Bodies::default();
+        let mut svc = service(
+            &tracker(ReplayPolicy::new().detached_max_bytes(nz(100))),
+            &bodies,
+        );
+        let tx = bodies.next();
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!tx.is_closed(), "read on, detached");
+        let answer = svc.ready().await.unwrap().call(request(Some("1")));
+        tx.send(data(&format!("data: {}", "x".repeat(200))))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(tx.is_closed(), "cut by its byte bound");
+        let mut response = answer.await.unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "not finished: the client comes back"
+        );
+        assert!(response.body_mut().frame().await.is_none());
+    }
+
+    /// Failed before the fix: a body made from a log did not know its client's last id (the
+    /// replay was not scanned), so a drain did not end it at a boundary with `retry`.
+    #[tokio::test]
+    async fn a_drain_ends_a_followed_stream_at_a_boundary_with_retry() {
+        let bodies = Bodies::default();
+        let tracker = tracker(ReplayPolicy::new());
+        let mut svc = service(&tracker, &bodies);
+        let tx = bodies.next();
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        tx.send(data("id: 2\n\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut again = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("1")))
+            .await
+            .unwrap();
+        let body = again.body_mut();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "id: 2\n\n"
+        );
+        tracker.drain(Some(Duration::from_secs(1)));
+        let mut rest = Vec::new();
+        while let Some(frame) = body.frame().await {
+            rest.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(rest, b"retry: 1000\n\n", "told to come back, at a boundary");
+        drop(tx);
+    }
+}

@@ -22,16 +22,18 @@ impl SseState {
         }
     }
 
-    /// Whether a body dropped now is worth reading on: it has not ended, it still writes its
-    /// stream's log, and no drain is ending streams.
+    /// Whether a body dropped now is worth reading on: it has not ended (nor failed), it
+    /// still writes its stream's log, and no drain is ending streams.
     pub(super) fn worth_detaching(&self) -> bool {
-        !self.ended
-            && !self.shared.drain.is_draining()
-            && self
-                .tracked
-                .as_ref()
-                .and_then(|t| t.tracking.log.as_ref())
-                .is_some_and(|writer| writer.is_current())
+        !self.ended && !self.shared.drain.is_draining() && self.writes_its_log()
+    }
+
+    /// Whether this body writes its stream's log (no other body took it over).
+    fn writes_its_log(&self) -> bool {
+        self.tracked
+            .as_ref()
+            .and_then(|t| t.tracking.log.as_ref())
+            .is_some_and(|writer| writer.is_current())
     }
 }
 
@@ -111,8 +113,8 @@ where
     });
 }
 
-/// Reads a detached body to its end, or until it has sent `max_bytes`; its frames go
-/// nowhere but its stream's log.
+/// Reads a detached body to its end, or until it has sent `max_bytes`, or until another
+/// body took its stream's log over; its frames go nowhere but its stream's log.
 async fn read_to_end<B: Body>(mut body: TrackedBody<Pin<Box<B>>>, max_bytes: usize) -> Detached {
     let mut read = 0usize;
     loop {
@@ -120,13 +122,15 @@ async fn read_to_end<B: Body>(mut body: TrackedBody<Pin<Box<B>>>, max_bytes: usi
             None if body.sse.as_ref().is_some_and(|sse| sse.finished) => {
                 return Detached::Finished;
             }
-            // A drain ended it.
-            None => return Detached::Bound,
+            None => return Detached::Drained,
             Some(Err(_)) => return Detached::Failed,
             Some(Ok(frame)) => {
                 read += frame.data_ref().map_or(0, |data| data.len());
                 if read > max_bytes {
                     return Detached::Bound;
+                }
+                if !body.sse.as_ref().is_some_and(|sse| sse.writes_its_log()) {
+                    return Detached::Replaced;
                 }
             }
         }

@@ -455,7 +455,14 @@ impl SseState {
     /// The replay, the first time: it goes out before the inner body's first byte, as a
     /// heartbeat can (a byte order mark of the inner body is then dropped: see `sse`).
     fn take_replay(self: Pin<&mut Self>) -> Option<Bytes> {
-        self.project().replay.take()
+        let this = self.project();
+        let replay = this.replay.take()?;
+        if this.tracked.is_none() && this.scanner.feed(&replay).ids > 0 {
+            // A body the layer makes from a log: the client's last id is the replay's (for a
+            // drain, which ends a stream the client can resume at a boundary).
+            note_last_id(this.scanner, this.has_last_id, this.resumption, this.span);
+        }
+        Some(replay)
     }
 
     fn is_resumable(&self) -> bool {
@@ -543,7 +550,12 @@ impl<B: Body> Body for TrackedBody<B> {
                     sse.as_mut().finish();
                     return Poll::Ready(withheld.map(|bytes| Ok(Frame::data(bytes))));
                 }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(Some(Err(error))) => {
+                    // The inner body failed: it is not polled again, nor read on detached (its
+                    // stream did not finish, and must not look finished).
+                    *sse.as_mut().project().ended = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
                 Poll::Pending => {
                     sse.as_mut().went_quiet();
                     if sse.as_mut().poll_drain(cx) {

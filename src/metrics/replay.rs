@@ -24,7 +24,8 @@ pub(crate) const REPLAY_STREAMS_UNLOGGED_TOTAL: &str = "sse_tracker_replay_strea
 pub(crate) const REPLAY_DETACHED_STREAMS: &str = "sse_tracker_replay_detached_streams";
 /// Counter: detached streams, labelled by `outcome`: `started`, `refused` (the bound of
 /// detached streams, or no runtime), and how each ended: `finished` (its body's end),
-/// `bound` (its time or byte bound), `failed` (its body's error).
+/// `bound` (its time or byte bound), `failed` (its body's error), `drained` (a drain ended
+/// it), `replaced` (another body took its stream's log over).
 pub(crate) const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
 
 /// What became of a detached stream: the `outcome` label of `sse_tracker_replay_detached_total`.
@@ -35,15 +36,19 @@ pub(crate) enum Detached {
     Finished,
     Bound,
     Failed,
+    Drained,
+    Replaced,
 }
 
 impl Detached {
-    const ALL: [Detached; 5] = [
+    const ALL: [Detached; 7] = [
         Detached::Started,
         Detached::Refused,
         Detached::Finished,
         Detached::Bound,
         Detached::Failed,
+        Detached::Drained,
+        Detached::Replaced,
     ];
 
     fn label(self) -> &'static str {
@@ -53,6 +58,8 @@ impl Detached {
             Detached::Finished => "finished",
             Detached::Bound => "bound",
             Detached::Failed => "failed",
+            Detached::Drained => "drained",
+            Detached::Replaced => "replaced",
         }
     }
 }
@@ -200,6 +207,7 @@ pub(super) fn describe() {
     describe_counter!(
         REPLAY_DETACHED_TOTAL,
         Unit::Count,
-        "Detached SSE streams, by outcome: started, refused, finished, bound, failed"
+        "Detached SSE streams, by outcome: started, refused, finished, bound, failed, drained, \
+         replaced"
     );
 }

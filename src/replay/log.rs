@@ -162,8 +162,7 @@ impl LogInner {
         self.lost = lost;
         self.skipping = None;
         self.sealed = false;
-        self.detachable = false;
-        self.finished = false;
+        // `detachable` and `finished` belong to the writer, which may go on writing.
         dropped
     }
 
@@ -752,10 +751,15 @@ impl Tail {
         }
     }
 
-    /// Whether the log's writer has ended, and the reader has read all: nothing will follow.
-    pub(crate) fn is_done(&mut self) -> bool {
-        let mut next = self.next;
-        matches!(self.log.tail_step(self.epoch, &mut next), TailStep::End)
+    /// Whether the stream finished (its body reached its end) and the reader has read all of
+    /// it: nothing will follow, ever. Not when its writer stopped for another reason (a bound,
+    /// a drain, an error): a reconnect may then get more from the application.
+    pub(crate) fn is_finished(&self) -> bool {
+        let inner = lock(&self.log.inner);
+        inner.finished
+            && inner.writing.is_none()
+            && inner.epoch == self.epoch
+            && self.next == inner.first + inner.records.len() as u64
     }
 
     /// The next events, or `None` once nothing more will come.

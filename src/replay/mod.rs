@@ -74,6 +74,20 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 ///
 /// For every response of a route, add it with a response mapping on that route (in axum,
 /// `axum::middleware::map_response`).
+///
+/// Limits, in this version:
+///
+/// - the application is not asked about such a reconnect: the layer answers it for the
+///   stream's owner (the session, or the owner your [`OwnerSource`](crate::OwnerSource)
+///   reads), after the layers outside it (authentication) have let it through;
+/// - the layer learns that a client left when the server drops its body, which hyper does
+///   when a write to the connection fails. A reconnect that comes first follows the body
+///   still attached to the old connection, which hyper polls only while that connection
+///   takes bytes: when the old connection's buffers are full, the reconnect waits for the
+///   server to give the old connection up;
+/// - [`detached_max_bytes`](ReplayPolicy::detached_max_bytes) counts what the body sends
+///   once read on, heartbeats included, and is checked after each frame;
+/// - a drain ends detached streams at their next event boundary, as it does attached ones.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Detach;
 
