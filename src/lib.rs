@@ -34,7 +34,9 @@
 //! With [`SseTrackerBuilder::replay`], each tracked stream also keeps a bounded log of its
 //! events' exact bytes (`src/replay/`): a request whose `Last-Event-ID` is in its stream's log
 //! gets the events after it first, once each, and its handler a [`Replay`] extension saying so;
-//! when they are gone, nothing is replayed and the response's [`REPLAY_HEADER`] says why.
+//! when they are gone, nothing is replayed and the response's [`REPLAY_HEADER`] says why. A
+//! response marked [`Detach`] goes on without its client, and a reconnect follows it from
+//! the log.
 //!
 //! Whether a client can resume a stream decides what a drain does to it: a stream whose events
 //! carry ids ends at its next event boundary, one without (an answer streamed on a POST, an
