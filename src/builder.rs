@@ -398,8 +398,12 @@ impl SseTrackerBuilder {
     /// - Which events: those of a tracked stream with [`StreamSource::route`] (the default),
     ///   route feeds and [`StreamName`](crate::StreamName) extensions included, written by one
     ///   body at a time (a second body streaming into the same stream at once is not logged,
-    ///   and counted in `sse_tracker_replay_streams_unlogged_total`). Not yet with
-    ///   [`StreamSource::event_id`].
+    ///   and counted in `sse_tracker_replay_streams_unlogged_total`). With
+    ///   [`StreamSource::event_id`], only responses marked [`Detach`](crate::Detach) are
+    ///   logged, into the log of the stream their first id names, and the layer answers only
+    ///   reconnects to them (a GET whose `Last-Event-ID` names a POST's stream, as MCP
+    ///   2025-11-25 clients send); other reconnects go to the application untouched, whose
+    ///   SDK replays from its own event store: one of the two answers, never both.
     /// - A position is the client's `Last-Event-ID`: the newest logged event whose own `id`
     ///   field is that id (with ids that repeat, the newest counts). An event without an `id`
     ///   follows the id before it: it is replayed to a client whose last id is that one, which

@@ -252,7 +252,7 @@ fn track_response<B: http_body::Body + Send + 'static>(
     // The body continues the log its request was replayed from (which may add to the
     // replay), then the replay goes first; the header says what it is.
     let mut replay = info.replay.take();
-    let tracking = tracking(shared, info, &parts, &span, replay.as_mut());
+    let mut tracking = tracking(shared, info, &parts, &span, replay.as_mut());
     if let (Some(replayer), Some(prepared)) = (&shared.replay, &replay) {
         parts.headers.insert(REPLAY_HEADER, replayer.sent(prepared));
         span.record(
@@ -280,13 +280,12 @@ fn track_response<B: http_body::Body + Send + 'static>(
     }
     let prefix = replay.map(|prepared| prepared.bytes);
     // A stream that goes on without its client: its body can go to a task of its own.
-    let detach = match tracking.as_ref().and_then(Tracking::log) {
-        Some(writer) if parts.extensions.get::<Detach>().is_some() => {
-            writer.set_detachable(true);
-            Some(detacher::<B>())
-        }
-        _ => None,
-    };
+    let marked = parts.extensions.get::<Detach>().is_some();
+    let detach = tracking
+        .as_mut()
+        .filter(|_| marked)
+        .is_some_and(Tracking::mark_detachable)
+        .then(detacher::<B>);
     Response::from_parts(
         parts,
         TrackedBody::sse(
@@ -349,12 +348,19 @@ fn tracking(
             } else {
                 Fallback::Untracked
             };
+            // The writer of the log its replay came from, if any: the body writes it if its
+            // first id names that stream.
+            let prepared = match (&shared.replay, replay) {
+                (Some(replayer), Some(prepared)) => replayer.take_writer(prepared),
+                _ => None,
+            };
             Some(Tracking::per_id(
                 owner,
                 format,
                 route,
                 fallback,
                 span.clone(),
+                prepared,
             ))
         }
         StreamKind::Route { shared: share } => {

@@ -189,11 +189,13 @@ where
         }
         // The replay, prepared now so that the application knows what its response follows.
         let replay = match (&self.shared.replay, &last_event_id, config.stream) {
-            (Some(replayer), Some(id), StreamKind::Route { shared }) => {
+            (Some(replayer), Some(id), kind) => {
                 // A stream of one owner is read by one client at a time: its reconnect's
                 // response continues its history. Feeds and shared routes are read by several
-                // at once, and their history by whichever body writes it.
-                let own = !shared && key.as_ref().is_some_and(|key| key.owner.is_some());
+                // at once, and their history by whichever body writes it. A stream named by
+                // its ids is the one the client's id names.
+                let own = matches!(kind, StreamKind::Route { shared: false })
+                    && key.as_ref().is_some_and(|key| key.owner.is_some());
                 let slot = key.as_ref().and_then(|key| {
                     self.shared
                         .registry
@@ -201,10 +203,19 @@ where
                 });
                 let log = slot.as_ref().and_then(|s| s.existing_replay_log());
                 let prepared = replayer.prepare(log.filter(|_| !ambiguous), id, own);
-                req.extensions_mut().insert(prepared.replay.clone());
-                Some(prepared)
+                match kind {
+                    // A stream named by its ids: the layer answers only a reconnect to a
+                    // detached stream, which it follows; any other goes to the application as
+                    // without replay (MCP SDKs replay from their own event stores: one of
+                    // them answers, never both).
+                    StreamKind::EventId(_) if prepared.tail.is_none() => None,
+                    _ => {
+                        req.extensions_mut().insert(prepared.replay.clone());
+                        Some(prepared)
+                    }
+                }
             }
-            _ => None,
+            (None, _, _) | (_, None, _) => None,
         };
         if let Some(key) = key {
             req.extensions_mut().insert(key);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::builder::SseTrackerBuilder;
+use crate::identity::StreamKind;
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::StoreOp;
@@ -233,6 +234,11 @@ impl SseTracker {
                 .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
                 .and_then(|slot| {
                     let log = slot.existing_replay_log()?;
+                    // With a stream per id, the layer answers only reconnects it follows.
+                    let per_id = matches!(self.shared.config.stream, StreamKind::EventId(_));
+                    if per_id && !log.follows() {
+                        return None;
+                    }
                     Some(log.peek(client.as_str().as_bytes()))
                 }),
             _ => None,

@@ -542,3 +542,114 @@ mod in_process {
         drop(tx);
     }
 }
+
+/// MCP 2025-11-25 style, with the TypeScript SDK's ids (`{stream}_{n}`): a tool call's answer
+/// streams on a POST marked `Detach`; its client drops, and resumes with a GET whose
+/// `Last-Event-ID` names the POST's stream. The layer answers the GET from that stream's log:
+/// the rest of the answer, once each; the application's GET handler is not called. A POST
+/// stream not marked `Detach` is left to the application's own resumption: its GET gets no
+/// replay from the layer.
+#[tokio::test]
+async fn a_post_stream_resumed_by_a_get_naming_it_gets_the_rest_from_the_layer() {
+    use tower_sse_tracker::{IdStream, StreamSource};
+    /// A POST body to come: whether it is marked `Detach`, and its frames.
+    type PostBody = (bool, mpsc::UnboundedReceiver<Bytes>);
+    #[derive(Clone, Default)]
+    struct Mcp {
+        posts: Arc<Mutex<VecDeque<PostBody>>>,
+        gets: Arc<Mutex<Vec<Option<Replay>>>>,
+    }
+    async fn post(State(app): State<Mcp>) -> Response {
+        let (detach, rx) = app.posts.lock().unwrap().pop_front().expect("a POST body");
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        });
+        let mut response = (
+            [(CONTENT_TYPE, "text/event-stream")],
+            Body::from_stream(frames),
+        )
+            .into_response();
+        if detach {
+            response.extensions_mut().insert(Detach);
+        }
+        response
+    }
+    async fn get(State(app): State<Mcp>, replay: Option<axum::Extension<Replay>>) -> Response {
+        app.gets.lock().unwrap().push(replay.map(|r| r.0));
+        // The SDK's own resumption would answer here; an empty stream stands for it.
+        ([(CONTENT_TYPE, "text/event-stream")], "").into_response()
+    }
+    let (tracker, metrics) = build_recorded(
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .stream(StreamSource::event_id(IdStream::MCP_TYPESCRIPT))
+            .replay(ReplayPolicy::new()),
+    );
+    let app = Mcp::default();
+    let router = axum::Router::new()
+        .route("/mcp", axum::routing::post(post).get(get))
+        .with_state(app.clone())
+        .layer(tracker.layer());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ev = |stream: &str, n: u32| format!("id: {stream}_{n}\ndata: progress {n}\n\n");
+    for (stream, detach) in [("call1", true), ("call2", false)] {
+        let (tx, rx) = mpsc::unbounded_channel();
+        app.posts.lock().unwrap().push_back((detach, rx));
+        let response = http
+            .post(format!("http://{addr}/mcp"))
+            .header("mcp-session-id", "s1")
+            .send()
+            .await
+            .unwrap();
+        let mut client = common::Client::new(response);
+        let first: String = (1..=2).map(|n| ev(stream, n)).collect();
+        tx.send(Bytes::from(first.clone())).unwrap();
+        client.read_until_suffix(first.as_bytes()).await;
+        drop(client);
+        // The call goes on while its client is away; the server sees it gone when it writes.
+        let mut n = 3;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let gone = |metrics: &Recorded| {
+            metrics.value(names::REPLAY_DETACHED_TOTAL, &[("outcome", "started")])
+                + metrics.value(names::REPLAY_DETACHED_TOTAL, &[("outcome", "refused")])
+        };
+        if detach {
+            while gone(&metrics) == 0.0 {
+                assert!(tokio::time::Instant::now() < deadline);
+                tx.send(Bytes::from(ev(stream, n))).unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let resume = http
+            .get(format!("http://{addr}/mcp"))
+            .header("mcp-session-id", "s1")
+            .header("last-event-id", format!("{stream}_2"))
+            .send()
+            .await
+            .unwrap();
+        let mut client = common::Client::new(resume);
+        if detach {
+            assert_eq!(
+                header(&client),
+                Some(format!("complete; events={}; tail", n - 3).as_str())
+            );
+            tx.send(Bytes::from(ev(stream, n))).unwrap();
+            drop(tx);
+            let rest: String = (3..=n).map(|k| ev(stream, k)).collect();
+            assert_eq!(client.read_to_end().await, rest.as_bytes());
+            assert!(app.gets.lock().unwrap().is_empty(), "the layer answered");
+        } else {
+            assert_eq!(header(&client), None, "no replay from the layer");
+            assert_eq!(client.read_to_end().await, b"");
+            assert_eq!(
+                *app.gets.lock().unwrap(),
+                vec![None],
+                "the application answered"
+            );
+        }
+    }
+}

@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::protocol::Resumption;
 use crate::registry::handoff::Room;
-use crate::replay::Tail;
+use crate::replay::{AlsoCommit, FrameEvents, Tail};
 use crate::scan::{Boundary, Scanner};
 use crate::shared::Shared;
 pub(crate) use detach::detacher;
@@ -212,6 +212,8 @@ pin_project! {
         replay: Option<Bytes>,
         // The inner body reached its end (not a drain's cut).
         finished: bool,
+        // With a stream per id and replay on: what the scan of a frame found, for the log.
+        frame: Option<Box<FrameEvents>>,
     }
 
     impl PinnedDrop for SseState {
@@ -300,6 +302,7 @@ impl<B> TrackedBody<B> {
             span,
             replay: None,
             finished: false,
+            frame: None,
         };
         if let Some(replay) = replay {
             // After a replay, what the inner body sends is in the middle of the client's
@@ -410,9 +413,25 @@ impl SseState {
             }
             feed
         } else if tracked.tracking.per_id.is_some() {
-            // Every committed id goes to the stream it names.
-            this.scanner
-                .feed_with(data, |id| tracked.commit(id, sleep.as_mut()))
+            // Every committed id goes to the stream it names; with replay on, the frame's
+            // events to the log of the stream of the body's first id.
+            match &this.shared.replay {
+                None => this
+                    .scanner
+                    .feed_with(data, |id| tracked.commit(id, sleep.as_mut())),
+                Some(replayer) => {
+                    let frame = this.frame.get_or_insert_with(Box::default);
+                    let feed = this.scanner.feed_sink(
+                        data,
+                        &mut AlsoCommit {
+                            frame,
+                            on_commit: |id: &[u8]| tracked.commit(id, sleep.as_mut()),
+                        },
+                    );
+                    tracked.tracking.log_per_id(replayer, data, frame);
+                    feed
+                }
+            }
         } else {
             // Latest only: of the ids committed in one frame, only the last is published. Its
             // bytes are copied into the slot's buffer: no allocation, no tracker-wide counter.

@@ -13,7 +13,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::registry::handoff::Offered;
 use crate::registry::{Open, Slot};
-use crate::replay::Writer;
+use crate::replay::{FrameEvents, Replayer, Writer};
 use crate::shared::Shared;
 
 /// How an SSE response is tracked, decided when it starts.
@@ -24,6 +24,13 @@ pub(crate) struct Tracking {
     pub(super) per_id: Option<PerId>,
     /// The writer of the slot's replay log (replay on, and no other body writes it).
     pub(super) log: Option<Writer>,
+    /// With a stream per id: the log writer the request's replay took (for the stream its
+    /// `Last-Event-ID` names), which the body writes if its first id names that stream too;
+    /// and whether the body has looked for its writer yet (at its first id).
+    prepared: Option<Writer>,
+    log_tried: bool,
+    /// The response is marked [`Detach`](crate::Detach): the log's writer says so.
+    detach: bool,
     pub(super) span: tracing::Span,
 }
 
@@ -55,16 +62,14 @@ pub(crate) enum Fallback {
 }
 
 impl Tracking {
-    /// The writer of the replay log this body writes, if any.
-    pub(crate) fn log(&self) -> Option<&Writer> {
-        self.log.as_ref()
-    }
-
     pub(crate) fn fixed(slot: Arc<Slot>, span: tracing::Span, log: Option<Writer>) -> Self {
         Self {
             slot: Some(slot),
             per_id: None,
             log,
+            prepared: None,
+            log_tried: true,
+            detach: false,
             span,
         }
     }
@@ -75,6 +80,7 @@ impl Tracking {
         route: StreamName,
         fallback: Fallback,
         span: tracing::Span,
+        prepared: Option<Writer>,
     ) -> Self {
         Self {
             slot: None,
@@ -87,7 +93,57 @@ impl Tracking {
                 refused: false,
             }),
             log: None,
+            prepared,
+            log_tried: false,
+            detach: false,
             span,
+        }
+    }
+
+    /// The response is marked [`Detach`](crate::Detach): whether its body can be read on
+    /// when its client leaves (it writes a log, or will once its first id names its stream).
+    pub(crate) fn mark_detachable(&mut self) -> bool {
+        self.detach = true;
+        match &self.log {
+            Some(writer) => {
+                writer.set_detachable(true);
+                true
+            }
+            None => !self.log_tried,
+        }
+    }
+
+    /// With a stream per id and replay on, for a response marked [`Detach`](crate::Detach)
+    /// (the only ones whose reconnects the layer answers, see `SseTrackerService::call`):
+    /// logs the frame `data` (whose scan `frame` holds) into the log of the stream of the
+    /// body's first id, taking its writer then.
+    pub(super) fn log_per_id(&mut self, replayer: &Replayer, data: &[u8], frame: &mut FrameEvents) {
+        let slot = self
+            .slot
+            .as_ref()
+            .or_else(|| self.per_id.as_ref()?.fallback.as_ref());
+        if !self.detach {
+            frame.clear();
+            return;
+        }
+        if !self.log_tried
+            && let Some(slot) = slot
+        {
+            self.log_tried = true;
+            let log = slot.replay_log(|| replayer.new_log());
+            self.log = match self.prepared.take() {
+                Some(writer) if writer.writes(log) => Some(writer),
+                _ => replayer.writer_for(slot, None, &self.span),
+            };
+            if self.detach
+                && let Some(writer) = &self.log
+            {
+                writer.set_detachable(true);
+            }
+        }
+        match &mut self.log {
+            Some(writer) => writer.write_with(data, frame),
+            None => frame.clear(),
         }
     }
 

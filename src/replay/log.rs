@@ -346,6 +346,13 @@ impl StreamLog {
         Ok((events, last_id, position))
     }
 
+    /// Whether reconnects follow this log (the layer answers them): its body goes on without
+    /// its client, or went on to its end.
+    pub(crate) fn follows(&self) -> bool {
+        let inner = lock(&self.inner);
+        inner.detachable && (inner.writing.is_some() || inner.finished)
+    }
+
     /// Whether an event of the log carried `id`.
     pub(crate) fn holds_id(&self, id: &[u8]) -> bool {
         let inner = lock(&self.inner);
@@ -445,7 +452,7 @@ impl Drop for StreamLog {
 /// lock: where each ends, whether it dispatched an event, and that event's own id (in
 /// `ids`). Kept by the writer, so that a frame allocates nothing once they have grown.
 #[derive(Debug, Default)]
-struct FrameEvents {
+pub(crate) struct FrameEvents {
     marks: Vec<Mark>,
     ids: Vec<u8>,
     /// The id committed for the event being dispatched.
@@ -461,7 +468,7 @@ struct Mark {
 
 impl FrameEvents {
     /// Empties the lists, giving back what a frame of many events made them hold.
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.marks.clear();
         self.ids.clear();
         self.id = None;
@@ -482,6 +489,25 @@ impl Sink for FrameEvents {
     fn blank_line(&mut self, end: usize, event: bool) {
         let id = self.id.take();
         self.marks.push(Mark { end, event, id });
+    }
+}
+
+/// A sink that gathers a frame's events and also hands each committed id to `on_commit`.
+pub(crate) struct AlsoCommit<'a, F> {
+    pub(crate) frame: &'a mut FrameEvents,
+    pub(crate) on_commit: F,
+}
+
+impl<F: FnMut(&[u8])> Sink for AlsoCommit<'_, F> {
+    #[inline]
+    fn commit(&mut self, id: &[u8]) {
+        self.frame.commit(id);
+        (self.on_commit)(id);
+    }
+
+    #[inline]
+    fn blank_line(&mut self, end: usize, event: bool) {
+        self.frame.blank_line(end, event);
     }
 }
 
@@ -510,101 +536,25 @@ impl Writer {
     /// holds of the next one. Never waits but for the log's own lock, which look-ups take
     /// briefly; allocates only the chunks that the bytes fill.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        let log = &*self.log;
-        let budget = &*log.budget;
-        let policy = &budget.policy;
-        let frame = &mut self.frame;
-        let mut age = || budget.ages.fetch_add(1, Ordering::Relaxed);
-        let mut trimmed = [0usize; Trim::ALL.len()];
-        let mut inner = lock(&log.inner);
-        if inner.writing != Some(self.number) {
-            // Another body took the log over.
-            frame.clear();
-            return;
-        }
-        let before = inner.heap_bytes();
-        let mut start = 0;
-        for mark in frame.marks.drain(..) {
-            let piece = &data[start..mark.end];
-            start = mark.end;
-            if !mark.event {
-                // Comments and blank lines between events belong to no event.
-                inner.drop_open();
-                inner.skipping = None;
-                continue;
-            }
-            if let Some(cause) = inner.skipping {
-                // The end of an event that was not kept: no replay may run across it.
-                trimmed[cause as usize] += inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
-                continue;
-            }
-            let id = mark
-                .id
-                .map(|(from, len)| &frame.ids[from as usize..(from + len) as usize]);
-            let open = inner.ring.len() - inner.committed;
-            let at = match id {
-                Some(id) if open == 0 => id_at(piece, id),
-                _ => None,
-            };
-            let copied = if at.is_some() { None } else { id };
-            let (trailer, trailer_len) = trailer(id, at);
-            let size = open + piece.len() + copied.map_or(0, <[u8]>::len) + trailer_len;
-            if size > policy.max_stream_bytes {
-                inner.drop_open();
-                trimmed[Trim::TooLarge as usize] +=
-                    inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
-                continue;
-            }
-            make_room(&mut inner, policy, size - open, 1, &mut trimmed);
-            inner.ring.push(piece, &mut age);
-            if let Some(id) = copied {
-                inner.ring.push(id, &mut age);
-            }
-            inner
-                .ring
-                .push(&trailer.to_le_bytes()[..trailer_len], &mut age);
-            inner.records.push_back(size as u32);
-            inner.committed = inner.ring.len();
-            self.logged += 1;
-        }
-        frame.clear();
-        let rest = &data[start..];
-        if !rest.is_empty() && inner.skipping.is_none() {
-            let open = inner.ring.len() - inner.committed;
-            if open + rest.len() > policy.max_stream_bytes {
-                // Larger than the stream's bound: the event is not kept.
-                inner.drop_open();
-                inner.skipping = Some(Trim::TooLarge);
-            } else {
-                make_room(&mut inner, policy, rest.len(), 0, &mut trimmed);
-                inner.ring.push(rest, &mut age);
-            }
-        }
-        let after = inner.heap_bytes();
-        if after != before {
-            budget.account(before, after);
-        }
-        let queue = match inner.ring.front_age() {
-            Some(age) if !inner.queued => {
-                inner.queued = true;
-                Some(age)
-            }
-            _ => None,
-        };
-        drop(inner);
-        log.tell_tails();
-        if self.logged >= LOGGED_BATCH {
-            budget.metrics.logged(std::mem::take(&mut self.logged));
-        }
-        if trimmed.iter().any(|&n| n > 0) {
-            for cause in Trim::ALL {
-                budget.metrics.trimmed(cause, trimmed[cause as usize]);
-            }
-        }
-        if let Some(age) = queue {
-            budget.enqueue(age, Arc::downgrade(&self.log));
-        }
-        budget.enforce();
+        let Writer {
+            log,
+            number,
+            frame,
+            logged,
+            ..
+        } = self;
+        write_frame(log, *number, logged, frame, data);
+    }
+
+    /// [`write`](Self::write), with what a scan reported to `frame` (a body that scans before
+    /// it has a writer).
+    pub(crate) fn write_with(&mut self, data: &[u8], frame: &mut FrameEvents) {
+        write_frame(&self.log, self.number, &mut self.logged, frame, data);
+    }
+
+    /// Whether this writer writes `log`.
+    pub(crate) fn writes(&self, log: &Arc<StreamLog>) -> bool {
+        Arc::ptr_eq(&self.log, log)
     }
 
     /// Ends this body's writing; with `seal`, no replay from the log is complete until a
@@ -634,6 +584,111 @@ impl Writer {
             inner.finished = true;
         }
     }
+}
+
+/// What [`Writer::write`] does, for the writer numbered `number` of `log`.
+fn write_frame(
+    log: &Arc<StreamLog>,
+    number: u64,
+    logged: &mut usize,
+    frame: &mut FrameEvents,
+    data: &[u8],
+) {
+    let log_arc = log;
+    let log = &**log_arc;
+    let budget = &*log.budget;
+    let policy = &budget.policy;
+    let mut age = || budget.ages.fetch_add(1, Ordering::Relaxed);
+    let mut trimmed = [0usize; Trim::ALL.len()];
+    let mut inner = lock(&log.inner);
+    if inner.writing != Some(number) {
+        // Another body took the log over.
+        frame.clear();
+        return;
+    }
+    let before = inner.heap_bytes();
+    let mut start = 0;
+    for mark in frame.marks.drain(..) {
+        let piece = &data[start..mark.end];
+        start = mark.end;
+        if !mark.event {
+            // Comments and blank lines between events belong to no event.
+            inner.drop_open();
+            inner.skipping = None;
+            continue;
+        }
+        if let Some(cause) = inner.skipping {
+            // The end of an event that was not kept: no replay may run across it.
+            trimmed[cause as usize] += inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
+            continue;
+        }
+        let id = mark
+            .id
+            .map(|(from, len)| &frame.ids[from as usize..(from + len) as usize]);
+        let open = inner.ring.len() - inner.committed;
+        let at = match id {
+            Some(id) if open == 0 => id_at(piece, id),
+            _ => None,
+        };
+        let copied = if at.is_some() { None } else { id };
+        let (trailer, trailer_len) = trailer(id, at);
+        let size = open + piece.len() + copied.map_or(0, <[u8]>::len) + trailer_len;
+        if size > policy.max_stream_bytes {
+            inner.drop_open();
+            trimmed[Trim::TooLarge as usize] +=
+                inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
+            continue;
+        }
+        make_room(&mut inner, policy, size - open, 1, &mut trimmed);
+        inner.ring.push(piece, &mut age);
+        if let Some(id) = copied {
+            inner.ring.push(id, &mut age);
+        }
+        inner
+            .ring
+            .push(&trailer.to_le_bytes()[..trailer_len], &mut age);
+        inner.records.push_back(size as u32);
+        inner.committed = inner.ring.len();
+        *logged += 1;
+    }
+    frame.clear();
+    let rest = &data[start..];
+    if !rest.is_empty() && inner.skipping.is_none() {
+        let open = inner.ring.len() - inner.committed;
+        if open + rest.len() > policy.max_stream_bytes {
+            // Larger than the stream's bound: the event is not kept.
+            inner.drop_open();
+            inner.skipping = Some(Trim::TooLarge);
+        } else {
+            make_room(&mut inner, policy, rest.len(), 0, &mut trimmed);
+            inner.ring.push(rest, &mut age);
+        }
+    }
+    let after = inner.heap_bytes();
+    if after != before {
+        budget.account(before, after);
+    }
+    let queue = match inner.ring.front_age() {
+        Some(age) if !inner.queued => {
+            inner.queued = true;
+            Some(age)
+        }
+        _ => None,
+    };
+    drop(inner);
+    log.tell_tails();
+    if *logged >= LOGGED_BATCH {
+        budget.metrics.logged(std::mem::take(logged));
+    }
+    if trimmed.iter().any(|&n| n > 0) {
+        for cause in Trim::ALL {
+            budget.metrics.trimmed(cause, trimmed[cause as usize]);
+        }
+    }
+    if let Some(age) = queue {
+        budget.enqueue(age, Arc::downgrade(log_arc));
+    }
+    budget.enforce();
 }
 
 /// Events a writer logs before it adds them to the shared counter.
