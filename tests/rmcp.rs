@@ -340,3 +340,123 @@ async fn the_examples_tool_is_listed_with_its_schema_and_called_through_the_laye
     assert!(text.contains("2 steps done"), "{text}");
     client.cancel().await.unwrap();
 }
+
+/// A client that counts the progress notifications it receives.
+#[derive(Clone, Default)]
+struct CountingClient {
+    progress: Arc<Mutex<Vec<f64>>>,
+}
+
+impl rmcp::ClientHandler for CountingClient {
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        self.progress.lock().unwrap().push(params.progress);
+    }
+}
+
+/// One tool call of `STEPS` progress notifications `DELAY` apart through the proxy, whose
+/// connections are cut after `CUT_AFTER` of them reached the client, and which holds the
+/// client's next connections for `AWAY` (most of the call); rmcp's client then resumes, while
+/// the call went on. Returns the progress the client received, in order, how many it had at
+/// the cut, and the GETs that reached rmcp.
+async fn call_cut_and_resumed(detach: bool) -> (Vec<f64>, usize, Vec<Resumption>) {
+    const STEPS: u64 = 60;
+    const DELAY_MS: u64 = 20;
+    const CUT_AFTER: usize = 5;
+    const AWAY: Duration = Duration::from_millis(800);
+    let tracker = SseTracker::builder()
+        .stream(StreamSource::event_id(IdStream::RMCP))
+        .replay(tower_sse_tracker::ReplayPolicy::new())
+        .build()
+        .unwrap();
+    let seen: Arc<Mutex<Vec<Resumption>>> = Arc::default();
+    let service = StreamableHttpService::new(
+        || Ok(ProgressServer),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default().with_sse_keep_alive(None),
+    );
+    let mut router = Router::new().nest_service("/mcp", record_resumptions(service, seen.clone()));
+    if detach {
+        // Every rmcp response is marked: its stream goes on without its client.
+        router = router.layer(axum::middleware::map_response(
+            |mut response: axum::response::Response| async move {
+                response.extensions_mut().insert(tower_sse_tracker::Detach);
+                response
+            },
+        ));
+    }
+    let proxy = Proxy::start(serve(router.layer(tracker.layer())).await).await;
+    let handler = CountingClient::default();
+    let client = handler
+        .clone()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "http://{}/mcp",
+            proxy.addr
+        )))
+        .await
+        .expect("the client connects");
+    let peer = client.peer().clone();
+    let args = serde_json::json!({ "steps": STEPS, "delay_ms": DELAY_MS });
+    let call = tokio::spawn(async move {
+        peer.call_tool(
+            CallToolRequestParams::new("progress")
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while handler.progress.lock().unwrap().len() < CUT_AFTER {
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let at_cut = handler.progress.lock().unwrap().len();
+    proxy.hold(AWAY);
+    proxy.cut();
+    let result = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call finished")
+        .unwrap()
+        .expect("the call succeeded");
+    let text = serde_json::to_string(&result.content).unwrap();
+    assert!(text.contains(&format!("done after {STEPS}")), "{text}");
+    client.cancel().await.unwrap();
+    let progress = handler.progress.lock().unwrap().clone();
+    let seen = seen.lock().unwrap().clone();
+    (progress, at_cut, seen)
+}
+
+/// rmcp keeps the last 16 messages of a call for its resumption (its channel capacity): a call
+/// that sends more while its client is away loses the oldest, and rmcp's resumption replays
+/// what is left without saying so. With replay on and rmcp's responses marked `Detach`, the
+/// layer reads the call's stream on while the client is away and answers the client's
+/// resuming GET from the stream's log, before rmcp sees it: every progress notification
+/// arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_a_call_that_outruns_rmcps_cache_while_its_client_is_away_loses_nothing_with_detach() {
+    let (progress, at_cut, seen) = call_cut_and_resumed(true).await;
+    let all: Vec<f64> = (1..=60).map(|n| n as f64).collect();
+    // 800 ms away at one notification each 20 ms: about 40 while the client was away.
+    assert!(at_cut < 10, "cut early: {at_cut}");
+    // rmcp's client hands each notification to its handler in a task of its own: they reach
+    // it in any order (the wire order is the chaos tests' to check).
+    let mut sorted = progress.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(sorted, all, "every progress notification, once");
+    assert!(
+        seen.iter().all(|r| !r.last_event_id.contains('/')),
+        "the layer answered the call's resumption, not rmcp: {seen:?}"
+    );
+    // For comparison, rmcp's own resumption alone (printed: it depends on rmcp's timing).
+    let (alone, at_cut_alone, seen_alone) = call_cut_and_resumed(false).await;
+    println!(
+        "a call of 60 progress notifications cut after {at_cut}: with the layer's replay and \
+         Detach the client got {} of 60; with rmcp's cache alone (cut after {at_cut_alone}, {} \
+         resuming GETs to rmcp) it got {} of 60",
+        progress.len(),
+        seen_alone.len(),
+        alone.len()
+    );
+}

@@ -196,6 +196,8 @@ where
 pub struct Proxy {
     pub addr: SocketAddr,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// New connections wait until then before they reach the server.
+    held_until: Arc<Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl Proxy {
@@ -203,13 +205,19 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let held_until: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
         let accepted = connections.clone();
+        let hold = held_until.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
+                let until = *hold.lock().unwrap();
                 let task = tokio::spawn(async move {
+                    if let Some(until) = until {
+                        tokio::time::sleep_until(until).await;
+                    }
                     if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
@@ -217,7 +225,17 @@ impl Proxy {
                 accepted.lock().unwrap().push(task);
             }
         });
-        Self { addr, connections }
+        Self {
+            addr,
+            connections,
+            held_until,
+        }
+    }
+
+    /// Connections made in the next `duration` reach the server only when it has passed: a
+    /// client that is away for that long.
+    pub fn hold(&self, duration: Duration) {
+        *self.held_until.lock().unwrap() = Some(tokio::time::Instant::now() + duration);
     }
 
     /// Drops every open connection, both ways, as a network failure would.
