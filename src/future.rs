@@ -280,7 +280,7 @@ fn track_response<B: http_body::Body + Send + 'static>(
     }
     let prefix = replay.map(|prepared| prepared.bytes);
     // A stream that goes on without its client: its body can go to a task of its own.
-    let marked = parts.extensions.get::<Detach>().is_some();
+    let marked = shared.replay.is_some() && parts.extensions.get::<Detach>().is_some();
     let detach = tracking
         .as_mut()
         .filter(|_| marked)
@@ -348,19 +348,12 @@ fn tracking(
             } else {
                 Fallback::Untracked
             };
-            // The writer of the log its replay came from, if any: the body writes it if its
-            // first id names that stream.
-            let prepared = match (&shared.replay, replay) {
-                (Some(replayer), Some(prepared)) => replayer.take_writer(prepared),
-                _ => None,
-            };
             Some(Tracking::per_id(
                 owner,
                 format,
                 route,
                 fallback,
                 span.clone(),
-                prepared,
             ))
         }
         StreamKind::Route { shared: share } => {

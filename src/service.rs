@@ -202,14 +202,19 @@ where
                         .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
                 });
                 let log = slot.as_ref().and_then(|s| s.existing_replay_log());
-                let prepared = replayer.prepare(log.filter(|_| !ambiguous), id, own);
-                match kind {
+                // A stream named by its ids: only a log the layer follows is looked up (a
+                // look-up takes nothing from any other).
+                let per_id = matches!(kind, StreamKind::EventId(_));
+                let prepared = (!per_id || log.is_some_and(|log| log.follows()))
+                    .then(|| replayer.prepare(log.filter(|_| !ambiguous), id, own));
+                match (kind, prepared) {
+                    (_, None) => None,
                     // A stream named by its ids: the layer answers only a reconnect to a
                     // detached stream, which it follows; any other goes to the application as
                     // without replay (MCP SDKs replay from their own event stores: one of
                     // them answers, never both).
-                    StreamKind::EventId(_) if prepared.tail.is_none() => None,
-                    _ => {
+                    (StreamKind::EventId(_), Some(prepared)) if prepared.tail.is_none() => None,
+                    (_, Some(prepared)) => {
                         req.extensions_mut().insert(prepared.replay.clone());
                         Some(prepared)
                     }

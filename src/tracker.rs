@@ -10,8 +10,8 @@ use crate::identity::StreamKind;
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::layer::SseTrackerLayer;
 use crate::metrics::StoreOp;
-use crate::registry::Open;
-use crate::replay::{GapReason, Position};
+use crate::registry::{self, Open};
+use crate::replay::{GapReason, Peeked, Position};
 use crate::shared::Shared;
 use crate::store::{StoreError, StoredId};
 use crate::worker::ShutdownReport;
@@ -227,20 +227,9 @@ impl SseTracker {
         key: &StreamKey,
         client: Option<&EventId>,
     ) -> Result<Resume, StoreError> {
+        let per_id = matches!(self.shared.config.stream, StreamKind::EventId(_));
         let logged = match (client, &self.shared.replay) {
-            (Some(client), Some(_)) => self
-                .shared
-                .registry
-                .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
-                .and_then(|slot| {
-                    let log = slot.existing_replay_log()?;
-                    // With a stream per id, the layer answers only reconnects it follows.
-                    let per_id = matches!(self.shared.config.stream, StreamKind::EventId(_));
-                    if per_id && !log.follows() {
-                        return None;
-                    }
-                    Some(log.peek(client.as_str().as_bytes()))
-                }),
+            (Some(client), Some(_)) => self.logged(key, client, per_id),
             _ => None,
         };
         match (logged, client) {
@@ -252,7 +241,9 @@ impl SseTracker {
                     position,
                 });
             }
-            (Some(Err(reason)), Some(client)) => {
+            // With a stream per id, a reconnect the layer does not answer goes to the
+            // application as without replay.
+            (Some(Err(reason)), Some(client)) if !per_id => {
                 return Ok(Resume::Gap {
                     client: client.clone(),
                     reason,
@@ -273,6 +264,29 @@ impl SseTracker {
                 latest,
             },
         })
+    }
+
+    /// What the layer replays for a client whose last id is `client` on the stream of `key`,
+    /// as the service looks it up: `None` when it does not look (no log here; with a stream
+    /// per id, a log it does not follow).
+    fn logged(&self, key: &StreamKey, client: &EventId, per_id: bool) -> Option<Peeked> {
+        let registry = &self.shared.registry;
+        let owner = key.owner.as_ref();
+        // An id that logs of several of the owner's streams of the route hold: nothing is
+        // replayed from either.
+        if let (StreamKind::Route { shared: false }, Some(owner)) =
+            (self.shared.config.stream, owner)
+            && let Ok(route) = StreamName::new(registry::route_of(&key.stream))
+            && registry.logged_route_stream(owner, &route, client).is_err()
+        {
+            return Some(Err(GapReason::NoHistory));
+        }
+        let slot = registry.get(owner.map(Owner::as_str), key.stream.as_str())?;
+        let log = slot.existing_replay_log()?;
+        if per_id && !log.follows() {
+            return None;
+        }
+        Some(log.peek(client.as_str().as_bytes()))
     }
 
     /// The id the store holds for the stream of `key`, not looking at memory. Asked under the

@@ -653,3 +653,131 @@ async fn a_post_stream_resumed_by_a_get_naming_it_gets_the_rest_from_the_layer()
         }
     }
 }
+
+/// With streams named by their ids (`{stream}_{n}`), in process: the review's findings on
+/// logging, each seen failing before its fix.
+mod per_id {
+    use super::*;
+    use http::Request;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use tower::{Service, ServiceBuilder, ServiceExt};
+    use tower_sse_tracker::{IdStream, StreamKey, StreamSource};
+
+    fn tracker() -> SseTracker {
+        SseTracker::builder()
+            .heartbeat_interval(None)
+            .stream(StreamSource::event_id(IdStream::MCP_TYPESCRIPT))
+            .replay(ReplayPolicy::new())
+            .build()
+            .unwrap()
+    }
+
+    /// The layer over a handler whose one `Detach` body yields what `rx` receives.
+    fn service(
+        tracker: &SseTracker,
+        rx: mpsc::UnboundedReceiver<Bytes>,
+    ) -> impl Service<
+        Request<()>,
+        Response = axum::http::Response<
+            impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin + use<>,
+        >,
+        Error = Infallible,
+    > + use<> {
+        let rx = Arc::new(Mutex::new(Some(rx)));
+        ServiceBuilder::new()
+            .layer(tracker.layer())
+            .service_fn(move |_req: Request<()>| {
+                let rx = rx.lock().unwrap().take().expect("one body");
+                async move {
+                    let frames = UnboundedReceiverStream::new(rx)
+                        .map(|b| Ok::<_, Infallible>(hyper::body::Frame::data(b)));
+                    let mut response = axum::http::Response::new(StreamBody::new(frames));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        axum::http::HeaderValue::from_static("text/event-stream"),
+                    );
+                    response.extensions_mut().insert(Detach);
+                    Ok::<_, Infallible>(response)
+                }
+            })
+    }
+
+    fn request(method: &str, last_event_id: Option<&str>) -> Request<()> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri("/mcp")
+            .header("mcp-session-id", "s1");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        request.body(()).unwrap()
+    }
+
+    use futures_util::StreamExt;
+
+    /// Failed before the fix: once the body had a log, it published only the last id of each
+    /// frame, so stream A kept `A_1` after a frame `A_2 … B_1`.
+    #[tokio::test]
+    async fn every_streams_latest_id_is_published_after_the_body_logs() {
+        let tracker = tracker();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut svc = service(&tracker, rx);
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request("POST", None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(Bytes::from("id: A_1\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        tx.send(Bytes::from("id: A_2\n\nid: B_1\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        let a = StreamKey::try_new("s1", "A").unwrap();
+        assert_eq!(tracker.last_event_id(&a).unwrap().as_str(), "A_2");
+    }
+
+    /// Failed before the fix: the body's log was the stream of the last id of its first
+    /// frame, so a reconnect naming the first stream was not answered from it.
+    #[tokio::test]
+    async fn the_log_is_the_first_named_streams_and_its_reconnect_is_answered_from_it() {
+        let tracker = tracker();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut svc = service(&tracker, rx);
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request("POST", None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(Bytes::from("id: A_1\n\nid: B_1\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        let mut again = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request("GET", Some("A_1")))
+            .await
+            .unwrap();
+        assert_eq!(
+            again.headers().get(REPLAY_HEADER).unwrap(),
+            "complete; events=1; tail"
+        );
+        assert_eq!(
+            again
+                .body_mut()
+                .frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap(),
+            "id: B_1\n\n"
+        );
+        drop((tx, body));
+    }
+}

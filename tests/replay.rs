@@ -203,6 +203,21 @@ async fn an_id_that_two_streams_of_the_owner_logged_is_never_replayed_from_eithe
     let (a, ca) = stream(&h, "tabs", Some("s1"), HeaderMap::new(), &events(1..=2)).await;
     let (b, cb) = stream(&h, "tabs", Some("s1"), HeaderMap::new(), &events(1..=3)).await;
     drop((a, ca, b, cb));
+    // `resume` says what the layer does: nothing replayed (failed before: it answered
+    // `Replayed` from the first stream's log).
+    let key = common::key("s1", "GET /sse/tabs");
+    let one = tower_sse_tracker::EventId::new("1").unwrap();
+    assert!(
+        matches!(
+            h.tracker.resume(&key, Some(&one)).await.unwrap(),
+            tower_sse_tracker::Resume::Gap {
+                reason: GapReason::NoHistory,
+                ..
+            }
+        ),
+        "{:?}",
+        h.tracker.resume(&key, Some(&one)).await
+    );
     let (_feed, client) = stream(&h, "tabs", Some("s1"), with_last_id("1"), "").await;
     assert_eq!(replay_header(&client), Some("gap; reason=no_history"));
     assert_eq!(

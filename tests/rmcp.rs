@@ -361,17 +361,17 @@ impl rmcp::ClientHandler for CountingClient {
 /// connections are cut after `CUT_AFTER` of them reached the client, and which holds the
 /// client's next connections for `AWAY` (most of the call); rmcp's client then resumes, while
 /// the call went on. Returns the progress the client received, in order, how many it had at
-/// the cut, and the GETs that reached rmcp.
-async fn call_cut_and_resumed(detach: bool) -> (Vec<f64>, usize, Vec<Resumption>) {
+/// the cut, the GETs that reached rmcp, and the events the layer replayed.
+async fn call_cut_and_resumed(detach: bool) -> (Vec<f64>, usize, Vec<Resumption>, f64) {
     const STEPS: u64 = 60;
     const DELAY_MS: u64 = 20;
     const CUT_AFTER: usize = 5;
     const AWAY: Duration = Duration::from_millis(800);
-    let tracker = SseTracker::builder()
-        .stream(StreamSource::event_id(IdStream::RMCP))
-        .replay(tower_sse_tracker::ReplayPolicy::new())
-        .build()
-        .unwrap();
+    let (tracker, metrics) = common::build_recorded(
+        SseTracker::builder()
+            .stream(StreamSource::event_id(IdStream::RMCP))
+            .replay(tower_sse_tracker::ReplayPolicy::new()),
+    );
     let seen: Arc<Mutex<Vec<Resumption>>> = Arc::default();
     let service = StreamableHttpService::new(
         || Ok(ProgressServer),
@@ -425,7 +425,8 @@ async fn call_cut_and_resumed(detach: bool) -> (Vec<f64>, usize, Vec<Resumption>
     client.cancel().await.unwrap();
     let progress = handler.progress.lock().unwrap().clone();
     let seen = seen.lock().unwrap().clone();
-    (progress, at_cut, seen)
+    let replayed = metrics.value(common::names::REPLAYED_EVENTS_TOTAL, &[]);
+    (progress, at_cut, seen, replayed)
 }
 
 /// rmcp keeps the last 16 messages of a call for its resumption (its channel capacity): a call
@@ -436,10 +437,10 @@ async fn call_cut_and_resumed(detach: bool) -> (Vec<f64>, usize, Vec<Resumption>
 /// arrives, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rmcp_a_call_that_outruns_rmcps_cache_while_its_client_is_away_loses_nothing_with_detach() {
-    let (progress, at_cut, seen) = call_cut_and_resumed(true).await;
+    let (progress, at_cut, seen, replayed) = call_cut_and_resumed(true).await;
     let all: Vec<f64> = (1..=60).map(|n| n as f64).collect();
-    // 800 ms away at one notification each 20 ms: about 40 while the client was away.
-    assert!(at_cut < 10, "cut early: {at_cut}");
+    // What the call sent while its client was away, the layer replayed: more than rmcp keeps.
+    assert!(replayed > 16.0, "the layer replayed {replayed} events");
     // rmcp's client hands each notification to its handler in a task of its own: they reach
     // it in any order (the wire order is the chaos tests' to check).
     let mut sorted = progress.clone();
@@ -450,11 +451,11 @@ async fn rmcp_a_call_that_outruns_rmcps_cache_while_its_client_is_away_loses_not
         "the layer answered the call's resumption, not rmcp: {seen:?}"
     );
     // For comparison, rmcp's own resumption alone (printed: it depends on rmcp's timing).
-    let (alone, at_cut_alone, seen_alone) = call_cut_and_resumed(false).await;
+    let (alone, at_cut_alone, seen_alone, _) = call_cut_and_resumed(false).await;
     println!(
         "a call of 60 progress notifications cut after {at_cut}: with the layer's replay and \
-         Detach the client got {} of 60; with rmcp's cache alone (cut after {at_cut_alone}, {} \
-         resuming GETs to rmcp) it got {} of 60",
+         Detach the client got {} of 60 ({replayed} replayed by the layer); with rmcp's cache \
+         alone (cut after {at_cut_alone}, {} resuming GETs to rmcp) it got {} of 60",
         progress.len(),
         seen_alone.len(),
         alone.len()

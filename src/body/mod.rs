@@ -395,7 +395,30 @@ impl SseState {
             return;
         };
         let mut sleep = this.sleep;
-        let feed = if let Some(log) = &mut tracked.tracking.log {
+        let feed = if tracked.tracking.per_id.is_some() {
+            // Every committed id goes to the stream it names; with replay on, for a response
+            // marked `Detach`, the frame's events to the log of the first stream an id names.
+            match &this.shared.replay {
+                Some(replayer) if tracked.tracking.logs_per_id() => {
+                    let frame = this.frame.get_or_insert_with(Box::default);
+                    let feed = this.scanner.feed_sink(
+                        data,
+                        &mut AlsoCommit {
+                            frame,
+                            on_commit: |id: &[u8]| {
+                                tracked.commit(id, sleep.as_mut());
+                                tracked.tracking.log_from_first_stream(replayer);
+                            },
+                        },
+                    );
+                    tracked.tracking.write_per_id(data, frame);
+                    feed
+                }
+                _ => this
+                    .scanner
+                    .feed_with(data, |id| tracked.commit(id, sleep.as_mut())),
+            }
+        } else if let Some(log) = &mut tracked.tracking.log {
             // Replay on: the frame's events go to the stream's log, then the latest id to its
             // slot, as below.
             let feed = this.scanner.feed_sink(data, log.sink());
@@ -412,26 +435,6 @@ impl SseState {
                 }
             }
             feed
-        } else if tracked.tracking.per_id.is_some() {
-            // Every committed id goes to the stream it names; with replay on, the frame's
-            // events to the log of the stream of the body's first id.
-            match &this.shared.replay {
-                None => this
-                    .scanner
-                    .feed_with(data, |id| tracked.commit(id, sleep.as_mut())),
-                Some(replayer) => {
-                    let frame = this.frame.get_or_insert_with(Box::default);
-                    let feed = this.scanner.feed_sink(
-                        data,
-                        &mut AlsoCommit {
-                            frame,
-                            on_commit: |id: &[u8]| tracked.commit(id, sleep.as_mut()),
-                        },
-                    );
-                    tracked.tracking.log_per_id(replayer, data, frame);
-                    feed
-                }
-            }
         } else {
             // Latest only: of the ids committed in one frame, only the last is published. Its
             // bytes are copied into the slot's buffer: no allocation, no tracker-wide counter.

@@ -24,10 +24,8 @@ pub(crate) struct Tracking {
     pub(super) per_id: Option<PerId>,
     /// The writer of the slot's replay log (replay on, and no other body writes it).
     pub(super) log: Option<Writer>,
-    /// With a stream per id: the log writer the request's replay took (for the stream its
-    /// `Last-Event-ID` names), which the body writes if its first id names that stream too;
-    /// and whether the body has looked for its writer yet (at its first id).
-    prepared: Option<Writer>,
+    /// With a stream per id: whether the body has taken its log's writer yet (at the first
+    /// id that names a stream).
     log_tried: bool,
     /// The response is marked [`Detach`](crate::Detach): the log's writer says so.
     detach: bool,
@@ -67,7 +65,6 @@ impl Tracking {
             slot: Some(slot),
             per_id: None,
             log,
-            prepared: None,
             log_tried: true,
             detach: false,
             span,
@@ -80,7 +77,6 @@ impl Tracking {
         route: StreamName,
         fallback: Fallback,
         span: tracing::Span,
-        prepared: Option<Writer>,
     ) -> Self {
         Self {
             slot: None,
@@ -93,15 +89,15 @@ impl Tracking {
                 refused: false,
             }),
             log: None,
-            prepared,
             log_tried: false,
             detach: false,
             span,
         }
     }
 
-    /// The response is marked [`Detach`](crate::Detach): whether its body can be read on
-    /// when its client leaves (it writes a log, or will once its first id names its stream).
+    /// The response is marked [`Detach`](crate::Detach), with replay on: whether its body can
+    /// be read on when its client leaves (it writes a log, or will once an id names its
+    /// stream).
     pub(crate) fn mark_detachable(&mut self) -> bool {
         self.detach = true;
         match &self.log {
@@ -109,38 +105,37 @@ impl Tracking {
                 writer.set_detachable(true);
                 true
             }
-            None => !self.log_tried,
+            None => self.per_id.is_some() && !self.log_tried,
         }
     }
 
-    /// With a stream per id and replay on, for a response marked [`Detach`](crate::Detach)
-    /// (the only ones whose reconnects the layer answers, see `SseTrackerService::call`):
-    /// logs the frame `data` (whose scan `frame` holds) into the log of the stream of the
-    /// body's first id, taking its writer then.
-    pub(super) fn log_per_id(&mut self, replayer: &Replayer, data: &[u8], frame: &mut FrameEvents) {
-        let slot = self
-            .slot
-            .as_ref()
-            .or_else(|| self.per_id.as_ref()?.fallback.as_ref());
-        if !self.detach {
-            frame.clear();
+    /// With a stream per id and replay on: whether this body's frames go to a log (a response
+    /// marked [`Detach`](crate::Detach), the only ones whose reconnects the layer answers,
+    /// see `SseTrackerService::call`), or may once an id names a stream.
+    pub(super) fn logs_per_id(&self) -> bool {
+        self.detach && (!self.log_tried || self.log.is_some())
+    }
+
+    /// Called after each id is committed: the first time the current slot is one an id
+    /// named, the body takes the writer of its log. Every event of the body goes to that log
+    /// from then on, whatever stream later ids name.
+    pub(super) fn log_from_first_stream(&mut self, replayer: &Replayer) {
+        if self.log_tried {
             return;
         }
-        if !self.log_tried
-            && let Some(slot) = slot
-        {
-            self.log_tried = true;
-            let log = slot.replay_log(|| replayer.new_log());
-            self.log = match self.prepared.take() {
-                Some(writer) if writer.writes(log) => Some(writer),
-                _ => replayer.writer_for(slot, None, &self.span),
-            };
-            if self.detach
-                && let Some(writer) = &self.log
-            {
-                writer.set_detachable(true);
-            }
+        let Some(slot) = &self.slot else {
+            return;
+        };
+        self.log_tried = true;
+        self.log = replayer.writer_for(slot, None, &self.span);
+        if let Some(writer) = &self.log {
+            writer.set_detachable(true);
         }
+    }
+
+    /// Logs the frame `data`, whose scan `frame` holds (see
+    /// [`logs_per_id`](Self::logs_per_id)).
+    pub(super) fn write_per_id(&mut self, data: &[u8], frame: &mut FrameEvents) {
         match &mut self.log {
             Some(writer) => writer.write_with(data, frame),
             None => frame.clear(),

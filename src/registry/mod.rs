@@ -26,6 +26,7 @@
 
 pub(crate) mod handoff;
 pub(crate) mod routes;
+pub(crate) use routes::route_of;
 pub(crate) mod slot;
 
 use std::collections::HashMap;
@@ -39,7 +40,7 @@ use metrics::Counter;
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::sync::lock;
 use handoff::{Handoff, HandoffMetrics};
-use routes::{LostRoutes, MAX_LOST_OWNERS, route_of};
+use routes::{LostRoutes, MAX_LOST_OWNERS};
 pub(crate) use slot::{SessionState, Slot, Version};
 
 #[derive(Debug)]

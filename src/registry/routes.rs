@@ -51,7 +51,7 @@ pub(super) fn concurrent_index(route: &StreamName, name: &StreamName) -> Option<
 }
 
 /// The route a stream name belongs to: `name` without its `" #n"`.
-pub(super) fn route_of(name: &StreamName) -> &str {
+pub(crate) fn route_of(name: &StreamName) -> &str {
     split_name(name.as_str()).0
 }
 

@@ -231,6 +231,10 @@ pub(crate) struct StreamLog {
     changed: OnceLock<Arc<Notify>>,
 }
 
+/// What [`StreamLog::peek`] finds: the number of events after the client's, the newest id
+/// among them, and the position of the last; or why there are none to replay.
+pub(crate) type Peeked = Result<(usize, Option<EventId>, Position), GapReason>;
+
 /// What a reconnect gets from a log.
 #[derive(Debug)]
 pub(crate) enum Lookup {
@@ -319,10 +323,7 @@ impl StreamLog {
 
     /// What [`after`](Self::after) would replay for `last_event_id` now, taking nothing: how
     /// many events, the newest id among them, and the position of the last.
-    pub(crate) fn peek(
-        &self,
-        last_event_id: &[u8],
-    ) -> Result<(usize, Option<EventId>, Position), GapReason> {
+    pub(crate) fn peek(&self, last_event_id: &[u8]) -> Peeked {
         let inner = lock(&self.inner);
         let (index, start) = locate(&inner, last_event_id)?;
         let events = inner.records.len() - index - 1;
@@ -550,11 +551,6 @@ impl Writer {
     /// it has a writer).
     pub(crate) fn write_with(&mut self, data: &[u8], frame: &mut FrameEvents) {
         write_frame(&self.log, self.number, &mut self.logged, frame, data);
-    }
-
-    /// Whether this writer writes `log`.
-    pub(crate) fn writes(&self, log: &Arc<StreamLog>) -> bool {
-        Arc::ptr_eq(&self.log, log)
     }
 
     /// Ends this body's writing; with `seal`, no replay from the log is complete until a

@@ -27,7 +27,7 @@ use http::{HeaderName, HeaderValue};
 use crate::key::EventId;
 use crate::metrics::ReplayMetrics;
 use crate::registry::Slot;
-pub(crate) use log::{AlsoCommit, Budget, FrameEvents, StreamLog, Tail, Writer};
+pub(crate) use log::{AlsoCommit, Budget, FrameEvents, Peeked, StreamLog, Tail, Writer};
 
 /// The response header that says what the layer replayed, on an SSE response to a request
 /// that carried a `Last-Event-ID`, with replay on (see
@@ -433,12 +433,6 @@ impl Replayer {
             );
         }
         writer
-    }
-
-    /// The log writer a replay took, for a body that takes it once it knows its stream (a
-    /// stream named by its ids).
-    pub(crate) fn take_writer(&self, prepared: &mut Prepared) -> Option<Writer> {
-        prepared.writer.take()
     }
 
     fn gap(&self, reason: GapReason) -> Prepared {
