@@ -56,6 +56,12 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 /// `EventSource` to stop reconnecting. The [`REPLAY_HEADER`] header of such a response says
 /// `complete; events=N; tail` (`N` replayed before the live tail).
 ///
+/// With [`StreamSource::event_id`](crate::StreamSource::event_id) (the MCP SDKs), the body is
+/// logged into the first stream its ids name, and a GET whose `Last-Event-ID` names that
+/// stream is answered from it: a POST stream resumed, as MCP 2025-11-25 clients do. With rmcp,
+/// mark its responses (`tests/rmcp.rs` does): a call that outruns rmcp's 16-message cache
+/// while its client is away then reaches the client whole.
+///
 /// ```
 /// use axum::response::{IntoResponse, Response, sse::{Event, Sse}};
 /// use futures_util::stream;
