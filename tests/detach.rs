@@ -500,6 +500,39 @@ mod in_process {
         assert!(response.body_mut().frame().await.is_none());
     }
 
+    /// Failed before the fix: the byte bound counted the layer's heartbeats, so an idle
+    /// detached stream (an LLM thinking) ended at its bound without sending a byte.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_do_not_count_toward_a_detached_streams_byte_bound() {
+        let bodies = Bodies::default();
+        let tracker = SseTracker::builder()
+            .heartbeat_interval(Some(Duration::from_millis(10)))
+            .replay(ReplayPolicy::new().detached_max_bytes(nz(100)))
+            .build()
+            .unwrap();
+        let mut svc = service(&tracker, &bodies);
+        let tx = bodies.next();
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\n\n")).unwrap();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        // A second of silence: about a hundred heartbeats, far more than 100 bytes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!tx.is_closed(), "still read on");
+        // What the application sends counts.
+        tx.send(data(&format!("data: {}\n\n", "x".repeat(200))))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tx.is_closed(), "ended at its byte bound");
+    }
+
     /// Failed before the fix: a body made from a log did not know its client's last id (the
     /// replay was not scanned), so a drain did not end it at a boundary with `retry`.
     #[tokio::test]

@@ -28,6 +28,14 @@ impl SseState {
         !self.ended && !self.shared.drain.is_draining() && self.writes_its_log()
     }
 
+    /// Bytes of the inner body its log's writer has written.
+    fn written(&self) -> u64 {
+        self.tracked
+            .as_ref()
+            .and_then(|t| t.tracking.log.as_ref())
+            .map_or(0, |writer| writer.written())
+    }
+
     /// Whether this body writes its stream's log (no other body took it over).
     fn writes_its_log(&self) -> bool {
         self.tracked
@@ -113,10 +121,13 @@ where
     });
 }
 
-/// Reads a detached body to its end, or until it has sent `max_bytes`, or until another
-/// body took its stream's log over; its frames go nowhere but its stream's log.
+/// Reads a detached body to its end, or until the application has sent `max_bytes` more,
+/// or until another body took its stream's log over; its frames go nowhere but its stream's
+/// log.
 async fn read_to_end<B: Body>(mut body: TrackedBody<Pin<Box<B>>>, max_bytes: usize) -> Detached {
-    let mut read = 0usize;
+    let written =
+        |body: &TrackedBody<Pin<Box<B>>>| body.sse.as_ref().map_or(0, |sse| sse.written());
+    let start = written(&body);
     loop {
         match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
             None if body.sse.as_ref().is_some_and(|sse| sse.finished) => {
@@ -124,9 +135,8 @@ async fn read_to_end<B: Body>(mut body: TrackedBody<Pin<Box<B>>>, max_bytes: usi
             }
             None => return Detached::Drained,
             Some(Err(_)) => return Detached::Failed,
-            Some(Ok(frame)) => {
-                read += frame.data_ref().map_or(0, |data| data.len());
-                if read > max_bytes {
+            Some(Ok(_)) => {
+                if written(&body) - start > max_bytes as u64 {
                     return Detached::Bound;
                 }
                 if !body.sse.as_ref().is_some_and(|sse| sse.writes_its_log()) {

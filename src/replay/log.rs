@@ -399,6 +399,7 @@ impl StreamLog {
             number: inner.writers,
             frame: FrameEvents::default(),
             logged: 0,
+            written: 0,
             seal: false,
         }
     }
@@ -522,6 +523,8 @@ pub(crate) struct Writer {
     frame: FrameEvents,
     /// Events logged not yet added to `sse_tracker_replay_events_logged_total`.
     logged: usize,
+    /// Bytes of the body written (whether the log kept them or not).
+    written: u64,
     /// Seal the log when this writer goes (see [`release`](Self::release)).
     seal: bool,
 }
@@ -542,14 +545,23 @@ impl Writer {
             number,
             frame,
             logged,
+            written,
             ..
         } = self;
+        *written += data.len() as u64;
         write_frame(log, *number, logged, frame, data);
+    }
+
+    /// Bytes of the body written so far: what the application sent, without what the layer
+    /// adds (heartbeats, a replay).
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     /// [`write`](Self::write), with what a scan reported to `frame` (a body that scans before
     /// it has a writer).
     pub(crate) fn write_with(&mut self, data: &[u8], frame: &mut FrameEvents) {
+        self.written += data.len() as u64;
         write_frame(&self.log, self.number, &mut self.logged, frame, data);
     }
 

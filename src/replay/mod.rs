@@ -91,8 +91,8 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 ///   still attached to the old connection, which hyper polls only while that connection
 ///   takes bytes: when the old connection's buffers are full, the reconnect waits for the
 ///   server to give the old connection up;
-/// - [`detached_max_bytes`](ReplayPolicy::detached_max_bytes) counts what the body sends
-///   once read on, heartbeats included, and is checked after each frame;
+/// - [`detached_max_bytes`](ReplayPolicy::detached_max_bytes) is checked after each frame:
+///   a stream may pass it by one frame;
 /// - a drain ends detached streams at their next event boundary, as it does attached ones.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Detach;
@@ -163,8 +163,9 @@ impl ReplayPolicy {
     }
 
     /// How many bytes of a [detached](Detach) stream are read at most, from its client's
-    /// departure (default 16 MiB); then its body is dropped, and its log keeps what it logged
-    /// (its newest events, within [`max_stream_bytes`](Self::max_stream_bytes)).
+    /// departure (default 16 MiB): what the application sends, not the layer's heartbeats;
+    /// then its body is dropped, and its log keeps what it logged (its newest events, within
+    /// [`max_stream_bytes`](Self::max_stream_bytes)).
     pub fn detached_max_bytes(mut self, bytes: NonZeroUsize) -> Self {
         self.detached_max_bytes = bytes.get();
         self
