@@ -500,6 +500,72 @@ mod in_process {
         assert!(response.body_mut().frame().await.is_none());
     }
 
+    /// Failed before the fix: the application's empty answer to a reconnect whose history
+    /// was gone (a bogus id) restarted the stream's log, so the finished answer's clients got
+    /// gaps instead of the rest and `204` (an `EventSource` then reconnects for ever).
+    #[tokio::test]
+    async fn an_empty_answer_to_a_gap_leaves_a_finished_answer_replayable() {
+        let bodies = Bodies::default();
+        let mut svc = service(&tracker(ReplayPolicy::new()), &bodies);
+        let tx = bodies.next();
+        let mut body = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\n\nid: 2\n\nid: 3\n\n")).unwrap();
+        drop(tx);
+        while body.frame().await.is_some() {}
+        drop(body);
+        // A client with an id the log never held: the application answers, with nothing.
+        drop(bodies.next());
+        let mut gap = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("bogus")))
+            .await
+            .unwrap();
+        assert!(
+            gap.headers()[REPLAY_HEADER]
+                .to_str()
+                .unwrap()
+                .starts_with("gap;")
+        );
+        while gap.body_mut().frame().await.is_some() {}
+        drop(gap);
+        // The answer is still there for its own clients.
+        let mut rest = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("2")))
+            .await
+            .unwrap();
+        assert_eq!(rest.headers()[REPLAY_HEADER], "complete; events=1; tail");
+        assert_eq!(
+            rest.body_mut()
+                .frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap(),
+            "id: 3\n\n"
+        );
+        let done = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("3")))
+            .await
+            .unwrap();
+        assert_eq!(done.status(), 204);
+    }
+
     /// Failed before the fix: the byte bound counted the layer's heartbeats, so an idle
     /// detached stream (an LLM thinking) ended at its bound without sending a byte.
     #[tokio::test(start_paused = true)]

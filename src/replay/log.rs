@@ -123,6 +123,12 @@ struct LogInner {
     detachable: bool,
     /// The body that wrote this history reached its end.
     finished: bool,
+    /// The writer starts a new history, which replaces this one when it writes its first
+    /// bytes (a response that writes nothing, such as an empty answer to a reconnect whose
+    /// history is gone, leaves this history as it is); and whether that new history is
+    /// detachable.
+    restart_pending: bool,
+    pending_detachable: bool,
 }
 
 impl LogInner {
@@ -278,6 +284,8 @@ impl StreamLog {
                 sealed: false,
                 detachable: false,
                 finished: false,
+                restart_pending: false,
+                pending_detachable: false,
             }),
             budget,
             tailers: AtomicUsize::new(0),
@@ -310,7 +318,7 @@ impl StreamLog {
         let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
         let tail = follow.then(|| Tail::new(self, inner.epoch, position.offset + 1));
         let writer = (!follow && (take_over || inner.writing.is_none()))
-            .then(|| self.take_writer(&mut inner));
+            .then(|| self.take_writer(&mut inner, false));
         Lookup::Found(Box::new(Found {
             bytes: Bytes::from(events.bytes),
             events: events.events,
@@ -362,37 +370,34 @@ impl StreamLog {
 
     /// The writer of this log for a body that does not continue a replayed history (a new
     /// client, or one whose replay was impossible): the history restarts in a new epoch
-    /// (unless the log is new). `None` when another body writes the log: this one is not
-    /// logged.
+    /// (unless the log is new) when the body writes its first bytes; until then, the log
+    /// answers for the history it holds. `None` when another body writes the log: this one
+    /// is not logged.
     pub(crate) fn writer(self: &Arc<Self>) -> Option<Writer> {
         let mut inner = lock(&self.inner);
         if inner.writing.is_some() {
             return None;
         }
-        let before = inner.heap_bytes();
         let fresh = inner.records.is_empty() && inner.lost == Lost::Nothing && !inner.sealed;
-        let dropped = if fresh {
-            0
-        } else {
-            inner.restart(self.budget.next_epoch(), Lost::Restarted)
-        };
-        let writer = self.take_writer(&mut inner);
-        self.budget.account(before, inner.heap_bytes());
-        drop(inner);
-        self.budget.metrics.trimmed(Trim::Restart, dropped);
-        Some(writer)
+        Some(self.take_writer(&mut inner, !fresh))
     }
 
     /// Makes the next writer the log's: what a body that wrote before left of an event is
     /// dropped (it is not the new body's), and that body's writes are ignored from now on.
-    fn take_writer(self: &Arc<Self>, inner: &mut LogInner) -> Writer {
+    /// With `restart`, the writer starts a new history at its first bytes; else it continues
+    /// this one.
+    fn take_writer(self: &Arc<Self>, inner: &mut LogInner, restart: bool) -> Writer {
         let before = inner.heap_bytes();
         inner.drop_open();
         inner.skipping = None;
         inner.writers += 1;
         inner.writing = Some(inner.writers);
-        inner.detachable = false;
-        inner.finished = false;
+        inner.restart_pending = restart;
+        inner.pending_detachable = false;
+        if !restart {
+            inner.detachable = false;
+            inner.finished = false;
+        }
         self.budget.account(before, inner.heap_bytes());
         Writer {
             log: self.clone(),
@@ -576,7 +581,11 @@ impl Writer {
     pub(crate) fn set_detachable(&self, detachable: bool) {
         let mut inner = lock(&self.log.inner);
         if inner.writing == Some(self.number) {
-            inner.detachable = detachable;
+            if inner.restart_pending {
+                inner.pending_detachable = detachable;
+            } else {
+                inner.detachable = detachable;
+            }
         }
     }
 
@@ -588,7 +597,8 @@ impl Writer {
     /// The body reached its end: a reconnect after it gets the rest and a clean end.
     pub(crate) fn finish(&self) {
         let mut inner = lock(&self.log.inner);
-        if inner.writing == Some(self.number) {
+        // A body that wrote nothing ends no history of its own.
+        if inner.writing == Some(self.number) && !inner.restart_pending {
             inner.finished = true;
         }
     }
@@ -615,6 +625,13 @@ fn write_frame(
         return;
     }
     let before = inner.heap_bytes();
+    if inner.restart_pending && !data.is_empty() {
+        // The body's first bytes: its history replaces the one the log held.
+        trimmed[Trim::Restart as usize] += inner.restart(budget.next_epoch(), Lost::Restarted);
+        inner.restart_pending = false;
+        inner.detachable = inner.pending_detachable;
+        inner.finished = false;
+    }
     let mut start = 0;
     for mark in frame.marks.drain(..) {
         let piece = &data[start..mark.end];
@@ -739,6 +756,8 @@ impl Drop for Writer {
         inner.ring.release_spare();
         inner.skipping = None;
         inner.writing = None;
+        // A writer that wrote nothing leaves the history it found as it was.
+        inner.restart_pending = false;
         inner.sealed |= self.seal;
         log.budget.account(before, inner.heap_bytes());
         drop(inner);

@@ -36,7 +36,8 @@ pub(crate) use log::{AlsoCommit, Budget, FrameEvents, Peeked, StreamLog, Tail, W
 /// - `complete; events=N`: the response starts with the `N` events the client missed (`N` may
 ///   be 0), once each, byte for byte as they were first sent; then the application's events;
 /// - `complete; events=N; tail`: the same, from a [detached](Detach) stream, answered by the
-///   layer: then the stream's events as it produces them, until it ends;
+///   layer: then the stream's events as it produces them, until it ends (on a
+///   `204 No Content`, with `events=0`: the stream has ended and the client missed nothing);
 /// - `gap; reason=R`: the events after the client's id cannot be replayed, and none are; `R` is
 ///   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`]).
 pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
@@ -93,7 +94,10 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 ///   server to give the old connection up;
 /// - [`detached_max_bytes`](ReplayPolicy::detached_max_bytes) is checked after each frame:
 ///   a stream may pass it by one frame;
-/// - a drain ends detached streams at their next event boundary, as it does attached ones.
+/// - a drain ends detached streams at their next event boundary, as it does attached ones;
+/// - two answers of one owner on one route at once are two streams (`"GET /answer #2"`); when
+///   their ids repeat (each counting from 1), a reconnect cannot tell which it resumes, and
+///   gets the gap signal: give each answer ids of its own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Detach;
 
@@ -268,7 +272,8 @@ pub enum GapReason {
     /// owner's streams the request resumes.
     NoHistory,
     /// The client's event is older than the history kept: the stream's bounds or the
-    /// tracker's budget dropped it.
+    /// tracker's budget dropped it. (Once a log has dropped events, it cannot tell an id it
+    /// dropped from one it never held: both are this.)
     Evicted,
     /// The stream's history does not hold the client's id: the id is from an earlier history
     /// of the stream (a response that did not continue it restarted it), or was never sent on
