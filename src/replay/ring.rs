@@ -2,8 +2,9 @@
 //! the front. Its heap is the bytes it holds, at most two partly used chunks (the front one
 //! and the back one) whatever their size, and one spare: the last chunk emptied at the front,
 //! kept for the back, so that a log at its bounds (dropping at the front what it writes at the
-//! back) allocates nothing. Each byte is copied in once. Each chunk keeps the age the log's
-//! budget gave it when it was taken, so that the budget can drop the oldest history first.
+//! back) allocates nothing. Each byte is copied in once, and a chunk's bytes are written only
+//! by that copy (a new chunk is not zeroed first). Each chunk keeps the age the log's budget
+//! gave it when it was taken, so that the budget can drop the oldest history first.
 
 use std::collections::VecDeque;
 
@@ -12,13 +13,14 @@ pub(crate) const CHUNK: usize = 1024;
 
 #[derive(Debug, Default)]
 pub(crate) struct Ring {
-    /// The chunks, oldest first, each with its age.
-    chunks: VecDeque<(u64, Box<[u8]>)>,
+    /// The chunks, oldest first, each with its age. Each is allocated for [`CHUNK`] bytes and
+    /// is as long as what was written into it: all of it but for the back one.
+    chunks: VecDeque<(u64, Vec<u8>)>,
     /// Where the first byte lies in the front chunk.
     head: usize,
     len: usize,
     /// A chunk emptied at the front, to be taken at the back.
-    spare: Option<Box<[u8]>>,
+    spare: Option<Vec<u8>>,
 }
 
 impl Ring {
@@ -29,7 +31,7 @@ impl Ring {
     /// Heap bytes held: the chunks and their list.
     pub(crate) fn heap_bytes(&self) -> usize {
         (self.chunks.len() + usize::from(self.spare.is_some())) * CHUNK
-            + self.chunks.capacity() * size_of::<(u64, Box<[u8]>)>()
+            + self.chunks.capacity() * size_of::<(u64, Vec<u8>)>()
     }
 
     /// The age of the front chunk, the oldest bytes held.
@@ -38,19 +40,34 @@ impl Ring {
     }
 
     /// Appends `bytes`; `age` gives each chunk taken its age.
-    pub(crate) fn push(&mut self, mut bytes: &[u8], age: &mut impl FnMut() -> u64) {
+    #[inline]
+    pub(crate) fn push(&mut self, bytes: &[u8], age: &mut impl FnMut() -> u64) {
+        if let Some((_, back)) = self.chunks.back_mut()
+            && CHUNK - back.len() >= bytes.len()
+        {
+            back.extend_from_slice(bytes);
+            self.len += bytes.len();
+            return;
+        }
+        self.push_across(bytes, age);
+    }
+
+    /// [`push`](Self::push), when `bytes` need a new chunk.
+    fn push_across(&mut self, mut bytes: &[u8], age: &mut impl FnMut() -> u64) {
         while !bytes.is_empty() {
-            let end = self.head + self.len;
-            let (index, at) = (end / CHUNK, end % CHUNK);
-            if index == self.chunks.len() {
+            let room = self.chunks.back().map_or(0, |(_, back)| CHUNK - back.len());
+            if room == 0 {
                 let chunk = self
                     .spare
                     .take()
-                    .unwrap_or_else(|| vec![0; CHUNK].into_boxed_slice());
+                    .unwrap_or_else(|| Vec::with_capacity(CHUNK));
                 self.chunks.push_back((age(), chunk));
+                continue;
             }
-            let n = bytes.len().min(CHUNK - at);
-            self.chunks[index].1[at..at + n].copy_from_slice(&bytes[..n]);
+            let n = bytes.len().min(room);
+            if let Some((_, back)) = self.chunks.back_mut() {
+                back.extend_from_slice(&bytes[..n]);
+            }
             self.len += n;
             bytes = &bytes[n..];
         }
@@ -65,7 +82,10 @@ impl Ring {
         self.head += n;
         self.len -= n;
         while self.head >= CHUNK {
-            let emptied = self.chunks.pop_front().map(|(_, chunk)| chunk);
+            let emptied = self.chunks.pop_front().map(|(_, mut chunk)| {
+                chunk.clear();
+                chunk
+            });
             self.spare = self.spare.take().or(emptied);
             self.head -= CHUNK;
         }
@@ -86,7 +106,12 @@ impl Ring {
             return;
         }
         self.len = len;
-        self.chunks.truncate((self.head + len).div_ceil(CHUNK));
+        let end = self.head + len;
+        let chunks = end.div_ceil(CHUNK);
+        self.chunks.truncate(chunks);
+        if let Some((_, back)) = self.chunks.back_mut() {
+            back.truncate(end - (chunks - 1) * CHUNK);
+        }
     }
 
     /// Drops everything, the list of chunks included: an empty ring holds no heap.
@@ -174,5 +199,24 @@ mod tests {
         ring.push(b"again", &mut age);
         assert_eq!(contents(&ring), b"again");
         assert_eq!(ring.front_age(), Some(3));
+    }
+
+    #[test]
+    fn bytes_pushed_after_a_truncation_follow_the_bytes_kept() {
+        let mut ring = Ring::default();
+        let mut age = || 0;
+        let bytes: Vec<u8> = (0..2500u32).map(|n| (n % 251) as u8).collect();
+        ring.push(&bytes, &mut age);
+        ring.truncate(1500);
+        ring.push(b"tail", &mut age);
+        let mut expected = bytes[..1500].to_vec();
+        expected.extend_from_slice(b"tail");
+        assert_eq!(contents(&ring), expected);
+        ring.truncate(1024);
+        ring.push(&bytes[..1100], &mut age);
+        let mut expected = bytes[..1024].to_vec();
+        expected.extend_from_slice(&bytes[..1100]);
+        assert_eq!(contents(&ring), expected, "at a chunk's end");
+        assert_eq!(ring.heap_bytes() / CHUNK, 3);
     }
 }
