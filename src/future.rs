@@ -111,7 +111,9 @@ fn tail_response<B>(shared: &Arc<Shared>, mut info: RequestInfo) -> Response<Tra
         .expect("a tail comes from a replay log");
     let mut prepared = info.replay.take().expect("a tail comes with its replay");
     let header = replayer.sent(&prepared);
-    let tail = prepared.tail.take().expect("a tail");
+    let mut tail = prepared.tail.take().expect("a tail");
+    // The client is back: a body still attached to its old connection leaves it.
+    tail.take_from_old_connection();
     let events = match prepared.replay {
         Replay::Complete { events, .. } => events,
         Replay::Gap(_) => 0,

@@ -235,6 +235,74 @@ async fn a_reconnect_while_the_detached_stream_still_runs_follows_it_live_until_
     assert_eq!(server.app.calls.load(Ordering::SeqCst), 1);
 }
 
+/// A client that stops reading without closing its connection (a phone that left its
+/// network: the server learns nothing until TCP gives up, minutes later) holds the stream's
+/// body on that connection once the connection's buffers are full: hyper polls a body only
+/// while its connection takes bytes. Its reconnect takes the body off the old connection: it
+/// gets every event to the end, at once, and the old response ends.
+#[tokio::test]
+async fn a_reconnect_takes_the_stream_off_an_old_connection_that_stopped_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EVENTS: u32 = 12_000;
+    let big = |n: u32| format!("id: {n}\ndata: {}\n\n", "x".repeat(1000));
+    let policy = ReplayPolicy::new()
+        .max_events(nz(1 << 20))
+        .max_stream_bytes(nz(64 << 20))
+        .max_total_bytes(nz(64 << 20))
+        .detached_max_bytes(nz(64 << 20));
+    let server = Server::start(policy).await;
+    let feed = server.next_feed();
+    // The old connection: a small receive buffer, read up to the first event, then never.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut old = socket.connect(server.addr).await.unwrap();
+    old.write_all(b"GET /answer HTTP/1.1\r\nhost: test\r\nmcp-session-id: s1\r\n\r\n")
+        .await
+        .unwrap();
+    feed.send(Bytes::from(big(1))).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = vec![0; 8192];
+    while !seen.windows(3).any(|w| w == b"\n\n\r") {
+        let n = old.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the old response ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // The application sends 12 MB at once, more than the old connection's buffers hold.
+    for n in 2..=EVENTS {
+        feed.send(Bytes::from(big(n))).unwrap();
+    }
+    drop(feed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = server.get(Some("1")).await;
+    let got = tokio::time::timeout(Duration::from_secs(30), client.read_to_end())
+        .await
+        .expect("the reconnect waited on the old connection")
+        .to_vec();
+    let want: String = (2..=EVENTS).map(big).collect();
+    assert!(
+        got == want.as_bytes(),
+        "the reconnect got {} bytes, want {}",
+        got.len(),
+        want.len()
+    );
+    assert_eq!(
+        server.app.calls.load(Ordering::SeqCst),
+        1,
+        "the layer answered"
+    );
+    assert_eq!(server.detached("started"), 1.0);
+    // The old response ends (its chunked body's last chunk), once what it had is read.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !seen.ends_with(b"0\r\n\r\n") {
+            let n = old.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the old connection closed before its response ended");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the old response did not end");
+}
+
 #[tokio::test]
 async fn beyond_max_detached_a_departed_clients_body_is_dropped_and_counted_and_its_reconnect_goes_to_the_application()
  {

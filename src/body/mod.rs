@@ -27,7 +27,8 @@ use crate::registry::handoff::Room;
 use crate::replay::{AlsoCommit, FrameEvents, Tail};
 use crate::scan::{Boundary, Scanner};
 use crate::shared::Shared;
-pub(crate) use detach::detacher;
+use detach::{Detacher, Held};
+pub(crate) use detach::{ReadOn, detacher};
 use tracking::{EVENTS_BATCH, Tracked};
 pub(crate) use tracking::{Fallback, Tracking};
 
@@ -55,9 +56,9 @@ pin_project! {
     /// An SSE body has no declared length (the layer removes `Content-Length`).
     ///
     /// With replay on, a body whose response is marked [`Detach`](crate::Detach) is read on
-    /// by a task of its own when it is dropped before its end (its client left); and a
-    /// reconnect to such a stream gets a body that the layer makes from the stream's log, with
-    /// no inner body (see [`get_ref`](Self::get_ref)).
+    /// by a task of its own when it is dropped before its end (its client left), or when its
+    /// client reconnects first; and a reconnect to such a stream gets a body that the layer
+    /// makes from the stream's log, with no inner body (see [`get_ref`](Self::get_ref)).
     pub struct TrackedBody<B> {
         #[pin]
         inner: Inner<B>,
@@ -66,13 +67,8 @@ pin_project! {
 
     impl<B> PinnedDrop for TrackedBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if let InnerProj::Detachable { body, detach } = this.inner.project()
-                && let Some(body) = body.take()
-                && let Some(sse) = this.sse.take()
-                && sse.worth_detaching()
-            {
-                detach(body, sse);
+            if let InnerProj::Detachable { held } = this.project().inner.project() {
+                held.client_left();
             }
         }
     }
@@ -84,47 +80,39 @@ pin_project! {
     enum Inner<B> {
         /// The application's body.
         Body { #[pin] body: B },
-        /// The application's body, boxed so that it can go to a task of its own when its
-        /// client leaves, with the function that sends it there (made where `B` is known to be
-        /// `Send + 'static`).
-        Detachable { body: Option<Pin<Box<B>>>, detach: Detacher<B> },
+        /// The application's body and its state, held where a task can take them to read on
+        /// when the client leaves (the response's `sse` is `None`).
+        Detachable { held: Arc<Held<B>> },
         /// A stream's log, followed (no inner body).
         Tail { tail: Option<Tail> },
     }
 }
 
-/// Sends a detachable body and its state to a task that reads it on.
-pub(crate) type Detacher<B> = fn(Pin<Box<B>>, Pin<Box<SseState>>);
-
-/// A frame of the inner body, or its end.
-type Polled<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
-
 /// The next frame's data as `Bytes`, or the frame when it holds none (trailers); or the end.
 type PolledData<B> = Option<Result<Result<Bytes, Frame<<B as Body>::Data>>, <B as Body>::Error>>;
 
-impl<B: Body> Inner<B> {
-    fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Polled<B>> {
-        match self.project() {
-            InnerProj::Body { body } => body.poll_frame(cx),
-            InnerProj::Detachable {
-                body: Some(body), ..
-            } => body.as_mut().poll_frame(cx),
-            InnerProj::Detachable { body: None, .. } | InnerProj::Tail { .. } => Poll::Ready(None),
-        }
-    }
+/// What an SSE body reads: the application's body, or a stream's log.
+pub(crate) enum Src<'a, B> {
+    Body(Pin<&'a mut B>),
+    Tail(&'a mut Option<Tail>),
+}
 
+impl<B: Body> Src<'_, B> {
     /// The next frame's data as `Bytes`, or the frame when it holds none (trailers).
     #[inline]
-    fn poll_data(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PolledData<B>> {
-        if let InnerProj::Tail { tail } = self.as_mut().project() {
-            return match tail.as_mut() {
-                Some(tail) => tail.poll_next(cx).map(|bytes| bytes.map(|b| Ok(Ok(b)))),
-                None => Poll::Ready(None),
-            };
-        }
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<PolledData<B>> {
+        let body = match self {
+            Src::Tail(tail) => {
+                return match tail.as_mut() {
+                    Some(tail) => tail.poll_next(cx).map(|bytes| bytes.map(|b| Ok(Ok(b)))),
+                    None => Poll::Ready(None),
+                };
+            }
+            Src::Body(body) => body,
+        };
         // The data is taken out before it becomes `Bytes`: a `Frame` is large (it may hold
         // trailers), and every move of one costs on small frames.
-        self.poll_body(cx).map(|frame| {
+        body.as_mut().poll_frame(cx).map(|frame| {
             frame.map(|r| {
                 r.map(|frame| {
                     frame
@@ -134,35 +122,13 @@ impl<B: Body> Inner<B> {
             })
         })
     }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Inner::Body { body } => body.is_end_stream(),
-            Inner::Detachable {
-                body: Some(body), ..
-            } => body.is_end_stream(),
-            Inner::Detachable { body: None, .. } => true,
-            Inner::Tail { tail } => tail.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Inner::Body { body } => body.size_hint(),
-            Inner::Detachable {
-                body: Some(body), ..
-            } => body.size_hint(),
-            _ => SizeHint::new(),
-        }
-    }
 }
 
 impl<B> Inner<B> {
     fn get_ref(&self) -> Option<&B> {
         match self {
             Inner::Body { body } => Some(body),
-            Inner::Detachable { body, .. } => body.as_deref(),
-            Inner::Tail { .. } => None,
+            Inner::Detachable { .. } | Inner::Tail { .. } => None,
         }
     }
 }
@@ -251,14 +217,19 @@ impl<B> TrackedBody<B> {
         replay: Option<Bytes>,
         detach: Option<Detacher<B>>,
     ) -> Self {
-        let inner = match detach {
-            Some(detach) => Inner::Detachable {
-                body: Some(Box::pin(inner)),
-                detach,
+        let state = SseState::new(shared, tracking, resumption, span, replay);
+        match detach {
+            Some(hold) => Self {
+                inner: Inner::Detachable {
+                    held: hold(inner, state),
+                },
+                sse: None,
             },
-            None => Inner::Body { body: inner },
-        };
-        Self::with_state(inner, shared, tracking, resumption, span, replay)
+            None => Self {
+                inner: Inner::Body { body: inner },
+                sse: Some(state),
+            },
+        }
     }
 
     /// A body that follows a stream's log after its `replay`: see [`Tail`].
@@ -269,18 +240,21 @@ impl<B> TrackedBody<B> {
         span: tracing::Span,
         replay: Bytes,
     ) -> Self {
-        let inner = Inner::Tail { tail: Some(tail) };
-        Self::with_state(inner, shared, None, resumption, span, Some(replay))
+        Self {
+            inner: Inner::Tail { tail: Some(tail) },
+            sse: Some(SseState::new(shared, None, resumption, span, Some(replay))),
+        }
     }
+}
 
-    fn with_state(
-        inner: Inner<B>,
+impl SseState {
+    fn new(
         shared: Arc<Shared>,
         tracking: Option<Tracking>,
         resumption: Resumption,
         span: tracing::Span,
         replay: Option<Bytes>,
-    ) -> Self {
+    ) -> Pin<Box<Self>> {
         let tracked = tracking.map(|tracking| Tracked::new(tracking, shared.clone()));
         let mut state = SseState {
             scanner: Scanner::with_max_id_len(shared.config.max_id_len),
@@ -312,21 +286,30 @@ impl<B> TrackedBody<B> {
             state.strip_bom = Some(0);
             state.replay = Some(replay).filter(|bytes| !bytes.is_empty());
         }
-        Self {
-            inner,
-            sse: Some(Box::pin(state)),
+        Box::pin(state)
+    }
+}
+
+impl<B> TrackedBody<B> {
+    /// What `f` says of the body's SSE state; `None` when it has none (not an SSE body, or a
+    /// detached body gone to its task).
+    fn state<R>(&self, f: impl FnOnce(&SseState) -> R) -> Option<R> {
+        match (&self.inner, &self.sse) {
+            (Inner::Detachable { held }, _) => held.state(|sse, _| f(sse)),
+            (_, Some(sse)) => Some(f(sse)),
+            (_, None) => None,
         }
     }
 
     /// Whether this body is an SSE body that the layer scans (tracked, or for heartbeats and
     /// draining only).
     pub fn is_scanned(&self) -> bool {
-        self.sse.is_some()
+        self.state(|_| ()).is_some() || matches!(self.inner, Inner::Detachable { .. })
     }
 
     /// Whether this body's ids are recorded in the tracker.
     pub fn is_tracked(&self) -> bool {
-        self.sse.as_ref().is_some_and(|s| s.tracked.is_some())
+        self.state(|s| s.tracked.is_some()).unwrap_or(false)
     }
 
     /// Whether the client can resume this stream now: its last event id is one it reconnects
@@ -337,12 +320,13 @@ impl<B> TrackedBody<B> {
     /// cannot be resumed is never ended early by a drain: it runs to its end, or to the drain
     /// timeout (see [`SseTracker::drain`](crate::SseTracker::drain)).
     pub fn is_resumable(&self) -> bool {
-        self.sse.as_ref().is_some_and(|s| s.is_resumable())
+        self.state(SseState::is_resumable).unwrap_or(false)
     }
 
     /// The wrapped body: `None` for a body the layer makes from a stream's log (a reconnect
-    /// to a [detached](crate::Detach) stream), which has none, and once a detached body has
-    /// gone to its task.
+    /// to a [detached](crate::Detach) stream), which has none, and for a body marked
+    /// [`Detach`](crate::Detach) (with replay on), which the layer holds where a task can take
+    /// it when its client leaves or comes back on a new connection.
     pub fn get_ref(&self) -> Option<&B> {
         self.inner.get_ref()
     }
@@ -500,13 +484,51 @@ impl<B: Body> Body for TrackedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let Some(sse) = this.sse.as_mut() else {
-            return this
-                .inner
-                .poll_body(cx)
-                .map(|frame| frame.map(|r| r.map(into_bytes)));
+        let this = self.project();
+        match (this.inner.project(), this.sse.as_mut()) {
+            (InnerProj::Detachable { held }, _) => held.poll_frame(cx),
+            (InnerProj::Body { body }, Some(sse)) => poll_sse(Src::Body(body), sse, cx),
+            (InnerProj::Body { body }, None) => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|r| r.map(into_bytes))),
+            (InnerProj::Tail { tail }, Some(sse)) => poll_sse(Src::<B>::Tail(tail), sse, cx),
+            (InnerProj::Tail { .. }, None) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let ended = |sse: &SseState, inner_ended: bool| {
+            sse.trailers.is_none() && sse.replay.is_none() && (sse.ended || inner_ended)
         };
+        match (&self.inner, &self.sse) {
+            (Inner::Detachable { held }, _) => held
+                .state(|sse, body| ended(sse, body.is_end_stream()))
+                .unwrap_or(true),
+            (Inner::Body { body }, None) => body.is_end_stream(),
+            (Inner::Body { body }, Some(sse)) => ended(sse, body.is_end_stream()),
+            (Inner::Tail { tail }, sse) => {
+                tail.is_none() && sse.as_ref().is_none_or(|sse| ended(sse, true))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.inner, &self.sse) {
+            (Inner::Body { body }, None) => body.size_hint(),
+            // Heartbeats may add bytes, a dropped BOM or a drain remove some: no bound is
+            // known.
+            _ => SizeHint::new(),
+        }
+    }
+}
+
+/// Polls an SSE body's next frame: from `src` through the layer, with its state `sse`.
+pub(crate) fn poll_sse<B: Body>(
+    mut src: Src<'_, B>,
+    sse: &mut Pin<Box<SseState>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    {
         if sse.ended {
             return Poll::Ready(None);
         }
@@ -532,7 +554,7 @@ impl<B: Body> Body for TrackedBody<B> {
                     return Poll::Ready(None);
                 }
             }
-            match this.inner.as_mut().poll_data(cx) {
+            match src.poll_data(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame {
                     Ok(data) => {
                         // `None`: all withheld so far, or exactly a dropped BOM.
@@ -597,22 +619,5 @@ impl<B: Body> Body for TrackedBody<B> {
                 }
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.sse {
-            None => self.inner.is_end_stream(),
-            Some(sse) if sse.trailers.is_some() || sse.replay.is_some() => false,
-            Some(sse) => sse.ended || self.inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let hint = self.inner.size_hint();
-        if self.sse.is_none() {
-            return hint;
-        }
-        // Heartbeats may add bytes, a dropped BOM or a drain remove some: no bound is known.
-        SizeHint::new()
     }
 }

@@ -13,7 +13,7 @@ use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::registry::handoff::Offered;
 use crate::registry::{Open, Slot};
-use crate::replay::{FrameEvents, Replayer, Writer};
+use crate::replay::{FrameEvents, ReadOnHandle, Replayer, Writer};
 use crate::shared::Shared;
 
 /// How an SSE response is tracked, decided when it starts.
@@ -29,6 +29,9 @@ pub(crate) struct Tracking {
     log_tried: bool,
     /// The response is marked [`Detach`](crate::Detach): the log's writer says so.
     detach: bool,
+    /// How a reconnect moves this body off its connection (a body marked `Detach`): given to
+    /// the log's writer.
+    read_on: Option<ReadOnHandle>,
     pub(super) span: tracing::Span,
 }
 
@@ -67,6 +70,7 @@ impl Tracking {
             log,
             log_tried: true,
             detach: false,
+            read_on: None,
             span,
         }
     }
@@ -91,6 +95,7 @@ impl Tracking {
             log: None,
             log_tried: false,
             detach: false,
+            read_on: None,
             span,
         }
     }
@@ -130,7 +135,19 @@ impl Tracking {
         self.log = replayer.writer_for(slot, None, &self.span);
         if let Some(writer) = &self.log {
             writer.set_detachable(true);
+            if let Some(handle) = &self.read_on {
+                writer.set_read_on(handle.clone());
+            }
         }
+    }
+
+    /// The body is held where a reconnect can move it off its connection: see
+    /// [`ReadOnHandle`].
+    pub(super) fn set_read_on(&mut self, handle: ReadOnHandle) {
+        if let Some(writer) = &self.log {
+            writer.set_read_on(handle.clone());
+        }
+        self.read_on = Some(handle);
     }
 
     /// Logs the frame `data`, whose scan `frame` holds (see

@@ -23,6 +23,7 @@ use tokio::sync::futures::OwnedNotified;
 
 use super::ring::Ring;
 use super::{GapReason, Position, ReplayPolicy};
+use crate::body::ReadOn;
 use crate::key::EventId;
 use crate::metrics::{ReplayMetrics, Trim};
 use crate::scan::Sink;
@@ -129,6 +130,20 @@ struct LogInner {
     /// detachable.
     restart_pending: bool,
     pending_detachable: bool,
+    /// The writing body, when it is marked [`Detach`](crate::Detach) and still attached to
+    /// its client's connection: a reconnect that follows the log moves it to a task of its
+    /// own (see [`Tail::take_from_old_connection`]).
+    read_on: Option<ReadOnHandle>,
+}
+
+/// A body that can leave its connection for a task of its own: see [`ReadOn`].
+#[derive(Clone)]
+pub(crate) struct ReadOnHandle(pub(crate) Weak<dyn ReadOn>);
+
+impl std::fmt::Debug for ReadOnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadOnHandle")
+    }
 }
 
 impl LogInner {
@@ -286,6 +301,7 @@ impl StreamLog {
                 finished: false,
                 restart_pending: false,
                 pending_detachable: false,
+                read_on: None,
             }),
             budget,
             tailers: AtomicUsize::new(0),
@@ -316,7 +332,10 @@ impl StreamLog {
             offset: inner.first + (index + events.events) as u64,
         };
         let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
-        let tail = follow.then(|| Tail::new(self, inner.epoch, position.offset + 1));
+        let tail = follow.then(|| {
+            let read_on = inner.read_on.clone();
+            Tail::new(self, inner.epoch, position.offset + 1, read_on)
+        });
         let writer = (!follow && (take_over || inner.writing.is_none()))
             .then(|| self.take_writer(&mut inner, false));
         Lookup::Found(Box::new(Found {
@@ -394,6 +413,7 @@ impl StreamLog {
         inner.writing = Some(inner.writers);
         inner.restart_pending = restart;
         inner.pending_detachable = false;
+        inner.read_on = None;
         if !restart {
             inner.detachable = false;
             inner.finished = false;
@@ -589,6 +609,15 @@ impl Writer {
         }
     }
 
+    /// Gives the log the way to move this writer's body off its connection, for a reconnect
+    /// that follows the log (a body marked [`Detach`](crate::Detach)).
+    pub(crate) fn set_read_on(&self, handle: ReadOnHandle) {
+        let mut inner = lock(&self.log.inner);
+        if inner.writing == Some(self.number) {
+            inner.read_on = Some(handle);
+        }
+    }
+
     /// Whether this writer still writes its log (no other body took it over).
     pub(crate) fn is_current(&self) -> bool {
         lock(&self.log.inner).writing == Some(self.number)
@@ -756,6 +785,7 @@ impl Drop for Writer {
         inner.ring.release_spare();
         inner.skipping = None;
         inner.writing = None;
+        inner.read_on = None;
         // A writer that wrote nothing leaves the history it found as it was.
         inner.restart_pending = false;
         inner.sealed |= self.seal;
@@ -819,10 +849,12 @@ pub(crate) struct Tail {
     /// The offset of the next event to read.
     next: u64,
     waiting: Option<Pin<Box<OwnedNotified>>>,
+    /// The body writing the log, while still attached to its old connection.
+    read_on: Option<ReadOnHandle>,
 }
 
 impl Tail {
-    fn new(log: &Arc<StreamLog>, epoch: u64, next: u64) -> Self {
+    fn new(log: &Arc<StreamLog>, epoch: u64, next: u64, read_on: Option<ReadOnHandle>) -> Self {
         log.tailers.fetch_add(1, Ordering::Relaxed);
         Self {
             log: log.clone(),
@@ -830,6 +862,20 @@ impl Tail {
             epoch,
             next,
             waiting: None,
+            read_on,
+        }
+    }
+
+    /// The client is back on a new connection: the body that writes the log, if it is still
+    /// attached to the old one, leaves it for a task of its own (within
+    /// [`max_detached`](crate::ReplayPolicy::max_detached)), and the old response ends. The
+    /// server may not have seen yet that the old client left (a phone that changed networks
+    /// leaves no trace until TCP gives up), and hyper polls a body only while its connection
+    /// takes bytes: without this, a fast stream would stall on a connection nobody reads,
+    /// and this reader with it.
+    pub(crate) fn take_from_old_connection(&mut self) {
+        if let Some(body) = self.read_on.take().and_then(|handle| handle.0.upgrade()) {
+            body.read_on_now();
         }
     }
 

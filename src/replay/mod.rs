@@ -27,7 +27,9 @@ use http::{HeaderName, HeaderValue};
 use crate::key::EventId;
 use crate::metrics::ReplayMetrics;
 use crate::registry::Slot;
-pub(crate) use log::{AlsoCommit, Budget, FrameEvents, Peeked, StreamLog, Tail, Writer};
+pub(crate) use log::{
+    AlsoCommit, Budget, FrameEvents, Peeked, ReadOnHandle, StreamLog, Tail, Writer,
+};
 
 /// The response header that says what the layer replayed, on an SSE response to a request
 /// that carried a `Last-Event-ID`, with replay on (see
@@ -87,11 +89,13 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 /// - the application is not asked about such a reconnect: the layer answers it for the
 ///   stream's owner (the session, or the owner your [`OwnerSource`](crate::OwnerSource)
 ///   reads), after the layers outside it (authentication) have let it through;
-/// - the layer learns that a client left when the server drops its body, which hyper does
-///   when a write to the connection fails. A reconnect that comes first follows the body
-///   still attached to the old connection, which hyper polls only while that connection
-///   takes bytes: when the old connection's buffers are full, the reconnect waits for the
-///   server to give the old connection up;
+/// - the layer learns that a client left when the server drops its body (hyper does when a
+///   write to the connection fails), or when the client reconnects first: the body then
+///   leaves its old connection (whose response ends) for a task of its own, so that a
+///   connection nobody reads (a phone that changed networks, unseen until TCP gives up)
+///   does not hold the stream. Without a free detached stream
+///   ([`max_detached`](ReplayPolicy::max_detached)), the body stays on the old connection,
+///   which hyper polls only while it takes bytes;
 /// - [`detached_max_bytes`](ReplayPolicy::detached_max_bytes) is checked after each frame:
 ///   a stream may pass it by one frame;
 /// - a drain ends detached streams at their next event boundary, as it does attached ones;
