@@ -88,40 +88,10 @@ pin_project! {
     }
 }
 
-/// The next frame's data as `Bytes`, or the frame when it holds none (trailers); or the end.
-type PolledData<B> = Option<Result<Result<Bytes, Frame<<B as Body>::Data>>, <B as Body>::Error>>;
-
 /// What an SSE body reads: the application's body, or a stream's log.
 pub(crate) enum Src<'a, B> {
     Body(Pin<&'a mut B>),
     Tail(&'a mut Option<Tail>),
-}
-
-impl<B: Body> Src<'_, B> {
-    /// The next frame's data as `Bytes`, or the frame when it holds none (trailers).
-    #[inline]
-    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<PolledData<B>> {
-        let body = match self {
-            Src::Tail(tail) => {
-                return match tail.as_mut() {
-                    Some(tail) => tail.poll_next(cx).map(|bytes| bytes.map(|b| Ok(Ok(b)))),
-                    None => Poll::Ready(None),
-                };
-            }
-            Src::Body(body) => body,
-        };
-        // The data is taken out before it becomes `Bytes`: a `Frame` is large (it may hold
-        // trailers), and every move of one costs on small frames.
-        body.as_mut().poll_frame(cx).map(|frame| {
-            frame.map(|r| {
-                r.map(|frame| {
-                    frame
-                        .into_data()
-                        .map(|mut data| data.copy_to_bytes(data.remaining()))
-                })
-            })
-        })
-    }
 }
 
 impl<B> Inner<B> {
@@ -458,6 +428,22 @@ impl SseState {
         }
     }
 
+    /// A frame's `data` on its way out: scanned, tracked and logged, or cut by a drain;
+    /// `None` when nothing of it goes out yet (all withheld so far, or exactly a dropped BOM).
+    #[inline(always)]
+    fn data_out(mut self: Pin<&mut Self>, data: Bytes, draining: bool) -> Option<Bytes> {
+        let mut data = self.as_mut().strip_bom(data)?;
+        if draining && self.resumption != Resumption::Never {
+            // The body ends after the first event after which the drain ends it (see
+            // `on_data_while_draining`): cut it there.
+            let end = self.as_mut().on_data_while_draining(&data);
+            data.truncate(end);
+        } else {
+            self.on_data(&data);
+        }
+        Some(data)
+    }
+
     /// The replay, the first time: it goes out before the inner body's first byte, as a
     /// heartbeat can (a byte order mark of the inner body is then dropped: see `sse`).
     fn take_replay(self: Pin<&mut Self>) -> Option<Bytes> {
@@ -506,9 +492,8 @@ impl<B: Body> Body for TrackedBody<B> {
                 .unwrap_or(true),
             (Inner::Body { body }, None) => body.is_end_stream(),
             (Inner::Body { body }, Some(sse)) => ended(sse, body.is_end_stream()),
-            (Inner::Tail { tail }, sse) => {
-                tail.is_none() && sse.as_ref().is_none_or(|sse| ended(sse, true))
-            }
+            (Inner::Tail { tail }, None) => tail.is_none(),
+            (Inner::Tail { tail }, Some(sse)) => ended(sse, tail.is_none()),
         }
     }
 
@@ -523,6 +508,7 @@ impl<B: Body> Body for TrackedBody<B> {
 }
 
 /// Polls an SSE body's next frame: from `src` through the layer, with its state `sse`.
+#[inline(always)]
 pub(crate) fn poll_sse<B: Body>(
     mut src: Src<'_, B>,
     sse: &mut Pin<Box<SseState>>,
@@ -535,7 +521,9 @@ pub(crate) fn poll_sse<B: Body>(
         if let Some(trailers) = sse.as_mut().project().trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        if let Some(replay) = sse.as_mut().take_replay() {
+        if sse.replay.is_some()
+            && let Some(replay) = sse.as_mut().take_replay()
+        {
             return Poll::Ready(Some(Ok(Frame::data(replay))));
         }
         if sse.waiting_for_room() {
@@ -554,22 +542,27 @@ pub(crate) fn poll_sse<B: Body>(
                     return Poll::Ready(None);
                 }
             }
-            match src.poll_data(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame {
-                    Ok(data) => {
-                        // `None`: all withheld so far, or exactly a dropped BOM.
-                        let Some(mut data) = sse.as_mut().strip_bom(data) else {
-                            continue;
-                        };
-                        if draining && sse.resumption != Resumption::Never {
-                            // The body ends after the first event after which the drain ends
-                            // it (see `on_data_while_draining`): cut it there.
-                            let end = sse.as_mut().on_data_while_draining(&data);
-                            data.truncate(end);
-                        } else {
-                            sse.as_mut().on_data(&data);
+            // The source's poll is matched where it is made: a `Frame` is large (it may hold
+            // trailers), and every move of one costs on small frames.
+            let polled = match &mut src {
+                Src::Body(body) => body.as_mut().poll_frame(cx),
+                Src::Tail(tail) => match tail.as_mut().map(|tail| tail.poll_next(cx)) {
+                    Some(Poll::Ready(Some(data))) => match sse.as_mut().data_out(data, draining) {
+                        Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        None => continue,
+                    },
+                    Some(Poll::Pending) => Poll::Pending,
+                    Some(Poll::Ready(None)) | None => Poll::Ready(None),
+                },
+            };
+            match polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let data = data.copy_to_bytes(data.remaining());
+                        match sse.as_mut().data_out(data, draining) {
+                            Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                            None => continue,
                         }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Err(trailers) => {
                         let trailers = into_bytes(trailers);
