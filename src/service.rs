@@ -205,8 +205,11 @@ where
                 // A stream named by its ids: only a log the layer follows is looked up (a
                 // look-up takes nothing from any other).
                 let per_id = matches!(kind, StreamKind::EventId(_));
+                // A reconnect to a stream of one owner is its client's: a body still attached
+                // to the old connection leaves it (see `Tail::take_from_old_connection`).
+                let one_owner = own || (per_id && key.as_ref().is_some_and(|k| k.owner.is_some()));
                 let prepared = (!per_id || log.is_some_and(|log| log.follows()))
-                    .then(|| replayer.prepare(log.filter(|_| !ambiguous), id, own));
+                    .then(|| replayer.prepare(log.filter(|_| !ambiguous), id, own, one_owner));
                 match (kind, prepared) {
                     (_, None) => None,
                     // A stream named by its ids: the layer answers only a reconnect to a

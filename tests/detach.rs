@@ -634,6 +634,106 @@ mod in_process {
         assert_eq!(done.status(), 204);
     }
 
+    /// Failed before the fix: a reconnect to a finished answer, while the client's next
+    /// answer had written nothing yet, took that next answer off its connection (its client
+    /// got an end and nothing else), and was not told `204`.
+    #[tokio::test]
+    async fn a_reconnect_to_a_finished_answer_leaves_the_next_answer_on_its_connection() {
+        let bodies = Bodies::default();
+        let mut svc = service(&tracker(ReplayPolicy::new()), &bodies);
+        let tx = bodies.next();
+        let mut first = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\n\nid: 2\n\n")).unwrap();
+        drop(tx);
+        while first.frame().await.is_some() {}
+        drop(first);
+        // The next answer starts, and has written nothing yet.
+        let next = bodies.next();
+        let mut second = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(None))
+            .await
+            .unwrap()
+            .into_body();
+        // The first answer's client reconnects with its last id: it missed nothing.
+        let done = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Some("2")))
+            .await
+            .unwrap();
+        assert_eq!(done.status(), 204);
+        drop(done);
+        next.send(data("id: 1\ndata: again\n\n")).unwrap();
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "id: 1\ndata: again\n\n",
+            "the next answer goes on to its client"
+        );
+        assert_eq!(bodies.calls(), 2);
+    }
+
+    /// Failed before the fix: on a feed that several clients read, one reader's reconnect
+    /// took the body writing the feed off its own client's connection.
+    #[tokio::test]
+    async fn a_readers_reconnect_to_a_feed_leaves_the_writing_body_with_its_client() {
+        let bodies = Bodies::default();
+        let mut svc = service(&tracker(ReplayPolicy::new()), &bodies);
+        let anonymous = |last_event_id: Option<&str>| {
+            let mut request = Request::builder().uri("/answer");
+            if let Some(id) = last_event_id {
+                request = request.header("last-event-id", id);
+            }
+            request.body(()).unwrap()
+        };
+        let tx = bodies.next();
+        let mut writer = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(anonymous(None))
+            .await
+            .unwrap()
+            .into_body();
+        tx.send(data("id: 1\n\n")).unwrap();
+        writer.frame().await.unwrap().unwrap();
+        let reader = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(anonymous(Some("1")))
+            .await
+            .unwrap();
+        assert!(
+            reader.headers()[REPLAY_HEADER]
+                .to_str()
+                .unwrap()
+                .ends_with("tail")
+        );
+        tx.send(data("id: 2\n\n")).unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(5), writer.frame())
+            .await
+            .expect("the writing body answers");
+        assert_eq!(
+            frame
+                .expect("the writing body did not end")
+                .unwrap()
+                .into_data()
+                .unwrap(),
+            "id: 2\n\n"
+        );
+    }
+
     /// Failed before the fix: the byte bound counted the layer's heartbeats, so an idle
     /// detached stream (an LLM thinking) ended at its bound without sending a byte.
     #[tokio::test(start_paused = true)]

@@ -151,6 +151,11 @@ impl LogInner {
         self.ring.heap_bytes() + self.records.capacity() * size_of::<u32>()
     }
 
+    /// A body writes this history (not one that will replace it with its first bytes).
+    fn writes_history(&self) -> bool {
+        self.writing.is_some() && !self.restart_pending
+    }
+
     /// Drops the oldest record.
     fn pop_front(&mut self) -> bool {
         let Some(len) = self.records.pop_front() else {
@@ -320,7 +325,15 @@ impl StreamLog {
     /// nothing more into it, so that the replay and the response's events follow each other
     /// with nothing between. Without `take_over` (a stream several bodies read at once), a
     /// body that writes the log goes on writing it.
-    pub(crate) fn after(self: &Arc<Self>, last_event_id: &[u8], take_over: bool) -> Lookup {
+    ///
+    /// A detached stream is followed (see [`Tail`]); with `one_owner` (its reader is its one
+    /// client), the [`Tail`] may take the body writing this history off its old connection.
+    pub(crate) fn after(
+        self: &Arc<Self>,
+        last_event_id: &[u8],
+        take_over: bool,
+        one_owner: bool,
+    ) -> Lookup {
         let mut inner = lock(&self.inner);
         let (index, start) = match locate(&inner, last_event_id) {
             Ok(found) => found,
@@ -333,7 +346,12 @@ impl StreamLog {
         };
         let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
         let tail = follow.then(|| {
-            let read_on = inner.read_on.clone();
+            // The handle is the writer's; it writes this history unless it is about to
+            // start its own (a new response of the stream that has written nothing yet).
+            let read_on = inner
+                .read_on
+                .clone()
+                .filter(|_| one_owner && inner.writes_history());
             Tail::new(self, inner.epoch, position.offset + 1, read_on)
         });
         let writer = (!follow && (take_over || inner.writing.is_none()))
@@ -826,7 +844,9 @@ impl StreamLog {
             *next = held;
             return TailStep::Events(Bytes::from(events.bytes));
         }
-        if inner.writing.is_none() {
+        if !inner.writes_history() {
+            // No body writes this history any more (a new response that has written nothing
+            // yet will replace it).
             return TailStep::End;
         }
         TailStep::Wait
@@ -885,7 +905,7 @@ impl Tail {
     pub(crate) fn is_finished(&self) -> bool {
         let inner = lock(&self.log.inner);
         inner.finished
-            && inner.writing.is_none()
+            && !inner.writes_history()
             && inner.epoch == self.epoch
             && self.next == inner.first + inner.records.len() as u64
     }
@@ -1118,7 +1138,7 @@ mod tests {
 
         /// A body that continues the history after `id`, taking the writer at the look-up.
         fn continuing(log: &Arc<StreamLog>, id: &[u8]) -> (Self, Found) {
-            let mut found = found(log.after(id, true));
+            let mut found = found(log.after(id, true, true));
             let writer = found.writer.take().expect("taken");
             (
                 Self {
@@ -1141,7 +1161,7 @@ mod tests {
 
     impl AfterNoTake for Arc<StreamLog> {
         fn after_(&self, id: &[u8]) -> Lookup {
-            self.after(id, false)
+            self.after(id, false, false)
         }
     }
 

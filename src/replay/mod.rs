@@ -90,12 +90,13 @@ pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 ///   stream's owner (the session, or the owner your [`OwnerSource`](crate::OwnerSource)
 ///   reads), after the layers outside it (authentication) have let it through;
 /// - the layer learns that a client left when the server drops its body (hyper does when a
-///   write to the connection fails), or when the client reconnects first: the body then
-///   leaves its old connection (whose response ends) for a task of its own, so that a
+///   write to the connection fails), or when its client reconnects first (a stream of one
+///   owner): the body then leaves its old connection for a task of its own, so that a
 ///   connection nobody reads (a phone that changed networks, unseen until TCP gives up)
-///   does not hold the stream. Without a free detached stream
-///   ([`max_detached`](ReplayPolicy::max_detached)), the body stays on the old connection,
-///   which hyper polls only while it takes bytes;
+///   does not hold the stream; the old response ends when the server next polls it. Without
+///   a free detached stream ([`max_detached`](ReplayPolicy::max_detached)) at that
+///   reconnect, the body stays on the old connection, which hyper polls only while it takes
+///   bytes; a feed's writer stays with its own client whoever reconnects;
 /// - [`detached_max_bytes`](ReplayPolicy::detached_max_bytes) is checked after each frame:
 ///   a stream may pass it by one frame;
 /// - a drain ends detached streams at their next event boundary, as it does attached ones;
@@ -396,17 +397,19 @@ impl Replayer {
     /// What a request whose `Last-Event-ID` is `id` gets from `log`, the log of the stream it
     /// addresses (`None`: none, or the layer cannot tell which). The response to it takes the
     /// log's writer now, from a body that writes it too with `take_over` (a stream of one
-    /// owner): see [`StreamLog::after`].
+    /// owner), and, when the response follows a detached stream of one owner (`one_owner`),
+    /// the body writing it from its old connection: see [`StreamLog::after`].
     pub(crate) fn prepare(
         &self,
         log: Option<&Arc<StreamLog>>,
         id: &EventId,
         take_over: bool,
+        one_owner: bool,
     ) -> Prepared {
         let Some(log) = log else {
             return self.gap(GapReason::NoHistory);
         };
-        match log.after(id.as_str().as_bytes(), take_over) {
+        match log.after(id.as_str().as_bytes(), take_over, one_owner) {
             log::Lookup::Found(found) => Prepared {
                 replay: Replay::Complete {
                     events: found.events,
