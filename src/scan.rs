@@ -246,6 +246,16 @@ pub(crate) trait Sink {
     /// An id was committed (its event is being dispatched: [`blank_line`](Self::blank_line)
     /// follows).
     fn commit(&mut self, id: &[u8]);
+    /// Whether the sink is told where ids lie ([`commit_at`](Self::commit_at)); the scan for
+    /// others does not look.
+    const POSITIONS: bool = false;
+    /// [`commit`](Self::commit), for an id whose value lies at `at` in the chunk given to
+    /// [`Scanner::feed_sink`] (its `id` line lay whole in that chunk).
+    #[inline]
+    fn commit_at(&mut self, id: &[u8], at: usize) {
+        let _ = at;
+        self.commit(id);
+    }
     /// A blank line ends at `end` in the chunk given to [`Scanner::feed_sink`] (just after its
     /// line end): it dispatched an event (`event`), or ended only comments or nothing.
     #[inline]
@@ -260,6 +270,9 @@ impl<F: FnMut(&[u8])> Sink for F {
         self(id)
     }
 }
+
+/// `Scanner::pending_at` when the pending id's line did not lie whole in the chunk.
+const NOT_IN_CHUNK: usize = usize::MAX;
 
 /// Incremental SSE scanner: bytes in, dispatched events and committed ids out.
 ///
@@ -282,6 +295,9 @@ pub struct Scanner {
     value: Vec<u8>,
     /// The last accepted id (the "last event ID buffer" of the spec).
     pending: Vec<u8>,
+    /// Where `pending` lies in the chunk being fed, when its line lay whole in it
+    /// (`NOT_IN_CHUNK` otherwise).
+    pending_at: usize,
     /// The last committed id.
     committed: Vec<u8>,
     has_committed: bool,
@@ -311,6 +327,7 @@ impl Scanner {
             id_overflow: false,
             value: Vec::new(),
             pending: Vec::new(),
+            pending_at: NOT_IN_CHUNK,
             committed: Vec::new(),
             has_committed: false,
         }
@@ -332,9 +349,12 @@ impl Scanner {
     /// Scans the next piece of the stream, telling `sink` of every id committed and every blank
     /// line in it, in order.
     #[inline]
-    pub(crate) fn feed_sink(&mut self, mut chunk: &[u8], sink: &mut impl Sink) -> Feed {
+    pub(crate) fn feed_sink<S: Sink>(&mut self, mut chunk: &[u8], sink: &mut S) -> Feed {
         let mut out = Feed::default();
         let mut base = 0;
+        if S::POSITIONS {
+            self.pending_at = NOT_IN_CHUNK;
+        }
         if self.bom < BOM_CLOSED {
             while let Some((&b, rest)) = chunk.split_first() {
                 if b == BOM[usize::from(self.bom)] {
@@ -412,7 +432,7 @@ impl Scanner {
             let line = &buf[start..end];
             let next = self.after_line_end(buf, end);
             if self.line == Line::Start {
-                self.whole_line(line, base + next, out, sink);
+                self.whole_line(line, base + start, base + next, out, sink);
             } else {
                 // The end of a line begun in an earlier frame.
                 self.segment(line);
@@ -428,13 +448,21 @@ impl Scanner {
     /// Handles a line that lies entirely in the current frame: the common case, with no state
     /// machine and no copy but that of an accepted id.
     #[inline]
-    fn whole_line(&mut self, line: &[u8], next: usize, out: &mut Feed, sink: &mut impl Sink) {
+    fn whole_line<S: Sink>(
+        &mut self,
+        line: &[u8],
+        at: usize,
+        next: usize,
+        out: &mut Feed,
+        sink: &mut S,
+    ) {
         match line {
             [] => self.dispatch(next, out, sink),
             [b':', ..] => {}
             [b'i', b'd'] => {
                 self.in_event = true;
                 self.pending.clear();
+                self.pending_at = NOT_IN_CHUNK;
                 self.id_dirty = true;
             }
             [b'i', b'd', b':', value @ ..] => {
@@ -445,6 +473,9 @@ impl Scanner {
                 } else {
                     self.pending.clear();
                     self.pending.extend_from_slice(value);
+                    if S::POSITIONS {
+                        self.pending_at = at + line.len() - value.len();
+                    }
                     self.id_dirty = true;
                 }
             }
@@ -525,6 +556,7 @@ impl Scanner {
             // `id` with no colon, or `id:` with nothing after it: the id becomes empty.
             Line::NameId | Line::IdValueStart => {
                 self.pending.clear();
+                self.pending_at = NOT_IN_CHUNK;
                 self.id_dirty = true;
             }
             Line::IdValue => {
@@ -532,6 +564,7 @@ impl Scanner {
                     out.ids_rejected += 1;
                 } else {
                     mem::swap(&mut self.value, &mut self.pending);
+                    self.pending_at = NOT_IN_CHUNK;
                     self.id_dirty = true;
                 }
                 self.value.clear();
@@ -543,7 +576,8 @@ impl Scanner {
     }
 
     /// A blank line, which ends at `end`: dispatches the event, if one was begun.
-    fn dispatch(&mut self, end: usize, out: &mut Feed, sink: &mut impl Sink) {
+    #[inline]
+    fn dispatch<S: Sink>(&mut self, end: usize, out: &mut Feed, sink: &mut S) {
         let event = self.in_event;
         if event {
             out.events += 1;
@@ -556,7 +590,11 @@ impl Scanner {
             mem::swap(&mut self.committed, &mut self.pending);
             self.has_committed = true;
             out.ids += 1;
-            sink.commit(&self.committed);
+            if !S::POSITIONS || self.pending_at == NOT_IN_CHUNK {
+                sink.commit(&self.committed);
+            } else {
+                sink.commit_at(&self.committed, self.pending_at);
+            }
         }
         sink.blank_line(end, event);
     }

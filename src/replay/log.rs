@@ -501,14 +501,23 @@ pub(crate) struct FrameEvents {
     marks: Vec<Mark>,
     ids: Vec<u8>,
     /// The id committed for the event being dispatched.
-    id: Option<(u32, u32)>,
+    id: Option<IdRef>,
 }
 
 #[derive(Debug)]
 struct Mark {
     end: usize,
     event: bool,
-    id: Option<(u32, u32)>,
+    id: Option<IdRef>,
+}
+
+/// Where an event's own id lies: as `(start, length)`.
+#[derive(Clone, Copy, Debug)]
+enum IdRef {
+    /// In the frame (its `id` line lay whole in it).
+    InFrame(u32, u32),
+    /// In the writer's copy of the frame's ids.
+    Copied(u32, u32),
 }
 
 impl FrameEvents {
@@ -523,11 +532,19 @@ impl FrameEvents {
 }
 
 impl Sink for FrameEvents {
+    const POSITIONS: bool = true;
+
     #[inline]
     fn commit(&mut self, id: &[u8]) {
         let start = self.ids.len() as u32;
         self.ids.extend_from_slice(id);
-        self.id = Some((start, id.len() as u32));
+        self.id = Some(IdRef::Copied(start, id.len() as u32));
+    }
+
+    #[inline]
+    fn commit_at(&mut self, id: &[u8], at: usize) {
+        // No copy: the id's bytes are in the frame.
+        self.id = Some(IdRef::InFrame(at as u32, id.len() as u32));
     }
 
     #[inline]
@@ -544,9 +561,17 @@ pub(crate) struct AlsoCommit<'a, F> {
 }
 
 impl<F: FnMut(&[u8])> Sink for AlsoCommit<'_, F> {
+    const POSITIONS: bool = true;
+
     #[inline]
     fn commit(&mut self, id: &[u8]) {
         self.frame.commit(id);
+        (self.on_commit)(id);
+    }
+
+    #[inline]
+    fn commit_at(&mut self, id: &[u8], at: usize) {
+        self.frame.commit_at(id, at);
         (self.on_commit)(id);
     }
 
@@ -681,6 +706,7 @@ fn write_frame(
     }
     let mut start = 0;
     for mark in frame.marks.drain(..) {
+        let piece_start = start;
         let piece = &data[start..mark.end];
         start = mark.end;
         if !mark.event {
@@ -694,12 +720,18 @@ fn write_frame(
             trimmed[cause as usize] += inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
             continue;
         }
-        let id = mark
-            .id
-            .map(|(from, len)| &frame.ids[from as usize..(from + len) as usize]);
+        let id = mark.id.map(|id| match id {
+            IdRef::InFrame(from, len) => &data[from as usize..(from + len) as usize],
+            IdRef::Copied(from, len) => &frame.ids[from as usize..(from + len) as usize],
+        });
         let open = inner.ring.len() - inner.committed;
-        let at = match id {
-            Some(id) if open == 0 => id_at(piece, id),
+        let at = match (mark.id, id) {
+            // The event's bytes are the piece: where the scan found its id is known.
+            (Some(IdRef::InFrame(from, len)), _) if open == 0 => {
+                let at = (from as usize).wrapping_sub(piece_start);
+                (at <= usize::from(u8::MAX) && len <= u32::from(u8::MAX)).then_some(at as u8)
+            }
+            (_, Some(id)) if open == 0 => id_at(piece, id),
             _ => None,
         };
         let copied = if at.is_some() { None } else { id };
@@ -716,9 +748,7 @@ fn write_frame(
         if let Some(id) = copied {
             inner.ring.push(id, &mut age);
         }
-        inner
-            .ring
-            .push(&trailer.to_le_bytes()[..trailer_len], &mut age);
+        inner.ring.push_word(trailer, trailer_len, &mut age);
         inner.records.push_back(size as u32);
         inner.committed = inner.ring.len();
         *logged += 1;
@@ -1249,6 +1279,12 @@ mod tests {
         all(id, frames, &mut body);
         assert_eq!(found(log.after_(b"a")).events, 5);
         assert_eq!(found(log.after_(long.as_bytes())).events, 6);
+        // Past the first 255 bytes of its event, and events after the first of a frame.
+        let far = format!("data: {}\nid: h\n\n", "x".repeat(300));
+        all("h", &[far.as_bytes()], &mut body);
+        all("j", &[b"id: i\ndata: 1\n\nid: j\ndata: 2\n\n"], &mut body);
+        assert_eq!(&found(log.after_(b"i")).bytes[..], b"id: j\ndata: 2\n\n");
+        assert_eq!(found(log.after_(b"h")).events, 2);
     }
 
     #[test]

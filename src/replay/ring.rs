@@ -39,8 +39,26 @@ impl Ring {
         self.chunks.front().map(|(age, _)| *age)
     }
 
+    /// Appends the first `n` (at most 8) bytes of `word`, little-endian.
+    #[inline(always)]
+    pub(crate) fn push_word(&mut self, word: u64, n: usize, age: &mut impl FnMut() -> u64) {
+        debug_assert!(n <= 8);
+        let bytes = word.to_le_bytes();
+        if let Some((_, back)) = self.chunks.back_mut()
+            && CHUNK - back.len() >= bytes.len()
+        {
+            // Eight bytes copied as one word, the ones past `n` taken back: no call to copy
+            // a few bytes.
+            back.extend_from_slice(&bytes);
+            back.truncate(back.len() - (8 - n));
+            self.len += n;
+            return;
+        }
+        self.push_across(&bytes[..n], age);
+    }
+
     /// Appends `bytes`; `age` gives each chunk taken its age.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&mut self, bytes: &[u8], age: &mut impl FnMut() -> u64) {
         if let Some((_, back)) = self.chunks.back_mut()
             && CHUNK - back.len() >= bytes.len()
