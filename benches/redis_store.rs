@@ -2,9 +2,12 @@
 //!
 //! Batches of 256 latest ids, each of another owner (so a batch is spread over the cluster's
 //! slots), saved by one `RedisStore` into a standalone `redis-server` and into a local cluster
-//! of three primaries and three replicas, both started by the bench on 127.0.0.1. It prints the
-//! records per second of each and the round trips per batch (script calls counted by the
-//! servers' `INFO commandstats`), then criterion's timing of one batch.
+//! of three primaries and three replicas, both started by the bench on 127.0.0.1. It prints,
+//! for each, the records per second, the round trips per batch (script calls counted by the
+//! servers' `INFO commandstats`) and the servers' own CPU time per record (`used_cpu_user` and
+//! `used_cpu_sys` of `INFO cpu`, summed over every server, replicas included: the scripts' `usec` in
+//! `INFO commandstats` counts a script in whole milliseconds), then criterion's timing of one
+//! batch. The batches are made before the clock starts.
 //!
 //! Run: `cargo bench --features redis --bench redis_store` (needs `redis-server` and
 //! `redis-cli` on PATH). `REDIS_STORE_BENCH_QUICK=1` makes it short.
@@ -37,23 +40,37 @@ fn batch(round: usize) -> Vec<SaveEntry> {
         .collect()
 }
 
-/// Script calls the servers at `urls` have run so far.
-fn script_calls(urls: &[String]) -> u64 {
-    urls.iter()
-        .map(|url| {
-            let client = redis::Client::open(url.as_str()).unwrap();
-            let mut conn = client.get_connection().unwrap();
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query(&mut conn)
-                .unwrap();
-            info.lines()
-                .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-                .filter_map(|l| l.split("calls=").nth(1))
-                .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
+/// Script calls the servers at `urls` have run so far, and the CPU seconds they have used.
+fn server_stats(urls: &[String]) -> (u64, f64) {
+    let mut calls = 0;
+    let mut cpu = 0.0;
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .arg("cpu")
+            .query(&mut conn)
+            .unwrap();
+        for line in info.lines() {
+            if let Some(stats) = line
+                .strip_prefix("cmdstat_evalsha:")
+                .or_else(|| line.strip_prefix("cmdstat_eval:"))
+            {
+                calls += stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls=")?.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            if let Some(seconds) = line
+                .strip_prefix("used_cpu_user:")
+                .or_else(|| line.strip_prefix("used_cpu_sys:"))
+            {
+                cpu += seconds.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    (calls, cpu)
 }
 
 fn bench(c: &mut Criterion) {
@@ -84,19 +101,23 @@ fn bench(c: &mut Criterion) {
         let store = store.clone().with_prefix(format!("bench-{name}"));
         // Connect and load the script first.
         rt.block_on(store.save(&batch(usize::MAX - 1))).unwrap();
-        let calls_before = script_calls(urls);
+        let batches: Vec<_> = (0..rounds).map(batch).collect();
+        let (calls_before, cpu_before) = server_stats(urls);
         let started = Instant::now();
-        for round in 0..rounds {
-            rt.block_on(store.save(&batch(round))).unwrap();
+        for batch in &batches {
+            rt.block_on(store.save(batch)).unwrap();
         }
         let took = started.elapsed();
-        let calls = script_calls(urls) - calls_before;
+        let (calls, cpu) = server_stats(urls);
+        let records = (rounds * BATCH) as f64;
         println!(
             "{name}: {} records in batches of {BATCH} spread over all slots in {took:?}: {:.0} \
-             records/s, {:.1} round trips (script calls) per batch",
+             records/s, {:.1} round trips (script calls) per batch, {:.2} µs of Redis CPU per \
+             record",
             rounds * BATCH,
-            (rounds * BATCH) as f64 / took.as_secs_f64(),
-            calls as f64 / rounds as f64
+            records / took.as_secs_f64(),
+            (calls - calls_before) as f64 / rounds as f64,
+            (cpu - cpu_before) * 1e6 / records
         );
     }
 
