@@ -1058,6 +1058,73 @@ fn a_store_call_after_its_runtime_shut_down_is_an_error_not_a_hang() {
     }
 }
 
+/// Script calls the cluster's nodes have run so far (`INFO commandstats`).
+fn script_calls(cluster: &RedisCluster) -> u64 {
+    cluster
+        .urls()
+        .iter()
+        .map(|url| {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut conn)
+                .unwrap();
+            info.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("cmdstat_evalsha:")
+                        .or_else(|| l.strip_prefix("cmdstat_eval:"))
+                })
+                .filter_map(|stats| {
+                    stats
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix("calls=")?.parse::<u64>().ok())
+                })
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// A batch whose keys lie in nearly every slot takes one script call per primary (the bound
+/// is two per primary), counted by the servers, and stores every id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_batch_over_every_slot_takes_at_most_two_script_calls_per_primary() {
+    let cluster = RedisCluster::new();
+    let store = RedisStore::cluster(cluster.urls())
+        .unwrap()
+        .with_prefix(unique_prefix("round-trips"));
+    store.load(&key("connect", "probe")).await.unwrap();
+    let keys: Vec<StreamKey> = (0..4096)
+        .map(|i| key(&format!("owner-{i}"), "POST /mcp"))
+        .collect();
+    let slots: std::collections::HashSet<_> = keys
+        .iter()
+        .map(|k| redis::cluster_routing::Slot::for_key(store.key_of(k)))
+        .collect();
+    let batch: Vec<SaveEntry> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| entry(k, &format!("id-{i}"), 1, 1_000))
+        .collect();
+    let before = script_calls(&cluster);
+    store.save(&batch).await.unwrap();
+    let calls = script_calls(&cluster) - before;
+    let primaries = cluster.primaries().len() as u64;
+    println!(
+        "a batch of {} keys in {} slots: {calls} script calls, {primaries} primaries",
+        keys.len(),
+        slots.len()
+    );
+    assert!(slots.len() > 3000, "the batch is spread over the slots");
+    assert!(
+        calls >= 1 && calls <= 2 * primaries,
+        "{calls} script calls for {primaries} primaries"
+    );
+    for (i, k) in keys.iter().enumerate().step_by(97) {
+        assert_eq!(loaded(&store, k).await, Some(format!("id-{i}")));
+    }
+}
+
 macro_rules! on_both_topologies {
     ($($test:ident),* $(,)?) => {
         mod standalone {

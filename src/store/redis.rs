@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
-use redis::cluster_routing::Slot;
 use redis::{Pipeline, Script};
 
 mod connection;
@@ -17,6 +16,7 @@ use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
 use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
 use crate::key::{EventId, Owner, StreamKey};
+use crate::sync::lock;
 
 /// Default key prefix of [`RedisStore`].
 pub(crate) const DEFAULT_PREFIX: &str = "sse-tracker";
@@ -57,6 +57,105 @@ end
 return written
 "#;
 
+/// [`SAVE_SCRIPT`] for the keys of one cluster node, whatever their slots: the keys are in
+/// `ARGV` (`ttl`, then `key, time, sequence, id` for each), and `KEYS[1]`, the first of them,
+/// routes the call to its node. A script without flags may touch keys of other slots that
+/// its node serves; a key the node does not serve (a slot moved since the store read the
+/// node's slots) fails the call, and the batch is retried on a fresh map.
+const SAVE_NODE_SCRIPT: &str = r#"
+local ttl = ARGV[1]
+local written = 0
+for base = 2, #ARGV, 4 do
+  local key, t, s, id = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local newer = true
+  local current = redis.call('GET', key)
+  if current then
+    local ct, cs = string.match(current, '^(%d+):(%d+):')
+    ct, cs = tonumber(ct), tonumber(cs)
+    local nt, ns = tonumber(t), tonumber(s)
+    if ct and (ct > nt or (ct == nt and cs >= ns)) then
+      newer = false
+    end
+  end
+  if newer then
+    redis.call('SET', key, t .. ':' .. s .. ':' .. id, 'PX', ttl)
+    written = written + 1
+  end
+end
+return written
+"#;
+
+/// A cluster's slots, as ranges with the address of the primary that serves each, sorted.
+type SlotMap = Vec<(u16, u16, String)>;
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag, or of the whole key without
+/// one, modulo 16 384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &b in tagged {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+/// The primary of `slot` in `map`.
+fn node_of(map: &SlotMap, slot: u16) -> Option<&str> {
+    let at = map.partition_point(|(_, end, _)| *end < slot);
+    map.get(at)
+        .filter(|(start, _, _)| *start <= slot)
+        .map(|(_, _, node)| node.as_str())
+}
+
+/// The slot map of a `CLUSTER SLOTS` reply.
+fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
+    use redis::Value;
+    let int = |v: &Value| match v {
+        Value::Int(n) => u16::try_from(*n).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut map = SlotMap::with_capacity(ranges.len());
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return None;
+        };
+        let (start, end) = (int(fields.first()?)?, int(fields.get(1)?)?);
+        let Value::Array(primary) = fields.get(2)? else {
+            return None;
+        };
+        let port = match primary.get(1)? {
+            Value::Int(n) => *n,
+            _ => return None,
+        };
+        map.push((start, end, format!("{}:{port}", text(primary.first()?)?)));
+    }
+    map.sort_unstable();
+    Some(map)
+}
+
 /// A [`Store`] on Redis, standalone or Redis Cluster, for several server instances behind one
 /// load balancer: a client that reconnects to another instance with `Last-Event-ID` can be
 /// resumed there, because [`SseTracker::resolve`](crate::SseTracker::resolve) asks this store.
@@ -66,9 +165,18 @@ return written
 ///   choose a cluster when one Redis is not enough memory or throughput, or must not be a single
 ///   point of failure. Both use the same keys and pass the same tests.
 /// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script),
-///   activity in one pipeline. On a cluster a script may only touch keys of one slot, so a
-///   batch is split per slot and the calls are sent concurrently (at most 32 at once); activity
-///   goes in one pipeline per activity shard.
+///   activity in one pipeline. On a cluster a batch is split by the primary that serves each
+///   key, from the cluster's slot map (`CLUSTER SLOTS`, read at the first save and again after
+///   any failed one), and each primary gets one script call, sent concurrently: as many round
+///   trips as primaries, however many slots the batch touches. Such a call declares only its
+///   first key (which routes it) and passes the others as arguments, which a script may touch
+///   when its node serves them. What this gives up: a proxy that admits only scripts whose
+///   keys are all declared (some managed services) refuses these calls; and while slots move
+///   (a reshard), a call that reaches a key its node no longer serves fails, and the tracker
+///   retries the batch on a map read again (keys written before the failure are then refused
+///   as not newer). A failover moves all of a primary's slots together, so groups stay whole.
+///   Activity goes in one pipeline per activity shard. The keys and values are those of the
+///   versions that sent one call per slot: stores of both versions share them.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
 ///   entry's and writes only newer ones, so two instances writing one key, or a late retry,
 ///   never replace a newer id with an older one.
@@ -149,6 +257,9 @@ pub struct RedisStore {
     prefix: String,
     ttl: Duration,
     save: Script,
+    /// On a cluster: its slots and their primaries, as last read (`None`: to be read, at the
+    /// next save).
+    slots: Arc<std::sync::Mutex<Option<Arc<SlotMap>>>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -199,6 +310,7 @@ impl RedisStore {
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
             save: Script::new(SAVE_SCRIPT),
+            slots: Arc::default(),
         }
     }
 
@@ -398,6 +510,52 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The cluster's slot map, read with `CLUSTER SLOTS` when the store has none.
+    async fn slot_map(&self, current: &Current) -> Result<Arc<SlotMap>, StoreError> {
+        if let Some(map) = lock(&self.slots).clone() {
+            return Ok(map);
+        }
+        let reply: redis::Value = current
+            .run(|mut conn| async move {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(|e| redis_error("reading the cluster's slots", e))?;
+        let map =
+            Arc::new(parse_slots(&reply).ok_or_else(|| {
+                StoreError::new("reading the cluster's slots: an unexpected reply")
+            })?);
+        *lock(&self.slots) = Some(map.clone());
+        Ok(map)
+    }
+
+    /// Saves `batch`, keys of one cluster node, with one script call routed by its first key.
+    async fn save_node(
+        &self,
+        current: &Current,
+        batch: Vec<(String, &SaveEntry)>,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SAVE_NODE_SCRIPT)
+            .arg(1)
+            .arg(&batch[0].0)
+            .arg(self.ttl.as_millis() as u64);
+        for (key, entry) in batch {
+            cmd.arg(key)
+                .arg(unix_us(entry.published_at))
+                .arg(entry.sequence)
+                .arg(entry.id.as_str());
+        }
+        let _written: u64 = current
+            .run(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+            .map_err(|e| redis_error("saving a batch of latest ids", e))?;
+        Ok(())
+    }
+
     /// Adds the activity commands of one shard to `pipe`.
     fn activity_commands(&self, pipe: &mut Pipeline, shard: usize, sessions: &[&SessionActivity]) {
         let key = self.activity_key(shard);
@@ -473,20 +631,28 @@ impl Store for RedisStore {
         if let Conn::Standalone(_) = current.conn {
             return self.save_one(&current, batch.iter().collect()).await;
         }
-        // A cluster: one script call per slot, sent concurrently. Should one fail, the whole
-        // batch is retried; the ones that succeeded are then refused as not newer.
-        let mut by_slot: HashMap<Slot, Vec<&SaveEntry>> = HashMap::new();
+        // A cluster: one script call per primary, sent concurrently. Should one fail, the
+        // whole batch is retried, on a map read again; the keys already written are then
+        // refused as not newer.
+        let slots = self.slot_map(&current).await?;
+        let mut by_node: HashMap<&str, Vec<(String, &SaveEntry)>> = HashMap::new();
         for entry in batch {
-            by_slot
-                .entry(Slot::for_key(self.key_of(&entry.key)))
-                .or_default()
-                .push(entry);
+            let key = self.key_of(&entry.key);
+            let slot = key_slot(key.as_bytes());
+            // A slot no primary serves (the cluster is changing): its own call, which the
+            // cluster client routes.
+            let node = node_of(&slots, slot).unwrap_or("");
+            by_node.entry(node).or_default().push((key, entry));
         }
-        let mut calls = Vec::with_capacity(by_slot.len());
-        for entries in by_slot.into_values() {
-            calls.push(self.save_one(&current, entries));
+        let mut calls = Vec::with_capacity(by_node.len());
+        for entries in by_node.into_values() {
+            calls.push(self.save_node(&current, entries));
         }
-        bounded(calls, MAX_CONCURRENT_CALLS).await
+        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
+        if result.is_err() {
+            *lock(&self.slots) = None;
+        }
+        result
     }
 
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
@@ -535,6 +701,55 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn a_keys_slot_is_the_one_redis_computes() {
+        for key in [
+            "plain",
+            "sse:id:{owner-1}:GET%20%2F",
+            "{}empty-tag",
+            "a{b}c{d}",
+            "{unclosed",
+            "x}{y}",
+            "",
+        ] {
+            assert_eq!(
+                Slot::new(key_slot(key.as_bytes())),
+                Some(Slot::for_key(key)),
+                "{key}"
+            );
+        }
+        assert_eq!(key_slot(b"123456789"), 0x31C3, "CRC16/XMODEM check value");
+    }
+
+    #[test]
+    fn a_slot_map_names_the_primary_of_each_slot() {
+        use redis::Value;
+        let range = |start, end, port| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(end),
+                Value::Array(vec![
+                    Value::BulkString(b"127.0.0.1".to_vec()),
+                    Value::Int(port),
+                    Value::BulkString(b"id".to_vec()),
+                ]),
+            ])
+        };
+        let map = parse_slots(&Value::Array(vec![
+            range(5461, 10922, 7001),
+            range(0, 5460, 7000),
+            range(10923, 16383, 7002),
+        ]))
+        .unwrap();
+        assert_eq!(node_of(&map, 0), Some("127.0.0.1:7000"));
+        assert_eq!(node_of(&map, 5461), Some("127.0.0.1:7001"));
+        assert_eq!(node_of(&map, 16383), Some("127.0.0.1:7002"));
+        let partial = parse_slots(&Value::Array(vec![range(0, 99, 7000)])).unwrap();
+        assert_eq!(node_of(&partial, 100), None, "a slot no primary serves");
+        assert!(parse_slots(&Value::Int(1)).is_none());
+    }
 
     #[test]
     fn keys_escape_everything_that_could_reach_outside_their_place() {
