@@ -1125,6 +1125,43 @@ async fn a_cluster_batch_over_every_slot_takes_at_most_two_script_calls_per_prim
     }
 }
 
+/// Slots moved after the store read the cluster's slot map: a batch that reaches a key its
+/// node no longer serves fails, as a whole, and its retry, on the map read again, stores every
+/// id (as the tracker retries a failed batch); nothing older replaces anything newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_batch_after_a_reshard_is_stored_whole_by_its_retry() {
+    let cluster = RedisCluster::new();
+    let store = RedisStore::cluster(cluster.urls())
+        .unwrap()
+        .with_prefix(unique_prefix("reshard"));
+    let keys: Vec<StreamKey> = (0..2048)
+        .map(|i| key(&format!("owner-{i}"), "POST /mcp"))
+        .collect();
+    let batch = |sequence: u64| -> Vec<SaveEntry> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| entry(k, &format!("id-{i}-{sequence}"), sequence, 1_000))
+            .collect()
+    };
+    store.save(&batch(1)).await.unwrap();
+    let primaries = cluster.primaries();
+    cluster.reshard(primaries[0], primaries[1], 2000);
+    let mut failed = 0;
+    while let Err(error) = store.save(&batch(2)).await {
+        failed += 1;
+        assert!(failed < 5, "still failing after {failed} tries: {error}");
+    }
+    println!("after moving 2000 slots: {failed} failed save(s) before the batch was stored");
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(loaded(&store, k).await, Some(format!("id-{i}-2")));
+    }
+    // An older batch is refused everywhere, on the new map.
+    store.save(&batch(1)).await.unwrap();
+    for (i, k) in keys.iter().enumerate().step_by(101) {
+        assert_eq!(loaded(&store, k).await, Some(format!("id-{i}-2")));
+    }
+}
+
 macro_rules! on_both_topologies {
     ($($test:ident),* $(,)?) => {
         mod standalone {

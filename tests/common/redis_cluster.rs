@@ -249,6 +249,28 @@ impl RedisCluster {
         }
     }
 
+    /// Moves `slots` slots, with their keys, from primary `from` to primary `to` (node
+    /// indexes), with `redis-cli --cluster reshard`.
+    pub fn reshard(&self, from: usize, to: usize, slots: usize) {
+        let id = |i: usize| query_patiently(self.nodes[i].port, &["CLUSTER", "MYID"]);
+        let moved = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{}", self.nodes[from].port))
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running redis-cli --cluster reshard");
+        assert!(
+            moved.status.success(),
+            "reshard failed: {}{}",
+            String::from_utf8_lossy(&moved.stdout),
+            String::from_utf8_lossy(&moved.stderr)
+        );
+        self.wait_ok(Duration::from_secs(30));
+    }
+
     /// Every key of every primary that matches `pattern`.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let mut all = Vec::new();
