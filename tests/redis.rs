@@ -1125,9 +1125,10 @@ async fn a_cluster_batch_over_every_slot_takes_at_most_two_script_calls_per_prim
     }
 }
 
-/// Slots moved after the store read the cluster's slot map: a batch that reaches a key its
-/// node no longer serves fails, as a whole, and its retry, on the map read again, stores every
-/// id (as the tracker retries a failed batch); nothing older replaces anything newer.
+/// Slots moved after the store read the cluster's slot map: the batch is stored whole (a
+/// node's call that reaches a key its node no longer serves goes again one call per slot; a
+/// failed save would be retried, as the tracker does, within five tries); nothing older
+/// replaces anything newer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_batch_after_a_reshard_is_stored_whole_by_its_retry() {
     let cluster = RedisCluster::new();
@@ -1159,6 +1160,86 @@ async fn a_cluster_batch_after_a_reshard_is_stored_whole_by_its_retry() {
     store.save(&batch(1)).await.unwrap();
     for (i, k) in keys.iter().enumerate().step_by(101) {
         assert_eq!(loaded(&store, k).await, Some(format!("id-{i}-2")));
+    }
+}
+
+/// The primary (node index) that serves `slot`, and the id of each primary.
+fn slot_owner(cluster: &RedisCluster, slot: u16) -> (usize, Vec<(usize, String)>) {
+    let mut owner = None;
+    let mut ids = Vec::new();
+    for i in cluster.primaries() {
+        let nodes = cluster.command_on(i, &["CLUSTER", "NODES"]);
+        let me = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .expect("a myself line");
+        let fields: Vec<&str> = me.split_whitespace().collect();
+        ids.push((i, fields[0].to_owned()));
+        for range in &fields[8..] {
+            let (start, end) = range.split_once('-').unwrap_or((range, range));
+            if let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>())
+                && (start..=end).contains(&slot)
+            {
+                owner = Some(i);
+            }
+        }
+    }
+    (owner.expect("a primary serves the slot"), ids)
+}
+
+/// A slot in the middle of a move (`MIGRATING` on its primary, `IMPORTING` on another): a
+/// batch with a new key in it, among keys of other slots of that primary, is stored whole at
+/// its first save: the primary's script cannot touch that key, and the batch's keys then go
+/// one call per slot, the moving slot's through the cluster client's `ASK` redirection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_batch_touching_a_slot_being_moved_is_stored_at_its_first_save() {
+    let cluster = RedisCluster::new();
+    let store = RedisStore::cluster(cluster.urls())
+        .unwrap()
+        .with_prefix(unique_prefix("migrating"));
+    store
+        .save(&[entry(&key("warm", "GET /"), "w", 1, 1_000)])
+        .await
+        .unwrap();
+    let keys: Vec<StreamKey> = (0..2048)
+        .map(|i| key(&format!("owner-{i}"), "POST /mcp"))
+        .collect();
+    let slot = redis::cluster_routing::Slot::for_key(store.key_of(&keys[0]));
+    let slot_number: u16 = (0..16_384u16)
+        .find(|&n| redis::cluster_routing::Slot::new(n) == Some(slot))
+        .unwrap();
+    let (source, ids) = slot_owner(&cluster, slot_number);
+    let id_of = |i: usize| ids.iter().find(|(n, _)| *n == i).unwrap().1.clone();
+    let target = ids.iter().map(|(n, _)| *n).find(|&n| n != source).unwrap();
+    let slot_text = slot_number.to_string();
+    cluster.command_on(
+        target,
+        &[
+            "CLUSTER",
+            "SETSLOT",
+            &slot_text,
+            "IMPORTING",
+            &id_of(source),
+        ],
+    );
+    cluster.command_on(
+        source,
+        &[
+            "CLUSTER",
+            "SETSLOT",
+            &slot_text,
+            "MIGRATING",
+            &id_of(target),
+        ],
+    );
+    let batch: Vec<SaveEntry> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| entry(k, &format!("id-{i}"), 1, 1_000))
+        .collect();
+    store.save(&batch).await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(loaded(&store, k).await, Some(format!("id-{i}")), "{k:?}");
     }
 }
 

@@ -114,6 +114,13 @@ fn key_slot(key: &[u8]) -> u16 {
     crc % 16_384
 }
 
+/// Whether a script failed on a key that its node does not serve now (its slot moved, or is
+/// moving).
+fn slot_elsewhere(error: &redis::RedisError) -> bool {
+    let text = error.to_string();
+    text.contains("non local key") || text.contains("do not hash to the same slot")
+}
+
 /// The primary of `slot` in `map`.
 fn node_of(map: &SlotMap, slot: u16) -> Option<&str> {
     let at = map.partition_point(|(_, end, _)| *end < slot);
@@ -170,11 +177,13 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   any failed one), and each primary gets one script call, sent concurrently: as many round
 ///   trips as primaries, however many slots the batch touches. Such a call declares only its
 ///   first key (which routes it) and passes the others as arguments, which a script may touch
-///   when its node serves them. What this gives up: a proxy that admits only scripts whose
-///   keys are all declared (some managed services) refuses these calls; and while slots move
-///   (a reshard), a call that reaches a key its node no longer serves fails, and the tracker
-///   retries the batch on a map read again (keys written before the failure are then refused
-///   as not newer). A failover moves all of a primary's slots together, so groups stay whole.
+///   when its node serves them. While slots move (a reshard), a call that reaches a key its
+///   node does not serve now stops there, and that node's keys go one call per slot instead
+///   (as before this grouping), each redirected by the cluster client (`MOVED`, `ASK`); the
+///   map is read again at the next save, and the keys the first call wrote are refused as not
+///   newer. A failover moves all of a primary's slots together, so groups stay whole. What
+///   this gives up: a proxy that admits only scripts whose keys are all declared (some
+///   managed services) refuses these calls.
 ///   Activity goes in one pipeline per activity shard. The keys and values are those of the
 ///   versions that sent one call per slot: stores of both versions share them.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
@@ -533,6 +542,10 @@ impl RedisStore {
     }
 
     /// Saves `batch`, keys of one cluster node, with one script call routed by its first key.
+    /// When a key lies in a slot its node does not serve now (a reshard moved it, or is
+    /// moving it), the batch's keys go one call per slot instead, each redirected by the
+    /// cluster client as its slot's key tells it (`MOVED`, `ASK`), and the slot map is read
+    /// again at the next save.
     async fn save_node(
         &self,
         current: &Current,
@@ -543,17 +556,34 @@ impl RedisStore {
             .arg(1)
             .arg(&batch[0].0)
             .arg(self.ttl.as_millis() as u64);
-        for (key, entry) in batch {
+        for (key, entry) in &batch {
             cmd.arg(key)
                 .arg(unix_us(entry.published_at))
                 .arg(entry.sequence)
                 .arg(entry.id.as_str());
         }
-        let _written: u64 = current
+        let result: redis::RedisResult<u64> = current
             .run(|mut conn| async move { cmd.query_async(&mut conn).await })
-            .await
-            .map_err(|e| redis_error("saving a batch of latest ids", e))?;
-        Ok(())
+            .await;
+        match result {
+            Ok(_written) => Ok(()),
+            Err(error) if slot_elsewhere(&error) => {
+                *lock(&self.slots) = None;
+                let mut by_slot: HashMap<u16, Vec<&SaveEntry>> = HashMap::new();
+                for (key, entry) in batch {
+                    by_slot
+                        .entry(key_slot(key.as_bytes()))
+                        .or_default()
+                        .push(entry);
+                }
+                let calls = by_slot
+                    .into_values()
+                    .map(|entries| self.save_one(current, entries))
+                    .collect();
+                bounded(calls, MAX_CONCURRENT_CALLS).await
+            }
+            Err(error) => Err(redis_error("saving a batch of latest ids", error)),
+        }
     }
 
     /// Adds the activity commands of one shard to `pipe`.

@@ -271,6 +271,11 @@ impl RedisCluster {
         self.wait_ok(Duration::from_secs(30));
     }
 
+    /// Runs a command on node `i`; its reply as text.
+    pub fn command_on(&self, i: usize, args: &[&str]) -> String {
+        query_patiently(self.nodes[i].port, args)
+    }
+
     /// Every key of every primary that matches `pattern`.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let mut all = Vec::new();
