@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Pipeline, Script};
 
 mod connection;
@@ -25,7 +26,8 @@ pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Sorted sets the owners' activity is spread over (each its own hash tag, so on a cluster they
 /// land on different slots).
 pub(crate) const ACTIVITY_SHARDS: usize = 16;
-/// Calls a [`RedisStore`] on a cluster has in flight at once for one batch (one per slot).
+/// Calls a [`RedisStore`] on a cluster has in flight at once for one batch (one per primary,
+/// or, for a node whose slots are moving, one per slot of its keys).
 const MAX_CONCURRENT_CALLS: usize = 32;
 
 /// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
@@ -57,11 +59,11 @@ end
 return written
 "#;
 
-/// [`SAVE_SCRIPT`] for the keys of one cluster node, whatever their slots: the keys are in
-/// `ARGV` (`ttl`, then `key, time, sequence, id` for each), and `KEYS[1]`, the first of them,
-/// routes the call to its node. A script without flags may touch keys of other slots that
-/// its node serves; a key the node does not serve (a slot moved since the store read the
-/// node's slots) fails the call, and the batch is retried on a fresh map.
+/// [`SAVE_SCRIPT`] for the keys of one cluster node, whatever their slots: it declares no key
+/// (it is sent to the node by its address), and the keys are in `ARGV` (`ttl`, then `key,
+/// time, sequence, id` for each). A script without flags may touch keys of any slot that its
+/// node serves now; a key it does not (a slot moved, or a key already moved out of a slot
+/// being moved) stops the script with an error before that key is read or written.
 const SAVE_NODE_SCRIPT: &str = r#"
 local ttl = ARGV[1]
 local written = 0
@@ -85,8 +87,16 @@ end
 return written
 "#;
 
-/// A cluster's slots, as ranges with the address of the primary that serves each, sorted.
-type SlotMap = Vec<(u16, u16, String)>;
+/// A cluster's slots, as ranges with the primary that serves each, sorted.
+type SlotMap = Vec<(u16, u16, Primary)>;
+
+/// A primary in a slot map: its node id, and its address when the cluster gives one that can
+/// be reached (not `?`, empty, or a wildcard).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Primary {
+    id: String,
+    address: Option<(String, u16)>,
+}
 
 /// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag, or of the whole key without
 /// one, modulo 16 384.
@@ -122,11 +132,11 @@ fn slot_elsewhere(error: &redis::RedisError) -> bool {
 }
 
 /// The primary of `slot` in `map`.
-fn node_of(map: &SlotMap, slot: u16) -> Option<&str> {
+fn node_of(map: &SlotMap, slot: u16) -> Option<&Primary> {
     let at = map.partition_point(|(_, end, _)| *end < slot);
     map.get(at)
         .filter(|(start, _, _)| *start <= slot)
-        .map(|(_, _, node)| node.as_str())
+        .map(|(_, _, node)| node)
 }
 
 /// The slot map of a `CLUSTER SLOTS` reply.
@@ -141,6 +151,8 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
         Value::SimpleString(s) => Some(s.clone()),
         _ => None,
     };
+    let reachable =
+        |host: Option<String>| host.filter(|h| !matches!(h.as_str(), "" | "?" | "0.0.0.0" | "::"));
     let Value::Array(ranges) = reply else {
         return None;
     };
@@ -154,10 +166,12 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
             return None;
         };
         let port = match primary.get(1)? {
-            Value::Int(n) => *n,
-            _ => return None,
+            Value::Int(n) => u16::try_from(*n).ok(),
+            _ => None,
         };
-        map.push((start, end, format!("{}:{port}", text(primary.first()?)?)));
+        let id = text(primary.get(2)?)?;
+        let address = reachable(primary.first().and_then(text)).zip(port);
+        map.push((start, end, Primary { id, address }));
     }
     map.sort_unstable();
     Some(map)
@@ -175,15 +189,17 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   activity in one pipeline. On a cluster a batch is split by the primary that serves each
 ///   key, from the cluster's slot map (`CLUSTER SLOTS`, read at the first save and again after
 ///   any failed one), and each primary gets one script call, sent concurrently: as many round
-///   trips as primaries, however many slots the batch touches. Such a call declares only its
-///   first key (which routes it) and passes the others as arguments, which a script may touch
-///   when its node serves them. While slots move (a reshard), a call that reaches a key its
-///   node does not serve now stops there, and that node's keys go one call per slot instead
-///   (as before this grouping), each redirected by the cluster client (`MOVED`, `ASK`); the
-///   map is read again at the next save, and the keys the first call wrote are refused as not
-///   newer. A failover moves all of a primary's slots together, so groups stay whole. What
-///   this gives up: a proxy that admits only scripts whose keys are all declared (some
-///   managed services) refuses these calls.
+///   trips as primaries, however many slots the batch touches. Such a call is sent to the
+///   primary's address and declares no key (so no `ASK` can send it, whole, where one of its
+///   slots is moving to); its keys are arguments, which a script may touch when its node
+///   serves them now. While slots move (a reshard), a call that reaches a key its node does
+///   not serve stops there, before touching it, and that node's keys go one call per slot
+///   instead (as before this grouping), each redirected by the cluster client (`MOVED`,
+///   `ASK`, `TRYAGAIN`); the map is read again at the next save, and the keys the first call
+///   wrote are refused as not newer. After a failover the map is read again at the first
+///   failed save. A primary the cluster gives no address for (`?`, empty, a wildcard) gets
+///   one call per slot. What this gives up: a proxy that admits only scripts whose keys are
+///   all declared (some managed services) refuses these calls.
 ///   Activity goes in one pipeline per activity shard. The keys and values are those of the
 ///   versions that sent one call per slot: stores of both versions share them.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
@@ -541,49 +557,61 @@ impl RedisStore {
         Ok(map)
     }
 
-    /// Saves `batch`, keys of one cluster node, with one script call routed by its first key.
-    /// When a key lies in a slot its node does not serve now (a reshard moved it, or is
-    /// moving it), the batch's keys go one call per slot instead, each redirected by the
-    /// cluster client as its slot's key tells it (`MOVED`, `ASK`), and the slot map is read
-    /// again at the next save.
+    /// Saves `batch`, keys of the cluster node at `address`, with one script call sent to that
+    /// node. It declares no key, so no redirection applies to the call as a whole (one would
+    /// make the script run where the first key is going, for keys that are not). When a key
+    /// lies in a slot the node does not serve now (a reshard moved it, or is moving it), the
+    /// script stops at that key, and the batch's keys go one call per slot instead, each
+    /// redirected by the cluster client as its slot's keys tell it (`MOVED`, `ASK`,
+    /// `TRYAGAIN`); the slot map is read again at the next save. Keys the first call wrote
+    /// are then refused as not newer.
     async fn save_node(
         &self,
         current: &Current,
+        address: Option<(String, u16)>,
         batch: Vec<(String, &SaveEntry)>,
     ) -> Result<(), StoreError> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SAVE_NODE_SCRIPT)
-            .arg(1)
-            .arg(&batch[0].0)
-            .arg(self.ttl.as_millis() as u64);
-        for (key, entry) in &batch {
-            cmd.arg(key)
-                .arg(unix_us(entry.published_at))
-                .arg(entry.sequence)
-                .arg(entry.id.as_str());
-        }
-        let result: redis::RedisResult<u64> = current
-            .run(|mut conn| async move { cmd.query_async(&mut conn).await })
-            .await;
-        match result {
-            Ok(_written) => Ok(()),
-            Err(error) if slot_elsewhere(&error) => {
-                *lock(&self.slots) = None;
-                let mut by_slot: HashMap<u16, Vec<&SaveEntry>> = HashMap::new();
-                for (key, entry) in batch {
-                    by_slot
-                        .entry(key_slot(key.as_bytes()))
-                        .or_default()
-                        .push(entry);
-                }
-                let calls = by_slot
-                    .into_values()
-                    .map(|entries| self.save_one(current, entries))
-                    .collect();
-                bounded(calls, MAX_CONCURRENT_CALLS).await
+        if let Some((host, port)) = address {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SAVE_NODE_SCRIPT)
+                .arg(0)
+                .arg(self.ttl.as_millis() as u64);
+            for (key, entry) in &batch {
+                cmd.arg(key)
+                    .arg(unix_us(entry.published_at))
+                    .arg(entry.sequence)
+                    .arg(entry.id.as_str());
             }
-            Err(error) => Err(redis_error("saving a batch of latest ids", error)),
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            let result: redis::RedisResult<u64> = current
+                .run(|conn| async move {
+                    match conn {
+                        Conn::Cluster(mut conn) => {
+                            let value = conn.route_command(cmd, routing).await?;
+                            redis::from_redis_value(value).map_err(Into::into)
+                        }
+                        Conn::Standalone(mut conn) => cmd.query_async(&mut conn).await,
+                    }
+                })
+                .await;
+            match result {
+                Ok(_written) => return Ok(()),
+                Err(error) if slot_elsewhere(&error) => *lock(&self.slots) = None,
+                Err(error) => return Err(redis_error("saving a batch of latest ids", error)),
+            }
         }
+        let mut by_slot: HashMap<u16, Vec<&SaveEntry>> = HashMap::new();
+        for (key, entry) in batch {
+            by_slot
+                .entry(key_slot(key.as_bytes()))
+                .or_default()
+                .push(entry);
+        }
+        let calls = by_slot
+            .into_values()
+            .map(|entries| self.save_one(current, entries))
+            .collect();
+        bounded(calls, MAX_CONCURRENT_CALLS).await
     }
 
     /// Adds the activity commands of one shard to `pipe`.
@@ -665,18 +693,18 @@ impl Store for RedisStore {
         // whole batch is retried, on a map read again; the keys already written are then
         // refused as not newer.
         let slots = self.slot_map(&current).await?;
-        let mut by_node: HashMap<&str, Vec<(String, &SaveEntry)>> = HashMap::new();
+        let mut by_node: HashMap<Option<&Primary>, Vec<(String, &SaveEntry)>> = HashMap::new();
         for entry in batch {
             let key = self.key_of(&entry.key);
-            let slot = key_slot(key.as_bytes());
-            // A slot no primary serves (the cluster is changing): its own call, which the
-            // cluster client routes.
-            let node = node_of(&slots, slot).unwrap_or("");
+            let node = node_of(&slots, key_slot(key.as_bytes()));
             by_node.entry(node).or_default().push((key, entry));
         }
         let mut calls = Vec::with_capacity(by_node.len());
-        for entries in by_node.into_values() {
-            calls.push(self.save_node(&current, entries));
+        for (node, entries) in by_node {
+            // A slot no primary serves, or a primary with no address to reach it by: one
+            // call per slot, routed by the cluster client.
+            let address = node.and_then(|node| node.address.clone());
+            calls.push(self.save_node(&current, address, entries));
         }
         let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
         if result.is_err() {
@@ -773,9 +801,25 @@ mod tests {
             range(10923, 16383, 7002),
         ]))
         .unwrap();
-        assert_eq!(node_of(&map, 0), Some("127.0.0.1:7000"));
-        assert_eq!(node_of(&map, 5461), Some("127.0.0.1:7001"));
-        assert_eq!(node_of(&map, 16383), Some("127.0.0.1:7002"));
+        let address = |slot| node_of(&map, slot).and_then(|p| p.address.clone());
+        assert_eq!(address(0), Some(("127.0.0.1".to_owned(), 7000)));
+        assert_eq!(address(5461), Some(("127.0.0.1".to_owned(), 7001)));
+        assert_eq!(address(16383), Some(("127.0.0.1".to_owned(), 7002)));
+        let unknown = parse_slots(&Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![
+                Value::Nil,
+                Value::Int(6379),
+                Value::BulkString(b"n1".to_vec()),
+            ]),
+        ])]))
+        .unwrap();
+        assert_eq!(
+            node_of(&unknown, 7).unwrap().address,
+            None,
+            "an endpoint the cluster does not give: no address, calls per slot"
+        );
         let partial = parse_slots(&Value::Array(vec![range(0, 99, 7000)])).unwrap();
         assert_eq!(node_of(&partial, 100), None, "a slot no primary serves");
         assert!(parse_slots(&Value::Int(1)).is_none());
