@@ -1163,9 +1163,22 @@ async fn a_cluster_batch_after_a_reshard_is_stored_whole_by_its_retry() {
     }
 }
 
-/// The primary (node index) that serves `slot`, and the id of each primary.
-fn slot_owner(cluster: &RedisCluster, slot: u16) -> (usize, Vec<(usize, String)>) {
-    let mut owner = None;
+/// A slot being moved, as `redis-cli --cluster reshard` leaves it mid-way: `IMPORTING` on
+/// `target`, `MIGRATING` on `source` (node indexes), no key moved yet.
+struct Moving {
+    slot: String,
+    source: usize,
+    target: usize,
+    target_id: String,
+}
+
+/// Starts moving the slot of `redis_key` from its primary to another one.
+fn start_moving(cluster: &RedisCluster, redis_key: &str) -> Moving {
+    let slot = redis::cluster_routing::Slot::for_key(redis_key);
+    let slot_number: u16 = (0..16_384u16)
+        .find(|&n| redis::cluster_routing::Slot::new(n) == Some(slot))
+        .unwrap();
+    let mut source = None;
     let mut ids = Vec::new();
     for i in cluster.primaries() {
         let nodes = cluster.command_on(i, &["CLUSTER", "NODES"]);
@@ -1178,13 +1191,30 @@ fn slot_owner(cluster: &RedisCluster, slot: u16) -> (usize, Vec<(usize, String)>
         for range in &fields[8..] {
             let (start, end) = range.split_once('-').unwrap_or((range, range));
             if let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>())
-                && (start..=end).contains(&slot)
+                && (start..=end).contains(&slot_number)
             {
-                owner = Some(i);
+                source = Some(i);
             }
         }
     }
-    (owner.expect("a primary serves the slot"), ids)
+    let source = source.expect("a primary serves the slot");
+    let id_of = |i: usize| ids.iter().find(|(n, _)| *n == i).unwrap().1.clone();
+    let target = ids.iter().map(|(n, _)| *n).find(|&n| n != source).unwrap();
+    let slot = slot_number.to_string();
+    cluster.command_on(
+        target,
+        &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &id_of(source)],
+    );
+    cluster.command_on(
+        source,
+        &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &id_of(target)],
+    );
+    Moving {
+        slot,
+        source,
+        target,
+        target_id: id_of(target),
+    }
 }
 
 /// A slot in the middle of a move (`MIGRATING` on its primary, `IMPORTING` on another): a
@@ -1204,34 +1234,7 @@ async fn a_cluster_batch_touching_a_slot_being_moved_is_stored_at_its_first_save
     let keys: Vec<StreamKey> = (0..2048)
         .map(|i| key(&format!("owner-{i}"), "POST /mcp"))
         .collect();
-    let slot = redis::cluster_routing::Slot::for_key(store.key_of(&keys[0]));
-    let slot_number: u16 = (0..16_384u16)
-        .find(|&n| redis::cluster_routing::Slot::new(n) == Some(slot))
-        .unwrap();
-    let (source, ids) = slot_owner(&cluster, slot_number);
-    let id_of = |i: usize| ids.iter().find(|(n, _)| *n == i).unwrap().1.clone();
-    let target = ids.iter().map(|(n, _)| *n).find(|&n| n != source).unwrap();
-    let slot_text = slot_number.to_string();
-    cluster.command_on(
-        target,
-        &[
-            "CLUSTER",
-            "SETSLOT",
-            &slot_text,
-            "IMPORTING",
-            &id_of(source),
-        ],
-    );
-    cluster.command_on(
-        source,
-        &[
-            "CLUSTER",
-            "SETSLOT",
-            &slot_text,
-            "MIGRATING",
-            &id_of(target),
-        ],
-    );
+    start_moving(&cluster, &store.key_of(&keys[0]));
     let batch: Vec<SaveEntry> = keys
         .iter()
         .enumerate()
@@ -1251,41 +1254,13 @@ async fn a_cluster_batch_touching_a_slot_being_moved_is_stored_at_its_first_save
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_batch_never_writes_a_key_where_its_slot_is_moving_to() {
     let cluster = RedisCluster::new();
-    let prefix = unique_prefix("moving-to");
     let store = RedisStore::cluster(cluster.urls())
         .unwrap()
-        .with_prefix(prefix.clone());
+        .with_prefix(unique_prefix("moving-to"));
     let (new, old) = (key("owner-x", "POST /mcp"), key("owner-x", "GET /"));
     store.save(&[entry(&old, "old-1", 1, 1_000)]).await.unwrap();
     let old_key = store.key_of(&old);
-    let slot = redis::cluster_routing::Slot::for_key(&old_key);
-    let slot_number: u16 = (0..16_384u16)
-        .find(|&n| redis::cluster_routing::Slot::new(n) == Some(slot))
-        .unwrap();
-    let (source, ids) = slot_owner(&cluster, slot_number);
-    let id_of = |i: usize| ids.iter().find(|(n, _)| *n == i).unwrap().1.clone();
-    let target = ids.iter().map(|(n, _)| *n).find(|&n| n != source).unwrap();
-    let slot_text = slot_number.to_string();
-    cluster.command_on(
-        target,
-        &[
-            "CLUSTER",
-            "SETSLOT",
-            &slot_text,
-            "IMPORTING",
-            &id_of(source),
-        ],
-    );
-    cluster.command_on(
-        source,
-        &[
-            "CLUSTER",
-            "SETSLOT",
-            &slot_text,
-            "MIGRATING",
-            &id_of(target),
-        ],
-    );
+    let moving = start_moving(&cluster, &old_key);
     let mut batch = vec![
         entry(&new, "new-2", 2, 2_000),
         entry(&old, "old-2", 2, 2_000),
@@ -1294,18 +1269,18 @@ async fn a_cluster_batch_never_writes_a_key_where_its_slot_is_moving_to() {
     // The slot's keys are split between the nodes for now: the save may fail (`TRYAGAIN`).
     let _ = store.save(&batch).await;
     assert_eq!(
-        cluster.command_on(target, &["CLUSTER", "COUNTKEYSINSLOT", &slot_text]),
+        cluster.command_on(moving.target, &["CLUSTER", "COUNTKEYSINSLOT", &moving.slot]),
         "0",
         "a key was written where its slot is moving to"
     );
     // The move ends: the key goes over, and the slot is the target's.
     let port = |i: usize| cluster.urls()[i].rsplit(':').next().unwrap().to_owned();
     cluster.command_on(
-        source,
+        moving.source,
         &[
             "MIGRATE",
             "127.0.0.1",
-            &port(target),
+            &port(moving.target),
             "",
             "0",
             "5000",
@@ -1313,10 +1288,16 @@ async fn a_cluster_batch_never_writes_a_key_where_its_slot_is_moving_to() {
             &old_key,
         ],
     );
-    for node in [target, source] {
+    for node in [moving.target, moving.source] {
         cluster.command_on(
             node,
-            &["CLUSTER", "SETSLOT", &slot_text, "NODE", &id_of(target)],
+            &[
+                "CLUSTER",
+                "SETSLOT",
+                &moving.slot,
+                "NODE",
+                &moving.target_id,
+            ],
         );
     }
     let mut failed = 0;

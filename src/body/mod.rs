@@ -274,7 +274,7 @@ impl<B> TrackedBody<B> {
     /// Whether this body is an SSE body that the layer scans (tracked, or for heartbeats and
     /// draining only).
     pub fn is_scanned(&self) -> bool {
-        self.state(|_| ()).is_some() || matches!(self.inner, Inner::Detachable { .. })
+        self.sse.is_some() || matches!(self.inner, Inner::Detachable { .. })
     }
 
     /// Whether this body's ids are recorded in the tracker.
@@ -514,102 +514,100 @@ pub(crate) fn poll_sse<B: Body>(
     sse: &mut Pin<Box<SseState>>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    if sse.ended {
+        return Poll::Ready(None);
+    }
+    if let Some(trailers) = sse.as_mut().project().trailers.take() {
+        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+    }
+    if sse.replay.is_some()
+        && let Some(replay) = sse.as_mut().take_replay()
     {
-        if sse.ended {
-            return Poll::Ready(None);
-        }
-        if let Some(trailers) = sse.as_mut().project().trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-        }
-        if sse.replay.is_some()
-            && let Some(replay) = sse.as_mut().take_replay()
-        {
-            return Poll::Ready(Some(Ok(Frame::data(replay))));
-        }
-        if sse.waiting_for_room() {
-            ready!(sse.as_mut().poll_room(cx));
-        }
-        loop {
-            let draining = sse.shared.drain.is_draining();
-            // Draining, and this stream ends at its next event boundary.
-            let cutting = draining && sse.cut_by_drain();
-            if draining {
-                if cutting && let Some(step) = sse.as_mut().drain_step() {
-                    return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
-                }
-                if sse.as_mut().drain_overdue(None) {
-                    sse.as_mut().end_overdue();
-                    return Poll::Ready(None);
-                }
+        return Poll::Ready(Some(Ok(Frame::data(replay))));
+    }
+    if sse.waiting_for_room() {
+        ready!(sse.as_mut().poll_room(cx));
+    }
+    loop {
+        let draining = sse.shared.drain.is_draining();
+        // Draining, and this stream ends at its next event boundary.
+        let cutting = draining && sse.cut_by_drain();
+        if draining {
+            if cutting && let Some(step) = sse.as_mut().drain_step() {
+                return Poll::Ready(step.map(|bytes| Ok(Frame::data(bytes))));
             }
-            // The source's poll is matched where it is made: a `Frame` is large (it may hold
-            // trailers), and every move of one costs on small frames.
-            let polled = match &mut src {
-                Src::Body(body) => body.as_mut().poll_frame(cx),
-                Src::Tail(tail) => match tail.as_mut().map(|tail| tail.poll_next(cx)) {
-                    Some(Poll::Ready(Some(data))) => match sse.as_mut().data_out(data, draining) {
+            if sse.as_mut().drain_overdue(None) {
+                sse.as_mut().end_overdue();
+                return Poll::Ready(None);
+            }
+        }
+        // The source's poll is matched where it is made: a `Frame` is large (it may hold
+        // trailers), and every move of one costs on small frames.
+        let polled = match &mut src {
+            Src::Body(body) => body.as_mut().poll_frame(cx),
+            Src::Tail(tail) => match tail.as_mut().map(|tail| tail.poll_next(cx)) {
+                Some(Poll::Ready(Some(data))) => match sse.as_mut().data_out(data, draining) {
+                    Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    None => continue,
+                },
+                Some(Poll::Pending) => Poll::Pending,
+                Some(Poll::Ready(None)) | None => Poll::Ready(None),
+            },
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) => {
+                    let data = data.copy_to_bytes(data.remaining());
+                    match sse.as_mut().data_out(data, draining) {
                         Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                         None => continue,
-                    },
-                    Some(Poll::Pending) => Poll::Pending,
-                    Some(Poll::Ready(None)) | None => Poll::Ready(None),
-                },
-            };
-            match polled {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(mut data) => {
-                        let data = data.copy_to_bytes(data.remaining());
-                        match sse.as_mut().data_out(data, draining) {
-                            Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                            None => continue,
-                        }
                     }
-                    Err(trailers) => {
-                        let trailers = into_bytes(trailers);
-                        let Some(withheld) = sse.as_mut().take_withheld_bom() else {
-                            return Poll::Ready(Some(Ok(trailers)));
-                        };
-                        // The withheld bytes were content: they go before the trailers.
-                        sse.as_mut().on_data(&withheld);
-                        *sse.as_mut().project().trailers = trailers.into_trailers().ok();
-                        return Poll::Ready(Some(Ok(Frame::data(withheld))));
-                    }
-                },
-                // End of stream: an event cut off here is never committed.
-                Poll::Ready(None) => {
-                    if draining {
-                        // A stream the drain let run: it finished by itself.
-                        sse.shared.metrics.streams_drained_completed.increment(1);
-                    }
-                    let withheld = sse.as_mut().take_withheld_bom();
-                    // Whatever goes out now, the inner body is not polled again.
-                    *sse.as_mut().project().ended = true;
-                    sse.as_mut().finish();
-                    return Poll::Ready(withheld.map(|bytes| Ok(Frame::data(bytes))));
                 }
-                Poll::Ready(Some(Err(error))) => {
-                    // The inner body failed: it is not polled again, nor read on detached (its
-                    // stream did not finish, and must not look finished).
-                    *sse.as_mut().project().ended = true;
-                    return Poll::Ready(Some(Err(error)));
+                Err(trailers) => {
+                    let trailers = into_bytes(trailers);
+                    let Some(withheld) = sse.as_mut().take_withheld_bom() else {
+                        return Poll::Ready(Some(Ok(trailers)));
+                    };
+                    // The withheld bytes were content: they go before the trailers.
+                    sse.as_mut().on_data(&withheld);
+                    *sse.as_mut().project().trailers = trailers.into_trailers().ok();
+                    return Poll::Ready(Some(Ok(Frame::data(withheld))));
                 }
-                Poll::Pending => {
-                    sse.as_mut().went_quiet();
-                    if sse.as_mut().poll_drain(cx) {
-                        if sse.cut_by_drain() && sse.scanner.boundary() == Boundary::Event {
-                            // The drain started while the body was idle between events.
-                            continue;
-                        }
-                        if sse.as_mut().drain_overdue(Some(cx)) {
-                            sse.as_mut().end_overdue();
-                            return Poll::Ready(None);
-                        }
+            },
+            // End of stream: an event cut off here is never committed.
+            Poll::Ready(None) => {
+                if draining {
+                    // A stream the drain let run: it finished by itself.
+                    sse.shared.metrics.streams_drained_completed.increment(1);
+                }
+                let withheld = sse.as_mut().take_withheld_bom();
+                // Whatever goes out now, the inner body is not polled again.
+                *sse.as_mut().project().ended = true;
+                sse.as_mut().finish();
+                return Poll::Ready(withheld.map(|bytes| Ok(Frame::data(bytes))));
+            }
+            Poll::Ready(Some(Err(error))) => {
+                // The inner body failed: it is not polled again, nor read on detached (its
+                // stream did not finish, and must not look finished).
+                *sse.as_mut().project().ended = true;
+                return Poll::Ready(Some(Err(error)));
+            }
+            Poll::Pending => {
+                sse.as_mut().went_quiet();
+                if sse.as_mut().poll_drain(cx) {
+                    if sse.cut_by_drain() && sse.scanner.boundary() == Boundary::Event {
+                        // The drain started while the body was idle between events.
+                        continue;
                     }
-                    return sse
-                        .as_mut()
-                        .poll_heartbeat(cx)
-                        .map(|bytes| Some(Ok(Frame::data(bytes))));
+                    if sse.as_mut().drain_overdue(Some(cx)) {
+                        sse.as_mut().end_overdue();
+                        return Poll::Ready(None);
+                    }
                 }
+                return sse
+                    .as_mut()
+                    .poll_heartbeat(cx)
+                    .map(|bytes| Some(Ok(Frame::data(bytes))));
             }
         }
     }

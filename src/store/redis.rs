@@ -30,17 +30,16 @@ pub(crate) const ACTIVITY_SHARDS: usize = 16;
 /// or, for a node whose slots are moving, one per slot of its keys).
 const MAX_CONCURRENT_CALLS: usize = 32;
 
-/// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
-/// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
-/// neither a late retry nor another instance's older id can overwrite a newer one. Numbers are
-/// compared with `tonumber` (exact below 2^53) but written back as the strings they came as
-/// (Lua would print large numbers in exponent form).
-const SAVE_SCRIPT: &str = r#"
-local ttl = ARGV[1]
+/// The save script, with `$records`: the loop header that gives each record's `key`, `t`
+/// (time), `s` (sequence) and `id`.
+macro_rules! save_script {
+    ($records:literal) => {
+        concat!(
+            "local ttl = ARGV[1]
 local written = 0
-for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 3
-  local t, s, id = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+",
+            $records,
+            "
   local newer = true
   local current = redis.call('GET', key)
   if current then
@@ -57,35 +56,31 @@ for i, key in ipairs(KEYS) do
   end
 end
 return written
-"#;
+"
+        )
+    };
+}
+
+/// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
+/// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
+/// neither a late retry nor another instance's older id can overwrite a newer one. Numbers are
+/// compared with `tonumber` (exact below 2^53) but written back as the strings they came as
+/// (Lua would print large numbers in exponent form).
+const SAVE_SCRIPT: &str = save_script!(
+    "for i, key in ipairs(KEYS) do
+  local base = 1 + (i - 1) * 3
+  local t, s, id = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]"
+);
 
 /// [`SAVE_SCRIPT`] for the keys of one cluster node, whatever their slots: it declares no key
 /// (it is sent to the node by its address), and the keys are in `ARGV` (`ttl`, then `key,
 /// time, sequence, id` for each). A script without flags may touch keys of any slot that its
 /// node serves now; a key it does not (a slot moved, or a key already moved out of a slot
 /// being moved) stops the script with an error before that key is read or written.
-const SAVE_NODE_SCRIPT: &str = r#"
-local ttl = ARGV[1]
-local written = 0
-for base = 2, #ARGV, 4 do
-  local key, t, s, id = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
-  local newer = true
-  local current = redis.call('GET', key)
-  if current then
-    local ct, cs = string.match(current, '^(%d+):(%d+):')
-    ct, cs = tonumber(ct), tonumber(cs)
-    local nt, ns = tonumber(t), tonumber(s)
-    if ct and (ct > nt or (ct == nt and cs >= ns)) then
-      newer = false
-    end
-  end
-  if newer then
-    redis.call('SET', key, t .. ':' .. s .. ':' .. id, 'PX', ttl)
-    written = written + 1
-  end
-end
-return written
-"#;
+const SAVE_NODE_SCRIPT: &str = save_script!(
+    "for base = 2, #ARGV, 4 do
+  local key, t, s, id = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]"
+);
 
 /// A cluster's slots, as ranges with the primary that serves each, sorted.
 type SlotMap = Vec<(u16, u16, Primary)>;
