@@ -9,6 +9,12 @@
 //! `INFO commandstats` counts a script in whole milliseconds), then criterion's timing of one
 //! batch. The batches are made before the clock starts.
 //!
+//! The servers write an append-only file flushed at every write (`appendfsync always`, as in
+//! the tests); `REDIS_TEST_APPENDFSYNC=everysec` runs them with Redis's default flush policy
+//! for that file instead. The busiest server's CPU per record bounds what the topology can do
+//! when every server has a core of its own (this machine's 2 cores run the client and all six
+//! cluster servers at once).
+//!
 //! Run: `cargo bench --features redis --bench redis_store` (needs `redis-server` and
 //! `redis-cli` on PATH). `REDIS_STORE_BENCH_QUICK=1` makes it short.
 
@@ -29,21 +35,26 @@ use tower_sse_tracker::{EventId, StreamKey};
 
 const BATCH: usize = 256;
 
-fn batch(round: usize) -> Vec<SaveEntry> {
+/// The `version`th id of the streams of batch `round` (owners `owner-{round}-0..256`).
+fn batch_of(round: usize, version: u64) -> Vec<SaveEntry> {
     (0..BATCH)
         .map(|i| SaveEntry {
             key: StreamKey::try_new(&format!("owner-{round}-{i}"), "POST /mcp").unwrap(),
-            id: EventId::new(&format!("{round}/{i}")).unwrap(),
-            sequence: round as u64 + 1,
+            id: EventId::new(&format!("{round}/{i}/{version}")).unwrap(),
+            sequence: version,
             published_at: SystemTime::now(),
         })
         .collect()
 }
 
-/// Script calls the servers at `urls` have run so far, and the CPU seconds they have used.
-fn server_stats(urls: &[String]) -> (u64, f64) {
+fn batch(round: usize) -> Vec<SaveEntry> {
+    batch_of(round, 1)
+}
+
+/// Script calls the servers at `urls` have run so far, and the CPU seconds each has used.
+fn server_stats(urls: &[String]) -> (u64, Vec<f64>) {
     let mut calls = 0;
-    let mut cpu = 0.0;
+    let mut cpu = Vec::with_capacity(urls.len());
     for url in urls {
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut conn = client.get_connection().unwrap();
@@ -52,6 +63,7 @@ fn server_stats(urls: &[String]) -> (u64, f64) {
             .arg("cpu")
             .query(&mut conn)
             .unwrap();
+        let mut seconds = 0.0;
         for line in info.lines() {
             if let Some(stats) = line
                 .strip_prefix("cmdstat_evalsha:")
@@ -62,13 +74,14 @@ fn server_stats(urls: &[String]) -> (u64, f64) {
                     .find_map(|kv| kv.strip_prefix("calls=")?.parse::<u64>().ok())
                     .unwrap_or(0);
             }
-            if let Some(seconds) = line
+            if let Some(used) = line
                 .strip_prefix("used_cpu_user:")
                 .or_else(|| line.strip_prefix("used_cpu_sys:"))
             {
-                cpu += seconds.trim().parse::<f64>().unwrap_or(0.0);
+                seconds += used.trim().parse::<f64>().unwrap_or(0.0);
             }
         }
+        cpu.push(seconds);
     }
     (calls, cpu)
 }
@@ -101,24 +114,33 @@ fn bench(c: &mut Criterion) {
         let store = store.clone().with_prefix(format!("bench-{name}"));
         // Connect and load the script first.
         rt.block_on(store.save(&batch(usize::MAX - 1))).unwrap();
-        let batches: Vec<_> = (0..rounds).map(batch).collect();
-        let (calls_before, cpu_before) = server_stats(urls);
-        let started = Instant::now();
-        for batch in &batches {
-            rt.block_on(store.save(batch)).unwrap();
+        // New streams, then a newer id of each of them: keys written for the first time, then
+        // keys whose stored id is replaced.
+        for (what, version) in [("new keys", 1), ("updates", 2)] {
+            let batches: Vec<_> = (0..rounds).map(|round| batch_of(round, version)).collect();
+            let (calls_before, cpu_before) = server_stats(urls);
+            let started = Instant::now();
+            for batch in &batches {
+                rt.block_on(store.save(batch)).unwrap();
+            }
+            let took = started.elapsed();
+            let (calls, cpu) = server_stats(urls);
+            let records = (rounds * BATCH) as f64;
+            let used: Vec<f64> = cpu.iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
+            let busiest = used.iter().copied().fold(0.0, f64::max);
+            println!(
+                "{name}, {what}: {} records in batches of {BATCH} spread over all slots in \
+                 {took:?}: {:.0} records/s, {:.1} round trips (script calls) per batch, {:.2} µs \
+                 of Redis CPU per record (all servers), {:.2} µs on the busiest server: at most \
+                 {:.0} records/s with a core per server",
+                rounds * BATCH,
+                records / took.as_secs_f64(),
+                (calls - calls_before) as f64 / rounds as f64,
+                used.iter().sum::<f64>() * 1e6 / records,
+                busiest * 1e6 / records,
+                records / busiest
+            );
         }
-        let took = started.elapsed();
-        let (calls, cpu) = server_stats(urls);
-        let records = (rounds * BATCH) as f64;
-        println!(
-            "{name}: {} records in batches of {BATCH} spread over all slots in {took:?}: {:.0} \
-             records/s, {:.1} round trips (script calls) per batch, {:.2} µs of Redis CPU per \
-             record",
-            rounds * BATCH,
-            records / took.as_secs_f64(),
-            (calls - calls_before) as f64 / rounds as f64,
-            (cpu - cpu_before) * 1e6 / records
-        );
     }
 
     let mut group = c.benchmark_group("redis_store/save_batch_of_256");
@@ -130,7 +152,7 @@ fn bench(c: &mut Criterion) {
     }
     for (name, store, _) in &stores {
         let store = store.clone().with_prefix(format!("bench-{name}"));
-        let mut round = 0;
+        let mut round = rounds;
         group.bench_function(*name, |b| {
             b.iter(|| {
                 round += 1;

@@ -8,9 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Starts `redis-server` on `port` of 127.0.0.1 with an append-only file in `dir` and the
-/// `extra` arguments, and waits until it answers. `None` when it exited first (another process
+/// `extra` arguments, and waits until it answers. The file is flushed to disk at every write
+/// (`appendfsync always`), or as `REDIS_TEST_APPENDFSYNC` says (`everysec`, `no`). `None` when it exited first (another process
 /// holds the port) or did not answer within 20 s; it is killed then.
 pub fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Option<Child> {
+    let appendfsync =
+        std::env::var("REDIS_TEST_APPENDFSYNC").unwrap_or_else(|_| "always".to_owned());
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(extra)
@@ -20,7 +23,7 @@ pub fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Option<Child> 
             "--appendonly",
             "yes",
             "--appendfsync",
-            "always",
+            &appendfsync,
         ])
         .arg("--dir")
         .arg(dir)
