@@ -224,6 +224,176 @@ async fn a_stale_write_is_refused_across_two_stores(topology: Topology) {
     assert_eq!(loaded(&a, &k).await.as_deref(), Some("from-b-newer"));
 }
 
+/// The save script of the versions before the fixed-width values (0.2.0), as it ran then: an
+/// instance of that version still writes with it during a rolling deploy.
+const LAST_VERSIONS_SAVE_SCRIPT: &str = "local ttl = ARGV[1]
+local written = 0
+for i, key in ipairs(KEYS) do
+  local base = 1 + (i - 1) * 3
+  local t, s, id = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local newer = true
+  local current = redis.call('GET', key)
+  if current then
+    local ct, cs = string.match(current, '^(%d+):(%d+):')
+    ct, cs = tonumber(ct), tonumber(cs)
+    local nt, ns = tonumber(t), tonumber(s)
+    if ct and (ct > nt or (ct == nt and cs >= ns)) then
+      newer = false
+    end
+  end
+  if newer then
+    redis.call('SET', key, t .. ':' .. s .. ':' .. id, 'PX', ttl)
+    written = written + 1
+  end
+end
+return written
+";
+
+/// A plain connection to the server, or to the cluster (redirections followed).
+enum Raw {
+    One(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Raw {
+    async fn new(server: &Redis) -> Self {
+        match server {
+            Redis::Standalone(server) => Raw::One(
+                redis::Client::open(server.url.as_str())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            ),
+            Redis::Cluster(cluster) => Raw::Cluster(
+                redis::cluster::ClusterClient::new(cluster.urls())
+                    .unwrap()
+                    .get_async_connection()
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> T {
+        match self {
+            Raw::One(conn) => cmd.query_async(conn).await.unwrap(),
+            Raw::Cluster(conn) => cmd.query_async(conn).await.unwrap(),
+        }
+    }
+
+    /// What the last version's script does with the entry (`time` in µs): whether it wrote
+    /// it.
+    async fn last_version_saves(
+        &mut self,
+        key: &str,
+        id: &str,
+        sequence: u64,
+        time_us: u64,
+    ) -> bool {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LAST_VERSIONS_SAVE_SCRIPT)
+            .arg(1)
+            .arg(key)
+            .arg(60_000)
+            .arg(time_us)
+            .arg(sequence)
+            .arg(id);
+        self.query::<u64>(&cmd).await == 1
+    }
+}
+
+async fn this_and_the_last_versions_layout_agree_on_the_newest_id(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("layouts")).await;
+    let mut raw = Raw::new(&server).await;
+
+    // A value the last version wrote, numbers unpadded (time 2 s in µs, sequence 7): this
+    // version reads it, and compares with it as numbers.
+    let old = key("s1", "GET /old");
+    let old_key = store.key_of(&old);
+    let () = raw
+        .query(
+            redis::cmd("SET")
+                .arg(&old_key)
+                .arg("2000000:7:written-by-0.2"),
+        )
+        .await;
+    assert_eq!(
+        loaded(&store, &old).await.as_deref(),
+        Some("written-by-0.2")
+    );
+    for (id, sequence, at_ms) in [
+        ("lower-sequence", 6, 2_000),
+        ("same", 7, 2_000),
+        ("earlier", 99, 1_999),
+    ] {
+        store
+            .save(&[entry(&old, id, sequence, at_ms)])
+            .await
+            .unwrap();
+        assert_eq!(
+            loaded(&store, &old).await.as_deref(),
+            Some("written-by-0.2"),
+            "{id}"
+        );
+    }
+    store.save(&[entry(&old, "newer", 8, 2_000)]).await.unwrap();
+    assert_eq!(loaded(&store, &old).await.as_deref(), Some("newer"));
+
+    // A value this version wrote (fixed width): the last version's script compares with it
+    // as numbers too, refusing older ids and taking newer ones; this version then reads
+    // what it wrote, and goes on comparing.
+    let new = key("s2", "GET /new");
+    let new_key = store.key_of(&new);
+    store
+        .save(&[entry(&new, "from-this-version", 5, 3_000)])
+        .await
+        .unwrap();
+    let value: String = raw.query(redis::cmd("GET").arg(&new_key)).await;
+    assert_eq!(
+        value,
+        "0000000003000000:00000000000000000005:from-this-version"
+    );
+    assert!(
+        !raw.last_version_saves(&new_key, "older", 4, 3_000_000)
+            .await
+    );
+    assert!(!raw.last_version_saves(&new_key, "same", 5, 3_000_000).await);
+    assert!(
+        raw.last_version_saves(&new_key, "from-0.2", 6, 3_000_000)
+            .await
+    );
+    assert_eq!(loaded(&store, &new).await.as_deref(), Some("from-0.2"));
+    store
+        .save(&[entry(&new, "older-again", 6, 2_999)])
+        .await
+        .unwrap();
+    assert_eq!(loaded(&store, &new).await.as_deref(), Some("from-0.2"));
+    store
+        .save(&[entry(&new, "newest", 1, 3_001)])
+        .await
+        .unwrap();
+    assert_eq!(loaded(&store, &new).await.as_deref(), Some("newest"));
+}
+
+async fn a_save_after_redis_lost_its_scripts_loads_the_script_again(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("noscript")).await;
+    // Keys of many owners: on a cluster, every primary gets a call.
+    let keys: Vec<StreamKey> = (0..64).map(|i| key(&format!("s{i}"), "GET /a")).collect();
+    let batch = |id: &str, sequence| -> Vec<SaveEntry> {
+        keys.iter().map(|k| entry(k, id, sequence, 1_000)).collect()
+    };
+    store.save(&batch("first", 1)).await.unwrap();
+    // What a restarted Redis or a promoted replica has: no script.
+    server.command(&["SCRIPT", "FLUSH"]).await;
+    store.save(&batch("second", 2)).await.unwrap();
+    for k in &keys {
+        assert_eq!(loaded(&store, k).await.as_deref(), Some("second"), "{k}");
+    }
+}
+
 async fn keys_cannot_escape_their_namespace(topology: Topology) {
     let server = Redis::shared(topology);
     let prefix = unique_prefix("inject");
@@ -1334,6 +1504,8 @@ macro_rules! on_both_topologies {
 on_both_topologies!(
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
+    this_and_the_last_versions_layout_agree_on_the_newest_id,
+    a_save_after_redis_lost_its_scripts_loads_the_script_again,
     keys_cannot_escape_their_namespace,
     keys_and_activity_expire_after_the_ttl,
     a_client_resumes_on_a_second_instance,

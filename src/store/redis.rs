@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Pipeline, Script};
+use redis::{Cmd, ErrorKind, Pipeline, Script, ServerErrorKind};
 
 mod connection;
 
@@ -30,28 +30,40 @@ pub(crate) const ACTIVITY_SHARDS: usize = 16;
 /// or, for a node whose slots are moving, one per slot of its keys).
 const MAX_CONCURRENT_CALLS: usize = 32;
 
-/// The save script, with `$records`: the loop header that gives each record's `key`, `t`
-/// (time), `s` (sequence) and `id`.
+/// The save script, with `$records`: the loop header that gives each record's `key` and
+/// `value` (the value to store, `time:sequence:id` with the time in 16 digits and the sequence
+/// in 20, zero-padded: see [`write_value`]).
+///
+/// Each record takes one Redis call in the common case: `SET … GET` writes the value and
+/// returns the one it replaced, and only when that one was newer or as new is it written back.
+/// A value in the fixed-width layout compares by its first 37 bytes, all digits but the `:`
+/// at the same place in both, so their string order is their `(time, sequence)` order (also
+/// under a locale's collation, which Lua's `<` uses). A value in the layout of earlier
+/// versions (numbers not padded) is compared as numbers.
 macro_rules! save_script {
     ($records:literal) => {
         concat!(
             "local ttl = ARGV[1]
+local call, find, match, sub = redis.call, string.find, string.match, string.sub
 local written = 0
 ",
             $records,
             "
-  local newer = true
-  local current = redis.call('GET', key)
+  local current = call('SET', key, value, 'PX', ttl, 'GET')
+  local older = false
   if current then
-    local ct, cs = string.match(current, '^(%d+):(%d+):')
-    ct, cs = tonumber(ct), tonumber(cs)
-    local nt, ns = tonumber(t), tonumber(s)
-    if ct and (ct > nt or (ct == nt and cs >= ns)) then
-      newer = false
+    if find(current, '^%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d:%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d:') then
+      older = sub(current, 1, 37) >= sub(value, 1, 37)
+    else
+      local ct, cs = match(current, '^(%d+):(%d+):')
+      ct, cs = tonumber(ct), tonumber(cs)
+      local nt, ns = tonumber(sub(value, 1, 16)), tonumber(sub(value, 18, 37))
+      older = ct and (ct > nt or (ct == nt and cs >= ns))
     end
   end
-  if newer then
-    redis.call('SET', key, t .. ':' .. s .. ':' .. id, 'PX', ttl)
+  if older then
+    call('SET', key, current, 'PX', ttl)
+  else
     written = written + 1
   end
 end
@@ -61,26 +73,47 @@ return written
     };
 }
 
-/// Saves a batch atomically (on a cluster, the keys of one slot). A key's value is `time:sequence:id` (time in
-/// Unix microseconds); an entry replaces it only when its `(time, sequence)` is higher, so
-/// neither a late retry nor another instance's older id can overwrite a newer one. Numbers are
-/// compared with `tonumber` (exact below 2^53) but written back as the strings they came as
-/// (Lua would print large numbers in exponent form).
+/// Saves a batch atomically (on a cluster, the keys of one slot): `KEYS` are the keys, `ARGV`
+/// the time to live in ms, then each key's value. A key's value is replaced only by one with a
+/// higher `(time, sequence)`, so neither a late retry nor another instance's older id can
+/// overwrite a newer one.
 const SAVE_SCRIPT: &str = save_script!(
     "for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 3
-  local t, s, id = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]"
+  local value = ARGV[i + 1]"
 );
 
 /// [`SAVE_SCRIPT`] for the keys of one cluster node, whatever their slots: it declares no key
 /// (it is sent to the node by its address), and the keys are in `ARGV` (`ttl`, then `key,
-/// time, sequence, id` for each). A script without flags may touch keys of any slot that its
-/// node serves now; a key it does not (a slot moved, or a key already moved out of a slot
-/// being moved) stops the script with an error before that key is read or written.
+/// value` for each). A script without flags may touch keys of any slot that its node serves
+/// now; a key it does not (a slot moved, or a key already moved out of a slot being moved)
+/// stops the script with an error before that key is read or written.
 const SAVE_NODE_SCRIPT: &str = save_script!(
-    "for base = 2, #ARGV, 4 do
-  local key, t, s, id = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]"
+    "for base = 2, #ARGV, 2 do
+  local key, value = ARGV[base], ARGV[base + 1]"
 );
+
+/// The largest time a stored value holds, in Unix microseconds (16 digits: the year 2286).
+const MAX_STORED_TIME: u64 = 9_999_999_999_999_999;
+
+/// Appends the stored value of `entry` to `out`: `time:sequence:id`, the time in Unix
+/// microseconds in 16 digits and the sequence in 20, zero-padded, so that values compare as
+/// strings. Earlier versions wrote the numbers unpadded; they read these values as the same
+/// numbers, and the save script reads theirs.
+fn write_value(out: &mut Vec<u8>, entry: &SaveEntry) {
+    fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+        let start = out.len();
+        out.resize(start + width, b'0');
+        for at in (start..start + width).rev() {
+            out[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+    digits(out, unix_us(entry.published_at).min(MAX_STORED_TIME), 16);
+    out.push(b':');
+    digits(out, entry.sequence, 20);
+    out.push(b':');
+    out.extend_from_slice(entry.id.as_str().as_bytes());
+}
 
 /// A cluster's slots, as ranges with the primary that serves each, sorted.
 type SlotMap = Vec<(u16, u16, Primary)>;
@@ -180,8 +213,9 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   a Redis Cluster:
 ///   choose a cluster when one Redis is not enough memory or throughput, or must not be a single
 ///   point of failure. Both use the same keys and pass the same tests.
-/// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script),
-///   activity in one pipeline. On a cluster a batch is split by the primary that serves each
+/// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script,
+///   sent by its hash, and with its text only when Redis answers that it lacks it: after a
+///   restart or a failover), activity in one pipeline. On a cluster a batch is split by the primary that serves each
 ///   key, from the cluster's slot map (`CLUSTER SLOTS`, read at the first save and again after
 ///   any failed one), and each primary gets one script call, sent concurrently: as many round
 ///   trips as primaries, however many slots the batch touches. Such a call is sent to the
@@ -195,20 +229,28 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   failed save. A primary the cluster gives no address for (`?`, empty, a wildcard) gets
 ///   one call per slot. What this gives up: a proxy that admits only scripts whose keys are
 ///   all declared (some managed services) refuses these calls.
-///   Activity goes in one pipeline per activity shard. The keys and values are those of the
-///   versions that sent one call per slot: stores of both versions share them.
+///   Activity goes in one pipeline per activity shard.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
-///   entry's and writes only newer ones, so two instances writing one key, or a late retry,
-///   never replace a newer id with an older one.
-/// - **Key layout.** `{prefix}:id:{<owner>}:<stream>` holds `time:sequence:id` (time in Unix
-///   microseconds). The braces make the owner the key's hash tag, so all streams of an owner
-///   share a slot; a sessionless stream is `{prefix}:id:~:{<stream>}`. Owners and stream names
-///   are percent-encoded (every byte but `A-Z a-z 0-9 - _ .`), so no value can reach outside
-///   its place in the key, form another key or another hash tag. Activity is spread over
-///   16 sorted sets, `{prefix}:activity:{<n>}`, owner ids scored by last
+///   entry's and keeps the newer, so two instances writing one key, or a late retry, never
+///   replace a newer id with an older one. It costs one Redis call per record in the common
+///   case (`SET … GET`, and a second `SET` only to put back a value that was newer or as new).
+/// - **Key layout.** `{prefix}:id:{<owner>}:<stream>` holds `time:sequence:id`: the time in
+///   Unix microseconds in 16 digits and the sequence in 20, zero-padded, so that the script
+///   compares values as strings. The braces make the owner the key's hash tag, so all streams
+///   of an owner share a slot; a sessionless stream is `{prefix}:id:~:{<stream>}`. Owners and
+///   stream names are percent-encoded (every byte but `A-Z a-z 0-9 - _ .`), so no value can
+///   reach outside its place in the key, form another key or another hash tag. Activity is
+///   spread over 16 sorted sets, `{prefix}:activity:{<n>}`, owner ids scored by last
 ///   activity (Unix ms); an owner's shard is a fixed hash of its name.
-/// - **Expiry.** Id keys expire `ttl` after their last write; activity older than `ttl` is
-///   removed from its set at each activity write, and a set expires `ttl` after the last one.
+/// - **From the last version (0.2).** The keys are the same; only the values' numbers were
+///   unpadded (`1765000000000123:5:id`). Nothing needs migrating, and both versions can write
+///   one store during a rolling deploy: this version compares an unpadded value as numbers,
+///   and the last version reads a padded one as the same numbers (`tests/redis.rs` runs the
+///   last version's script against this one's values, and the other way round). An
+///   unpadded value is replaced at the stream's next write, or expires.
+/// - **Expiry.** Id keys expire `ttl` after their last write (an older id refused renews the
+///   time too: it is written and put back); activity older than `ttl` is removed from its set
+///   at each activity write, and a set expires `ttl` after the last one.
 /// - **Start-up and reconnects.** [`RedisStore::new`] and [`RedisStore::cluster`] do not
 ///   connect: the first call does, so an application starts and serves while Redis is down
 ///   (its writes fail and the tracker's worker retries them with back-off until Redis is up).
@@ -277,6 +319,7 @@ pub struct RedisStore {
     prefix: String,
     ttl: Duration,
     save: Script,
+    save_node: Script,
     /// On a cluster: its slots and their primaries, as last read (`None`: to be read, at the
     /// next save).
     slots: Arc<std::sync::Mutex<Option<Arc<SlotMap>>>>,
@@ -330,6 +373,7 @@ impl RedisStore {
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
             save: Script::new(SAVE_SCRIPT),
+            save_node: Script::new(SAVE_NODE_SCRIPT),
             slots: Arc::default(),
         }
     }
@@ -512,19 +556,94 @@ impl RedisStore {
         Ok(score.map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64)))
     }
 
-    /// Saves `batch` (keys of one slot on a cluster) with one script call.
-    async fn save_one(&self, current: &Current, batch: Vec<&SaveEntry>) -> Result<(), StoreError> {
-        let mut invocation = self.save.prepare_invoke();
-        invocation.arg(self.ttl.as_millis() as u64);
-        for entry in batch {
-            invocation
-                .key(self.key_of(&entry.key))
-                .arg(unix_us(entry.published_at))
-                .arg(entry.sequence)
-                .arg(entry.id.as_str());
+    /// The command that saves `records` (keys with their entries): [`SAVE_SCRIPT`] with the
+    /// keys declared, or, for a call sent to a cluster node by its address,
+    /// [`SAVE_NODE_SCRIPT`] with the keys in `ARGV`. By the script's hash (`EVALSHA`), or with
+    /// its text (`EVAL`, which loads it) when `text`. The arguments are written once, into the
+    /// command.
+    fn save_command(&self, records: &[(String, &SaveEntry)], node: bool, text: bool) -> Cmd {
+        let script = if node { &self.save_node } else { &self.save };
+        let bytes: usize = records
+            .iter()
+            .map(|(key, entry)| key.len() + entry.id.as_str().len() + 40)
+            .sum();
+        let mut cmd = Cmd::with_capacity(4 + 2 * records.len(), bytes + 64);
+        if text {
+            cmd.arg("EVAL")
+                .arg(if node { SAVE_NODE_SCRIPT } else { SAVE_SCRIPT });
+        } else {
+            cmd.arg("EVALSHA").arg(script.get_hash());
         }
-        let _written: u64 = current
-            .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+        let ttl = self.ttl.as_millis() as u64;
+        let mut value = Vec::with_capacity(128);
+        let mut value_arg = |cmd: &mut Cmd, entry: &SaveEntry| {
+            value.clear();
+            write_value(&mut value, entry);
+            cmd.arg(&value[..]);
+        };
+        if node {
+            cmd.arg(0).arg(ttl);
+            for (key, entry) in records {
+                cmd.arg(key.as_str());
+                value_arg(&mut cmd, entry);
+            }
+        } else {
+            cmd.arg(records.len());
+            for (key, _) in records {
+                cmd.arg(key.as_str());
+            }
+            cmd.arg(ttl);
+            for (_, entry) in records {
+                value_arg(&mut cmd, entry);
+            }
+        }
+        cmd
+    }
+
+    /// Sends the save command of `records` by `routing` (`None`: by its keys, or to the
+    /// standalone Redis), by the script's hash, and again with its text when Redis answers that
+    /// it does not have the script (a restarted Redis, a new primary).
+    async fn send_save(
+        &self,
+        current: &Current,
+        records: &[(String, &SaveEntry)],
+        routing: Option<RoutingInfo>,
+    ) -> redis::RedisResult<u64> {
+        let node = routing.is_some();
+        let mut text = false;
+        loop {
+            let cmd = self.save_command(records, node, text);
+            let routing = routing.clone();
+            let result = current
+                .run(|conn| async move {
+                    match (conn, routing) {
+                        (Conn::Cluster(mut conn), Some(routing)) => {
+                            // An error reply comes back as a value: made an error here.
+                            let value = conn.route_command(cmd, routing).await?.extract_error()?;
+                            redis::from_redis_value(value).map_err(Into::into)
+                        }
+                        (mut conn, _) => cmd.query_async(&mut conn).await,
+                    }
+                })
+                .await;
+            match result {
+                Err(error)
+                    if !text && error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+                {
+                    text = true;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Saves `batch` (keys of one slot on a cluster) with one script call.
+    async fn save_one(
+        &self,
+        current: &Current,
+        batch: &[(String, &SaveEntry)],
+    ) -> Result<(), StoreError> {
+        self.send_save(current, batch, None)
             .await
             .map_err(|e| redis_error("saving a batch of latest ids", e))?;
         Ok(())
@@ -567,44 +686,23 @@ impl RedisStore {
         batch: Vec<(String, &SaveEntry)>,
     ) -> Result<(), StoreError> {
         if let Some((host, port)) = address {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(SAVE_NODE_SCRIPT)
-                .arg(0)
-                .arg(self.ttl.as_millis() as u64);
-            for (key, entry) in &batch {
-                cmd.arg(key)
-                    .arg(unix_us(entry.published_at))
-                    .arg(entry.sequence)
-                    .arg(entry.id.as_str());
-            }
             let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            let result: redis::RedisResult<u64> = current
-                .run(|conn| async move {
-                    match conn {
-                        Conn::Cluster(mut conn) => {
-                            let value = conn.route_command(cmd, routing).await?;
-                            redis::from_redis_value(value).map_err(Into::into)
-                        }
-                        Conn::Standalone(mut conn) => cmd.query_async(&mut conn).await,
-                    }
-                })
-                .await;
-            match result {
+            match self.send_save(current, &batch, Some(routing)).await {
                 Ok(_written) => return Ok(()),
                 Err(error) if slot_elsewhere(&error) => *lock(&self.slots) = None,
                 Err(error) => return Err(redis_error("saving a batch of latest ids", error)),
             }
         }
-        let mut by_slot: HashMap<u16, Vec<&SaveEntry>> = HashMap::new();
+        let mut by_slot: HashMap<u16, Vec<(String, &SaveEntry)>> = HashMap::new();
         for (key, entry) in batch {
             by_slot
                 .entry(key_slot(key.as_bytes()))
                 .or_default()
-                .push(entry);
+                .push((key, entry));
         }
         let calls = by_slot
-            .into_values()
-            .map(|entries| self.save_one(current, entries))
+            .values()
+            .map(|records| self.save_one(current, records))
             .collect();
         bounded(calls, MAX_CONCURRENT_CALLS).await
     }
@@ -682,7 +780,8 @@ impl Store for RedisStore {
         }
         let current = self.connection.get().await?;
         if let Conn::Standalone(_) = current.conn {
-            return self.save_one(&current, batch.iter().collect()).await;
+            let records: Vec<_> = batch.iter().map(|e| (self.key_of(&e.key), e)).collect();
+            return self.save_one(&current, &records).await;
         }
         // A cluster: one script call per primary, sent concurrently. Should one fail, the
         // whole batch is retried, on a map read again; the keys already written are then
