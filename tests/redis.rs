@@ -1333,6 +1333,34 @@ async fn a_cluster_batch_after_a_reshard_is_stored_whole_by_its_retry() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_activity_write_touching_a_slot_being_moved_is_stored() {
+    let cluster = RedisCluster::new();
+    let store = RedisStore::cluster(cluster.urls())
+        .unwrap()
+        .with_prefix(unique_prefix("activity-moving"));
+    // Owners in every activity shard; shard 0's set does not exist yet, and its slot is being
+    // moved, so its primary answers `ASK` for it.
+    let _moving = start_moving(&cluster, &store.activity_key(0));
+    let now = SystemTime::now();
+    let activity: Vec<SessionActivity> = (0..256)
+        .map(|i| SessionActivity {
+            owner: Owner::new(&format!("owner-{i}")).unwrap(),
+            last_active: now,
+        })
+        .collect();
+    let mut failed = 0;
+    while let Err(error) = store.touch_sessions(&activity).await {
+        failed += 1;
+        assert!(failed < 5, "still failing after {failed} tries: {error:?}");
+    }
+    println!("activity stored after {failed} failed write(s)");
+    for a in &activity {
+        let owner = a.owner.as_str();
+        assert!(store.last_active(owner).await.unwrap().is_some(), "{owner}");
+    }
+}
+
 /// A slot being moved, as `redis-cli --cluster reshard` leaves it mid-way: `IMPORTING` on
 /// `target`, `MIGRATING` on `source` (node indexes), no key moved yet.
 struct Moving {

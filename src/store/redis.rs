@@ -229,7 +229,9 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   failed save. A primary the cluster gives no address for (`?`, empty, a wildcard) gets
 ///   one call per slot. What this gives up: a proxy that admits only scripts whose keys are
 ///   all declared (some managed services) refuses these calls.
-///   Activity goes in one pipeline per activity shard.
+///   Activity goes the same way: the activity shards of each primary in one pipeline sent to
+///   its address, or command by command while slots move. A flush thus takes at most one
+///   save call and one activity pipeline per primary while no slot moves.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
 ///   entry's and keeps the newer, so two instances writing one key, or a late retry, never
 ///   replace a newer id with an older one. It costs one Redis call per record in the common
@@ -707,6 +709,67 @@ impl RedisStore {
         bounded(calls, MAX_CONCURRENT_CALLS).await
     }
 
+    /// Writes the activity of `shards`, whose keys the cluster node at `address` serves, in
+    /// one pipeline sent to that node. When the node answers that a key is served elsewhere
+    /// or moving (a reshard), the shards' commands go one by one instead, routed by the
+    /// cluster client, which follows the redirections; the slot map is read again at the next write.
+    /// The commands can run twice: `ZADD GT` keeps the latest activity, and the others
+    /// expire.
+    async fn touch_node(
+        &self,
+        current: &Current,
+        address: Option<(String, u16)>,
+        shards: Vec<(usize, Vec<&SessionActivity>)>,
+    ) -> Result<(), StoreError> {
+        if let Some((host, port)) = address {
+            let mut pipe = redis::pipe();
+            for (shard, sessions) in &shards {
+                self.activity_commands(&mut pipe, *shard, sessions);
+            }
+            let count = pipe.len();
+            let route = SingleNodeRoutingInfo::ByAddress { host, port };
+            let result = current
+                .run(|conn| async move {
+                    match conn {
+                        Conn::Cluster(mut conn) => {
+                            // Error replies come back as values: made errors here.
+                            for value in conn.route_pipeline(pipe, 0, count, route).await? {
+                                value.extract_error()?;
+                            }
+                            Ok(())
+                        }
+                        Conn::Standalone(mut conn) => pipe.query_async::<()>(&mut conn).await,
+                    }
+                })
+                .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(error) if redirected(&error) => *lock(&self.slots) = None,
+                Err(error) => return Err(redis_error("writing session activity", error)),
+            }
+        }
+        // Command by command: the cluster client follows `ASK` for a command, not inside a
+        // pipeline. A shard's commands in order (its set exists before it is given a time to
+        // live), the shards concurrently.
+        let calls = shards
+            .into_iter()
+            .map(|(shard, sessions)| {
+                let mut pipe = redis::pipe();
+                self.activity_commands(&mut pipe, shard, &sessions);
+                async move {
+                    for cmd in pipe.cmd_iter() {
+                        current
+                            .run(|mut conn| async move { cmd.query_async::<()>(&mut conn).await })
+                            .await
+                            .map_err(|e| redis_error("writing session activity", e))?;
+                    }
+                    Ok(())
+                }
+            })
+            .collect();
+        bounded(calls, MAX_CONCURRENT_CALLS).await
+    }
+
     /// Adds the activity commands of one shard to `pipe`.
     fn activity_commands(&self, pipe: &mut Pipeline, shard: usize, sessions: &[&SessionActivity]) {
         let key = self.activity_key(shard);
@@ -732,6 +795,17 @@ async fn run_pipeline(current: &Current, pipe: Pipeline) -> Result<(), StoreErro
         .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
         .await
         .map_err(|e| redis_error("writing session activity", e))
+}
+
+/// Whether a cluster node answered that a key is served elsewhere (`MOVED`, `ASK`) or is
+/// moving (`TRYAGAIN`).
+fn redirected(error: &redis::RedisError) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::TryAgain
+        )
+    )
 }
 
 /// Runs `calls` with at most `limit` in flight and returns the first error. After an error no
@@ -839,14 +913,29 @@ impl Store for RedisStore {
             }
             return run_pipeline(&current, pipe).await;
         }
-        // A cluster: one pipeline per shard (its keys share a slot), sent concurrently.
-        let mut calls = Vec::with_capacity(by_shard.len());
+        // A cluster: the shards of each primary in one pipeline, sent concurrently.
+        let slots = self.slot_map(&current).await?;
+        let mut by_node: HashMap<Option<&Primary>, Vec<(usize, Vec<&SessionActivity>)>> =
+            HashMap::new();
         for (shard, sessions) in by_shard {
-            let mut pipe = redis::pipe();
-            self.activity_commands(&mut pipe, shard, &sessions);
-            calls.push(run_pipeline(&current, pipe));
+            let slot = key_slot(self.activity_key(shard).as_bytes());
+            by_node
+                .entry(node_of(&slots, slot))
+                .or_default()
+                .push((shard, sessions));
         }
-        bounded(calls, MAX_CONCURRENT_CALLS).await
+        let calls = by_node
+            .into_iter()
+            .map(|(node, shards)| {
+                let address = node.and_then(|node| node.address.clone());
+                self.touch_node(&current, address, shards)
+            })
+            .collect();
+        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
+        if result.is_err() {
+            *lock(&self.slots) = None;
+        }
+        result
     }
 }
 
