@@ -224,7 +224,7 @@ async fn a_stale_write_is_refused_across_two_stores(topology: Topology) {
     assert_eq!(loaded(&a, &k).await.as_deref(), Some("from-b-newer"));
 }
 
-/// The save script of the versions before the fixed-width values (0.2.0), as it ran then: an
+/// The save script of the versions before the fixed-width values (0.1), as it ran then: an
 /// instance of that version still writes with it during a rolling deploy.
 const LAST_VERSIONS_SAVE_SCRIPT: &str = "local ttl = ARGV[1]
 local written = 0
@@ -316,12 +316,12 @@ async fn this_and_the_last_versions_layout_agree_on_the_newest_id(topology: Topo
         .query(
             redis::cmd("SET")
                 .arg(&old_key)
-                .arg("2000000:7:written-by-0.2"),
+                .arg("2000000:7:written-by-0.1"),
         )
         .await;
     assert_eq!(
         loaded(&store, &old).await.as_deref(),
-        Some("written-by-0.2")
+        Some("written-by-0.1")
     );
     for (id, sequence, at_ms) in [
         ("lower-sequence", 6, 2_000),
@@ -334,7 +334,7 @@ async fn this_and_the_last_versions_layout_agree_on_the_newest_id(topology: Topo
             .unwrap();
         assert_eq!(
             loaded(&store, &old).await.as_deref(),
-            Some("written-by-0.2"),
+            Some("written-by-0.1"),
             "{id}"
         );
     }
@@ -361,15 +361,15 @@ async fn this_and_the_last_versions_layout_agree_on_the_newest_id(topology: Topo
     );
     assert!(!raw.last_version_saves(&new_key, "same", 5, 3_000_000).await);
     assert!(
-        raw.last_version_saves(&new_key, "from-0.2", 6, 3_000_000)
+        raw.last_version_saves(&new_key, "from-0.1", 6, 3_000_000)
             .await
     );
-    assert_eq!(loaded(&store, &new).await.as_deref(), Some("from-0.2"));
+    assert_eq!(loaded(&store, &new).await.as_deref(), Some("from-0.1"));
     store
         .save(&[entry(&new, "older-again", 6, 2_999)])
         .await
         .unwrap();
-    assert_eq!(loaded(&store, &new).await.as_deref(), Some("from-0.2"));
+    assert_eq!(loaded(&store, &new).await.as_deref(), Some("from-0.1"));
     store
         .save(&[entry(&new, "newest", 1, 3_001)])
         .await
@@ -1349,12 +1349,9 @@ async fn a_cluster_activity_write_touching_a_slot_being_moved_is_stored() {
             last_active: now,
         })
         .collect();
-    let mut failed = 0;
-    while let Err(error) = store.touch_sessions(&activity).await {
-        failed += 1;
-        assert!(failed < 5, "still failing after {failed} tries: {error:?}");
-    }
-    println!("activity stored after {failed} failed write(s)");
+    // The node's pipeline is redirected, and its shards then go command by command: the
+    // first write stores everything.
+    store.touch_sessions(&activity).await.unwrap();
     for a in &activity {
         let owner = a.owner.as_str();
         assert!(store.last_active(owner).await.unwrap().is_some(), "{owner}");

@@ -34,8 +34,9 @@ const MAX_CONCURRENT_CALLS: usize = 32;
 /// `value` (the value to store, `time:sequence:id` with the time in 16 digits and the sequence
 /// in 20, zero-padded: see [`write_value`]).
 ///
-/// Each record takes one Redis call in the common case: `SET … GET` writes the value and
-/// returns the one it replaced, and only when that one was newer or as new is it written back.
+/// `SET … NX GET` writes a new key in one call, and returns an existing key's value without
+/// touching it; the value is then replaced (a second `SET`) only when the entry is newer. A
+/// refused entry writes nothing and leaves the key's expiry as it was.
 /// A value in the fixed-width layout compares by its first 37 bytes, all digits but the `:`
 /// at the same place in both, so their string order is their `(time, sequence)` order (also
 /// under a locale's collation, which Lua's `<` uses). A value in the layout of earlier
@@ -49,21 +50,22 @@ local written = 0
 ",
             $records,
             "
-  local current = call('SET', key, value, 'PX', ttl, 'GET')
-  local older = false
+  local current = call('SET', key, value, 'NX', 'PX', ttl, 'GET')
+  local newer = true
   if current then
     if find(current, '^%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d:%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d:') then
-      older = sub(current, 1, 37) >= sub(value, 1, 37)
+      newer = sub(current, 1, 37) < sub(value, 1, 37)
     else
       local ct, cs = match(current, '^(%d+):(%d+):')
       ct, cs = tonumber(ct), tonumber(cs)
       local nt, ns = tonumber(sub(value, 1, 16)), tonumber(sub(value, 18, 37))
-      older = ct and (ct > nt or (ct == nt and cs >= ns))
+      newer = not (ct and (ct > nt or (ct == nt and cs >= ns)))
+    end
+    if newer then
+      call('SET', key, value, 'PX', ttl)
     end
   end
-  if older then
-    call('SET', key, current, 'PX', ttl)
-  else
+  if newer then
     written = written + 1
   end
 end
@@ -230,12 +232,13 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   one call per slot. What this gives up: a proxy that admits only scripts whose keys are
 ///   all declared (some managed services) refuses these calls.
 ///   Activity goes the same way: the activity shards of each primary in one pipeline sent to
-///   its address, or command by command while slots move. A flush thus takes at most one
-///   save call and one activity pipeline per primary while no slot moves.
+///   its address, or command by command while slots move. While no slot moves, every primary
+///   has an address and holds the script, a flush thus takes one save call and one activity
+///   pipeline per primary at most.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
-///   entry's and keeps the newer, so two instances writing one key, or a late retry, never
-///   replace a newer id with an older one. It costs one Redis call per record in the common
-///   case (`SET … GET`, and a second `SET` only to put back a value that was newer or as new).
+///   entry's and writes only newer ones, so two instances writing one key, or a late retry,
+///   never replace a newer id with an older one. A new key takes one Redis call inside the
+///   script (`SET … NX GET`), an existing one a second (`SET`) when the entry is newer.
 /// - **Key layout.** `{prefix}:id:{<owner>}:<stream>` holds `time:sequence:id`: the time in
 ///   Unix microseconds in 16 digits and the sequence in 20, zero-padded, so that the script
 ///   compares values as strings. The braces make the owner the key's hash tag, so all streams
@@ -244,15 +247,15 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   reach outside its place in the key, form another key or another hash tag. Activity is
 ///   spread over 16 sorted sets, `{prefix}:activity:{<n>}`, owner ids scored by last
 ///   activity (Unix ms); an owner's shard is a fixed hash of its name.
-/// - **From the last version (0.2).** The keys are the same; only the values' numbers were
+/// - **From the last version (0.1).** The keys are the same; only the values' numbers were
 ///   unpadded (`1765000000000123:5:id`). Nothing needs migrating, and both versions can write
 ///   one store during a rolling deploy: this version compares an unpadded value as numbers,
 ///   and the last version reads a padded one as the same numbers (`tests/redis.rs` runs the
 ///   last version's script against this one's values, and the other way round). An
 ///   unpadded value is replaced at the stream's next write, or expires.
-/// - **Expiry.** Id keys expire `ttl` after their last write (an older id refused renews the
-///   time too: it is written and put back); activity older than `ttl` is removed from its set
-///   at each activity write, and a set expires `ttl` after the last one.
+/// - **Expiry.** Id keys expire `ttl` after their last write (a refused, older id is not a
+///   write); activity older than `ttl` is removed from its set at each activity write, and a
+///   set expires `ttl` after the last one.
 /// - **Start-up and reconnects.** [`RedisStore::new`] and [`RedisStore::cluster`] do not
 ///   connect: the first call does, so an application starts and serves while Redis is down
 ///   (its writes fail and the tracker's worker retries them with back-off until Redis is up).
@@ -721,7 +724,7 @@ impl RedisStore {
         address: Option<(String, u16)>,
         shards: Vec<(usize, Vec<&SessionActivity>)>,
     ) -> Result<(), StoreError> {
-        if let Some((host, port)) = address {
+        let moved = if let Some((host, port)) = address {
             let mut pipe = redis::pipe();
             for (shard, sessions) in &shards {
                 self.activity_commands(&mut pipe, *shard, sessions);
@@ -744,10 +747,29 @@ impl RedisStore {
                 .await;
             match result {
                 Ok(()) => return Ok(()),
-                Err(error) if redirected(&error) => *lock(&self.slots) = None,
+                Err(error) if redirected(&error) => {
+                    *lock(&self.slots) = None;
+                    Some(error)
+                }
                 Err(error) => return Err(redis_error("writing session activity", error)),
             }
-        }
+        } else {
+            None
+        };
+        let Some(moved) = moved else {
+            // No address: one pipeline per shard (its keys share a slot), routed by the
+            // cluster client.
+            let calls = shards
+                .into_iter()
+                .map(|(shard, sessions)| {
+                    let mut pipe = redis::pipe();
+                    self.activity_commands(&mut pipe, shard, &sessions);
+                    run_pipeline(current, pipe)
+                })
+                .collect();
+            return bounded(calls, MAX_CONCURRENT_CALLS).await;
+        };
+        tracing::debug!(error = %moved, "activity keys moved: command by command");
         // Command by command: the cluster client follows `ASK` for a command, not inside a
         // pipeline. A shard's commands in order (its set exists before it is given a time to
         // live), the shards concurrently.
