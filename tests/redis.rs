@@ -14,6 +14,8 @@ mod redis_cluster;
 mod redis_server;
 #[path = "common/silent_proxy.rs"]
 mod silent_proxy;
+#[path = "common/store_log.rs"]
+mod store_log;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -392,6 +394,100 @@ async fn a_save_after_redis_lost_its_scripts_loads_the_script_again(topology: To
     for k in &keys {
         assert_eq!(loaded(&store, k).await.as_deref(), Some("second"), "{k}");
     }
+}
+
+async fn replay_logs_keep_the_exact_events_once_each(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("logs"))
+        .await
+        .with_log_max_events(store_log::LOG_MAX_EVENTS);
+    store_log::logs_keep_the_exact_events_once_each(&store, "owner").await;
+    // The log shares its stream's slot, and expires with the store's time to live.
+    let key = key("owner", "POST /mcp");
+    assert_eq!(
+        redis::cluster_routing::Slot::for_key(store.log_key_of(&key)),
+        redis::cluster_routing::Slot::for_key(store.key_of(&key))
+    );
+}
+
+async fn a_replay_log_expires_after_the_ttl(topology: Topology) {
+    use tower_sse_tracker::store::{LogAppend, LogEvent};
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("log-ttl"))
+        .await
+        .with_ttl(Duration::from_millis(300));
+    let k = key("s1", "GET /feed");
+    let append = LogAppend::new(k.clone(), 1, "a").event(LogEvent::new(
+        0,
+        None,
+        Bytes::from_static(b"data: x\n\n"),
+    ));
+    store.append_logs(&[append]).await.unwrap();
+    assert!(store.read_log(&k, None, 10).await.unwrap().is_some());
+    sleep(Duration::from_millis(600)).await;
+    assert_eq!(store.read_log(&k, None, 10).await.unwrap(), None);
+    assert!(
+        server
+            .keys(&format!("{}*", store.log_key_of(&k)))
+            .await
+            .is_empty()
+    );
+}
+
+/// Redis's memory per logged event (`MEMORY USAGE` of the log and its meta, all samples),
+/// printed; the bound asserted is the event's bytes and 64 bytes.
+async fn a_replay_log_costs_redis_little_more_than_its_events(topology: Topology) {
+    use tower_sse_tracker::store::{LogAppend, LogEvent};
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("log-memory")).await;
+    let k = key("s1", "GET /answer");
+    const EVENTS: u64 = 1000;
+    let mut event_bytes = 0;
+    let mut append = LogAppend::new(k.clone(), 1, "instance-a");
+    for offset in 0..EVENTS {
+        // An LLM token event: an id, and about 80 bytes of JSON.
+        let bytes = format!(
+            "id: {offset}\ndata: {{\"choices\":[{{\"delta\":{{\"content\":\" token{offset:05}\"}},\"index\":0}}]}}\n\n"
+        );
+        event_bytes += bytes.len();
+        append = append.event(LogEvent::new(
+            offset,
+            Some(EventId::new(&offset.to_string()).unwrap()),
+            Bytes::from(bytes),
+        ));
+    }
+    store.append_logs(&[append]).await.unwrap();
+    let mut raw = Raw::new(&server).await;
+    let mut usage = 0;
+    for redis_key in [
+        store.log_key_of(&k),
+        store.log_key_of(&k).replacen(":log:", ":logmeta:", 1),
+    ] {
+        let bytes: u64 = raw
+            .query(
+                redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&redis_key)
+                    .arg("SAMPLES")
+                    .arg(0),
+            )
+            .await;
+        usage += bytes;
+    }
+    let per_event = usage as f64 / EVENTS as f64;
+    let event = event_bytes as f64 / EVENTS as f64;
+    println!(
+        "{topology:?}: a log of {EVENTS} events of {event:.1} bytes takes {usage} bytes in Redis: \
+         {per_event:.1} per event, {:.1} more than its bytes",
+        per_event - event
+    );
+    assert!(per_event < event + 64.0, "{per_event} bytes per event");
+}
+
+async fn a_lease_runs_out_unless_renewed(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("lease")).await;
+    store_log::a_lease_runs_out_unless_renewed(&store, "instance:a{1}").await;
 }
 
 async fn keys_cannot_escape_their_namespace(topology: Topology) {
@@ -1531,6 +1627,10 @@ on_both_topologies!(
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,
     a_save_after_redis_lost_its_scripts_loads_the_script_again,
+    replay_logs_keep_the_exact_events_once_each,
+    a_replay_log_expires_after_the_ttl,
+    a_replay_log_costs_redis_little_more_than_its_events,
+    a_lease_runs_out_unless_renewed,
     keys_cannot_escape_their_namespace,
     keys_and_activity_expire_after_the_ttl,
     a_client_resumes_on_a_second_instance,

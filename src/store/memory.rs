@@ -1,15 +1,32 @@
 //! [`InMemoryStore`]: the default store, for a single server instance.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
+use super::{
+    LogAppend, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId, StoredLog,
+};
 use crate::key::{Owner, StreamKey};
 
 /// Default limit of [`InMemoryStore::new`]: one million keys.
 pub(crate) const DEFAULT_MAX_KEYS: usize = 1_000_000;
+/// Default limits of a replay log in a store: events, and bytes of events.
+pub(crate) const DEFAULT_LOG_MAX_EVENTS: usize = 1024;
+pub(crate) const DEFAULT_LOG_MAX_BYTES: usize = 1 << 20;
+
+/// A stream's replay log in an [`InMemoryStore`].
+#[derive(Debug)]
+struct Log {
+    epoch: u64,
+    producer: String,
+    events: VecDeque<LogEvent>,
+    bytes: usize,
+    next: u64,
+    ended: bool,
+    stamp: u64,
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -28,10 +45,18 @@ struct Inner {
     /// Last activity of each session, bounded like the keys (oldest touch goes first).
     sessions: HashMap<Owner, (SystemTime, u64)>,
     sessions_by_stamp: BTreeMap<u64, Owner>,
+    /// Replay logs, bounded like the keys (the least recently appended goes first).
+    logs: HashMap<StreamKey, Log>,
+    logs_by_stamp: BTreeMap<u64, StreamKey>,
+    /// When each producer's lease runs out.
+    leases: HashMap<String, Instant>,
 }
 
 /// The default [`Store`]: a map in memory, safe for concurrent use, bounded by a number of keys
 /// (the least recently written key is dropped first).
+///
+/// It also keeps replay logs ([`Store::append_logs`]), as many as keys, each of at most 1 024
+/// events and 1 MiB of them (the oldest going first), and producers' leases.
 ///
 /// It keeps ids across reconnects for as long as the process lives; use a shared store (Redis)
 /// when several server instances must resume each other's streams.
@@ -60,6 +85,16 @@ struct Inner {
 pub struct InMemoryStore {
     max_keys: usize,
     inner: Mutex<Inner>,
+}
+
+/// Trims `log` to `max_events` events and `max_bytes` bytes of them, the oldest first.
+fn trim(log: &mut Log, max_events: usize, max_bytes: usize) {
+    while log.events.len() > max_events || log.bytes > max_bytes {
+        let Some(oldest) = log.events.pop_front() else {
+            break;
+        };
+        log.bytes -= oldest.bytes.len();
+    }
 }
 
 impl Default for InMemoryStore {
@@ -176,6 +211,102 @@ impl InMemoryStore {
     }
 }
 
+impl InMemoryStore {
+    fn append_now(&self, batch: &[LogAppend]) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for append in batch {
+            let stamp = inner.next_stamp;
+            inner.next_stamp += 1;
+            let log = match inner.logs.get_mut(&append.key) {
+                Some(log) if log.epoch > append.epoch => continue,
+                Some(log) => {
+                    inner.logs_by_stamp.remove(&log.stamp);
+                    if log.epoch < append.epoch {
+                        *log = Log::new(append.epoch, stamp);
+                    }
+                    log
+                }
+                None => inner
+                    .logs
+                    .entry(append.key.clone())
+                    .or_insert_with(|| Log::new(append.epoch, stamp)),
+            };
+            log.stamp = stamp;
+            log.producer.clone_from(&append.producer);
+            for event in &append.events {
+                if event.offset >= log.next {
+                    log.next = event.offset + 1;
+                    log.bytes += event.bytes.len();
+                    log.events.push_back(event.clone());
+                    trim(log, DEFAULT_LOG_MAX_EVENTS, DEFAULT_LOG_MAX_BYTES);
+                }
+            }
+            log.ended |= append.ended;
+            inner.logs_by_stamp.insert(stamp, append.key.clone());
+            while inner.logs.len() > self.max_keys {
+                let Some((_, oldest)) = inner.logs_by_stamp.pop_first() else {
+                    break;
+                };
+                inner.logs.remove(&oldest);
+            }
+        }
+    }
+
+    fn read_now(&self, key: &StreamKey, after: Option<u64>, limit: usize) -> Option<StoredLog> {
+        let inner = self.lock();
+        let log = inner.logs.get(key)?;
+        let events = log
+            .events
+            .iter()
+            .filter(|e| after.is_none_or(|after| e.offset > after))
+            .take(limit)
+            .cloned()
+            .collect();
+        Some(StoredLog::new(
+            log.epoch,
+            log.producer.clone(),
+            events,
+            log.next,
+            log.ended,
+        ))
+    }
+
+    fn renew_now(&self, producer: &str, ttl: Duration) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.leases.insert(producer.to_owned(), now + ttl);
+        if inner.leases.len() > self.max_keys {
+            inner.leases.retain(|_, ends| *ends > now);
+        }
+        while inner.leases.len() > self.max_keys {
+            let Some(first) = inner
+                .leases
+                .iter()
+                .min_by_key(|(_, ends)| **ends)
+                .map(|(p, _)| p.clone())
+            else {
+                break;
+            };
+            inner.leases.remove(&first);
+        }
+    }
+}
+
+impl Log {
+    fn new(epoch: u64, stamp: u64) -> Self {
+        Self {
+            epoch,
+            producer: String::new(),
+            events: VecDeque::new(),
+            bytes: 0,
+            next: 0,
+            ended: false,
+            stamp,
+        }
+    }
+}
+
 impl Store for InMemoryStore {
     async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
         self.save_now(batch);
@@ -189,6 +320,33 @@ impl Store for InMemoryStore {
     async fn touch_sessions(&self, sessions: &[SessionActivity]) -> Result<(), StoreError> {
         self.touch_now(sessions);
         Ok(())
+    }
+
+    async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+        self.append_now(batch);
+        Ok(())
+    }
+
+    async fn read_log(
+        &self,
+        key: &StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Option<StoredLog>, StoreError> {
+        Ok(self.read_now(key, after, limit))
+    }
+
+    async fn renew_lease(&self, producer: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.renew_now(producer, ttl);
+        Ok(())
+    }
+
+    async fn lease_alive(&self, producer: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .leases
+            .get(producer)
+            .is_some_and(|ends| *ends > Instant::now()))
     }
 }
 

@@ -45,14 +45,16 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::key::{EventId, Owner, StreamKey};
 
+mod log;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+pub use log::{LogAppend, LogEvent, StoredLog};
 pub use memory::InMemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -260,6 +262,50 @@ pub trait Store: Send + Sync + 'static {
         let _ = sessions;
         async { Ok(()) }
     }
+
+    /// Appends to each stream's log the events of its [`LogAppend`] (one per stream at most),
+    /// as that type says: the history of the highest epoch wins, events already appended are
+    /// skipped. A log is kept for the store's time to live after its last append, and holds a
+    /// bounded number of events, the oldest going first. An error means the whole batch may be
+    /// retried. A store that keeps no logs can leave the default, which answers with an error.
+    fn append_logs(
+        &self,
+        batch: &[LogAppend],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = batch;
+        async { Err(StoreError::new("this store keeps no replay logs")) }
+    }
+
+    /// The log of `key`: its events after offset `after` (from the oldest it holds, for
+    /// `None`), at most `limit` of them, and what the store knows of the rest; `None` when it
+    /// holds no log of `key`. The default holds none.
+    fn read_log(
+        &self,
+        key: &StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Option<StoredLog>, StoreError>> + Send {
+        let _ = (key, after, limit);
+        async { Ok(None) }
+    }
+
+    /// Says that the instance `producer` lives, for `ttl` from now: while its lease runs, the
+    /// streams it produces may still grow; once it has run out, a log that was not marked
+    /// ended has lost its tail. The default does nothing.
+    fn renew_lease(
+        &self,
+        producer: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (producer, ttl);
+        async { Ok(()) }
+    }
+
+    /// Whether the lease of `producer` runs now. The default: never.
+    fn lease_alive(&self, producer: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = producer;
+        async { Ok(false) }
+    }
 }
 
 /// A shared store is a store: pass `Arc<S>` to the builder to keep a handle on `S`.
@@ -280,6 +326,34 @@ impl<S: Store> Store for std::sync::Arc<S> {
         sessions: &[SessionActivity],
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         S::touch_sessions(self, sessions)
+    }
+
+    fn append_logs(
+        &self,
+        batch: &[LogAppend],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::append_logs(self, batch)
+    }
+
+    fn read_log(
+        &self,
+        key: &StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Option<StoredLog>, StoreError>> + Send {
+        S::read_log(self, key, after, limit)
+    }
+
+    fn renew_lease(
+        &self,
+        producer: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        S::renew_lease(self, producer, ttl)
+    }
+
+    fn lease_alive(&self, producer: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        S::lease_alive(self, producer)
     }
 }
 

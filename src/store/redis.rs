@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -15,7 +17,9 @@ mod connection;
 
 use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
-use super::{SaveEntry, SessionActivity, Store, StoreError, StoredId};
+use super::{
+    LogAppend, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId, StoredLog,
+};
 use crate::key::{EventId, Owner, StreamKey};
 use crate::sync::lock;
 
@@ -94,6 +98,74 @@ const SAVE_NODE_SCRIPT: &str = save_script!(
   local key, value = ARGV[base], ARGV[base + 1]"
 );
 
+/// Appends events to replay logs (Redis Streams), for the keys of one cluster node whatever
+/// their slots, or of a standalone Redis: the keys are in `ARGV`, and a call may declare the
+/// keys of its one stream only to be routed by them. `ARGV`: the time to live in ms, the
+/// log's length bound, then for each stream its log key, its meta key (a hash: `epoch`,
+/// `next`, `ended`, `producer`), its epoch, producer, ended flag (`1`), number of events, and
+/// for each event its offset, its id field (`-` for none, `+` and the id) and its bytes.
+///
+/// A stream's entries have the ids `<offset>-1`, so that a read after an offset is a range.
+/// Epochs compare as numbers (as strings of one width: a longer one is higher). A higher
+/// epoch than the stored one (or no stored one) starts the log again; a lower one is refused;
+/// events at offsets below the stored `next` are skipped (a retry).
+const APPEND_SCRIPT: &str = "local ttl, maxlen = ARGV[1], ARGV[2]
+local call = redis.call
+local i = 3
+local appended = 0
+while i <= #ARGV do
+  local log, meta, epoch, producer, ended = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local n = tonumber(ARGV[i + 5])
+  i = i + 6
+  local stored = call('HMGET', meta, 'epoch', 'next')
+  local se = stored[1]
+  local nxt = 0
+  if se and (#se > #epoch or (#se == #epoch and se > epoch)) then
+    i = i + 3 * n
+  else
+    if se == epoch then
+      nxt = tonumber(stored[2]) or 0
+    else
+      call('DEL', log, meta)
+    end
+    for _ = 1, n do
+      local o = tonumber(ARGV[i])
+      if o >= nxt then
+        call('XADD', log, 'MAXLEN', maxlen, ARGV[i] .. '-1', 'i', ARGV[i + 1], 'b', ARGV[i + 2])
+        nxt = o + 1
+        appended = appended + 1
+      end
+      i = i + 3
+    end
+    call('HSET', meta, 'epoch', epoch, 'next', nxt, 'producer', producer)
+    if ended == '1' then
+      call('HSET', meta, 'ended', '1')
+    end
+    call('PEXPIRE', log, ttl)
+    call('PEXPIRE', meta, ttl)
+  end
+end
+return appended
+";
+
+/// Reads a replay log: `KEYS` its log and meta keys, `ARGV` where to start (`-`, or `(` and the
+/// id of the last event not wanted) and how many events at most. `false` when there is no
+/// log; else its epoch, next offset, ended flag, producer and entries.
+const READ_LOG_SCRIPT: &str =
+    "local meta = redis.call('HMGET', KEYS[2], 'epoch', 'next', 'ended', 'producer')
+if not meta[1] then
+  return false
+end
+local entries = {}
+if tonumber(ARGV[2]) > 0 then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+return {meta[1], meta[2] or '0', meta[3] or '0', meta[4] or '', entries}
+";
+
+/// The longest a Redis replay log grows, in events, by default.
+const DEFAULT_LOG_MAX_EVENTS: usize = 1024;
+
 /// The largest time a stored value holds, in Unix microseconds (16 digits: the year 2286).
 const MAX_STORED_TIME: u64 = 9_999_999_999_999_999;
 
@@ -115,6 +187,22 @@ fn write_value(out: &mut Vec<u8>, entry: &SaveEntry) {
     digits(out, entry.sequence, 20);
     out.push(b':');
     out.extend_from_slice(entry.id.as_str().as_bytes());
+}
+
+/// A Lua script: its text, and its hash (for `EVALSHA`).
+#[derive(Clone)]
+struct Lua {
+    text: &'static str,
+    hash: Arc<str>,
+}
+
+impl Lua {
+    fn new(text: &'static str) -> Self {
+        Self {
+            text,
+            hash: Script::new(text).get_hash().into(),
+        }
+    }
 }
 
 /// A cluster's slots, as ranges with the primary that serves each, sorted.
@@ -253,6 +341,15 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   and the last version reads a padded one as the same numbers (`tests/redis.rs` runs the
 ///   last version's script against this one's values, and the other way round). An
 ///   unpadded value is replaced at the stream's next write, or expires.
+/// - **Replay logs** ([`Store::append_logs`], [`Store::read_log`]). A stream's log is a Redis
+///   Stream, `{prefix}:log:{<owner>}:<stream>`, on its latest id's slot, with a hash beside it
+///   (`{prefix}:logmeta:…`: the epoch, the next offset, the end mark, the producer). Each
+///   event is an entry with the id `<offset>-1` and two fields, its `id` field and its bytes;
+///   a log keeps its newest [`with_log_max_events`](RedisStore::with_log_max_events) events
+///   (`XADD … MAXLEN`) and expires `ttl` after its last append. An event costs Redis its bytes
+///   and about 33 more (`tests/redis.rs`, 1 000 events of 75 bytes). Appends go like saves:
+///   one script call per primary on a cluster. A producer's lease is
+///   `{prefix}:lease:{<producer>}`, with a time to live.
 /// - **Expiry.** Id keys expire `ttl` after their last write (a refused, older id is not a
 ///   write); activity older than `ttl` is removed from its set at each activity write, and a
 ///   set expires `ttl` after the last one.
@@ -323,8 +420,11 @@ pub struct RedisStore {
     connection: Arc<Connection>,
     prefix: String,
     ttl: Duration,
-    save: Script,
-    save_node: Script,
+    save: Lua,
+    save_node: Lua,
+    append: Lua,
+    read_log: Lua,
+    log_max_events: usize,
     /// On a cluster: its slots and their primaries, as last read (`None`: to be read, at the
     /// next save).
     slots: Arc<std::sync::Mutex<Option<Arc<SlotMap>>>>,
@@ -377,8 +477,11 @@ impl RedisStore {
             connection: Arc::new(Connection::new(client, conn)),
             prefix: DEFAULT_PREFIX.to_owned(),
             ttl: DEFAULT_TTL,
-            save: Script::new(SAVE_SCRIPT),
-            save_node: Script::new(SAVE_NODE_SCRIPT),
+            save: Lua::new(SAVE_SCRIPT),
+            save_node: Lua::new(SAVE_NODE_SCRIPT),
+            append: Lua::new(APPEND_SCRIPT),
+            read_log: Lua::new(READ_LOG_SCRIPT),
+            log_max_events: DEFAULT_LOG_MAX_EVENTS,
             slots: Arc::default(),
         }
     }
@@ -463,11 +566,32 @@ impl RedisStore {
         self
     }
 
+    /// How many events a stream's replay log keeps at most, the oldest going first (at least
+    /// 1; 1 024 by default). Its bytes are bounded by this times the tracker's bound on an
+    /// event.
+    pub fn with_log_max_events(mut self, max_events: usize) -> Self {
+        self.log_max_events = max_events.max(1);
+        self
+    }
+
     /// The Redis key of a stream's latest id.
     pub fn key_of(&self, key: &StreamKey) -> String {
-        let mut out = String::with_capacity(self.prefix.len() + 8 + 64);
+        self.stream_key(key, "id")
+    }
+
+    /// The Redis key of a stream's replay log (a Redis Stream, on the slot of the stream's
+    /// latest id).
+    pub fn log_key_of(&self, key: &StreamKey) -> String {
+        self.stream_key(key, "log")
+    }
+
+    /// The key of `key`'s `kind` (`id`, `log`, `logmeta`): the owner is its hash tag.
+    fn stream_key(&self, key: &StreamKey, kind: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + kind.len() + 8 + 64);
         out.push_str(&self.prefix);
-        out.push_str(":id:");
+        out.push(':');
+        out.push_str(kind);
+        out.push(':');
         match &key.owner {
             Some(owner) => {
                 out.push('{');
@@ -482,6 +606,14 @@ impl RedisStore {
                 out.push('}');
             }
         }
+        out
+    }
+
+    /// The Redis key of `producer`'s lease.
+    fn lease_key(&self, producer: &str) -> String {
+        let mut out = format!("{}:lease:{{", self.prefix);
+        encode(&mut out, producer);
+        out.push('}');
         out
     }
 
@@ -561,24 +693,10 @@ impl RedisStore {
         Ok(score.map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64)))
     }
 
-    /// The command that saves `records` (keys with their entries): [`SAVE_SCRIPT`] with the
-    /// keys declared, or, for a call sent to a cluster node by its address,
-    /// [`SAVE_NODE_SCRIPT`] with the keys in `ARGV`. By the script's hash (`EVALSHA`), or with
-    /// its text (`EVAL`, which loads it) when `text`. The arguments are written once, into the
-    /// command.
-    fn save_command(&self, records: &[(String, &SaveEntry)], node: bool, text: bool) -> Cmd {
-        let script = if node { &self.save_node } else { &self.save };
-        let bytes: usize = records
-            .iter()
-            .map(|(key, entry)| key.len() + entry.id.as_str().len() + 40)
-            .sum();
-        let mut cmd = Cmd::with_capacity(4 + 2 * records.len(), bytes + 64);
-        if text {
-            cmd.arg("EVAL")
-                .arg(if node { SAVE_NODE_SCRIPT } else { SAVE_SCRIPT });
-        } else {
-            cmd.arg("EVALSHA").arg(script.get_hash());
-        }
+    /// Writes the arguments that save `records` (keys with their entries) with [`SAVE_SCRIPT`]
+    /// (the keys declared), or, for a call sent to a cluster node by its address, with
+    /// [`SAVE_NODE_SCRIPT`] (the keys in `ARGV`).
+    fn save_args(&self, cmd: &mut Cmd, records: &[(String, &SaveEntry)], node: bool) {
         let ttl = self.ttl.as_millis() as u64;
         let mut value = Vec::with_capacity(128);
         let mut value_arg = |cmd: &mut Cmd, entry: &SaveEntry| {
@@ -590,7 +708,7 @@ impl RedisStore {
             cmd.arg(0).arg(ttl);
             for (key, entry) in records {
                 cmd.arg(key.as_str());
-                value_arg(&mut cmd, entry);
+                value_arg(cmd, entry);
             }
         } else {
             cmd.arg(records.len());
@@ -599,25 +717,33 @@ impl RedisStore {
             }
             cmd.arg(ttl);
             for (_, entry) in records {
-                value_arg(&mut cmd, entry);
+                value_arg(cmd, entry);
             }
         }
-        cmd
     }
 
-    /// Sends the save command of `records` by `routing` (`None`: by its keys, or to the
-    /// standalone Redis), by the script's hash, and again with its text when Redis answers that
-    /// it does not have the script (a restarted Redis, a new primary).
-    async fn send_save(
+    /// Runs `lua` with the arguments `args` writes (`numkeys`, the keys, the rest), sent by
+    /// `routing` (`None`: by its keys, or to the standalone Redis): by the script's hash, and
+    /// again with its text when Redis answers that it does not have the script (a restarted
+    /// Redis, a new primary). `size` is the command's expected arguments and bytes. The
+    /// arguments are written into the command, once per send.
+    async fn eval<T: redis::FromRedisValue + Send>(
         &self,
         current: &Current,
-        records: &[(String, &SaveEntry)],
+        lua: &Lua,
         routing: Option<RoutingInfo>,
-    ) -> redis::RedisResult<u64> {
-        let node = routing.is_some();
+        size: (usize, usize),
+        args: impl Fn(&mut Cmd),
+    ) -> redis::RedisResult<T> {
         let mut text = false;
         loop {
-            let cmd = self.save_command(records, node, text);
+            let mut cmd = Cmd::with_capacity(size.0 + 2, size.1 + 64);
+            if text {
+                cmd.arg("EVAL").arg(lua.text);
+            } else {
+                cmd.arg("EVALSHA").arg(&*lua.hash);
+            }
+            args(&mut cmd);
             let routing = routing.clone();
             let result = current
                 .run(|conn| async move {
@@ -640,6 +766,121 @@ impl RedisStore {
                 result => return result,
             }
         }
+    }
+
+    /// Writes the arguments that append `appends` with [`APPEND_SCRIPT`], declaring the keys
+    /// of the first stream when `declared` (to be routed by them).
+    fn append_args(&self, cmd: &mut Cmd, appends: &[&LogAppend], declared: bool) {
+        let keys = |append: &LogAppend| {
+            (
+                self.log_key_of(&append.key),
+                self.stream_key(&append.key, "logmeta"),
+            )
+        };
+        match appends.first() {
+            Some(first) if declared => {
+                let (log, meta) = keys(first);
+                cmd.arg(2).arg(log).arg(meta);
+            }
+            _ => {
+                cmd.arg(0);
+            }
+        }
+        cmd.arg(self.ttl.as_millis() as u64)
+            .arg(self.log_max_events);
+        let mut id = Vec::with_capacity(64);
+        for append in appends {
+            let (log, meta) = keys(append);
+            cmd.arg(log)
+                .arg(meta)
+                .arg(append.epoch)
+                .arg(append.producer.as_str())
+                .arg(if append.ended { "1" } else { "0" })
+                .arg(append.events.len());
+            for event in &append.events {
+                id.clear();
+                match &event.id {
+                    Some(event_id) => {
+                        id.push(b'+');
+                        id.extend_from_slice(event_id.as_str().as_bytes());
+                    }
+                    None => id.push(b'-'),
+                }
+                cmd.arg(event.offset).arg(&id[..]).arg(&event.bytes[..]);
+            }
+        }
+    }
+
+    /// Appends `appends` with one script call sent by `routing` (see [`eval`](Self::eval)).
+    async fn send_append(
+        &self,
+        current: &Current,
+        appends: &[&LogAppend],
+        routing: Option<RoutingInfo>,
+    ) -> redis::RedisResult<u64> {
+        let events: usize = appends.iter().map(|a| a.events.len()).sum();
+        let bytes: usize = appends
+            .iter()
+            .flat_map(|a| &a.events)
+            .map(|e| e.bytes.len() + 48)
+            .sum::<usize>()
+            + appends.len() * 160;
+        let size = (4 + 6 * appends.len() + 3 * events, bytes);
+        let declared = routing.is_none() && matches!(current.conn, Conn::Cluster(_));
+        self.eval(current, &self.append, routing, size, |cmd| {
+            self.append_args(cmd, appends, declared)
+        })
+        .await
+    }
+
+    /// Appends `appends`, the streams of the cluster node at `address`, with one script call
+    /// sent to it; while slots move (see [`save_node`](Self::save_node)), one call per stream,
+    /// routed by its keys.
+    async fn append_node(
+        &self,
+        current: &Current,
+        address: Option<(String, u16)>,
+        appends: Vec<&LogAppend>,
+    ) -> Result<(), StoreError> {
+        if let Some((host, port)) = address {
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            match self.send_append(current, &appends, Some(routing)).await {
+                Ok(_appended) => return Ok(()),
+                Err(error) if slot_elsewhere(&error) => *lock(&self.slots) = None,
+                Err(error) => return Err(redis_error("appending to replay logs", error)),
+            }
+        }
+        let calls = appends
+            .iter()
+            .map(|append| async move {
+                self.send_append(current, &[*append], None)
+                    .await
+                    .map(drop)
+                    .map_err(|e| redis_error("appending to replay logs", e))
+            })
+            .collect();
+        bounded(calls, MAX_CONCURRENT_CALLS).await
+    }
+
+    /// Saves `records` with one call of the save script, sent by `routing` (see
+    /// [`eval`](Self::eval)).
+    async fn send_save(
+        &self,
+        current: &Current,
+        records: &[(String, &SaveEntry)],
+        routing: Option<RoutingInfo>,
+    ) -> redis::RedisResult<u64> {
+        let node = routing.is_some();
+        let lua = if node { &self.save_node } else { &self.save };
+        let bytes: usize = records
+            .iter()
+            .map(|(key, entry)| key.len() + entry.id.as_str().len() + 40)
+            .sum();
+        let size = (2 + 2 * records.len(), bytes);
+        self.eval(current, lua, routing, size, |cmd| {
+            self.save_args(cmd, records, node)
+        })
+        .await
     }
 
     /// Saves `batch` (keys of one slot on a cluster) with one script call.
@@ -869,6 +1110,74 @@ fn parse_stored(value: &str) -> Option<StoredId> {
     })
 }
 
+/// A replay log from the reply of [`READ_LOG_SCRIPT`]; `Err` names what was unexpected.
+fn parse_log(reply: redis::Value) -> Result<Option<StoredLog>, &'static str> {
+    use redis::Value;
+    let bytes = |v: &Value| match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    };
+    let number = |v: &Value| -> Option<u64> {
+        match v {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            _ => std::str::from_utf8(&bytes(v)?).ok()?.parse().ok(),
+        }
+    };
+    let fields = match reply {
+        Value::Nil | Value::Boolean(false) => return Ok(None),
+        Value::Array(fields) if fields.len() == 5 => fields,
+        _ => return Err("not a log"),
+    };
+    let epoch = number(&fields[0]).ok_or("an epoch that is not a number")?;
+    let next = number(&fields[1]).ok_or("a next offset that is not a number")?;
+    let ended = bytes(&fields[2]).as_deref() == Some(b"1");
+    let producer = String::from_utf8(bytes(&fields[3]).ok_or("no producer")?)
+        .map_err(|_| "a producer that is not UTF-8")?;
+    let Value::Array(entries) = &fields[4] else {
+        return Err("entries that are not a list");
+    };
+    let mut events = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(parts) = entry else {
+            return Err("an entry that is not a list");
+        };
+        let (Some(id), Some(Value::Array(pairs))) = (parts.first().and_then(&bytes), parts.get(1))
+        else {
+            return Err("an entry without an id or fields");
+        };
+        let offset = std::str::from_utf8(&id)
+            .ok()
+            .and_then(|id| id.strip_suffix("-1"))
+            .and_then(|offset| offset.parse().ok())
+            .ok_or("an entry id that is not an offset")?;
+        let (mut event_id, mut body) = (None, None);
+        for pair in pairs.chunks(2) {
+            match (
+                pair.first().and_then(&bytes).as_deref(),
+                pair.get(1).and_then(&bytes),
+            ) {
+                (Some(b"i"), Some(value)) => event_id = Some(value),
+                (Some(b"b"), Some(value)) => body = Some(value),
+                _ => {}
+            }
+        }
+        let id = match event_id.as_deref() {
+            Some([b'-']) => None,
+            Some([b'+', id @ ..]) => Some(
+                std::str::from_utf8(id)
+                    .ok()
+                    .and_then(|id| EventId::new(id).ok())
+                    .ok_or("an event id that is not valid")?,
+            ),
+            _ => return Err("an entry without its id field"),
+        };
+        let body = body.ok_or("an entry without its bytes")?;
+        events.push(LogEvent::new(offset, id, Bytes::from(body)));
+    }
+    Ok(Some(StoredLog::new(epoch, producer, events, next, ended)))
+}
+
 impl Store for RedisStore {
     async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
         if batch.is_empty() {
@@ -958,6 +1267,95 @@ impl Store for RedisStore {
             *lock(&self.slots) = None;
         }
         result
+    }
+
+    async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let current = self.connection.get().await?;
+        if let Conn::Standalone(_) = current.conn {
+            let appends: Vec<&LogAppend> = batch.iter().collect();
+            return self
+                .send_append(&current, &appends, None)
+                .await
+                .map(drop)
+                .map_err(|e| redis_error("appending to replay logs", e));
+        }
+        // A cluster: one script call per primary, as for saves.
+        let slots = self.slot_map(&current).await?;
+        let mut by_node: HashMap<Option<&Primary>, Vec<&LogAppend>> = HashMap::new();
+        for append in batch {
+            let slot = key_slot(self.log_key_of(&append.key).as_bytes());
+            by_node
+                .entry(node_of(&slots, slot))
+                .or_default()
+                .push(append);
+        }
+        let calls = by_node
+            .into_iter()
+            .map(|(node, appends)| {
+                let address = node.and_then(|node| node.address.clone());
+                self.append_node(&current, address, appends)
+            })
+            .collect();
+        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
+        if result.is_err() {
+            *lock(&self.slots) = None;
+        }
+        result
+    }
+
+    async fn read_log(
+        &self,
+        key: &StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Option<StoredLog>, StoreError> {
+        let (log, meta) = (self.log_key_of(key), self.stream_key(key, "logmeta"));
+        let from = after.map_or_else(|| "-".to_owned(), |after| format!("({after}-1"));
+        let current = self.connection.get().await?;
+        let reply: redis::Value = self
+            .eval(&current, &self.read_log, None, (6, 256), |cmd| {
+                cmd.arg(2).arg(&log).arg(&meta).arg(&from).arg(limit);
+            })
+            .await
+            .map_err(|e| redis_error("reading a replay log", e))?;
+        parse_log(reply).map_err(|what| StoreError::new(format!("reading a replay log: {what}")))
+    }
+
+    async fn renew_lease(&self, producer: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.lease_key(producer);
+        let ttl = ttl.as_millis().max(1) as u64;
+        self.connection
+            .get()
+            .await?
+            .run(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(|e| redis_error("renewing a lease", e))
+    }
+
+    async fn lease_alive(&self, producer: &str) -> Result<bool, StoreError> {
+        let key = self.lease_key(producer);
+        self.connection
+            .get()
+            .await?
+            .run(|mut conn| async move {
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<bool>(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(|e| redis_error("reading a lease", e))
     }
 }
 

@@ -1,0 +1,159 @@
+//! Replay logs in a store: what a tracker appends to a stream's log ([`LogAppend`]), and what a
+//! store gives back ([`StoredLog`]), so that an instance that never saw a stream can replay it.
+
+use bytes::Bytes;
+
+use crate::key::{EventId, StreamKey};
+
+/// One event of a stream's log: the exact bytes its client got, blank line included, its
+/// offset in its history, and its own `id` field.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_sse_tracker::EventId;
+/// use tower_sse_tracker::store::LogEvent;
+///
+/// let event = LogEvent::new(0, Some(EventId::new("1").unwrap()), Bytes::from_static(b"id: 1\ndata: hi\n\n"));
+/// assert_eq!(event.offset, 0);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogEvent {
+    /// The event's offset in its history (its epoch), counted from 0.
+    pub offset: u64,
+    /// The event's own `id` field (`Some("")` for an empty one), if it has one.
+    pub id: Option<EventId>,
+    /// The event's bytes, as sent.
+    pub bytes: Bytes,
+}
+
+impl LogEvent {
+    /// An event at `offset`, with its `id` and its `bytes`.
+    pub fn new(offset: u64, id: Option<EventId>, bytes: Bytes) -> Self {
+        Self { offset, id, bytes }
+    }
+}
+
+/// What a tracker appends to one stream's log at a flush: the events since its last append,
+/// and whether the stream has ended.
+///
+/// A store keeps one history per stream, the one of the highest epoch it was given: an append
+/// of a higher epoch than the stored one starts the log again, one of a lower epoch is refused
+/// (a late retry of a history that was replaced), and, within an epoch, events at offsets
+/// already appended are skipped, so that a batch retried after a partial write appends each
+/// event once. Events are appended in offset order; an offset that skips some (events the
+/// tracker could not write) leaves a hole that a reader sees.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_sse_tracker::StreamKey;
+/// use tower_sse_tracker::store::{LogAppend, LogEvent};
+///
+/// let key = StreamKey::try_new("session-1", "POST /mcp").unwrap();
+/// let append = LogAppend::new(key, 1_700_000_000_000_000, "instance-a")
+///     .event(LogEvent::new(0, None, Bytes::from_static(b"data: hi\n\n")))
+///     .ended();
+/// assert!(append.ended);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogAppend {
+    /// The stream.
+    pub key: StreamKey,
+    /// The history the events belong to.
+    pub epoch: u64,
+    /// The instance that produces the stream: its lease (see
+    /// [`Store::renew_lease`](super::Store::renew_lease)) says whether it still can.
+    pub producer: String,
+    /// The events, by ascending offset.
+    pub events: Vec<LogEvent>,
+    /// Whether the stream ended after the last of them.
+    pub ended: bool,
+}
+
+impl LogAppend {
+    /// An append of no event to the log of `key`'s history `epoch`, produced by `producer`.
+    pub fn new(key: StreamKey, epoch: u64, producer: impl Into<String>) -> Self {
+        Self {
+            key,
+            epoch,
+            producer: producer.into(),
+            events: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// Adds `event` (its offset above the previous one's).
+    pub fn event(mut self, event: LogEvent) -> Self {
+        self.events.push(event);
+        self
+    }
+
+    /// Marks the stream ended after these events.
+    pub fn ended(mut self) -> Self {
+        self.ended = true;
+        self
+    }
+}
+
+/// A stream's log as a store holds it, from [`Store::read_log`](super::Store::read_log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredLog {
+    /// The history the log holds.
+    pub epoch: u64,
+    /// The instance that last appended to it.
+    pub producer: String,
+    /// The events asked for, by ascending offset. Offsets that are not consecutive, or a first
+    /// one above the offset asked after, mark events the store does not hold (trimmed by its
+    /// length bound, or never written).
+    pub events: Vec<LogEvent>,
+    /// The offset after the last event appended: the events before it are all that the
+    /// producer has written so far.
+    pub next_offset: u64,
+    /// Whether the producer marked the stream ended (after the event at `next_offset - 1`).
+    pub ended: bool,
+}
+
+impl StoredLog {
+    /// Whether `events` holds every event after `after` (every event, for `None`) up to
+    /// [`next_offset`](Self::next_offset), none missing.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_sse_tracker::store::{LogEvent, StoredLog};
+    ///
+    /// let event = |offset| LogEvent::new(offset, None, Bytes::from_static(b"data: x\n\n"));
+    /// let log = StoredLog::new(7, "instance-a", vec![event(3), event(4)], 5, false);
+    /// assert!(log.complete_after(Some(2)));
+    /// assert!(!log.complete_after(Some(1)), "offset 2 is not held");
+    /// assert!(!log.complete_after(None), "offsets 0 to 2 are not held");
+    /// ```
+    pub fn complete_after(&self, after: Option<u64>) -> bool {
+        let mut expected = after.map_or(0, |after| after + 1);
+        for event in &self.events {
+            if event.offset != expected {
+                return false;
+            }
+            expected += 1;
+        }
+        expected >= self.next_offset
+    }
+
+    /// A log of `epoch` written by `producer`.
+    pub fn new(
+        epoch: u64,
+        producer: impl Into<String>,
+        events: Vec<LogEvent>,
+        next_offset: u64,
+        ended: bool,
+    ) -> Self {
+        Self {
+            epoch,
+            producer: producer.into(),
+            events,
+            next_offset,
+            ended,
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! What every store that keeps replay logs must do (`Store::append_logs`, `read_log`, the
+//! leases), checked against `InMemoryStore` (`tests/store_log.rs`) and `RedisStore` on both
+//! topologies (`tests/redis.rs`).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower_sse_tracker::store::{LogAppend, LogEvent, Store, StoredLog};
+use tower_sse_tracker::{EventId, StreamKey};
+
+/// The events a store keeps per log, as both stores are set up in these tests.
+pub const LOG_MAX_EVENTS: usize = 1024;
+
+fn event(offset: u64, id: Option<&str>, bytes: &[u8]) -> LogEvent {
+    LogEvent::new(
+        offset,
+        id.map(|id| EventId::new(id).unwrap()),
+        Bytes::copy_from_slice(bytes),
+    )
+}
+
+fn append(key: &StreamKey, epoch: u64, events: Vec<LogEvent>) -> LogAppend {
+    events
+        .into_iter()
+        .fold(LogAppend::new(key.clone(), epoch, "instance-a"), |a, e| {
+            a.event(e)
+        })
+}
+
+async fn read(store: &impl Store, key: &StreamKey, after: Option<u64>) -> StoredLog {
+    store
+        .read_log(key, after, 10_000)
+        .await
+        .unwrap()
+        .expect("a log")
+}
+
+fn offsets(log: &StoredLog) -> Vec<u64> {
+    log.events.iter().map(|e| e.offset).collect()
+}
+
+/// Appends, reads after a position, retries, epochs, holes, the end mark, many streams in one
+/// batch, and the length bound. `owner` makes the test's keys its own.
+pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &str) {
+    let key = StreamKey::try_new(owner, "POST /mcp").unwrap();
+    assert_eq!(store.read_log(&key, None, 10).await.unwrap(), None);
+
+    // Bytes as sent: CRLF, a comment, bytes that are not UTF-8; ids absent, empty, present.
+    let first = vec![
+        event(0, Some("1"), b"id: 1\r\ndata: one\r\n\r\n"),
+        event(1, None, b": note\ndata: \x00\xff\xfe\n\n"),
+        event(2, Some(""), b"id\ndata: reset\n\n"),
+    ];
+    store
+        .append_logs(&[append(&key, 7, first.clone())])
+        .await
+        .unwrap();
+    let log = read(store, &key, None).await;
+    assert_eq!((log.epoch, log.next_offset, log.ended), (7, 3, false));
+    assert_eq!(log.producer, "instance-a");
+    assert_eq!(log.events, first, "byte-exact, ids as given");
+    assert!(log.complete_after(None));
+    assert_eq!(offsets(&read(store, &key, Some(0)).await), [1, 2]);
+    assert!(read(store, &key, Some(2)).await.events.is_empty());
+    assert!(read(store, &key, Some(2)).await.complete_after(Some(2)));
+    let limited = store.read_log(&key, Some(0), 1).await.unwrap().unwrap();
+    assert_eq!(offsets(&limited), [1]);
+
+    // A retry of the same events with one more: each once.
+    let mut retried = first.clone();
+    retried.push(event(3, Some("4"), b"id: 4\ndata: four\n\n"));
+    store
+        .append_logs(&[append(&key, 7, retried)])
+        .await
+        .unwrap();
+    let log = read(store, &key, None).await;
+    assert_eq!(offsets(&log), [0, 1, 2, 3]);
+    assert_eq!(log.next_offset, 4);
+
+    // A late append of an older history is refused.
+    store
+        .append_logs(&[append(&key, 6, vec![event(0, None, b"data: old\n\n")])])
+        .await
+        .unwrap();
+    let log = read(store, &key, None).await;
+    assert_eq!((log.epoch, offsets(&log).len()), (7, 4));
+
+    // Events the tracker could not write leave a hole that a reader sees.
+    store
+        .append_logs(&[append(&key, 7, vec![event(6, None, b"data: six\n\n")])])
+        .await
+        .unwrap();
+    let log = read(store, &key, Some(3)).await;
+    assert_eq!(offsets(&log), [6]);
+    assert_eq!(log.next_offset, 7);
+    assert!(!log.complete_after(Some(3)), "offsets 4 and 5 are missing");
+    assert!(log.complete_after(Some(5)));
+
+    // The end mark, with no event.
+    store
+        .append_logs(&[LogAppend::new(key.clone(), 7, "instance-b").ended()])
+        .await
+        .unwrap();
+    let log = read(store, &key, None).await;
+    assert!(log.ended);
+    assert_eq!(log.producer, "instance-b");
+
+    // A newer history replaces the log.
+    store
+        .append_logs(&[append(&key, 8, vec![event(0, Some("a"), b"id: a\n\n")])])
+        .await
+        .unwrap();
+    let log = read(store, &key, None).await;
+    assert_eq!((log.epoch, offsets(&log), log.ended), (8, vec![0], false));
+
+    // Many streams in one batch (on a cluster, of every primary).
+    let keys: Vec<StreamKey> = (0..64)
+        .map(|i| StreamKey::try_new(&format!("{owner}-{i}"), "GET /feed").unwrap())
+        .collect();
+    let batch: Vec<LogAppend> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let data = format!("data: {i}\n\n");
+            append(
+                k,
+                1,
+                vec![event(0, None, data.as_bytes()), event(1, None, b"\n")],
+            )
+            .ended()
+        })
+        .collect();
+    store.append_logs(&batch).await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let log = read(store, k, None).await;
+        assert_eq!(log.events[0].bytes, format!("data: {i}\n\n").as_bytes());
+        assert!(log.ended && log.complete_after(None), "{k}");
+    }
+
+    // The length bound: the oldest go first, and the reader sees they are gone.
+    let long = StreamKey::try_new(owner, "GET /long").unwrap();
+    let total = LOG_MAX_EVENTS as u64 + 76;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(200) {
+        let events = chunk
+            .iter()
+            .map(|&o| event(o, Some(&o.to_string()), b"data: x\n\n"))
+            .collect();
+        store
+            .append_logs(&[append(&long, 1, events)])
+            .await
+            .unwrap();
+    }
+    let log = read(store, &long, None).await;
+    assert_eq!(log.events.len(), LOG_MAX_EVENTS);
+    assert_eq!(log.events[0].offset, 76);
+    assert_eq!(log.events[0].id.as_ref().map(|id| id.as_str()), Some("76"));
+    assert!(!log.complete_after(None) && log.complete_after(Some(75)));
+}
+
+/// A lease runs for its time to live from its last renewal, and only for its producer.
+pub async fn a_lease_runs_out_unless_renewed(store: &impl Store, producer: &str) {
+    assert!(!store.lease_alive(producer).await.unwrap());
+    store
+        .renew_lease(producer, Duration::from_millis(400))
+        .await
+        .unwrap();
+    assert!(store.lease_alive(producer).await.unwrap());
+    assert!(
+        !store
+            .lease_alive(&format!("{producer}-other"))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    store
+        .renew_lease(producer, Duration::from_millis(400))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        store.lease_alive(producer).await.unwrap(),
+        "renewed 250 ms ago for 400 ms"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!store.lease_alive(producer).await.unwrap());
+}
