@@ -5,9 +5,12 @@
 //! of three primaries and three replicas, both started by the bench on 127.0.0.1. It prints,
 //! for each, the records per second, the round trips per batch (script calls counted by the
 //! servers' `INFO commandstats`) and the servers' own CPU time per record (`used_cpu_user` and
-//! `used_cpu_sys` of `INFO cpu`, summed over every server, replicas included: the scripts' `usec` in
-//! `INFO commandstats` counts a script in whole milliseconds), then criterion's timing of one
-//! batch. The batches are made before the clock starts.
+//! `used_cpu_sys` of `INFO cpu`, summed over every server, replicas included: all a server
+//! does for a record, the request, the reply and the append-only file too, where a script's
+//! `usec` in `INFO commandstats` counts its run only). Then replay logs: flushes of 4 events
+//! for each of 256 streams, appended, with the events per second, the script calls per flush
+//! and the servers' CPU per event. Then criterion's timing of one batch. The batches are made
+//! before the clock starts.
 //!
 //! The servers write an append-only file flushed at every write (`appendfsync always`, as in
 //! the tests); `REDIS_TEST_APPENDFSYNC=everysec` runs them with Redis's default flush policy
@@ -30,7 +33,8 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use redis_cluster::RedisCluster;
 use redis_server::RedisServer;
-use tower_sse_tracker::store::{RedisStore, SaveEntry, Store};
+use bytes::Bytes;
+use tower_sse_tracker::store::{LogAppend, LogEvent, RedisStore, SaveEntry, Store};
 use tower_sse_tracker::{EventId, StreamKey};
 
 const BATCH: usize = 256;
@@ -49,6 +53,30 @@ fn batch_of(round: usize, version: u64) -> Vec<SaveEntry> {
 
 fn batch(round: usize) -> Vec<SaveEntry> {
     batch_of(round, 1)
+}
+
+/// Events each stream of a log batch appends per flush.
+const EVENTS_PER_STREAM: u64 = 4;
+
+/// A flush of replay logs: `EVENTS_PER_STREAM` events of about 80 bytes (an LLM token) for
+/// each of `BATCH` streams, the `round`th of each.
+fn log_batch(round: u64) -> Vec<LogAppend> {
+    (0..BATCH)
+        .map(|i| {
+            let key = StreamKey::try_new(&format!("owner-{i}"), "GET /answer").unwrap();
+            (0..EVENTS_PER_STREAM).fold(LogAppend::new(key, 1, "bench"), |append, n| {
+                let offset = round * EVENTS_PER_STREAM + n;
+                let bytes = format!(
+                    "id: {offset}\ndata: {{\"delta\":{{\"content\":\" token{offset:06}\"}},\"index\":{i}}}\n\n"
+                );
+                append.event(LogEvent::new(
+                    offset,
+                    Some(EventId::new(&offset.to_string()).unwrap()),
+                    Bytes::from(bytes),
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Script calls the servers at `urls` have run so far, and the CPU seconds each has used.
@@ -141,6 +169,30 @@ fn bench(c: &mut Criterion) {
                 records / busiest
             );
         }
+    }
+
+    // Replay logs: every event counts, nothing coalesces.
+    for (name, store, urls) in &stores {
+        let store = store.clone().with_prefix(format!("bench-log-{name}"));
+        rt.block_on(store.append_logs(&log_batch(0))).unwrap();
+        let batches: Vec<_> = (1..=rounds as u64).map(log_batch).collect();
+        let (calls_before, cpu_before) = server_stats(urls);
+        let started = Instant::now();
+        for batch in &batches {
+            rt.block_on(store.append_logs(batch)).unwrap();
+        }
+        let took = started.elapsed();
+        let (calls, cpu) = server_stats(urls);
+        let events = (rounds * BATCH) as f64 * EVENTS_PER_STREAM as f64;
+        let used: f64 = cpu.iter().zip(&cpu_before).map(|(a, b)| a - b).sum();
+        println!(
+            "{name}, log appends: {events} events ({EVENTS_PER_STREAM} for each of {BATCH} \
+             streams per flush) in {took:?}: {:.0} events/s, {:.1} round trips (script calls) \
+             per flush, {:.2} µs of Redis CPU per event (all servers)",
+            events / took.as_secs_f64(),
+            (calls - calls_before) as f64 / rounds as f64,
+            used * 1e6 / events
+        );
     }
 
     let mut group = c.benchmark_group("redis_store/save_batch_of_256");
