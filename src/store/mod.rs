@@ -268,6 +268,9 @@ pub trait Store: Send + Sync + 'static {
     /// skipped. A log is kept for the store's time to live after its last append, and holds a
     /// bounded number of events, the oldest going first. An error means the whole batch may be
     /// retried. A store that keeps no logs can leave the default, which answers with an error.
+    ///
+    /// This version's tracker does not call it yet: these calls are the groundwork for replay
+    /// across instances, and [`InMemoryStore`] and `RedisStore` keep logs already.
     fn append_logs(
         &self,
         batch: &[LogAppend],
