@@ -30,10 +30,10 @@ mod redis_server;
 
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use redis_cluster::RedisCluster;
 use redis_server::RedisServer;
-use bytes::Bytes;
 use tower_sse_tracker::store::{LogAppend, LogEvent, RedisStore, SaveEntry, Store};
 use tower_sse_tracker::{EventId, StreamKey};
 

@@ -38,10 +38,11 @@ impl LogEvent {
 /// and whether the stream has ended.
 ///
 /// A store keeps one history per stream, the one of the highest epoch it was given: an append
-/// of a higher epoch than the stored one starts the log again, one of a lower epoch is refused
-/// (a late retry of a history that was replaced), and, within an epoch, events at offsets
-/// already appended are skipped, so that a batch retried after a partial write appends each
-/// event once. Events are appended in offset order; an offset that skips some (events the
+/// of a higher epoch than the stored one starts the log again, one of a lower epoch, or of the
+/// same epoch from another producer, is refused (a late retry of a history that was replaced),
+/// and, within an epoch, events at offsets already appended are skipped, so that a batch
+/// retried after a partial write appends each event once, and events after the end mark are
+/// skipped. Events are appended in offset order; an offset that skips some (events the
 /// tracker could not write) leaves a hole that a reader sees.
 ///
 /// ```
@@ -116,8 +117,10 @@ pub struct StoredLog {
 }
 
 impl StoredLog {
-    /// Whether `events` holds every event after `after` (every event, for `None`) up to
-    /// [`next_offset`](Self::next_offset), none missing.
+    /// Whether `events` holds every event after the position `after` (every event of the
+    /// log's history, for `None`) up to [`next_offset`](Self::next_offset), none missing: for
+    /// `Some((epoch, offset))`, the log must be of that epoch, and hold every event after
+    /// `offset`.
     ///
     /// ```
     /// use bytes::Bytes;
@@ -125,17 +128,22 @@ impl StoredLog {
     ///
     /// let event = |offset| LogEvent::new(offset, None, Bytes::from_static(b"data: x\n\n"));
     /// let log = StoredLog::new(7, "instance-a", vec![event(3), event(4)], 5, false);
-    /// assert!(log.complete_after(Some(2)));
-    /// assert!(!log.complete_after(Some(1)), "offset 2 is not held");
+    /// assert!(log.complete_after(Some((7, 2))));
+    /// assert!(!log.complete_after(Some((7, 1))), "offset 2 is not held");
+    /// assert!(!log.complete_after(Some((6, 2))), "another history");
     /// assert!(!log.complete_after(None), "offsets 0 to 2 are not held");
     /// ```
-    pub fn complete_after(&self, after: Option<u64>) -> bool {
-        let mut expected = after.map_or(0, |after| after + 1);
+    pub fn complete_after(&self, after: Option<(u64, u64)>) -> bool {
+        let mut expected = match after {
+            Some((epoch, _)) if epoch != self.epoch => return false,
+            Some((_, offset)) => offset.saturating_add(1),
+            None => 0,
+        };
         for event in &self.events {
             if event.offset != expected {
                 return false;
             }
-            expected += 1;
+            expected = expected.saturating_add(1);
         }
         expected >= self.next_offset
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{
     LogAppend, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId, StoredLog,
+    check_appends,
 };
 use crate::key::{Owner, StreamKey};
 
@@ -15,6 +16,8 @@ pub(crate) const DEFAULT_MAX_KEYS: usize = 1_000_000;
 /// Default limits of a replay log in a store: events, and bytes of events.
 pub(crate) const DEFAULT_LOG_MAX_EVENTS: usize = 1024;
 pub(crate) const DEFAULT_LOG_MAX_BYTES: usize = 1 << 20;
+/// Default bound on the bytes of events in all replay logs of an [`InMemoryStore`]: 64 MiB.
+const DEFAULT_MAX_LOG_BYTES: usize = 64 << 20;
 
 /// A stream's replay log in an [`InMemoryStore`].
 #[derive(Debug)]
@@ -48,6 +51,8 @@ struct Inner {
     /// Replay logs, bounded like the keys (the least recently appended goes first).
     logs: HashMap<StreamKey, Log>,
     logs_by_stamp: BTreeMap<u64, StreamKey>,
+    /// Bytes of events in all logs.
+    log_bytes: usize,
     /// When each producer's lease runs out.
     leases: HashMap<String, Instant>,
 }
@@ -55,8 +60,10 @@ struct Inner {
 /// The default [`Store`]: a map in memory, safe for concurrent use, bounded by a number of keys
 /// (the least recently written key is dropped first).
 ///
-/// It also keeps replay logs ([`Store::append_logs`]), as many as keys, each of at most 1 024
-/// events and 1 MiB of them (the oldest going first), and producers' leases.
+/// It also keeps replay logs ([`Store::append_logs`]): each of at most 1 024 events and 1 MiB of
+/// them (the oldest going first), all of them at most as many as keys and 64 MiB of events
+/// (whole logs going then, the least recently appended first), none expiring; and producers'
+/// leases.
 ///
 /// It keeps ids across reconnects for as long as the process lives; use a shared store (Redis)
 /// when several server instances must resume each other's streams.
@@ -84,6 +91,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct InMemoryStore {
     max_keys: usize,
+    max_log_bytes: usize,
     inner: Mutex<Inner>,
 }
 
@@ -113,6 +121,7 @@ impl InMemoryStore {
     pub fn with_max_keys(max_keys: usize) -> Self {
         Self {
             max_keys: max_keys.max(1),
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             inner: Mutex::default(),
         }
     }
@@ -212,30 +221,39 @@ impl InMemoryStore {
 }
 
 impl InMemoryStore {
-    fn append_now(&self, batch: &[LogAppend]) {
+    fn append_now(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+        check_appends(batch)?;
         let mut inner = self.lock();
         let inner = &mut *inner;
         for append in batch {
             let stamp = inner.next_stamp;
             inner.next_stamp += 1;
             let log = match inner.logs.get_mut(&append.key) {
-                Some(log) if log.epoch > append.epoch => continue,
+                // An older history, or the same epoch of another producer: refused.
+                Some(log)
+                    if log.epoch > append.epoch
+                        || (log.epoch == append.epoch && log.producer != append.producer) =>
+                {
+                    continue;
+                }
                 Some(log) => {
                     inner.logs_by_stamp.remove(&log.stamp);
                     if log.epoch < append.epoch {
-                        *log = Log::new(append.epoch, stamp);
+                        inner.log_bytes -= log.bytes;
+                        *log = Log::new(append.epoch, append.producer.clone(), stamp);
                     }
                     log
                 }
                 None => inner
                     .logs
                     .entry(append.key.clone())
-                    .or_insert_with(|| Log::new(append.epoch, stamp)),
+                    .or_insert_with(|| Log::new(append.epoch, append.producer.clone(), stamp)),
             };
             log.stamp = stamp;
-            log.producer.clone_from(&append.producer);
+            let before = log.bytes;
             for event in &append.events {
-                if event.offset >= log.next {
+                // Nothing follows the end; offsets already appended are a retry.
+                if !log.ended && event.offset >= log.next {
                     log.next = event.offset + 1;
                     log.bytes += event.bytes.len();
                     log.events.push_back(event.clone());
@@ -243,14 +261,19 @@ impl InMemoryStore {
                 }
             }
             log.ended |= append.ended;
+            inner.log_bytes = inner.log_bytes + log.bytes - before;
             inner.logs_by_stamp.insert(stamp, append.key.clone());
-            while inner.logs.len() > self.max_keys {
+            // Whole logs go, the least recently appended first, past either bound.
+            while inner.logs.len() > self.max_keys || inner.log_bytes > self.max_log_bytes {
                 let Some((_, oldest)) = inner.logs_by_stamp.pop_first() else {
                     break;
                 };
-                inner.logs.remove(&oldest);
+                if let Some(log) = inner.logs.remove(&oldest) {
+                    inner.log_bytes -= log.bytes;
+                }
             }
         }
+        Ok(())
     }
 
     fn read_now(&self, key: &StreamKey, after: Option<u64>, limit: usize) -> Option<StoredLog> {
@@ -260,7 +283,7 @@ impl InMemoryStore {
             .events
             .iter()
             .filter(|e| after.is_none_or(|after| e.offset > after))
-            .take(limit)
+            .take(limit.min(DEFAULT_LOG_MAX_EVENTS))
             .cloned()
             .collect();
         Some(StoredLog::new(
@@ -275,7 +298,10 @@ impl InMemoryStore {
     fn renew_now(&self, producer: &str, ttl: Duration) {
         let now = Instant::now();
         let mut inner = self.lock();
-        inner.leases.insert(producer.to_owned(), now + ttl);
+        let ends = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600));
+        inner.leases.insert(producer.to_owned(), ends);
         if inner.leases.len() > self.max_keys {
             inner.leases.retain(|_, ends| *ends > now);
         }
@@ -294,10 +320,10 @@ impl InMemoryStore {
 }
 
 impl Log {
-    fn new(epoch: u64, stamp: u64) -> Self {
+    fn new(epoch: u64, producer: String, stamp: u64) -> Self {
         Self {
             epoch,
-            producer: String::new(),
+            producer,
             events: VecDeque::new(),
             bytes: 0,
             next: 0,
@@ -323,8 +349,7 @@ impl Store for InMemoryStore {
     }
 
     async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
-        self.append_now(batch);
-        Ok(())
+        self.append_now(batch)
     }
 
     async fn read_log(
@@ -385,6 +410,40 @@ mod tests {
         assert_eq!(store.get(&entry("b", "", 0).key).unwrap().id, "9");
         store.save_now(&[entry("a", "3", 3)]);
         assert_eq!(store.get(&entry("a", "", 0).key).unwrap().sequence, 3);
+    }
+
+    #[test]
+    fn whole_logs_go_past_the_byte_budget_least_recently_appended_first() {
+        use bytes::Bytes;
+        let store = InMemoryStore {
+            max_log_bytes: 250,
+            ..InMemoryStore::with_max_keys(3)
+        };
+        let append = |owner: &str, bytes: usize| {
+            LogAppend::new(StreamKey::try_new(owner, "GET /s").unwrap(), 1, "p")
+                .event(LogEvent::new(0, None, Bytes::from(vec![b'x'; bytes])))
+        };
+        let held = |owner: &str| {
+            store
+                .read_now(&StreamKey::try_new(owner, "GET /s").unwrap(), None, 10)
+                .is_some()
+        };
+        store
+            .append_now(&[append("a", 100), append("b", 100)])
+            .unwrap();
+        store.append_now(&[append("c", 100)]).unwrap();
+        assert!(
+            !held("a") && held("b") && held("c"),
+            "300 bytes > 250: a goes"
+        );
+        store
+            .append_now(&[append("d", 10), append("e", 10)])
+            .unwrap();
+        assert!(
+            !held("b") && held("c") && held("d") && held("e"),
+            "3 logs at most"
+        );
+        assert_eq!(store.lock().log_bytes, 120);
     }
 
     #[test]

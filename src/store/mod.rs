@@ -263,11 +263,15 @@ pub trait Store: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Appends to each stream's log the events of its [`LogAppend`] (one per stream at most),
-    /// as that type says: the history of the highest epoch wins, events already appended are
-    /// skipped. A log is kept for the store's time to live after its last append, and holds a
-    /// bounded number of events, the oldest going first. An error means the whole batch may be
+    /// Appends to each stream's log the events of its [`LogAppend`], as that type says: the
+    /// history of the highest epoch wins, events already appended are skipped, nothing is
+    /// appended after the end mark. A log holds a bounded number of events, the oldest going
+    /// first, and a store may expire it ([`RedisStore`](https://docs.rs/tower-sse-tracker/latest/tower_sse_tracker/store/struct.RedisStore.html):
+    /// its time to live after the last append). An error means the whole batch may be
     /// retried. A store that keeps no logs can leave the default, which answers with an error.
+    ///
+    /// The batch contract: each stream at most once; offsets rising, below 2^53 (the stores
+    /// here answer anything else with an error).
     ///
     /// This version's tracker does not call it yet: these calls are the groundwork for replay
     /// across instances, and [`InMemoryStore`] and `RedisStore` keep logs already.
@@ -280,8 +284,10 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// The log of `key`: its events after offset `after` (from the oldest it holds, for
-    /// `None`), at most `limit` of them, and what the store knows of the rest; `None` when it
-    /// holds no log of `key`. The default holds none.
+    /// `None`), at most `limit` of them (and at most the store's bound on a log: one read gets
+    /// all it holds), and what the store knows of the rest; `None` when it holds no log of
+    /// `key`. The default holds none. The events are of the log's epoch, whatever the reader
+    /// expected: see [`StoredLog::complete_after`].
     fn read_log(
         &self,
         key: &StreamKey,
@@ -358,6 +364,35 @@ impl<S: Store> Store for std::sync::Arc<S> {
     fn lease_alive(&self, producer: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
         S::lease_alive(self, producer)
     }
+}
+
+/// The largest offset a log holds: 2^53 - 1 (the largest integer a Lua number, which Redis
+/// scripts use, holds exactly).
+pub(crate) const MAX_LOG_OFFSET: u64 = (1 << 53) - 1;
+
+/// Checks a batch of appends against what every store needs: each stream once, offsets that
+/// rise and stay below [`MAX_LOG_OFFSET`].
+pub(crate) fn check_appends(batch: &[LogAppend]) -> Result<(), StoreError> {
+    let mut keys = std::collections::HashSet::with_capacity(batch.len());
+    for append in batch {
+        if !keys.insert(&append.key) {
+            return Err(StoreError::new(format!(
+                "appending to replay logs: {} appears twice in one batch",
+                append.key
+            )));
+        }
+        let mut last = None;
+        for event in &append.events {
+            if event.offset > MAX_LOG_OFFSET || last.is_some_and(|last| event.offset <= last) {
+                return Err(StoreError::new(format!(
+                    "appending to replay logs: offset {} of {} is out of order or above 2^53",
+                    event.offset, append.key
+                )));
+            }
+            last = Some(event.offset);
+        }
+    }
+    Ok(())
 }
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

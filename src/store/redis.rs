@@ -19,6 +19,7 @@ use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
 use super::{
     LogAppend, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId, StoredLog,
+    check_appends,
 };
 use crate::key::{EventId, Owner, StreamKey};
 use crate::sync::lock;
@@ -107,8 +108,9 @@ const SAVE_NODE_SCRIPT: &str = save_script!(
 ///
 /// A stream's entries have the ids `<offset>-1`, so that a read after an offset is a range.
 /// Epochs compare as numbers (as strings of one width: a longer one is higher). A higher
-/// epoch than the stored one (or no stored one) starts the log again; a lower one is refused;
-/// events at offsets below the stored `next` are skipped (a retry).
+/// epoch than the stored one (or no stored one) starts the log again; a lower one, or the same
+/// one from another producer, is refused; events at offsets below the stored `next` (a retry),
+/// or after the end mark, are skipped. Offsets are below 2^53, exact as Lua numbers.
 const APPEND_SCRIPT: &str = "local ttl, maxlen = ARGV[1], ARGV[2]
 local call = redis.call
 local i = 3
@@ -117,20 +119,24 @@ while i <= #ARGV do
   local log, meta, epoch, producer, ended = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local n = tonumber(ARGV[i + 5])
   i = i + 6
-  local stored = call('HMGET', meta, 'epoch', 'next')
+  local stored = call('HMGET', meta, 'epoch', 'next', 'producer', 'ended')
   local se = stored[1]
-  local nxt = 0
+  local nxt, closed, refused = 0, false, false
   if se and (#se > #epoch or (#se == #epoch and se > epoch)) then
+    refused = true
+  elseif se == epoch then
+    refused = stored[3] ~= producer
+    nxt = tonumber(stored[2]) or 0
+    closed = stored[4] == '1'
+  else
+    call('DEL', log, meta)
+  end
+  if refused then
     i = i + 3 * n
   else
-    if se == epoch then
-      nxt = tonumber(stored[2]) or 0
-    else
-      call('DEL', log, meta)
-    end
     for _ = 1, n do
       local o = tonumber(ARGV[i])
-      if o >= nxt then
+      if not closed and o >= nxt then
         call('XADD', log, 'MAXLEN', maxlen, ARGV[i] .. '-1', 'i', ARGV[i + 1], 'b', ARGV[i + 2])
         nxt = o + 1
         appended = appended + 1
@@ -165,6 +171,8 @@ return {meta[1], meta[2] or '0', meta[3] or '0', meta[4] or '', entries}
 
 /// The longest a Redis replay log grows, in events, by default.
 const DEFAULT_LOG_MAX_EVENTS: usize = 1024;
+/// Events one append script call carries at most (unless one stream has more).
+const MAX_EVENTS_PER_CALL: usize = 1024;
 
 /// The largest time a stored value holds, in Unix microseconds (16 digits: the year 2286).
 const MAX_STORED_TIME: u64 = 9_999_999_999_999_999;
@@ -348,8 +356,10 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   a log keeps its newest [`with_log_max_events`](RedisStore::with_log_max_events) events
 ///   (`XADD … MAXLEN`) and expires `ttl` after its last append. An event costs Redis its bytes
 ///   and about 33 more (`tests/redis.rs`, 1 000 events of 75 bytes). Appends go like saves:
-///   one script call per primary on a cluster. A producer's lease is
-///   `{prefix}:lease:{<producer>}`, with a time to live.
+///   one script call per primary on a cluster (of at most 1 024 events, so that no call holds
+///   Redis long). A producer's lease is `{prefix}:lease:{<producer>}`, with a time to live.
+///   Run Redis with `maxmemory-policy noeviction` (its default) when it holds logs: a policy
+///   that evicts keys could drop a log's meta without its events.
 /// - **Expiry.** Id keys expire `ttl` after their last write (a refused, older id is not a
 ///   write); activity older than `ttl` is removed from its set at each activity write, and a
 ///   set expires `ttl` after the last one.
@@ -795,9 +805,10 @@ impl RedisStore {
                 .arg(meta)
                 .arg(append.epoch)
                 .arg(append.producer.as_str())
-                .arg(if append.ended { "1" } else { "0" })
-                .arg(append.events.len());
-            for event in &append.events {
+                .arg(if append.ended { "1" } else { "0" });
+            let kept = &append.events[append.events.len().saturating_sub(self.log_max_events)..];
+            cmd.arg(kept.len());
+            for event in kept {
                 id.clear();
                 match &event.id {
                     Some(event_id) => {
@@ -809,6 +820,29 @@ impl RedisStore {
                 cmd.arg(event.offset).arg(&id[..]).arg(&event.bytes[..]);
             }
         }
+    }
+
+    /// `appends` split into script calls of at most [`MAX_EVENTS_PER_CALL`] events (a stream
+    /// with more is a call of its own), so that no call holds Redis long. A stream's events
+    /// beyond the log's bound are left out: the log would drop them at once (its next offset
+    /// still moves past them, and a reader sees they are gone).
+    fn append_calls<'a>(&self, appends: Vec<&'a LogAppend>) -> Vec<Vec<&'a LogAppend>> {
+        let mut calls: Vec<Vec<&LogAppend>> = Vec::new();
+        let mut events = 0;
+        for append in appends {
+            let n = append.events.len().min(self.log_max_events);
+            match calls.last_mut() {
+                Some(call) if events + n <= MAX_EVENTS_PER_CALL => {
+                    call.push(append);
+                    events += n;
+                }
+                _ => {
+                    calls.push(vec![append]);
+                    events = n;
+                }
+            }
+        }
+        calls
     }
 
     /// Appends `appends` with one script call sent by `routing` (see [`eval`](Self::eval)).
@@ -844,11 +878,34 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         if let Some((host, port)) = address {
             let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            match self.send_append(current, &appends, Some(routing)).await {
-                Ok(_appended) => return Ok(()),
-                Err(error) if slot_elsewhere(&error) => *lock(&self.slots) = None,
-                Err(error) => return Err(redis_error("appending to replay logs", error)),
+            let calls = self
+                .append_calls(appends.clone())
+                .into_iter()
+                .map(|chunk| {
+                    let routing = routing.clone();
+                    async move { self.send_append(current, &chunk, Some(routing)).await }
+                })
+                .collect::<Vec<_>>();
+            let mut moved = false;
+            let mut results =
+                futures_util::stream::iter(calls).buffer_unordered(MAX_CONCURRENT_CALLS);
+            let mut first_error = None;
+            while let Some(result) = results.next().await {
+                match result {
+                    Ok(_appended) => {}
+                    Err(error) if slot_elsewhere(&error) => moved = true,
+                    Err(error) => {
+                        first_error.get_or_insert(redis_error("appending to replay logs", error));
+                    }
+                }
             }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
+            if !moved {
+                return Ok(());
+            }
+            *lock(&self.slots) = None;
         }
         let calls = appends
             .iter()
@@ -1270,17 +1327,26 @@ impl Store for RedisStore {
     }
 
     async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+        check_appends(batch)?;
         if batch.is_empty() {
             return Ok(());
         }
         let current = self.connection.get().await?;
         if let Conn::Standalone(_) = current.conn {
-            let appends: Vec<&LogAppend> = batch.iter().collect();
-            return self
-                .send_append(&current, &appends, None)
-                .await
-                .map(drop)
-                .map_err(|e| redis_error("appending to replay logs", e));
+            let calls = self
+                .append_calls(batch.iter().collect())
+                .into_iter()
+                .map(|appends| {
+                    let current = &current;
+                    async move {
+                        self.send_append(current, &appends, None)
+                            .await
+                            .map(drop)
+                            .map_err(|e| redis_error("appending to replay logs", e))
+                    }
+                })
+                .collect();
+            return bounded(calls, MAX_CONCURRENT_CALLS).await;
         }
         // A cluster: one script call per primary, as for saves.
         let slots = self.slot_map(&current).await?;
@@ -1317,7 +1383,11 @@ impl Store for RedisStore {
         let current = self.connection.get().await?;
         let reply: redis::Value = self
             .eval(&current, &self.read_log, None, (6, 256), |cmd| {
-                cmd.arg(2).arg(&log).arg(&meta).arg(&from).arg(limit);
+                cmd.arg(2)
+                    .arg(&log)
+                    .arg(&meta)
+                    .arg(&from)
+                    .arg(limit.min(self.log_max_events));
             })
             .await
             .map_err(|e| redis_error("reading a replay log", e))?;
@@ -1326,7 +1396,12 @@ impl Store for RedisStore {
 
     async fn renew_lease(&self, producer: &str, ttl: Duration) -> Result<(), StoreError> {
         let key = self.lease_key(producer);
-        let ttl = ttl.as_millis().max(1) as u64;
+        // At least 1 ms, at most ten years (Redis refuses times past its range).
+        let ttl = ttl.clamp(
+            Duration::from_millis(1),
+            Duration::from_secs(10 * 365 * 24 * 3600),
+        );
+        let ttl = ttl.as_millis() as u64;
         self.connection
             .get()
             .await?

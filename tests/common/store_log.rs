@@ -62,7 +62,19 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     assert!(log.complete_after(None));
     assert_eq!(offsets(&read(store, &key, Some(0)).await), [1, 2]);
     assert!(read(store, &key, Some(2)).await.events.is_empty());
-    assert!(read(store, &key, Some(2)).await.complete_after(Some(2)));
+    assert!(
+        read(store, &key, Some(2))
+            .await
+            .complete_after(Some((7, 2)))
+    );
+    assert!(
+        !read(store, &key, Some(2))
+            .await
+            .complete_after(Some((6, 2))),
+        "a position in another history"
+    );
+    let everything = store.read_log(&key, None, usize::MAX).await.unwrap();
+    assert_eq!(everything.map(|log| log.events.len()), Some(3));
     let limited = store.read_log(&key, Some(0), 1).await.unwrap().unwrap();
     assert_eq!(offsets(&limited), [1]);
 
@@ -93,17 +105,44 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     let log = read(store, &key, Some(3)).await;
     assert_eq!(offsets(&log), [6]);
     assert_eq!(log.next_offset, 7);
-    assert!(!log.complete_after(Some(3)), "offsets 4 and 5 are missing");
-    assert!(log.complete_after(Some(5)));
+    assert!(
+        !log.complete_after(Some((7, 3))),
+        "offsets 4 and 5 are missing"
+    );
+    assert!(log.complete_after(Some((7, 5))));
 
-    // The end mark, with no event.
+    // Another producer's history of the same epoch is refused.
+    let other = LogAppend::new(key.clone(), 7, "instance-b")
+        .event(event(7, None, b"data: b\n\n"))
+        .ended();
+    store.append_logs(&[other]).await.unwrap();
+    let log = read(store, &key, None).await;
+    assert_eq!(
+        (log.producer.as_str(), log.next_offset, log.ended),
+        ("instance-a", 7, false)
+    );
+
+    // The end mark, with no event; nothing is appended after it.
     store
-        .append_logs(&[LogAppend::new(key.clone(), 7, "instance-b").ended()])
+        .append_logs(&[LogAppend::new(key.clone(), 7, "instance-a").ended()])
+        .await
+        .unwrap();
+    store
+        .append_logs(&[append(&key, 7, vec![event(7, None, b"data: late\n\n")])])
         .await
         .unwrap();
     let log = read(store, &key, None).await;
     assert!(log.ended);
-    assert_eq!(log.producer, "instance-b");
+    assert_eq!((offsets(&log).last(), log.next_offset), (Some(&6), 7));
+
+    // Batches that break the contract are refused whole.
+    let twice = [append(&key, 9, vec![]), append(&key, 9, vec![])];
+    assert!(store.append_logs(&twice).await.is_err());
+    let falling = append(&key, 9, vec![event(2, None, b"\n"), event(1, None, b"\n")]);
+    assert!(store.append_logs(&[falling]).await.is_err());
+    let huge = append(&key, 9, vec![event(1 << 53, None, b"\n")]);
+    assert!(store.append_logs(&[huge]).await.is_err());
+    assert_eq!(read(store, &key, None).await.epoch, 7);
 
     // A newer history replaces the log.
     store
@@ -153,8 +192,31 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     let log = read(store, &long, None).await;
     assert_eq!(log.events.len(), LOG_MAX_EVENTS);
     assert_eq!(log.events[0].offset, 76);
+    // One batch of more events than a log holds, over three streams (Redis splits it into
+    // several script calls): each log holds its newest, and knows where it ends.
+    let big: Vec<LogAppend> = (0..3)
+        .map(|s| {
+            let k = StreamKey::try_new(&format!("{owner}-big-{s}"), "GET /big").unwrap();
+            let events = (0..1500)
+                .map(|o| event(o, None, format!("data: {s}/{o}\n\n").as_bytes()))
+                .collect();
+            append(&k, 1, events)
+        })
+        .collect();
+    store.append_logs(&big).await.unwrap();
+    for s in 0..3 {
+        let k = StreamKey::try_new(&format!("{owner}-big-{s}"), "GET /big").unwrap();
+        let log = read(store, &k, None).await;
+        assert_eq!((log.events.len(), log.next_offset), (LOG_MAX_EVENTS, 1500));
+        assert_eq!(log.events[0].offset, 1500 - LOG_MAX_EVENTS as u64);
+        assert_eq!(
+            log.events.last().unwrap().bytes,
+            format!("data: {s}/1499\n\n").as_bytes()
+        );
+        assert!(log.complete_after(Some((1, 1500 - LOG_MAX_EVENTS as u64 - 1))));
+    }
     assert_eq!(log.events[0].id.as_ref().map(|id| id.as_str()), Some("76"));
-    assert!(!log.complete_after(None) && log.complete_after(Some(75)));
+    assert!(!log.complete_after(None) && log.complete_after(Some((1, 75))));
 }
 
 /// A lease runs for its time to live from its last renewal, and only for its producer.
