@@ -13,7 +13,8 @@ use crate::key::{EventId, StreamKey};
 /// use tower_sse_tracker::EventId;
 /// use tower_sse_tracker::store::LogEvent;
 ///
-/// let event = LogEvent::new(0, Some(EventId::new("1").unwrap()), Bytes::from_static(b"id: 1\ndata: hi\n\n"));
+/// let bytes = Bytes::from_static(b"id: 1\ndata: hi\n\n");
+/// let event = LogEvent::new(0, Some(EventId::new("1").unwrap()), bytes);
 /// assert_eq!(event.offset, 0);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -311,26 +311,25 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   a Redis Cluster:
 ///   choose a cluster when one Redis is not enough memory or throughput, or must not be a single
 ///   point of failure. Both use the same keys and pass the same tests.
-/// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script,
-///   sent by its hash, and with its text only when Redis answers that it lacks it: after a
-///   restart or a failover), activity in one pipeline. On a cluster a batch is split by the primary that serves each
-///   key, from the cluster's slot map (`CLUSTER SLOTS`, read at the first save and again after
-///   any failed one), and each primary gets one script call, sent concurrently: as many round
-///   trips as primaries, however many slots the batch touches. Such a call is sent to the
-///   primary's address and declares no key (so no `ASK` can send it, whole, where one of its
-///   slots is moving to); its keys are arguments, which a script may touch when its node
-///   serves them now. While slots move (a reshard), a call that reaches a key its node does
-///   not serve stops there, before touching it, and that node's keys go one call per slot
-///   instead (as before this grouping), each redirected by the cluster client (`MOVED`,
-///   `ASK`, `TRYAGAIN`); the map is read again at the next save, and the keys the first call
-///   wrote are refused as not newer. After a failover the map is read again at the first
-///   failed save. A primary the cluster gives no address for (`?`, empty, a wildcard) gets
-///   one call per slot. What this gives up: a proxy that admits only scripts whose keys are
-///   all declared (some managed services) refuses these calls.
-///   Activity goes the same way: the activity shards of each primary in one pipeline sent to
-///   its address, or command by command while slots move. While no slot moves, every primary
-///   has an address and holds the script, a flush thus takes one save call and one activity
-///   pipeline per primary at most.
+/// - **Round trips.** On a standalone Redis a batch is saved in one round trip (a Lua script, sent
+///   by its hash, and with its text only when Redis answers that it lacks it: after a restart or a
+///   failover), activity in one pipeline. On a cluster a batch is split by the primary that serves
+///   each key, from the cluster's slot map (`CLUSTER SLOTS`, read at the first save and again after
+///   any failed one), and each primary gets one script call, sent concurrently: as many round trips
+///   as primaries, however many slots the batch touches. Such a call is sent to the primary's
+///   address and declares no key (so no `ASK` can send it, whole, where one of its slots is moving
+///   to); its keys are arguments, which a script may touch when its node serves them now. While
+///   slots move (a reshard), a call that reaches a key its node does not serve stops there, before
+///   touching it, and that node's keys go one call per slot instead (as before this grouping), each
+///   redirected by the cluster client (`MOVED`, `ASK`, `TRYAGAIN`); the map is read again at the
+///   next save, and the keys the first call wrote are refused as not newer. After a failover the
+///   map is read again at the first failed save. A primary the cluster gives no address for (`?`,
+///   empty, a wildcard) gets one call per slot. What this gives up: a proxy that admits only
+///   scripts whose keys are all declared (some managed services) refuses these calls. Activity goes
+///   the same way: the activity shards of each primary in one pipeline sent to its address, or
+///   command by command while slots move. While no slot moves, every primary has an address and
+///   holds the script, a flush thus takes one save call and one activity pipeline per primary at
+///   most.
 /// - **Atomic, newest wins.** The script compares each key's stored `(time, sequence)` with the
 ///   entry's and writes only newer ones, so two instances writing one key, or a late retry,
 ///   never replace a newer id with an older one. A new key takes one Redis call inside the
@@ -349,17 +348,18 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   and the last version reads a padded one as the same numbers (`tests/redis.rs` runs the
 ///   last version's script against this one's values, and the other way round). An
 ///   unpadded value is replaced at the stream's next write, or expires.
-/// - **Replay logs** ([`Store::append_logs`], [`Store::read_log`]). A stream's log is a Redis
+/// - **Replay logs** ([`Store::append_logs`], [`Store::read_log`]; this version's tracker does not
+///   append yet: they are the groundwork of replay across instances). A stream's log is a Redis
 ///   Stream, `{prefix}:log:{<owner>}:<stream>`, on its latest id's slot, with a hash beside it
-///   (`{prefix}:logmeta:…`: the epoch, the next offset, the end mark, the producer). Each
-///   event is an entry with the id `<offset>-1` and two fields, its `id` field and its bytes;
-///   a log keeps its newest [`with_log_max_events`](RedisStore::with_log_max_events) events
-///   (`XADD … MAXLEN`) and expires `ttl` after its last append. An event costs Redis its bytes
-///   and about 33 more (`tests/redis.rs`, 1 000 events of 75 bytes). Appends go like saves:
-///   one script call per primary on a cluster (of at most 1 024 events, so that no call holds
-///   Redis long). A producer's lease is `{prefix}:lease:{<producer>}`, with a time to live.
-///   Run Redis with `maxmemory-policy noeviction` (its default) when it holds logs: a policy
-///   that evicts keys could drop a log's meta without its events.
+///   (`{prefix}:logmeta:…`: the epoch, the next offset, the end mark, the producer). Each event is
+///   an entry with the id `<offset>-1` and two fields, its `id` field and its bytes; a log keeps
+///   its newest [`with_log_max_events`](RedisStore::with_log_max_events) events (`XADD … MAXLEN`)
+///   and expires `ttl` after its last append. An event costs Redis its bytes and about 33 more
+///   (`tests/redis.rs`, 1 000 events of 75 bytes). Appends go like saves: one script call per
+///   primary on a cluster (of at most 1 024 events, so that no call holds Redis long). A producer's
+///   lease is `{prefix}:lease:{<producer>}`, with a time to live. Run Redis with `maxmemory-policy
+///   noeviction` (its default) when it holds logs: a policy that evicts keys could drop a log's
+///   meta without its events.
 /// - **Expiry.** Id keys expire `ttl` after their last write (a refused, older id is not a
 ///   write); activity older than `ttl` is removed from its set at each activity write, and a
 ///   set expires `ttl` after the last one.
