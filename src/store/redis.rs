@@ -952,6 +952,37 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Runs `call` once for each primary of the cluster, concurrently, with the items (each
+    /// given with its slot) of the slots it serves and its address (`None`: a slot no primary
+    /// serves, or a primary without an address). Should a call fail, the slot map is read
+    /// again at the next one: the whole batch is then retried, and what the calls that
+    /// succeeded wrote is refused or skipped as already there.
+    async fn by_primary<T, F, Fut>(
+        &self,
+        current: &Current,
+        items: impl IntoIterator<Item = (u16, T)>,
+        call: F,
+    ) -> Result<(), StoreError>
+    where
+        F: Fn(Option<(String, u16)>, Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let slots = self.slot_map(current).await?;
+        let mut by_node: HashMap<Option<&Primary>, Vec<T>> = HashMap::new();
+        for (slot, item) in items {
+            by_node.entry(node_of(&slots, slot)).or_default().push(item);
+        }
+        let calls = by_node
+            .into_iter()
+            .map(|(node, items)| call(node.and_then(|node| node.address.clone()), items))
+            .collect();
+        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
+        if result.is_err() {
+            *lock(&self.slots) = None;
+        }
+        result
+    }
+
     /// The cluster's slot map, read with `CLUSTER SLOTS` when the store has none.
     async fn slot_map(&self, current: &Current) -> Result<Arc<SlotMap>, StoreError> {
         if let Some(map) = lock(&self.slots).clone() {
@@ -1248,25 +1279,16 @@ impl Store for RedisStore {
         // A cluster: one script call per primary, sent concurrently. Should one fail, the
         // whole batch is retried, on a map read again; the keys already written are then
         // refused as not newer.
-        let slots = self.slot_map(&current).await?;
-        let mut by_node: HashMap<Option<&Primary>, Vec<(String, &SaveEntry)>> = HashMap::new();
-        for entry in batch {
+        let records = batch.iter().map(|entry| {
             let key = self.key_of(&entry.key);
-            let node = node_of(&slots, key_slot(key.as_bytes()));
-            by_node.entry(node).or_default().push((key, entry));
-        }
-        let mut calls = Vec::with_capacity(by_node.len());
-        for (node, entries) in by_node {
-            // A slot no primary serves, or a primary with no address to reach it by: one
-            // call per slot, routed by the cluster client.
-            let address = node.and_then(|node| node.address.clone());
-            calls.push(self.save_node(&current, address, entries));
-        }
-        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
-        if result.is_err() {
-            *lock(&self.slots) = None;
-        }
-        result
+            (key_slot(key.as_bytes()), (key, entry))
+        });
+        // A slot no primary serves, or a primary with no address to reach it by: one call per
+        // slot, routed by the cluster client.
+        self.by_primary(&current, records, |address, records| {
+            self.save_node(&current, address, records)
+        })
+        .await
     }
 
     async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
@@ -1302,28 +1324,16 @@ impl Store for RedisStore {
             return run_pipeline(&current, pipe).await;
         }
         // A cluster: the shards of each primary in one pipeline, sent concurrently.
-        let slots = self.slot_map(&current).await?;
-        let mut by_node: HashMap<Option<&Primary>, Vec<(usize, Vec<&SessionActivity>)>> =
-            HashMap::new();
-        for (shard, sessions) in by_shard {
-            let slot = key_slot(self.activity_key(shard).as_bytes());
-            by_node
-                .entry(node_of(&slots, slot))
-                .or_default()
-                .push((shard, sessions));
-        }
-        let calls = by_node
-            .into_iter()
-            .map(|(node, shards)| {
-                let address = node.and_then(|node| node.address.clone());
-                self.touch_node(&current, address, shards)
-            })
-            .collect();
-        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
-        if result.is_err() {
-            *lock(&self.slots) = None;
-        }
-        result
+        let shards = by_shard.into_iter().map(|(shard, sessions)| {
+            (
+                key_slot(self.activity_key(shard).as_bytes()),
+                (shard, sessions),
+            )
+        });
+        self.by_primary(&current, shards, |address, shards| {
+            self.touch_node(&current, address, shards)
+        })
+        .await
     }
 
     async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
@@ -1349,27 +1359,13 @@ impl Store for RedisStore {
             return bounded(calls, MAX_CONCURRENT_CALLS).await;
         }
         // A cluster: one script call per primary, as for saves.
-        let slots = self.slot_map(&current).await?;
-        let mut by_node: HashMap<Option<&Primary>, Vec<&LogAppend>> = HashMap::new();
-        for append in batch {
-            let slot = key_slot(self.log_key_of(&append.key).as_bytes());
-            by_node
-                .entry(node_of(&slots, slot))
-                .or_default()
-                .push(append);
-        }
-        let calls = by_node
-            .into_iter()
-            .map(|(node, appends)| {
-                let address = node.and_then(|node| node.address.clone());
-                self.append_node(&current, address, appends)
-            })
-            .collect();
-        let result = bounded(calls, MAX_CONCURRENT_CALLS).await;
-        if result.is_err() {
-            *lock(&self.slots) = None;
-        }
-        result
+        let appends = batch
+            .iter()
+            .map(|append| (key_slot(self.log_key_of(&append.key).as_bytes()), append));
+        self.by_primary(&current, appends, |address, appends| {
+            self.append_node(&current, address, appends)
+        })
+        .await
     }
 
     async fn read_log(
