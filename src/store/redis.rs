@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -867,6 +868,36 @@ impl RedisStore {
         .await
     }
 
+    /// Appends `appends` in the calls of [`append_calls`](Self::append_calls), sent by
+    /// `routing` concurrently. A call that reaches a key its node does not serve now (slots
+    /// moving) sets `moved` rather than failing.
+    async fn append_in_calls(
+        &self,
+        current: &Current,
+        appends: Vec<&LogAppend>,
+        routing: Option<RoutingInfo>,
+        moved: &AtomicBool,
+    ) -> Result<(), StoreError> {
+        let calls = self
+            .append_calls(appends)
+            .into_iter()
+            .map(|chunk| {
+                let routing = routing.clone();
+                async move {
+                    match self.send_append(current, &chunk, routing).await {
+                        Ok(_appended) => Ok(()),
+                        Err(error) if slot_elsewhere(&error) => {
+                            moved.store(true, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(error) => Err(redis_error("appending to replay logs", error)),
+                    }
+                }
+            })
+            .collect();
+        bounded(calls, MAX_CONCURRENT_CALLS).await
+    }
+
     /// Appends `appends`, the streams of the cluster node at `address`, with one script call
     /// sent to it; while slots move (see [`save_node`](Self::save_node)), one call per stream,
     /// routed by its keys.
@@ -878,31 +909,10 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         if let Some((host, port)) = address {
             let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            let calls = self
-                .append_calls(appends.clone())
-                .into_iter()
-                .map(|chunk| {
-                    let routing = routing.clone();
-                    async move { self.send_append(current, &chunk, Some(routing)).await }
-                })
-                .collect::<Vec<_>>();
-            let mut moved = false;
-            let mut results =
-                futures_util::stream::iter(calls).buffer_unordered(MAX_CONCURRENT_CALLS);
-            let mut first_error = None;
-            while let Some(result) = results.next().await {
-                match result {
-                    Ok(_appended) => {}
-                    Err(error) if slot_elsewhere(&error) => moved = true,
-                    Err(error) => {
-                        first_error.get_or_insert(redis_error("appending to replay logs", error));
-                    }
-                }
-            }
-            if let Some(error) = first_error {
-                return Err(error);
-            }
-            if !moved {
+            let moved = AtomicBool::new(false);
+            self.append_in_calls(current, appends.clone(), Some(routing), &moved)
+                .await?;
+            if !moved.load(Ordering::Relaxed) {
                 return Ok(());
             }
             *lock(&self.slots) = None;
@@ -1343,20 +1353,10 @@ impl Store for RedisStore {
         }
         let current = self.connection.get().await?;
         if let Conn::Standalone(_) = current.conn {
-            let calls = self
-                .append_calls(batch.iter().collect())
-                .into_iter()
-                .map(|appends| {
-                    let current = &current;
-                    async move {
-                        self.send_append(current, &appends, None)
-                            .await
-                            .map(drop)
-                            .map_err(|e| redis_error("appending to replay logs", e))
-                    }
-                })
-                .collect();
-            return bounded(calls, MAX_CONCURRENT_CALLS).await;
+            let moved = AtomicBool::new(false);
+            return self
+                .append_in_calls(&current, batch.iter().collect(), None, &moved)
+                .await;
         }
         // A cluster: one script call per primary, as for saves.
         let appends = batch
