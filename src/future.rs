@@ -11,12 +11,16 @@ use pin_project_lite::pin_project;
 
 use crate::body::{Fallback, TrackedBody, Tracking, detacher};
 use crate::identity::{RequestOwner, StreamKind};
+use crate::key::{EventId, StreamKey};
 use crate::key::{Owner, StreamName};
 use crate::metrics::Untracked;
 use crate::protocol::{Protocol, Resumption};
 use crate::registry::Slot;
-use crate::replay::{Detach, GapReason, Prepared, REPLAY_HEADER, Replay};
+use crate::replay::{
+    Detach, GapReason, Looked, Prepared, REPLAY_HEADER, Replay, StoreReader, TailPermit, lookup,
+};
 use crate::shared::Shared;
+use crate::store::BoxFuture;
 
 const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
@@ -32,8 +36,52 @@ pub(crate) struct RequestInfo {
     pub(crate) addressed: Option<StreamName>,
     /// The replay prepared for the request (replay on, with a `Last-Event-ID`).
     pub(crate) replay: Option<Prepared>,
+    /// The look-up in the store of a reconnect this instance holds no log for (replay across
+    /// instances): when the store answers, the layer does, and the inner service's future is
+    /// dropped unpolled.
+    pub(crate) from_store: Option<StoreLookup>,
     /// The span current when the request came in: each tracked stream's span is its child.
     pub(crate) span: tracing::Span,
+}
+
+/// A reconnect's look-up in the store, with what following the store's log then needs.
+pub(crate) struct StoreLookup {
+    read: BoxFuture<'static, Looked>,
+    reader: StoreReader,
+    id: EventId,
+    permit: TailPermit,
+}
+
+impl std::fmt::Debug for StoreLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLookup")
+            .field("key", &self.reader.key)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreLookup {
+    /// Starts looking `id` up in the store's log of `key`.
+    pub(crate) fn new(shared: &Shared, key: StreamKey, id: EventId, permit: TailPermit) -> Self {
+        let limit = shared
+            .replay
+            .as_ref()
+            .map_or(1024, |replayer| replayer.budget.policy.max_events);
+        let reader = StoreReader {
+            store: shared.store.clone(),
+            key,
+            timeout: shared.store_timeout,
+            limit,
+            errors: shared.metrics.store_errors.clone(),
+        };
+        Self {
+            read: lookup(reader.clone(), id.clone()),
+            reader,
+            id,
+            permit,
+        }
+    }
 }
 
 pin_project! {
@@ -86,6 +134,22 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if let Some(info) = this.info.as_mut()
+            && let Some(lookup) = &mut info.from_store
+        {
+            let looked = ready!(lookup.read.as_mut().poll(cx));
+            let lookup = info.from_store.take().expect("a look-up");
+            let replayer = this.shared.replay.as_ref().expect("replay is on");
+            let every = this.shared.flush_interval;
+            if let Some(prepared) =
+                replayer.prepare_from_store(looked, &lookup.id, lookup.reader, every, lookup.permit)
+            {
+                // The store answers: the application's future is dropped, never polled.
+                info.replay = Some(prepared);
+                let info = this.info.take().expect("the request's info");
+                return Poll::Ready(Ok(tail_response(this.shared, info)));
+            }
+        }
         let response = match this.state.project() {
             StateProj::Called { future } => Some(ready!(future.poll(cx))?),
             StateProj::Answered => None,
@@ -114,12 +178,10 @@ fn tail_response<B>(shared: &Arc<Shared>, mut info: RequestInfo) -> Response<Tra
     let mut tail = prepared.tail.take().expect("a tail");
     // The client is back: a body still attached to its old connection leaves it.
     tail.take_from_old_connection();
-    let events = match prepared.replay {
-        Replay::Complete { events, .. } => events,
-        Replay::Gap(_) => 0,
-    };
-    let span = stream_span(&info, "complete");
-    let mut response = if events == 0 && tail.is_finished() {
+    let events = prepared.events;
+    let lost = matches!(prepared.replay, Replay::Gap(_));
+    let span = stream_span(&info, if lost { "producer_lost" } else { "complete" });
+    let mut response = if events == 0 && (tail.is_finished() || lost) {
         span.in_scope(|| {
             tracing::debug!("the detached stream has ended, and the client missed nothing")
         });

@@ -7,7 +7,7 @@ use http::{HeaderName, Method, Request, Response};
 use tower::Service;
 
 use crate::body::TrackedBody;
-use crate::future::{RequestInfo, ResponseFuture};
+use crate::future::{RequestInfo, ResponseFuture, StoreLookup};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{EventId, LastEventId, Owner, StreamKey, StreamName};
 use crate::protocol::Protocol;
@@ -188,6 +188,8 @@ where
             }
         }
         // The replay, prepared now so that the application knows what its response follows.
+        // A reconnect this instance holds no log for may be answered from the store's.
+        let mut no_local_log = false;
         let replay = match (&self.shared.replay, &last_event_id, config.stream) {
             (Some(replayer), Some(id), kind) => {
                 // A stream of one owner is read by one client at a time: its reconnect's
@@ -202,11 +204,12 @@ where
                         .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
                 });
                 let log = slot.as_ref().and_then(|s| s.existing_replay_log());
+                no_local_log = log.is_none() && !ambiguous;
                 // A stream named by its ids: only a log the layer follows is looked up (a
                 // look-up takes nothing from any other).
                 let per_id = matches!(kind, StreamKind::EventId(_));
                 // A reconnect to a stream of one owner is its client's: a body still attached
-                // to the old connection leaves it (see `Tail::take_from_old_connection`).
+                // to the old connection leaves it (see `LocalTail::take_from_old_connection`).
                 let one_owner = own || (per_id && key.as_ref().is_some_and(|k| k.owner.is_some()));
                 let prepared = (!per_id || log.is_some_and(|log| log.follows()))
                     .then(|| replayer.prepare(log.filter(|_| !ambiguous), id, own, one_owner));
@@ -225,6 +228,16 @@ where
             }
             (None, _, _) | (_, None, _) => None,
         };
+        let from_store = match (&self.shared.replay, &last_event_id, &key) {
+            (Some(replayer), Some(id), Some(key))
+                if no_local_log && key.owner.is_some() && replayer.across_instances() =>
+            {
+                replayer
+                    .store_permit()
+                    .map(|permit| StoreLookup::new(&self.shared, key.clone(), id.clone(), permit))
+            }
+            _ => None,
+        };
         if let Some(key) = key {
             req.extensions_mut().insert(key);
         }
@@ -242,6 +255,7 @@ where
             uri: req.uri().clone(),
             addressed,
             replay,
+            from_store,
             span: tracing::Span::current(),
         };
         if info.replay.as_ref().is_some_and(|p| p.tail.is_some()) {

@@ -12,7 +12,7 @@ use crate::metrics::{Handles, ReplayMetrics};
 use crate::registry::{Limits, Registry};
 use crate::replay::{ReplayPolicy, Replayer};
 use crate::store::DynStore;
-use crate::worker::{WorkerConfig, WorkerHandle, WorkerTask, instant_after};
+use crate::worker::{LogsToStore, WorkerConfig, WorkerHandle, WorkerTask, instant_after};
 
 /// What every layer, service and body of one tracker shares.
 pub(crate) struct Shared {
@@ -22,6 +22,9 @@ pub(crate) struct Shared {
     pub(crate) worker: WorkerHandle,
     pub(crate) store: Arc<dyn DynStore>,
     pub(crate) store_timeout: Duration,
+    /// The worker's flush interval: how often a reconnect following the store's log of a
+    /// stream reads it (the producer appends at that rate).
+    pub(crate) flush_interval: Duration,
     pub(crate) drain: Drain,
     /// The replay logs, when replay is on.
     pub(crate) replay: Option<Replayer>,
@@ -89,8 +92,25 @@ impl Shared {
         // last tracker, layer and body are gone, so is the worker's handle, whose control
         // channel then closes, and the worker writes what it holds and finishes.
         let store_timeout = worker.store_timeout;
-        let (worker, task) =
-            WorkerHandle::new(worker, registry.clone(), store.clone(), metrics.clone());
+        let flush_interval = worker.flush_interval;
+        let replay = replay.map(|policy| {
+            let queue = registry.handoff().log_queue().clone();
+            Replayer::new(policy, ReplayMetrics::register(), queue)
+        });
+        let to_store = replay
+            .as_ref()
+            .filter(|replayer| replayer.budget.policy.across_instances)
+            .map(|replayer| LogsToStore {
+                producer: instance_id(),
+                events: replayer.budget.metrics.store_events.clone(),
+            });
+        let (worker, task) = WorkerHandle::new(
+            worker,
+            registry.clone(),
+            store.clone(),
+            metrics.clone(),
+            to_store,
+        );
         let shared = Self {
             config,
             registry,
@@ -98,11 +118,28 @@ impl Shared {
             worker,
             store,
             store_timeout,
+            flush_interval,
             drain: Drain::default(),
-            replay: replay.map(|policy| Replayer::new(policy, ReplayMetrics::register())),
+            replay,
         };
         (shared, task)
     }
+}
+
+/// A name for this tracker in a shared store, unique to it: its producer name for replay
+/// logs, whose lease says whether it lives. Random (a restarted process must not take over
+/// the lease of the one that died), with the process id for people reading the store.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::hash::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let high = hasher.finish();
+    let low = std::hash::RandomState::new().hash_one(high);
+    format!("{}-{high:016x}{low:016x}", std::process::id())
 }
 
 /// The heartbeat settings, with the bytes to send precomputed for each position.

@@ -84,7 +84,7 @@ pub(crate) struct Parts<B> {
 }
 
 /// A body that can leave its connection for a task of its own (see
-/// [`Tail::take_from_old_connection`](crate::replay::Tail::take_from_old_connection)).
+/// [`LocalTail::take_from_old_connection`](crate::replay::LocalTail::take_from_old_connection)).
 pub(crate) trait ReadOn: Send + Sync {
     /// Moves the body to a task of its own now, if it has not ended, still writes its log,
     /// and a detached stream may start; its response then ends.

@@ -48,6 +48,8 @@
 //! | `sse_tracker_replayed_events_total` | counter | events replayed |
 //! | `sse_tracker_replayed_bytes_total` | counter | bytes replayed |
 //! | `sse_tracker_replay_streams_unlogged_total` | counter | tracked SSE bodies not logged because another body of their stream writes its log |
+//! | `sse_tracker_replay_store_events_total` | counter | events appended to the store's replay logs (replay across instances) |
+//! | `sse_tracker_replay_store_dropped_total` | counter | replay logs whose events were not queued for the store, by `reason` |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: `no_owner` (no valid owner from a header or
@@ -71,7 +73,8 @@
 //!   bound, and the history before it) or `restart` (a response that did not continue the
 //!   replayed history restarted it);
 //! - `sse_tracker_replays_total{outcome}`: `complete`, or the reason a replay was impossible:
-//!   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`](crate::GapReason)).
+//!   `no_history`, `evicted`, `unknown_id`, `encoded` or `producer_lost` (see
+//!   [`GapReason`](crate::GapReason)).
 //!
 //! What to alert on: `sse_tracker_ids_dropped_total` and `sse_tracker_retries_exhausted_total`
 //! (ids that may not be in the store), `sse_tracker_worker_failures_total`, and a
@@ -234,6 +237,10 @@ pub(crate) const OP_SAVE: &str = "save";
 pub(crate) const OP_TOUCH: &str = "touch";
 /// `op` label of store errors: [`Store::load`](crate::store::Store::load).
 pub(crate) const OP_LOAD: &str = "load";
+/// `op` label: appending events to replay logs (and renewing the instance's lease).
+pub(crate) const OP_APPEND: &str = "append";
+/// `op` label: reading a replay log (a reconnect this instance holds no log for).
+pub(crate) const OP_READ_LOG: &str = "read_log";
 /// `reason` label: the store returned an error.
 pub(crate) const REASON_ERROR: &str = "error";
 /// `reason` label: the store call did not finish within the store timeout.
@@ -442,6 +449,8 @@ pub(crate) enum StoreOp {
     Save,
     Touch,
     Load,
+    Append,
+    ReadLog,
 }
 
 /// Why a store call failed, as the `reason` label of `sse_tracker_store_errors_total`.
@@ -455,7 +464,7 @@ pub(crate) enum StoreFailureReason {
 /// `sse_tracker_store_errors_total` for each operation and reason.
 #[derive(Clone)]
 pub(crate) struct StoreErrors {
-    by: [[Counter; 3]; 3],
+    by: [[Counter; 3]; 5],
 }
 
 impl StoreErrors {
@@ -465,7 +474,13 @@ impl StoreErrors {
                 .map(|reason| counter!(STORE_ERRORS_TOTAL, "op" => op, "reason" => reason))
         };
         Self {
-            by: [reasons(OP_SAVE), reasons(OP_TOUCH), reasons(OP_LOAD)],
+            by: [
+                reasons(OP_SAVE),
+                reasons(OP_TOUCH),
+                reasons(OP_LOAD),
+                reasons(OP_APPEND),
+                reasons(OP_READ_LOG),
+            ],
         }
     }
 
@@ -524,6 +539,10 @@ impl Handles {
                 dropped_overflow: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_EVICTED_OVERFLOW),
                 dropped_stopped: counter!(IDS_DROPPED_TOTAL, "reason" => REASON_STOPPED),
                 activity_dropped: counter!(ACTIVITY_DROPPED_TOTAL),
+                logs_dropped: counter!(
+                    replay::REPLAY_STORE_DROPPED_TOTAL,
+                    "reason" => "queue"
+                ),
             },
         }
     }

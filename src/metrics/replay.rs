@@ -28,6 +28,12 @@ pub(crate) const REPLAY_DETACHED_STREAMS: &str = "sse_tracker_replay_detached_st
 /// it), `replaced` (another body took its stream's log over).
 pub(crate) const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
 
+/// Counter: events appended to the store's replay logs (replay across instances).
+pub(crate) const REPLAY_STORE_EVENTS_TOTAL: &str = "sse_tracker_replay_store_events_total";
+/// Counter: replay logs whose events were not queued for the store, labelled by `reason`
+/// (`queue`: the worker's log queue was full, or the worker had stopped).
+pub(crate) const REPLAY_STORE_DROPPED_TOTAL: &str = "sse_tracker_replay_store_dropped_total";
+
 /// What became of a detached stream: the `outcome` label of `sse_tracker_replay_detached_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Detached {
@@ -112,6 +118,7 @@ pub(crate) struct ReplayMetrics {
     pub(crate) unlogged: Counter,
     pub(crate) detached_open: Gauge,
     detached: [Counter; Detached::ALL.len()],
+    pub(crate) store_events: Counter,
 }
 
 impl ReplayMetrics {
@@ -122,19 +129,17 @@ impl ReplayMetrics {
             trimmed: Trim::ALL
                 .map(|cause| counter!(REPLAY_EVICTIONS_TOTAL, "cause" => cause.label())),
             log_bytes: gauge!(REPLAY_LOG_BYTES),
-            replays: [
-                outcome("complete"),
-                outcome(GapReason::NoHistory.as_str()),
-                outcome(GapReason::Evicted.as_str()),
-                outcome(GapReason::UnknownId.as_str()),
-                outcome(GapReason::Encoded.as_str()),
-            ],
+            replays: std::array::from_fn(|i| match i {
+                0 => outcome("complete"),
+                _ => outcome(GapReason::ALL[i - 1].as_str()),
+            }),
             replayed_events: counter!(REPLAYED_EVENTS_TOTAL),
             replayed_bytes: counter!(REPLAYED_BYTES_TOTAL),
             unlogged: counter!(REPLAY_STREAMS_UNLOGGED_TOTAL),
             detached_open: gauge!(REPLAY_DETACHED_STREAMS),
             detached: Detached::ALL
                 .map(|outcome| counter!(REPLAY_DETACHED_TOTAL, "outcome" => outcome.label())),
+            store_events: counter!(REPLAY_STORE_EVENTS_TOTAL),
         }
     }
 
@@ -209,5 +214,15 @@ pub(super) fn describe() {
         Unit::Count,
         "Detached SSE streams, by outcome: started, refused, finished, bound, failed, drained, \
          replaced"
+    );
+    describe_counter!(
+        REPLAY_STORE_EVENTS_TOTAL,
+        Unit::Count,
+        "Events appended to the store's replay logs"
+    );
+    describe_counter!(
+        REPLAY_STORE_DROPPED_TOTAL,
+        Unit::Count,
+        "Replay logs whose events were not queued for the store, by reason"
     );
 }

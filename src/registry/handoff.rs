@@ -8,6 +8,8 @@
 //!   FIFO** (bounded by `max_pending_evicted`; beyond, the oldest is dropped and counted),
 //!   where it stays, visible to lookups and to the shutdown report, until its id is stored.
 //! - A session marked active goes to the **active list**, once per flush.
+//! - A replay log with events its store lacks (replay across instances) goes to the **log
+//!   queue**, once per flush: the worker reads the events from the log itself.
 //!
 //! The worker drains all of it, through [`Handoff`] alone; once it has stopped, the hand-off is
 //! closed and takes nothing more.
@@ -26,6 +28,7 @@ use tokio_util::sync::PollSender;
 use super::routes::concurrent_index;
 use super::slot::{SessionState, Slot};
 use crate::key::{Owner, StreamName};
+use crate::replay::StreamLog;
 use crate::sync::lock;
 
 /// The hand-off's counters.
@@ -40,6 +43,8 @@ pub(crate) struct HandoffMetrics {
     /// Activity marks dropped (sessions evicted while their write was failing, or after the
     /// worker stopped).
     pub(crate) activity_dropped: Counter,
+    /// Replay logs not queued for the store (the log queue was full, or the worker stopped).
+    pub(crate) logs_dropped: Counter,
 }
 
 impl HandoffMetrics {
@@ -50,6 +55,7 @@ impl HandoffMetrics {
             dropped_overflow: Counter::noop(),
             dropped_stopped: Counter::noop(),
             activity_dropped: Counter::noop(),
+            logs_dropped: Counter::noop(),
         }
     }
 }
@@ -91,6 +97,55 @@ pub(crate) struct Handoff {
     active: Mutex<Vec<Arc<SessionState>>>,
     /// Set when the worker has stopped: nothing is queued for it any more.
     closed: AtomicBool,
+    /// Replay logs owing the store events (replay across instances).
+    logs: Arc<LogQueue>,
+}
+
+/// The replay logs whose events the store lacks, each at most once (its own flag, under its
+/// lock, guards it), for the worker to append at its next flush. Its writers offer a log when
+/// they log its first event since the worker last read it, and when its body ends.
+#[derive(Debug)]
+pub(crate) struct LogQueue {
+    logs: Mutex<Vec<Arc<StreamLog>>>,
+    /// The most logs it holds; an offer beyond is dropped (counted): its events reach the
+    /// store with the log's next offer, those trimmed from it meanwhile never do.
+    bound: usize,
+    dropped: Counter,
+    closed: AtomicBool,
+}
+
+impl LogQueue {
+    pub(crate) fn new(bound: usize, dropped: Counter) -> Self {
+        Self {
+            logs: Mutex::default(),
+            bound,
+            dropped,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `log` (whose queued flag the caller set); false when it was not (the queue is
+    /// full, or the worker has stopped): the caller clears the flag.
+    pub(crate) fn offer(&self, log: Arc<StreamLog>) -> bool {
+        let mut logs = lock(&self.logs);
+        if self.closed.load(Ordering::Acquire) || logs.len() >= self.bound {
+            self.dropped.increment(1);
+            return false;
+        }
+        logs.push(log);
+        true
+    }
+
+    /// Takes every queued log (their flags stay set until the worker reads them).
+    pub(crate) fn take(&self) -> Vec<Arc<StreamLog>> {
+        std::mem::take(&mut *lock(&self.logs))
+    }
+
+    fn close(&self) {
+        let mut logs = lock(&self.logs);
+        self.closed.store(true, Ordering::Release);
+        logs.clear();
+    }
 }
 
 /// A body's wait for room in the hand-off's channel, to pace itself after the channel was
@@ -120,7 +175,12 @@ impl Handoff {
     /// A hand-off whose channel holds `capacity` slots.
     pub(crate) fn new(capacity: usize, limits: &super::Limits, metrics: HandoffMetrics) -> Self {
         let (sender, receiver) = mpsc::channel(capacity);
+        let logs = Arc::new(LogQueue::new(
+            limits.list_bound(),
+            metrics.logs_dropped.clone(),
+        ));
         Self {
+            logs,
             sender,
             receiver: tokio::sync::Mutex::new(receiver),
             metrics,
@@ -151,6 +211,11 @@ impl Handoff {
             }
             Err(TrySendError::Closed(_)) => Offered::Closed,
         }
+    }
+
+    /// The replay logs owing the store events.
+    pub(crate) fn log_queue(&self) -> &Arc<LogQueue> {
+        &self.logs
     }
 
     /// A wait for room in the channel.
@@ -340,6 +405,7 @@ impl Handoff {
         let mut evicted = lock(&self.evicted);
         let mut active = lock(&self.active);
         self.closed.store(true, Ordering::Release);
+        self.logs.close();
         // What is still unpersisted stays visible to the shutdown report through the map; the
         // evicted ones are no longer anywhere, so they count as dropped.
         let lost = evicted.iter().filter(|s| s.unpersisted()).count() as u64;

@@ -39,6 +39,7 @@ use metrics::Counter;
 
 use crate::key::{EventId, Owner, StreamKey, StreamName};
 use crate::sync::lock;
+pub(crate) use handoff::LogQueue;
 use handoff::{Handoff, HandoffMetrics};
 use routes::{LostRoutes, MAX_LOST_OWNERS};
 pub(crate) use slot::{SessionState, Slot, Version};

@@ -21,6 +21,11 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
+mod to_store;
+
+pub(crate) use to_store::StoreBound;
+use to_store::Stored;
+
 use super::ring::Ring;
 use super::{GapReason, Position, ReplayPolicy};
 use crate::body::ReadOn;
@@ -132,8 +137,10 @@ struct LogInner {
     pending_detachable: bool,
     /// The writing body, when it is marked [`Detach`](crate::Detach) and still attached to
     /// its client's connection: a reconnect that follows the log moves it to a task of its
-    /// own (see [`Tail::take_from_old_connection`]).
+    /// own (see [`LocalTail::take_from_old_connection`]).
     read_on: Option<ReadOnHandle>,
+    /// What the store holds of this log (replay across instances).
+    stored: Stored,
 }
 
 /// A body that can leave its connection for a task of its own: see [`ReadOn`].
@@ -251,7 +258,9 @@ impl LogInner {
 pub(crate) struct StreamLog {
     inner: Mutex<LogInner>,
     budget: Arc<Budget>,
-    /// Readers following the log ([`Tail`]s), and what wakes them when it changes (made for
+    /// Where the log's detached histories go in the store (replay across instances).
+    store: Option<StoreBound>,
+    /// Readers following the log ([`LocalTail`]s), and what wakes them when it changes (made for
     /// the first).
     tailers: AtomicUsize,
     changed: OnceLock<Arc<Notify>>,
@@ -283,11 +292,11 @@ pub(crate) struct Found {
     pub(crate) writer: Option<Writer>,
     /// The log is written by a body that goes on without its client, or was and has ended:
     /// the layer answers the request itself, following the log from here.
-    pub(crate) tail: Option<Tail>,
+    pub(crate) tail: Option<LocalTail>,
 }
 
 impl StreamLog {
-    pub(crate) fn new(budget: Arc<Budget>) -> Self {
+    pub(crate) fn new(budget: Arc<Budget>, store: Option<StoreBound>) -> Self {
         budget.logs.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: Mutex::new(LogInner {
@@ -307,8 +316,10 @@ impl StreamLog {
                 restart_pending: false,
                 pending_detachable: false,
                 read_on: None,
+                stored: Stored::default(),
             }),
             budget,
+            store,
             tailers: AtomicUsize::new(0),
             changed: OnceLock::new(),
         }
@@ -326,8 +337,8 @@ impl StreamLog {
     /// with nothing between. Without `take_over` (a stream several bodies read at once), a
     /// body that writes the log goes on writing it.
     ///
-    /// A detached stream is followed (see [`Tail`]); with `one_owner` (its reader is its one
-    /// client), the [`Tail`] may take the body writing this history off its old connection.
+    /// A detached stream is followed (see [`LocalTail`]); with `one_owner` (its reader is its one
+    /// client), the [`LocalTail`] may take the body writing this history off its old connection.
     pub(crate) fn after(
         self: &Arc<Self>,
         last_event_id: &[u8],
@@ -352,7 +363,7 @@ impl StreamLog {
                 .read_on
                 .clone()
                 .filter(|_| one_owner && inner.writes_history());
-            Tail::new(self, inner.epoch, position.offset + 1, read_on)
+            LocalTail::new(self, inner.epoch, position.offset + 1, read_on)
         });
         let writer = (!follow && (take_over || inner.writing.is_none()))
             .then(|| self.take_writer(&mut inner, false));
@@ -672,6 +683,12 @@ impl Writer {
         // A body that wrote nothing ends no history of its own.
         if inner.writing == Some(self.number) && !inner.restart_pending {
             inner.finished = true;
+            // The store gets the end mark.
+            let offer = self.log.owes_store(&mut inner);
+            drop(inner);
+            if offer {
+                self.log.offer_to_store();
+            }
         }
     }
 }
@@ -777,7 +794,11 @@ fn write_frame(
         }
         _ => None,
     };
+    let offer = log.owes_store(&mut inner);
     drop(inner);
+    if offer {
+        log_arc.offer_to_store();
+    }
     log.tell_tails();
     if *logged >= LOGGED_BATCH {
         budget.metrics.logged(std::mem::take(logged));
@@ -791,6 +812,13 @@ fn write_frame(
         budget.enqueue(age, Arc::downgrade(log_arc));
     }
     budget.enforce();
+}
+
+/// Microseconds since the Unix epoch (0 for a clock before it).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Events a writer logs before it adds them to the shared counter.
@@ -892,7 +920,7 @@ enum TailStep {
 /// A reader following a log: the events written after a position, as the body that writes
 /// the log writes them, until it stops writing (its end, its bound, a drain), the history
 /// restarts, or the log drops events the reader has not read.
-pub(crate) struct Tail {
+pub(crate) struct LocalTail {
     log: Arc<StreamLog>,
     changed: Arc<Notify>,
     epoch: u64,
@@ -903,7 +931,7 @@ pub(crate) struct Tail {
     read_on: Option<ReadOnHandle>,
 }
 
-impl Tail {
+impl LocalTail {
     fn new(log: &Arc<StreamLog>, epoch: u64, next: u64, read_on: Option<ReadOnHandle>) -> Self {
         log.tailers.fetch_add(1, Ordering::Relaxed);
         Self {
@@ -966,15 +994,15 @@ impl Tail {
     }
 }
 
-impl Drop for Tail {
+impl Drop for LocalTail {
     fn drop(&mut self) {
         self.log.tailers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-impl std::fmt::Debug for Tail {
+impl std::fmt::Debug for LocalTail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tail")
+        f.debug_struct("LocalTail")
             .field("epoch", &self.epoch)
             .field("next", &self.next)
             .finish()
@@ -1028,10 +1056,8 @@ impl Ord for Oldest {
 
 impl Budget {
     pub(crate) fn new(policy: ReplayPolicy, metrics: ReplayMetrics) -> Self {
-        // Epochs start from the clock, so that a restarted process does not reuse them.
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+        // Epochs come from the clock, so that a restarted process does not reuse them.
+        let start = unix_micros();
         Self {
             policy,
             metrics,
@@ -1048,8 +1074,18 @@ impl Budget {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// A new epoch: the clock's microseconds, or one above the last epoch when that is
+    /// higher, so that epochs grow within a process and, clocks agreeing, across the
+    /// instances that share a store (whose logs keep the history of the highest epoch).
     fn next_epoch(&self) -> u64 {
-        self.epochs.fetch_add(1, Ordering::Relaxed)
+        let now = unix_micros();
+        let last = self
+            .epochs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or_else(|last| last);
+        now.max(last + 1)
     }
 
     /// A log went from `before` heap bytes to `after`. Called with the log locked, so that a
@@ -1212,12 +1248,12 @@ mod tests {
     #[test]
     fn a_log_replays_the_exact_bytes_after_the_clients_id_split_anywhere_without_comments_between_events()
      {
-        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
         let mut body = Body::new(&log);
         let stream: &[u8] = b"\xEF\xBB\xBFid: 1\ndata: a\n\n: ping\n\nid: 2\r\ndata: b\r\n\r\ndata: no id\n\nid: 3\nevent: x\ndata: c\n\n";
         // Every split of the stream into two frames gives the same log.
         for cut in 0..stream.len() {
-            let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+            let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
             let mut body = Body::new(&log);
             body.send(&stream[..cut]);
             body.send(&stream[cut..]);
@@ -1246,7 +1282,7 @@ mod tests {
 
     #[test]
     fn each_events_own_id_is_found_wherever_it_lies_and_however_long_it_is() {
-        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
         let mut body = Body::new(&log);
         body.scanner = Scanner::with_max_id_len(1024);
         let long = "L".repeat(300);
@@ -1289,7 +1325,7 @@ mod tests {
 
     #[test]
     fn an_event_cut_off_by_the_end_of_its_body_is_not_logged() {
-        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
         let mut body = Body::new(&log);
         body.send(b"id: 1\ndata: a\n\nid: 2\ndata: cut");
         drop(body);
@@ -1306,7 +1342,7 @@ mod tests {
 
     #[test]
     fn a_body_that_does_not_continue_the_replayed_history_restarts_it_in_a_new_epoch() {
-        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
         let mut body = Body::new(&log);
         body.send(b"id: 1\n\nid: 2\n\n");
         let old = found(log.after_(b"1"));
@@ -1325,7 +1361,7 @@ mod tests {
 
     #[test]
     fn a_reconnect_takes_the_log_over_from_a_body_still_writing_it_at_its_look_up() {
-        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
         let mut old = Body::new(&log);
         old.send(b"id: 1\n\nid: 2\n\nid: 3\ndata: half");
         // The client reconnects after 1 before the server saw its connection end.
@@ -1344,7 +1380,7 @@ mod tests {
 
     #[test]
     fn a_writer_that_leaves_other_bodies_streaming_seals_the_log_until_a_new_history() {
-        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 1 << 20, 1 << 20), None));
         let mut first = Body::new(&log);
         first.send(b"id: 1\n\nid: 2\n\n");
         // Other readers of the stream go on, unlogged: no replay from it is complete.
@@ -1359,7 +1395,7 @@ mod tests {
 
     #[test]
     fn bounds_drop_the_oldest_events_and_a_dropped_id_is_a_gap_never_a_partial_replay() {
-        let log = Arc::new(StreamLog::new(budget(3, 1 << 20, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(3, 1 << 20, 1 << 20), None));
         let mut body = Body::new(&log);
         for n in 1..=5 {
             body.send(format!("id: {n}\ndata: x\n\n").as_bytes());
@@ -1370,7 +1406,7 @@ mod tests {
         body.send(b"id: 3\ndata: x\n\n");
         assert_eq!(found(log.after_(b"3")).events, 0);
         // Bytes: 40 bytes keep two 15-byte events (18 each with the trailer that finds the id).
-        let log = Arc::new(StreamLog::new(budget(100, 40, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 40, 1 << 20), None));
         let mut body = Body::new(&log);
         for n in 1..=5 {
             body.send(format!("id: {n}\ndata: x\n\n").as_bytes());
@@ -1381,7 +1417,7 @@ mod tests {
 
     #[test]
     fn an_event_larger_than_the_stream_bound_restarts_the_history_after_it() {
-        let log = Arc::new(StreamLog::new(budget(100, 64, 1 << 20)));
+        let log = Arc::new(StreamLog::new(budget(100, 64, 1 << 20), None));
         let mut body = Body::new(&log);
         body.send(b"id: 1\ndata: x\n\n");
         let epoch = found(log.after_(b"1")).position.epoch;
@@ -1400,8 +1436,8 @@ mod tests {
     #[test]
     fn the_budget_drops_the_oldest_history_of_all_logs_first_and_holds_its_bound() {
         let budget = budget(1000, 8 << 10, 8 << 10);
-        let a = Arc::new(StreamLog::new(budget.clone()));
-        let b = Arc::new(StreamLog::new(budget.clone()));
+        let a = Arc::new(StreamLog::new(budget.clone(), None));
+        let b = Arc::new(StreamLog::new(budget.clone(), None));
         let (mut wa, mut wb) = (Body::new(&a), Body::new(&b));
         let event = |n: u32| format!("id: {n}\ndata: {}\n\n", "x".repeat(200));
         for n in 0..10 {
@@ -1426,7 +1462,7 @@ mod tests {
     fn the_budget_heap_stays_bounded_when_logs_come_and_go() {
         let budget = budget(10, 1 << 20, 1 << 30);
         for n in 0..5_000 {
-            let log = Arc::new(StreamLog::new(budget.clone()));
+            let log = Arc::new(StreamLog::new(budget.clone(), None));
             Body::new(&log).send(format!("id: {n}\n\n").as_bytes());
         }
         assert!(lock(&budget.heap).len() <= 1024 + 1);
@@ -1437,7 +1473,7 @@ mod tests {
     fn heap_per_log_is_within_fifteen_percent_of_the_bytes_held() {
         // The benchmark's case: 256 events of 100 bytes.
         let budget = budget(256, 1 << 20, 1 << 30);
-        let log = Arc::new(StreamLog::new(budget.clone()));
+        let log = Arc::new(StreamLog::new(budget.clone(), None));
         let mut body = Body::new(&log);
         let mut held = 0;
         for n in 0..256 {

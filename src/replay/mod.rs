@@ -12,6 +12,7 @@
 //! A client names a position by its `Last-Event-ID`: the newest event of the log whose own
 //! `id` field is that id.
 
+mod from_store;
 mod log;
 mod ring;
 
@@ -19,16 +20,19 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 
 use crate::key::EventId;
+use crate::key::StreamKey;
 use crate::metrics::ReplayMetrics;
-use crate::registry::Slot;
+use crate::registry::{LogQueue, Slot};
+pub(crate) use from_store::{Looked, StoreReader, StoreTail, TailPermit, lookup};
 pub(crate) use log::{
-    AlsoCommit, Budget, FrameEvents, Peeked, ReadOnHandle, StreamLog, Tail, Writer,
+    AlsoCommit, Budget, FrameEvents, LocalTail, Peeked, ReadOnHandle, StoreBound, StreamLog, Writer,
 };
 
 /// The response header that says what the layer replayed, on an SSE response to a request
@@ -41,7 +45,11 @@ pub(crate) use log::{
 ///   layer: then the stream's events as it produces them, until it ends (on a
 ///   `204 No Content`, with `events=0`: the stream has ended and the client missed nothing);
 /// - `gap; reason=R`: the events after the client's id cannot be replayed, and none are; `R` is
-///   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`]).
+///   `no_history`, `evicted`, `unknown_id` or `encoded` (see [`GapReason`]);
+/// - `gap; reason=producer_lost; events=N`: with replay
+///   [across instances](ReplayPolicy::across_instances), the instance producing a detached
+///   stream died before its end reached the store: the `N` events the store holds after the
+///   client's, then the end (a `204 No Content` when `N` is 0); what followed may be lost.
 pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("sse-replay");
 
 /// Marks an SSE response whose stream goes on without its client: put it in the response's
@@ -133,6 +141,7 @@ pub struct ReplayPolicy {
     pub(crate) max_detached: usize,
     pub(crate) detached_timeout: Duration,
     pub(crate) detached_max_bytes: usize,
+    pub(crate) across_instances: bool,
 }
 
 impl Default for ReplayPolicy {
@@ -153,6 +162,7 @@ impl ReplayPolicy {
             max_detached: 64,
             detached_timeout: Duration::from_secs(600),
             detached_max_bytes: 16 << 20,
+            across_instances: false,
         }
     }
 
@@ -177,6 +187,28 @@ impl ReplayPolicy {
     /// [`max_stream_bytes`](Self::max_stream_bytes)).
     pub fn detached_max_bytes(mut self, bytes: NonZeroUsize) -> Self {
         self.detached_max_bytes = bytes.get();
+        self
+    }
+
+    /// Replays [detached](Detach) streams from any instance that shares the tracker's store
+    /// (default off). The worker appends the events of every detached stream that has an
+    /// owner to the store's log of the stream at each flush (one call per flush, in the
+    /// background: a stream never waits for the store), with its end when its body ends, and
+    /// renews this instance's lease in the store once a second.
+    ///
+    /// Needs a store that keeps replay logs ([`InMemoryStore`](crate::store::InMemoryStore)
+    /// shared by the trackers of one process, or `RedisStore`); with one that does not,
+    /// every append fails and is counted in
+    /// `sse_tracker_store_errors_total{op="append"}`.
+    ///
+    /// ```
+    /// use tower_sse_tracker::ReplayPolicy;
+    ///
+    /// let policy = ReplayPolicy::new().across_instances(true);
+    /// # let _ = policy;
+    /// ```
+    pub fn across_instances(mut self, on: bool) -> Self {
+        self.across_instances = on;
         self
     }
 
@@ -206,7 +238,8 @@ impl ReplayPolicy {
     }
 
     /// When a replay is impossible, the response also starts with one event of this type
-    /// (`event: {name}`), whose data is the reason (`no_history`, `evicted` or `unknown_id`)
+    /// (`event: {name}`), whose data is the reason (`no_history`, `evicted` or `unknown_id`;
+    /// `producer_lost` ends a response, after the events the store held)
     /// and which has no `id` field (it leaves the client's last event id as it was). Off by
     /// default: the [`REPLAY_HEADER`] header says it in any case. The name must be 1 to 64
     /// bytes, none of them CR, LF or NUL.
@@ -287,6 +320,11 @@ pub enum GapReason {
     /// The response has a `Content-Encoding`: the layer cannot put events into compressed
     /// bytes (add the tracker inside the compression layer).
     Encoded,
+    /// With replay [across instances](ReplayPolicy::across_instances): the instance that
+    /// produced the stream stopped (its lease in the store ran out) before the stream's end
+    /// reached the store. The events the store holds after the client's are replayed (the
+    /// one case where a gap comes with events), then nothing: the stream's tail may be lost.
+    ProducerLost,
 }
 
 impl GapReason {
@@ -297,14 +335,16 @@ impl GapReason {
             GapReason::Evicted => "evicted",
             GapReason::UnknownId => "unknown_id",
             GapReason::Encoded => "encoded",
+            GapReason::ProducerLost => "producer_lost",
         }
     }
 
-    pub(crate) const ALL: [GapReason; 4] = [
+    pub(crate) const ALL: [GapReason; 5] = [
         GapReason::NoHistory,
         GapReason::Evicted,
         GapReason::UnknownId,
         GapReason::Encoded,
+        GapReason::ProducerLost,
     ];
 }
 
@@ -364,34 +404,88 @@ pub enum Replay {
 pub(crate) struct Prepared {
     pub(crate) replay: Replay,
     pub(crate) bytes: Bytes,
+    /// The events among `bytes` (those of a [`Replay::Complete`], or those held before a
+    /// [`GapReason::ProducerLost`]).
+    pub(crate) events: usize,
     writer: Option<Writer>,
     /// The stream is [detached](Detach) (or was, and has ended): the layer answers the
     /// request itself, following its log after the replay.
     pub(crate) tail: Option<Tail>,
 }
 
+/// A reader following a detached stream after a replay: in this instance's log, or in the
+/// store's (replay across instances).
+#[derive(Debug)]
+pub(crate) enum Tail {
+    Local(LocalTail),
+    /// Boxed: it holds the store's handles, and most tails are local.
+    Store(Box<StoreTail>),
+}
+
+impl Tail {
+    /// See [`LocalTail::take_from_old_connection`]; a stream followed in the store has its
+    /// body on another instance.
+    pub(crate) fn take_from_old_connection(&mut self) {
+        if let Tail::Local(tail) = self {
+            tail.take_from_old_connection();
+        }
+    }
+
+    /// Whether the stream ended and the reader has read all of it: nothing will follow.
+    pub(crate) fn is_finished(&self) -> bool {
+        match self {
+            Tail::Local(tail) => tail.is_finished(),
+            Tail::Store(tail) => tail.is_finished(),
+        }
+    }
+
+    /// The next events, or `None` once nothing more will come.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        match self {
+            Tail::Local(tail) => tail.poll_next(cx),
+            Tail::Store(tail) => tail.poll_next(cx),
+        }
+    }
+}
+
 /// The replay state of one tracker: the policy, the budget of its logs, and the gap event.
 #[derive(Debug)]
 pub(crate) struct Replayer {
     pub(crate) budget: Arc<Budget>,
+    /// The worker's queue of logs owing the store events, with replay across instances.
+    to_store: Option<Arc<LogQueue>>,
     gap_event: Option<Box<str>>,
     /// Detached streams being read.
     pub(crate) detached: AtomicUsize,
+    /// Reconnects following the store's log of a stream (replay across instances).
+    store_tails: Arc<AtomicUsize>,
 }
 
 impl Replayer {
-    pub(crate) fn new(policy: ReplayPolicy, metrics: ReplayMetrics) -> Self {
+    pub(crate) fn new(policy: ReplayPolicy, metrics: ReplayMetrics, queue: Arc<LogQueue>) -> Self {
         let gap_event = policy.gap_event.clone().map(String::into_boxed_str);
         Self {
+            to_store: policy.across_instances.then_some(queue),
             budget: Arc::new(Budget::new(policy, metrics)),
             gap_event,
             detached: AtomicUsize::new(0),
+            store_tails: Arc::default(),
         }
     }
 
-    /// A new log, for a stream's slot.
-    pub(crate) fn new_log(&self) -> Arc<StreamLog> {
-        Arc::new(StreamLog::new(self.budget.clone()))
+    /// A new log, for the slot of the stream `key`: its detached histories go to the store
+    /// with replay across instances, when the stream has an owner (a feed, produced by every
+    /// instance, has a log in each).
+    pub(crate) fn new_log(&self, key: &StreamKey) -> Arc<StreamLog> {
+        let store = self
+            .to_store
+            .as_ref()
+            .filter(|_| key.owner.is_some())
+            .map(|queue| StoreBound {
+                key: key.clone(),
+                queue: queue.clone(),
+            });
+        Arc::new(StreamLog::new(self.budget.clone(), store))
     }
 
     /// What a request whose `Last-Event-ID` is `id` gets from `log`, the log of the stream it
@@ -417,8 +511,9 @@ impl Replayer {
                     position: found.position,
                 },
                 bytes: found.bytes,
+                events: found.events,
                 writer: found.writer,
-                tail: found.tail,
+                tail: found.tail.map(Tail::Local),
             },
             log::Lookup::Gap(reason) => self.gap(reason),
         }
@@ -443,7 +538,7 @@ impl Replayer {
         if let Some(writer) = prepared.and_then(|prepared| prepared.writer.take()) {
             return Some(writer);
         }
-        let writer = slot.replay_log(|| self.new_log()).writer();
+        let writer = slot.replay_log(|| self.new_log(slot.key())).writer();
         if writer.is_none() {
             self.budget.metrics.unlogged.increment(1);
             tracing::debug!(
@@ -462,9 +557,79 @@ impl Replayer {
         Prepared {
             replay: Replay::Gap(reason),
             bytes,
+            events: 0,
             writer: None,
             tail: None,
         }
+    }
+
+    /// Whether reconnects this instance holds no log for are looked up in the store.
+    pub(crate) fn across_instances(&self) -> bool {
+        self.to_store.is_some()
+    }
+
+    /// A place among the reconnects that follow the store (counted when there is none).
+    pub(crate) fn store_permit(&self) -> Option<TailPermit> {
+        let permit = TailPermit::try_take(&self.store_tails, self.budget.policy.max_detached);
+        if permit.is_none() {
+            tracing::debug!(
+                bound = self.budget.policy.max_detached,
+                "reconnect not looked up in the store: as many follow it as max_detached allows"
+            );
+        }
+        permit
+    }
+
+    /// The replay of a reconnect whose client's last id is `id` from what the store holds
+    /// (`looked`): the events after the client's, then the stream followed in the store until
+    /// its end; or, when its producer is lost, those events and the gap signal. `None` when
+    /// the store cannot answer.
+    pub(crate) fn prepare_from_store(
+        &self,
+        looked: Looked,
+        id: &EventId,
+        reader: StoreReader,
+        every: std::time::Duration,
+        permit: TailPermit,
+    ) -> Option<Prepared> {
+        let Looked::Found { log, after, alive } = looked else {
+            return None;
+        };
+        let missed = &log.events[after..];
+        let mut bytes = Vec::with_capacity(missed.iter().map(|e| e.bytes.len()).sum());
+        for event in missed {
+            bytes.extend_from_slice(&event.bytes);
+        }
+        let events = missed.len();
+        if !alive {
+            let mut prepared = self.gap(GapReason::ProducerLost);
+            bytes.extend_from_slice(&prepared.bytes);
+            prepared.bytes = Bytes::from(bytes);
+            prepared.events = events;
+            let tail = StoreTail::new(reader, &log, true, Bytes::new(), every, permit);
+            prepared.tail = Some(Tail::Store(Box::new(tail)));
+            return Some(prepared);
+        }
+        let last_id = missed.iter().rev().find_map(|e| e.id.clone());
+        let offset = missed
+            .last()
+            .map_or(log.events[after - 1].offset, |e| e.offset);
+        let gap = self.gap(GapReason::ProducerLost).bytes;
+        let tail = StoreTail::new(reader, &log, log.ended, gap, every, permit);
+        Some(Prepared {
+            replay: Replay::Complete {
+                events,
+                last_event_id: last_id.unwrap_or_else(|| id.clone()),
+                position: Position {
+                    epoch: log.epoch,
+                    offset,
+                },
+            },
+            bytes: Bytes::from(bytes),
+            events,
+            writer: None,
+            tail: Some(Tail::Store(Box::new(tail))),
+        })
     }
 
     /// Counts a replay sent, and gives the value of its [`REPLAY_HEADER`] header.
@@ -480,6 +645,14 @@ impl Replayer {
                 };
                 HeaderValue::from_str(&format!("complete; events={events}{tail}"))
                     .expect("ASCII digits")
+            }
+            Replay::Gap(GapReason::ProducerLost) => {
+                metrics.gap(GapReason::ProducerLost);
+                HeaderValue::from_str(&format!(
+                    "gap; reason=producer_lost; events={}",
+                    prepared.events
+                ))
+                .expect("ASCII digits")
             }
             Replay::Gap(reason) => {
                 metrics.gap(reason);

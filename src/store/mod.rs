@@ -409,6 +409,19 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         &'a self,
         sessions: &'a [SessionActivity],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn append_logs<'a>(&'a self, batch: &'a [LogAppend]) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn read_log<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<StoredLog>, StoreError>>;
+    fn renew_lease<'a>(
+        &'a self,
+        producer: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn lease_alive<'a>(&'a self, producer: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
 }
 
 impl<S: Store> DynStore for S {
@@ -428,5 +441,30 @@ impl<S: Store> DynStore for S {
         sessions: &'a [SessionActivity],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(Store::touch_sessions(self, sessions))
+    }
+
+    fn append_logs<'a>(&'a self, batch: &'a [LogAppend]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::append_logs(self, batch))
+    }
+
+    fn read_log<'a>(
+        &'a self,
+        key: &'a StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<StoredLog>, StoreError>> {
+        Box::pin(Store::read_log(self, key, after, limit))
+    }
+
+    fn renew_lease<'a>(
+        &'a self,
+        producer: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::renew_lease(self, producer, ttl))
+    }
+
+    fn lease_alive<'a>(&'a self, producer: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(Store::lease_alive(self, producer))
     }
 }

@@ -54,6 +54,20 @@ use crate::sync::lock;
 use guard::{CatchUnwind, panic_message};
 use retry::{Jitter, RetryPolicy, RetryQueue};
 
+/// What the worker needs to append replay logs to the store (replay across instances).
+#[derive(Debug, Clone)]
+pub(crate) struct LogsToStore {
+    /// This tracker's name in the store (see `LogAppend::producer`).
+    pub(crate) producer: String,
+    /// `sse_tracker_replay_store_events_total`.
+    pub(crate) events: metrics::Counter,
+}
+
+/// How often the worker renews its lease in the store, with replay across instances.
+pub(crate) const LEASE_EVERY: Duration = Duration::from_secs(1);
+/// How long a lease runs: a reader knows the instance died at most this long after it did.
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(5);
+
 /// The worker's settings.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerConfig {
@@ -137,6 +151,7 @@ impl WorkerHandle {
         registry: Arc<Registry>,
         store: Arc<dyn DynStore>,
         metrics: Handles,
+        logs: Option<LogsToStore>,
     ) -> (Self, WorkerTask) {
         let (control, control_rx) = oneshot::channel();
         let status = Arc::new(Status {
@@ -147,6 +162,7 @@ impl WorkerHandle {
             control: Some(control_rx),
             saving: None,
             touching: None,
+            appending: None,
             open: true,
         };
         let state = State {
@@ -160,6 +176,10 @@ impl WorkerHandle {
             probe_at: None,
             save_gate: Gate::default(),
             touch_gate: Gate::default(),
+            append_gate: Gate::default(),
+            logs,
+            append_due: false,
+            lease_at: Instant::now(),
             round_no: 0,
             round: Round::default(),
             flush_due: false,
@@ -233,6 +253,8 @@ struct Io {
     /// that a hung call of one kind does not hold up the other.
     saving: Option<BoxFuture<'static, CallDone>>,
     touching: Option<BoxFuture<'static, CallDone>>,
+    /// The replay-log append in flight (replay across instances).
+    appending: Option<BoxFuture<'static, CallDone>>,
     /// The hand-off's channel is open (not closed by a shutdown, asked for or abandoned).
     open: bool,
 }
@@ -290,6 +312,7 @@ async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard:
                 );
                 io.saving = None;
                 io.touching = None;
+                io.appending = None;
                 state.recover();
                 let pause = state.config.retry.delay(panics, state.jitter.next());
                 let resume = instant_after(pause);
@@ -361,8 +384,15 @@ async fn run(io: &mut Io, state: &mut State) {
             state.touch_due = false;
             state.assemble_touches(now);
         }
+        if io.appending.is_none() && state.round.appends.is_empty() && state.append_due {
+            state.append_due = false;
+            state.assemble_appends(now);
+        }
         if io.saving.is_none() {
             io.saving = state.next_save(now);
+        }
+        if io.appending.is_none() {
+            io.appending = state.next_append(now);
         }
         if io.touching.is_none() {
             io.touching = state.next_touch(now);
@@ -412,6 +442,11 @@ async fn run(io: &mut Io, state: &mut State) {
                 state.finish_call(done);
                 tokio::task::yield_now().await;
             }
+            done = maybe(&mut io.appending) => {
+                io.appending = None;
+                state.finish_call(done);
+                tokio::task::yield_now().await;
+            }
             received = handoff.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
                 if received == 0 {
                     // Closed and emptied.
@@ -423,6 +458,7 @@ async fn run(io: &mut Io, state: &mut State) {
             _ = tick.tick() => {
                 state.flush_due = true;
                 state.touch_due = true;
+                state.append_due = true;
                 state.on_tick();
             }
             _ = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {

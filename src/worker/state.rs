@@ -10,11 +10,12 @@ use tokio::time::Instant;
 use super::batch::{Pending, RoundEntries, chunks};
 use super::guard::{StoreFailure, guarded};
 use super::retry::{Jitter, RetryPolicy, RetryQueue};
-use super::{Io, SWEEP_BUDGET, ShutdownRequest, WorkerConfig};
+use super::{Io, LEASE_EVERY, LEASE_TTL, LogsToStore, SWEEP_BUDGET, ShutdownRequest, WorkerConfig};
 use crate::key::StreamKey;
 use crate::metrics::{Handles, StoreOp};
 use crate::registry::{Registry, SessionState, Slot};
-use crate::store::{BoxFuture, DynStore, SaveEntry, SessionActivity};
+use crate::replay::StreamLog;
+use crate::store::{BoxFuture, DynStore, LogAppend, SaveEntry, SessionActivity};
 
 /// Closes a call kind (save or touch) for a back-off delay after a failure.
 #[derive(Debug, Default)]
@@ -44,11 +45,15 @@ impl Gate {
 pub(super) struct Round {
     pub(super) saves: VecDeque<Vec<Pending>>,
     pub(super) touches: VecDeque<Vec<Arc<SessionState>>>,
+    /// Replay-log appends, each with the log it was read from.
+    pub(super) appends: VecDeque<Vec<(Arc<StreamLog>, LogAppend)>>,
+    /// The next append call renews the lease first (one with no append may do only that).
+    pub(super) renew: bool,
 }
 
 impl Round {
     pub(super) fn is_empty(&self) -> bool {
-        self.saves.is_empty() && self.touches.is_empty()
+        self.saves.is_empty() && self.touches.is_empty() && self.appends.is_empty() && !self.renew
     }
 }
 
@@ -62,6 +67,12 @@ pub(super) enum CallDone {
     },
     Touch {
         sessions: Vec<Arc<SessionState>>,
+        result: Result<(), StoreFailure>,
+        started: Instant,
+    },
+    Append {
+        logs: Vec<Arc<StreamLog>>,
+        appends: Vec<LogAppend>,
         result: Result<(), StoreFailure>,
         started: Instant,
     },
@@ -94,6 +105,13 @@ pub(super) struct State {
     pub(super) probe_at: Option<Instant>,
     pub(super) save_gate: Gate,
     pub(super) touch_gate: Gate,
+    pub(super) append_gate: Gate,
+    /// With replay across instances: this tracker's name in the store, and its counter.
+    pub(super) logs: Option<LogsToStore>,
+    /// A round of replay-log appends is due (the flush tick, or a shutdown).
+    pub(super) append_due: bool,
+    /// When the lease is due for renewal.
+    pub(super) lease_at: Instant,
     /// The number of the last round (see `Slot::take_for_round`).
     pub(super) round_no: u64,
     pub(super) round: Round,
@@ -120,6 +138,7 @@ impl State {
         !io.open
             && io.saving.is_none()
             && io.touching.is_none()
+            && io.appending.is_none()
             && self.round.is_empty()
             && self.pending.is_empty()
             && self.retries.len() == 0
@@ -147,8 +166,10 @@ impl State {
         self.retries.reschedule_all(now);
         self.save_gate.open_at = None;
         self.touch_gate.open_at = None;
+        self.append_gate.open_at = None;
         self.flush_due = true;
         self.touch_due = true;
+        self.append_due = true;
     }
 
     /// Whether ids wait for a round: received, handed over late, or evicted.
@@ -290,6 +311,66 @@ impl State {
         }
     }
 
+    /// Starts a round of replay-log appends (replay across instances): the events of every
+    /// queued log that the store lacks, read from the logs now, and the lease when it is due;
+    /// unless the append gate is closed after a failure (the logs wait in the queue).
+    pub(super) fn assemble_appends(&mut self, now: Instant) {
+        let Some(logs) = &self.logs else { return };
+        if !self.append_gate.is_open(now) {
+            return;
+        }
+        let mut taken = Vec::new();
+        for log in self.registry.handoff().log_queue().take() {
+            if let Some(append) = log.unstored(&logs.producer) {
+                taken.push((log, append));
+            }
+        }
+        // After the first round of a shutdown, the lease is left to run out.
+        self.round.renew = now >= self.lease_at && self.shutdown.is_none();
+        self.round.appends = chunks(taken, self.config.max_batch);
+    }
+
+    /// The round's next replay-log append (the lease renewed first when due), if the append
+    /// gate is open.
+    pub(super) fn next_append(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
+        let producer = self.logs.as_ref()?.producer.clone();
+        if !self.append_gate.is_open(now) || self.round.appends.is_empty() && !self.round.renew {
+            return None;
+        }
+        let renew = std::mem::take(&mut self.round.renew);
+        if renew {
+            self.lease_at = now + LEASE_EVERY;
+        }
+        let (logs, appends): (Vec<_>, Vec<_>) = self
+            .round
+            .appends
+            .pop_front()
+            .unwrap_or_default()
+            .into_iter()
+            .unzip();
+        let timeout = self.config.store_timeout;
+        let store = self.store.clone();
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            let result = guarded(timeout, async {
+                if renew {
+                    store.renew_lease(&producer, LEASE_TTL).await?;
+                }
+                if appends.is_empty() {
+                    return Ok(());
+                }
+                store.append_logs(&appends).await
+            })
+            .await;
+            CallDone::Append {
+                logs,
+                appends,
+                result,
+                started,
+            }
+        }))
+    }
+
     /// The round's next save, if the save gate is open.
     pub(super) fn next_save(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
         let timeout = self.config.store_timeout;
@@ -346,6 +427,9 @@ impl State {
             started, result, ..
         }
         | CallDone::Touch {
+            started, result, ..
+        }
+        | CallDone::Append {
             started, result, ..
         }) = &done;
         // A call sent before the shutdown began that fails after it is one of the earlier
@@ -415,9 +499,62 @@ impl State {
                     self.registry.handoff().requeue_active(back);
                 }
             },
+            CallDone::Append {
+                logs,
+                appends,
+                result,
+                ..
+            } => self.append_done(logs, appends, result, now),
         }
         if earlier_failure {
             self.waive_back_off(now);
+        }
+    }
+
+    fn append_done(
+        &mut self,
+        logs: Vec<Arc<StreamLog>>,
+        appends: Vec<LogAppend>,
+        result: Result<(), StoreFailure>,
+        now: Instant,
+    ) {
+        match result {
+            Ok(()) => {
+                self.append_gate.succeeded();
+                let events: usize = appends.iter().map(|a| a.events.len()).sum();
+                if let Some(to_store) = &self.logs {
+                    to_store.events.increment(events as u64);
+                }
+                for (log, append) in logs.iter().zip(&appends) {
+                    log.appended(append);
+                }
+            }
+            Err(failure) => {
+                self.metrics
+                    .store_errors
+                    .count(StoreOp::Append, failure.reason());
+                let jitter = self.jitter.next();
+                self.append_gate.failed(now, &self.config.retry, jitter);
+                // The lease is renewed with the next call.
+                self.lease_at = now;
+                // The logs go back to the queue, with the round's others: read again (with
+                // what they logged since) once the gate opens.
+                let untried = std::mem::take(&mut self.round.appends);
+                let mut streams = 0;
+                for log in logs
+                    .into_iter()
+                    .chain(untried.into_iter().flatten().map(|(log, _)| log))
+                {
+                    streams += 1;
+                    log.append_failed();
+                }
+                tracing::warn!(
+                    error = %failure,
+                    streams,
+                    retry_in = ?self.append_gate.open_at.map(|at| at - now),
+                    "SSE tracker replay-log append failed; retrying after back-off"
+                );
+            }
         }
     }
 

@@ -1,0 +1,317 @@
+//! Replay across instances: a reconnect for a stream this instance holds no log of is answered
+//! from the store's log of the stream (see
+//! [`ReplayPolicy::across_instances`](super::ReplayPolicy::across_instances)): looked up once
+//! ([`lookup`]), then followed ([`StoreTail`]) by reading the store once per flush interval,
+//! the rate at which the producing instance appends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::{Instant, Sleep};
+
+use crate::key::{EventId, StreamKey};
+use crate::metrics::{StoreErrors, StoreOp};
+use crate::store::{BoxFuture, DynStore, StoredLog};
+use crate::worker::LEASE_EVERY;
+use crate::worker::guard::guarded;
+
+/// What a reader of the store needs: the store, the stream's key, and the bounds of a read.
+#[derive(Clone)]
+pub(crate) struct StoreReader {
+    pub(crate) store: Arc<dyn DynStore>,
+    pub(crate) key: StreamKey,
+    /// Each store call's deadline.
+    pub(crate) timeout: Duration,
+    /// The most events a read asks for.
+    pub(crate) limit: usize,
+    pub(crate) errors: StoreErrors,
+}
+
+impl StoreReader {
+    /// Reads the log after `after`, under the deadline; `None` (counted, logged) when the call
+    /// fails.
+    async fn read(&self, after: Option<u64>) -> Option<Option<StoredLog>> {
+        let read = guarded(
+            self.timeout,
+            self.store.read_log(&self.key, after, self.limit),
+        )
+        .await;
+        self.ok(read, StoreOp::ReadLog)
+    }
+
+    /// Whether `producer`'s lease runs; `None` when the call fails.
+    async fn lease_alive(&self, producer: &str) -> Option<bool> {
+        let alive = guarded(self.timeout, self.store.lease_alive(producer)).await;
+        self.ok(alive, StoreOp::ReadLog)
+    }
+
+    fn ok<T>(
+        &self,
+        result: Result<T, crate::worker::guard::StoreFailure>,
+        op: StoreOp,
+    ) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(failure) => {
+                self.errors.count(op, failure.reason());
+                tracing::warn!(
+                    error = %failure,
+                    key = %self.key,
+                    "reading a replay log from the store failed"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// What the store holds for a reconnect.
+#[derive(Debug)]
+pub(crate) enum Looked {
+    /// The stream's log holds the client's event and every event after it that its producer
+    /// appended: the events after it are `log.events[after..]`. `alive`: the producer's lease
+    /// runs (or the log is ended, which makes it moot).
+    Found {
+        log: StoredLog,
+        after: usize,
+        alive: bool,
+    },
+    /// The store cannot answer: no log, the client's id not in it, events missing after it,
+    /// or the store failed.
+    Missing,
+}
+
+/// Looks `id` up in the store's log of `reader.key`: the newest event whose own id it is.
+pub(crate) fn lookup(reader: StoreReader, id: EventId) -> BoxFuture<'static, Looked> {
+    Box::pin(async move {
+        let Some(Some(log)) = reader.read(None).await else {
+            return Looked::Missing;
+        };
+        let Some(at) = log
+            .events
+            .iter()
+            .rposition(|event| event.id.as_ref() == Some(&id))
+        else {
+            return Looked::Missing;
+        };
+        // Every event after the client's, none missing, up to the last appended.
+        let mut expected = log.events[at].offset + 1;
+        for event in &log.events[at + 1..] {
+            if event.offset != expected {
+                return Looked::Missing;
+            }
+            expected += 1;
+        }
+        if expected < log.next_offset {
+            return Looked::Missing;
+        }
+        let alive = log.ended
+            // A failed check counts as alive: the tail checks again.
+            || reader.lease_alive(&log.producer).await.unwrap_or(true);
+        Looked::Found {
+            log,
+            after: at + 1,
+            alive,
+        }
+    })
+}
+
+/// A place among the reconnects that follow the store, at most
+/// [`max_detached`](super::ReplayPolicy::max_detached) at once per tracker; given back on drop.
+#[derive(Debug)]
+pub(crate) struct TailPermit(Arc<AtomicUsize>);
+
+impl TailPermit {
+    /// A place, if one is free.
+    pub(crate) fn try_take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for TailPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What one read of the store gives a [`StoreTail`].
+enum Step {
+    /// Events (possibly none) up to `next`, and whether the stream ended after them.
+    Events {
+        bytes: Bytes,
+        next: u64,
+        ended: bool,
+    },
+    /// The producer's lease ran out before its end reached the store.
+    Lost,
+    /// The tail cannot go on: another history, events missing, the log gone, the store
+    /// failing. The client's reconnect is told what the store holds then.
+    End,
+}
+
+/// A reader following the store's log of a stream that another instance produces: its events
+/// from an offset on, read once per interval, until the log's end mark; the gap signal when
+/// the producer's lease runs out first.
+pub(crate) struct StoreTail {
+    reader: StoreReader,
+    epoch: u64,
+    producer: String,
+    /// The offset of the next event to send.
+    next: u64,
+    /// Nothing more will come: the stream ended (`finished`), or the tail stopped.
+    done: bool,
+    finished: bool,
+    /// The bytes that end the response when the producer is lost (the gap event, if the
+    /// policy has one).
+    gap: Bytes,
+    every: Duration,
+    /// When the last events came: the lease is checked once the log has been still for a
+    /// lease renewal interval.
+    still_since: Instant,
+    read: Option<BoxFuture<'static, Step>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    _permit: TailPermit,
+}
+
+impl std::fmt::Debug for StoreTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTail")
+            .field("key", &self.reader.key)
+            .field("epoch", &self.epoch)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreTail {
+    /// Follows `log` (as [`lookup`] found it) after its last event, reading every `every`;
+    /// `done` when nothing more may follow (the log ended, or its producer is lost).
+    pub(crate) fn new(
+        reader: StoreReader,
+        log: &StoredLog,
+        done: bool,
+        gap: Bytes,
+        every: Duration,
+        permit: TailPermit,
+    ) -> Self {
+        Self {
+            reader,
+            epoch: log.epoch,
+            producer: log.producer.clone(),
+            next: log.next_offset,
+            done,
+            finished: done && log.ended,
+            gap,
+            every,
+            still_since: Instant::now(),
+            read: None,
+            sleep: None,
+            _permit: permit,
+        }
+    }
+
+    /// Whether the stream ended and every event of it is sent.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The next events, or `None` once nothing more will come.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if let Some(read) = &mut self.read {
+                let step = ready!(read.as_mut().poll(cx));
+                self.read = None;
+                match step {
+                    Step::Events { bytes, next, ended } => {
+                        self.next = next;
+                        if ended {
+                            self.done = true;
+                            self.finished = true;
+                        }
+                        if !bytes.is_empty() {
+                            self.still_since = Instant::now();
+                            return Poll::Ready(Some(bytes));
+                        }
+                        if self.done {
+                            return Poll::Ready(None);
+                        }
+                    }
+                    Step::Lost => {
+                        self.done = true;
+                        let gap = std::mem::take(&mut self.gap);
+                        return Poll::Ready(Some(gap).filter(|gap| !gap.is_empty()));
+                    }
+                    Step::End => {
+                        self.done = true;
+                        return Poll::Ready(None);
+                    }
+                }
+                let at = Instant::now() + self.every;
+                match &mut self.sleep {
+                    Some(sleep) => sleep.as_mut().reset(at),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
+            if let Some(sleep) = &mut self.sleep {
+                ready!(sleep.as_mut().poll(cx));
+            }
+            self.read = Some(self.step());
+        }
+    }
+
+    /// The next read: the events after those sent, and, when the log has been still for a
+    /// lease renewal interval, the producer's lease.
+    fn step(&self) -> BoxFuture<'static, Step> {
+        let reader = self.reader.clone();
+        let (epoch, next) = (self.epoch, self.next);
+        let producer = (self.still_since.elapsed() >= LEASE_EVERY).then(|| self.producer.clone());
+        Box::pin(async move {
+            let Some(Some(log)) = reader.read(next.checked_sub(1)).await else {
+                return Step::End;
+            };
+            if log.epoch != epoch {
+                return Step::End;
+            }
+            let mut bytes = Vec::new();
+            let mut upto = next;
+            for event in log.events.iter().filter(|event| event.offset >= next) {
+                if event.offset != upto {
+                    // Events missing: what came before them goes out, the next read ends.
+                    break;
+                }
+                bytes.extend_from_slice(&event.bytes);
+                upto += 1;
+            }
+            if upto == next && log.next_offset > next {
+                // The producer appended past events the store does not hold.
+                return Step::End;
+            }
+            let ended = log.ended && upto >= log.next_offset;
+            if upto == next
+                && !ended
+                && let Some(producer) = producer
+                && reader.lease_alive(&producer).await == Some(false)
+            {
+                return Step::Lost;
+            }
+            Step::Events {
+                bytes: Bytes::from(bytes),
+                next: upto,
+                ended,
+            }
+        })
+    }
+}

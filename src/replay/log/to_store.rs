@@ -1,0 +1,148 @@
+//! A replay log's way to the store (replay across instances): what the store holds of it, and
+//! the events it lacks, which the worker reads from the log itself at each flush (there is no
+//! second copy of them waiting for the store).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{LogInner, StreamLog};
+use crate::key::{EventId, StreamKey};
+use crate::registry::LogQueue;
+use crate::store::{LogAppend, LogEvent};
+use crate::sync::lock;
+
+/// Where a log's detached histories go: its stream's key in the store, and the worker's queue
+/// of logs owing the store events.
+#[derive(Debug)]
+pub(crate) struct StoreBound {
+    pub(crate) key: StreamKey,
+    pub(crate) queue: Arc<LogQueue>,
+}
+
+/// What the store holds of a log's history.
+#[derive(Debug, Default)]
+pub(super) struct Stored {
+    /// The history the figures below are of (another one: the store holds nothing of the
+    /// log's current history).
+    epoch: u64,
+    /// The offset after the last event appended.
+    next: u64,
+    /// The end mark is appended.
+    ended: bool,
+    /// In the worker's queue, or read by the worker and not yet appended.
+    queued: bool,
+}
+
+impl Stored {
+    /// The offset after the last event of `epoch` appended, and whether its end is.
+    fn of(&self, epoch: u64) -> (u64, bool) {
+        if self.epoch == epoch {
+            (self.next, self.ended)
+        } else {
+            (0, false)
+        }
+    }
+}
+
+impl LogInner {
+    /// The offset after the newest record.
+    fn held(&self) -> u64 {
+        self.first + self.records.len() as u64
+    }
+
+    /// The events from offset `from` on (at least the first record's), as the store takes
+    /// them: each its own bytes, with its own id.
+    fn log_events_from(&self, from: u64) -> Vec<LogEvent> {
+        let from = from.max(self.first);
+        let skip = (from - self.first) as usize;
+        let mut start: usize = self.records.iter().take(skip).map(|&l| l as usize).sum();
+        let mut events = Vec::with_capacity(self.records.len() - skip);
+        for (n, &len) in self.records.iter().enumerate().skip(skip) {
+            let len = len as usize;
+            let (event_end, id) = self.parts(start, len);
+            let mut bytes = Vec::with_capacity(event_end - start);
+            self.ring.copy_into(start, event_end, &mut bytes);
+            let id = id.map(|(a, b)| {
+                let mut id = Vec::with_capacity(b - a);
+                self.ring.copy_into(a, b, &mut id);
+                EventId::from_scanned(&id)
+            });
+            events.push(LogEvent::new(self.first + n as u64, id, Bytes::from(bytes)));
+            start += len;
+        }
+        events
+    }
+}
+
+impl StreamLog {
+    /// Whether the log must be offered to the store's queue now (called with it locked, after
+    /// a change): it goes to the store, its history is detachable, the store lacks events or
+    /// the end of it, and it is not queued yet (it then is).
+    pub(super) fn owes_store(&self, inner: &mut LogInner) -> bool {
+        if self.store.is_none() || !inner.detachable || inner.stored.queued {
+            return false;
+        }
+        let (next, ended) = inner.stored.of(inner.epoch);
+        let owes = inner.held() > next || (inner.finished && !ended);
+        inner.stored.queued = owes;
+        owes
+    }
+
+    /// Puts the log in the worker's queue (the caller set its queued flag), or clears the
+    /// flag when the queue takes nothing.
+    pub(super) fn offer_to_store(self: &Arc<Self>) {
+        let Some(store) = &self.store else { return };
+        if !store.queue.offer(self.clone()) {
+            lock(&self.inner).stored.queued = false;
+        }
+    }
+
+    /// For the worker: the append that brings the store up to date with this log (the
+    /// events of its history after those appended, and its end), by `producer`; `None` when
+    /// the store lacks nothing. The log leaves the queue: a change from now on offers it
+    /// again.
+    pub(crate) fn unstored(&self, producer: &str) -> Option<LogAppend> {
+        let mut inner = lock(&self.inner);
+        inner.stored.queued = false;
+        let store = self.store.as_ref()?;
+        if !inner.detachable {
+            return None;
+        }
+        let (next, ended) = inner.stored.of(inner.epoch);
+        let end = inner.finished && !ended;
+        if inner.held() <= next && !end {
+            return None;
+        }
+        let mut append = LogAppend::new(store.key.clone(), inner.epoch, producer);
+        append.events = inner.log_events_from(next);
+        append.ended = end;
+        Some(append)
+    }
+
+    /// For the worker: the store holds `append` now.
+    pub(crate) fn appended(&self, append: &LogAppend) {
+        let mut inner = lock(&self.inner);
+        if inner.stored.epoch != append.epoch {
+            inner.stored.epoch = append.epoch;
+            inner.stored.next = 0;
+            inner.stored.ended = false;
+        }
+        if let Some(last) = append.events.last() {
+            inner.stored.next = inner.stored.next.max(last.offset + 1);
+        }
+        inner.stored.ended |= append.ended;
+    }
+
+    /// For the worker: `append` failed; the log goes back to the queue, to be read again
+    /// (with what it logged since) when the store is tried again.
+    pub(crate) fn append_failed(self: &Arc<Self>) {
+        let offer = {
+            let mut inner = lock(&self.inner);
+            self.owes_store(&mut inner)
+        };
+        if offer {
+            self.offer_to_store();
+        }
+    }
+}
