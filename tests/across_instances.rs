@@ -1,337 +1,37 @@
-//! Replay across instances: trackers sharing one store, each behind its own loopback server.
-//! The worker appends detached streams' events to the store's logs at each flush; a reconnect
-//! that lands on an instance that never saw the stream is answered from the store.
+//! Replay across instances on the in-memory store, shared by trackers in one process (the
+//! scenarios are in `tests/common/across.rs`; `tests/redis.rs` runs them on Redis).
 
+#[path = "common/across.rs"]
+mod across;
 mod common;
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
-use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use common::{Recorded, build_recorded};
-use tokio::sync::mpsc;
-use tower_sse_tracker::store::{InMemoryStore, Store, StoredLog};
-use tower_sse_tracker::{Detach, REPLAY_HEADER, ReplayPolicy, SseTracker, StreamKey};
+use tower_sse_tracker::store::InMemoryStore;
 
-const FLUSH: Duration = Duration::from_millis(20);
-
-fn event(n: u32) -> String {
-    format!("id: {n}\ndata: token {n}\n\n")
-}
-
-fn events(range: std::ops::RangeInclusive<u32>) -> String {
-    range.map(event).collect()
-}
-
-/// The application: each request to `/answer` streams the frames of the next feed the test
-/// made, marked `Detach`, and counts its calls.
-#[derive(Clone, Default)]
-struct App {
-    feeds: Arc<Mutex<VecDeque<mpsc::UnboundedReceiver<Bytes>>>>,
-    calls: Arc<AtomicUsize>,
-}
-
-async fn answer(State(app): State<App>) -> Response {
-    app.calls.fetch_add(1, Ordering::SeqCst);
-    let rx = app.feeds.lock().unwrap().pop_front();
-    let Some(rx) = rx else {
-        // No answer to give: a plain (untracked) refusal.
-        return (axum::http::StatusCode::NOT_FOUND, "no answer").into_response();
-    };
-    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    let mut response = (
-        [(CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(frames),
-    )
-        .into_response();
-    response.extensions_mut().insert(Detach);
-    response
-}
-
-/// One instance: a tracker on the shared store, and its server.
-struct Instance {
-    addr: std::net::SocketAddr,
-    app: App,
-    http: reqwest::Client,
-    #[allow(dead_code)]
-    metrics: Recorded,
-    tracker: SseTracker,
-}
-
-impl Instance {
-    async fn start(store: Arc<InMemoryStore>) -> Self {
-        Self::start_with(store, ReplayPolicy::new().across_instances(true)).await
-    }
-
-    async fn start_with(store: Arc<InMemoryStore>, policy: ReplayPolicy) -> Self {
-        let (tracker, metrics) = build_recorded(
-            SseTracker::builder()
-                .heartbeat_interval(None)
-                .flush_interval(FLUSH)
-                .store(store)
-                .replay(policy),
-        );
-        let app = App::default();
-        let router = axum::Router::new()
-            .route("/answer", axum::routing::get(answer))
-            .with_state(app.clone())
-            .layer(tracker.layer());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Self {
-            addr,
-            app,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            metrics,
-            tracker,
-        }
-    }
-
-    /// The sender of the next response's frames.
-    fn next_feed(&self) -> mpsc::UnboundedSender<Bytes> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.app.feeds.lock().unwrap().push_back(rx);
-        tx
-    }
-
-    async fn get(&self, last_event_id: Option<&str>) -> common::Client {
-        let mut req = self
-            .http
-            .get(format!("http://{}/answer", self.addr))
-            .header("mcp-session-id", "s1");
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
-        }
-        common::Client::new(req.send().await.unwrap())
-    }
-}
-
-fn answer_key() -> StreamKey {
-    common::key("s1", "GET /answer")
-}
-
-/// The store's log of the answer once `done` holds of it (within 5 s).
-async fn stored_log(store: &InMemoryStore, done: impl Fn(&StoredLog) -> bool) -> StoredLog {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = store.read_log(&answer_key(), None, 10_000).await.unwrap();
-        match log {
-            Some(log) if done(&log) => return log,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "the store's log never got there: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn joined(log: &StoredLog) -> Vec<u8> {
-    log.events.iter().flat_map(|e| e.bytes.to_vec()).collect()
+fn store() -> Arc<InMemoryStore> {
+    Arc::new(InMemoryStore::new())
 }
 
 #[tokio::test]
 async fn a_detached_streams_events_reach_the_store_byte_exact_once_each_with_its_end() {
-    let store = Arc::new(InMemoryStore::new());
-    let a = Instance::start(store.clone()).await;
-    let feed = a.next_feed();
-    let mut client = a.get(None).await;
-    // Events split across frames anywhere, a comment between two of them: the store gets
-    // each event's bytes as the client got them, the comment left out.
-    let all = events(1..=40);
-    let first = events(1..=20);
-    let (head, tail) = all[first.len()..].split_at(7);
-    feed.send(Bytes::from(first)).unwrap();
-    feed.send(Bytes::from(": a comment\n\n")).unwrap();
-    feed.send(Bytes::from(head.to_owned())).unwrap();
-    feed.send(Bytes::from(tail.to_owned())).unwrap();
-    client.read_until_suffix(event(40).as_bytes()).await;
-    // The flush goes by: the log has the events, not the end yet.
-    let log = stored_log(&store, |log| log.next_offset == 40).await;
-    assert!(!log.ended, "the body has not ended");
-    drop(feed);
-    client.read_to_end().await;
-    let log = stored_log(&store, |log| log.ended).await;
-    assert_eq!(String::from_utf8(joined(&log)).unwrap(), all);
-    assert_eq!(
-        log.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
-        (0..40).collect::<Vec<_>>()
-    );
-    assert_eq!(log.events[39].id.as_ref().unwrap().as_str(), "40");
-    assert!(log.complete_after(None));
-    assert!(
-        store.lease_alive(&log.producer).await.unwrap(),
-        "the producing instance keeps its lease"
-    );
-    assert!(
-        a.tracker
-            .shutdown(Duration::from_secs(1))
-            .await
-            .is_complete()
-    );
-}
-
-fn header(client: &common::Client) -> Option<&str> {
-    client
-        .headers
-        .get(REPLAY_HEADER)
-        .map(|v| v.to_str().unwrap())
+    across::a_detached_streams_events_reach_the_store_byte_exact_once_each_with_its_end(store())
+        .await;
 }
 
 #[tokio::test]
 async fn a_reconnect_landing_on_another_instance_gets_what_it_missed_then_the_live_tail_to_the_end()
 {
-    let store = Arc::new(InMemoryStore::new());
-    let a = Instance::start(store.clone()).await;
-    let b = Instance::start(store.clone()).await;
-    let feed = a.next_feed();
-    let mut client = a.get(None).await;
-    feed.send(Bytes::from(events(1..=3))).unwrap();
-    client.read_until_suffix(events(1..=3).as_bytes()).await;
-    // The client's connection breaks; the answer goes on on A.
-    drop(client);
-    feed.send(Bytes::from(events(4..=6))).unwrap();
-    stored_log(&store, |log| log.next_offset == 6).await;
-    // The load balancer sends the reconnect to B, which never saw the stream.
-    let mut client = b.get(Some("3")).await;
-    assert_eq!(client.status, 200);
-    assert_eq!(header(&client), Some("complete; events=3; tail"));
-    client.read_until_suffix(events(4..=6).as_bytes()).await;
-    // The live tail, as A produces it, through the store.
-    feed.send(Bytes::from(events(7..=9))).unwrap();
-    client.read_until_suffix(event(9).as_bytes()).await;
-    drop(feed);
-    client.read_to_end().await;
-    assert_eq!(
-        client.received,
-        events(4..=9).as_bytes(),
-        "nothing missing, nothing twice"
-    );
-    assert_eq!(
-        b.app.calls.load(Ordering::SeqCst),
-        0,
-        "B's application is not called"
-    );
-    // Once it has ended: a client that missed the end gets it from B, and a clean end; one
-    // that missed nothing gets 204 No Content.
-    let mut client = b.get(Some("7")).await;
-    assert_eq!(header(&client), Some("complete; events=2; tail"));
-    assert_eq!(client.read_to_end().await, events(8..=9).as_bytes());
-    let client = b.get(Some("9")).await;
-    assert_eq!(client.status, 204);
-    assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
+    across::a_reconnect_landing_on_another_instance_gets_what_it_missed_then_the_live_tail_to_the_end(store()).await;
 }
 
 #[tokio::test]
 async fn a_reconnect_whose_id_the_store_does_not_hold_goes_to_the_application() {
-    let store = Arc::new(InMemoryStore::new());
-    let a = Instance::start(store.clone()).await;
-    let b = Instance::start(store.clone()).await;
-    let feed = a.next_feed();
-    let mut client = a.get(None).await;
-    feed.send(Bytes::from(events(1..=3))).unwrap();
-    client.read_until_suffix(events(1..=3).as_bytes()).await;
-    stored_log(&store, |log| log.next_offset == 3).await;
-    // An id the stream never sent: B cannot replay, and its application answers.
-    let b_feed = b.next_feed();
-    let mut other = b.get(Some("77")).await;
-    assert_eq!(header(&other), Some("gap; reason=no_history"));
-    b_feed.send(Bytes::from(event(100))).unwrap();
-    other.read_until_suffix(event(100).as_bytes()).await;
-    assert_eq!(b.app.calls.load(Ordering::SeqCst), 1);
-    drop(feed);
-}
-
-/// An instance on a thread and runtime of its own: [`kill`](Self::kill) drops the runtime
-/// with everything on it (its server, its bodies, its worker), with no shutdown and no end
-/// written.
-struct Doomed {
-    kill: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    instance: Instance,
-}
-
-impl Doomed {
-    async fn start(store: Arc<InMemoryStore>, policy: ReplayPolicy) -> Self {
-        let (started, instance) = tokio::sync::oneshot::channel();
-        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let _ = started.send(Instance::start_with(store, policy).await);
-                let _ = killed.await;
-            });
-            // The runtime goes here, its tasks dropped where they stood.
-        });
-        Self {
-            kill: Some(kill),
-            thread: Some(thread),
-            instance: instance.await.unwrap(),
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.kill.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap();
-    }
+    across::a_reconnect_whose_id_the_store_does_not_hold_goes_to_the_application(store()).await;
 }
 
 #[tokio::test]
 async fn when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store_holds_then_the_gap_signal()
  {
-    let store = Arc::new(InMemoryStore::new());
-    let policy = ReplayPolicy::new()
-        .across_instances(true)
-        .gap_event("replay-gap");
-    // The reqwest client of an instance lives on the test's runtime.
-    let mut a = Doomed::start(store.clone(), policy.clone()).await;
-    let b = Instance::start_with(store.clone(), policy).await;
-    // A's client made on the test's runtime, which reads its responses.
-    a.instance.http = b.http.clone();
-    let feed = a.instance.next_feed();
-    let mut client = a.instance.get(None).await;
-    feed.send(Bytes::from(events(1..=5))).unwrap();
-    client.read_until_suffix(events(1..=5).as_bytes()).await;
-    drop(client);
-    stored_log(&store, |log| log.next_offset == 5).await;
-    let mut client = b.get(Some("3")).await;
-    assert_eq!(header(&client), Some("complete; events=2; tail"));
-    client.read_until_suffix(events(4..=5).as_bytes()).await;
-    // A dies mid-answer: its lease runs out (5 s), and B's reader says so.
-    tokio::task::spawn_blocking(move || a.kill()).await.unwrap();
-    drop(feed);
-    let gap = "event: replay-gap\ndata: producer_lost\n\n";
-    tokio::time::timeout(Duration::from_secs(15), client.read_to_end())
-        .await
-        .expect("the reader ends once the lease has run out");
-    assert_eq!(
-        String::from_utf8(client.received.clone()).unwrap(),
-        events(4..=5) + gap,
-        "what the store held, then the gap signal: no silent end"
-    );
-    // A reconnect now: what the store holds after the client's event, with the gap signal.
-    let mut client = b.get(Some("4")).await;
-    assert_eq!(header(&client), Some("gap; reason=producer_lost; events=1"));
-    assert_eq!(
-        String::from_utf8(client.read_to_end().await.to_vec()).unwrap(),
-        event(5) + gap
-    );
-    // One that has it all: 204, with the signal in its header; the EventSource stops.
-    let client = b.get(Some("5")).await;
-    assert_eq!(client.status, 204);
-    assert_eq!(header(&client), Some("gap; reason=producer_lost; events=0"));
-    assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
+    across::when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store_holds_then_the_gap_signal(store()).await;
 }

@@ -7,6 +7,8 @@
 //! and waits for its replica to take over.
 #![cfg(feature = "redis")]
 
+#[path = "common/across.rs"]
+mod across;
 mod common;
 #[path = "common/redis_cluster.rs"]
 mod redis_cluster;
@@ -1601,6 +1603,27 @@ async fn a_cluster_batch_never_writes_a_key_where_its_slot_is_moving_to() {
     assert_eq!(loaded(&store, &new).await.as_deref(), Some("new-2"));
 }
 
+/// Replay across instances through Redis (`tests/common/across.rs`): a reconnect on another
+/// instance replays from the store's log and follows it; a producer's death is signalled.
+async fn detached_events_reach_redis_once_each_with_their_end(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("across")).await;
+    across::a_detached_streams_events_reach_the_store_byte_exact_once_each_with_its_end(store)
+        .await;
+}
+
+async fn a_reconnect_on_another_instance_replays_from_redis_then_follows_it(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("across")).await;
+    across::a_reconnect_landing_on_another_instance_gets_what_it_missed_then_the_live_tail_to_the_end(store).await;
+}
+
+async fn a_producer_dead_in_redis_gets_the_gap_signal(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("across")).await;
+    across::when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store_holds_then_the_gap_signal(store).await;
+}
+
 macro_rules! on_both_topologies {
     ($($test:ident),* $(,)?) => {
         mod standalone {
@@ -1623,6 +1646,9 @@ macro_rules! on_both_topologies {
 }
 
 on_both_topologies!(
+    detached_events_reach_redis_once_each_with_their_end,
+    a_reconnect_on_another_instance_replays_from_redis_then_follows_it,
+    a_producer_dead_in_redis_gets_the_gap_signal,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,
