@@ -5,9 +5,19 @@
 mod across;
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tower_sse_tracker::store::InMemoryStore;
+use across::{Instance, answer_key, event, events, joined, stored_log};
+use bytes::Bytes;
+use common::names::{
+    OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_STORE_EVENTS_TOTAL,
+    STORE_ERRORS_TOTAL,
+};
+use tower_sse_tracker::store::{
+    InMemoryStore, LogAppend, SaveEntry, Store, StoreError, StoredId, StoredLog,
+};
+use tower_sse_tracker::{ReplayPolicy, RetryPolicy, StreamKey};
 
 fn store() -> Arc<InMemoryStore> {
     Arc::new(InMemoryStore::new())
@@ -34,4 +44,132 @@ async fn a_reconnect_whose_id_the_store_does_not_hold_goes_to_the_application() 
 async fn when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store_holds_then_the_gap_signal()
  {
     across::when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store_holds_then_the_gap_signal(store()).await;
+}
+
+/// The in-memory store, whose appends fail at once, hang or panic while a fault is set.
+#[derive(Clone, Default)]
+struct FaultyAppends {
+    inner: Arc<InMemoryStore>,
+    fault: Arc<Mutex<Option<Fault>>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Fail,
+    Hang,
+    Panic,
+}
+
+impl Store for FaultyAppends {
+    async fn save(&self, batch: &[SaveEntry]) -> Result<(), StoreError> {
+        self.inner.save(batch).await
+    }
+
+    async fn load(&self, key: &StreamKey) -> Result<Option<StoredId>, StoreError> {
+        self.inner.load(key).await
+    }
+
+    async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+        let fault = *self.fault.lock().unwrap();
+        match fault {
+            Some(Fault::Fail) => Err(StoreError::new("appends refused")),
+            Some(Fault::Hang) => std::future::pending().await,
+            Some(Fault::Panic) => panic!("append bug"),
+            None => self.inner.append_logs(batch).await,
+        }
+    }
+
+    async fn read_log(
+        &self,
+        key: &StreamKey,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Option<StoredLog>, StoreError> {
+        self.inner.read_log(key, after, limit).await
+    }
+
+    async fn renew_lease(&self, producer: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.inner.renew_lease(producer, ttl).await
+    }
+
+    async fn lease_alive(&self, producer: &str) -> Result<bool, StoreError> {
+        self.inner.lease_alive(producer).await
+    }
+}
+
+#[tokio::test]
+async fn appends_that_fail_hang_or_panic_cost_the_stream_nothing_and_reach_the_store_once_each_when_it_recovers()
+ {
+    for fault in [Fault::Fail, Fault::Hang, Fault::Panic] {
+        let store = FaultyAppends::default();
+        let a = Instance::start_built(
+            store.clone(),
+            ReplayPolicy::new().across_instances(true),
+            |builder| {
+                builder
+                    .store_timeout(Duration::from_millis(200))
+                    .retry(RetryPolicy::exponential(
+                        Duration::from_millis(20),
+                        Duration::from_millis(100),
+                        3,
+                    ))
+            },
+        )
+        .await;
+        *store.fault.lock().unwrap() = Some(fault);
+        let feed = a.next_feed();
+        let mut client = a.get(None).await;
+        for n in 1..=20 {
+            feed.send(Bytes::from(event(n))).unwrap();
+            // The client gets each event while the store refuses: nothing waits for it.
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                client.read_until_suffix(event(n).as_bytes()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{fault:?}: event {n} held up by the store"));
+        }
+        drop(feed);
+        client.read_to_end().await;
+        let failed = || {
+            a.metrics.value(
+                STORE_ERRORS_TOTAL,
+                &[("op", OP_APPEND), ("reason", reason(fault))],
+            )
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while failed() < 2.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{fault:?}: failed appends not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            store
+                .inner
+                .read_log(&answer_key(), None, 100)
+                .await
+                .unwrap()
+                .is_none(),
+            "{fault:?}: nothing stored yet"
+        );
+        *store.fault.lock().unwrap() = None;
+        let log = stored_log(&*store.inner, |log| log.ended).await;
+        assert_eq!(joined(&log), events(1..=20).into_bytes(), "{fault:?}");
+        assert!(log.complete_after(None), "{fault:?}: no event missing");
+        assert_eq!(
+            a.metrics.value(REPLAY_STORE_EVENTS_TOTAL, &[]),
+            20.0,
+            "{fault:?}: each event appended once"
+        );
+    }
+}
+
+fn reason(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Fail => REASON_ERROR,
+        Fault::Hang => REASON_TIMEOUT,
+        Fault::Panic => REASON_PANIC,
+    }
 }

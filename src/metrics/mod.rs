@@ -211,6 +211,8 @@ pub const ALL: &[&str] = &[
     replay::REPLAY_STREAMS_UNLOGGED_TOTAL,
     replay::REPLAY_DETACHED_STREAMS,
     replay::REPLAY_DETACHED_TOTAL,
+    replay::REPLAY_STORE_EVENTS_TOTAL,
+    replay::REPLAY_STORE_DROPPED_TOTAL,
 ];
 
 /// `reason` label: no valid owner from the configured owner source (a header or a request

@@ -18,26 +18,28 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tower_sse_tracker::store::{Store, StoredLog};
-use tower_sse_tracker::{Detach, REPLAY_HEADER, ReplayPolicy, SseTracker, StreamKey};
+use tower_sse_tracker::{
+    Detach, REPLAY_HEADER, ReplayPolicy, SseTracker, SseTrackerBuilder, StreamKey,
+};
 
 use crate::common::{Recorded, build_recorded};
 
-const FLUSH: Duration = Duration::from_millis(20);
+pub const FLUSH: Duration = Duration::from_millis(20);
 
-fn event(n: u32) -> String {
+pub fn event(n: u32) -> String {
     format!("id: {n}\ndata: token {n}\n\n")
 }
 
-fn events(range: std::ops::RangeInclusive<u32>) -> String {
+pub fn events(range: std::ops::RangeInclusive<u32>) -> String {
     range.map(event).collect()
 }
 
 /// The application: each request to `/answer` streams the frames of the next feed the test
 /// made, marked `Detach`, and counts its calls.
 #[derive(Clone, Default)]
-struct App {
+pub struct App {
     feeds: Arc<Mutex<VecDeque<mpsc::UnboundedReceiver<Bytes>>>>,
-    calls: Arc<AtomicUsize>,
+    pub calls: Arc<AtomicUsize>,
 }
 
 async fn answer(State(app): State<App>) -> Response {
@@ -60,28 +62,36 @@ async fn answer(State(app): State<App>) -> Response {
 }
 
 /// One instance: a tracker on the shared store, and its server.
-struct Instance {
-    addr: std::net::SocketAddr,
-    app: App,
-    http: reqwest::Client,
-    #[allow(dead_code)]
-    metrics: Recorded,
-    tracker: SseTracker,
+pub struct Instance {
+    pub addr: std::net::SocketAddr,
+    pub app: App,
+    pub http: reqwest::Client,
+    pub metrics: Recorded,
+    pub tracker: SseTracker,
 }
 
 impl Instance {
-    async fn start<S: Store + Clone>(store: S) -> Self {
+    pub async fn start<S: Store + Clone>(store: S) -> Self {
         Self::start_with(store, ReplayPolicy::new().across_instances(true)).await
     }
 
-    async fn start_with<S: Store + Clone>(store: S, policy: ReplayPolicy) -> Self {
-        let (tracker, metrics) = build_recorded(
+    pub async fn start_with<S: Store + Clone>(store: S, policy: ReplayPolicy) -> Self {
+        Self::start_built(store, policy, |builder| builder).await
+    }
+
+    /// An instance whose builder `tweak` sets more.
+    pub async fn start_built<S: Store + Clone>(
+        store: S,
+        policy: ReplayPolicy,
+        tweak: impl FnOnce(SseTrackerBuilder) -> SseTrackerBuilder,
+    ) -> Self {
+        let (tracker, metrics) = build_recorded(tweak(
             SseTracker::builder()
                 .heartbeat_interval(None)
                 .flush_interval(FLUSH)
                 .store(store)
                 .replay(policy),
-        );
+        ));
         let app = App::default();
         let router = axum::Router::new()
             .route("/answer", axum::routing::get(answer))
@@ -100,13 +110,13 @@ impl Instance {
     }
 
     /// The sender of the next response's frames.
-    fn next_feed(&self) -> mpsc::UnboundedSender<Bytes> {
+    pub fn next_feed(&self) -> mpsc::UnboundedSender<Bytes> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.app.feeds.lock().unwrap().push_back(rx);
         tx
     }
 
-    async fn get(&self, last_event_id: Option<&str>) -> crate::common::Client {
+    pub async fn get(&self, last_event_id: Option<&str>) -> crate::common::Client {
         let mut req = self
             .http
             .get(format!("http://{}/answer", self.addr))
@@ -118,12 +128,12 @@ impl Instance {
     }
 }
 
-fn answer_key() -> StreamKey {
+pub fn answer_key() -> StreamKey {
     crate::common::key("s1", "GET /answer")
 }
 
 /// The store's log of the answer once `done` holds of it (within 5 s).
-async fn stored_log<S: Store>(store: &S, done: impl Fn(&StoredLog) -> bool) -> StoredLog {
+pub async fn stored_log<S: Store>(store: &S, done: impl Fn(&StoredLog) -> bool) -> StoredLog {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let log = store.read_log(&answer_key(), None, 10_000).await.unwrap();
@@ -138,7 +148,7 @@ async fn stored_log<S: Store>(store: &S, done: impl Fn(&StoredLog) -> bool) -> S
     }
 }
 
-fn joined(log: &StoredLog) -> Vec<u8> {
+pub fn joined(log: &StoredLog) -> Vec<u8> {
     log.events.iter().flat_map(|e| e.bytes.to_vec()).collect()
 }
 
@@ -185,7 +195,7 @@ pub async fn a_detached_streams_events_reach_the_store_byte_exact_once_each_with
     );
 }
 
-fn header(client: &crate::common::Client) -> Option<&str> {
+pub fn header(client: &crate::common::Client) -> Option<&str> {
     client
         .headers
         .get(REPLAY_HEADER)
@@ -262,7 +272,7 @@ pub async fn a_reconnect_whose_id_the_store_does_not_hold_goes_to_the_applicatio
 /// An instance on a thread and runtime of its own: [`kill`](Self::kill) drops the runtime
 /// with everything on it (its server, its bodies, its worker), with no shutdown and no end
 /// written.
-struct Doomed {
+pub struct Doomed {
     kill: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     instance: Instance,

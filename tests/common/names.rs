@@ -40,6 +40,8 @@ pub const REPLAYED_BYTES_TOTAL: &str = "sse_tracker_replayed_bytes_total";
 pub const REPLAY_STREAMS_UNLOGGED_TOTAL: &str = "sse_tracker_replay_streams_unlogged_total";
 pub const REPLAY_DETACHED_STREAMS: &str = "sse_tracker_replay_detached_streams";
 pub const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
+pub const REPLAY_STORE_EVENTS_TOTAL: &str = "sse_tracker_replay_store_events_total";
+pub const REPLAY_STORE_DROPPED_TOTAL: &str = "sse_tracker_replay_store_dropped_total";
 pub const REASON_NO_OWNER: &str = "no_owner";
 pub const REASON_ANONYMOUS: &str = "anonymous";
 pub const REASON_NOT_RESUMABLE: &str = "not_resumable";
@@ -50,6 +52,8 @@ pub const REASON_CONCURRENT: &str = "concurrent";
 pub const OP_SAVE: &str = "save";
 pub const OP_TOUCH: &str = "touch";
 pub const OP_LOAD: &str = "load";
+pub const OP_APPEND: &str = "append";
+pub const OP_READ_LOG: &str = "read_log";
 pub const REASON_ERROR: &str = "error";
 pub const REASON_TIMEOUT: &str = "timeout";
 pub const REASON_PANIC: &str = "panic";
@@ -102,4 +106,6 @@ pub const NAMES: &[&str] = &[
     REPLAY_STREAMS_UNLOGGED_TOTAL,
     REPLAY_DETACHED_STREAMS,
     REPLAY_DETACHED_TOTAL,
+    REPLAY_STORE_EVENTS_TOTAL,
+    REPLAY_STORE_DROPPED_TOTAL,
 ];
