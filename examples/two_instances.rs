@@ -1,6 +1,13 @@
-//! Two server instances sharing one Redis, or one Redis Cluster: a client reads some events
-//! from the first, disconnects, reconnects to the second with `Last-Event-ID`, and the second
-//! resumes where the first stopped.
+//! Two server instances sharing one Redis, or one Redis Cluster:
+//!
+//! 1. a feed: a client reads some events from the first, disconnects, reconnects to the
+//!    second with `Last-Event-ID`, and the second resumes where the first stopped (from the
+//!    latest ids in Redis);
+//! 2. an answer (a response marked `Detach`, with replay across instances): a client reads
+//!    part of it from the first instance, its connection breaks, it reconnects to the second,
+//!    which has never seen the answer: the second replays what the client missed from Redis
+//!    and follows the answer to its end while the first produces it. Nothing missed, nothing
+//!    twice.
 //!
 //! ```text
 //! apt-get install -y redis-server && redis-server --daemonize yes   # if none is running
@@ -21,7 +28,7 @@ use axum::{Extension, Router};
 use futures_util::StreamExt;
 use futures_util::stream::{self, Stream};
 use tower_sse_tracker::store::RedisStore;
-use tower_sse_tracker::{LastEventId, Resume, SseTracker, StreamKey};
+use tower_sse_tracker::{Detach, LastEventId, ReplayPolicy, Resume, SseTracker, StreamKey};
 
 const STREAM: &str = "GET /events";
 
@@ -106,15 +113,34 @@ async fn events(
     Sse::new(numbered(start)).into_response()
 }
 
+/// `GET /answer`: an answer of 30 tokens, one each 100 ms, that goes on without its client.
+async fn answer() -> Response {
+    let tokens = stream::iter(1..=30u32).then(|n| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, Infallible>(
+            Event::default()
+                .id(n.to_string())
+                .data(format!("token {n}")),
+        )
+    });
+    let mut response = Sse::new(tokens).into_response();
+    response.extensions_mut().insert(Detach);
+    response
+}
+
 async fn start_instance(
     name: &'static str,
     store: RedisStore,
 ) -> Result<(Instance, String), Box<dyn std::error::Error>> {
     let store = store.with_prefix("two-instances-demo");
-    let tracker = SseTracker::builder().store(store).build()?;
+    let tracker = SseTracker::builder()
+        .store(store)
+        .replay(ReplayPolicy::new().across_instances(true))
+        .build()?;
     let instance = Instance { name, tracker };
     let app = Router::new()
         .route("/events", get(events))
+        .route("/answer", get(answer))
         .layer(instance.tracker.layer())
         .with_state(instance.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -219,6 +245,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     if resumed == expected {
         println!("\nresumed on the second instance exactly where the first stopped");
+    } else {
+        println!("\nunexpected: wanted {expected:?}");
+    }
+
+    println!("\nclient: asking A for an answer of 30 tokens as session {session}");
+    let seen = read_events(&client, &format!("{url_a}/answer"), &session, None, 5).await?;
+    println!("client: got ids {seen:?} from A, then its connection breaks");
+    let last = seen.last().cloned().ok_or("A sent no token")?;
+    println!("client: reconnecting to B, which never saw the answer, with Last-Event-ID: {last}");
+    let rest = read_events(
+        &client,
+        &format!("{url_b}/answer"),
+        &session,
+        Some(&last),
+        usize::MAX,
+    )
+    .await?;
+    println!("client: got ids {rest:?} from B, to the end of the answer");
+    let expected: Vec<String> = (last.parse::<u32>()? + 1..=30)
+        .map(|n| n.to_string())
+        .collect();
+    if rest == expected {
+        println!(
+            "\nthe answer reached the client whole across the two instances: nothing missed, nothing twice"
+        );
     } else {
         println!("\nunexpected: wanted {expected:?}");
     }

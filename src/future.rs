@@ -75,8 +75,11 @@ impl StoreLookup {
             limit,
             errors: shared.metrics.store_errors.clone(),
         };
+        // A client may name an event its producer has not appended yet (it appends once per
+        // flush, after its client got the events): the look-up waits for up to three flushes.
+        let every = shared.flush_interval;
         Self {
-            read: lookup(reader.clone(), id.clone()),
+            read: lookup(reader.clone(), id.clone(), every, every.saturating_mul(3)),
             reader,
             id,
             permit,

@@ -46,6 +46,11 @@ async fn when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store
     across::when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_store_holds_then_the_gap_signal(store()).await;
 }
 
+#[tokio::test]
+async fn a_reconnect_arriving_before_the_producers_flush_waits_for_its_events() {
+    across::a_reconnect_arriving_before_the_producers_flush_waits_for_its_events(store()).await;
+}
+
 /// The in-memory store, whose appends fail at once, hang or panic while a fault is set.
 #[derive(Clone, Default)]
 struct FaultyAppends {

@@ -1618,6 +1618,12 @@ async fn a_reconnect_on_another_instance_replays_from_redis_then_follows_it(topo
     across::a_reconnect_landing_on_another_instance_gets_what_it_missed_then_the_live_tail_to_the_end(store).await;
 }
 
+async fn a_reconnect_before_the_producers_flush_waits_for_redis(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("across")).await;
+    across::a_reconnect_arriving_before_the_producers_flush_waits_for_its_events(store).await;
+}
+
 async fn a_producer_dead_in_redis_gets_the_gap_signal(topology: Topology) {
     let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("across")).await;
@@ -1649,6 +1655,7 @@ on_both_topologies!(
     detached_events_reach_redis_once_each_with_their_end,
     a_reconnect_on_another_instance_replays_from_redis_then_follows_it,
     a_producer_dead_in_redis_gets_the_gap_signal,
+    a_reconnect_before_the_producers_flush_waits_for_redis,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,

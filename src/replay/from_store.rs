@@ -87,17 +87,41 @@ pub(crate) enum Looked {
 }
 
 /// Looks `id` up in the store's log of `reader.key`: the newest event whose own id it is.
-pub(crate) fn lookup(reader: StoreReader, id: EventId) -> BoxFuture<'static, Looked> {
+///
+/// The producer appends once per flush interval, after its client got the events: a client
+/// that reconnects at once may name an event the store does not hold yet. While the log is
+/// not ended, the look-up reads it again every `every`, for up to `wait`.
+pub(crate) fn lookup(
+    reader: StoreReader,
+    id: EventId,
+    every: Duration,
+    wait: Duration,
+) -> BoxFuture<'static, Looked> {
     Box::pin(async move {
-        let Some(Some(log)) = reader.read(None).await else {
-            return Looked::Missing;
-        };
-        let Some(at) = log
-            .events
-            .iter()
-            .rposition(|event| event.id.as_ref() == Some(&id))
-        else {
-            return Looked::Missing;
+        let give_up = Instant::now() + wait;
+        let mut lease_checked = false;
+        let (log, at) = loop {
+            let Some(Some(log)) = reader.read(None).await else {
+                return Looked::Missing;
+            };
+            let found = log
+                .events
+                .iter()
+                .rposition(|event| event.id.as_ref() == Some(&id));
+            match found {
+                Some(at) => break (log, at),
+                None if log.ended || Instant::now() + every > give_up => return Looked::Missing,
+                None => {
+                    // Worth waiting for only while its producer lives.
+                    if !lease_checked {
+                        lease_checked = true;
+                        if reader.lease_alive(&log.producer).await == Some(false) {
+                            return Looked::Missing;
+                        }
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
         };
         // Every event after the client's, none missing, up to the last appended.
         let mut expected = log.events[at].offset + 1;

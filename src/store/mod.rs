@@ -273,8 +273,11 @@ pub trait Store: Send + Sync + 'static {
     /// The batch contract: each stream at most once; offsets rising, below 2^53 (the stores
     /// here answer anything else with an error).
     ///
-    /// This version's tracker does not call it yet: these calls are the groundwork for replay
-    /// across instances, and [`InMemoryStore`] and `RedisStore` keep logs already.
+    /// The tracker's worker calls it at each flush with replay
+    /// [across instances](crate::ReplayPolicy::across_instances) (one call at a time, beside
+    /// a `save` and a `touch_sessions`); a reconnect on another instance then reads the log
+    /// with [`read_log`](Self::read_log). [`InMemoryStore`] (shared by the trackers of one
+    /// process) and `RedisStore` keep logs.
     fn append_logs(
         &self,
         batch: &[LogAppend],

@@ -349,8 +349,8 @@ fn parse_slots(reply: &redis::Value) -> Option<SlotMap> {
 ///   and the last version reads a padded one as the same numbers (`tests/redis.rs` runs the
 ///   last version's script against this one's values, and the other way round). An
 ///   unpadded value is replaced at the stream's next write, or expires.
-/// - **Replay logs** ([`Store::append_logs`], [`Store::read_log`]; this version's tracker does not
-///   append yet: they are the groundwork of replay across instances). A stream's log is a Redis
+/// - **Replay logs** ([`Store::append_logs`], [`Store::read_log`]: replay across instances,
+///   see [`ReplayPolicy::across_instances`](crate::ReplayPolicy::across_instances)). A stream's log is a Redis
 ///   Stream, `{prefix}:log:{<owner>}:<stream>`, on its latest id's slot, with a hash beside it
 ///   (`{prefix}:logmeta:…`: the epoch, the next offset, the end mark, the producer). Each event is
 ///   an entry with the id `<offset>-1` and two fields, its `id` field and its bytes; a log keeps

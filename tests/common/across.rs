@@ -353,3 +353,36 @@ pub async fn when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_s
     assert_eq!(header(&client), Some("gap; reason=producer_lost; events=0"));
     assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
 }
+
+/// The producer appends once per flush, after its client got the events: a client that
+/// reconnects elsewhere at once names an event the store does not hold yet, and the look-up
+/// waits for it (up to three of the reader's flush intervals).
+pub async fn a_reconnect_arriving_before_the_producers_flush_waits_for_its_events<
+    S: Store + Clone,
+>(
+    store: S,
+) {
+    let policy = ReplayPolicy::new().across_instances(true);
+    let slow = |builder: SseTrackerBuilder| builder.flush_interval(Duration::from_millis(250));
+    let a = Instance::start_built(store.clone(), policy.clone(), slow).await;
+    let b = Instance::start_built(store.clone(), policy, |builder| {
+        builder.flush_interval(Duration::from_millis(150))
+    })
+    .await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    // A first flush, so that the log exists; then events the store lacks for a while.
+    feed.send(Bytes::from(event(1))).unwrap();
+    client.read_until_suffix(event(1).as_bytes()).await;
+    stored_log(&store, |log| log.next_offset == 1).await;
+    feed.send(Bytes::from(events(2..=3))).unwrap();
+    client.read_until_suffix(events(1..=3).as_bytes()).await;
+    drop(client);
+    let mut client = b.get(Some("3")).await;
+    assert_eq!(client.status, 200, "B's application is not asked");
+    assert_eq!(header(&client), Some("complete; events=0; tail"));
+    feed.send(Bytes::from(event(4))).unwrap();
+    drop(feed);
+    assert_eq!(client.read_to_end().await, event(4).as_bytes());
+    assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
+}
