@@ -11,6 +11,7 @@ use crate::future::{RequestInfo, ResponseFuture, StoreLookup};
 use crate::identity::{RequestOwner, StreamKind};
 use crate::key::{EventId, LastEventId, Owner, StreamKey, StreamName};
 use crate::protocol::Protocol;
+use crate::replay::Replay;
 use crate::shared::Shared;
 
 /// Put in the request extensions by the layer, so that extractors can tell "no value" from
@@ -188,8 +189,9 @@ where
             }
         }
         // The replay, prepared now so that the application knows what its response follows.
-        // A reconnect this instance holds no log for may be answered from the store's.
-        let mut no_local_log = false;
+        // A reconnect this instance cannot replay (it holds no log of the stream, or its log
+        // lacks the client's event) may be answered from the store's log.
+        let mut local_gap = false;
         let replay = match (&self.shared.replay, &last_event_id, config.stream) {
             (Some(replayer), Some(id), kind) => {
                 // A stream of one owner is read by one client at a time: its reconnect's
@@ -204,7 +206,7 @@ where
                         .get(key.owner.as_ref().map(Owner::as_str), key.stream.as_str())
                 });
                 let log = slot.as_ref().and_then(|s| s.existing_replay_log());
-                no_local_log = log.is_none() && !ambiguous;
+                local_gap = log.is_none() && !ambiguous;
                 // A stream named by its ids: only a log the layer follows is looked up (a
                 // look-up takes nothing from any other).
                 let per_id = matches!(kind, StreamKind::EventId(_));
@@ -213,6 +215,10 @@ where
                 let one_owner = own || (per_id && key.as_ref().is_some_and(|k| k.owner.is_some()));
                 let prepared = (!per_id || log.is_some_and(|log| log.follows()))
                     .then(|| replayer.prepare(log.filter(|_| !ambiguous), id, own, one_owner));
+                local_gap |= !ambiguous
+                    && prepared
+                        .as_ref()
+                        .is_some_and(|p| matches!(p.replay, Replay::Gap(_)));
                 match (kind, prepared) {
                     (_, None) => None,
                     // A stream named by its ids: the layer answers only a reconnect to a
@@ -230,7 +236,7 @@ where
         };
         let from_store = match (&self.shared.replay, &last_event_id, &key) {
             (Some(replayer), Some(id), Some(key))
-                if no_local_log && key.owner.is_some() && replayer.across_instances() =>
+                if local_gap && key.owner.is_some() && replayer.across_instances() =>
             {
                 replayer
                     .store_permit()

@@ -12,7 +12,9 @@ use crate::metrics::{Handles, ReplayMetrics};
 use crate::registry::{Limits, Registry};
 use crate::replay::{ReplayPolicy, Replayer};
 use crate::store::DynStore;
-use crate::worker::{LogsToStore, WorkerConfig, WorkerHandle, WorkerTask, instant_after};
+use crate::worker::{
+    LogsToStore, WorkerConfig, WorkerHandle, WorkerTask, instant_after, lease_ttl,
+};
 
 /// What every layer, service and body of one tracker shares.
 pub(crate) struct Shared {
@@ -103,6 +105,7 @@ impl Shared {
             .map(|replayer| LogsToStore {
                 producer: instance_id(),
                 events: replayer.budget.metrics.store_events.clone(),
+                lease_ttl: lease_ttl(flush_interval, store_timeout),
             });
         let (worker, task) = WorkerHandle::new(
             worker,

@@ -51,6 +51,16 @@ async fn a_reconnect_arriving_before_the_producers_flush_waits_for_its_events() 
     across::a_reconnect_arriving_before_the_producers_flush_waits_for_its_events(store()).await;
 }
 
+#[tokio::test]
+async fn a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal() {
+    across::a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal(store()).await;
+}
+
+#[tokio::test]
+async fn a_stale_local_log_does_not_hide_the_stores() {
+    across::a_stale_local_log_does_not_hide_the_stores(store()).await;
+}
+
 /// The in-memory store, whose appends fail at once, hang or panic while a fault is set.
 #[derive(Clone, Default)]
 struct FaultyAppends {
@@ -160,7 +170,7 @@ async fn appends_that_fail_hang_or_panic_cost_the_stream_nothing_and_reach_the_s
             "{fault:?}: nothing stored yet"
         );
         *store.fault.lock().unwrap() = None;
-        let log = stored_log(&*store.inner, |log| log.ended).await;
+        let log = stored_log(&*store.inner, |log| log.end.is_some()).await;
         assert_eq!(joined(&log), events(1..=20).into_bytes(), "{fault:?}");
         assert!(log.complete_after(None), "{fault:?}: no event missing");
         assert_eq!(

@@ -1624,6 +1624,12 @@ async fn a_reconnect_before_the_producers_flush_waits_for_redis(topology: Topolo
     across::a_reconnect_arriving_before_the_producers_flush_waits_for_its_events(store).await;
 }
 
+async fn a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("across")).await;
+    across::a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal(store).await;
+}
+
 async fn a_producer_dead_in_redis_gets_the_gap_signal(topology: Topology) {
     let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("across")).await;
@@ -1656,6 +1662,7 @@ on_both_topologies!(
     a_reconnect_on_another_instance_replays_from_redis_then_follows_it,
     a_producer_dead_in_redis_gets_the_gap_signal,
     a_reconnect_before_the_producers_flush_waits_for_redis,
+    a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,

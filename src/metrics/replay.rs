@@ -28,7 +28,8 @@ pub(crate) const REPLAY_DETACHED_STREAMS: &str = "sse_tracker_replay_detached_st
 /// it), `replaced` (another body took its stream's log over).
 pub(crate) const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
 
-/// Counter: events appended to the store's replay logs (replay across instances).
+/// Counter: events sent to the store's replay logs in append calls that succeeded (replay
+/// across instances; a store skips those of a history it refused).
 pub(crate) const REPLAY_STORE_EVENTS_TOTAL: &str = "sse_tracker_replay_store_events_total";
 /// Counter: replay logs whose events were not queued for the store, labelled by `reason`
 /// (`queue`: the worker's log queue was full, or the worker had stopped).

@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::key::{EventId, StreamKey};
 use crate::metrics::{StoreErrors, StoreOp};
-use crate::store::{BoxFuture, DynStore, StoredLog};
+use crate::store::{BoxFuture, DynStore, LogEnd, StoredLog};
 use crate::worker::LEASE_EVERY;
 use crate::worker::guard::guarded;
 
@@ -74,12 +74,13 @@ impl StoreReader {
 #[derive(Debug)]
 pub(crate) enum Looked {
     /// The stream's log holds the client's event and every event after it that its producer
-    /// appended: the events after it are `log.events[after..]`. `alive`: the producer's lease
-    /// runs (or the log is ended, which makes it moot).
+    /// appended: the events after it are `log.events[after..]`. `lost`: nothing more will
+    /// reach the log, and the stream did not finish (its producer stopped the history, or its
+    /// lease ran out).
     Found {
         log: StoredLog,
         after: usize,
-        alive: bool,
+        lost: bool,
     },
     /// The store cannot answer: no log, the client's id not in it, events missing after it,
     /// or the store failed.
@@ -110,7 +111,9 @@ pub(crate) fn lookup(
                 .rposition(|event| event.id.as_ref() == Some(&id));
             match found {
                 Some(at) => break (log, at),
-                None if log.ended || Instant::now() + every > give_up => return Looked::Missing,
+                None if log.end.is_some() || Instant::now() + every > give_up => {
+                    return Looked::Missing;
+                }
                 None => {
                     // Worth waiting for only while its producer lives.
                     if !lease_checked {
@@ -134,13 +137,16 @@ pub(crate) fn lookup(
         if expected < log.next_offset {
             return Looked::Missing;
         }
-        let alive = log.ended
+        let lost = match log.end {
+            Some(LogEnd::Finished) => false,
+            Some(LogEnd::Stopped) => true,
             // A failed check counts as alive: the tail checks again.
-            || reader.lease_alive(&log.producer).await.unwrap_or(true);
+            None => !reader.lease_alive(&log.producer).await.unwrap_or(true),
+        };
         Looked::Found {
             log,
             after: at + 1,
-            alive,
+            lost,
         }
     })
 }
@@ -199,9 +205,12 @@ pub(crate) struct StoreTail {
     /// policy has one).
     gap: Bytes,
     every: Duration,
-    /// When the last events came: the lease is checked once the log has been still for a
-    /// lease renewal interval.
+    /// When the last events came: a log still for `idle_limit` (the bound on a detached
+    /// stream's life) is given up, with the gap signal.
     still_since: Instant,
+    idle_limit: Duration,
+    /// When the producer's lease is checked next, while the log is still.
+    lease_at: Instant,
     read: Option<BoxFuture<'static, Step>>,
     sleep: Option<Pin<Box<Sleep>>>,
     _permit: TailPermit,
@@ -218,26 +227,30 @@ impl std::fmt::Debug for StoreTail {
 }
 
 impl StoreTail {
-    /// Follows `log` (as [`lookup`] found it) after its last event, reading every `every`;
-    /// `done` when nothing more may follow (the log ended, or its producer is lost).
+    /// Follows `log` (as [`lookup`] found it) after its last event, reading every `every`, for
+    /// at most `idle_limit` without an event; `done` when nothing more may follow (the log
+    /// ended, or its producer is lost).
     pub(crate) fn new(
         reader: StoreReader,
         log: &StoredLog,
         done: bool,
         gap: Bytes,
-        every: Duration,
+        (every, idle_limit): (Duration, Duration),
         permit: TailPermit,
     ) -> Self {
+        let now = Instant::now();
         Self {
             reader,
             epoch: log.epoch,
             producer: log.producer.clone(),
             next: log.next_offset,
             done,
-            finished: done && log.ended,
+            finished: done && log.end == Some(LogEnd::Finished),
             gap,
             every,
-            still_since: Instant::now(),
+            still_since: now,
+            idle_limit,
+            lease_at: now + LEASE_EVERY,
             read: None,
             sleep: None,
             _permit: permit,
@@ -267,6 +280,7 @@ impl StoreTail {
                         }
                         if !bytes.is_empty() {
                             self.still_since = Instant::now();
+                            self.lease_at = self.still_since + LEASE_EVERY;
                             return Poll::Ready(Some(bytes));
                         }
                         if self.done {
@@ -292,16 +306,26 @@ impl StoreTail {
             if let Some(sleep) = &mut self.sleep {
                 ready!(sleep.as_mut().poll(cx));
             }
-            self.read = Some(self.step());
+            if self.still_since.elapsed() >= self.idle_limit {
+                // As long as a detached stream may live, and nothing came.
+                tracing::debug!(key = %self.reader.key, "gave up following a still replay log");
+                self.read = Some(Box::pin(async { Step::Lost }));
+                continue;
+            }
+            let check_lease = Instant::now() >= self.lease_at;
+            if check_lease {
+                self.lease_at = Instant::now() + LEASE_EVERY;
+            }
+            self.read = Some(self.step(check_lease));
         }
     }
 
     /// The next read: the events after those sent, and, when the log has been still for a
     /// lease renewal interval, the producer's lease.
-    fn step(&self) -> BoxFuture<'static, Step> {
+    fn step(&self, check_lease: bool) -> BoxFuture<'static, Step> {
         let reader = self.reader.clone();
         let (epoch, next) = (self.epoch, self.next);
-        let producer = (self.still_since.elapsed() >= LEASE_EVERY).then(|| self.producer.clone());
+        let producer = check_lease.then(|| self.producer.clone());
         Box::pin(async move {
             let Some(Some(log)) = reader.read(next.checked_sub(1)).await else {
                 return Step::End;
@@ -323,7 +347,12 @@ impl StoreTail {
                 // The producer appended past events the store does not hold.
                 return Step::End;
             }
-            let ended = log.ended && upto >= log.next_offset;
+            let all = upto >= log.next_offset;
+            let ended = all && log.end == Some(LogEnd::Finished);
+            let stopped = all && log.end == Some(LogEnd::Stopped);
+            if upto == next && stopped {
+                return Step::Lost;
+            }
             if upto == next
                 && !ended
                 && let Some(producer) = producer

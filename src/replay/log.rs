@@ -866,7 +866,12 @@ impl Drop for Writer {
         inner.restart_pending = false;
         inner.sealed |= self.seal;
         log.budget.account(before, inner.heap_bytes());
+        // The store gets the end mark: this history stopped, or finished.
+        let offer = log.owes_store(&mut inner);
         drop(inner);
+        if offer {
+            self.log.offer_to_store();
+        }
         log.tell_tails();
     }
 }

@@ -191,10 +191,30 @@ impl ReplayPolicy {
     }
 
     /// Replays [detached](Detach) streams from any instance that shares the tracker's store
-    /// (default off). The worker appends the events of every detached stream that has an
-    /// owner to the store's log of the stream at each flush (one call per flush, in the
-    /// background: a stream never waits for the store), with its end when its body ends, and
-    /// renews this instance's lease in the store once a second.
+    /// (default off).
+    ///
+    /// - **Writes.** At each flush, the worker appends the events of every detached stream
+    ///   that has an owner to the store's log of the stream (one call per flush and per
+    ///   `max_batch` streams, in the background, with its own back-off: a stream never waits
+    ///   for the store), then its end mark when its body ends or stops (a drain, a bound, an
+    ///   error). It renews this instance's lease in the store each second (each flush, when
+    ///   that is longer); a lease runs twice that plus the store timeout, 7 s by default.
+    /// - **Reconnects.** A reconnect this instance cannot replay (it holds no log of the
+    ///   stream, or its log lacks the client's event) is looked up in the store first, under
+    ///   the store timeout; the application's future is made, and dropped unpolled when the
+    ///   store answers. A client may name an event its producer has not appended yet: the
+    ///   look-up waits up to three flush intervals for it. The layer then answers as for a
+    ///   detached stream here: the events missed, the stream followed in the store (one read
+    ///   per flush interval) until its end, `204` once the client has it all. At most
+    ///   [`max_detached`](Self::max_detached) reconnects follow the store at once; beyond,
+    ///   the application answers.
+    /// - **The window.** An instance that dies takes with it the events of its last flush
+    ///   interval that its clients may have received: a reader elsewhere gets what the store
+    ///   holds, then the gap signal ([`GapReason::ProducerLost`]) once the lease has run out,
+    ///   never a silent end.
+    /// - **Limits.** Epochs come from each instance's clock: the instances' clocks must agree
+    ///   to within the time between two histories of one stream. Give each answer ids of its
+    ///   own: an instance holding an older history with the client's id replays from it.
     ///
     /// Needs a store that keeps replay logs ([`InMemoryStore`](crate::store::InMemoryStore)
     /// shared by the trackers of one process, or `RedisStore`); with one that does not,
@@ -321,8 +341,9 @@ pub enum GapReason {
     /// bytes (add the tracker inside the compression layer).
     Encoded,
     /// With replay [across instances](ReplayPolicy::across_instances): the instance that
-    /// produced the stream stopped (its lease in the store ran out) before the stream's end
-    /// reached the store. The events the store holds after the client's are replayed (the
+    /// produced the stream stopped before the stream's end reached the store: its lease in
+    /// the store ran out (it died, or could not renew it), or it stopped the stream (a drain,
+    /// a bound, an error). The events the store holds after the client's are replayed (the
     /// one case where a gap comes with events), then nothing: the stream's tail may be lost.
     ProducerLost,
 }
@@ -592,7 +613,8 @@ impl Replayer {
         every: std::time::Duration,
         permit: TailPermit,
     ) -> Option<Prepared> {
-        let Looked::Found { log, after, alive } = looked else {
+        let timing = (every, self.budget.policy.detached_timeout);
+        let Looked::Found { log, after, lost } = looked else {
             return None;
         };
         let missed = &log.events[after..];
@@ -601,12 +623,12 @@ impl Replayer {
             bytes.extend_from_slice(&event.bytes);
         }
         let events = missed.len();
-        if !alive {
+        if lost {
             let mut prepared = self.gap(GapReason::ProducerLost);
             bytes.extend_from_slice(&prepared.bytes);
             prepared.bytes = Bytes::from(bytes);
             prepared.events = events;
-            let tail = StoreTail::new(reader, &log, true, Bytes::new(), every, permit);
+            let tail = StoreTail::new(reader, &log, true, Bytes::new(), timing, permit);
             prepared.tail = Some(Tail::Store(Box::new(tail)));
             return Some(prepared);
         }
@@ -615,7 +637,8 @@ impl Replayer {
             .last()
             .map_or(log.events[after - 1].offset, |e| e.offset);
         let gap = self.gap(GapReason::ProducerLost).bytes;
-        let tail = StoreTail::new(reader, &log, log.ended, gap, every, permit);
+        let finished = log.end == Some(crate::store::LogEnd::Finished);
+        let tail = StoreTail::new(reader, &log, finished, gap, timing, permit);
         Some(Prepared {
             replay: Replay::Complete {
                 events,

@@ -35,6 +35,19 @@ impl LogEvent {
     }
 }
 
+/// How a stream's history ended, as its producer marked it in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LogEnd {
+    /// The stream's body reached its end: nothing follows, and a reader that has every event
+    /// has the whole stream.
+    Finished,
+    /// The producer stopped writing this history before its body's end (a drain, a bound, the
+    /// body's error, another history replacing it): what the stream produced after it, if
+    /// anything, is not in this log.
+    Stopped,
+}
+
 /// What a tracker appends to one stream's log at a flush: the events since its last append,
 /// and whether the stream has ended.
 ///
@@ -49,13 +62,13 @@ impl LogEvent {
 /// ```
 /// use bytes::Bytes;
 /// use tower_sse_tracker::StreamKey;
-/// use tower_sse_tracker::store::{LogAppend, LogEvent};
+/// use tower_sse_tracker::store::{LogAppend, LogEnd, LogEvent};
 ///
 /// let key = StreamKey::try_new("session-1", "POST /mcp").unwrap();
 /// let append = LogAppend::new(key, 1_700_000_000_000_000, "instance-a")
 ///     .event(LogEvent::new(0, None, Bytes::from_static(b"data: hi\n\n")))
 ///     .ended();
-/// assert!(append.ended);
+/// assert_eq!(append.end, Some(LogEnd::Finished));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -69,8 +82,9 @@ pub struct LogAppend {
     pub producer: String,
     /// The events, by ascending offset.
     pub events: Vec<LogEvent>,
-    /// Whether the stream ended after the last of them.
-    pub ended: bool,
+    /// Whether, and how, the history ended after the last of them (the first end a store is
+    /// given stays).
+    pub end: Option<LogEnd>,
 }
 
 impl LogAppend {
@@ -81,7 +95,7 @@ impl LogAppend {
             epoch,
             producer: producer.into(),
             events: Vec::new(),
-            ended: false,
+            end: None,
         }
     }
 
@@ -91,9 +105,15 @@ impl LogAppend {
         self
     }
 
-    /// Marks the stream ended after these events.
+    /// Marks the stream finished after these events ([`LogEnd::Finished`]).
     pub fn ended(mut self) -> Self {
-        self.ended = true;
+        self.end = Some(LogEnd::Finished);
+        self
+    }
+
+    /// Marks the history stopped after these events ([`LogEnd::Stopped`]).
+    pub fn stopped(mut self) -> Self {
+        self.end = Some(LogEnd::Stopped);
         self
     }
 }
@@ -113,8 +133,9 @@ pub struct StoredLog {
     /// The offset after the last event appended: the events before it are all that the
     /// producer has written so far.
     pub next_offset: u64,
-    /// Whether the producer marked the stream ended (after the event at `next_offset - 1`).
-    pub ended: bool,
+    /// Whether, and how, the producer marked the history's end (after the event at
+    /// `next_offset - 1`).
+    pub end: Option<LogEnd>,
 }
 
 impl StoredLog {
@@ -128,7 +149,7 @@ impl StoredLog {
     /// use tower_sse_tracker::store::{LogEvent, StoredLog};
     ///
     /// let event = |offset| LogEvent::new(offset, None, Bytes::from_static(b"data: x\n\n"));
-    /// let log = StoredLog::new(7, "instance-a", vec![event(3), event(4)], 5, false);
+    /// let log = StoredLog::new(7, "instance-a", vec![event(3), event(4)], 5, None);
     /// assert!(log.complete_after(Some((7, 2))));
     /// assert!(!log.complete_after(Some((7, 1))), "offset 2 is not held");
     /// assert!(!log.complete_after(Some((6, 2))), "another history");
@@ -155,14 +176,14 @@ impl StoredLog {
         producer: impl Into<String>,
         events: Vec<LogEvent>,
         next_offset: u64,
-        ended: bool,
+        end: Option<LogEnd>,
     ) -> Self {
         Self {
             epoch,
             producer: producer.into(),
             events,
             next_offset,
-            ended,
+            end,
         }
     }
 }

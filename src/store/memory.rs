@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{
-    LogAppend, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId, StoredLog,
-    check_appends,
+    LogAppend, LogEnd, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId,
+    StoredLog, check_appends,
 };
 use crate::key::{Owner, StreamKey};
 
@@ -27,7 +27,7 @@ struct Log {
     events: VecDeque<LogEvent>,
     bytes: usize,
     next: u64,
-    ended: bool,
+    end: Option<LogEnd>,
     stamp: u64,
 }
 
@@ -253,14 +253,14 @@ impl InMemoryStore {
             let before = log.bytes;
             for event in &append.events {
                 // Nothing follows the end; offsets already appended are a retry.
-                if !log.ended && event.offset >= log.next {
+                if log.end.is_none() && event.offset >= log.next {
                     log.next = event.offset + 1;
                     log.bytes += event.bytes.len();
                     log.events.push_back(event.clone());
                     trim(log, DEFAULT_LOG_MAX_EVENTS, DEFAULT_LOG_MAX_BYTES);
                 }
             }
-            log.ended |= append.ended;
+            log.end = log.end.or(append.end);
             inner.log_bytes = inner.log_bytes + log.bytes - before;
             inner.logs_by_stamp.insert(stamp, append.key.clone());
             // Whole logs go, the least recently appended first, past either bound.
@@ -291,7 +291,7 @@ impl InMemoryStore {
             log.producer.clone(),
             events,
             log.next,
-            log.ended,
+            log.end,
         ))
     }
 
@@ -327,7 +327,7 @@ impl Log {
             events: VecDeque::new(),
             bytes: 0,
             next: 0,
-            ended: false,
+            end: None,
             stamp,
         }
     }

@@ -54,7 +54,7 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use log::{LogAppend, LogEvent, StoredLog};
+pub use log::{LogAppend, LogEnd, LogEvent, StoredLog};
 pub use memory::InMemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

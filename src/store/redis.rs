@@ -19,8 +19,8 @@ mod connection;
 use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
 use super::{
-    LogAppend, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId, StoredLog,
-    check_appends,
+    LogAppend, LogEnd, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId,
+    StoredLog, check_appends,
 };
 use crate::key::{EventId, Owner, StreamKey};
 use crate::sync::lock;
@@ -104,7 +104,8 @@ const SAVE_NODE_SCRIPT: &str = save_script!(
 /// their slots, or of a standalone Redis: the keys are in `ARGV`, and a call may declare the
 /// keys of its one stream only to be routed by them. `ARGV`: the time to live in ms, the
 /// log's length bound, then for each stream its log key, its meta key (a hash: `epoch`,
-/// `next`, `ended`, `producer`), its epoch, producer, ended flag (`1`), number of events, and
+/// `next`, `ended`, `producer`), its epoch, producer, end mark (`0` none, `1` finished, `2`
+/// stopped), number of events, and
 /// for each event its offset, its id field (`-` for none, `+` and the id) and its bytes.
 ///
 /// A stream's entries have the ids `<offset>-1`, so that a read after an offset is a range.
@@ -128,7 +129,7 @@ while i <= #ARGV do
   elseif se == epoch then
     refused = stored[3] ~= producer
     nxt = tonumber(stored[2]) or 0
-    closed = stored[4] == '1'
+    closed = (stored[4] or '0') ~= '0'
   else
     call('DEL', log, meta)
   end
@@ -145,8 +146,8 @@ while i <= #ARGV do
       i = i + 3
     end
     call('HSET', meta, 'epoch', epoch, 'next', nxt, 'producer', producer)
-    if ended == '1' then
-      call('HSET', meta, 'ended', '1')
+    if ended ~= '0' and not closed then
+      call('HSET', meta, 'ended', ended)
     end
     call('PEXPIRE', log, ttl)
     call('PEXPIRE', meta, ttl)
@@ -806,7 +807,11 @@ impl RedisStore {
                 .arg(meta)
                 .arg(append.epoch)
                 .arg(append.producer.as_str())
-                .arg(if append.ended { "1" } else { "0" });
+                .arg(match append.end {
+                    None => "0",
+                    Some(LogEnd::Finished) => "1",
+                    Some(LogEnd::Stopped) => "2",
+                });
             let kept = &append.events[append.events.len().saturating_sub(self.log_max_events)..];
             cmd.arg(kept.len());
             for event in kept {
@@ -1229,7 +1234,11 @@ fn parse_log(reply: redis::Value) -> Result<Option<StoredLog>, &'static str> {
     };
     let epoch = number(&fields[0]).ok_or("an epoch that is not a number")?;
     let next = number(&fields[1]).ok_or("a next offset that is not a number")?;
-    let ended = bytes(&fields[2]).as_deref() == Some(b"1");
+    let end = match bytes(&fields[2]).as_deref() {
+        Some(b"1") => Some(LogEnd::Finished),
+        Some(b"2") => Some(LogEnd::Stopped),
+        _ => None,
+    };
     let producer = String::from_utf8(bytes(&fields[3]).ok_or("no producer")?)
         .map_err(|_| "a producer that is not UTF-8")?;
     let Value::Array(entries) = &fields[4] else {
@@ -1273,7 +1282,7 @@ fn parse_log(reply: redis::Value) -> Result<Option<StoredLog>, &'static str> {
         let body = body.ok_or("an entry without its bytes")?;
         events.push(LogEvent::new(offset, id, Bytes::from(body)));
     }
-    Ok(Some(StoredLog::new(epoch, producer, events, next, ended)))
+    Ok(Some(StoredLog::new(epoch, producer, events, next, end)))
 }
 
 impl Store for RedisStore {

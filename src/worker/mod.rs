@@ -61,12 +61,23 @@ pub(crate) struct LogsToStore {
     pub(crate) producer: String,
     /// `sse_tracker_replay_store_events_total`.
     pub(crate) events: metrics::Counter,
+    /// How long each renewal of the lease runs (see [`lease_ttl`]).
+    pub(crate) lease_ttl: Duration,
 }
 
-/// How often the worker renews its lease in the store, with replay across instances.
+/// How often the worker renews its lease in the store, with replay across instances (at each
+/// flush when the flush interval is longer).
 pub(crate) const LEASE_EVERY: Duration = Duration::from_secs(1);
-/// How long a lease runs: a reader knows the instance died at most this long after it did.
-pub(crate) const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// How long a lease runs: two renewals and a store call that takes its whole deadline, and
+/// at least 5 s. A reader knows an instance died at most this long after it did.
+pub(crate) fn lease_ttl(flush_interval: Duration, store_timeout: Duration) -> Duration {
+    LEASE_EVERY
+        .max(flush_interval)
+        .saturating_mul(2)
+        .saturating_add(store_timeout)
+        .max(Duration::from_secs(5))
+}
 
 /// The worker's settings.
 #[derive(Debug, Clone)]
@@ -180,6 +191,7 @@ impl WorkerHandle {
             logs,
             append_due: false,
             lease_at: Instant::now(),
+            appending: Vec::new(),
             round_no: 0,
             round: Round::default(),
             flush_due: false,

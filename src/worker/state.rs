@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::batch::{Pending, RoundEntries, chunks};
 use super::guard::{StoreFailure, guarded};
 use super::retry::{Jitter, RetryPolicy, RetryQueue};
-use super::{Io, LEASE_EVERY, LEASE_TTL, LogsToStore, SWEEP_BUDGET, ShutdownRequest, WorkerConfig};
+use super::{Io, LEASE_EVERY, LogsToStore, SWEEP_BUDGET, ShutdownRequest, WorkerConfig};
 use crate::key::StreamKey;
 use crate::metrics::{Handles, StoreOp};
 use crate::registry::{Registry, SessionState, Slot};
@@ -112,6 +112,8 @@ pub(super) struct State {
     pub(super) append_due: bool,
     /// When the lease is due for renewal.
     pub(super) lease_at: Instant,
+    /// The logs of the append call in flight.
+    pub(super) appending: Vec<Arc<StreamLog>>,
     /// The number of the last round (see `Slot::take_for_round`).
     pub(super) round_no: u64,
     pub(super) round: Round,
@@ -312,10 +314,14 @@ impl State {
     }
 
     /// Starts a round of replay-log appends (replay across instances): the events of every
-    /// queued log that the store lacks, read from the logs now, and the lease when it is due;
-    /// unless the append gate is closed after a failure (the logs wait in the queue).
+    /// queued log that the store lacks, read from the logs now, and the lease when it is due.
+    /// While the append gate is closed after a failure, the logs wait in the queue, and only
+    /// the lease is tried (once per renewal interval): a store that fails appends may still
+    /// keep the instance's lease.
     pub(super) fn assemble_appends(&mut self, now: Instant) {
         let Some(logs) = &self.logs else { return };
+        // Once a shutdown has begun, the lease is left to run out.
+        self.round.renew = now >= self.lease_at && self.shutdown.is_none();
         if !self.append_gate.is_open(now) {
             return;
         }
@@ -325,36 +331,41 @@ impl State {
                 taken.push((log, append));
             }
         }
-        // After the first round of a shutdown, the lease is left to run out.
-        self.round.renew = now >= self.lease_at && self.shutdown.is_none();
         self.round.appends = chunks(taken, self.config.max_batch);
     }
 
     /// The round's next replay-log append (the lease renewed first when due), if the append
-    /// gate is open.
+    /// gate is open; a lease renewal alone, if it is due, whatever the gate.
     pub(super) fn next_append(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
-        let producer = self.logs.as_ref()?.producer.clone();
-        if !self.append_gate.is_open(now) || self.round.appends.is_empty() && !self.round.renew {
+        let logs = self.logs.as_ref()?;
+        let (producer, ttl) = (logs.producer.clone(), logs.lease_ttl);
+        let appends = self.append_gate.is_open(now) && !self.round.appends.is_empty();
+        if !appends && !self.round.renew {
             return None;
         }
         let renew = std::mem::take(&mut self.round.renew);
         if renew {
             self.lease_at = now + LEASE_EVERY;
         }
-        let (logs, appends): (Vec<_>, Vec<_>) = self
-            .round
-            .appends
-            .pop_front()
-            .unwrap_or_default()
-            .into_iter()
-            .unzip();
+        let (logs, appends): (Vec<_>, Vec<_>) = if appends {
+            self.round
+                .appends
+                .pop_front()
+                .unwrap_or_default()
+                .into_iter()
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        // Kept until the call is done: a panic of the loop meanwhile offers them again.
+        self.appending.clone_from(&logs);
         let timeout = self.config.store_timeout;
         let store = self.store.clone();
         Some(Box::pin(async move {
             let started = Instant::now();
             let result = guarded(timeout, async {
                 if renew {
-                    store.renew_lease(&producer, LEASE_TTL).await?;
+                    store.renew_lease(&producer, ttl).await?;
                 }
                 if appends.is_empty() {
                     return Ok(());
@@ -518,6 +529,7 @@ impl State {
         result: Result<(), StoreFailure>,
         now: Instant,
     ) {
+        self.appending.clear();
         match result {
             Ok(()) => {
                 self.append_gate.succeeded();
@@ -660,6 +672,16 @@ impl State {
     /// rebuilt from the registry, where the state that matters lives (each slot's latest id and
     /// persisted sequence).
     pub(super) fn recover(&mut self) {
+        // The logs read for appends not made go back to the queue (with what they logged
+        // since), or their last events and end would wait for a change that may not come.
+        let unwritten = std::mem::take(&mut self.round.appends);
+        let in_flight = std::mem::take(&mut self.appending);
+        for log in in_flight
+            .into_iter()
+            .chain(unwritten.into_iter().flatten().map(|(log, _)| log))
+        {
+            log.append_failed();
+        }
         self.round = Round::default();
         self.pending.clear();
         self.retries = RetryQueue::default();

@@ -172,10 +172,10 @@ pub async fn a_detached_streams_events_reach_the_store_byte_exact_once_each_with
     client.read_until_suffix(event(40).as_bytes()).await;
     // The flush goes by: the log has the events, not the end yet.
     let log = stored_log(&store, |log| log.next_offset == 40).await;
-    assert!(!log.ended, "the body has not ended");
+    assert_eq!(log.end, None, "the body has not ended");
     drop(feed);
     client.read_to_end().await;
-    let log = stored_log(&store, |log| log.ended).await;
+    let log = stored_log(&store, |log| log.end.is_some()).await;
     assert_eq!(String::from_utf8(joined(&log)).unwrap(), all);
     assert_eq!(
         log.events.iter().map(|e| e.offset).collect::<Vec<_>>(),
@@ -385,4 +385,74 @@ pub async fn a_reconnect_arriving_before_the_producers_flush_waits_for_its_event
     drop(feed);
     assert_eq!(client.read_to_end().await, event(4).as_bytes());
     assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
+}
+
+/// The producer stops a stream before its end (a drain for a deploy, here; a bound or the
+/// body's error alike): a reader following it elsewhere gets the gap signal at once rather
+/// than waiting on a log that will not grow, and so does a reconnect.
+pub async fn a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal<
+    S: Store + Clone,
+>(
+    store: S,
+) {
+    let policy = ReplayPolicy::new()
+        .across_instances(true)
+        .gap_event("replay-gap");
+    let a = Instance::start_with(store.clone(), policy.clone()).await;
+    let b = Instance::start_with(store.clone(), policy).await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    feed.send(Bytes::from(events(1..=3))).unwrap();
+    client.read_until_suffix(events(1..=3).as_bytes()).await;
+    drop(client);
+    stored_log(&store, |log| log.next_offset == 3).await;
+    let mut client = b.get(Some("3")).await;
+    assert_eq!(header(&client), Some("complete; events=0; tail"));
+    // A drains for a deploy: the answer stops at an event boundary, unfinished.
+    a.tracker.drain(None);
+    let gap = "event: replay-gap\ndata: producer_lost\n\n";
+    tokio::time::timeout(Duration::from_secs(3), client.read_to_end())
+        .await
+        .expect("the reader is told within a few flushes, not when a lease runs out");
+    assert_eq!(String::from_utf8(client.received.clone()).unwrap(), gap);
+    let client = b.get(Some("3")).await;
+    assert_eq!(client.status, 204);
+    assert_eq!(header(&client), Some("gap; reason=producer_lost; events=0"));
+    drop(feed);
+}
+
+/// An instance that served an earlier answer of the stream holds a log of it, which lacks the
+/// client's event of the current answer: the store's log, which holds it, answers.
+pub async fn a_stale_local_log_does_not_hide_the_stores<S: Store + Clone>(store: S) {
+    let a = Instance::start(store.clone()).await;
+    let b = Instance::start(store.clone()).await;
+    let tagged = |tag: &str, n: u32| format!("id: {tag}-{n}\ndata: {tag} {n}\n\n");
+    // A first answer on B, to its end.
+    let feed = b.next_feed();
+    let mut client = b.get(None).await;
+    feed.send(Bytes::from(tagged("a", 1) + &tagged("a", 2)))
+        .unwrap();
+    drop(feed);
+    client.read_to_end().await;
+    // The next answer on A; the client moves to B mid-answer.
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    feed.send(Bytes::from(tagged("b", 1) + &tagged("b", 2)))
+        .unwrap();
+    client.read_until_suffix(tagged("b", 2).as_bytes()).await;
+    drop(client);
+    stored_log(&store, |log| log.next_offset == 2).await;
+    let mut client = b.get(Some("b-1")).await;
+    assert_eq!(header(&client), Some("complete; events=1; tail"));
+    feed.send(Bytes::from(tagged("b", 3))).unwrap();
+    drop(feed);
+    assert_eq!(
+        String::from_utf8(client.read_to_end().await.to_vec()).unwrap(),
+        tagged("b", 2) + &tagged("b", 3)
+    );
+    assert_eq!(
+        b.app.calls.load(Ordering::SeqCst),
+        1,
+        "only for the first answer"
+    );
 }

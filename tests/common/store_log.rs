@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tower_sse_tracker::store::{LogAppend, LogEvent, Store, StoredLog};
+use tower_sse_tracker::store::{LogAppend, LogEnd, LogEvent, Store, StoredLog};
 use tower_sse_tracker::{EventId, StreamKey};
 
 /// The events a store keeps per log, as both stores are set up in these tests.
@@ -56,7 +56,7 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
         .await
         .unwrap();
     let log = read(store, &key, None).await;
-    assert_eq!((log.epoch, log.next_offset, log.ended), (7, 3, false));
+    assert_eq!((log.epoch, log.next_offset, log.end), (7, 3, None));
     assert_eq!(log.producer, "instance-a");
     assert_eq!(log.events, first, "byte-exact, ids as given");
     assert!(log.complete_after(None));
@@ -118,8 +118,8 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     store.append_logs(&[other]).await.unwrap();
     let log = read(store, &key, None).await;
     assert_eq!(
-        (log.producer.as_str(), log.next_offset, log.ended),
-        ("instance-a", 7, false)
+        (log.producer.as_str(), log.next_offset, log.end),
+        ("instance-a", 7, None)
     );
 
     // The end mark, with no event; nothing is appended after it.
@@ -131,8 +131,13 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
         .append_logs(&[append(&key, 7, vec![event(7, None, b"data: late\n\n")])])
         .await
         .unwrap();
+    // The first end stays: a later `stopped` does not turn a finished stream into a cut one.
+    store
+        .append_logs(&[LogAppend::new(key.clone(), 7, "instance-a").stopped()])
+        .await
+        .unwrap();
     let log = read(store, &key, None).await;
-    assert!(log.ended);
+    assert_eq!(log.end, Some(LogEnd::Finished));
     assert_eq!((offsets(&log).last(), log.next_offset), (Some(&6), 7));
 
     // Batches that break the contract are refused whole.
@@ -150,7 +155,21 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
         .await
         .unwrap();
     let log = read(store, &key, None).await;
-    assert_eq!((log.epoch, offsets(&log), log.ended), (8, vec![0], false));
+    assert_eq!((log.epoch, offsets(&log), log.end), (8, vec![0], None));
+    // A stopped history: nothing is appended after it either.
+    store
+        .append_logs(&[append(&key, 8, vec![event(1, None, b"data: x\n\n")]).stopped()])
+        .await
+        .unwrap();
+    store
+        .append_logs(&[append(&key, 8, vec![event(2, None, b"data: late\n\n")])])
+        .await
+        .unwrap();
+    let log = read(store, &key, None).await;
+    assert_eq!(
+        (offsets(&log), log.end),
+        (vec![0, 1], Some(LogEnd::Stopped))
+    );
 
     // Many streams in one batch (on a cluster, of every primary).
     let keys: Vec<StreamKey> = (0..64)
@@ -173,7 +192,10 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     for (i, k) in keys.iter().enumerate() {
         let log = read(store, k, None).await;
         assert_eq!(log.events[0].bytes, format!("data: {i}\n\n").as_bytes());
-        assert!(log.ended && log.complete_after(None), "{k}");
+        assert!(
+            log.end == Some(LogEnd::Finished) && log.complete_after(None),
+            "{k}"
+        );
     }
 
     // The length bound: the oldest go first, and the reader sees they are gone.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::{LogInner, StreamLog};
 use crate::key::{EventId, StreamKey};
 use crate::registry::LogQueue;
-use crate::store::{LogAppend, LogEvent};
+use crate::store::{LogAppend, LogEnd, LogEvent};
 use crate::sync::lock;
 
 /// Where a log's detached histories go: its stream's key in the store, and the worker's queue
@@ -24,13 +24,13 @@ pub(crate) struct StoreBound {
 #[derive(Debug, Default)]
 pub(super) struct Stored {
     /// The history the figures below are of (another one: the store holds nothing of the
-    /// log's current history).
+    /// log's current history); 0 before the first append.
     epoch: u64,
     /// The offset after the last event appended.
     next: u64,
     /// The end mark is appended.
     ended: bool,
-    /// In the worker's queue, or read by the worker and not yet appended.
+    /// In the worker's queue (cleared when the worker reads the log).
     queued: bool,
 }
 
@@ -45,7 +45,45 @@ impl Stored {
     }
 }
 
+/// What the store lacks of a log: the events of `epoch` from offset `from` on (none when
+/// `from` is `None`), and its end.
+struct Owed {
+    epoch: u64,
+    from: Option<u64>,
+    end: Option<LogEnd>,
+}
+
 impl LogInner {
+    /// What the store lacks of this log, if anything: the events and end of its history when
+    /// it is detachable; else, when the store holds an earlier detachable history that has no
+    /// end, that history's end (it stopped: this one replaced it).
+    fn owed(&self) -> Option<Owed> {
+        if self.detachable {
+            let (next, ended) = self.stored.of(self.epoch);
+            let end = if ended {
+                None
+            } else if self.finished {
+                Some(LogEnd::Finished)
+            } else if !self.writes_history() {
+                Some(LogEnd::Stopped)
+            } else {
+                None
+            };
+            return (self.held() > next || end.is_some()).then_some(Owed {
+                epoch: self.epoch,
+                from: Some(next),
+                end,
+            });
+        }
+        (self.stored.epoch != 0 && self.stored.epoch != self.epoch && !self.stored.ended).then_some(
+            Owed {
+                epoch: self.stored.epoch,
+                from: None,
+                end: Some(LogEnd::Stopped),
+            },
+        )
+    }
+
     /// The offset after the newest record.
     fn held(&self) -> u64 {
         self.first + self.records.len() as u64
@@ -77,14 +115,13 @@ impl LogInner {
 
 impl StreamLog {
     /// Whether the log must be offered to the store's queue now (called with it locked, after
-    /// a change): it goes to the store, its history is detachable, the store lacks events or
-    /// the end of it, and it is not queued yet (it then is).
+    /// a change): it goes to the store, the store lacks something of it, and it is not queued
+    /// yet (it then is).
     pub(super) fn owes_store(&self, inner: &mut LogInner) -> bool {
-        if self.store.is_none() || !inner.detachable || inner.stored.queued {
+        if self.store.is_none() || inner.stored.queued {
             return false;
         }
-        let (next, ended) = inner.stored.of(inner.epoch);
-        let owes = inner.held() > next || (inner.finished && !ended);
+        let owes = inner.owed().is_some();
         inner.stored.queued = owes;
         owes
     }
@@ -106,17 +143,12 @@ impl StreamLog {
         let mut inner = lock(&self.inner);
         inner.stored.queued = false;
         let store = self.store.as_ref()?;
-        if !inner.detachable {
-            return None;
+        let owed = inner.owed()?;
+        let mut append = LogAppend::new(store.key.clone(), owed.epoch, producer);
+        if let Some(from) = owed.from {
+            append.events = inner.log_events_from(from);
         }
-        let (next, ended) = inner.stored.of(inner.epoch);
-        let end = inner.finished && !ended;
-        if inner.held() <= next && !end {
-            return None;
-        }
-        let mut append = LogAppend::new(store.key.clone(), inner.epoch, producer);
-        append.events = inner.log_events_from(next);
-        append.ended = end;
+        append.end = owed.end;
         Some(append)
     }
 
@@ -131,7 +163,7 @@ impl StreamLog {
         if let Some(last) = append.events.last() {
             inner.stored.next = inner.stored.next.max(last.offset + 1);
         }
-        inner.stored.ended |= append.ended;
+        inner.stored.ended |= append.end.is_some();
     }
 
     /// For the worker: `append` failed; the log goes back to the queue, to be read again
