@@ -1630,6 +1630,25 @@ async fn a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal(top
     across::a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal(store).await;
 }
 
+/// Chaos through Redis: 30 answers over three instances, one killed mid-run
+/// (`tests/common/across.rs`).
+async fn chaos_across_instances_through_redis_gives_no_silent_gap(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("chaos")).await;
+    let report = across::chaos(store, 30, 40).await;
+    println!("replay across instances, {topology:?}: {report:?}");
+    assert_eq!(
+        (report.silent_gaps, report.duplicates, report.corrupted),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.complete + report.gaps.values().sum::<usize>(),
+        30,
+        "{report:?}"
+    );
+}
+
 async fn a_producer_dead_in_redis_gets_the_gap_signal(topology: Topology) {
     let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("across")).await;
@@ -1663,6 +1682,7 @@ on_both_topologies!(
     a_producer_dead_in_redis_gets_the_gap_signal,
     a_reconnect_before_the_producers_flush_waits_for_redis,
     a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal,
+    chaos_across_instances_through_redis_gives_no_silent_gap,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,

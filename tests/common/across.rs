@@ -61,6 +61,39 @@ async fn answer(State(app): State<App>) -> Response {
     response
 }
 
+/// `GET /gen?n=N&every_ms=M`: an answer of its own, `N` events (`id: k`, data naming the
+/// session and `k`) one each `M` ms, marked `Detach`.
+async fn generate(
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, u64>>,
+) -> Response {
+    let session = headers
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let n = q.get("n").copied().unwrap_or(10) as u32;
+    let every = Duration::from_millis(q.get("every_ms").copied().unwrap_or(2));
+    let frames = futures_util::stream::unfold(1u32, move |k| {
+        let session = session.clone();
+        async move {
+            if k > n {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            let frame = Bytes::from(format!("id: {k}\ndata: {session} {k}\n\n"));
+            Some((Ok::<_, Infallible>(frame), k + 1))
+        }
+    });
+    let mut response = (
+        [(CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(frames),
+    )
+        .into_response();
+    response.extensions_mut().insert(Detach);
+    response
+}
+
 /// One instance: a tracker on the shared store, and its server.
 pub struct Instance {
     pub addr: std::net::SocketAddr,
@@ -95,6 +128,7 @@ impl Instance {
         let app = App::default();
         let router = axum::Router::new()
             .route("/answer", axum::routing::get(answer))
+            .route("/gen", axum::routing::get(generate))
             .with_state(app.clone())
             .layer(tracker.layer());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -455,4 +489,187 @@ pub async fn a_stale_local_log_does_not_hide_the_stores<S: Store + Clone>(store:
         1,
         "only for the first answer"
     );
+}
+
+/// What a chaos run saw.
+#[derive(Debug, Default)]
+pub struct ChaosReport {
+    pub streams: usize,
+    pub connections: usize,
+    /// Reconnects answered by an instance other than the stream's producer, from the store.
+    pub cross_instance_replays: usize,
+    pub complete: usize,
+    pub gaps: std::collections::BTreeMap<String, usize>,
+    pub silent_gaps: usize,
+    pub duplicates: usize,
+    pub corrupted: usize,
+}
+
+/// `streams` answers of `events` events each, produced by the instance their first request
+/// lands on, read by clients that drop after a few events and reconnect to a random live
+/// instance with their last id; one instance is killed (its runtime dropped) once a third of
+/// the streams have started. Every client ends with its whole answer, each event once, or
+/// at a response that carried the gap signal.
+pub async fn chaos<S: Store + Clone>(store: S, streams: usize, events: u32) -> ChaosReport {
+    use crate::common::chaos::Rng;
+    let policy = ReplayPolicy::new()
+        .across_instances(true)
+        .gap_event("replay-gap")
+        .max_detached(4 * streams);
+    let quick = |builder: SseTrackerBuilder| builder.store_timeout(Duration::from_secs(1));
+    let mut doomed = Doomed::start(store.clone(), policy.clone()).await;
+    let others = [
+        Instance::start_built(store.clone(), policy.clone(), quick).await,
+        Instance::start_built(store.clone(), policy, quick).await,
+    ];
+    let http = others[0].http.clone();
+    let addrs = [doomed.instance.addr, others[0].addr, others[1].addr];
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let report = Arc::new(Mutex::new(ChaosReport {
+        streams,
+        ..ChaosReport::default()
+    }));
+    let started = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for i in 0..streams {
+        let (http, up, report, started) =
+            (http.clone(), alive.clone(), report.clone(), started.clone());
+        clients.push(tokio::spawn(async move {
+            let alive = up;
+            let mut rng = Rng(i as u64 * 7919 + 1);
+            let session = format!("chaos-{i}");
+            let mut last: u32 = 0;
+            let mut producer: Option<usize> = None;
+            let mut first = true;
+            loop {
+                let pick = loop {
+                    let pick = rng.below(addrs.len() as u64) as usize;
+                    if pick != 0 || alive.load(Ordering::SeqCst) {
+                        break pick;
+                    }
+                };
+                let mut request = http
+                    .get(format!("http://{}/gen?n={events}&every_ms=3", addrs[pick]))
+                    .header("mcp-session-id", &session);
+                if last > 0 {
+                    request = request.header("last-event-id", last.to_string());
+                }
+                let Ok(response) = request.send().await else {
+                    continue;
+                };
+                report.lock().unwrap().connections += 1;
+                if first {
+                    first = false;
+                    producer = Some(pick);
+                    started.fetch_add(1, Ordering::SeqCst);
+                }
+                let replay = response
+                    .headers()
+                    .get(REPLAY_HEADER)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let status = response.status().as_u16();
+                if let Some(replay) = &replay
+                    && replay.starts_with("complete")
+                    && Some(pick) != producer
+                {
+                    report.lock().unwrap().cross_instance_replays += 1;
+                }
+                let gap = replay.as_deref().filter(|r| r.starts_with("gap")).map(|r| {
+                    r.split("reason=")
+                        .nth(1)
+                        .unwrap()
+                        .split(';')
+                        .next()
+                        .unwrap()
+                        .to_owned()
+                });
+                if status == 204 {
+                    let mut r = report.lock().unwrap();
+                    match gap {
+                        Some(reason) => *r.gaps.entry(reason).or_default() += 1,
+                        None if last == events => r.complete += 1,
+                        None => r.silent_gaps += 1,
+                    }
+                    return;
+                }
+                // Reads a few events, or to the end; a gap response to its end.
+                let keep = if gap.is_some() {
+                    u32::MAX
+                } else {
+                    1 + rng.below(8) as u32
+                };
+                let mut body = response.bytes_stream();
+                let mut text = Vec::new();
+                let mut read = 0;
+                let mut gap_event = false;
+                let mut ended = false;
+                'read: while read < keep {
+                    match futures_util::StreamExt::next(&mut body).await {
+                        Some(Ok(chunk)) => text.extend_from_slice(&chunk),
+                        Some(Err(_)) => break,
+                        None => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    while let Some(end) = text.windows(2).position(|w| w == b"\n\n") {
+                        let event: Vec<u8> = text.drain(..end + 2).collect();
+                        let event = String::from_utf8(event).unwrap();
+                        if event.starts_with("event: replay-gap") {
+                            gap_event = true;
+                            continue;
+                        }
+                        let Some(k) = event
+                            .strip_prefix("id: ")
+                            .and_then(|rest| rest.split('\n').next())
+                            .and_then(|k| k.parse::<u32>().ok())
+                        else {
+                            continue;
+                        };
+                        let mut r = report.lock().unwrap();
+                        if event != format!("id: {k}\ndata: {session} {k}\n\n") {
+                            r.corrupted += 1;
+                        }
+                        if gap.is_some() && k == 1 && last > 0 {
+                            // The application restarted the answer after the gap.
+                            break 'read;
+                        }
+                        if k <= last {
+                            r.duplicates += 1;
+                        } else if k > last + 1 {
+                            r.silent_gaps += 1;
+                        }
+                        last = last.max(k);
+                        read += 1;
+                    }
+                }
+                if let Some(reason) = gap.or(gap_event.then(|| "producer_lost".to_owned())) {
+                    *report.lock().unwrap().gaps.entry(reason).or_default() += 1;
+                    return;
+                }
+                if ended && last == events {
+                    report.lock().unwrap().complete += 1;
+                    return;
+                }
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if i == streams / 3 {
+            // One instance dies mid-run: its runtime dropped, no shutdown.
+            alive.store(false, Ordering::SeqCst);
+            tokio::task::spawn_blocking(move || doomed.kill())
+                .await
+                .unwrap();
+            doomed = Doomed::start(store.clone(), ReplayPolicy::new()).await;
+        }
+    }
+    drop(doomed);
+    for client in clients {
+        tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .expect("every client finishes")
+            .unwrap();
+    }
+    let report = std::mem::take(&mut *report.lock().unwrap());
+    report
 }
