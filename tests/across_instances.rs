@@ -213,3 +213,17 @@ async fn chaos_across_three_instances_one_killed_gives_no_silent_gap_and_no_dupl
     );
     assert!(report.cross_instance_replays > 0, "{report:?}");
 }
+
+/// Time to the first replayed byte of a cross-instance reconnect replaying 300 events, on the
+/// in-memory store; printed (`tests/redis.rs` prints it for Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_byte_of_a_300_event_replay_from_another_instance_is_timed() {
+    let times = across::first_replayed_byte(store(), 300, 200).await;
+    println!(
+        "first replayed byte, 300 events from the in-memory store, {} reconnects: p50 {:?}, p99 {:?}, max {:?}",
+        times.len(),
+        across::quantile(&times, 0.5),
+        across::quantile(&times, 0.99),
+        times[times.len() - 1]
+    );
+}

@@ -1649,6 +1649,25 @@ async fn chaos_across_instances_through_redis_gives_no_silent_gap(topology: Topo
     );
 }
 
+/// Time to the first replayed byte of a reconnect on another instance replaying 300 events
+/// from Redis (printed; `REPLAY_FIRST_BYTE_RECONNECTS`, default 200).
+async fn the_first_byte_of_a_300_event_replay_from_redis_is_timed(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("first-byte")).await;
+    let reconnects = std::env::var("REPLAY_FIRST_BYTE_RECONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let times = across::first_replayed_byte(store, 300, reconnects).await;
+    println!(
+        "first replayed byte, 300 events from Redis ({topology:?}), {} reconnects: p50 {:?}, p99 {:?}, max {:?}",
+        times.len(),
+        across::quantile(&times, 0.5),
+        across::quantile(&times, 0.99),
+        times[times.len() - 1]
+    );
+}
+
 async fn a_producer_dead_in_redis_gets_the_gap_signal(topology: Topology) {
     let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("across")).await;
@@ -1683,6 +1702,7 @@ on_both_topologies!(
     a_reconnect_before_the_producers_flush_waits_for_redis,
     a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal,
     chaos_across_instances_through_redis_gives_no_silent_gap,
+    the_first_byte_of_a_300_event_replay_from_redis_is_timed,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,

@@ -475,7 +475,15 @@ pub async fn a_stale_local_log_does_not_hide_the_stores<S: Store + Clone>(store:
         .unwrap();
     client.read_until_suffix(tagged("b", 2).as_bytes()).await;
     drop(client);
-    stored_log(&store, |log| log.next_offset == 2).await;
+    // The first answer's log has two events too: the store's log is the second answer's.
+    let second = |log: &StoredLog| {
+        log.events
+            .last()
+            .and_then(|e| e.id.as_ref())
+            .map(|id| id.as_str())
+            == Some("b-2")
+    };
+    stored_log(&store, second).await;
     let mut client = b.get(Some("b-1")).await;
     assert_eq!(header(&client), Some("complete; events=1; tail"));
     feed.send(Bytes::from(tagged("b", 3))).unwrap();
@@ -670,6 +678,54 @@ pub async fn chaos<S: Store + Clone>(store: S, streams: usize, events: u32) -> C
             .expect("every client finishes")
             .unwrap();
     }
-    let report = std::mem::take(&mut *report.lock().unwrap());
-    report
+    std::mem::take(&mut *report.lock().unwrap())
+}
+
+/// Time to the first replayed byte of a reconnect on an instance that never saw the stream,
+/// replaying `events` events from the store: one answer of `events + 1` events produced on A
+/// to its end, then `reconnects` reconnects to B naming its first event. Returns the times,
+/// sorted, each checked to carry every event.
+pub async fn first_replayed_byte<S: Store + Clone>(
+    store: S,
+    events: u32,
+    reconnects: usize,
+) -> Vec<Duration> {
+    let a = Instance::start(store.clone()).await;
+    let b = Instance::start(store.clone()).await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    feed.send(Bytes::from(events_of(1..=events + 1))).unwrap();
+    drop(feed);
+    client.read_to_end().await;
+    stored_log(&store, |log| log.end.is_some()).await;
+    let expected = events_of(2..=events + 1);
+    let mut times = Vec::with_capacity(reconnects);
+    for _ in 0..reconnects {
+        let started = std::time::Instant::now();
+        let response = b
+            .http
+            .get(format!("http://{}/answer", b.addr))
+            .header("mcp-session-id", "s1")
+            .header("last-event-id", "1")
+            .send()
+            .await
+            .unwrap();
+        let mut client = crate::common::Client::new(response);
+        assert!(client.read_chunk().await, "a replay");
+        times.push(started.elapsed());
+        client.read_to_end().await;
+        assert_eq!(client.received, expected.as_bytes());
+    }
+    assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
+    times.sort();
+    times
+}
+
+fn events_of(range: std::ops::RangeInclusive<u32>) -> String {
+    events(range)
+}
+
+/// The `q` quantile of sorted `times`.
+pub fn quantile(times: &[Duration], q: f64) -> Duration {
+    times[((times.len() - 1) as f64 * q).round() as usize]
 }
