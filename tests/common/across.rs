@@ -255,7 +255,7 @@ pub async fn a_reconnect_landing_on_another_instance_gets_what_it_missed_then_th
 ) {
     let a = Instance::start(store.clone()).await;
     let b = Instance::start(store.clone()).await;
-    let (feed, mut client) = a.answer_read(3).await;
+    let (feed, client) = a.answer_read(3).await;
     // The client's connection breaks; the answer goes on on A.
     drop(client);
     feed.send(Bytes::from(events(4..=6))).unwrap();
@@ -297,7 +297,7 @@ pub async fn a_reconnect_whose_id_the_store_does_not_hold_goes_to_the_applicatio
 ) {
     let a = Instance::start(store.clone()).await;
     let b = Instance::start(store.clone()).await;
-    let (feed, mut client) = a.answer_read(3).await;
+    let (feed, _client) = a.answer_read(3).await;
     stored_log(&store, |log| log.next_offset == 3).await;
     // An id the stream never sent: B cannot replay, and its application answers.
     let b_feed = b.next_feed();
@@ -359,7 +359,7 @@ pub async fn when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_s
     let b = Instance::start_with(store.clone(), policy).await;
     // A's client made on the test's runtime, which reads its responses.
     a.instance.http = b.http.clone();
-    let (feed, mut client) = a.instance.answer_read(5).await;
+    let (feed, client) = a.instance.answer_read(5).await;
     drop(client);
     stored_log(&store, |log| log.next_offset == 5).await;
     let mut client = b.get(Some("3")).await;
@@ -437,7 +437,7 @@ pub async fn a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal<
         .gap_event("replay-gap");
     let a = Instance::start_with(store.clone(), policy.clone()).await;
     let b = Instance::start_with(store.clone(), policy).await;
-    let (feed, mut client) = a.answer_read(3).await;
+    let (feed, client) = a.answer_read(3).await;
     drop(client);
     stored_log(&store, |log| log.next_offset == 3).await;
     let mut client = b.get(Some("3")).await;
