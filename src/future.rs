@@ -144,13 +144,26 @@ where
             let lookup = info.from_store.take().expect("a look-up");
             let replayer = this.shared.replay.as_ref().expect("replay is on");
             let every = this.shared.flush_interval;
-            if let Some(prepared) =
-                replayer.prepare_from_store(looked, &lookup.id, lookup.reader, every, lookup.permit)
-            {
-                // The store answers: the application's future is dropped, never polled.
-                info.replay = Some(prepared);
-                let info = this.info.take().expect("the request's info");
-                return Poll::Ready(Ok(tail_response(this.shared, info)));
+            match replayer.prepare_from_store(
+                looked,
+                &lookup.id,
+                lookup.reader,
+                every,
+                lookup.permit,
+            ) {
+                Ok(prepared) => {
+                    // The store answers: the application's future is dropped, never polled.
+                    info.replay = Some(prepared);
+                    let info = this.info.take().expect("the request's info");
+                    return Poll::Ready(Ok(tail_response(this.shared, info)));
+                }
+                // The application answers; the client is told why nothing was replayed.
+                Err(Some(reason)) => {
+                    if let Some(prepared) = &mut info.replay {
+                        replayer.cancel(prepared, reason);
+                    }
+                }
+                Err(None) => {}
             }
         }
         let response = match this.state.project() {
@@ -184,7 +197,7 @@ fn tail_response<B>(shared: &Arc<Shared>, mut info: RequestInfo) -> Response<Tra
     let events = prepared.events;
     let lost = matches!(prepared.replay, Replay::Gap(_));
     let span = stream_span(&info, if lost { "producer_lost" } else { "complete" });
-    let mut response = if events == 0 && (tail.is_finished() || lost) {
+    let mut response = if events == 0 && tail.is_finished() {
         span.in_scope(|| {
             tracing::debug!("the detached stream has ended, and the client missed nothing")
         });

@@ -239,7 +239,7 @@ pub(crate) const OP_SAVE: &str = "save";
 pub(crate) const OP_TOUCH: &str = "touch";
 /// `op` label of store errors: [`Store::load`](crate::store::Store::load).
 pub(crate) const OP_LOAD: &str = "load";
-/// `op` label: appending events to replay logs (and renewing the instance's lease).
+/// `op` label: appending events to replay logs, and renewing the instance's lease.
 pub(crate) const OP_APPEND: &str = "append";
 /// `op` label: reading a replay log (a reconnect this instance holds no log for).
 pub(crate) const OP_READ_LOG: &str = "read_log";

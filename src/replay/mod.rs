@@ -198,7 +198,8 @@ impl ReplayPolicy {
     ///   `max_batch` streams, in the background, with its own back-off: a stream never waits
     ///   for the store), then its end mark when its body ends or stops (a drain, a bound, an
     ///   error). It renews this instance's lease in the store each second (each flush, when
-    ///   that is longer); a lease runs twice that plus the store timeout, 7 s by default.
+    ///   that is longer), in a call of its own; a lease runs two renewals and two store
+    ///   timeouts (12 s by default).
     /// - **Reconnects.** A reconnect this instance cannot replay (it holds no log of the
     ///   stream, or its log lacks the client's event) is looked up in the store first, under
     ///   the store timeout; the application's future is made, and dropped unpolled when the
@@ -208,13 +209,19 @@ impl ReplayPolicy {
     ///   per flush interval) until its end, `204` once the client has it all. At most
     ///   [`max_detached`](Self::max_detached) reconnects follow the store at once; beyond,
     ///   the application answers.
-    /// - **The window.** An instance that dies takes with it the events of its last flush
-    ///   interval that its clients may have received: a reader elsewhere gets what the store
-    ///   holds, then the gap signal ([`GapReason::ProducerLost`]) once the lease has run out,
-    ///   never a silent end.
+    /// - **The window.** An instance that dies takes with it the events its clients may have
+    ///   received that are not in the store yet: those of its last flush interval, and more
+    ///   while its appends were failing. A reader elsewhere gets what the store holds, then
+    ///   the gap signal ([`GapReason::ProducerLost`]) once the lease has run out (or at once
+    ///   for a stream its producer stopped): the gap event, when the policy names one, ends
+    ///   the response, and the reconnect that follows carries `gap; reason=producer_lost` (the
+    ///   application answers it). A client that reconnects elsewhere within a stream's first
+    ///   flush finds nothing in the store: `gap; reason=no_history`.
     /// - **Limits.** Epochs come from each instance's clock: the instances' clocks must agree
     ///   to within the time between two histories of one stream. Give each answer ids of its
-    ///   own: an instance holding an older history with the client's id replays from it.
+    ///   own: an instance holding an older history with the client's id replays from it. A
+    ///   look-up reads at most [`max_events`](Self::max_events) events of the store's log
+    ///   (keep `RedisStore::with_log_max_events` at most that).
     ///
     /// Needs a store that keeps replay logs ([`InMemoryStore`](crate::store::InMemoryStore)
     /// shared by the trackers of one process, or `RedisStore`); with one that does not,
@@ -541,7 +548,8 @@ impl Replayer {
     }
 
     /// The replay cannot go out as prepared (`reason`): nothing of it is sent, and the log's
-    /// writer it took is let go.
+    /// writer it took is let go. (Also: the reason a gap already prepared is given, when a
+    /// later look-up knows better.)
     pub(crate) fn cancel(&self, prepared: &mut Prepared, reason: GapReason) {
         *prepared = self.gap(reason);
     }
@@ -603,8 +611,10 @@ impl Replayer {
 
     /// The replay of a reconnect whose client's last id is `id` from what the store holds
     /// (`looked`): the events after the client's, then the stream followed in the store until
-    /// its end; or, when its producer is lost, those events and the gap signal. `None` when
-    /// the store cannot answer.
+    /// its end; or, when its producer is lost, those events and the gap signal. `Err` when
+    /// the layer does not answer (the application does), with the reason to give the client
+    /// when there is one: a lost producer with nothing more to replay (a `204` would tell an
+    /// `EventSource` the stream is complete).
     pub(crate) fn prepare_from_store(
         &self,
         looked: Looked,
@@ -612,12 +622,15 @@ impl Replayer {
         reader: StoreReader,
         every: std::time::Duration,
         permit: TailPermit,
-    ) -> Option<Prepared> {
+    ) -> Result<Prepared, Option<GapReason>> {
         let timing = (every, self.budget.policy.detached_timeout);
         let Looked::Found { log, after, lost } = looked else {
-            return None;
+            return Err(None);
         };
         let missed = &log.events[after..];
+        if lost && missed.is_empty() {
+            return Err(Some(GapReason::ProducerLost));
+        }
         let mut bytes = Vec::with_capacity(missed.iter().map(|e| e.bytes.len()).sum());
         for event in missed {
             bytes.extend_from_slice(&event.bytes);
@@ -630,7 +643,7 @@ impl Replayer {
             prepared.events = events;
             let tail = StoreTail::new(reader, &log, true, Bytes::new(), timing, permit);
             prepared.tail = Some(Tail::Store(Box::new(tail)));
-            return Some(prepared);
+            return Ok(prepared);
         }
         let last_id = missed.iter().rev().find_map(|e| e.id.clone());
         let offset = missed
@@ -639,7 +652,7 @@ impl Replayer {
         let gap = self.gap(GapReason::ProducerLost).bytes;
         let finished = log.end == Some(crate::store::LogEnd::Finished);
         let tail = StoreTail::new(reader, &log, finished, gap, timing, permit);
-        Some(Prepared {
+        Ok(Prepared {
             replay: Replay::Complete {
                 events,
                 last_event_id: last_id.unwrap_or_else(|| id.clone()),

@@ -69,13 +69,14 @@ pub(crate) struct LogsToStore {
 /// flush when the flush interval is longer).
 pub(crate) const LEASE_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a lease runs: two renewals and a store call that takes its whole deadline, and
-/// at least 5 s. A reader knows an instance died at most this long after it did.
+/// How long a lease runs: two renewals, each of which may take the store's whole deadline,
+/// and at least 5 s (12 s with the defaults). A reader knows an instance died at most this
+/// long after it did.
 pub(crate) fn lease_ttl(flush_interval: Duration, store_timeout: Duration) -> Duration {
     LEASE_EVERY
         .max(flush_interval)
-        .saturating_mul(2)
         .saturating_add(store_timeout)
+        .saturating_mul(2)
         .max(Duration::from_secs(5))
 }
 
@@ -174,6 +175,7 @@ impl WorkerHandle {
             saving: None,
             touching: None,
             appending: None,
+            leasing: None,
             open: true,
         };
         let state = State {
@@ -265,8 +267,9 @@ struct Io {
     /// that a hung call of one kind does not hold up the other.
     saving: Option<BoxFuture<'static, CallDone>>,
     touching: Option<BoxFuture<'static, CallDone>>,
-    /// The replay-log append in flight (replay across instances).
+    /// The replay-log append in flight, and the lease renewal (replay across instances).
     appending: Option<BoxFuture<'static, CallDone>>,
+    leasing: Option<BoxFuture<'static, CallDone>>,
     /// The hand-off's channel is open (not closed by a shutdown, asked for or abandoned).
     open: bool,
 }
@@ -325,6 +328,7 @@ async fn supervise(mut io: Io, mut state: State, status: Arc<Status>, mut guard:
                 io.saving = None;
                 io.touching = None;
                 io.appending = None;
+                io.leasing = None;
                 state.recover();
                 let pause = state.config.retry.delay(panics, state.jitter.next());
                 let resume = instant_after(pause);
@@ -406,6 +410,9 @@ async fn run(io: &mut Io, state: &mut State) {
         if io.appending.is_none() {
             io.appending = state.next_append(now);
         }
+        if io.leasing.is_none() {
+            io.leasing = state.next_lease(now);
+        }
         if io.touching.is_none() {
             io.touching = state.next_touch(now);
         }
@@ -458,6 +465,10 @@ async fn run(io: &mut Io, state: &mut State) {
                 io.appending = None;
                 state.finish_call(done);
                 tokio::task::yield_now().await;
+            }
+            done = maybe(&mut io.leasing) => {
+                io.leasing = None;
+                state.finish_call(done);
             }
             received = handoff.recv_many(&mut buf, RECEIVE_LIMIT), if io.open => {
                 if received == 0 {

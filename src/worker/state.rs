@@ -47,13 +47,11 @@ pub(super) struct Round {
     pub(super) touches: VecDeque<Vec<Arc<SessionState>>>,
     /// Replay-log appends, each with the log it was read from.
     pub(super) appends: VecDeque<Vec<(Arc<StreamLog>, LogAppend)>>,
-    /// The next append call renews the lease first (one with no append may do only that).
-    pub(super) renew: bool,
 }
 
 impl Round {
     pub(super) fn is_empty(&self) -> bool {
-        self.saves.is_empty() && self.touches.is_empty() && self.appends.is_empty() && !self.renew
+        self.saves.is_empty() && self.touches.is_empty() && self.appends.is_empty()
     }
 }
 
@@ -73,6 +71,10 @@ pub(super) enum CallDone {
     Append {
         logs: Vec<Arc<StreamLog>>,
         appends: Vec<LogAppend>,
+        result: Result<(), StoreFailure>,
+        started: Instant,
+    },
+    Lease {
         result: Result<(), StoreFailure>,
         started: Instant,
     },
@@ -314,14 +316,10 @@ impl State {
     }
 
     /// Starts a round of replay-log appends (replay across instances): the events of every
-    /// queued log that the store lacks, read from the logs now, and the lease when it is due.
-    /// While the append gate is closed after a failure, the logs wait in the queue, and only
-    /// the lease is tried (once per renewal interval): a store that fails appends may still
-    /// keep the instance's lease.
+    /// queued log that the store lacks, read from the logs now; unless the append gate is
+    /// closed after a failure (the logs wait in the queue).
     pub(super) fn assemble_appends(&mut self, now: Instant) {
         let Some(logs) = &self.logs else { return };
-        // Once a shutdown has begun, the lease is left to run out.
-        self.round.renew = now >= self.lease_at && self.shutdown.is_none();
         if !self.append_gate.is_open(now) {
             return;
         }
@@ -334,51 +332,45 @@ impl State {
         self.round.appends = chunks(taken, self.config.max_batch);
     }
 
-    /// The round's next replay-log append (the lease renewed first when due), if the append
-    /// gate is open; a lease renewal alone, if it is due, whatever the gate.
+    /// The round's next replay-log append, if the append gate is open.
     pub(super) fn next_append(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
-        let logs = self.logs.as_ref()?;
-        let (producer, ttl) = (logs.producer.clone(), logs.lease_ttl);
-        let appends = self.append_gate.is_open(now) && !self.round.appends.is_empty();
-        if !appends && !self.round.renew {
+        self.logs.as_ref()?;
+        if !self.append_gate.is_open(now) {
             return None;
         }
-        let renew = std::mem::take(&mut self.round.renew);
-        if renew {
-            self.lease_at = now + LEASE_EVERY;
-        }
-        let (logs, appends): (Vec<_>, Vec<_>) = if appends {
-            self.round
-                .appends
-                .pop_front()
-                .unwrap_or_default()
-                .into_iter()
-                .unzip()
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        let (logs, appends): (Vec<_>, Vec<_>) = self.round.appends.pop_front()?.into_iter().unzip();
         // Kept until the call is done: a panic of the loop meanwhile offers them again.
         self.appending.clone_from(&logs);
         let timeout = self.config.store_timeout;
         let store = self.store.clone();
         Some(Box::pin(async move {
             let started = Instant::now();
-            let result = guarded(timeout, async {
-                if renew {
-                    store.renew_lease(&producer, ttl).await?;
-                }
-                if appends.is_empty() {
-                    return Ok(());
-                }
-                store.append_logs(&appends).await
-            })
-            .await;
+            let result = guarded(timeout, async { store.append_logs(&appends).await }).await;
             CallDone::Append {
                 logs,
                 appends,
                 result,
                 started,
             }
+        }))
+    }
+
+    /// The renewal of this instance's lease, when it is due: each renewal interval (or flush,
+    /// when longer), a call of its own, whatever the appends do; none once a shutdown has
+    /// begun (the lease is left to run out).
+    pub(super) fn next_lease(&mut self, now: Instant) -> Option<BoxFuture<'static, CallDone>> {
+        let logs = self.logs.as_ref()?;
+        if now < self.lease_at || self.shutdown.is_some() {
+            return None;
+        }
+        self.lease_at = now + LEASE_EVERY.max(self.config.flush_interval);
+        let (producer, ttl) = (logs.producer.clone(), logs.lease_ttl);
+        let timeout = self.config.store_timeout;
+        let store = self.store.clone();
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            let result = guarded(timeout, async { store.renew_lease(&producer, ttl).await }).await;
+            CallDone::Lease { result, started }
         }))
     }
 
@@ -442,7 +434,8 @@ impl State {
         }
         | CallDone::Append {
             started, result, ..
-        }) = &done;
+        }
+        | CallDone::Lease { started, result }) = &done;
         // A call sent before the shutdown began that fails after it is one of the earlier
         // failures: the shutdown does not wait for its back-off either.
         let earlier_failure = result.is_err()
@@ -516,6 +509,18 @@ impl State {
                 result,
                 ..
             } => self.append_done(logs, appends, result, now),
+            CallDone::Lease { result, .. } => {
+                if let Err(failure) = result {
+                    self.metrics
+                        .store_errors
+                        .count(StoreOp::Append, failure.reason());
+                    tracing::warn!(
+                        error = %failure,
+                        "SSE tracker could not renew its lease in the store; readers elsewhere \
+                         take its streams for lost once the lease runs out"
+                    );
+                }
+            }
         }
         if earlier_failure {
             self.waive_back_off(now);
@@ -539,6 +544,8 @@ impl State {
                 }
                 for (log, append) in logs.iter().zip(&appends) {
                     log.appended(append);
+                    // What it logged meanwhile (a restart, an end) is offered again.
+                    log.offer_if_owed();
                 }
             }
             Err(failure) => {
@@ -547,8 +554,6 @@ impl State {
                     .count(StoreOp::Append, failure.reason());
                 let jitter = self.jitter.next();
                 self.append_gate.failed(now, &self.config.retry, jitter);
-                // The lease is renewed with the next call.
-                self.lease_at = now;
                 // The logs go back to the queue, with the round's others: read again (with
                 // what they logged since) once the gate opens.
                 let untried = std::mem::take(&mut self.round.appends);
@@ -558,7 +563,7 @@ impl State {
                     .chain(untried.into_iter().flatten().map(|(log, _)| log))
                 {
                     streams += 1;
-                    log.append_failed();
+                    log.offer_if_owed();
                 }
                 tracing::warn!(
                     error = %failure,
@@ -680,7 +685,7 @@ impl State {
             .into_iter()
             .chain(unwritten.into_iter().flatten().map(|(log, _)| log))
         {
-            log.append_failed();
+            log.offer_if_owed();
         }
         self.round = Round::default();
         self.pending.clear();

@@ -328,7 +328,9 @@ impl Doomed {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let _ = started.send(Instance::start_with(store, policy).await);
+                // A short store timeout: its lease runs 5 s (see `lease_ttl`).
+                let quick = |b: SseTrackerBuilder| b.store_timeout(Duration::from_secs(1));
+                let _ = started.send(Instance::start_built(store, policy, quick).await);
                 let _ = killed.await;
             });
             // The runtime goes here, its tasks dropped where they stood.
@@ -384,11 +386,15 @@ pub async fn when_the_producing_instance_dies_a_reader_elsewhere_gets_what_the_s
         String::from_utf8(client.read_to_end().await.to_vec()).unwrap(),
         event(5) + gap
     );
-    // One that has it all: 204, with the signal in its header; the EventSource stops.
-    let client = b.get(Some("5")).await;
-    assert_eq!(client.status, 204);
-    assert_eq!(header(&client), Some("gap; reason=producer_lost; events=0"));
     assert_eq!(b.app.calls.load(Ordering::SeqCst), 0);
+    // One that has all the store held: not a `204` (an EventSource would take the stream for
+    // complete): the application answers, and the header says why nothing was replayed.
+    let b_feed = b.next_feed();
+    let mut client = b.get(Some("5")).await;
+    assert_eq!(header(&client), Some("gap; reason=producer_lost; events=0"));
+    b_feed.send(Bytes::from(event(1))).unwrap();
+    client.read_until_suffix(event(1).as_bytes()).await;
+    assert_eq!(b.app.calls.load(Ordering::SeqCst), 1);
 }
 
 /// The producer appends once per flush, after its client got the events: a client that
@@ -449,9 +455,12 @@ pub async fn a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal<
         .await
         .expect("the reader is told within a few flushes, not when a lease runs out");
     assert_eq!(String::from_utf8(client.received.clone()).unwrap(), gap);
-    let client = b.get(Some("3")).await;
-    assert_eq!(client.status, 204);
+    let b_feed = b.next_feed();
+    let mut client = b.get(Some("3")).await;
+    assert_eq!(client.status, 200);
     assert_eq!(header(&client), Some("gap; reason=producer_lost; events=0"));
+    b_feed.send(Bytes::from(event(1))).unwrap();
+    client.read_until_suffix(event(1).as_bytes()).await;
     drop(feed);
 }
 

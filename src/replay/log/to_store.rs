@@ -69,7 +69,9 @@ impl LogInner {
             } else {
                 None
             };
-            return (self.held() > next || end.is_some()).then_some(Owed {
+            // Events trimmed before they reached the store can never be written: only those
+            // the log still holds are owed (readers see the hole).
+            return (self.held() > next.max(self.first) || end.is_some()).then_some(Owed {
                 epoch: self.epoch,
                 from: Some(next),
                 end,
@@ -166,9 +168,10 @@ impl StreamLog {
         inner.stored.ended |= append.end.is_some();
     }
 
-    /// For the worker: `append` failed; the log goes back to the queue, to be read again
-    /// (with what it logged since) when the store is tried again.
-    pub(crate) fn append_failed(self: &Arc<Self>) {
+    /// For the worker, after an append of this log (failed, or done while the log changed):
+    /// the log goes back to the queue if the store still lacks something of it, to be read
+    /// again (with what it logged since) at the next round.
+    pub(crate) fn offer_if_owed(self: &Arc<Self>) {
         let offer = {
             let mut inner = lock(&self.inner);
             self.owes_store(&mut inner)
