@@ -223,7 +223,7 @@ async fn chaos_across_three_instances_one_killed_gives_no_silent_gap_and_no_dupl
     };
     let streams = env("ACROSS_CHAOS_STREAMS", 40) as usize;
     let events = env("ACROSS_CHAOS_EVENTS", 60) as u32;
-    let report = across::chaos(store(), streams, events).await;
+    let report = across::chaos(store(), streams, events, || {}).await;
     println!("replay across instances, in-memory store: {report:?}");
     assert_eq!(report.silent_gaps, 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");

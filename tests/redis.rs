@@ -1630,12 +1630,32 @@ async fn a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal(top
     across::a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal(store).await;
 }
 
-/// Chaos through Redis: 30 answers over three instances, one killed mid-run
-/// (`tests/common/across.rs`).
+/// Chaos through Redis: 30 answers over three instances, one killed mid-run; on a cluster,
+/// a primary is killed too, once half the answers have started, and its replica takes over
+/// while instances append and read (`tests/common/across.rs`).
 async fn chaos_across_instances_through_redis_gives_no_silent_gap(topology: Topology) {
-    let server = Redis::shared(topology);
+    let server = match topology {
+        Topology::Standalone => Redis::shared(topology),
+        Topology::Cluster => Redis::own(topology),
+    };
     let store = store(&server, &unique_prefix("chaos")).await;
-    let report = across::chaos(store, 30, 40).await;
+    let server = Arc::new(std::sync::Mutex::new(server));
+    let kill = {
+        let server = server.clone();
+        move || {
+            if let Redis::Cluster(cluster) = &mut *server.lock().unwrap() {
+                let primary = cluster.primaries()[0];
+                let killed_at = std::time::Instant::now();
+                cluster.kill(primary);
+                cluster.wait_failover(primary, Duration::from_secs(30));
+                println!(
+                    "chaos: a primary killed, its replica took over {:?} later",
+                    killed_at.elapsed()
+                );
+            }
+        }
+    };
+    let report = across::chaos(store, 30, 40, kill).await;
     println!("replay across instances, {topology:?}: {report:?}");
     assert_eq!(
         (report.silent_gaps, report.duplicates, report.corrupted),

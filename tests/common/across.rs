@@ -525,9 +525,16 @@ pub struct ChaosReport {
 /// `streams` answers of `events` events each, produced by the instance their first request
 /// lands on, read by clients that drop after a few events and reconnect to a random live
 /// instance with their last id; one instance is killed (its runtime dropped) once a third of
-/// the streams have started. Every client ends with its whole answer, each event once, or
+/// the streams have started, and `disrupt` runs (on a blocking thread) once half have (a
+/// Redis primary killed, say). Every client ends with its whole answer, each event once, or
 /// at a response that carried the gap signal.
-pub async fn chaos<S: Store + Clone>(store: S, streams: usize, events: u32) -> ChaosReport {
+pub async fn chaos<S: Store + Clone>(
+    store: S,
+    streams: usize,
+    events: u32,
+    disrupt: impl FnOnce() + Send + 'static,
+) -> ChaosReport {
+    let mut disrupt = Some(disrupt);
     use crate::common::chaos::Rng;
     let policy = ReplayPolicy::new()
         .across_instances(true)
@@ -678,6 +685,12 @@ pub async fn chaos<S: Store + Clone>(store: S, streams: usize, events: u32) -> C
                 .await
                 .unwrap();
             doomed = Doomed::start(store.clone(), ReplayPolicy::new()).await;
+        }
+        if i == streams / 2
+            && let Some(disrupt) = disrupt.take()
+        {
+            // While the clients go on.
+            tokio::task::spawn_blocking(disrupt);
         }
     }
     drop(doomed);
