@@ -11,8 +11,8 @@ use std::time::Duration;
 use across::{Instance, answer_key, event, events, joined, stored_log};
 use bytes::Bytes;
 use common::names::{
-    OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_DURABLE_TIMEOUTS_TOTAL,
-    REPLAY_STORE_EVENTS_TOTAL, STORE_ERRORS_TOTAL,
+    OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_STORE_EVENTS_TOTAL,
+    STORE_ERRORS_TOTAL,
 };
 use tower_sse_tracker::store::{
     InMemoryStore, LogAppend, SaveEntry, Store, StoreError, StoredId, StoredLog,
@@ -59,28 +59,6 @@ async fn a_stream_its_producer_stops_gives_readers_elsewhere_the_gap_signal() {
 #[tokio::test]
 async fn a_stale_local_log_does_not_hide_the_stores() {
     across::a_stale_local_log_does_not_hide_the_stores(store()).await;
-}
-
-#[tokio::test]
-async fn with_durable_appends_the_store_holds_every_event_a_client_has() {
-    across::with_durable_appends_the_store_holds_every_event_a_client_has(store()).await;
-}
-
-/// What durable appends add to each frame's way to its client, at the default flush interval
-/// (100 ms), on the in-memory store: printed, side by side.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_latency_durable_appends_add_is_printed() {
-    let flush = Duration::from_millis(100);
-    let plain = across::frame_latency(store(), false, flush, 100).await;
-    let durable = across::frame_latency(store(), true, flush, 100).await;
-    let q = across::quantile;
-    println!(
-        "frame to client, flush 100 ms, 100 events: not durable p50 {:?} p99 {:?}; durable p50 {:?} p99 {:?}",
-        q(&plain, 0.5),
-        q(&plain, 0.99),
-        q(&durable, 0.5),
-        q(&durable, 0.99)
-    );
 }
 
 /// The in-memory store, whose appends fail at once, hang or panic while a fault is set.
@@ -248,30 +226,4 @@ async fn the_first_byte_of_a_300_event_replay_from_another_instance_is_timed() {
         across::quantile(&times, 0.99),
         times[times.len() - 1]
     );
-}
-
-#[tokio::test]
-async fn with_durable_appends_a_store_that_hangs_ends_the_response_before_an_unconfirmed_frame() {
-    let store = FaultyAppends::default();
-    let a = Instance::start_built(
-        store.clone(),
-        ReplayPolicy::new().across_instances(true).durable(true),
-        |builder| builder.store_timeout(Duration::from_millis(200)),
-    )
-    .await;
-    let feed = a.next_feed();
-    let mut client = a.get(None).await;
-    feed.send(Bytes::from(event(1))).unwrap();
-    client.read_until_suffix(event(1).as_bytes()).await;
-    *store.fault.lock().unwrap() = Some(Fault::Hang);
-    feed.send(Bytes::from(event(2))).unwrap();
-    tokio::time::timeout(Duration::from_secs(3), client.read_to_end())
-        .await
-        .expect("the response ends at twice the store timeout");
-    assert_eq!(
-        client.received,
-        event(1).as_bytes(),
-        "the unconfirmed frame is not sent"
-    );
-    assert_eq!(a.metrics.value(REPLAY_DURABLE_TIMEOUTS_TOTAL, &[]), 1.0);
 }

@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::protocol::Resumption;
 use crate::registry::handoff::Room;
-use crate::replay::{AlsoCommit, FrameEvents, StorePoint, Tail};
+use crate::replay::{AlsoCommit, FrameEvents, Tail};
 use crate::scan::{Boundary, Scanner};
 use crate::shared::Shared;
 use detach::{Detacher, Held};
@@ -150,8 +150,6 @@ pin_project! {
         finished: bool,
         // With a stream per id and replay on: what the scan of a frame found, for the log.
         frame: Option<Box<FrameEvents>>,
-        // Durable appends: the frame held until the store has its events.
-        hold: Option<Box<Hold>>,
     }
 
     impl PinnedDrop for SseState {
@@ -160,15 +158,6 @@ pin_project! {
             this.shared.metrics.stream_ended(resumable);
         }
     }
-}
-
-/// A frame held back until the store holds the events it completes (durable appends), with
-/// the wait for the store's next append and the deadline.
-struct Hold {
-    data: Bytes,
-    point: StorePoint,
-    wait: Pin<Box<OwnedNotified>>,
-    deadline: Pin<Box<Sleep>>,
 }
 
 impl<B> TrackedBody<B> {
@@ -258,7 +247,6 @@ impl SseState {
             replay: None,
             finished: false,
             frame: None,
-            hold: None,
         };
         if let Some(replay) = replay {
             // After a replay, what the inner body sends is in the middle of the client's
@@ -472,70 +460,6 @@ impl SseState {
     fn is_resumable(&self) -> bool {
         self.resumption == Resumption::ByIds && self.has_last_id
     }
-
-    /// `data` on its way out, with durable appends: held until the store holds the events it
-    /// completes (see [`poll_hold`](Self::poll_hold)), else out at once.
-    fn release(mut self: Pin<&mut Self>, data: Bytes, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        let durable = self
-            .shared
-            .replay
-            .as_ref()
-            .is_some_and(|replayer| replayer.budget.policy.durable);
-        let writer = self.tracked.as_ref().and_then(|t| t.tracking.log.as_ref());
-        let Some((writer, point)) = writer
-            .filter(|_| durable)
-            .and_then(|writer| Some((writer, writer.unstored_point()?)))
-        else {
-            return Poll::Ready(Some(data));
-        };
-        let hold = Hold {
-            data,
-            point,
-            wait: writer.stored_wait(),
-            deadline: Box::pin(tokio::time::sleep(
-                self.shared.store_timeout.saturating_mul(2),
-            )),
-        };
-        *self.as_mut().project().hold = Some(Box::new(hold));
-        self.poll_hold(cx)
-    }
-
-    /// The held frame, once the store holds its events; `None` (the body ends there) when
-    /// the store has not confirmed them within twice the store timeout.
-    fn poll_hold(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        let this = self.project();
-        let Some(hold) = this.hold.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let writer = this.tracked.as_ref().and_then(|t| t.tracking.log.as_ref());
-        loop {
-            if writer.is_none_or(|writer| writer.stored_reached(hold.point)) {
-                let hold = this.hold.take().expect("held");
-                return Poll::Ready(Some(hold.data));
-            }
-            if hold.wait.as_mut().poll(cx).is_ready() {
-                // An append: look again, waiting for the next one first.
-                if let Some(writer) = writer {
-                    hold.wait = writer.stored_wait();
-                }
-                continue;
-            }
-            if hold.deadline.as_mut().poll(cx).is_ready() {
-                if let Some(replayer) = &this.shared.replay {
-                    replayer.budget.metrics.durable_timeouts.increment(1);
-                }
-                tracing::warn!(
-                    parent: &*this.span,
-                    "SSE frame not confirmed by the store in time (durable replay): the \
-                     response ends before it"
-                );
-                *this.hold = None;
-                *this.ended = true;
-                return Poll::Ready(None);
-            }
-            return Poll::Pending;
-        }
-    }
 }
 
 impl<B: Body> Body for TrackedBody<B> {
@@ -593,12 +517,6 @@ pub(crate) fn poll_sse<B: Body>(
     if sse.ended {
         return Poll::Ready(None);
     }
-    if sse.hold.is_some() {
-        return sse
-            .as_mut()
-            .poll_hold(cx)
-            .map(|data| data.map(|data| Ok(Frame::data(data))));
-    }
     if let Some(trailers) = sse.as_mut().project().trailers.take() {
         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
     }
@@ -641,12 +559,7 @@ pub(crate) fn poll_sse<B: Body>(
                 Ok(mut data) => {
                     let data = data.copy_to_bytes(data.remaining());
                     match sse.as_mut().data_out(data, draining) {
-                        Some(data) => {
-                            return sse
-                                .as_mut()
-                                .release(data, cx)
-                                .map(|data| data.map(|data| Ok(Frame::data(data))));
-                        }
+                        Some(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                         None => continue,
                     }
                 }

@@ -50,7 +50,6 @@
 //! | `sse_tracker_replay_streams_unlogged_total` | counter | tracked SSE bodies not logged because another body of their stream writes its log |
 //! | `sse_tracker_replay_store_events_total` | counter | events appended to the store's replay logs (replay across instances) |
 //! | `sse_tracker_replay_store_dropped_total` | counter | replay logs whose events were not queued for the store, by `reason` |
-//! | `sse_tracker_replay_durable_timeouts_total` | counter | responses ended because the store did not confirm a frame's events in time (durable replay) |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: `no_owner` (no valid owner from a header or
@@ -214,7 +213,6 @@ pub const ALL: &[&str] = &[
     replay::REPLAY_DETACHED_TOTAL,
     replay::REPLAY_STORE_EVENTS_TOTAL,
     replay::REPLAY_STORE_DROPPED_TOTAL,
-    replay::REPLAY_DURABLE_TIMEOUTS_TOTAL,
 ];
 
 /// `reason` label: no valid owner from the configured owner source (a header or a request

@@ -35,10 +35,6 @@ pub(crate) const REPLAY_STORE_EVENTS_TOTAL: &str = "sse_tracker_replay_store_eve
 /// (`queue`: the worker's log queue was full, or the worker had stopped).
 pub(crate) const REPLAY_STORE_DROPPED_TOTAL: &str = "sse_tracker_replay_store_dropped_total";
 
-/// Counter: responses ended because the store did not confirm a frame's events in time
-/// (durable replay).
-pub(crate) const REPLAY_DURABLE_TIMEOUTS_TOTAL: &str = "sse_tracker_replay_durable_timeouts_total";
-
 /// What became of a detached stream: the `outcome` label of `sse_tracker_replay_detached_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Detached {
@@ -124,7 +120,6 @@ pub(crate) struct ReplayMetrics {
     pub(crate) detached_open: Gauge,
     detached: [Counter; Detached::ALL.len()],
     pub(crate) store_events: Counter,
-    pub(crate) durable_timeouts: Counter,
 }
 
 impl ReplayMetrics {
@@ -146,7 +141,6 @@ impl ReplayMetrics {
             detached: Detached::ALL
                 .map(|outcome| counter!(REPLAY_DETACHED_TOTAL, "outcome" => outcome.label())),
             store_events: counter!(REPLAY_STORE_EVENTS_TOTAL),
-            durable_timeouts: counter!(REPLAY_DURABLE_TIMEOUTS_TOTAL),
         }
     }
 
@@ -231,10 +225,5 @@ pub(super) fn describe() {
         REPLAY_STORE_DROPPED_TOTAL,
         Unit::Count,
         "Replay logs whose events were not queued for the store, by reason"
-    );
-    describe_counter!(
-        REPLAY_DURABLE_TIMEOUTS_TOTAL,
-        Unit::Count,
-        "Responses ended because the store did not confirm a frame's events in time"
     );
 }

@@ -23,8 +23,8 @@ use tokio::sync::futures::OwnedNotified;
 
 mod to_store;
 
+pub(crate) use to_store::StoreBound;
 use to_store::Stored;
-pub(crate) use to_store::{StoreBound, StorePoint};
 
 use super::ring::Ring;
 use super::{GapReason, Position, ReplayPolicy};
@@ -264,8 +264,6 @@ pub(crate) struct StreamLog {
     /// the first).
     tailers: AtomicUsize,
     changed: OnceLock<Arc<Notify>>,
-    /// Wakes bodies waiting for the store to hold their events (durable appends).
-    stored_changed: OnceLock<Arc<Notify>>,
 }
 
 /// What [`StreamLog::peek`] finds: the number of events after the client's, the newest id
@@ -324,7 +322,6 @@ impl StreamLog {
             store,
             tailers: AtomicUsize::new(0),
             changed: OnceLock::new(),
-            stored_changed: OnceLock::new(),
         }
     }
 

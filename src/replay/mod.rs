@@ -32,8 +32,7 @@ use crate::metrics::ReplayMetrics;
 use crate::registry::{LogQueue, Slot};
 pub(crate) use from_store::{Looked, StoreReader, StoreTail, TailPermit, lookup};
 pub(crate) use log::{
-    AlsoCommit, Budget, FrameEvents, LocalTail, Peeked, ReadOnHandle, StoreBound, StorePoint,
-    StreamLog, Writer,
+    AlsoCommit, Budget, FrameEvents, LocalTail, Peeked, ReadOnHandle, StoreBound, StreamLog, Writer,
 };
 
 /// The response header that says what the layer replayed, on an SSE response to a request
@@ -143,7 +142,6 @@ pub struct ReplayPolicy {
     pub(crate) detached_timeout: Duration,
     pub(crate) detached_max_bytes: usize,
     pub(crate) across_instances: bool,
-    pub(crate) durable: bool,
 }
 
 impl Default for ReplayPolicy {
@@ -165,7 +163,6 @@ impl ReplayPolicy {
             detached_timeout: Duration::from_secs(600),
             detached_max_bytes: 16 << 20,
             across_instances: false,
-            durable: false,
         }
     }
 
@@ -242,27 +239,6 @@ impl ReplayPolicy {
         self
     }
 
-    /// With replay [across instances](Self::across_instances): a detached stream's frame goes
-    /// to its client only once the store holds every event the frame completes (default
-    /// off). No instance's death then loses an event a client has: what a client got, any
-    /// instance can replay. The cost is latency: the worker appends once per flush (a group
-    /// commit for all streams), so each frame waits about half a flush interval and a store
-    /// call (`tests/across_instances.rs` prints the figures); heartbeats wait with it. A
-    /// frame the store has not confirmed within twice the store timeout is not sent: the
-    /// response ends there (counted in `sse_tracker_replay_durable_timeouts_total`), and
-    /// the client's reconnect is answered with what the store holds.
-    ///
-    /// ```
-    /// use tower_sse_tracker::ReplayPolicy;
-    ///
-    /// let policy = ReplayPolicy::new().across_instances(true).durable(true);
-    /// # let _ = policy;
-    /// ```
-    pub fn durable(mut self, on: bool) -> Self {
-        self.durable = on;
-        self
-    }
-
     /// The most events one stream's log keeps (default 1024).
     pub fn max_events(mut self, events: NonZeroUsize) -> Self {
         self.max_events = events.get();
@@ -301,9 +277,6 @@ impl ReplayPolicy {
 
     /// Why the policy cannot be used, if it cannot.
     pub(crate) fn check(&self) -> Result<(), String> {
-        if self.durable && !self.across_instances {
-            return Err("replay durable needs across_instances: it waits for the store".into());
-        }
         if self.max_stream_bytes > MAX_STREAM_BYTES {
             return Err(format!(
                 "replay max_stream_bytes {} is above {MAX_STREAM_BYTES}",

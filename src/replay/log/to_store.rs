@@ -2,12 +2,9 @@
 //! the events it lacks, which the worker reads from the log itself at each flush (there is no
 //! second copy of them waiting for the store).
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
-use tokio::sync::futures::OwnedNotified;
 
 use super::{LogInner, StreamLog};
 use crate::key::{EventId, StreamKey};
@@ -119,11 +116,6 @@ impl LogInner {
 }
 
 impl StreamLog {
-    /// What wakes the bodies waiting for the store (durable appends).
-    pub(super) fn stored_changed(&self) -> &Arc<Notify> {
-        self.stored_changed.get_or_init(|| Arc::new(Notify::new()))
-    }
-
     /// Whether the log must be offered to the store's queue now (called with it locked, after
     /// a change): it goes to the store, the store lacks something of it, and it is not queued
     /// yet (it then is).
@@ -174,10 +166,6 @@ impl StreamLog {
             inner.stored.next = inner.stored.next.max(last.offset + 1);
         }
         inner.stored.ended |= append.end.is_some();
-        drop(inner);
-        if let Some(changed) = self.stored_changed.get() {
-            changed.notify_waiters();
-        }
     }
 
     /// For the worker, after an append of this log (failed, or done while the log changed):
@@ -192,47 +180,4 @@ impl StreamLog {
             self.offer_to_store();
         }
     }
-}
-
-/// Where a durable body waits for the store: the events of its log's history up to an
-/// offset.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StorePoint {
-    epoch: u64,
-    held: u64,
-}
-
-impl super::Writer {
-    /// With durable appends: the point the store must reach before the frame this writer
-    /// just wrote goes out, if it has not reached it (the log goes to the store, its history
-    /// is detachable, and this writer writes it).
-    pub(crate) fn unstored_point(&self) -> Option<StorePoint> {
-        let inner = lock(&self.log.inner);
-        if self.log.store.is_none() || !inner.detachable || inner.writing != Some(self.number) {
-            return None;
-        }
-        let point = StorePoint {
-            epoch: inner.epoch,
-            held: inner.held(),
-        };
-        (!reached(&inner, point)).then_some(point)
-    }
-
-    /// Whether the store holds everything up to `point` (or the log moved on: another
-    /// history, or the events trimmed).
-    pub(crate) fn stored_reached(&self, point: StorePoint) -> bool {
-        reached(&lock(&self.log.inner), point)
-    }
-
-    /// A wait for the next append of this log, registered now.
-    pub(crate) fn stored_wait(&self) -> Pin<Box<OwnedNotified>> {
-        let mut wait = Box::pin(self.log.stored_changed().clone().notified_owned());
-        wait.as_mut().enable();
-        wait
-    }
-}
-
-fn reached(inner: &LogInner, point: StorePoint) -> bool {
-    let (next, _) = inner.stored.of(point.epoch);
-    inner.epoch != point.epoch || next >= point.held || inner.first >= point.held
 }
