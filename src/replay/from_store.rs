@@ -16,9 +16,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::key::{EventId, StreamKey};
 use crate::metrics::{StoreErrors, StoreOp};
-use crate::store::{BoxFuture, DynStore, LogEnd, StoredLog};
+use crate::store::{BoxFuture, DynStore, LogEnd, StoredLog, holds_all};
 use crate::worker::LEASE_EVERY;
-use crate::worker::guard::guarded;
+use crate::worker::guard::{StoreFailure, guarded};
 
 /// What a reader of the store needs: the store, the stream's key, and the bounds of a read.
 #[derive(Clone)]
@@ -41,24 +41,21 @@ impl StoreReader {
             self.store.read_log(&self.key, after, self.limit),
         )
         .await;
-        self.ok(read, StoreOp::ReadLog)
+        self.ok(read)
     }
 
     /// Whether `producer`'s lease runs; `None` when the call fails.
     async fn lease_alive(&self, producer: &str) -> Option<bool> {
         let alive = guarded(self.timeout, self.store.lease_alive(producer)).await;
-        self.ok(alive, StoreOp::ReadLog)
+        self.ok(alive)
     }
 
-    fn ok<T>(
-        &self,
-        result: Result<T, crate::worker::guard::StoreFailure>,
-        op: StoreOp,
-    ) -> Option<T> {
+    /// The value of a read, or `None` with the failure counted (`op="read_log"`) and logged.
+    fn ok<T>(&self, result: Result<T, StoreFailure>) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(failure) => {
-                self.errors.count(op, failure.reason());
+                self.errors.count(StoreOp::ReadLog, failure.reason());
                 tracing::warn!(
                     error = %failure,
                     key = %self.key,
@@ -127,14 +124,11 @@ pub(crate) fn lookup(
             }
         };
         // Every event after the client's, none missing, up to the last appended.
-        let mut expected = log.events[at].offset + 1;
-        for event in &log.events[at + 1..] {
-            if event.offset != expected {
-                return Looked::Missing;
-            }
-            expected += 1;
-        }
-        if expected < log.next_offset {
+        if !holds_all(
+            &log.events[at + 1..],
+            log.events[at].offset + 1,
+            log.next_offset,
+        ) {
             return Looked::Missing;
         }
         let lost = match log.end {

@@ -244,12 +244,24 @@ impl LogInner {
             }
             start += len;
         }
-        extra.last_id = last_id.map(|(from, to)| {
-            let mut id = Vec::with_capacity(to - from);
-            self.ring.copy_into(from, to, &mut id);
-            EventId::from_scanned(&id)
-        });
+        extra.last_id = last_id.map(|range| self.id_in(range));
         extra
+    }
+
+    /// The id whose bytes lie at `from..to` in the ring.
+    fn id_in(&self, (from, to): (usize, usize)) -> EventId {
+        let mut id = Vec::with_capacity(to - from);
+        self.ring.copy_into(from, to, &mut id);
+        EventId::from_scanned(&id)
+    }
+
+    /// Where the record at `index` starts in the ring.
+    fn record_start(&self, index: usize) -> usize {
+        self.records
+            .iter()
+            .take(index)
+            .map(|&len| len as usize)
+            .sum()
     }
 }
 
@@ -391,11 +403,7 @@ impl StreamLog {
             }
             at += len as usize;
         }
-        let last_id = last_id.map(|(from, to)| {
-            let mut id = Vec::with_capacity(to - from);
-            inner.ring.copy_into(from, to, &mut id);
-            EventId::from_scanned(&id)
-        });
+        let last_id = last_id.map(|range| inner.id_in(range));
         let position = Position {
             epoch: inner.epoch,
             offset: inner.first + (index + events) as u64,
@@ -897,13 +905,7 @@ impl StreamLog {
         let held = inner.first + inner.records.len() as u64;
         if *next < held {
             let index = (*next - inner.first) as usize;
-            let start = inner
-                .records
-                .iter()
-                .take(index)
-                .map(|&len| len as usize)
-                .sum();
-            let events = inner.events_from_index(index, start);
+            let events = inner.events_from_index(index, inner.record_start(index));
             *next = held;
             return TailStep::Events(Bytes::from(events.bytes));
         }
@@ -1084,13 +1086,14 @@ impl Budget {
     /// instances that share a store (whose logs keep the history of the highest epoch).
     fn next_epoch(&self) -> u64 {
         let now = unix_micros();
-        let last = self
+        let mut epoch = now;
+        let _ = self
             .epochs
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
-                Some(now.max(last + 1))
-            })
-            .unwrap_or_else(|last| last);
-        now.max(last + 1)
+                epoch = now.max(last + 1);
+                Some(epoch)
+            });
+        epoch
     }
 
     /// A log went from `before` heap bytes to `after`. Called with the log locked, so that a

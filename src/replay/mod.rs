@@ -579,16 +579,20 @@ impl Replayer {
     }
 
     fn gap(&self, reason: GapReason) -> Prepared {
-        let bytes = match &self.gap_event {
-            Some(name) => Bytes::from(format!("event: {name}\ndata: {reason}\n\n")),
-            None => Bytes::new(),
-        };
         Prepared {
             replay: Replay::Gap(reason),
-            bytes,
+            bytes: self.gap_bytes(reason),
             events: 0,
             writer: None,
             tail: None,
+        }
+    }
+
+    /// The gap event for `reason`, if the policy names one.
+    fn gap_bytes(&self, reason: GapReason) -> Bytes {
+        match &self.gap_event {
+            Some(name) => Bytes::from(format!("event: {name}\ndata: {reason}\n\n")),
+            None => Bytes::new(),
         }
     }
 
@@ -649,7 +653,7 @@ impl Replayer {
         let offset = missed
             .last()
             .map_or(log.events[after - 1].offset, |e| e.offset);
-        let gap = self.gap(GapReason::ProducerLost).bytes;
+        let gap = self.gap_bytes(GapReason::ProducerLost);
         let finished = log.end == Some(crate::store::LogEnd::Finished);
         let tail = StoreTail::new(reader, &log, finished, gap, timing, permit);
         Ok(Prepared {

@@ -156,18 +156,12 @@ impl StoredLog {
     /// assert!(!log.complete_after(None), "offsets 0 to 2 are not held");
     /// ```
     pub fn complete_after(&self, after: Option<(u64, u64)>) -> bool {
-        let mut expected = match after {
+        let from = match after {
             Some((epoch, _)) if epoch != self.epoch => return false,
             Some((_, offset)) => offset.saturating_add(1),
             None => 0,
         };
-        for event in &self.events {
-            if event.offset != expected {
-                return false;
-            }
-            expected = expected.saturating_add(1);
-        }
-        expected >= self.next_offset
+        holds_all(&self.events, from, self.next_offset)
     }
 
     /// A log of `epoch` written by `producer`.
@@ -186,4 +180,16 @@ impl StoredLog {
             end,
         }
     }
+}
+
+/// Whether `events` are every event from offset `from` up to `next_offset`, none missing.
+pub(crate) fn holds_all(events: &[LogEvent], from: u64, next_offset: u64) -> bool {
+    let mut expected = from;
+    for event in events {
+        if event.offset != expected {
+            return false;
+        }
+        expected = expected.saturating_add(1);
+    }
+    expected >= next_offset
 }

@@ -54,6 +54,7 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+pub(crate) use log::holds_all;
 pub use log::{LogAppend, LogEnd, LogEvent, StoredLog};
 pub use memory::InMemoryStore;
 #[cfg(feature = "redis")]

@@ -68,8 +68,8 @@ pub(super) enum CallDone {
         result: Result<(), StoreFailure>,
         started: Instant,
     },
+    /// The logs it was read from are `State::appending`.
     Append {
-        logs: Vec<Arc<StreamLog>>,
         appends: Vec<LogAppend>,
         result: Result<(), StoreFailure>,
         started: Instant,
@@ -339,15 +339,14 @@ impl State {
             return None;
         }
         let (logs, appends): (Vec<_>, Vec<_>) = self.round.appends.pop_front()?.into_iter().unzip();
-        // Kept until the call is done: a panic of the loop meanwhile offers them again.
-        self.appending.clone_from(&logs);
+        // Kept here until the call is done: a panic of the loop meanwhile offers them again.
+        self.appending = logs;
         let timeout = self.config.store_timeout;
         let store = self.store.clone();
         Some(Box::pin(async move {
             let started = Instant::now();
             let result = guarded(timeout, async { store.append_logs(&appends).await }).await;
             CallDone::Append {
-                logs,
                 appends,
                 result,
                 started,
@@ -504,11 +503,8 @@ impl State {
                 }
             },
             CallDone::Append {
-                logs,
-                appends,
-                result,
-                ..
-            } => self.append_done(logs, appends, result, now),
+                appends, result, ..
+            } => self.append_done(appends, result, now),
             CallDone::Lease { result, .. } => {
                 if let Err(failure) = result {
                     self.metrics
@@ -529,12 +525,11 @@ impl State {
 
     fn append_done(
         &mut self,
-        logs: Vec<Arc<StreamLog>>,
         appends: Vec<LogAppend>,
         result: Result<(), StoreFailure>,
         now: Instant,
     ) {
-        self.appending.clear();
+        let logs = std::mem::take(&mut self.appending);
         match result {
             Ok(()) => {
                 self.append_gate.succeeded();

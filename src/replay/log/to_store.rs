@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{LogInner, StreamLog};
-use crate::key::{EventId, StreamKey};
+use crate::key::StreamKey;
 use crate::registry::LogQueue;
 use crate::store::{LogAppend, LogEnd, LogEvent};
 use crate::sync::lock;
@@ -96,18 +96,14 @@ impl LogInner {
     fn log_events_from(&self, from: u64) -> Vec<LogEvent> {
         let from = from.max(self.first);
         let skip = (from - self.first) as usize;
-        let mut start: usize = self.records.iter().take(skip).map(|&l| l as usize).sum();
+        let mut start = self.record_start(skip);
         let mut events = Vec::with_capacity(self.records.len() - skip);
         for (n, &len) in self.records.iter().enumerate().skip(skip) {
             let len = len as usize;
             let (event_end, id) = self.parts(start, len);
             let mut bytes = Vec::with_capacity(event_end - start);
             self.ring.copy_into(start, event_end, &mut bytes);
-            let id = id.map(|(a, b)| {
-                let mut id = Vec::with_capacity(b - a);
-                self.ring.copy_into(a, b, &mut id);
-                EventId::from_scanned(&id)
-            });
+            let id = id.map(|range| self.id_in(range));
             events.push(LogEvent::new(self.first + n as u64, id, Bytes::from(bytes)));
             start += len;
         }
