@@ -606,6 +606,11 @@ mod tests {
         assert_eq!(err(b().retry(forever)), ConfigError::Retry(forever));
         let backwards = RetryPolicy::exponential(Duration::from_secs(2), Duration::from_secs(1), 3);
         assert_eq!(err(b().retry(backwards)), ConfigError::Retry(backwards));
+        let durable_alone = ReplayPolicy::new().durable(true);
+        assert_eq!(
+            err(b().replay(durable_alone.clone())),
+            ConfigError::Replay(durable_alone)
+        );
         // A bad comment does not matter when heartbeats are off.
         assert!(
             b().heartbeat_interval(None)

@@ -97,7 +97,7 @@ impl Shared {
         let flush_interval = worker.flush_interval;
         let replay = replay.map(|policy| {
             let queue = registry.handoff().log_queue().clone();
-            Replayer::new(policy, ReplayMetrics::register(), queue)
+            Replayer::new(policy, ReplayMetrics::register(), queue, store_timeout)
         });
         let to_store = replay
             .as_ref()

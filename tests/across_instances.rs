@@ -5,14 +5,15 @@
 mod across;
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use across::{Instance, answer_key, event, events, joined, stored_log};
 use bytes::Bytes;
 use common::names::{
-    OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_STORE_EVENTS_TOTAL,
-    STORE_ERRORS_TOTAL,
+    OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_DURABLE_CUT_TOTAL,
+    REPLAY_STORE_EVENTS_TOTAL, STORE_ERRORS_TOTAL,
 };
 use tower_sse_tracker::store::{
     InMemoryStore, LogAppend, SaveEntry, Store, StoreError, StoredId, StoredLog,
@@ -61,11 +62,36 @@ async fn a_stale_local_log_does_not_hide_the_stores() {
     across::a_stale_local_log_does_not_hide_the_stores(store()).await;
 }
 
+#[tokio::test]
+async fn with_durable_replay_the_store_holds_every_event_a_client_has_and_its_end() {
+    across::with_durable_replay_the_store_holds_every_event_a_client_has_and_its_end(store()).await;
+}
+
+/// What durable replay adds to each frame's way to its client, at a flush interval of
+/// 100 ms, on the in-memory store: printed, side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latency_durable_replay_adds_is_printed() {
+    let flush = Duration::from_millis(100);
+    let plain = across::frame_latency(store(), false, flush, 100).await;
+    let durable = across::frame_latency(store(), true, flush, 100).await;
+    let q = across::quantile;
+    println!(
+        "frame to client, flush 100 ms, 100 events, in-memory store: not durable p50 {:?} p99 \
+         {:?}; durable p50 {:?} p99 {:?}",
+        q(&plain, 0.5),
+        q(&plain, 0.99),
+        q(&durable, 0.5),
+        q(&durable, 0.99)
+    );
+}
+
 /// The in-memory store, whose appends fail at once, hang or panic while a fault is set.
 #[derive(Clone, Default)]
 struct FaultyAppends {
     inner: Arc<InMemoryStore>,
     fault: Arc<Mutex<Option<Fault>>>,
+    /// Append calls made.
+    appends: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +111,7 @@ impl Store for FaultyAppends {
     }
 
     async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
         let fault = *self.fault.lock().unwrap();
         match fault {
             Some(Fault::Fail) => Err(StoreError::new("appends refused")),
@@ -226,4 +253,132 @@ async fn the_first_byte_of_a_300_event_replay_from_another_instance_is_timed() {
         across::quantile(&times, 0.99),
         times[times.len() - 1]
     );
+}
+
+fn durable() -> ReplayPolicy {
+    ReplayPolicy::new().across_instances(true).durable(true)
+}
+
+#[tokio::test]
+async fn with_durable_replay_a_store_that_hangs_ends_the_response_before_an_unconfirmed_frame() {
+    let store = FaultyAppends::default();
+    let a = Instance::start_built(store.clone(), durable(), |builder| {
+        builder.store_timeout(Duration::from_millis(200))
+    })
+    .await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    feed.send(Bytes::from(event(1))).unwrap();
+    client.read_until_suffix(event(1).as_bytes()).await;
+    *store.fault.lock().unwrap() = Some(Fault::Hang);
+    feed.send(Bytes::from(event(2))).unwrap();
+    tokio::time::timeout(Duration::from_secs(3), client.read_to_end())
+        .await
+        .expect("the response ends at twice the store timeout");
+    assert_eq!(
+        client.received,
+        event(1).as_bytes(),
+        "the unconfirmed frame is not sent"
+    );
+    assert_eq!(a.metrics.value(REPLAY_DURABLE_CUT_TOTAL, &[]), 1.0);
+}
+
+/// The body reads on while its frames wait for the store: a burst of 100 frames goes out
+/// after one or two appends, not one append (one flush) per frame.
+#[tokio::test]
+async fn with_durable_replay_a_burst_of_frames_goes_out_in_a_few_appends_not_one_per_frame() {
+    let store = FaultyAppends::default();
+    let a = Instance::start_built(store.clone(), durable(), |builder| {
+        builder.flush_interval(Duration::from_millis(100))
+    })
+    .await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    for n in 1..=100 {
+        feed.send(Bytes::from(event(n))).unwrap();
+    }
+    client.read_until_suffix(event(100).as_bytes()).await;
+    assert_eq!(client.received, events(1..=100).as_bytes());
+    let appends = store.appends.load(Ordering::SeqCst);
+    assert!(
+        appends <= 3,
+        "100 frames took {appends} appends to reach the client"
+    );
+}
+
+/// A reconnect to the instance that holds the stream's log gets, with durable replay, only
+/// the events the store holds: the rest follows once the store has it.
+#[tokio::test]
+async fn with_durable_replay_a_reconnect_to_the_same_instance_gets_only_what_the_store_holds() {
+    let store = FaultyAppends::default();
+    let a = Instance::start_built(store.clone(), durable(), |builder| {
+        builder
+            .store_timeout(Duration::from_secs(1))
+            .retry(RetryPolicy::exponential(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+                1000,
+            ))
+    })
+    .await;
+    let (feed, client) = a.answer_read(1).await;
+    // The client leaves; the stream is read on, detached.
+    drop(client);
+    *store.fault.lock().unwrap() = Some(Fault::Fail);
+    feed.send(Bytes::from(event(2))).unwrap();
+    // Event 2 is in the local log, not in the store.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut back = a.get(Some("1")).await;
+    let early = tokio::time::timeout(Duration::from_millis(300), back.read_chunk()).await;
+    assert!(
+        early.is_err() || back.received.is_empty(),
+        "event 2 went to a client before the store held it: {:?}",
+        String::from_utf8_lossy(&back.received)
+    );
+    *store.fault.lock().unwrap() = None;
+    back.read_until_suffix(event(2).as_bytes()).await;
+    assert_eq!(back.received, event(2).as_bytes());
+    drop(feed);
+    back.read_to_end().await;
+    assert_eq!(back.received, event(2).as_bytes());
+    assert_eq!(a.app.calls.load(Ordering::SeqCst), 1);
+}
+
+/// Events the log drops before the store got them (here, the tracker's byte budget taking
+/// the oldest history for another stream) can never be confirmed: the response waiting for
+/// them ends at once, not at the store's deadline.
+#[tokio::test]
+async fn with_durable_replay_events_dropped_before_the_store_got_them_end_the_response_at_once() {
+    let store = FaultyAppends::default();
+    let policy = durable()
+        .max_stream_bytes(std::num::NonZeroUsize::new(1536).unwrap())
+        .max_total_bytes(std::num::NonZeroUsize::new(1536).unwrap());
+    let a = Instance::start_built(store.clone(), policy, |builder| {
+        // The deadline of a held frame: 10 s.
+        builder.store_timeout(Duration::from_secs(5))
+    })
+    .await;
+    let (feed, mut client) = a.answer_read(1).await;
+    *store.fault.lock().unwrap() = Some(Fault::Fail);
+    feed.send(Bytes::from(event(2))).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Another stream fills the budget: the answer's log loses its oldest events.
+    let other = a
+        .http
+        .get(format!("http://{}/gen?n=60&every_ms=1", a.addr))
+        .header("mcp-session-id", "s2")
+        .send()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end())
+        .await
+        .expect("the response ends once its held events are dropped, before the deadline");
+    println!(
+        "held response ended {:?} after the budget filled",
+        started.elapsed()
+    );
+    assert_eq!(client.received, event(1).as_bytes());
+    assert!(a.metrics.value(REPLAY_DURABLE_CUT_TOTAL, &[]) >= 1.0);
+    drop(other);
 }

@@ -1688,6 +1688,12 @@ async fn the_first_byte_of_a_300_event_replay_from_redis_is_timed(topology: Topo
     );
 }
 
+async fn with_durable_replay_redis_holds_every_event_a_client_has_and_its_end(topology: Topology) {
+    let server = Redis::shared(topology);
+    let store = store(&server, &unique_prefix("durable")).await;
+    across::with_durable_replay_the_store_holds_every_event_a_client_has_and_its_end(store).await;
+}
+
 async fn a_producer_dead_in_redis_gets_the_gap_signal(topology: Topology) {
     let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("across")).await;
@@ -1723,6 +1729,7 @@ on_both_topologies!(
     a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal,
     chaos_across_instances_through_redis_gives_no_silent_gap,
     the_first_byte_of_a_300_event_replay_from_redis_is_timed,
+    with_durable_replay_redis_holds_every_event_a_client_has_and_its_end,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
     this_and_the_last_versions_layout_agree_on_the_newest_id,

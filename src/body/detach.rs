@@ -250,6 +250,9 @@ where
         return;
     };
     replayer.budget.metrics.detached(Detached::Started);
+    // Its frames go nowhere now: none waits for the store.
+    let mut parts = parts;
+    parts.sse.as_mut().stop_holding();
     let policy = &replayer.budget.policy;
     let (timeout, max_bytes) = (policy.detached_timeout, policy.detached_max_bytes);
     let span = parts.sse.span.clone();

@@ -8,6 +8,7 @@
 
 mod detach;
 mod drain;
+mod durable;
 mod heartbeat;
 mod tracking;
 
@@ -29,6 +30,7 @@ use crate::scan::{Boundary, Scanner};
 use crate::shared::Shared;
 use detach::{Detacher, Held};
 pub(crate) use detach::{ReadOn, detacher};
+use durable::{Hold, poll_durable};
 use tracking::{EVENTS_BATCH, Tracked};
 pub(crate) use tracking::{Fallback, Tracking};
 
@@ -150,6 +152,9 @@ pin_project! {
         finished: bool,
         // With a stream per id and replay on: what the scan of a frame found, for the log.
         frame: Option<Box<FrameEvents>>,
+        // Durable replay, for a body marked `Detach` while its client reads it: its frames
+        // waiting for the store.
+        hold: Option<Box<Hold>>,
     }
 
     impl PinnedDrop for SseState {
@@ -187,7 +192,11 @@ impl<B> TrackedBody<B> {
         replay: Option<Bytes>,
         detach: Option<Detacher<B>>,
     ) -> Self {
-        let state = SseState::new(shared, tracking, resumption, span, replay);
+        let durable = shared.replay.as_ref().and_then(|r| r.budget.durable);
+        let mut state = SseState::new(shared, tracking, resumption, span, replay);
+        if let Some(limit) = durable.filter(|_| detach.is_some() && state.tracked.is_some()) {
+            *state.as_mut().project().hold = Some(Hold::new(limit));
+        }
         match detach {
             Some(hold) => Self {
                 inner: Inner::Detachable {
@@ -247,6 +256,7 @@ impl SseState {
             replay: None,
             finished: false,
             frame: None,
+            hold: None,
         };
         if let Some(replay) = replay {
             // After a replay, what the inner body sends is in the middle of the client's
@@ -484,7 +494,10 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn is_end_stream(&self) -> bool {
         let ended = |sse: &SseState, inner_ended: bool| {
-            sse.trailers.is_none() && sse.replay.is_none() && (sse.ended || inner_ended)
+            sse.trailers.is_none()
+                && sse.replay.is_none()
+                && sse.hold.as_ref().is_none_or(|hold| hold.is_idle())
+                && (sse.ended || inner_ended)
         };
         match (&self.inner, &self.sse) {
             (Inner::Detachable { held }, _) => held
@@ -507,9 +520,32 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 }
 
-/// Polls an SSE body's next frame: from `src` through the layer, with its state `sse`.
+impl<B> Src<'_, B> {
+    fn reborrow(&mut self) -> Src<'_, B> {
+        match self {
+            Src::Body(body) => Src::Body(body.as_mut()),
+            Src::Tail(tail) => Src::Tail(tail),
+        }
+    }
+}
+
+/// Polls an SSE body's next frame: from `src` through the layer, with its state `sse`; with
+/// durable replay, once the store holds its events.
 #[inline(always)]
 pub(crate) fn poll_sse<B: Body>(
+    src: Src<'_, B>,
+    sse: &mut Pin<Box<SseState>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    if sse.hold.is_some() {
+        return poll_durable(src, sse, cx);
+    }
+    poll_frames(src, sse, cx)
+}
+
+/// [`poll_sse`] without durable replay's wait.
+#[inline(always)]
+fn poll_frames<B: Body>(
     mut src: Src<'_, B>,
     sse: &mut Pin<Box<SseState>>,
     cx: &mut Context<'_>,

@@ -35,6 +35,10 @@ pub(crate) const REPLAY_STORE_EVENTS_TOTAL: &str = "sse_tracker_replay_store_eve
 /// (`queue`: the worker's log queue was full, or the worker had stopped).
 pub(crate) const REPLAY_STORE_DROPPED_TOTAL: &str = "sse_tracker_replay_store_dropped_total";
 
+/// Counter: responses ended before events that the store did not confirm in time, or that the
+/// log dropped before the store got them (durable replay).
+pub(crate) const REPLAY_DURABLE_CUT_TOTAL: &str = "sse_tracker_replay_durable_cut_total";
+
 /// What became of a detached stream: the `outcome` label of `sse_tracker_replay_detached_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Detached {
@@ -120,6 +124,7 @@ pub(crate) struct ReplayMetrics {
     pub(crate) detached_open: Gauge,
     detached: [Counter; Detached::ALL.len()],
     pub(crate) store_events: Counter,
+    pub(crate) durable_cut: Counter,
 }
 
 impl ReplayMetrics {
@@ -141,6 +146,7 @@ impl ReplayMetrics {
             detached: Detached::ALL
                 .map(|outcome| counter!(REPLAY_DETACHED_TOTAL, "outcome" => outcome.label())),
             store_events: counter!(REPLAY_STORE_EVENTS_TOTAL),
+            durable_cut: counter!(REPLAY_DURABLE_CUT_TOTAL),
         }
     }
 
@@ -225,5 +231,10 @@ pub(super) fn describe() {
         REPLAY_STORE_DROPPED_TOTAL,
         Unit::Count,
         "Replay logs whose events were not queued for the store, by reason"
+    );
+    describe_counter!(
+        REPLAY_DURABLE_CUT_TOTAL,
+        Unit::Count,
+        "Responses ended before events the store did not confirm in time, or lost"
     );
 }

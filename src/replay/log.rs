@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -23,8 +24,8 @@ use tokio::sync::futures::OwnedNotified;
 
 mod to_store;
 
-pub(crate) use to_store::StoreBound;
 use to_store::Stored;
+pub(crate) use to_store::{Reach, StoreBound, StorePoint};
 
 use super::ring::Ring;
 use super::{GapReason, Position, ReplayPolicy};
@@ -227,15 +228,17 @@ impl LogInner {
         }
     }
 
-    /// The events of the records from the one at `index` on, which starts at `start`.
-    fn events_from_index(&self, index: usize, mut start: usize) -> Events {
+    /// The events of the records from the one at `index` (which starts at `start`) to the
+    /// one before `end` (none when `end` is not above `index`).
+    fn events_between(&self, index: usize, end: usize, mut start: usize) -> Events {
+        let end = end.clamp(index, self.records.len());
         let mut extra = Events {
             bytes: Vec::with_capacity(self.committed - start),
-            events: self.records.len() - index,
+            events: end - index,
             last_id: None,
         };
         let mut last_id = None;
-        for &len in self.records.iter().skip(index) {
+        for &len in self.records.iter().take(end).skip(index) {
             let len = len as usize;
             let (event_end, id) = self.parts(start, len);
             self.ring.copy_into(start, event_end, &mut extra.bytes);
@@ -362,12 +365,20 @@ impl StreamLog {
             Ok(found) => found,
             Err(reason) => return Lookup::Gap(reason),
         };
-        let events = inner.events_from_index(index + 1, start);
+        let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
+        // A reconnect that follows the log gets what the store holds, with durable replay (its
+        // tail sends the rest once the store has it); one that continues the history with a
+        // body of its own gets it all, held as that body's frames are.
+        let upto = if follow {
+            self.visible(&inner)
+        } else {
+            inner.records.len()
+        };
+        let events = inner.events_between(index + 1, upto, start);
         let position = Position {
             epoch: inner.epoch,
             offset: inner.first + (index + events.events) as u64,
         };
-        let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
         let tail = follow.then(|| {
             // The handle is the writer's; it writes this history unless it is about to
             // start its own (a new response of the stream that has written nothing yet).
@@ -885,6 +896,27 @@ impl Drop for Writer {
 }
 
 impl StreamLog {
+    /// How many of the log's records clients may get now: all, unless [durable
+    /// replay](ReplayPolicy::durable) holds back those of a history going to the store that
+    /// the store does not hold yet.
+    fn visible(&self, inner: &LogInner) -> usize {
+        if self.budget.durable.is_none() || self.store.is_none() || !inner.detachable {
+            return inner.records.len();
+        }
+        let (stored, _) = inner.stored.of(inner.epoch);
+        stored
+            .saturating_sub(inner.first)
+            .min(inner.records.len() as u64) as usize
+    }
+
+    /// Wakes whatever waits on the log's changes: readers following it, and with durable
+    /// replay its writer's body waiting for the store.
+    pub(super) fn tell_all(&self) {
+        if let Some(changed) = self.changed.get() {
+            changed.notify_waiters();
+        }
+    }
+
     /// Wakes the readers following the log, if any.
     fn tell_tails(&self) {
         if self.tailers.load(Ordering::Relaxed) > 0
@@ -902,12 +934,17 @@ impl StreamLog {
             // ends, and the client's reconnect is told of the gap.
             return TailStep::End;
         }
-        let held = inner.first + inner.records.len() as u64;
-        if *next < held {
+        let visible = inner.first + self.visible(&inner) as u64;
+        if *next < visible {
             let index = (*next - inner.first) as usize;
-            let events = inner.events_from_index(index, inner.record_start(index));
-            *next = held;
+            let end = (visible - inner.first) as usize;
+            let events = inner.events_between(index, end, inner.record_start(index));
+            *next = visible;
             return TailStep::Events(Bytes::from(events.bytes));
+        }
+        if visible < inner.held() {
+            // Durable replay: the next events wait for the store.
+            return TailStep::Unconfirmed;
         }
         if !inner.writes_history() {
             // No body writes this history any more (a new response that has written nothing
@@ -921,6 +958,8 @@ impl StreamLog {
 enum TailStep {
     Events(Bytes),
     Wait,
+    /// Events are logged that the store does not hold yet (durable replay).
+    Unconfirmed,
     End,
 }
 
@@ -934,6 +973,9 @@ pub(crate) struct LocalTail {
     /// The offset of the next event to read.
     next: u64,
     waiting: Option<Pin<Box<OwnedNotified>>>,
+    /// Durable replay: how long the next events may wait for the store, from when the wait
+    /// began.
+    unconfirmed: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The body writing the log, while still attached to its old connection.
     read_on: Option<ReadOnHandle>,
 }
@@ -947,6 +989,7 @@ impl LocalTail {
             epoch,
             next,
             waiting: None,
+            unconfirmed: None,
             read_on,
         }
     }
@@ -987,9 +1030,30 @@ impl LocalTail {
             match self.log.tail_step(self.epoch, &mut self.next) {
                 TailStep::Events(bytes) => {
                     self.waiting = None;
+                    self.unconfirmed = None;
                     return Poll::Ready(Some(bytes));
                 }
                 TailStep::End => return Poll::Ready(None),
+                TailStep::Unconfirmed => {
+                    let wait = self.log.budget.durable.unwrap_or_default();
+                    let deadline = self
+                        .unconfirmed
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        // The store did not take them in time: the response ends before
+                        // them, and the client's reconnect gets what the store holds.
+                        self.log.budget.metrics.durable_cut.increment(1);
+                        tracing::warn!(
+                            "SSE events not confirmed by the store in time (durable replay): a \
+                             response following the stream's log ends before them"
+                        );
+                        return Poll::Ready(None);
+                    }
+                    if waiting.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.waiting = None;
+                }
                 TailStep::Wait => {
                     if waiting.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
@@ -1023,6 +1087,9 @@ impl std::fmt::Debug for LocalTail {
 pub(crate) struct Budget {
     pub(crate) policy: ReplayPolicy,
     pub(crate) metrics: ReplayMetrics,
+    /// With [durable](ReplayPolicy::durable) replay: how long an event waits for the store
+    /// before the response that holds it ends.
+    pub(crate) durable: Option<Duration>,
     held: AtomicUsize,
     /// Ages given to chunks, in order.
     ages: AtomicU64,
@@ -1068,12 +1135,20 @@ impl Budget {
         Self {
             policy,
             metrics,
+            durable: None,
             held: AtomicUsize::new(0),
             ages: AtomicU64::new(0),
             epochs: AtomicU64::new(start),
             logs: AtomicUsize::new(0),
             heap: Mutex::new(BinaryHeap::new()),
         }
+    }
+
+    /// With `wait`: events of logs that go to the store reach clients once the store holds
+    /// them, waiting at most that long (see [`ReplayPolicy::durable`]).
+    pub(crate) fn durable(mut self, wait: Option<Duration>) -> Self {
+        self.durable = wait;
+        self
     }
 
     /// Heap bytes held by every log.
@@ -1162,6 +1237,9 @@ impl Budget {
             }
             inner.ring.release_spare();
             self.account(before, inner.heap_bytes());
+            // Readers behind the trimmed events, and a durable body waiting for the store to
+            // hold them, learn it now.
+            log.tell_all();
             match inner.ring.front_age() {
                 Some(age) => heap.push(Oldest {
                     age,

@@ -32,7 +32,8 @@ use crate::metrics::ReplayMetrics;
 use crate::registry::{LogQueue, Slot};
 pub(crate) use from_store::{Looked, StoreReader, StoreTail, TailPermit, lookup};
 pub(crate) use log::{
-    AlsoCommit, Budget, FrameEvents, LocalTail, Peeked, ReadOnHandle, StoreBound, StreamLog, Writer,
+    AlsoCommit, Budget, FrameEvents, LocalTail, Peeked, Reach, ReadOnHandle, StoreBound,
+    StorePoint, StreamLog, Writer,
 };
 
 /// The response header that says what the layer replayed, on an SSE response to a request
@@ -142,6 +143,7 @@ pub struct ReplayPolicy {
     pub(crate) detached_timeout: Duration,
     pub(crate) detached_max_bytes: usize,
     pub(crate) across_instances: bool,
+    pub(crate) durable: bool,
 }
 
 impl Default for ReplayPolicy {
@@ -163,6 +165,7 @@ impl ReplayPolicy {
             detached_timeout: Duration::from_secs(600),
             detached_max_bytes: 16 << 20,
             across_instances: false,
+            durable: false,
         }
     }
 
@@ -239,6 +242,37 @@ impl ReplayPolicy {
         self
     }
 
+    /// With replay [across instances](Self::across_instances): an event of a
+    /// [detached](Detach) stream reaches any client only once the store holds it (default
+    /// off). Then no instance's death loses an event that a client has: whatever a client
+    /// got, every instance can replay. This holds for the response that streams the body, and
+    /// for replays and tails of its log on this instance.
+    ///
+    /// The cost is latency: the worker appends once per flush, for every stream at once (a
+    /// group commit), so an event waits about half a [flush
+    /// interval](crate::SseTrackerBuilder::flush_interval) and one store call
+    /// (`BENCHMARKS.md` has the figures). The response keeps reading its body meanwhile, up to
+    /// half the stream's log bounds ahead of the store. When the store has not confirmed an
+    /// event within twice the [store timeout](crate::SseTrackerBuilder::store_timeout), or the
+    /// log dropped it before the store got it, the response ends before it (counted in
+    /// `sse_tracker_replay_durable_cut_total`); the client's reconnect gets what the store
+    /// holds. Streams that do not go to the store (feeds, streams not marked [`Detach`]) are
+    /// not held.
+    ///
+    /// [`build`](crate::SseTrackerBuilder::build) fails when it is on without
+    /// `across_instances`.
+    ///
+    /// ```
+    /// use tower_sse_tracker::ReplayPolicy;
+    ///
+    /// let policy = ReplayPolicy::new().across_instances(true).durable(true);
+    /// # let _ = policy;
+    /// ```
+    pub fn durable(mut self, on: bool) -> Self {
+        self.durable = on;
+        self
+    }
+
     /// The most events one stream's log keeps (default 1024).
     pub fn max_events(mut self, events: NonZeroUsize) -> Self {
         self.max_events = events.get();
@@ -277,6 +311,9 @@ impl ReplayPolicy {
 
     /// Why the policy cannot be used, if it cannot.
     pub(crate) fn check(&self) -> Result<(), String> {
+        if self.durable && !self.across_instances {
+            return Err("replay durable needs across_instances: it waits for the store".into());
+        }
         if self.max_stream_bytes > MAX_STREAM_BYTES {
             return Err(format!(
                 "replay max_stream_bytes {} is above {MAX_STREAM_BYTES}",
@@ -490,11 +527,20 @@ pub(crate) struct Replayer {
 }
 
 impl Replayer {
-    pub(crate) fn new(policy: ReplayPolicy, metrics: ReplayMetrics, queue: Arc<LogQueue>) -> Self {
+    /// The replay state for `policy`; `store_timeout` bounds the wait of a durable event (see
+    /// [`ReplayPolicy::durable`]).
+    pub(crate) fn new(
+        policy: ReplayPolicy,
+        metrics: ReplayMetrics,
+        queue: Arc<LogQueue>,
+        store_timeout: Duration,
+    ) -> Self {
         let gap_event = policy.gap_event.clone().map(String::into_boxed_str);
+        let durable =
+            (policy.durable && policy.across_instances).then(|| store_timeout.saturating_mul(2));
         Self {
             to_store: policy.across_instances.then_some(queue),
-            budget: Arc::new(Budget::new(policy, metrics)),
+            budget: Arc::new(Budget::new(policy, metrics).durable(durable)),
             gap_event,
             detached: AtomicUsize::new(0),
             store_tails: Arc::default(),

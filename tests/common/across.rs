@@ -751,3 +751,61 @@ fn events_of(range: std::ops::RangeInclusive<u32>) -> String {
 pub fn quantile(times: &[Duration], q: f64) -> Duration {
     times[((times.len() - 1) as f64 * q).round() as usize]
 }
+
+/// With durable replay, a frame reaches its client only once the store holds its events: at
+/// every point, the store holds every event the client has, so no instance's death can lose
+/// one a client got; and the response's clean end comes once the store holds the end mark.
+pub async fn with_durable_replay_the_store_holds_every_event_a_client_has_and_its_end<
+    S: Store + Clone,
+>(
+    store: S,
+) {
+    let policy = ReplayPolicy::new().across_instances(true).durable(true);
+    let a = Instance::start_with(store.clone(), policy).await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    for n in 1..=20 {
+        feed.send(Bytes::from(event(n))).unwrap();
+        client.read_until_suffix(event(n).as_bytes()).await;
+        let log = store.read_log(&answer_key(), None, 100).await.unwrap();
+        assert!(
+            log.is_some_and(|log| log.next_offset >= u64::from(n)),
+            "event {n} reached the client before the store"
+        );
+    }
+    drop(feed);
+    client.read_to_end().await;
+    assert_eq!(client.received, events(1..=20).as_bytes());
+    let log = store.read_log(&answer_key(), None, 100).await.unwrap();
+    assert!(
+        log.is_some_and(|log| log.end.is_some()),
+        "the response ended before the store held its end mark"
+    );
+}
+
+/// The time from the application's frame to its client, with and without durable replay
+/// (`flush` the flush interval): each sorted, over `n` events sent one at a time, each at a
+/// random point of the flush interval.
+pub async fn frame_latency<S: Store + Clone>(
+    store: S,
+    durable: bool,
+    flush: Duration,
+    n: u32,
+) -> Vec<Duration> {
+    let policy = ReplayPolicy::new().across_instances(true).durable(durable);
+    let a = Instance::start_built(store, policy, |b| b.flush_interval(flush)).await;
+    let feed = a.next_feed();
+    let mut client = a.get(None).await;
+    let mut times = Vec::with_capacity(n as usize);
+    let mut rng = crate::common::chaos::Rng(u64::from(n));
+    for k in 1..=n {
+        let pause = rng.below(flush.as_micros() as u64);
+        tokio::time::sleep(Duration::from_micros(pause)).await;
+        let sent = std::time::Instant::now();
+        feed.send(Bytes::from(event(k))).unwrap();
+        client.read_until_suffix(event(k).as_bytes()).await;
+        times.push(sent.elapsed());
+    }
+    times.sort();
+    times
+}

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use bytes::Bytes;
 
 use super::{LogInner, StreamLog};
@@ -36,7 +38,7 @@ pub(super) struct Stored {
 
 impl Stored {
     /// The offset after the last event of `epoch` appended, and whether its end is.
-    fn of(&self, epoch: u64) -> (u64, bool) {
+    pub(super) fn of(&self, epoch: u64) -> (u64, bool) {
         if self.epoch == epoch {
             (self.next, self.ended)
         } else {
@@ -87,7 +89,7 @@ impl LogInner {
     }
 
     /// The offset after the newest record.
-    fn held(&self) -> u64 {
+    pub(super) fn held(&self) -> u64 {
         self.first + self.records.len() as u64
     }
 
@@ -162,6 +164,11 @@ impl StreamLog {
             inner.stored.next = inner.stored.next.max(last.offset + 1);
         }
         inner.stored.ended |= append.end.is_some();
+        drop(inner);
+        if self.budget.durable.is_some() {
+            // Readers and bodies waiting for the store to hold events (durable replay).
+            self.tell_all();
+        }
     }
 
     /// For the worker, after an append of this log (failed, or done while the log changed):
@@ -175,5 +182,77 @@ impl StreamLog {
         if offer {
             self.offer_to_store();
         }
+    }
+}
+
+/// Where the store must be before a durable body's frame goes out: the offset after the
+/// events the writer had logged of history `epoch` when the frame was read (see
+/// [`ReplayPolicy::durable`](crate::ReplayPolicy::durable)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StorePoint {
+    epoch: u64,
+    offset: u64,
+}
+
+/// What the store holds of a [`StorePoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// Every event up to it (and with `end`, the end mark).
+    Reached,
+    /// Not yet.
+    Waiting,
+    /// Never will: the log dropped events before the store got them, or its history
+    /// restarted.
+    Lost,
+}
+
+impl super::Writer {
+    /// With durable replay: the point the store must reach before what this writer has
+    /// written may go to a client, and how many logged events the store lacks; `None` when
+    /// the log's current history does not go to the store, or another writer writes it.
+    pub(crate) fn store_point(&self) -> Option<(StorePoint, u64)> {
+        self.log.budget.durable?;
+        self.log.store.as_ref()?;
+        let inner = lock(&self.log.inner);
+        if !inner.detachable || inner.writing != Some(self.number) || inner.restart_pending {
+            return None;
+        }
+        let (stored, _) = inner.stored.of(inner.epoch);
+        let point = StorePoint {
+            epoch: inner.epoch,
+            offset: inner.held(),
+        };
+        Some((point, point.offset.saturating_sub(stored.max(inner.first))))
+    }
+
+    /// What the store holds of `point`; with `end`, its end mark counts too.
+    pub(crate) fn store_reach(&self, point: StorePoint, end: bool) -> Reach {
+        let inner = lock(&self.log.inner);
+        let (stored, ended) = inner.stored.of(point.epoch);
+        if stored >= point.offset && (ended || !end || inner.epoch != point.epoch) {
+            return Reach::Reached;
+        }
+        if stored < point.offset && (inner.epoch != point.epoch || inner.first > stored) {
+            return Reach::Lost;
+        }
+        Reach::Waiting
+    }
+
+    /// What wakes a body waiting for the store (an append of this log, or a trim of it).
+    pub(crate) fn changed(&self) -> Arc<Notify> {
+        self.log
+            .changed
+            .get_or_init(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// The most unconfirmed events and bytes a durable body holds before it stops reading:
+    /// half the stream's log bounds, so that the log keeps what the store lacks.
+    pub(crate) fn hold_bounds(&self) -> (u64, usize) {
+        let policy = &self.log.budget.policy;
+        (
+            (policy.max_events as u64 / 2).max(1),
+            (policy.max_stream_bytes / 2).max(1),
+        )
     }
 }

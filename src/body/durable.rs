@@ -1,0 +1,243 @@
+//! Durable replay ([`ReplayPolicy::durable`](crate::ReplayPolicy::durable)): the frames of a
+//! body whose log goes to the store reach its client only once the store holds the events
+//! they complete.
+//!
+//! The body reads on while frames wait (up to half its log's bounds ahead of the store), so
+//! that one append, once per flush, releases every frame it covers. Frames go out in the
+//! order they were read, heartbeats and a drain's cut with them. A frame the store has not
+//! confirmed within the wait, or whose events the log dropped before the store got them,
+//! ends the response before it: the body stays where a task can read it on (its client
+//! reconnects, and gets what the store holds).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use tokio::sync::futures::OwnedNotified;
+use tokio::time::{Instant, Sleep};
+
+use super::{Src, SseState, poll_frames};
+use crate::replay::{Reach, StorePoint, Writer};
+
+/// The frames of a durable body waiting for the store.
+pub(super) struct Hold {
+    frames: VecDeque<Waiting>,
+    /// Bytes of the data frames held.
+    bytes: usize,
+    /// Events the store lacked when the last frame was read.
+    unstored: u64,
+    /// The inner body will send nothing more (its end, a drain's, or a cut).
+    done: bool,
+    /// The body finished: its response ends once the store holds the end mark too (so that a
+    /// reconnect anywhere learns the stream is complete), from when it began to wait.
+    end: Option<(StorePoint, Instant)>,
+    /// How long a frame waits for the store.
+    limit: Duration,
+    /// Registered before the store's state is read: an append after the read wakes it.
+    wait: Option<Pin<Box<OwnedNotified>>>,
+    /// The deadline of the oldest frame waiting, and the instant it was armed for.
+    deadline: Option<(Pin<Box<Sleep>>, Instant)>,
+}
+
+struct Waiting {
+    frame: Frame<Bytes>,
+    /// `None`: it completes no event the store lacks (it goes out after those before it).
+    point: Option<StorePoint>,
+    since: Instant,
+}
+
+/// What the oldest frame held can do now.
+enum Front {
+    Out(Frame<Bytes>),
+    Cut,
+    Wait,
+    Empty,
+}
+
+impl Hold {
+    pub(super) fn new(limit: Duration) -> Box<Self> {
+        Box::new(Self {
+            frames: VecDeque::new(),
+            bytes: 0,
+            unstored: 0,
+            done: false,
+            end: None,
+            limit,
+            wait: None,
+            deadline: None,
+        })
+    }
+
+    /// Whether nothing is held (frames, or the end).
+    pub(super) fn is_idle(&self) -> bool {
+        self.frames.is_empty() && self.end.is_none()
+    }
+
+    fn push(&mut self, frame: Frame<Bytes>, point: Option<StorePoint>) {
+        self.bytes += frame.data_ref().map_or(0, Bytes::len);
+        self.frames.push_back(Waiting {
+            frame,
+            point,
+            since: Instant::now(),
+        });
+    }
+
+    /// Whether the body must stop reading until the store catches up (`writer` refreshes the
+    /// count of events it lacks).
+    fn full(&mut self, writer: Option<&Writer>) -> bool {
+        let Some(writer) = writer.filter(|_| !self.frames.is_empty()) else {
+            return false;
+        };
+        let (events, bytes) = writer.hold_bounds();
+        if self.bytes >= bytes {
+            return true;
+        }
+        if self.unstored >= events {
+            self.unstored = writer.store_point().map_or(0, |(_, unstored)| unstored);
+        }
+        self.unstored >= events
+    }
+
+    /// The oldest frame, once the store holds its events; the end, once it holds the end
+    /// mark; registers the wakes (an append, the deadline) when they must wait.
+    fn front(&mut self, writer: Option<&Writer>, cx: &mut Context<'_>) -> Front {
+        loop {
+            let (point, since, end) = match (self.frames.front(), self.end) {
+                (Some(front), _) => (front.point, front.since, false),
+                (None, Some((point, since))) => (Some(point), since, true),
+                (None, None) => return Front::Empty,
+            };
+            let (Some(point), Some(writer)) = (point, writer) else {
+                return self.pop();
+            };
+            if self.wait.is_none() {
+                let mut wait = Box::pin(writer.changed().notified_owned());
+                wait.as_mut().enable();
+                self.wait = Some(wait);
+            }
+            match writer.store_reach(point, end) {
+                Reach::Reached => return self.pop(),
+                Reach::Lost if end => return self.pop(),
+                Reach::Lost => return self.cut("dropped before the store got them"),
+                Reach::Waiting => {}
+            }
+            let deadline = match &mut self.deadline {
+                Some((sleep, armed)) if *armed == since => sleep,
+                slot => {
+                    let sleep = Box::pin(tokio::time::sleep_until(since + self.limit));
+                    &mut slot.insert((sleep, since)).0
+                }
+            };
+            if deadline.as_mut().poll(cx).is_ready() {
+                if end {
+                    // Every event went out: only the end mark is late.
+                    return self.pop();
+                }
+                return self.cut("not confirmed by the store in time");
+            }
+            match self.wait.as_mut().map(|wait| wait.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => self.wait = None,
+                _ => return Front::Wait,
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Front {
+        match self.frames.pop_front() {
+            Some(front) => {
+                self.bytes -= front.frame.data_ref().map_or(0, Bytes::len);
+                Front::Out(front.frame)
+            }
+            None => {
+                self.end = None;
+                Front::Empty
+            }
+        }
+    }
+
+    fn cut(&mut self, why: &'static str) -> Front {
+        self.frames.clear();
+        self.bytes = 0;
+        self.end = None;
+        self.done = true;
+        tracing::warn!(
+            why,
+            "SSE events held for the store (durable replay) did not reach it: the response ends \
+             before them"
+        );
+        Front::Cut
+    }
+}
+
+impl SseState {
+    /// The writer of the body's log, if it has one.
+    fn writer(&self) -> Option<&Writer> {
+        self.tracked.as_ref().and_then(|t| t.tracking.log.as_ref())
+    }
+
+    /// The body leaves its client's connection (detached): nothing is held any more, since
+    /// its frames go nowhere.
+    pub(super) fn stop_holding(self: Pin<&mut Self>) {
+        *self.project().hold = None;
+    }
+}
+
+/// [`poll_frames`] for a durable body: its frames in order, each once the store holds the
+/// events it completes.
+pub(super) fn poll_durable<B: Body>(
+    mut src: Src<'_, B>,
+    sse: &mut Pin<Box<SseState>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    loop {
+        let state = sse.as_mut().project();
+        let Some(hold) = state.hold.as_deref_mut() else {
+            return poll_frames(src, sse, cx);
+        };
+        let writer = state.tracked.as_ref().and_then(|t| t.tracking.log.as_ref());
+        match hold.front(writer, cx) {
+            Front::Out(frame) => return Poll::Ready(Some(Ok(frame))),
+            Front::Cut => {
+                if let Some(replayer) = &state.shared.replay {
+                    replayer.budget.metrics.durable_cut.increment(1);
+                }
+                return Poll::Ready(None);
+            }
+            Front::Wait if hold.done || hold.full(writer) => return Poll::Pending,
+            Front::Empty if hold.done => return Poll::Ready(None),
+            Front::Wait | Front::Empty => {}
+        }
+        let polled = poll_frames(src.reborrow(), sse, cx);
+        let point = sse.writer().and_then(Writer::store_point);
+        let state = sse.as_mut().project();
+        let Some(hold) = state.hold.as_deref_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let point = point.and_then(|(point, unstored)| {
+                    hold.unstored = unstored;
+                    (unstored > 0).then_some(point)
+                });
+                if hold.frames.is_empty() && point.is_none() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                hold.push(frame, point);
+            }
+            Poll::Ready(None) => {
+                hold.done = true;
+                if *state.finished {
+                    hold.end = point.map(|(point, _)| (point, Instant::now()));
+                }
+            }
+            // An error goes out at once: what is held never does.
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+            // The inner body waits: so do the frames held, if any (their wakes are set).
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
