@@ -87,6 +87,14 @@ impl Redis {
         }
     }
 
+    /// Every node's URL.
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Redis::Standalone(server) => vec![server.url.clone()],
+            Redis::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
     /// A store that connects on first use.
     fn lazy_store(&self, prefix: &str) -> RedisStore {
         match self {
@@ -439,27 +447,36 @@ async fn a_replay_log_expires_after_the_ttl(topology: Topology) {
 /// Redis's memory per logged event (`MEMORY USAGE` of the log and its meta, all samples),
 /// printed; the bound asserted is the event's bytes and 64 bytes.
 async fn a_replay_log_costs_redis_little_more_than_its_events(topology: Topology) {
-    use tower_sse_tracker::store::{LogAppend, LogEvent};
     let server = Redis::shared(topology);
     let store = store(&server, &unique_prefix("log-memory")).await;
+    let (per_event, event) = log_memory(&server, &store).await;
+    println!(
+        "{topology:?}: a log of events of {event:.1} bytes takes {per_event:.1} bytes per event in \
+         Redis, {:.1} more than its bytes",
+        per_event - event
+    );
+    assert!(per_event < event + 64.0, "{per_event} bytes per event");
+}
+
+/// A log of 1 000 LLM token events appended: Redis's memory per event (`MEMORY USAGE` of the
+/// log and its meta, all samples), and the event's own bytes.
+async fn log_memory(server: &Redis, store: &RedisStore) -> (f64, f64) {
+    use tower_sse_tracker::store::{LogAppend, LogEvent};
     let k = key("s1", "GET /answer");
     const EVENTS: u64 = 1000;
     let mut event_bytes = 0;
     let mut append = LogAppend::new(k.clone(), 1, "instance-a");
     for offset in 0..EVENTS {
-        // An LLM token event: an id, and about 80 bytes of JSON.
-        let bytes = format!(
-            "id: {offset}\ndata: {{\"choices\":[{{\"delta\":{{\"content\":\" token{offset:05}\"}},\"index\":0}}]}}\n\n"
-        );
+        let bytes = token_event(offset);
         event_bytes += bytes.len();
         append = append.event(LogEvent::new(
             offset,
             Some(EventId::new(&offset.to_string()).unwrap()),
-            Bytes::from(bytes),
+            bytes,
         ));
     }
     store.append_logs(&[append]).await.unwrap();
-    let mut raw = Raw::new(&server).await;
+    let mut raw = Raw::new(server).await;
     let mut usage = 0;
     for redis_key in [
         store.log_key_of(&k),
@@ -476,14 +493,10 @@ async fn a_replay_log_costs_redis_little_more_than_its_events(topology: Topology
             .await;
         usage += bytes;
     }
-    let per_event = usage as f64 / EVENTS as f64;
-    let event = event_bytes as f64 / EVENTS as f64;
-    println!(
-        "{topology:?}: a log of {EVENTS} events of {event:.1} bytes takes {usage} bytes in Redis: \
-         {per_event:.1} per event, {:.1} more than its bytes",
-        per_event - event
-    );
-    assert!(per_event < event + 64.0, "{per_event} bytes per event");
+    (
+        usage as f64 / EVENTS as f64,
+        event_bytes as f64 / EVENTS as f64,
+    )
 }
 
 async fn a_lease_runs_out_unless_renewed(topology: Topology) {
@@ -1326,11 +1339,9 @@ fn a_store_call_after_its_runtime_shut_down_is_an_error_not_a_hang() {
     }
 }
 
-/// Script calls the cluster's nodes have run so far (`INFO commandstats`).
-fn script_calls(cluster: &RedisCluster) -> u64 {
-    cluster
-        .urls()
-        .iter()
+/// Script calls the nodes at `urls` have run so far (`INFO commandstats`).
+fn script_calls(urls: &[String]) -> u64 {
+    urls.iter()
         .map(|url| {
             let client = redis::Client::open(url.as_str()).unwrap();
             let mut conn = client.get_connection().unwrap();
@@ -1374,9 +1385,9 @@ async fn a_cluster_batch_over_every_slot_takes_at_most_two_script_calls_per_prim
         .enumerate()
         .map(|(i, k)| entry(k, &format!("id-{i}"), 1, 1_000))
         .collect();
-    let before = script_calls(&cluster);
+    let before = script_calls(&cluster.urls());
     store.save(&batch).await.unwrap();
-    let calls = script_calls(&cluster) - before;
+    let calls = script_calls(&cluster.urls()) - before;
     let primaries = cluster.primaries().len() as u64;
     println!(
         "a batch of {} keys in {} slots: {calls} script calls, {primaries} primaries",
@@ -1669,22 +1680,116 @@ async fn chaos_across_instances_through_redis_gives_no_silent_gap(topology: Topo
     );
 }
 
-/// Time to the first replayed byte of a reconnect on another instance replaying 300 events
-/// from Redis (printed; `REPLAY_FIRST_BYTE_RECONNECTS`, default 200).
-async fn the_first_byte_of_a_300_event_replay_from_redis_is_timed(topology: Topology) {
-    let server = Redis::shared(topology);
-    let store = store(&server, &unique_prefix("first-byte")).await;
-    let reconnects = std::env::var("REPLAY_FIRST_BYTE_RECONNECTS")
+/// A size from the environment variable `name`, or `default`.
+fn size_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let times = across::first_replayed_byte(store, 300, reconnects).await;
+        .unwrap_or(default)
+}
+
+/// An LLM token event of about 75 bytes: an id, and a delta of JSON.
+fn token_event(offset: u64) -> Bytes {
+    Bytes::from(format!(
+        "id: {offset}\ndata: {{\"choices\":[{{\"delta\":{{\"content\":\" token{offset:05}\"}},\"index\":0}}]}}\n\n"
+    ))
+}
+
+/// Appends as the worker makes them, one call per flush: 4 new events for each of 256
+/// streams (of as many owners, spread over the slots), `flushes` times. Returns the events
+/// per second and the script calls (round trips to a node) per flush.
+async fn append_rate(server: &Redis, store: &RedisStore, flushes: usize) -> (f64, f64) {
+    use tower_sse_tracker::store::{LogAppend, LogEvent};
+    const STREAMS: usize = 256;
+    const EVENTS: u64 = 4;
+    let flush = |round: u64| -> Vec<LogAppend> {
+        (0..STREAMS)
+            .map(|s| {
+                let mut append =
+                    LogAppend::new(key(&format!("owner-{s}"), "GET /answer"), 1, "instance-a");
+                for offset in round * EVENTS..(round + 1) * EVENTS {
+                    append = append.event(LogEvent::new(
+                        offset,
+                        Some(EventId::new(&offset.to_string()).unwrap()),
+                        token_event(offset),
+                    ));
+                }
+                append
+            })
+            .collect()
+    };
+    // Connect and load the script first; the batches are made before the clock starts.
+    store.append_logs(&flush(0)).await.unwrap();
+    let batches: Vec<_> = (1..=flushes as u64).map(flush).collect();
+    let calls = script_calls(&server.urls());
+    let started = std::time::Instant::now();
+    for batch in &batches {
+        store.append_logs(batch).await.unwrap();
+    }
+    let took = started.elapsed();
+    let calls = script_calls(&server.urls()) - calls;
+    let events = (flushes * STREAMS) as f64 * EVENTS as f64;
+    (events / took.as_secs_f64(), calls as f64 / flushes as f64)
+}
+
+/// Every figure of replay across instances on Redis, standalone and Cluster, in one run:
+/// append throughput and round trips per flush, Redis memory per event, the time to the first
+/// replayed byte of a reconnect on another instance replaying 300 events, and the latency
+/// durable replay adds to each event (flush interval 100 ms). Sizes:
+/// `ACROSS_FIGURES_FLUSHES` (default 20 flushes of 1 024 events), `REPLAY_FIRST_BYTE_RECONNECTS`
+/// (default 100), `ACROSS_FIGURES_DURABLE_EVENTS` (default 40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_across_instances_figures_in_one_run() {
+    let flushes = size_from_env("ACROSS_FIGURES_FLUSHES", 20);
+    let reconnects = size_from_env("REPLAY_FIRST_BYTE_RECONNECTS", 100);
+    let durable_events = size_from_env("ACROSS_FIGURES_DURABLE_EVENTS", 40) as u32;
+    let flush = Duration::from_millis(100);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut rows = Vec::new();
+    for topology in [Topology::Standalone, Topology::Cluster] {
+        let server = Redis::shared(topology);
+        let prefix = unique_prefix("figures");
+        let (rate, calls) = append_rate(&server, &store(&server, &prefix).await, flushes).await;
+        let (per_event, event) = log_memory(&server, &store(&server, &prefix).await).await;
+        let times = across::first_replayed_byte(
+            store(&server, &format!("{prefix}-fb")).await,
+            300,
+            reconnects,
+        )
+        .await;
+        let plain = across::frame_latency(
+            store(&server, &format!("{prefix}-plain")).await,
+            false,
+            flush,
+            durable_events,
+        )
+        .await;
+        let durable = across::frame_latency(
+            store(&server, &format!("{prefix}-durable")).await,
+            true,
+            flush,
+            durable_events,
+        )
+        .await;
+        let q = across::quantile;
+        rows.push(format!(
+            "| {topology:?} | {rate:.0} | {calls:.1} | {per_event:.1} ({event:.1}) | {:.2} / {:.2} | \
+             {:.2} / {:.2} | {:.1} / {:.1} |",
+            ms(q(&times, 0.5)),
+            ms(q(&times, 0.99)),
+            ms(q(&plain, 0.5)),
+            ms(q(&plain, 0.99)),
+            ms(q(&durable, 0.5)),
+            ms(q(&durable, 0.99)),
+        ));
+    }
     println!(
-        "first replayed byte, 300 events from Redis ({topology:?}), {} reconnects: p50 {:?}, p99 {:?}, max {:?}",
-        times.len(),
-        across::quantile(&times, 0.5),
-        across::quantile(&times, 0.99),
-        times[times.len() - 1]
+        "replay across instances, {flushes} flushes of 4 events for each of 256 streams, {reconnects} \
+         reconnects replaying 300 events, {durable_events} events at a flush interval of 100 ms:\n\
+         | Redis | appends, events/s | round trips per flush | bytes per event in Redis (event) | \
+         first replayed byte p50 / p99, ms | event to client p50 / p99, ms | durable p50 / p99, ms |\n\
+         |---|---|---|---|---|---|---|\n{}",
+        rows.join("\n")
     );
 }
 
@@ -1728,7 +1833,6 @@ on_both_topologies!(
     a_reconnect_before_the_producers_flush_waits_for_redis,
     a_stream_stopped_by_its_producer_gives_redis_readers_the_gap_signal,
     chaos_across_instances_through_redis_gives_no_silent_gap,
-    the_first_byte_of_a_300_event_replay_from_redis_is_timed,
     with_durable_replay_redis_holds_every_event_a_client_has_and_its_end,
     a_batch_round_trips,
     a_stale_write_is_refused_across_two_stores,
