@@ -219,7 +219,8 @@ impl ReplayPolicy {
     ///   for a stream its producer stopped): the gap event, when the policy names one, ends
     ///   the response, and the reconnect that follows carries `gap; reason=producer_lost` (the
     ///   application answers it). A client that reconnects elsewhere within a stream's first
-    ///   flush finds nothing in the store: `gap; reason=no_history`.
+    ///   flush finds nothing in the store: `gap; reason=no_history`. [`durable`](Self::durable)
+    ///   closes the window: no client gets an event before the store holds it.
     /// - **Limits.** Epochs come from each instance's clock: the instances' clocks must agree
     ///   to within the time between two histories of one stream. Give each answer ids of its
     ///   own: an instance holding an older history with the client's id replays from it. A
