@@ -461,3 +461,103 @@ async fn rmcp_a_call_that_outruns_rmcps_cache_while_its_client_is_away_loses_not
         alone.len()
     );
 }
+
+/// An rmcp call resumed on another instance: two instances of the rmcp server, each behind
+/// its own tracker, sharing one store with replay across instances; a load balancer that
+/// sends a client's resuming GET to the second instance. The call's client is cut after 5 of
+/// 60 progress notifications and held away 0.8 s while the call goes on, detached, on the
+/// first; rmcp's client then resumes on the second, whose rmcp has never seen the session:
+/// the second instance's layer answers from the store's log, with what the client missed and
+/// then the call's live tail to its result. Every notification arrives once, and the second
+/// instance's rmcp sees no resumption of the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_a_call_resumed_on_another_instance_loses_nothing() {
+    const STEPS: u64 = 60;
+    const DELAY_MS: u64 = 20;
+    const CUT_AFTER: usize = 5;
+    const AWAY: Duration = Duration::from_millis(800);
+    let store = Arc::new(tower_sse_tracker::store::InMemoryStore::new());
+    let instance = |seen: Arc<Mutex<Vec<Resumption>>>| {
+        let (tracker, metrics) = common::build_recorded(
+            SseTracker::builder()
+                .store(store.clone())
+                .flush_interval(Duration::from_millis(20))
+                .stream(StreamSource::event_id(IdStream::RMCP))
+                .replay(tower_sse_tracker::ReplayPolicy::new().across_instances(true)),
+        );
+        let service = StreamableHttpService::new(
+            || Ok(ProgressServer),
+            Arc::new(LocalSessionManager::default()),
+            StreamableHttpServerConfig::default().with_sse_keep_alive(None),
+        );
+        let router = Router::new()
+            .nest_service("/mcp", record_resumptions(service, seen))
+            .layer(axum::middleware::map_response(
+                |mut response: axum::response::Response| async move {
+                    response.extensions_mut().insert(tower_sse_tracker::Detach);
+                    response
+                },
+            ))
+            .layer(tracker.layer());
+        (router, tracker, metrics)
+    };
+    let (seen_a, seen_b): (Arc<Mutex<Vec<Resumption>>>, Arc<Mutex<Vec<Resumption>>>) =
+        Default::default();
+    let (router_a, _tracker_a, _) = instance(seen_a.clone());
+    let (router_b, _tracker_b, metrics_b) = instance(seen_b.clone());
+    let a = serve(router_a).await;
+    let b = serve(router_b).await;
+    let proxy = Proxy::start_splitting(a, Some(b)).await;
+    let handler = CountingClient::default();
+    let client = handler
+        .clone()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "http://{}/mcp",
+            proxy.addr
+        )))
+        .await
+        .expect("the client connects");
+    let peer = client.peer().clone();
+    let args = serde_json::json!({ "steps": STEPS, "delay_ms": DELAY_MS });
+    let call = tokio::spawn(async move {
+        peer.call_tool(
+            CallToolRequestParams::new("progress")
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while handler.progress.lock().unwrap().len() < CUT_AFTER {
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    proxy.hold(AWAY);
+    proxy.cut();
+    let result = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call finished")
+        .unwrap()
+        .expect("the call succeeded");
+    let text = serde_json::to_string(&result.content).unwrap();
+    assert!(text.contains(&format!("done after {STEPS}")), "{text}");
+    let mut progress = handler.progress.lock().unwrap().clone();
+    progress.sort_by(f64::total_cmp);
+    let all: Vec<f64> = (1..=STEPS).map(|n| n as f64).collect();
+    assert_eq!(progress, all, "every progress notification, once");
+    let replayed = metrics_b.value(common::names::REPLAYED_EVENTS_TOTAL, &[]);
+    assert!(replayed > 0.0, "the second instance replayed nothing");
+    let seen_b = seen_b.lock().unwrap().clone();
+    assert!(
+        seen_b.iter().all(|r| !r.last_event_id.contains('/')),
+        "the second instance's rmcp saw the call's resumption: {seen_b:?}"
+    );
+    println!(
+        "an rmcp call of {STEPS} progress notifications, cut after {CUT_AFTER} and resumed on \
+         another instance: {} of {STEPS} arrived, {replayed} replayed by the second instance's \
+         layer from the store; GETs that reached rmcp: first instance {}, second {}",
+        progress.len(),
+        seen_a.lock().unwrap().len(),
+        seen_b.len()
+    );
+    let _ = client.cancel().await;
+}

@@ -202,6 +202,13 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::start_splitting(upstream, None).await
+    }
+
+    /// A proxy to `upstream`, except that a connection whose first request is a GET carrying
+    /// `Last-Event-ID` (a client resuming a stream) goes to `resumes` when it is set: a load
+    /// balancer sending the resumption to another instance.
+    pub async fn start_splitting(upstream: SocketAddr, resumes: Option<SocketAddr>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -218,8 +225,21 @@ impl Proxy {
                     if let Some(until) = until {
                         tokio::time::sleep_until(until).await;
                     }
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let (target, head) = match resumes {
+                        None => (upstream, Vec::new()),
+                        Some(resumes) => {
+                            let head = read_head(&mut client).await;
+                            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                            let resuming =
+                                text.starts_with("get ") && text.contains("\r\nlast-event-id:");
+                            (if resuming { resumes } else { upstream }, head)
+                        }
+                    };
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        use tokio::io::AsyncWriteExt;
+                        if server.write_all(&head).await.is_ok() {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
                     }
                 });
                 accepted.lock().unwrap().push(task);
@@ -247,4 +267,19 @@ impl Proxy {
         }
         n
     }
+}
+
+/// The bytes a client sends first, up to the end of its first request's head (or of what it
+/// sent, when it closes or sends 64 KiB first).
+async fn read_head(client: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 << 10 {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    head
 }
