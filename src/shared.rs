@@ -97,7 +97,9 @@ impl Shared {
         let flush_interval = worker.flush_interval;
         let replay = replay.map(|policy| {
             let queue = registry.handoff().log_queue().clone();
-            Replayer::new(policy, ReplayMetrics::register(), queue, store_timeout)
+            // A durable event waits for the next flush and its append (retried once).
+            let durable_wait = flush_interval.saturating_add(store_timeout.saturating_mul(2));
+            Replayer::new(policy, ReplayMetrics::register(), queue, durable_wait)
         });
         let to_store = replay
             .as_ref()

@@ -382,3 +382,21 @@ async fn with_durable_replay_events_dropped_before_the_store_got_them_end_the_re
     assert!(a.metrics.value(REPLAY_DURABLE_CUT_TOTAL, &[]) >= 1.0);
     drop(other);
 }
+
+/// An event larger than the stream's log bound is not logged (the history restarts after
+/// it): with durable replay no store can ever hold it, so it never reaches the client, and
+/// the response ends before it.
+#[tokio::test]
+async fn with_durable_replay_an_event_the_log_cannot_keep_never_reaches_the_client() {
+    let store = FaultyAppends::default();
+    let policy = durable().max_stream_bytes(std::num::NonZeroUsize::new(1024).unwrap());
+    let a = Instance::start_with(store.clone(), policy).await;
+    let (feed, mut client) = a.answer_read(1).await;
+    let large = format!("id: 2\ndata: {}\n\n", "x".repeat(2048));
+    feed.send(Bytes::from(large)).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end())
+        .await
+        .expect("the response ends");
+    assert_eq!(client.received, event(1).as_bytes());
+    assert_eq!(a.metrics.value(REPLAY_DURABLE_CUT_TOTAL, &[]), 1.0);
+}

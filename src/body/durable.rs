@@ -21,7 +21,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use super::{Src, SseState, poll_frames};
-use crate::replay::{Reach, StorePoint, Writer};
+use crate::replay::{Durable, Reach, StorePoint, Writer};
 
 /// The frames of a durable body waiting for the store.
 pub(super) struct Hold {
@@ -97,7 +97,10 @@ impl Hold {
             return true;
         }
         if self.unstored >= events {
-            self.unstored = writer.store_point().map_or(0, |(_, unstored)| unstored);
+            self.unstored = match writer.store_point() {
+                Durable::At(_, unstored) => unstored,
+                Durable::Off | Durable::Gone => 0,
+            };
         }
         self.unstored >= events
     }
@@ -212,14 +215,25 @@ pub(super) fn poll_durable<B: Body>(
             Front::Wait | Front::Empty => {}
         }
         let polled = poll_frames(src.reborrow(), sse, cx);
-        let point = sse.writer().and_then(Writer::store_point);
+        let durable = sse.writer().map_or(Durable::Off, Writer::store_point);
         let state = sse.as_mut().project();
         let Some(hold) = state.hold.as_deref_mut() else {
             return polled;
         };
+        if durable == Durable::Gone && !matches!(polled, Poll::Pending) {
+            hold.cut("dropped from the log, or not logged (another body took the log over)");
+            if let Some(replayer) = &state.shared.replay {
+                replayer.budget.metrics.durable_cut.increment(1);
+            }
+            return Poll::Ready(None);
+        }
+        let at = match durable {
+            Durable::At(point, unstored) => Some((point, unstored)),
+            Durable::Off | Durable::Gone => None,
+        };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                let point = point.and_then(|(point, unstored)| {
+                let point = at.and_then(|(point, unstored)| {
                     hold.unstored = unstored;
                     (unstored > 0).then_some(point)
                 });
@@ -231,7 +245,7 @@ pub(super) fn poll_durable<B: Body>(
             Poll::Ready(None) => {
                 hold.done = true;
                 if *state.finished {
-                    hold.end = point.map(|(point, _)| (point, Instant::now()));
+                    hold.end = at.map(|(point, _)| (point, Instant::now()));
                 }
             }
             // An error goes out at once: what is held never does.

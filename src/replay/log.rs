@@ -25,7 +25,7 @@ use tokio::sync::futures::OwnedNotified;
 mod to_store;
 
 use to_store::Stored;
-pub(crate) use to_store::{Reach, StoreBound, StorePoint};
+pub(crate) use to_store::{Durable, Reach, StoreBound, StorePoint};
 
 use super::ring::Ring;
 use super::{GapReason, Position, ReplayPolicy};
@@ -142,6 +142,9 @@ struct LogInner {
     read_on: Option<ReadOnHandle>,
     /// What the store holds of this log (replay across instances).
     stored: Stored,
+    /// Events dropped unlogged so far (an event larger than the stream's bound, or one the
+    /// budget took while open): with durable replay, a body that sent one ends.
+    unlogged: u64,
 }
 
 /// A body that can leave its connection for a task of its own: see [`ReadOn`].
@@ -232,8 +235,13 @@ impl LogInner {
     /// one before `end` (none when `end` is not above `index`).
     fn events_between(&self, index: usize, end: usize, mut start: usize) -> Events {
         let end = end.clamp(index, self.records.len());
+        let held: u64 = self
+            .records
+            .range(index..end)
+            .map(|&len| u64::from(len))
+            .sum();
         let mut extra = Events {
-            bytes: Vec::with_capacity(self.committed - start),
+            bytes: Vec::with_capacity(held as usize),
             events: end - index,
             last_id: None,
         };
@@ -332,6 +340,7 @@ impl StreamLog {
                 pending_detachable: false,
                 read_on: None,
                 stored: Stored::default(),
+                unlogged: 0,
             }),
             budget,
             store,
@@ -366,11 +375,14 @@ impl StreamLog {
             Err(reason) => return Lookup::Gap(reason),
         };
         let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
-        // A reconnect that follows the log gets what the store holds, with durable replay (its
-        // tail sends the rest once the store has it); one that continues the history with a
-        // body of its own gets it all, held as that body's frames are.
-        let upto = if follow {
-            self.visible(&inner)
+        // With durable replay, a reconnect gets what the store holds: one that follows the log
+        // gets the rest from its tail once the store has it; one that would continue a history
+        // whose writer stopped before the store had it all starts a new history after what
+        // the store holds (the rest was never confirmed, and no client gets it).
+        let visible = self.visible(&inner);
+        let unconfirmed = visible < inner.records.len();
+        let upto = if follow || unconfirmed {
+            visible
         } else {
             inner.records.len()
         };
@@ -389,7 +401,7 @@ impl StreamLog {
             LocalTail::new(self, inner.epoch, position.offset + 1, read_on)
         });
         let writer = (!follow && (take_over || inner.writing.is_none()))
-            .then(|| self.take_writer(&mut inner, false));
+            .then(|| self.take_writer(&mut inner, unconfirmed));
         Lookup::Found(Box::new(Found {
             bytes: Bytes::from(events.bytes),
             events: events.events,
@@ -474,6 +486,7 @@ impl StreamLog {
             logged: 0,
             written: 0,
             seal: false,
+            unlogged: inner.unlogged,
         }
     }
 }
@@ -625,6 +638,8 @@ pub(crate) struct Writer {
     written: u64,
     /// Seal the log when this writer goes (see [`release`](Self::release)).
     seal: bool,
+    /// The log's count of events dropped unlogged when this writer began.
+    unlogged: u64,
 }
 
 impl Writer {
@@ -679,6 +694,12 @@ impl Writer {
             } else {
                 inner.detachable = detachable;
             }
+        }
+        // A history that goes to the store from now on: it may owe the store events already.
+        let offer = self.log.owes_store(&mut inner);
+        drop(inner);
+        if offer {
+            self.log.offer_to_store();
         }
     }
 
@@ -754,6 +775,7 @@ fn write_frame(
         if let Some(cause) = inner.skipping {
             // The end of an event that was not kept: no replay may run across it.
             trimmed[cause as usize] += inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
+            inner.unlogged += 1;
             continue;
         }
         let id = mark.id.map(|id| match id {
@@ -777,6 +799,7 @@ fn write_frame(
             inner.drop_open();
             trimmed[Trim::TooLarge as usize] +=
                 inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
+            inner.unlogged += 1;
             continue;
         }
         make_room(&mut inner, policy, size - open, 1, &mut trimmed);
@@ -1257,6 +1280,8 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::StreamKey;
+    use crate::registry::LogQueue;
     use crate::scan::Scanner;
     use std::num::NonZeroUsize;
 
@@ -1574,6 +1599,101 @@ mod tests {
             ratio <= 1.15,
             "heap {} for {held} bytes: {ratio:.3}",
             budget.held()
+        );
+    }
+
+    /// A log that goes to the store with durable replay, its queue, and a body writing it,
+    /// marked detachable; `events` the log's bound.
+    fn durable_log(events: usize) -> (Arc<StreamLog>, Arc<LogQueue>, Body) {
+        let budget = Arc::new(
+            Budget::new(policy(events, 1 << 20, 1 << 20), ReplayMetrics::register())
+                .durable(Some(Duration::from_secs(1))),
+        );
+        let queue = Arc::new(LogQueue::new(16, metrics::counter!("test_dropped")));
+        let store = StoreBound {
+            key: StreamKey::try_new("s1", "GET /answer").unwrap(),
+            queue: queue.clone(),
+        };
+        let log = Arc::new(StreamLog::new(budget, Some(store)));
+        let body = Body::new(&log);
+        (log, queue, body)
+    }
+
+    fn event(n: u32) -> String {
+        format!("id: {n}\ndata: {n}\n\n")
+    }
+
+    /// The store got events 0 and 1, then the log dropped event 2 before the store had it,
+    /// then the store got events 3 on: a frame that completed events 2 to 4 must never go
+    /// out, though the store's cursor passed it.
+    #[test]
+    fn a_durable_point_past_events_trimmed_before_the_store_got_them_is_lost() {
+        let (log, _queue, mut body) = durable_log(6);
+        body.writer.set_detachable(true);
+        for n in 0..5 {
+            body.send(event(n).as_bytes());
+        }
+        let Durable::At(point, unstored) = body.writer.store_point() else {
+            panic!("durable applies");
+        };
+        assert_eq!(unstored, 5);
+        let mut first = log.unstored("p").expect("owed");
+        first.events.truncate(2);
+        log.appended(&first);
+        assert_eq!(body.writer.store_reach(point, false), Reach::Waiting);
+        // Four more events: the log keeps six, and drops events 0 to 2.
+        for n in 5..9 {
+            body.send(event(n).as_bytes());
+        }
+        let rest = log.unstored("p").expect("owed");
+        assert_eq!(rest.events.first().map(|e| e.offset), Some(3));
+        log.appended(&rest);
+        assert_eq!(body.writer.store_reach(point, false), Reach::Lost);
+    }
+
+    /// A body whose history becomes detachable after it logged events offers the log to the
+    /// store at once: what it logged before is owed too.
+    #[test]
+    fn a_history_made_detachable_is_offered_to_the_store_at_once() {
+        let (_log, queue, mut body) = durable_log(16);
+        body.send(event(1).as_bytes());
+        assert!(queue.take().is_empty(), "not detachable: nothing owed");
+        body.writer.set_detachable(true);
+        assert_eq!(queue.take().len(), 1);
+    }
+
+    /// With durable replay, a reconnect that continues a history whose writer stopped before
+    /// the store had all of it gets what the store holds, and its body starts a new history:
+    /// the events the store never confirmed reach no client.
+    #[test]
+    fn a_reconnect_continuing_a_stopped_durable_history_gets_only_what_the_store_holds() {
+        let (log, _queue, mut body) = durable_log(16);
+        body.writer.set_detachable(true);
+        for n in 0..5 {
+            body.send(event(n).as_bytes());
+        }
+        let mut stored = log.unstored("p").expect("owed");
+        stored.events.truncate(3);
+        log.appended(&stored);
+        // The body stops (a bound, a drain) before the store has events 3 and 4.
+        drop(body);
+        let found = found(log.after(b"0", true, true));
+        assert_eq!(
+            &found.bytes[..],
+            format!("{}{}", event(1), event(2)).as_bytes()
+        );
+        assert_eq!(found.position.offset, 2);
+        assert!(found.tail.is_none());
+        let mut next = Body {
+            scanner: Scanner::with_max_id_len(64),
+            writer: found.writer.expect("the reconnect's body writes the log"),
+        };
+        let epoch = found.position.epoch;
+        next.send(event(9).as_bytes());
+        assert_ne!(
+            lock(&log.inner).epoch,
+            epoch,
+            "the new body's events start a new history, not one after events 3 and 4"
         );
     }
 }

@@ -32,7 +32,7 @@ use crate::metrics::ReplayMetrics;
 use crate::registry::{LogQueue, Slot};
 pub(crate) use from_store::{Looked, StoreReader, StoreTail, TailPermit, lookup};
 pub(crate) use log::{
-    AlsoCommit, Budget, FrameEvents, LocalTail, Peeked, Reach, ReadOnHandle, StoreBound,
+    AlsoCommit, Budget, Durable, FrameEvents, LocalTail, Peeked, Reach, ReadOnHandle, StoreBound,
     StorePoint, StreamLog, Writer,
 };
 
@@ -254,8 +254,10 @@ impl ReplayPolicy {
     /// interval](crate::SseTrackerBuilder::flush_interval) and one store call
     /// (`BENCHMARKS.md` has the figures). The response keeps reading its body meanwhile, up to
     /// half the stream's log bounds ahead of the store. When the store has not confirmed an
-    /// event within twice the [store timeout](crate::SseTrackerBuilder::store_timeout), or the
-    /// log dropped it before the store got it, the response ends before it (counted in
+    /// event within a flush interval and twice the [store
+    /// timeout](crate::SseTrackerBuilder::store_timeout), or the log dropped it before the store
+    /// got it, or another response took the stream's log over, the response ends before it
+    /// (counted in
     /// `sse_tracker_replay_durable_cut_total`); the client's reconnect gets what the store
     /// holds. Streams that do not go to the store (feeds, streams not marked [`Detach`]) are
     /// not held.
@@ -528,17 +530,16 @@ pub(crate) struct Replayer {
 }
 
 impl Replayer {
-    /// The replay state for `policy`; `store_timeout` bounds the wait of a durable event (see
-    /// [`ReplayPolicy::durable`]).
+    /// The replay state for `policy`; `durable_wait` bounds the wait of a durable event for
+    /// the store (see [`ReplayPolicy::durable`]).
     pub(crate) fn new(
         policy: ReplayPolicy,
         metrics: ReplayMetrics,
         queue: Arc<LogQueue>,
-        store_timeout: Duration,
+        durable_wait: Duration,
     ) -> Self {
         let gap_event = policy.gap_event.clone().map(String::into_boxed_str);
-        let durable =
-            (policy.durable && policy.across_instances).then(|| store_timeout.saturating_mul(2));
+        let durable = (policy.durable && policy.across_instances).then_some(durable_wait);
         Self {
             to_store: policy.across_instances.then_some(queue),
             budget: Arc::new(Budget::new(policy, metrics).durable(durable)),

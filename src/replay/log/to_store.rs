@@ -32,6 +32,9 @@ pub(super) struct Stored {
     next: u64,
     /// The end mark is appended.
     ended: bool,
+    /// Where the first hole in what the store holds begins: events trimmed from the log
+    /// before they were appended, which the store never gets.
+    hole: Option<u64>,
     /// In the worker's queue (cleared when the worker reads the log).
     queued: bool,
 }
@@ -159,6 +162,13 @@ impl StreamLog {
             inner.stored.epoch = append.epoch;
             inner.stored.next = 0;
             inner.stored.ended = false;
+            inner.stored.hole = None;
+        }
+        if let Some(first) = append.events.first()
+            && first.offset > inner.stored.next
+            && inner.stored.hole.is_none()
+        {
+            inner.stored.hole = Some(inner.stored.next);
         }
         if let Some(last) = append.events.last() {
             inner.stored.next = inner.stored.next.max(last.offset + 1);
@@ -206,29 +216,56 @@ pub(crate) enum Reach {
     Lost,
 }
 
+/// What durable replay asks of a body's frame, as [`Writer::store_point`] finds it.
+///
+/// [`Writer::store_point`]: super::Writer::store_point
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durable {
+    /// Nothing: the log's current history does not go to the store.
+    Off,
+    /// The point the store must reach before the frame goes out, and how many logged events
+    /// the store lacks.
+    At(StorePoint, u64),
+    /// The frame must never go out: another body took the log over (this one's events are
+    /// not logged), or the log dropped an event of it unlogged (too large, or taken by the
+    /// budget while open).
+    Gone,
+}
+
 impl super::Writer {
-    /// With durable replay: the point the store must reach before what this writer has
-    /// written may go to a client, and how many logged events the store lacks; `None` when
-    /// the log's current history does not go to the store, or another writer writes it.
-    pub(crate) fn store_point(&self) -> Option<(StorePoint, u64)> {
-        self.log.budget.durable?;
-        self.log.store.as_ref()?;
+    /// With durable replay: what the store must hold before what this writer has written
+    /// so far may go to a client.
+    pub(crate) fn store_point(&self) -> Durable {
+        if self.log.budget.durable.is_none() || self.log.store.is_none() {
+            return Durable::Off;
+        }
         let inner = lock(&self.log.inner);
-        if !inner.detachable || inner.writing != Some(self.number) || inner.restart_pending {
-            return None;
+        if inner.writing != Some(self.number) || inner.unlogged != self.unlogged {
+            return Durable::Gone;
+        }
+        if !inner.detachable || inner.restart_pending {
+            return Durable::Off;
         }
         let (stored, _) = inner.stored.of(inner.epoch);
         let point = StorePoint {
             epoch: inner.epoch,
             offset: inner.held(),
         };
-        Some((point, point.offset.saturating_sub(stored.max(inner.first))))
+        Durable::At(point, point.offset.saturating_sub(stored.max(inner.first)))
     }
 
     /// What the store holds of `point`; with `end`, its end mark counts too.
     pub(crate) fn store_reach(&self, point: StorePoint, end: bool) -> Reach {
         let inner = lock(&self.log.inner);
         let (stored, ended) = inner.stored.of(point.epoch);
+        let hole = inner
+            .stored
+            .hole
+            .filter(|_| inner.stored.epoch == point.epoch);
+        if hole.is_some_and(|hole| point.offset > hole) {
+            // Events before the point were trimmed before the store got them.
+            return Reach::Lost;
+        }
         if stored >= point.offset && (ended || !end || inner.epoch != point.epoch) {
             return Reach::Reached;
         }
