@@ -228,7 +228,7 @@ async fn chaos_across_three_instances_one_killed_gives_no_silent_gap_and_no_dupl
     };
     let streams = env("ACROSS_CHAOS_STREAMS", 40) as usize;
     let events = env("ACROSS_CHAOS_EVENTS", 60) as u32;
-    let report = across::chaos(store(), streams, events, || {}).await;
+    let report = across::chaos(store(), streams, events, false, || {}).await;
     println!("replay across instances, in-memory store: {report:?}");
     assert_eq!(report.silent_gaps, 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");
@@ -239,6 +239,29 @@ async fn chaos_across_three_instances_one_killed_gives_no_silent_gap_and_no_dupl
         "every client ends whole or told: {report:?}"
     );
     assert!(report.cross_instance_replays > 0, "{report:?}");
+}
+
+/// The same chaos with durable replay: no client ever has an event the store lacks, so a
+/// reconnect anywhere always finds its place; the one gap left is the tail a killed producer
+/// never sent (`producer_lost`), never lost history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_durable_replay_loses_no_history_a_client_had() {
+    let report = across::chaos(store(), 40, 60, true, || {}).await;
+    println!("replay across instances, durable, in-memory store: {report:?}");
+    assert_eq!(
+        (report.silent_gaps, report.duplicates, report.corrupted),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.complete + report.gaps.values().sum::<usize>(),
+        40,
+        "every client ends whole or told: {report:?}"
+    );
+    assert!(
+        report.gaps.keys().all(|reason| reason == "producer_lost"),
+        "{report:?}"
+    );
 }
 
 /// Time to the first replayed byte of a cross-instance reconnect replaying 300 events, on the

@@ -1666,7 +1666,7 @@ async fn chaos_across_instances_through_redis_gives_no_silent_gap(topology: Topo
             }
         }
     };
-    let report = across::chaos(store, 30, 40, kill).await;
+    let report = across::chaos(store, 30, 40, false, kill).await;
     println!("replay across instances, {topology:?}: {report:?}");
     assert_eq!(
         (report.silent_gaps, report.duplicates, report.corrupted),
@@ -1676,6 +1676,30 @@ async fn chaos_across_instances_through_redis_gives_no_silent_gap(topology: Topo
     assert_eq!(
         report.complete + report.gaps.values().sum::<usize>(),
         30,
+        "{report:?}"
+    );
+}
+
+/// Chaos across instances through a standalone Redis with durable replay: the one gap left
+/// is the tail a killed producer never sent (`producer_lost`), never history a client had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_chaos_with_durable_replay_loses_no_history_a_client_had() {
+    let server = Redis::shared(Topology::Standalone);
+    let store = store(&server, &unique_prefix("chaos-durable")).await;
+    let report = across::chaos(store, 30, 40, true, || {}).await;
+    println!("replay across instances, durable, Standalone: {report:?}");
+    assert_eq!(
+        (report.silent_gaps, report.duplicates, report.corrupted),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.complete + report.gaps.values().sum::<usize>(),
+        30,
+        "{report:?}"
+    );
+    assert!(
+        report.gaps.keys().all(|reason| reason == "producer_lost"),
         "{report:?}"
     );
 }

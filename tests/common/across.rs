@@ -527,17 +527,19 @@ pub struct ChaosReport {
 /// instance with their last id; one instance is killed (its runtime dropped) once a third of
 /// the streams have started, and `disrupt` runs (on a blocking thread) once half have (a
 /// Redis primary killed, say). Every client ends with its whole answer, each event once, or
-/// at a response that carried the gap signal.
+/// at a response that carried the gap signal. `durable`: with durable replay.
 pub async fn chaos<S: Store + Clone>(
     store: S,
     streams: usize,
     events: u32,
+    durable: bool,
     disrupt: impl FnOnce() + Send + 'static,
 ) -> ChaosReport {
     let mut disrupt = Some(disrupt);
     use crate::common::chaos::Rng;
     let policy = ReplayPolicy::new()
         .across_instances(true)
+        .durable(durable)
         .gap_event("replay-gap")
         .max_detached(4 * streams);
     let quick = |builder: SseTrackerBuilder| builder.store_timeout(Duration::from_secs(1));
