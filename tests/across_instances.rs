@@ -92,6 +92,8 @@ struct FaultyAppends {
     fault: Arc<Mutex<Option<Fault>>>,
     /// Append calls made.
     appends: Arc<AtomicUsize>,
+    /// The next reads of a log that fail at once.
+    failing_reads: Arc<AtomicUsize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +129,12 @@ impl Store for FaultyAppends {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Option<StoredLog>, StoreError> {
+        let failing = self
+            .failing_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::new("reads refused"));
+        }
         self.inner.read_log(key, after, limit).await
     }
 
@@ -422,4 +430,27 @@ async fn with_durable_replay_an_event_the_log_cannot_keep_never_reaches_the_clie
         .expect("the response ends");
     assert_eq!(client.received, event(1).as_bytes());
     assert_eq!(a.metrics.value(REPLAY_DURABLE_CUT_TOTAL, &[]), 1.0);
+}
+
+/// A look-up whose first reads fail (a Redis Cluster failing over, say) tries again within
+/// the store timeout: the reconnect is replayed from the store, not sent to the application.
+#[tokio::test]
+async fn a_look_up_whose_first_reads_fail_tries_again_and_replays() {
+    let store = FaultyAppends::default();
+    let policy = ReplayPolicy::new().across_instances(true);
+    let a = Instance::start_with(store.clone(), policy.clone()).await;
+    let b = Instance::start_with(store.clone(), policy).await;
+    let (feed, _client) = a.answer_read(5).await;
+    stored_log(&store.inner, |log| log.next_offset == 5).await;
+    store.failing_reads.store(3, Ordering::SeqCst);
+    let mut back = b.get(Some("2")).await;
+    back.read_until_suffix(event(5).as_bytes()).await;
+    assert_eq!(back.received, events(3..=5).as_bytes());
+    assert_eq!(
+        b.app.calls.load(Ordering::SeqCst),
+        0,
+        "the application was called"
+    );
+    assert_eq!(store.failing_reads.load(Ordering::SeqCst), 0);
+    drop(feed);
 }

@@ -88,7 +88,9 @@ pub(crate) enum Looked {
 ///
 /// The producer appends once per flush interval, after its client got the events: a client
 /// that reconnects at once may name an event the store does not hold yet. While the log is
-/// not ended, the look-up reads it again every `every`, for up to `wait`.
+/// not ended, the look-up reads it again every `every`, for up to `wait`. A read that fails
+/// (a Redis Cluster failing over, say) is tried again every `every` for up to the store
+/// timeout, counted from the look-up's start.
 pub(crate) fn lookup(
     reader: StoreReader,
     id: EventId,
@@ -96,11 +98,18 @@ pub(crate) fn lookup(
     wait: Duration,
 ) -> BoxFuture<'static, Looked> {
     Box::pin(async move {
-        let give_up = Instant::now() + wait;
+        let started = Instant::now();
+        let give_up = started + wait;
         let mut lease_checked = false;
         let (log, at) = loop {
-            let Some(Some(log)) = reader.read(None).await else {
-                return Looked::Missing;
+            let log = match reader.read(None).await {
+                Some(Some(log)) => log,
+                Some(None) => return Looked::Missing,
+                None if Instant::now() + every < started + reader.timeout => {
+                    tokio::time::sleep(every).await;
+                    continue;
+                }
+                None => return Looked::Missing,
             };
             let found = log
                 .events
