@@ -225,7 +225,11 @@ pub(super) fn poll_durable<B: Body>(
             if let Some(replayer) = &state.shared.replay {
                 replayer.budget.metrics.durable_cut.increment(1);
             }
-            return Poll::Ready(None);
+            // An error of the inner body goes out as it would have.
+            return match polled {
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),
+                _ => Poll::Ready(None),
+            };
         }
         let at = match durable {
             Durable::At(point, unstored) => Some((point, unstored)),

@@ -36,26 +36,35 @@ impl StoreReader {
     /// Reads the log after `after`, under the deadline; `None` (counted, logged) when the call
     /// fails.
     async fn read(&self, after: Option<u64>) -> Option<Option<StoredLog>> {
+        self.read_logged(after, true).await
+    }
+
+    /// [`read`](Self::read); a failure is logged only with `log` (it is counted in any case).
+    async fn read_logged(&self, after: Option<u64>, log: bool) -> Option<Option<StoredLog>> {
         let read = guarded(
             self.timeout,
             self.store.read_log(&self.key, after, self.limit),
         )
         .await;
-        self.ok(read)
+        self.ok(read, log)
     }
 
     /// Whether `producer`'s lease runs; `None` when the call fails.
     async fn lease_alive(&self, producer: &str) -> Option<bool> {
         let alive = guarded(self.timeout, self.store.lease_alive(producer)).await;
-        self.ok(alive)
+        self.ok(alive, true)
     }
 
-    /// The value of a read, or `None` with the failure counted (`op="read_log"`) and logged.
-    fn ok<T>(&self, result: Result<T, StoreFailure>) -> Option<T> {
+    /// The value of a read, or `None` with the failure counted (`op="read_log"`) and, with
+    /// `log`, logged.
+    fn ok<T>(&self, result: Result<T, StoreFailure>, log: bool) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(failure) => {
                 self.errors.count(StoreOp::ReadLog, failure.reason());
+                if !log {
+                    return None;
+                }
                 tracing::warn!(
                     error = %failure,
                     key = %self.key,
@@ -101,11 +110,14 @@ pub(crate) fn lookup(
         let started = Instant::now();
         let give_up = started + wait;
         let mut lease_checked = false;
+        let mut failed = false;
         let (log, at) = loop {
-            let log = match reader.read(None).await {
+            // The first failure is logged; those of the tries after it are counted only.
+            let log = match reader.read_logged(None, !failed).await {
                 Some(Some(log)) => log,
                 Some(None) => return Looked::Missing,
                 None if Instant::now() + every < started + reader.timeout => {
+                    failed = true;
                     tokio::time::sleep(every).await;
                     continue;
                 }

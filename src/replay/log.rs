@@ -374,15 +374,11 @@ impl StreamLog {
             Ok(found) => found,
             Err(reason) => return Lookup::Gap(reason),
         };
-        let follow = inner.detachable && (inner.writing.is_some() || inner.finished);
-        // With durable replay, a reconnect gets what the store holds: one that follows the log
-        // gets the rest from its tail once the store has it; one that would continue a history
-        // whose writer stopped before the store had it all starts a new history after what
-        // the store holds (the rest was never confirmed, and no client gets it).
-        let visible = self.visible(&inner);
-        let unconfirmed = visible < inner.records.len();
-        let upto = if follow || unconfirmed {
-            visible
+        let follow = self.follows_locked(&inner);
+        // With durable replay, a reconnect that follows the log gets what the store holds,
+        // and the rest from its tail once the store has it.
+        let upto = if follow {
+            self.visible(&inner)
         } else {
             inner.records.len()
         };
@@ -401,7 +397,7 @@ impl StreamLog {
             LocalTail::new(self, inner.epoch, position.offset + 1, read_on)
         });
         let writer = (!follow && (take_over || inner.writing.is_none()))
-            .then(|| self.take_writer(&mut inner, unconfirmed));
+            .then(|| self.take_writer(&mut inner, false));
         Lookup::Found(Box::new(Found {
             bytes: Bytes::from(events.bytes),
             events: events.events,
@@ -437,8 +433,18 @@ impl StreamLog {
     /// Whether reconnects follow this log (the layer answers them): its body goes on without
     /// its client, or went on to its end.
     pub(crate) fn follows(&self) -> bool {
-        let inner = lock(&self.inner);
-        inner.detachable && (inner.writing.is_some() || inner.finished)
+        self.follows_locked(&lock(&self.inner))
+    }
+
+    /// [`follows`](Self::follows), with the log locked. With durable replay, reconnects also
+    /// follow a history whose body stopped before the store had all of it: its tail sends
+    /// the rest once the store has it, then ends, and the client's next reconnect continues
+    /// the history (no client gets an event the store does not hold).
+    fn follows_locked(&self, inner: &LogInner) -> bool {
+        inner.detachable
+            && (inner.writing.is_some()
+                || inner.finished
+                || self.visible(inner) < inner.records.len())
     }
 
     /// Whether an event of the log carried `id`.
@@ -487,6 +493,7 @@ impl StreamLog {
             written: 0,
             seal: false,
             unlogged: inner.unlogged,
+            start: (!restart).then(|| (inner.epoch, inner.held())),
         }
     }
 }
@@ -640,6 +647,9 @@ pub(crate) struct Writer {
     seal: bool,
     /// The log's count of events dropped unlogged when this writer began.
     unlogged: u64,
+    /// Where this writer's events begin, when it continues a history: its epoch, and the
+    /// offset after the events it found (`None`: it starts a history of its own).
+    start: Option<(u64, u64)>,
 }
 
 impl Writer {
@@ -1342,6 +1352,10 @@ mod tests {
         }
     }
 
+    fn found_after(log: &Arc<StreamLog>, id: &[u8]) -> Found {
+        found(log.after(id, true, true))
+    }
+
     fn found(lookup: Lookup) -> Found {
         match lookup {
             Lookup::Found(found) => *found,
@@ -1662,11 +1676,12 @@ mod tests {
         assert_eq!(queue.take().len(), 1);
     }
 
-    /// With durable replay, a reconnect that continues a history whose writer stopped before
-    /// the store had all of it gets what the store holds, and its body starts a new history:
-    /// the events the store never confirmed reach no client.
+    /// With durable replay, a reconnect to a history whose writer stopped before the store
+    /// had all of it gets what the store holds, then follows the log: the rest once the store
+    /// has it, then the end (its next reconnect continues the history).
     #[test]
-    fn a_reconnect_continuing_a_stopped_durable_history_gets_only_what_the_store_holds() {
+    fn a_reconnect_to_a_stopped_durable_history_gets_what_the_store_holds_then_the_rest_once_stored()
+     {
         let (log, _queue, mut body) = durable_log(16);
         body.writer.set_detachable(true);
         for n in 0..5 {
@@ -1683,17 +1698,61 @@ mod tests {
             format!("{}{}", event(1), event(2)).as_bytes()
         );
         assert_eq!(found.position.offset, 2);
-        assert!(found.tail.is_none());
+        assert!(found.writer.is_none(), "no body continues the history yet");
+        let mut tail = found.tail.expect("the reconnect follows the log");
+        assert!(matches!(
+            log.tail_step(tail.epoch, &mut tail.next),
+            TailStep::Unconfirmed
+        ));
+        let rest = log.unstored("p").expect("owed");
+        log.appended(&rest);
+        match log.tail_step(tail.epoch, &mut tail.next) {
+            TailStep::Events(bytes) => {
+                assert_eq!(&bytes[..], format!("{}{}", event(3), event(4)).as_bytes())
+            }
+            _ => panic!("events 3 and 4 once stored"),
+        }
+        assert!(matches!(
+            log.tail_step(tail.epoch, &mut tail.next),
+            TailStep::End
+        ));
+        // Everything stored: the next reconnect continues the history.
+        let next = found_after(&log, b"4");
+        assert!(next.writer.is_some() && next.tail.is_none());
+    }
+
+    /// A hole the store got before a body continued the history (events trimmed before they
+    /// were appended, while the store was down, say) is not this body's: its own events, once
+    /// stored, count as confirmed.
+    #[test]
+    fn a_hole_before_a_continuing_body_does_not_cut_it() {
+        let (log, _queue, mut body) = durable_log(4);
+        body.writer.set_detachable(true);
+        for n in 0..3 {
+            body.send(event(n).as_bytes());
+        }
+        let mut first = log.unstored("p").expect("owed");
+        first.events.truncate(1);
+        log.appended(&first);
+        // Three more events: the log keeps four, and drops event 1 before the store has it.
+        for n in 3..6 {
+            body.send(event(n).as_bytes());
+        }
+        let rest = log.unstored("p").expect("owed");
+        assert_eq!(rest.events.first().map(|e| e.offset), Some(2));
+        log.appended(&rest);
+        drop(body);
+        let found = found_after(&log, b"5");
         let mut next = Body {
             scanner: Scanner::with_max_id_len(64),
-            writer: found.writer.expect("the reconnect's body writes the log"),
+            writer: found.writer.expect("the history goes on with a new body"),
         };
-        let epoch = found.position.epoch;
-        next.send(event(9).as_bytes());
-        assert_ne!(
-            lock(&log.inner).epoch,
-            epoch,
-            "the new body's events start a new history, not one after events 3 and 4"
-        );
+        next.writer.set_detachable(true);
+        next.send(event(6).as_bytes());
+        let Durable::At(point, _) = next.writer.store_point() else {
+            panic!("durable applies");
+        };
+        log.appended(&log.unstored("p").expect("owed"));
+        assert_eq!(next.writer.store_reach(point, false), Reach::Reached);
     }
 }

@@ -207,7 +207,9 @@ impl ReplayPolicy {
     ///   stream, or its log lacks the client's event) is looked up in the store first, under
     ///   the store timeout; the application's future is made, and dropped unpolled when the
     ///   store answers. A client may name an event its producer has not appended yet: the
-    ///   look-up waits up to three flush intervals for it. The layer then answers as for a
+    ///   look-up waits up to three flush intervals for it; a read that fails (a Redis
+    ///   Cluster failing over) is tried again each flush interval for up to the store timeout
+    ///   (a store that hangs: one timeout). The layer then answers as for a
     ///   detached stream here: the events missed, the stream followed in the store (one read
     ///   per flush interval) until its end, `204` once the client has it all. At most
     ///   [`max_detached`](Self::max_detached) reconnects follow the store at once; beyond,

@@ -32,9 +32,10 @@ pub(super) struct Stored {
     next: u64,
     /// The end mark is appended.
     ended: bool,
-    /// Where the first hole in what the store holds begins: events trimmed from the log
-    /// before they were appended, which the store never gets.
-    hole: Option<u64>,
+    /// The offsets the holes in what the store holds lie within (from the first one's start
+    /// to the last one's end): events trimmed from the log before they were appended, which
+    /// the store never gets.
+    holes: Option<(u64, u64)>,
     /// In the worker's queue (cleared when the worker reads the log).
     queued: bool,
 }
@@ -162,13 +163,16 @@ impl StreamLog {
             inner.stored.epoch = append.epoch;
             inner.stored.next = 0;
             inner.stored.ended = false;
-            inner.stored.hole = None;
+            inner.stored.holes = None;
         }
         if let Some(first) = append.events.first()
             && first.offset > inner.stored.next
-            && inner.stored.hole.is_none()
         {
-            inner.stored.hole = Some(inner.stored.next);
+            let start = inner
+                .stored
+                .holes
+                .map_or(inner.stored.next, |(start, _)| start);
+            inner.stored.holes = Some((start, first.offset));
         }
         if let Some(last) = append.events.last() {
             inner.stored.next = inner.stored.next.max(last.offset + 1);
@@ -258,12 +262,18 @@ impl super::Writer {
     pub(crate) fn store_reach(&self, point: StorePoint, end: bool) -> Reach {
         let inner = lock(&self.log.inner);
         let (stored, ended) = inner.stored.of(point.epoch);
-        let hole = inner
+        // Where this writer's events begin in the point's history.
+        let from = match self.start {
+            Some((epoch, offset)) if epoch == point.epoch => offset,
+            _ => 0,
+        };
+        let holes = inner
             .stored
-            .hole
+            .holes
             .filter(|_| inner.stored.epoch == point.epoch);
-        if hole.is_some_and(|hole| point.offset > hole) {
-            // Events before the point were trimmed before the store got them.
+        if holes.is_some_and(|(start, end)| start < point.offset && end > from) {
+            // Events of this writer's before the point were trimmed before the store got
+            // them.
             return Reach::Lost;
         }
         if stored >= point.offset && (ended || !end || inner.epoch != point.epoch) {
