@@ -501,8 +501,8 @@ async fn rmcp_a_call_resumed_on_another_instance_loses_nothing() {
             .layer(tracker.layer());
         (router, tracker, metrics)
     };
-    let (seen_a, seen_b): (Arc<Mutex<Vec<Resumption>>>, Arc<Mutex<Vec<Resumption>>>) =
-        Default::default();
+    let seen_a: Arc<Mutex<Vec<Resumption>>> = Arc::default();
+    let seen_b: Arc<Mutex<Vec<Resumption>>> = Arc::default();
     let (router_a, _tracker_a, _) = instance(seen_a.clone());
     let (router_b, _tracker_b, metrics_b) = instance(seen_b.clone());
     let a = serve(router_a).await;
