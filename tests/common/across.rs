@@ -522,6 +522,33 @@ pub struct ChaosReport {
     pub corrupted: usize,
 }
 
+impl ChaosReport {
+    /// No silent gap, no duplicate, no corrupted event, and every client ended with its whole
+    /// answer or was told of a gap.
+    pub fn assert_honest(&self) {
+        assert_eq!(
+            (self.silent_gaps, self.duplicates, self.corrupted),
+            (0, 0, 0),
+            "{self:?}"
+        );
+        assert_eq!(
+            self.complete + self.gaps.values().sum::<usize>(),
+            self.streams,
+            "every client ends whole or told: {self:?}"
+        );
+    }
+
+    /// [`assert_honest`](Self::assert_honest), and every gap is the tail a killed producer
+    /// never sent: no client lost history it had (durable replay).
+    pub fn assert_no_history_lost(&self) {
+        self.assert_honest();
+        assert!(
+            self.gaps.keys().all(|reason| reason == "producer_lost"),
+            "{self:?}"
+        );
+    }
+}
+
 /// `streams` answers of `events` events each, produced by the instance their first request
 /// lands on, read by clients that drop after a few events and reconnect to a random live
 /// instance with their last id; one instance is killed (its runtime dropped) once a third of
