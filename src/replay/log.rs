@@ -980,11 +980,25 @@ impl StreamLog {
             return TailStep::Unconfirmed;
         }
         if !inner.writes_history() {
+            if inner.finished && self.held_back(&inner) {
+                // Durable replay: the clean end waits for the store's end mark, as the
+                // body's does.
+                return TailStep::Unconfirmed;
+            }
             // No body writes this history any more (a new response that has written nothing
             // yet will replace it).
             return TailStep::End;
         }
         TailStep::Wait
+    }
+
+    /// With durable replay, whether the end of this finished history waits for the store: it
+    /// goes to the store, and the store has not its end mark yet.
+    fn held_back(&self, inner: &LogInner) -> bool {
+        self.budget.durable.is_some()
+            && self.store.is_some()
+            && inner.detachable
+            && !inner.stored.of(inner.epoch).1
     }
 }
 
@@ -1293,6 +1307,7 @@ mod tests {
     use crate::key::StreamKey;
     use crate::registry::LogQueue;
     use crate::scan::Scanner;
+    use crate::store::LogEnd;
     use std::num::NonZeroUsize;
 
     fn policy(events: usize, stream: usize, total: usize) -> ReplayPolicy {
@@ -1754,5 +1769,37 @@ mod tests {
         };
         log.appended(&log.unstored("p").expect("owed"));
         assert_eq!(next.writer.store_reach(point, false), Reach::Reached);
+    }
+
+    /// With durable replay, a reader following a finished history ends once the store has
+    /// its end mark, as the body does: a client told the stream ended cleanly finds it ended
+    /// on any instance.
+    #[test]
+    fn a_durable_tail_ends_once_the_store_has_the_end_mark() {
+        let (log, _queue, mut body) = durable_log(16);
+        body.writer.set_detachable(true);
+        for n in 0..3 {
+            body.send(event(n).as_bytes());
+        }
+        log.appended(&log.unstored("p").expect("owed"));
+        body.writer.finish();
+        drop(body);
+        let found = found_after(&log, b"0");
+        assert_eq!(
+            &found.bytes[..],
+            format!("{}{}", event(1), event(2)).as_bytes()
+        );
+        let mut tail = found.tail.expect("the reconnect follows the log");
+        assert!(matches!(
+            log.tail_step(tail.epoch, &mut tail.next),
+            TailStep::Unconfirmed
+        ));
+        let end = log.unstored("p").expect("the end mark is owed");
+        assert!(end.events.is_empty() && end.end == Some(LogEnd::Finished));
+        log.appended(&end);
+        assert!(matches!(
+            log.tail_step(tail.epoch, &mut tail.next),
+            TailStep::End
+        ));
     }
 }
