@@ -259,10 +259,17 @@ impl ReplayPolicy {
     /// event within a flush interval and twice the [store
     /// timeout](crate::SseTrackerBuilder::store_timeout), or the log dropped it before the store
     /// got it, or another response took the stream's log over, the response ends before it
-    /// (counted in
-    /// `sse_tracker_replay_durable_cut_total`); the client's reconnect gets what the store
-    /// holds. Streams that do not go to the store (feeds, streams not marked [`Detach`]) are
-    /// not held.
+    /// (counted in `sse_tracker_replay_durable_cut_total`); the client's reconnect gets what
+    /// the store holds. A reconnect to a history whose body stopped (a bound, a drain) before
+    /// the store had all of it follows the log until the store has the rest, then ends; the
+    /// next reconnect continues the history. The clean end of a stream waits for the store's
+    /// end mark. Streams that do not go to the store (feeds, streams not marked [`Detach`])
+    /// are not held.
+    ///
+    /// What the store confirms is an append it did not fail. A store keeps the history of the
+    /// highest epoch and drops an older one's appends without an error, so the guarantee
+    /// needs the instances' clocks to agree to within the time between two histories of one
+    /// stream (see [`across_instances`](Self::across_instances)).
     ///
     /// [`build`](crate::SseTrackerBuilder::build) fails when it is on without
     /// `across_instances`.
