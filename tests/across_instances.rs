@@ -434,3 +434,25 @@ async fn a_look_up_whose_first_reads_fail_tries_again_and_replays() {
     assert_eq!(store.failing_reads.load(Ordering::SeqCst), 0);
     drop(feed);
 }
+
+/// A drain's timeout holds for a durable response whose frames wait for a store that hangs:
+/// it ends at the drain timeout, not at the durable wait (10 s here).
+#[tokio::test]
+async fn with_durable_replay_a_drain_ends_a_held_response_at_the_drain_timeout() {
+    let store = FaultyAppends::default();
+    let a = Instance::start_built(store.clone(), durable(), |builder| {
+        builder
+            .store_timeout(Duration::from_secs(5))
+            .drain_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let (feed, mut client) = a.answer_read(1).await;
+    *store.fault.lock().unwrap() = Some(Fault::Hang);
+    feed.send(Bytes::from(event(2))).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.tracker.drain(None);
+    tokio::time::timeout(Duration::from_secs(3), client.read_to_end())
+        .await
+        .expect("the response ends at the drain timeout");
+    assert_eq!(client.received, event(1).as_bytes());
+}

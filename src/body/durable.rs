@@ -162,11 +162,16 @@ impl Hold {
         }
     }
 
-    fn cut(&mut self, why: &'static str) -> Front {
+    /// Drops what is held: nothing more goes out.
+    fn clear(&mut self) {
         self.frames.clear();
         self.bytes = 0;
         self.end = None;
         self.done = true;
+    }
+
+    fn cut(&mut self, why: &'static str) -> Front {
+        self.clear();
         tracing::warn!(
             why,
             "SSE events held for the store (durable replay) did not reach it: the response ends \
@@ -197,6 +202,17 @@ pub(super) fn poll_durable<B: Body>(
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
     loop {
+        if sse.shared.drain.is_draining()
+            && sse.hold.as_ref().is_some_and(|hold| !hold.is_idle())
+            && sse.as_mut().drain_overdue(Some(cx))
+        {
+            // The drain timeout holds for held frames too: they never go out.
+            if let Some(hold) = sse.as_mut().project().hold.as_deref_mut() {
+                hold.clear();
+            }
+            sse.as_mut().end_overdue();
+            return Poll::Ready(None);
+        }
         let state = sse.as_mut().project();
         let Some(hold) = state.hold.as_deref_mut() else {
             return poll_frames(src, sse, cx);
