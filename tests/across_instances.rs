@@ -13,7 +13,7 @@ use across::{Instance, answer_key, event, events, joined, stored_log};
 use bytes::Bytes;
 use common::names::{
     OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_DURABLE_CUT_TOTAL,
-    REPLAY_STORE_EVENTS_TOTAL, STORE_ERRORS_TOTAL,
+    REPLAY_STORE_EVENTS_TOTAL, STORE_ERRORS_TOTAL, STREAMS_DRAINED_TOTAL,
 };
 use tower_sse_tracker::store::{
     InMemoryStore, LogAppend, SaveEntry, Store, StoreError, StoredId, StoredLog,
@@ -455,4 +455,43 @@ async fn with_durable_replay_a_drain_ends_a_held_response_at_the_drain_timeout()
         .await
         .expect("the response ends at the drain timeout");
     assert_eq!(client.received, event(1).as_bytes());
+    // The drain ended the body at a boundary (its client resumes): counted once, so.
+    let drained = |reason| {
+        a.metrics
+            .value(STREAMS_DRAINED_TOTAL, &[("reason", reason)])
+    };
+    assert_eq!((drained("boundary"), drained("deadline")), (1.0, 0.0));
+}
+
+/// The same, for a body whose frames were all ready at once (it never waited, so nothing
+/// but the drain itself can wake it) and that ended while they wait for the store: it ends at
+/// the drain timeout.
+#[tokio::test]
+async fn with_durable_replay_a_drain_wakes_and_ends_a_finished_held_response_at_the_drain_timeout()
+{
+    let store = FaultyAppends::default();
+    let a = Instance::start_built(store.clone(), durable(), |builder| {
+        builder
+            .store_timeout(Duration::from_secs(5))
+            .drain_timeout(Duration::from_millis(300))
+    })
+    .await;
+    *store.fault.lock().unwrap() = Some(Fault::Hang);
+    let response = a
+        .http
+        .get(format!("http://{}/burst?n=3", a.addr))
+        .header("mcp-session-id", "s1")
+        .send()
+        .await
+        .unwrap();
+    let mut client = common::Client::new(response);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.tracker.drain(None);
+    tokio::time::timeout(Duration::from_secs(3), client.read_to_end())
+        .await
+        .expect("the response ends at the drain timeout");
+    assert!(
+        client.received.is_empty(),
+        "nothing confirmed, nothing sent"
+    );
 }

@@ -202,15 +202,24 @@ pub(super) fn poll_durable<B: Body>(
     cx: &mut Context<'_>,
 ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
     loop {
-        if sse.shared.drain.is_draining()
-            && sse.hold.as_ref().is_some_and(|hold| !hold.is_idle())
+        if sse.hold.as_ref().is_some_and(|hold| !hold.is_idle())
+            && sse.as_mut().poll_drain(cx)
             && sse.as_mut().drain_overdue(Some(cx))
         {
             // The drain timeout holds for held frames too: they never go out.
             if let Some(hold) = sse.as_mut().project().hold.as_deref_mut() {
                 hold.clear();
             }
-            sse.as_mut().end_overdue();
+            if sse.ended {
+                // The drain or the body ended the body already (counted then).
+                tracing::warn!(
+                    parent: &sse.span,
+                    "SSE frames held for the store (durable replay) at the drain timeout: the \
+                     response ends before them"
+                );
+            } else {
+                sse.as_mut().end_overdue();
+            }
             return Poll::Ready(None);
         }
         let state = sse.as_mut().project();

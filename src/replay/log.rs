@@ -142,9 +142,9 @@ struct LogInner {
     read_on: Option<ReadOnHandle>,
     /// What the store holds of this log (replay across instances).
     stored: Stored,
-    /// Events dropped unlogged so far (an event larger than the stream's bound, or one the
-    /// budget took while open): with durable replay, a body that sent one ends.
-    unlogged: u64,
+    /// Events dropped unlogged so far, wrapping (an event larger than the stream's bound, or
+    /// one the budget took while open): with durable replay, a body that sent one ends.
+    unlogged: u32,
 }
 
 /// A body that can leave its connection for a task of its own: see [`ReadOn`].
@@ -493,7 +493,7 @@ impl StreamLog {
             written: 0,
             seal: false,
             unlogged: inner.unlogged,
-            start: (!restart).then(|| (inner.epoch, inner.held())),
+            start: if restart { 0 } else { inner.held() },
         }
     }
 }
@@ -646,10 +646,11 @@ pub(crate) struct Writer {
     /// Seal the log when this writer goes (see [`release`](Self::release)).
     seal: bool,
     /// The log's count of events dropped unlogged when this writer began.
-    unlogged: u64,
-    /// Where this writer's events begin, when it continues a history: its epoch, and the
-    /// offset after the events it found (`None`: it starts a history of its own).
-    start: Option<(u64, u64)>,
+    unlogged: u32,
+    /// Where this writer's events begin: the offset after the events of the history it
+    /// continues (0 for a history of its own). Its history stays one epoch: another one
+    /// would come from an event dropped unlogged, which ends a durable body anyway.
+    start: u64,
 }
 
 impl Writer {
@@ -785,7 +786,7 @@ fn write_frame(
         if let Some(cause) = inner.skipping {
             // The end of an event that was not kept: no replay may run across it.
             trimmed[cause as usize] += inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
-            inner.unlogged += 1;
+            inner.unlogged = inner.unlogged.wrapping_add(1);
             continue;
         }
         let id = mark.id.map(|id| match id {
@@ -809,7 +810,7 @@ fn write_frame(
             inner.drop_open();
             trimmed[Trim::TooLarge as usize] +=
                 inner.restart(budget.next_epoch(), Lost::Evicted) + 1;
-            inner.unlogged += 1;
+            inner.unlogged = inner.unlogged.wrapping_add(1);
             continue;
         }
         make_room(&mut inner, policy, size - open, 1, &mut trimmed);
@@ -983,7 +984,7 @@ impl StreamLog {
             if inner.finished && self.held_back(&inner) {
                 // Durable replay: the clean end waits for the store's end mark, as the
                 // body's does.
-                return TailStep::Unconfirmed;
+                return TailStep::EndUnconfirmed;
             }
             // No body writes this history any more (a new response that has written nothing
             // yet will replace it).
@@ -1007,6 +1008,9 @@ enum TailStep {
     Wait,
     /// Events are logged that the store does not hold yet (durable replay).
     Unconfirmed,
+    /// Every event is read, and the stream finished: the store has not its end mark yet
+    /// (durable replay).
+    EndUnconfirmed,
     End,
 }
 
@@ -1063,6 +1067,7 @@ impl LocalTail {
             && !inner.writes_history()
             && inner.epoch == self.epoch
             && self.next == inner.first + inner.records.len() as u64
+            && !self.log.held_back(&inner)
     }
 
     /// The next events, or `None` once nothing more will come.
@@ -1081,19 +1086,23 @@ impl LocalTail {
                     return Poll::Ready(Some(bytes));
                 }
                 TailStep::End => return Poll::Ready(None),
-                TailStep::Unconfirmed => {
+                step @ (TailStep::Unconfirmed | TailStep::EndUnconfirmed) => {
                     let wait = self.log.budget.durable.unwrap_or_default();
                     let deadline = self
                         .unconfirmed
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
                     if deadline.as_mut().poll(cx).is_ready() {
-                        // The store did not take them in time: the response ends before
-                        // them, and the client's reconnect gets what the store holds.
-                        self.log.budget.metrics.durable_cut.increment(1);
-                        tracing::warn!(
-                            "SSE events not confirmed by the store in time (durable replay): a \
-                             response following the stream's log ends before them"
-                        );
+                        if matches!(step, TailStep::Unconfirmed) {
+                            // The store did not take them in time: the response ends before
+                            // them, and the client's reconnect gets what the store holds.
+                            self.log.budget.metrics.durable_cut.increment(1);
+                            tracing::warn!(
+                                "SSE events not confirmed by the store in time (durable \
+                                 replay): a response following the stream's log ends before \
+                                 them"
+                            );
+                        }
+                        // Else every event went out: only the end mark is late.
                         return Poll::Ready(None);
                     }
                     if waiting.as_mut().poll(cx).is_pending() {
@@ -1792,8 +1801,9 @@ mod tests {
         let mut tail = found.tail.expect("the reconnect follows the log");
         assert!(matches!(
             log.tail_step(tail.epoch, &mut tail.next),
-            TailStep::Unconfirmed
+            TailStep::EndUnconfirmed
         ));
+        assert!(!tail.is_finished(), "no 204 before the store has the end");
         let end = log.unstored("p").expect("the end mark is owed");
         assert!(end.events.is_empty() && end.end == Some(LogEnd::Finished));
         log.appended(&end);
@@ -1801,5 +1811,6 @@ mod tests {
             log.tail_step(tail.epoch, &mut tail.next),
             TailStep::End
         ));
+        assert!(tail.is_finished());
     }
 }

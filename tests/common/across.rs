@@ -94,6 +94,23 @@ async fn generate(
     response
 }
 
+/// `GET /burst?n=N`: an answer of its own, `N` events (`id: k`) all ready at once (its body
+/// never waits), marked `Detach`.
+async fn burst(
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, u32>>,
+) -> Response {
+    let n = q.get("n").copied().unwrap_or(3);
+    let frames =
+        futures_util::stream::iter((1..=n).map(|k| Ok::<_, Infallible>(Bytes::from(event(k)))));
+    let mut response = (
+        [(CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(frames),
+    )
+        .into_response();
+    response.extensions_mut().insert(Detach);
+    response
+}
+
 /// One instance: a tracker on the shared store, and its server.
 pub struct Instance {
     pub addr: std::net::SocketAddr,
@@ -129,6 +146,7 @@ impl Instance {
         let router = axum::Router::new()
             .route("/answer", axum::routing::get(answer))
             .route("/gen", axum::routing::get(generate))
+            .route("/burst", axum::routing::get(burst))
             .with_state(app.clone())
             .layer(tracker.layer());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -33,9 +33,9 @@ pub(super) struct Stored {
     /// The end mark is appended.
     ended: bool,
     /// The offsets the holes in what the store holds lie within (from the first one's start
-    /// to the last one's end): events trimmed from the log before they were appended, which
-    /// the store never gets.
-    holes: Option<(u64, u64)>,
+    /// to the last one's end; `(0, 0)`: none): events trimmed from the log before they were
+    /// appended, which the store never gets.
+    holes: (u64, u64),
     /// In the worker's queue (cleared when the worker reads the log).
     queued: bool,
 }
@@ -163,16 +163,14 @@ impl StreamLog {
             inner.stored.epoch = append.epoch;
             inner.stored.next = 0;
             inner.stored.ended = false;
-            inner.stored.holes = None;
+            inner.stored.holes = (0, 0);
         }
         if let Some(first) = append.events.first()
             && first.offset > inner.stored.next
         {
-            let start = inner
-                .stored
-                .holes
-                .map_or(inner.stored.next, |(start, _)| start);
-            inner.stored.holes = Some((start, first.offset));
+            let (start, end) = inner.stored.holes;
+            let start = if end == 0 { inner.stored.next } else { start };
+            inner.stored.holes = (start, first.offset);
         }
         if let Some(last) = append.events.last() {
             inner.stored.next = inner.stored.next.max(last.offset + 1);
@@ -262,16 +260,9 @@ impl super::Writer {
     pub(crate) fn store_reach(&self, point: StorePoint, end: bool) -> Reach {
         let inner = lock(&self.log.inner);
         let (stored, ended) = inner.stored.of(point.epoch);
-        // Where this writer's events begin in the point's history.
-        let from = match self.start {
-            Some((epoch, offset)) if epoch == point.epoch => offset,
-            _ => 0,
-        };
-        let holes = inner
-            .stored
-            .holes
-            .filter(|_| inner.stored.epoch == point.epoch);
-        if holes.is_some_and(|(start, end)| start < point.offset && end > from) {
+        // Holes among this writer's events before the point.
+        let (hole_start, hole_end) = inner.stored.holes;
+        if inner.stored.epoch == point.epoch && hole_end > self.start && hole_start < point.offset {
             // Events of this writer's before the point were trimmed before the store got
             // them.
             return Reach::Lost;
