@@ -107,6 +107,7 @@ impl Shared {
             .map(|replayer| LogsToStore {
                 producer: instance_id(),
                 events: replayer.budget.metrics.store_events.clone(),
+                refused: replayer.budget.metrics.store_refused.clone(),
                 lease_ttl: lease_ttl(flush_interval, store_timeout),
             });
         let (worker, task) = WorkerHandle::new(

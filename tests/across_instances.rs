@@ -13,10 +13,11 @@ use across::{Instance, answer_key, event, events, joined, stored_log};
 use bytes::Bytes;
 use common::names::{
     OP_APPEND, REASON_ERROR, REASON_PANIC, REASON_TIMEOUT, REPLAY_DURABLE_CUT_TOTAL,
-    REPLAY_STORE_EVENTS_TOTAL, STORE_ERRORS_TOTAL, STREAMS_DRAINED_TOTAL,
+    REPLAY_STORE_EVENTS_TOTAL, REPLAY_STORE_REFUSED_TOTAL, STORE_ERRORS_TOTAL,
+    STREAMS_DRAINED_TOTAL,
 };
 use tower_sse_tracker::store::{
-    InMemoryStore, LogAppend, SaveEntry, Store, StoreError, StoredId, StoredLog,
+    AppendReport, InMemoryStore, LogAppend, SaveEntry, Store, StoreError, StoredId, StoredLog,
 };
 use tower_sse_tracker::{ReplayPolicy, RetryPolicy, StreamKey};
 
@@ -112,7 +113,7 @@ impl Store for FaultyAppends {
         self.inner.load(key).await
     }
 
-    async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+    async fn append_logs(&self, batch: &[LogAppend]) -> Result<AppendReport, StoreError> {
         self.appends.fetch_add(1, Ordering::SeqCst);
         let fault = *self.fault.lock().unwrap();
         match fault {
@@ -494,4 +495,45 @@ async fn with_durable_replay_a_drain_wakes_and_ends_a_finished_held_response_at_
         client.received.is_empty(),
         "nothing confirmed, nothing sent"
     );
+}
+
+/// A store holding a newer history of the stream (an instance whose clock is ahead wrote it)
+/// refuses this instance's appends: counted, and with durable replay the response ends
+/// before the events the store refused, at once.
+#[tokio::test]
+async fn a_history_the_store_refuses_is_counted_and_with_durable_replay_never_reaches_the_client() {
+    for durable_on in [false, true] {
+        let store = FaultyAppends::default();
+        let ahead = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+            + 3_600_000_000;
+        store
+            .inner
+            .append_logs(&[LogAppend::new(answer_key(), ahead, "instance-ahead")])
+            .await
+            .unwrap();
+        let policy = ReplayPolicy::new()
+            .across_instances(true)
+            .durable(durable_on);
+        let a = Instance::start_with(store.clone(), policy).await;
+        let feed = a.next_feed();
+        let mut client = a.get(None).await;
+        feed.send(Bytes::from(event(1))).unwrap();
+        if durable_on {
+            tokio::time::timeout(Duration::from_secs(3), client.read_to_end())
+                .await
+                .expect("the response ends once the store refuses");
+            assert!(client.received.is_empty(), "durable: {:?}", client.received);
+            assert_eq!(a.metrics.value(REPLAY_DURABLE_CUT_TOTAL, &[]), 1.0);
+        } else {
+            client.read_until_suffix(event(1).as_bytes()).await;
+        }
+        common::eventually("the refusal is counted", || {
+            a.metrics.value(REPLAY_STORE_REFUSED_TOTAL, &[]) >= 1.0
+        })
+        .await;
+        drop(feed);
+    }
 }

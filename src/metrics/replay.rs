@@ -39,6 +39,10 @@ pub(crate) const REPLAY_STORE_DROPPED_TOTAL: &str = "sse_tracker_replay_store_dr
 /// log dropped before the store got them (durable replay).
 pub(crate) const REPLAY_DURABLE_CUT_TOTAL: &str = "sse_tracker_replay_durable_cut_total";
 
+/// Counter: replay-log appends the store refused, a newer history holding the stream's log
+/// (replay across instances).
+pub(crate) const REPLAY_STORE_REFUSED_TOTAL: &str = "sse_tracker_replay_store_refused_total";
+
 /// What became of a detached stream: the `outcome` label of `sse_tracker_replay_detached_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Detached {
@@ -125,6 +129,7 @@ pub(crate) struct ReplayMetrics {
     detached: [Counter; Detached::ALL.len()],
     pub(crate) store_events: Counter,
     pub(crate) durable_cut: Counter,
+    pub(crate) store_refused: Counter,
 }
 
 impl ReplayMetrics {
@@ -147,6 +152,7 @@ impl ReplayMetrics {
                 .map(|outcome| counter!(REPLAY_DETACHED_TOTAL, "outcome" => outcome.label())),
             store_events: counter!(REPLAY_STORE_EVENTS_TOTAL),
             durable_cut: counter!(REPLAY_DURABLE_CUT_TOTAL),
+            store_refused: counter!(REPLAY_STORE_REFUSED_TOTAL),
         }
     }
 
@@ -236,5 +242,10 @@ pub(super) fn describe() {
         REPLAY_DURABLE_CUT_TOTAL,
         Unit::Count,
         "Responses ended before events the store did not confirm in time, or lost"
+    );
+    describe_counter!(
+        REPLAY_STORE_REFUSED_TOTAL,
+        Unit::Count,
+        "Replay-log appends the store refused: a newer history holds the stream's log"
     );
 }

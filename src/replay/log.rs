@@ -370,6 +370,10 @@ impl StreamLog {
         one_owner: bool,
     ) -> Lookup {
         let mut inner = lock(&self.inner);
+        if self.refused_durable(&inner) {
+            // Its events beyond what the store holds reach no client, and never will.
+            return Lookup::Gap(GapReason::NoHistory);
+        }
         let (index, start) = match locate(&inner, last_event_id) {
             Ok(found) => found,
             Err(reason) => return Lookup::Gap(reason),
@@ -968,6 +972,10 @@ impl StreamLog {
             // ends, and the client's reconnect is told of the gap.
             return TailStep::End;
         }
+        if self.refused_durable(&inner) {
+            // The store refused this history: what it lacks never goes out.
+            return TailStep::End;
+        }
         let visible = inner.first + self.visible(&inner) as u64;
         if *next < visible {
             let index = (*next - inner.first) as usize;
@@ -991,6 +999,15 @@ impl StreamLog {
             return TailStep::End;
         }
         TailStep::Wait
+    }
+
+    /// With durable replay, whether the store refused this history (a newer one holds the
+    /// stream's log): no client gets what the store lacks of it.
+    fn refused_durable(&self, inner: &LogInner) -> bool {
+        self.budget.durable.is_some()
+            && self.store.is_some()
+            && inner.detachable
+            && inner.stored.refused(inner.epoch)
     }
 
     /// With durable replay, whether the end of this finished history waits for the store: it

@@ -224,7 +224,10 @@ impl ReplayPolicy {
     ///   flush finds nothing in the store: `gap; reason=no_history`. [`durable`](Self::durable)
     ///   closes the window: no client gets an event before the store holds it.
     /// - **Limits.** Epochs come from each instance's clock: the instances' clocks must agree
-    ///   to within the time between two histories of one stream. Give each answer ids of its
+    ///   to within the time between two histories of one stream. Else the store refuses the
+    ///   appends of the newer history from the instance whose clock is behind (it keeps the
+    ///   highest epoch): counted in `sse_tracker_replay_store_refused_total` and logged, and
+    ///   that history is not replayable elsewhere. Give each answer ids of its
     ///   own: an instance holding an older history with the client's id replays from it. A
     ///   look-up reads at most [`max_events`](Self::max_events) events of the store's log
     ///   (keep `RedisStore::with_log_max_events` at most that).
@@ -266,10 +269,10 @@ impl ReplayPolicy {
     /// end mark. Streams that do not go to the store (feeds, streams not marked [`Detach`])
     /// are not held.
     ///
-    /// What the store confirms is an append it did not fail. A store keeps the history of the
-    /// highest epoch and drops an older one's appends without an error, so the guarantee
-    /// needs the instances' clocks to agree to within the time between two histories of one
-    /// stream (see [`across_instances`](Self::across_instances)).
+    /// What the store confirms is an append it took. One it refuses (a newer history holds the
+    /// stream's log: see the limits of [`across_instances`](Self::across_instances)) ends the
+    /// response before the events refused, and a reconnect to that history gets
+    /// `gap; reason=no_history`.
     ///
     /// [`build`](crate::SseTrackerBuilder::build) fails when it is on without
     /// `across_instances`.

@@ -48,6 +48,43 @@ pub enum LogEnd {
     Stopped,
 }
 
+/// What a store did with a batch of [`LogAppend`]s ([`Store::append_logs`]): the appends it
+/// refused, by their place in the batch. A store refuses an append when the stream's log holds
+/// a newer history (a higher epoch, or the same epoch from another producer): nothing of it is
+/// appended. Instances whose clocks disagree can see this: the tracker counts it
+/// (`sse_tracker_replay_store_refused_total`) and stops offering that history.
+///
+/// ```
+/// use tower_sse_tracker::store::AppendReport;
+///
+/// let report = AppendReport::refusing(vec![2]);
+/// assert_eq!(report.refused(), &[2]);
+/// assert!(AppendReport::new().refused().is_empty());
+/// ```
+///
+/// [`Store::append_logs`]: super::Store::append_logs
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    refused: Vec<usize>,
+}
+
+impl AppendReport {
+    /// Every append taken.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The appends at these places of the batch refused.
+    pub fn refusing(refused: Vec<usize>) -> Self {
+        Self { refused }
+    }
+
+    /// The places in the batch of the appends refused, in any order.
+    pub fn refused(&self) -> &[usize] {
+        &self.refused
+    }
+}
+
 /// What a tracker appends to one stream's log at a flush: the events since its last append,
 /// and whether the stream has ended.
 ///

@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{
-    LogAppend, LogEnd, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId,
-    StoredLog, check_appends,
+    AppendReport, LogAppend, LogEnd, LogEvent, SaveEntry, SessionActivity, Store, StoreError,
+    StoredId, StoredLog, check_appends,
 };
 use crate::key::{Owner, StreamKey};
 
@@ -221,11 +221,12 @@ impl InMemoryStore {
 }
 
 impl InMemoryStore {
-    fn append_now(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+    fn append_now(&self, batch: &[LogAppend]) -> Result<AppendReport, StoreError> {
         check_appends(batch)?;
         let mut inner = self.lock();
         let inner = &mut *inner;
-        for append in batch {
+        let mut refused = Vec::new();
+        for (at, append) in batch.iter().enumerate() {
             let stamp = inner.next_stamp;
             inner.next_stamp += 1;
             let log = match inner.logs.get_mut(&append.key) {
@@ -234,6 +235,7 @@ impl InMemoryStore {
                     if log.epoch > append.epoch
                         || (log.epoch == append.epoch && log.producer != append.producer) =>
                 {
+                    refused.push(at);
                     continue;
                 }
                 Some(log) => {
@@ -273,7 +275,7 @@ impl InMemoryStore {
                 }
             }
         }
-        Ok(())
+        Ok(AppendReport::refusing(refused))
     }
 
     fn read_now(&self, key: &StreamKey, after: Option<u64>, limit: usize) -> Option<StoredLog> {
@@ -348,7 +350,7 @@ impl Store for InMemoryStore {
         Ok(())
     }
 
-    async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+    async fn append_logs(&self, batch: &[LogAppend]) -> Result<AppendReport, StoreError> {
         self.append_now(batch)
     }
 

@@ -55,7 +55,7 @@ mod memory;
 mod redis;
 
 pub(crate) use log::holds_all;
-pub use log::{LogAppend, LogEnd, LogEvent, StoredLog};
+pub use log::{AppendReport, LogAppend, LogEnd, LogEvent, StoredLog};
 pub use memory::InMemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -269,7 +269,9 @@ pub trait Store: Send + Sync + 'static {
     /// appended after the end mark. A log holds a bounded number of events, the oldest going
     /// first, and a store may expire it ([`RedisStore`](https://docs.rs/tower-sse-tracker/latest/tower_sse_tracker/store/struct.RedisStore.html):
     /// its time to live after the last append). An error means the whole batch may be
-    /// retried. A store that keeps no logs can leave the default, which answers with an error.
+    /// retried. The [`AppendReport`] names the appends refused (a newer history holds the
+    /// log): nothing of them was appended, and the tracker stops offering their history. A
+    /// store that keeps no logs can leave the default, which answers with an error.
     ///
     /// The batch contract: each stream at most once; offsets rising, below 2^53 (the stores
     /// here answer anything else with an error).
@@ -282,7 +284,7 @@ pub trait Store: Send + Sync + 'static {
     fn append_logs(
         &self,
         batch: &[LogAppend],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    ) -> impl Future<Output = Result<AppendReport, StoreError>> + Send {
         let _ = batch;
         async { Err(StoreError::new("this store keeps no replay logs")) }
     }
@@ -344,7 +346,7 @@ impl<S: Store> Store for std::sync::Arc<S> {
     fn append_logs(
         &self,
         batch: &[LogAppend],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    ) -> impl Future<Output = Result<AppendReport, StoreError>> + Send {
         S::append_logs(self, batch)
     }
 
@@ -413,7 +415,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         &'a self,
         sessions: &'a [SessionActivity],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
-    fn append_logs<'a>(&'a self, batch: &'a [LogAppend]) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn append_logs<'a>(
+        &'a self,
+        batch: &'a [LogAppend],
+    ) -> BoxFuture<'a, Result<AppendReport, StoreError>>;
     fn read_log<'a>(
         &'a self,
         key: &'a StreamKey,
@@ -447,7 +452,10 @@ impl<S: Store> DynStore for S {
         Box::pin(Store::touch_sessions(self, sessions))
     }
 
-    fn append_logs<'a>(&'a self, batch: &'a [LogAppend]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn append_logs<'a>(
+        &'a self,
+        batch: &'a [LogAppend],
+    ) -> BoxFuture<'a, Result<AppendReport, StoreError>> {
         Box::pin(Store::append_logs(self, batch))
     }
 

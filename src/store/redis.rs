@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -19,8 +19,8 @@ mod connection;
 use connection::{Client, Conn, Connection, Current, TIMEOUT};
 
 use super::{
-    LogAppend, LogEnd, LogEvent, SaveEntry, SessionActivity, Store, StoreError, StoredId,
-    StoredLog, check_appends,
+    AppendReport, LogAppend, LogEnd, LogEvent, SaveEntry, SessionActivity, Store, StoreError,
+    StoredId, StoredLog, check_appends,
 };
 use crate::key::{EventId, Owner, StreamKey};
 use crate::sync::lock;
@@ -112,28 +112,32 @@ const SAVE_NODE_SCRIPT: &str = save_script!(
 /// Epochs compare as numbers (as strings of one width: a longer one is higher). A higher
 /// epoch than the stored one (or no stored one) starts the log again; a lower one, or the same
 /// one from another producer, is refused; events at offsets below the stored `next` (a retry),
-/// or after the end mark, are skipped. Offsets are below 2^53, exact as Lua numbers.
+/// or after the end mark, are skipped. Offsets are below 2^53, exact as Lua numbers. Returns
+/// the places (from 1) of the streams refused.
 const APPEND_SCRIPT: &str = "local ttl, maxlen = ARGV[1], ARGV[2]
 local call = redis.call
 local i = 3
-local appended = 0
+local k = 0
+local refused = {}
 while i <= #ARGV do
   local log, meta, epoch, producer, ended = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local n = tonumber(ARGV[i + 5])
   i = i + 6
+  k = k + 1
   local stored = call('HMGET', meta, 'epoch', 'next', 'producer', 'ended')
   local se = stored[1]
-  local nxt, closed, refused = 0, false, false
+  local nxt, closed, stale = 0, false, false
   if se and (#se > #epoch or (#se == #epoch and se > epoch)) then
-    refused = true
+    stale = true
   elseif se == epoch then
-    refused = stored[3] ~= producer
+    stale = stored[3] ~= producer
     nxt = tonumber(stored[2]) or 0
     closed = (stored[4] or '0') ~= '0'
   else
     call('DEL', log, meta)
   end
-  if refused then
+  if stale then
+    refused[#refused + 1] = k
     i = i + 3 * n
   else
     for _ = 1, n do
@@ -141,7 +145,6 @@ while i <= #ARGV do
       if not closed and o >= nxt then
         call('XADD', log, 'MAXLEN', maxlen, ARGV[i] .. '-1', 'i', ARGV[i + 1], 'b', ARGV[i + 2])
         nxt = o + 1
-        appended = appended + 1
       end
       i = i + 3
     end
@@ -153,7 +156,7 @@ while i <= #ARGV do
     call('PEXPIRE', meta, ttl)
   end
 end
-return appended
+return refused
 ";
 
 /// Reads a replay log: `KEYS` its log and meta keys, `ARGV` where to start (`-`, or `(` and the
@@ -170,6 +173,9 @@ if tonumber(ARGV[2]) > 0 then
 end
 return {meta[1], meta[2] or '0', meta[3] or '0', meta[4] or '', entries}
 ";
+
+/// An append and its place in its batch.
+type Placed<'a> = (usize, &'a LogAppend);
 
 /// The longest a Redis replay log grows, in events, by default.
 const DEFAULT_LOG_MAX_EVENTS: usize = 1024;
@@ -832,11 +838,11 @@ impl RedisStore {
     /// with more is a call of its own), so that no call holds Redis long. A stream's events
     /// beyond the log's bound are left out: the log would drop them at once (its next offset
     /// still moves past them, and a reader sees they are gone).
-    fn append_calls<'a>(&self, appends: Vec<&'a LogAppend>) -> Vec<Vec<&'a LogAppend>> {
-        let mut calls: Vec<Vec<&LogAppend>> = Vec::new();
+    fn append_calls<'a>(&self, appends: Vec<Placed<'a>>) -> Vec<Vec<Placed<'a>>> {
+        let mut calls: Vec<Vec<Placed>> = Vec::new();
         let mut events = 0;
         for append in appends {
-            let n = append.events.len().min(self.log_max_events);
+            let n = append.1.events.len().min(self.log_max_events);
             match calls.last_mut() {
                 Some(call) if events + n <= MAX_EVENTS_PER_CALL => {
                     call.push(append);
@@ -851,13 +857,17 @@ impl RedisStore {
         calls
     }
 
-    /// Appends `appends` with one script call sent by `routing` (see [`eval`](Self::eval)).
+    /// Appends `appends` with one script call sent by `routing` (see [`eval`](Self::eval));
+    /// notes the places in the batch of those refused in `refused`.
     async fn send_append(
         &self,
         current: &Current,
-        appends: &[&LogAppend],
+        placed: &[Placed<'_>],
         routing: Option<RoutingInfo>,
-    ) -> redis::RedisResult<u64> {
+        refused: &Mutex<Vec<usize>>,
+    ) -> redis::RedisResult<()> {
+        let appends: Vec<&LogAppend> = placed.iter().map(|&(_, append)| append).collect();
+        let appends = &appends[..];
         let events: usize = appends.iter().map(|a| a.events.len()).sum();
         let bytes: usize = appends
             .iter()
@@ -867,10 +877,16 @@ impl RedisStore {
             + appends.len() * 160;
         let size = (4 + 6 * appends.len() + 3 * events, bytes);
         let declared = routing.is_none() && matches!(current.conn, Conn::Cluster(_));
-        self.eval(current, &self.append, routing, size, |cmd| {
-            self.append_args(cmd, appends, declared)
-        })
-        .await
+        let stale: Vec<usize> = self
+            .eval(current, &self.append, routing, size, |cmd| {
+                self.append_args(cmd, appends, declared)
+            })
+            .await?;
+        let places = stale
+            .into_iter()
+            .filter_map(|k| Some(placed.get(k.checked_sub(1)?)?.0));
+        lock(refused).extend(places);
+        Ok(())
     }
 
     /// Appends `appends` in the calls of [`append_calls`](Self::append_calls), sent by
@@ -879,9 +895,10 @@ impl RedisStore {
     async fn append_in_calls(
         &self,
         current: &Current,
-        appends: Vec<&LogAppend>,
+        appends: Vec<Placed<'_>>,
         routing: Option<RoutingInfo>,
         moved: &AtomicBool,
+        refused: &Mutex<Vec<usize>>,
     ) -> Result<(), StoreError> {
         let calls = self
             .append_calls(appends)
@@ -889,8 +906,8 @@ impl RedisStore {
             .map(|chunk| {
                 let routing = routing.clone();
                 async move {
-                    match self.send_append(current, &chunk, routing).await {
-                        Ok(_appended) => Ok(()),
+                    match self.send_append(current, &chunk, routing, refused).await {
+                        Ok(()) => Ok(()),
                         Err(error) if slot_elsewhere(&error) => {
                             moved.store(true, Ordering::Relaxed);
                             Ok(())
@@ -910,12 +927,13 @@ impl RedisStore {
         &self,
         current: &Current,
         address: Option<(String, u16)>,
-        appends: Vec<&LogAppend>,
+        appends: Vec<Placed<'_>>,
+        refused: &Mutex<Vec<usize>>,
     ) -> Result<(), StoreError> {
         if let Some((host, port)) = address {
             let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
             let moved = AtomicBool::new(false);
-            self.append_in_calls(current, appends.clone(), Some(routing), &moved)
+            self.append_in_calls(current, appends.clone(), Some(routing), &moved, refused)
                 .await?;
             if !moved.load(Ordering::Relaxed) {
                 return Ok(());
@@ -925,9 +943,8 @@ impl RedisStore {
         let calls = appends
             .iter()
             .map(|append| async move {
-                self.send_append(current, &[*append], None)
+                self.send_append(current, &[*append], None, refused)
                     .await
-                    .map(drop)
                     .map_err(|e| redis_error("appending to replay logs", e))
             })
             .collect();
@@ -1355,26 +1372,36 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn append_logs(&self, batch: &[LogAppend]) -> Result<(), StoreError> {
+    async fn append_logs(&self, batch: &[LogAppend]) -> Result<AppendReport, StoreError> {
         check_appends(batch)?;
         if batch.is_empty() {
-            return Ok(());
+            return Ok(AppendReport::new());
         }
         let current = self.connection.get().await?;
+        let refused = Mutex::new(Vec::new());
         if let Conn::Standalone(_) = current.conn {
             let moved = AtomicBool::new(false);
-            return self
-                .append_in_calls(&current, batch.iter().collect(), None, &moved)
-                .await;
+            let placed = batch.iter().enumerate().collect();
+            self.append_in_calls(&current, placed, None, &moved, &refused)
+                .await?;
+        } else {
+            // A cluster: one script call per primary, as for saves.
+            let appends = batch.iter().enumerate().map(|(at, append)| {
+                (
+                    key_slot(self.log_key_of(&append.key).as_bytes()),
+                    (at, append),
+                )
+            });
+            self.by_primary(&current, appends, |address, appends| {
+                self.append_node(&current, address, appends, &refused)
+            })
+            .await?;
         }
-        // A cluster: one script call per primary, as for saves.
-        let appends = batch
-            .iter()
-            .map(|append| (key_slot(self.log_key_of(&append.key).as_bytes()), append));
-        self.by_primary(&current, appends, |address, appends| {
-            self.append_node(&current, address, appends)
-        })
-        .await
+        // A stream sent again (slots moving) may be named twice.
+        let mut refused = refused.into_inner().unwrap_or_else(|e| e.into_inner());
+        refused.sort_unstable();
+        refused.dedup();
+        Ok(AppendReport::refusing(refused))
     }
 
     async fn read_log(

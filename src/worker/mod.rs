@@ -61,6 +61,8 @@ pub(crate) struct LogsToStore {
     pub(crate) producer: String,
     /// `sse_tracker_replay_store_events_total`.
     pub(crate) events: metrics::Counter,
+    /// `sse_tracker_replay_store_refused_total`.
+    pub(crate) refused: metrics::Counter,
     /// How long each renewal of the lease runs (see [`lease_ttl`]).
     pub(crate) lease_ttl: Duration,
 }

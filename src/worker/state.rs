@@ -15,7 +15,7 @@ use crate::key::StreamKey;
 use crate::metrics::{Handles, StoreOp};
 use crate::registry::{Registry, SessionState, Slot};
 use crate::replay::StreamLog;
-use crate::store::{BoxFuture, DynStore, LogAppend, SaveEntry, SessionActivity};
+use crate::store::{AppendReport, BoxFuture, DynStore, LogAppend, SaveEntry, SessionActivity};
 
 /// Closes a call kind (save or touch) for a back-off delay after a failure.
 #[derive(Debug, Default)]
@@ -71,7 +71,7 @@ pub(super) enum CallDone {
     /// The logs it was read from are `State::appending`.
     Append {
         appends: Vec<LogAppend>,
-        result: Result<(), StoreFailure>,
+        result: Result<AppendReport, StoreFailure>,
         started: Instant,
     },
     Lease {
@@ -425,23 +425,25 @@ impl State {
 
     pub(super) fn finish_call(&mut self, done: CallDone) {
         let now = Instant::now();
-        let (CallDone::Save {
-            started, result, ..
-        }
-        | CallDone::Touch {
-            started, result, ..
-        }
-        | CallDone::Append {
-            started, result, ..
-        }
-        | CallDone::Lease { started, result }) = &done;
+        let (started, failed) = match &done {
+            CallDone::Save {
+                started, result, ..
+            }
+            | CallDone::Touch {
+                started, result, ..
+            }
+            | CallDone::Lease { started, result } => (*started, result.is_err()),
+            CallDone::Append {
+                started, result, ..
+            } => (*started, result.is_err()),
+        };
         // A call sent before the shutdown began that fails after it is one of the earlier
         // failures: the shutdown does not wait for its back-off either.
-        let earlier_failure = result.is_err()
+        let earlier_failure = failed
             && self
                 .shutdown
                 .as_ref()
-                .is_some_and(|shutdown| *started < shutdown.began);
+                .is_some_and(|shutdown| started < shutdown.began);
         match done {
             CallDone::Save {
                 entries,
@@ -526,21 +528,43 @@ impl State {
     fn append_done(
         &mut self,
         appends: Vec<LogAppend>,
-        result: Result<(), StoreFailure>,
+        result: Result<AppendReport, StoreFailure>,
         now: Instant,
     ) {
         let logs = std::mem::take(&mut self.appending);
         match result {
-            Ok(()) => {
+            Ok(report) => {
                 self.append_gate.succeeded();
-                let events: usize = appends.iter().map(|a| a.events.len()).sum();
-                if let Some(to_store) = &self.logs {
-                    to_store.events.increment(events as u64);
+                let mut refused = vec![false; appends.len()];
+                for &at in report.refused() {
+                    if let Some(flag) = refused.get_mut(at) {
+                        *flag = true;
+                    }
                 }
-                for (log, append) in logs.iter().zip(&appends) {
+                let mut events = 0;
+                for ((log, append), refused) in logs.iter().zip(&appends).zip(&refused) {
+                    if *refused {
+                        // A newer history holds the stream's log: this one goes no further.
+                        log.refused(append);
+                        continue;
+                    }
+                    events += append.events.len();
                     log.appended(append);
                     // What it logged meanwhile (a restart, an end) is offered again.
                     log.offer_if_owed();
+                }
+                let streams = refused.iter().filter(|&&r| r).count();
+                if let Some(to_store) = &self.logs {
+                    to_store.events.increment(events as u64);
+                    to_store.refused.increment(streams as u64);
+                }
+                if streams > 0 {
+                    tracing::warn!(
+                        streams,
+                        "the store refused replay-log appends: a newer history holds those \
+                         streams' logs (an instance whose clock is ahead?); their histories are \
+                         not replayable from other instances"
+                    );
                 }
             }
             Err(failure) => {

@@ -43,6 +43,7 @@ pub const REPLAY_DETACHED_TOTAL: &str = "sse_tracker_replay_detached_total";
 pub const REPLAY_STORE_EVENTS_TOTAL: &str = "sse_tracker_replay_store_events_total";
 pub const REPLAY_STORE_DROPPED_TOTAL: &str = "sse_tracker_replay_store_dropped_total";
 pub const REPLAY_DURABLE_CUT_TOTAL: &str = "sse_tracker_replay_durable_cut_total";
+pub const REPLAY_STORE_REFUSED_TOTAL: &str = "sse_tracker_replay_store_refused_total";
 pub const REASON_NO_OWNER: &str = "no_owner";
 pub const REASON_ANONYMOUS: &str = "anonymous";
 pub const REASON_NOT_RESUMABLE: &str = "not_resumable";
@@ -110,4 +111,5 @@ pub const NAMES: &[&str] = &[
     REPLAY_STORE_EVENTS_TOTAL,
     REPLAY_STORE_DROPPED_TOTAL,
     REPLAY_DURABLE_CUT_TOTAL,
+    REPLAY_STORE_REFUSED_TOTAL,
 ];

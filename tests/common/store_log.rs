@@ -81,21 +81,32 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     // A retry of the same events with one more: each once.
     let mut retried = first.clone();
     retried.push(event(3, Some("4"), b"id: 4\ndata: four\n\n"));
-    store
+    let report = store
         .append_logs(&[append(&key, 7, retried)])
         .await
         .unwrap();
+    assert!(report.refused().is_empty(), "{report:?}");
     let log = read(store, &key, None).await;
     assert_eq!(offsets(&log), [0, 1, 2, 3]);
     assert_eq!(log.next_offset, 4);
 
-    // A late append of an older history is refused.
-    store
-        .append_logs(&[append(&key, 6, vec![event(0, None, b"data: old\n\n")])])
-        .await
-        .unwrap();
+    // A late append of an older history is refused, and said to be, in a batch whose other
+    // streams (in other slots of a cluster) are taken.
+    let others: Vec<StreamKey> = (0..4)
+        .map(|n| StreamKey::try_new(&format!("refusal-{n}"), "GET /answer").unwrap())
+        .collect();
+    let mut batch: Vec<LogAppend> = others
+        .iter()
+        .map(|other| append(other, 1, vec![event(0, None, b"data: x\n\n")]))
+        .collect();
+    batch.insert(2, append(&key, 6, vec![event(0, None, b"data: old\n\n")]));
+    let report = store.append_logs(&batch).await.unwrap();
+    assert_eq!(report.refused(), &[2]);
     let log = read(store, &key, None).await;
     assert_eq!((log.epoch, offsets(&log).len()), (7, 4));
+    for other in &others {
+        assert_eq!(read(store, other, None).await.next_offset, 1);
+    }
 
     // Events the tracker could not write leave a hole that a reader sees.
     store
@@ -115,7 +126,8 @@ pub async fn logs_keep_the_exact_events_once_each(store: &impl Store, owner: &st
     let other = LogAppend::new(key.clone(), 7, "instance-b")
         .event(event(7, None, b"data: b\n\n"))
         .ended();
-    store.append_logs(&[other]).await.unwrap();
+    let report = store.append_logs(&[other]).await.unwrap();
+    assert_eq!(report.refused(), &[0]);
     let log = read(store, &key, None).await;
     assert_eq!(
         (log.producer.as_str(), log.next_offset, log.end),

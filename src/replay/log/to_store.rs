@@ -38,9 +38,17 @@ pub(super) struct Stored {
     holes: (u64, u64),
     /// In the worker's queue (cleared when the worker reads the log).
     queued: bool,
+    /// The store refused history `epoch` (a newer one holds the stream's log): nothing of it
+    /// is owed any more.
+    refused: bool,
 }
 
 impl Stored {
+    /// Whether the store refused history `epoch`.
+    pub(super) fn refused(&self, epoch: u64) -> bool {
+        self.refused && self.epoch == epoch
+    }
+
     /// The offset after the last event of `epoch` appended, and whether its end is.
     pub(super) fn of(&self, epoch: u64) -> (u64, bool) {
         if self.epoch == epoch {
@@ -64,6 +72,9 @@ impl LogInner {
     /// it is detachable; else, when the store holds an earlier detachable history that has no
     /// end, that history's end (it stopped: this one replaced it).
     fn owed(&self) -> Option<Owed> {
+        if self.detachable && self.stored.refused(self.epoch) {
+            return None;
+        }
         if self.detachable {
             let (next, ended) = self.stored.of(self.epoch);
             let end = if ended {
@@ -83,13 +94,12 @@ impl LogInner {
                 end,
             });
         }
-        (self.stored.epoch != 0 && self.stored.epoch != self.epoch && !self.stored.ended).then_some(
-            Owed {
-                epoch: self.stored.epoch,
-                from: None,
-                end: Some(LogEnd::Stopped),
-            },
-        )
+        let open = self.stored.epoch != 0 && !self.stored.ended && !self.stored.refused;
+        (open && self.stored.epoch != self.epoch).then_some(Owed {
+            epoch: self.stored.epoch,
+            from: None,
+            end: Some(LogEnd::Stopped),
+        })
     }
 
     /// The offset after the newest record.
@@ -164,6 +174,7 @@ impl StreamLog {
             inner.stored.next = 0;
             inner.stored.ended = false;
             inner.stored.holes = (0, 0);
+            inner.stored.refused = false;
         }
         if let Some(first) = append.events.first()
             && first.offset > inner.stored.next
@@ -181,6 +192,20 @@ impl StreamLog {
             // Readers and bodies waiting for the store to hold events (durable replay).
             self.tell_all();
         }
+    }
+
+    /// For the worker: the store refused `append` (a newer history holds the stream's log).
+    /// That history is owed nothing more; with durable replay, what waits for the store ends.
+    pub(crate) fn refused(&self, append: &LogAppend) {
+        let mut inner = lock(&self.inner);
+        inner.stored = Stored {
+            epoch: append.epoch,
+            refused: true,
+            queued: inner.stored.queued,
+            ..Stored::default()
+        };
+        drop(inner);
+        self.tell_all();
     }
 
     /// For the worker, after an append of this log (failed, or done while the log changed):
@@ -259,6 +284,9 @@ impl super::Writer {
     /// What the store holds of `point`; with `end`, its end mark counts too.
     pub(crate) fn store_reach(&self, point: StorePoint, end: bool) -> Reach {
         let inner = lock(&self.log.inner);
+        if inner.stored.refused(point.epoch) {
+            return Reach::Lost;
+        }
         let (stored, ended) = inner.stored.of(point.epoch);
         // Holes among this writer's events before the point.
         let (hole_start, hole_end) = inner.stored.holes;
