@@ -50,8 +50,8 @@
 //! | `sse_tracker_replay_streams_unlogged_total` | counter | tracked SSE bodies not logged because another body of their stream writes its log |
 //! | `sse_tracker_replay_store_events_total` | counter | events appended to the store's replay logs (replay across instances) |
 //! | `sse_tracker_replay_store_dropped_total` | counter | replay logs whose events were not queued for the store, by `reason` |
-//! | `sse_tracker_replay_store_refused_total` | counter | replay-log appends the store refused: a newer history holds the stream's log (instances' clocks disagree) |
 //! | `sse_tracker_replay_durable_cut_total` | counter | responses ended before events the store did not confirm in time, or lost (durable replay) |
+//! | `sse_tracker_replay_store_refused_total` | counter | replay-log appends the store refused: a newer history holds the stream's log (instances' clocks disagree) |
 //!
 //! Labels:
 //! - `sse_tracker_untracked_streams_total{reason}`: `no_owner` (no valid owner from a header or

@@ -1830,4 +1830,39 @@ mod tests {
         ));
         assert!(tail.is_finished());
     }
+
+    /// A history the store refused (a newer one holds the stream's log) is owed nothing
+    /// more, whatever it logs next; with durable replay what waits for the store is lost, a
+    /// reader following it ends, and a reconnect to it is told of the gap. A newer history
+    /// of the log goes to the store again.
+    #[test]
+    fn a_history_the_store_refused_is_owed_nothing_and_never_reaches_a_durable_client() {
+        let (log, queue, mut body) = durable_log(16);
+        body.writer.set_detachable(true);
+        body.send(event(0).as_bytes());
+        body.send(event(1).as_bytes());
+        let Durable::At(point, _) = body.writer.store_point() else {
+            panic!("durable applies");
+        };
+        let refused = log.unstored("p").expect("owed");
+        log.refused(&refused);
+        assert_eq!(body.writer.store_reach(point, false), Reach::Lost);
+        queue.take();
+        body.send(event(2).as_bytes());
+        assert!(
+            queue.take().is_empty(),
+            "a refused history is offered no more"
+        );
+        assert!(log.unstored("p").is_none());
+        assert_eq!(gap(log.after(b"0", true, true)), GapReason::NoHistory);
+        // A new history (another body, from its first bytes) goes to the store again.
+        drop(body);
+        let mut next = Body::new(&log);
+        next.writer.set_detachable(true);
+        next.send(event(9).as_bytes());
+        let fresh = log.unstored("p").expect("the new history is owed");
+        assert_ne!(fresh.epoch, refused.epoch);
+        log.appended(&fresh);
+        assert!(log.unstored("p").is_none());
+    }
 }

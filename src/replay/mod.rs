@@ -272,7 +272,10 @@ impl ReplayPolicy {
     /// What the store confirms is an append it took. One it refuses (a newer history holds the
     /// stream's log: see the limits of [`across_instances`](Self::across_instances)) ends the
     /// response before the events refused, and a reconnect to that history gets
-    /// `gap; reason=no_history`.
+    /// `gap; reason=no_history`. While an instance's clock runs behind the one that wrote the
+    /// stream's newest history, each new history of that stream from it is refused in turn:
+    /// its responses end after their first flush, until the clocks agree or the store's log
+    /// of the newer history expires.
     ///
     /// [`build`](crate::SseTrackerBuilder::build) fails when it is on without
     /// `across_instances`.

@@ -49,10 +49,10 @@ pub enum LogEnd {
 }
 
 /// What a store did with a batch of [`LogAppend`]s ([`Store::append_logs`]): the appends it
-/// refused, by their place in the batch. A store refuses an append when the stream's log holds
-/// a newer history (a higher epoch, or the same epoch from another producer): nothing of it is
-/// appended. Instances whose clocks disagree can see this: the tracker counts it
-/// (`sse_tracker_replay_store_refused_total`) and stops offering that history.
+/// refused, by their place in the batch (from 0). A store refuses an append when the stream's
+/// log holds a newer history (a higher epoch, or the same epoch from another producer):
+/// nothing of it is appended. Instances whose clocks disagree can see this: the tracker
+/// counts it (`sse_tracker_replay_store_refused_total`) and stops offering that history.
 ///
 /// ```
 /// use tower_sse_tracker::store::AppendReport;
