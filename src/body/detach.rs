@@ -23,10 +23,9 @@ use crate::sync::lock;
 impl SseState {
     /// The inner body reached its end: its stream's log says so (a reconnect then gets the
     /// rest and a clean end).
-    pub(super) fn finish(self: Pin<&mut Self>) {
-        let this = self.project();
-        *this.finished = true;
-        if let Some(writer) = this.tracked.as_ref().and_then(|t| t.tracking.log.as_ref()) {
+    pub(super) fn finish(mut self: Pin<&mut Self>) {
+        *self.as_mut().project().finished = true;
+        if let Some(writer) = self.writer() {
             writer.finish();
         }
     }
@@ -47,18 +46,12 @@ impl SseState {
 
     /// Bytes of the inner body its log's writer has written.
     fn written(&self) -> u64 {
-        self.tracked
-            .as_ref()
-            .and_then(|t| t.tracking.log.as_ref())
-            .map_or(0, |writer| writer.written())
+        self.writer().map_or(0, |writer| writer.written())
     }
 
     /// Whether this body writes its stream's log (no other body took it over).
     fn writes_its_log(&self) -> bool {
-        self.tracked
-            .as_ref()
-            .and_then(|t| t.tracking.log.as_ref())
-            .is_some_and(|writer| writer.is_current())
+        self.writer().is_some_and(|writer| writer.is_current())
     }
 }
 

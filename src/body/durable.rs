@@ -182,11 +182,6 @@ impl Hold {
 }
 
 impl SseState {
-    /// The writer of the body's log, if it has one.
-    fn writer(&self) -> Option<&Writer> {
-        self.tracked.as_ref().and_then(|t| t.tracking.log.as_ref())
-    }
-
     /// The body leaves its client's connection (detached): nothing is held any more, since
     /// its frames go nowhere.
     pub(super) fn stop_holding(self: Pin<&mut Self>) {

@@ -25,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::protocol::Resumption;
 use crate::registry::handoff::Room;
-use crate::replay::{AlsoCommit, FrameEvents, Tail};
+use crate::replay::{AlsoCommit, FrameEvents, Tail, Writer};
 use crate::scan::{Boundary, Scanner};
 use crate::shared::Shared;
 use detach::{Detacher, Held};
@@ -469,6 +469,11 @@ impl SseState {
 
     fn is_resumable(&self) -> bool {
         self.resumption == Resumption::ByIds && self.has_last_id
+    }
+
+    /// The writer of the body's log, if it has one.
+    fn writer(&self) -> Option<&Writer> {
+        self.tracked.as_ref().and_then(|t| t.tracking.log.as_ref())
     }
 }
 

@@ -938,7 +938,7 @@ impl StreamLog {
     /// replay](ReplayPolicy::durable) holds back those of a history going to the store that
     /// the store does not hold yet.
     fn visible(&self, inner: &LogInner) -> usize {
-        if self.budget.durable.is_none() || self.store.is_none() || !inner.detachable {
+        if !self.durable(inner) {
             return inner.records.len();
         }
         let (stored, _) = inner.stored.of(inner.epoch);
@@ -1001,22 +1001,22 @@ impl StreamLog {
         TailStep::Wait
     }
 
+    /// Whether [durable replay](ReplayPolicy::durable) holds the log's current history: it
+    /// is on, and the history goes to the store.
+    fn durable(&self, inner: &LogInner) -> bool {
+        self.budget.durable.is_some() && self.store.is_some() && inner.detachable
+    }
+
     /// With durable replay, whether the store refused this history (a newer one holds the
     /// stream's log): no client gets what the store lacks of it.
     fn refused_durable(&self, inner: &LogInner) -> bool {
-        self.budget.durable.is_some()
-            && self.store.is_some()
-            && inner.detachable
-            && inner.stored.refused(inner.epoch)
+        self.durable(inner) && inner.stored.refused(inner.epoch)
     }
 
     /// With durable replay, whether the end of this finished history waits for the store: it
     /// goes to the store, and the store has not its end mark yet.
     fn held_back(&self, inner: &LogInner) -> bool {
-        self.budget.durable.is_some()
-            && self.store.is_some()
-            && inner.detachable
-            && !inner.stored.of(inner.epoch).1
+        self.durable(inner) && !inner.stored.of(inner.epoch).1
     }
 }
 

@@ -34,6 +34,20 @@ pub fn events(range: std::ops::RangeInclusive<u32>) -> String {
     range.map(event).collect()
 }
 
+/// An SSE response of `frames`, marked `Detach`.
+fn detached_sse<S>(frames: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    let mut response = (
+        [(CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(frames),
+    )
+        .into_response();
+    response.extensions_mut().insert(Detach);
+    response
+}
+
 /// The application: each request to `/answer` streams the frames of the next feed the test
 /// made, marked `Detach`, and counts its calls.
 #[derive(Clone, Default)]
@@ -52,13 +66,7 @@ async fn answer(State(app): State<App>) -> Response {
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
-    let mut response = (
-        [(CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(frames),
-    )
-        .into_response();
-    response.extensions_mut().insert(Detach);
-    response
+    detached_sse(frames)
 }
 
 /// `GET /gen?n=N&every_ms=M`: an answer of its own, `N` events (`id: k`, data naming the
@@ -85,13 +93,7 @@ async fn generate(
             Some((Ok::<_, Infallible>(frame), k + 1))
         }
     });
-    let mut response = (
-        [(CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(frames),
-    )
-        .into_response();
-    response.extensions_mut().insert(Detach);
-    response
+    detached_sse(frames)
 }
 
 /// `GET /burst?n=N`: an answer of its own, `N` events (`id: k`) all ready at once (its body
@@ -102,13 +104,7 @@ async fn burst(
     let n = q.get("n").copied().unwrap_or(3);
     let frames =
         futures_util::stream::iter((1..=n).map(|k| Ok::<_, Infallible>(Bytes::from(event(k)))));
-    let mut response = (
-        [(CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(frames),
-    )
-        .into_response();
-    response.extensions_mut().insert(Detach);
-    response
+    detached_sse(frames)
 }
 
 /// One instance: a tracker on the shared store, and its server.
