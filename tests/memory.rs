@@ -272,7 +272,10 @@ mod replay {
         } else {
             builder
         };
-        let tracker = builder.build().unwrap();
+        // The worker is held, not run: when it flushes would change what it holds (its batch)
+        // from one run to the next, and nothing here needs it (no store, no replay across
+        // instances).
+        let (tracker, worker) = builder.build_with_worker().unwrap();
         let mut svc = frames_service(&tracker);
         let data = "x".repeat(EVENT_BYTES - "id: 00\ndata: \n\n".len());
         let frames: Vec<Bytes> = (0..EVENTS)
@@ -298,6 +301,7 @@ mod replay {
         drop(bodies);
         let end = counting_alloc::live().0 - start;
         drop(tracker);
+        drop(worker);
         (peak, end)
     }
 
