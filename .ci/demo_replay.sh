@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's replay demo with curl: a client that disconnects mid-answer and reconnects
-# with its last id gets every word it missed and the rest, nothing twice; an id older than the
+# with its last id, live or after the answer's end, gets every word it missed and the rest, nothing twice; an id older than the
 # log gets the gap header and event.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,20 @@ expected="$(seq 1 "${total}" | tr '\n' ' ')"
 [ "${ids}" = "${expected}" ] || fail "ids over both connections: ${ids}"
 [ "${total}" -gt 100 ] || fail "only ${total} words"
 echo "demo replay: left after ${last} words, came back 1 s later, got the other $((total - last)) once each"
+
+# A person who takes a while: back only after the whole answer (160 words, 3.2 s) was produced
+# without them; the log keeps 150 words, so everything after an early id is still there.
+timeout 0.5 curl -sN -H 'mcp-session-id: ci-slow' "${url}/answer?interval_ms=20" >"${work}/slow1" || true
+slow="$(sed -n 's/^id: //p' "${work}/slow1" | tail -n 1)"
+[ -n "${slow}" ] || fail "the slow client's first connection got no event"
+sleep 4
+curl -sN -D "${work}/slow_headers" -H 'mcp-session-id: ci-slow' -H "Last-Event-ID: ${slow}" \
+  "${url}/answer" >"${work}/slow2"
+grep -qi "^sse-replay: complete; events=$((160 - slow))" "${work}/slow_headers" \
+  || fail "no complete replay after the answer's end: $(cat "${work}/slow_headers")"
+ids="$(cat "${work}/slow1" "${work}/slow2" | sed -n 's/^id: //p' | tr '\n' ' ')"
+[ "${ids}" = "$(seq 1 160 | tr '\n' ' ')" ] || fail "the slow client's ids: ${ids}"
+echo "demo replay: left after ${slow} words, came back 4 s later (the answer done), got the other $((160 - slow))"
 
 curl -s -D "${work}/gap_headers" -H 'mcp-session-id: ci-chat' -H 'Last-Event-ID: 1' \
   "${url}/answer" >"${work}/gap"

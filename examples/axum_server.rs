@@ -14,7 +14,8 @@
 //!   header. Replay is on and the answer is marked `Detach`: a client that disconnects
 //!   mid-answer and reconnects with `Last-Event-ID` gets every word it missed, including those
 //!   produced while it was away, then the rest live; with an id the log no longer holds (it
-//!   keeps 64 events here), the `sse-replay: gap` header and a `gap` event.
+//!   keeps 150 of the answer's 160 here, so a reconnect after id 20 gets the rest however
+//!   long the client was away), the `sse-replay: gap` header and a `gap` event.
 //! - `GET /sessions/{session}`: each stream of the session with its live latest id and the id
 //!   persisted to the store (the in-memory store here), as JSON.
 //! - `GET /metrics`: the tracker's metrics in the Prometheus text format.
@@ -245,7 +246,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .heartbeat_interval(Some(Duration::from_secs(5)))
         .replay(
             ReplayPolicy::new()
-                .max_events(std::num::NonZeroUsize::new(64).expect("not zero"))
+                .max_events(std::num::NonZeroUsize::new(150).expect("not zero"))
                 .gap_event("gap"),
         )
         .build()?;
@@ -274,7 +275,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("Stream events for a session (Ctrl-C to stop):");
     println!("  curl -N -H 'mcp-session-id: demo-1' http://{addr}/events");
-    println!("Resume after event 5 (what a reconnecting EventSource sends):");
+    println!(
+        "Resume after event 5, as an MCP client does (a browser's EventSource sends the same \
+         Last-Event-ID but no session header: see the README's quick start):"
+    );
     println!("  curl -N -H 'mcp-session-id: demo-1' -H 'Last-Event-ID: 5' http://{addr}/events");
     println!("See heartbeats (an event every 12 s, a heartbeat after 5 s of silence):");
     println!("  curl -N -H 'mcp-session-id: demo-2' 'http://{addr}/events?interval_ms=12000'");
@@ -282,7 +286,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  curl -N -H 'mcp-session-id: chat-1' http://{addr}/answer");
     println!("Come back after the last id you saw (say 20): the words you missed, then the rest:");
     println!("  curl -N -H 'mcp-session-id: chat-1' -H 'Last-Event-ID: 20' http://{addr}/answer");
-    println!("An id older than the 64 events kept: the gap header and event, nothing replayed:");
+    println!("An id older than the 150 events kept: the gap header and event, nothing replayed:");
     println!("  curl -N -i -H 'mcp-session-id: chat-1' -H 'Last-Event-ID: 1' http://{addr}/answer");
     println!("Latest ids of a session's streams:");
     println!("  curl http://{addr}/sessions/demo-1");
