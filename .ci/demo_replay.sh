@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's replay demo with curl: a client that disconnects mid-answer and reconnects
-# with its last id, live or after the answer's end, gets every word it missed and the rest, nothing twice; an id older than the
-# log gets the gap header and event.
+# with its last id, live or after the answer's end, gets every word it missed and the rest,
+# nothing twice; an id older than the log gets the gap header and event.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --example axum_server
