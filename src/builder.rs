@@ -45,8 +45,23 @@ const MAX_PENDING_EVICTED: usize = 10_000;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A setting refused by [`SseTrackerBuilder::build`]: each variant holds the refused value,
-/// and its message says the accepted range.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// and its message says the accepted range. The `Debug` form is the variant's name and the
+/// message, which is what `fn main() -> Result<(), Box<dyn Error>>` prints:
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_sse_tracker::SseTracker;
+///
+/// let error = SseTracker::builder()
+///     .flush_interval(Duration::ZERO)
+///     .build_with_worker()
+///     .unwrap_err();
+/// assert_eq!(
+///     format!("{error:?}"),
+///     r#"FlushInterval("flush_interval 0ns must be longer than zero and at most one day")"#
+/// );
+/// ```
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// `heartbeat_interval` is below 10 ms or above one day.
@@ -71,8 +86,28 @@ pub enum ConfigError {
     /// one day.
     Retry(RetryPolicy),
     /// The replay policy's `max_stream_bytes` is above 1 GiB or above its `max_total_bytes`,
-    /// or its gap event's name is empty, longer than 64 bytes, or holds CR, LF or NUL.
+    /// its gap event's name is empty, longer than 64 bytes, or holds CR, LF or NUL, or it is
+    /// `durable` without `across_instances`.
     Replay(ReplayPolicy),
+}
+
+impl fmt::Debug for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            ConfigError::HeartbeatInterval(_) => "HeartbeatInterval",
+            ConfigError::HeartbeatComment(_) => "HeartbeatComment",
+            ConfigError::MaxIdLen(_) => "MaxIdLen",
+            ConfigError::ChannelCapacity(_) => "ChannelCapacity",
+            ConfigError::SendTimeout(_) => "SendTimeout",
+            ConfigError::FlushInterval(_) => "FlushInterval",
+            ConfigError::StoreTimeout(_) => "StoreTimeout",
+            ConfigError::IdleTtl(_) => "IdleTtl",
+            ConfigError::DrainTimeout(_) => "DrainTimeout",
+            ConfigError::Retry(_) => "Retry",
+            ConfigError::Replay(_) => "Replay",
+        };
+        f.debug_tuple(name).field(&self.to_string()).finish()
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -617,6 +652,29 @@ mod tests {
                 .heartbeat_comment("a\nb")
                 .build()
                 .is_ok()
+        );
+    }
+
+    /// `fn main() -> Result<(), Box<dyn Error>>` prints an error's `Debug` form: a refused
+    /// setting says there what is wrong, as its message does, not only the refused value.
+    #[test]
+    fn a_config_errors_debug_form_says_what_is_wrong() {
+        let durable_alone = SseTrackerBuilder::default()
+            .replay(ReplayPolicy::new().durable(true))
+            .build_with_worker()
+            .unwrap_err();
+        let zero_flush = SseTrackerBuilder::default()
+            .flush_interval(Duration::ZERO)
+            .build_with_worker()
+            .unwrap_err();
+        for error in [durable_alone, zero_flush] {
+            let message = error.to_string();
+            let debug = format!("{error:?}");
+            assert!(debug.contains(&message), "{debug} lacks {message}");
+        }
+        assert_eq!(
+            format!("{:?}", ConfigError::MaxIdLen(0)),
+            format!("MaxIdLen({:?})", ConfigError::MaxIdLen(0).to_string())
         );
     }
 
