@@ -168,9 +168,8 @@ impl Registry {
     ///   evicted one whose id waits for the store counts, unless its name is taken again),
     ///   else an open one; `None` when several are. Failing that, with an owner: its only
     ///   stream without an open body (the client's, closed when it dropped); when all have
-    ///   open bodies, the only one whose reconnects follow its log (a detached answer whose
-    ///   log no longer reaches back to the id), else (this instance never served the
-    ///   client's stream) the stream the response will get, as without an id. `None` when several closed streams could be the
+    ///   open bodies (this instance never served the client's stream), the stream the
+    ///   response will get, as without an id. `None` when several closed streams could be the
     ///   client's; when the owner lost one of several streams of the route to eviction (the
     ///   client's could be that one, which nothing here tells apart from the others).
     /// - Without one: the first of the route's streams without an open body, the one the
@@ -240,35 +239,19 @@ impl Registry {
         // were in flight when it dropped), or its stream is one this instance does not hold.
         // The owner's only closed stream of the route is taken for the client's, unless the
         // owner lost one of several streams of the route to eviction (the client's may be
-        // that one). With none closed, the only open stream whose reconnects follow its log
-        // (a detached answer, going on without its client) is the client's: its log lost the
-        // client's events, which the reconnect is told; with no such stream, the response
-        // gets a new stream. An owner with one stream per route (an MCP session) is never in
-        // doubt, even after its streams were evicted.
+        // that one); with none closed, the response gets a new stream. An owner with one
+        // stream per route (an MCP session) is never in doubt, even after its streams were
+        // evicted.
         let lost = map
             .lost
             .peek(owner)
             .is_some_and(|lost| lost.contains(route));
         let mut closed = streams.iter().filter(|slot| !slot.is_live());
-        let open: Vec<Arc<Slot>> = match (closed.next(), closed.next()) {
-            _ if lost => return None,
-            (Some(only), None) => return Some(only.key.stream.clone()),
-            (Some(_), Some(_)) => return None,
-            (None, _) => streams
-                .iter()
-                .filter(|slot| slot.existing_replay_log().is_some())
-                .map(|slot| Arc::clone(slot))
-                .collect(),
-        };
-        let free = first_free();
-        // The logs are asked with the registry unlocked.
-        drop(map);
-        let mut following = open
-            .iter()
-            .filter(|slot| slot.existing_replay_log().is_some_and(|log| log.follows()));
-        match (following.next(), following.next()) {
+        match (closed.next(), closed.next()) {
+            _ if lost => None,
             (Some(only), None) => Some(only.key.stream.clone()),
-            _ => free,
+            (None, _) => first_free(),
+            (Some(_), Some(_)) => None,
         }
     }
 }
