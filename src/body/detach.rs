@@ -235,7 +235,7 @@ fn refused(shared: &Shared, span: &tracing::Span) {
 }
 
 /// Reads `parts` on in a task of its own, within the policy's bounds.
-fn read_on<B>(parts: Parts<B>, permit: Permit)
+fn read_on<B>(mut parts: Parts<B>, permit: Permit)
 where
     B: Body + Send + 'static,
 {
@@ -244,7 +244,6 @@ where
     };
     replayer.budget.metrics.detached(Detached::Started);
     // Its frames go nowhere now: none waits for the store.
-    let mut parts = parts;
     parts.sse.as_mut().stop_holding();
     let policy = &replayer.budget.policy;
     let (timeout, max_bytes) = (policy.detached_timeout, policy.detached_max_bytes);

@@ -22,6 +22,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{Src, SseState, poll_frames};
 use crate::replay::{Durable, Reach, StorePoint, Writer};
+use crate::shared::Shared;
 
 /// The frames of a durable body waiting for the store.
 pub(super) struct Hold {
@@ -53,7 +54,8 @@ struct Waiting {
 /// What the oldest frame held can do now.
 enum Front {
     Out(Frame<Bytes>),
-    Cut,
+    /// Nothing held goes out, for this reason.
+    Cut(&'static str),
     Wait,
     Empty,
 }
@@ -172,12 +174,7 @@ impl Hold {
 
     fn cut(&mut self, why: &'static str) -> Front {
         self.clear();
-        tracing::warn!(
-            why,
-            "SSE events held for the store (durable replay) did not reach it: the response ends \
-             before them"
-        );
-        Front::Cut
+        Front::Cut(why)
     }
 }
 
@@ -224,39 +221,38 @@ pub(super) fn poll_durable<B: Body>(
         let writer = state.tracked.as_ref().and_then(|t| t.tracking.log.as_ref());
         match hold.front(writer, cx) {
             Front::Out(frame) => return Poll::Ready(Some(Ok(frame))),
-            Front::Cut => {
-                if let Some(replayer) = &state.shared.replay {
-                    replayer.budget.metrics.durable_cut.increment(1);
-                }
+            Front::Cut(why) => {
+                cut(state.shared, why);
                 return Poll::Ready(None);
             }
             Front::Wait if hold.done || hold.full(writer) => return Poll::Pending,
             Front::Empty if hold.done => return Poll::Ready(None),
             Front::Wait | Front::Empty => {}
         }
-        let polled = poll_frames(src.reborrow(), sse, cx);
+        // The inner body waits: so do the frames held, if any (their wakes are set).
+        let Poll::Ready(polled) = poll_frames(src.reborrow(), sse, cx) else {
+            return Poll::Pending;
+        };
         let durable = sse.writer().map_or(Durable::Off, Writer::store_point);
         let state = sse.as_mut().project();
         let Some(hold) = state.hold.as_deref_mut() else {
-            return polled;
+            return Poll::Ready(polled);
         };
-        if durable == Durable::Gone && !matches!(polled, Poll::Pending) {
-            hold.cut("dropped from the log, or not logged (another body took the log over)");
-            if let Some(replayer) = &state.shared.replay {
-                replayer.budget.metrics.durable_cut.increment(1);
-            }
+        if durable == Durable::Gone {
+            hold.clear();
+            cut(
+                state.shared,
+                "dropped from the log, or not logged (another body took the log over)",
+            );
             // An error of the inner body goes out as it would have.
-            return match polled {
-                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),
-                _ => Poll::Ready(None),
-            };
+            return Poll::Ready(polled.filter(Result::is_err));
         }
         let at = match durable {
             Durable::At(point, unstored) => Some((point, unstored)),
             Durable::Off | Durable::Gone => None,
         };
         match polled {
-            Poll::Ready(Some(Ok(frame))) => {
+            Some(Ok(frame)) => {
                 let point = at.and_then(|(point, unstored)| {
                     hold.unstored = unstored;
                     (unstored > 0).then_some(point)
@@ -266,16 +262,21 @@ pub(super) fn poll_durable<B: Body>(
                 }
                 hold.push(frame, point);
             }
-            Poll::Ready(None) => {
+            None => {
                 hold.done = true;
                 if *state.finished {
                     hold.end = at.map(|(point, _)| (point, Instant::now()));
                 }
             }
             // An error goes out at once: what is held never does.
-            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
-            // The inner body waits: so do the frames held, if any (their wakes are set).
-            Poll::Pending => return Poll::Pending,
+            Some(Err(error)) => return Poll::Ready(Some(Err(error))),
         }
+    }
+}
+
+/// Counts and logs a response cut before frames held for the store.
+fn cut(shared: &Shared, why: &'static str) {
+    if let Some(replayer) = &shared.replay {
+        replayer.budget.metrics.durable_cut(why);
     }
 }

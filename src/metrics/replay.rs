@@ -133,6 +133,17 @@ pub(crate) struct ReplayMetrics {
 }
 
 impl ReplayMetrics {
+    /// A response ended before events held for the store (durable replay): counted in
+    /// `sse_tracker_replay_durable_cut_total` and logged, with `why`.
+    pub(crate) fn durable_cut(&self, why: &'static str) {
+        self.durable_cut.increment(1);
+        tracing::warn!(
+            why,
+            "SSE events held for the store (durable replay) did not reach it: the response ends \
+             before them"
+        );
+    }
+
     pub(crate) fn register() -> Self {
         let outcome = |label: &'static str| counter!(REPLAYS_TOTAL, "outcome" => label);
         Self {

@@ -1112,11 +1112,8 @@ impl LocalTail {
                         if matches!(step, TailStep::Unconfirmed) {
                             // The store did not take them in time: the response ends before
                             // them, and the client's reconnect gets what the store holds.
-                            self.log.budget.metrics.durable_cut.increment(1);
-                            tracing::warn!(
-                                "SSE events not confirmed by the store in time (durable \
-                                 replay): a response following the stream's log ends before \
-                                 them"
+                            self.log.budget.metrics.durable_cut(
+                                "not confirmed by the store in time (a tail of the stream's log)",
                             );
                         }
                         // Else every event went out: only the end mark is late.

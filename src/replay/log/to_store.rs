@@ -72,10 +72,10 @@ impl LogInner {
     /// it is detachable; else, when the store holds an earlier detachable history that has no
     /// end, that history's end (it stopped: this one replaced it).
     fn owed(&self) -> Option<Owed> {
-        if self.detachable && self.stored.refused(self.epoch) {
-            return None;
-        }
         if self.detachable {
+            if self.stored.refused(self.epoch) {
+                return None;
+            }
             let (next, ended) = self.stored.of(self.epoch);
             let end = if ended {
                 None
