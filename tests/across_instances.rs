@@ -278,10 +278,7 @@ async fn with_durable_replay_a_store_that_hangs_ends_the_response_before_an_unco
         builder.store_timeout(Duration::from_millis(200))
     })
     .await;
-    let feed = a.next_feed();
-    let mut client = a.get(None).await;
-    feed.send(Bytes::from(event(1))).unwrap();
-    client.read_until_suffix(event(1).as_bytes()).await;
+    let (feed, mut client) = a.answer_read(1).await;
     *store.fault.lock().unwrap() = Some(Fault::Hang);
     feed.send(Bytes::from(event(2))).unwrap();
     tokio::time::timeout(Duration::from_secs(3), client.read_to_end())

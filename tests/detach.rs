@@ -48,13 +48,7 @@ async fn answer(State(app): State<App>, replay: Option<axum::Extension<Replay>>)
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
     });
-    let mut response = (
-        [(CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(frames),
-    )
-        .into_response();
-    response.extensions_mut().insert(Detach);
-    response
+    common::detached_sse(frames)
 }
 
 struct Server {

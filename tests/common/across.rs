@@ -11,18 +11,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tower_sse_tracker::store::{Store, StoredLog};
-use tower_sse_tracker::{
-    Detach, REPLAY_HEADER, ReplayPolicy, SseTracker, SseTrackerBuilder, StreamKey,
-};
+use tower_sse_tracker::{REPLAY_HEADER, ReplayPolicy, SseTracker, SseTrackerBuilder, StreamKey};
 
-use crate::common::{Recorded, build_recorded};
+use crate::common::{Recorded, build_recorded, detached_sse};
 
 pub const FLUSH: Duration = Duration::from_millis(20);
 
@@ -32,20 +28,6 @@ pub fn event(n: u32) -> String {
 
 pub fn events(range: std::ops::RangeInclusive<u32>) -> String {
     range.map(event).collect()
-}
-
-/// An SSE response of `frames`, marked `Detach`.
-fn detached_sse<S>(frames: S) -> Response
-where
-    S: futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
-{
-    let mut response = (
-        [(CONTENT_TYPE, "text/event-stream")],
-        Body::from_stream(frames),
-    )
-        .into_response();
-    response.extensions_mut().insert(Detach);
-    response
 }
 
 /// The application: each request to `/answer` streams the frames of the next feed the test

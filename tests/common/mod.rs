@@ -26,6 +26,21 @@ use tower_sse_tracker::{LastEventId, SessionId, SseTracker, StreamName};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
+/// An SSE response of `frames`, marked `Detach`.
+pub fn detached_sse<S>(frames: S) -> axum::response::Response
+where
+    S: futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+{
+    use axum::response::IntoResponse;
+    let mut response = (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(frames),
+    )
+        .into_response();
+    response.extensions_mut().insert(tower_sse_tracker::Detach);
+    response
+}
+
 /// The key of `stream` of `owner`.
 pub fn key(owner: &str, stream: &str) -> tower_sse_tracker::StreamKey {
     tower_sse_tracker::StreamKey::try_new(owner, stream).unwrap()
