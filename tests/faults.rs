@@ -266,6 +266,7 @@ fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_i
     let sessions = env_or("FLOOD_SESSIONS", 200_000) as usize;
     const MAX_STREAMS: usize = 10_000;
     const MAX_PENDING_EVICTED: usize = 1_000;
+    const CHANNEL_CAPACITY: usize = 1_024;
     for fault in [Fault::FailAtOnce, Fault::Hang] {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -280,6 +281,7 @@ fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_i
                     .heartbeat_interval(None)
                     .max_streams(common::nz(MAX_STREAMS))
                     .max_pending_evicted(MAX_PENDING_EVICTED)
+                    .channel_capacity(CHANNEL_CAPACITY)
                     .store_timeout(Duration::from_millis(200)),
             );
             let mut svc = frames_service(&tracker);
@@ -314,15 +316,20 @@ fn a_flood_while_the_store_fails_or_hangs_keeps_memory_bounded_and_counts_what_i
             );
             // Every evicted stream beyond the bound is dropped, and counted.
             assert_eq!(dropped, (sessions - MAX_PENDING_EVICTED) as f64);
-            // Unbounded, this would be some 300 bytes per session (60 MB). Bounded, the
-            // worker's list of changed streams holds at most `max_streams +
-            // max_pending_evicted` entries before it drops the evicted ones, each keeping its
-            // stream's slot (about 300 bytes) alive until then: 3.3 MB here at worst, which
-            // runs reached (a 4 MiB limit failed now and then), plus the bounded FIFO.
-            let bound = (MAX_STREAMS + 2 * MAX_PENDING_EVICTED) * 400;
+            // Unbounded, this would be some 300 bytes per session (60 MB). Bounded, a stream
+            // outlives its eviction only in the lists on its way to the store: the hand-off's
+            // list of changed streams (when the channel is full) and the worker's own, each
+            // purged of evicted streams beyond `max_streams + max_pending_evicted` entries (both
+            // may be full at once); the channel (its capacity); the FIFO of
+            // evicted streams (`max_pending_evicted`). Each costs at most what a resident
+            // stream does (the heap at the bound per stream): about 10 MB here. Runs reached
+            // 4.8 MB with a hanging store, above a bound of 12 000 streams of 400 bytes.
+            let per_stream = at_bound as usize / MAX_STREAMS;
+            let list = MAX_STREAMS + MAX_PENDING_EVICTED;
+            let bound = (2 * list + CHANNEL_CAPACITY + MAX_PENDING_EVICTED) * per_stream;
             assert!(
                 growth < bound,
-                "heap grew by {growth} bytes (bound {bound})"
+                "heap grew by {growth} bytes (bound {bound}, {per_stream} bytes per stream)"
             );
 
             // The store recovers: what was kept reaches it; the report counts what was dropped.
